@@ -1,0 +1,185 @@
+"""Configs: Python files returning an ``ml_collections.ConfigDict``.
+
+A config file defines ``get_config()`` which starts from ``default_config()``
+and changes what it needs. The sections are fixed; every key exists in
+``default_config()`` so a typo is an error, not a silently ignored setting:
+
+  seed      top-level int: init and data seed
+  student   the trained model (shape, ``policy``)
+  teacher   the frozen model: ``source`` none | random | pretrain | workdir
+  distill   the losses: temperature, logit (kl / reverse_kl / jsd), ce,
+            attention (MiniLM), hidden (mse / cosine), each with a weight
+            and a schedule
+  optim     AdamW, warmup + cosine, clipping, ``steps``, ``grad_accum``
+  data      source and batch shape
+  mesh      ``data`` / ``fsdp`` / ``tensor`` sizes, -1 = the rest
+  ckpt      checkpointing
+  eval      evaluation
+  log       ``every`` (steps between metric lines), ``progress`` bar
+
+Overrides come from the command line as ``--config.distill.temperature=2.0``.
+"""
+
+import ast
+import importlib.util
+import os
+from typing import Sequence
+
+import ml_collections
+
+from jaxdistill.errors import ConfigError
+
+SECTIONS = ("student", "teacher", "distill", "optim", "data", "mesh", "ckpt",
+            "eval", "log")
+
+
+def _model_fields(**overrides) -> dict:
+  fields = dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, d_ff=256,
+                max_len=128, norm="rmsnorm", pos="rope", tie_embeddings=True,
+                activation="swiglu", policy="p=f32,c=f32,o=f32")
+  fields.update(overrides)
+  return fields
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every key jaxdistill knows, with its default."""
+  C = ml_collections.ConfigDict
+  cfg = C()
+  cfg.seed = 0
+  cfg.student = C(_model_fields())
+  cfg.teacher = C(_model_fields(d_model=128, num_layers=4, d_ff=512,
+                                policy="p=f32,c=f32,o=f32"))
+  # none: plain CE training (how teachers are made); random: random init
+  # (tests); pretrain: train it in-process on CE for `pretrain_steps` first;
+  # workdir: the final params of an earlier `jaxdistill train` run at `path`.
+  cfg.teacher.source = "random"
+  cfg.teacher.path = ""
+  cfg.teacher.pretrain_steps = 0
+  cfg.teacher.pretrain_lr = 3e-3
+
+  d = cfg.distill = C()
+  d.temperature = 1.0
+  # constant | linear(end=..) | cosine(end=..) | exp(decay=.., min=..)
+  d.temperature_schedule = "constant"
+  d.logit = C(dict(kind="kl", weight=1.0, schedule="constant", beta=0.5))
+  d.ce = C(dict(weight=0.0, schedule="constant"))
+  # MiniLM: KL between attention distributions (and value relations) of the
+  # layer pairs in layer_map ("last", "last:K", "uniform", "1:2,2:4").
+  d.attention = C(dict(weight=0.0, schedule="constant", value_weight=0.0,
+                       layer_map="last"))
+  d.hidden = C(dict(kind="mse", weight=0.0, schedule="constant",
+                    layer_map="uniform", project=True))
+
+  o = cfg.optim = C()
+  o.steps = 100
+  o.lr = 1e-3
+  o.warmup_steps = 10
+  o.lr_schedule = "cosine"  # cosine | constant (both after linear warmup)
+  o.min_lr_ratio = 0.1
+  o.b1 = 0.9
+  o.b2 = 0.95
+  o.weight_decay = 0.01
+  o.clip_norm = 1.0
+  o.grad_accum = 1  # micro-batches per step; losses normalised globally
+
+  cfg.data = C(dict(source="synthetic", batch_size=8, seq_len=64,
+                    pad_fraction=0.25, branching=4))
+  cfg.mesh = C(dict(data=-1, fsdp=1, tensor=1))
+  cfg.ckpt = C(dict(every=0, max_to_keep=3, save_final=True))
+  cfg.eval = C(dict(every=0, batches=4))
+  cfg.log = C(dict(every=10, progress=True))
+  return cfg
+
+
+def _check_known(cfg, default, prefix="") -> None:
+  """Every key of ``cfg`` exists in ``default`` and vice versa."""
+  for key in default.keys():
+    if key not in cfg:
+      raise ConfigError(f"{prefix}{key}", "missing; start config files from "
+                        "jaxdistill.config.default_config()")
+  for key, value in cfg.items():
+    name = f"{prefix}{key}"
+    if key not in default:
+      raise ConfigError(name, f"unknown key; known keys here: {sorted(default.keys())}")
+    if isinstance(default[key], ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(name, "must be a section (ConfigDict)")
+      _check_known(value, default[key], name + ".")
+
+
+def _parse_value(raw: str, current):
+  """Parses an override string into the type of the value it replaces."""
+  if isinstance(current, bool):
+    if raw.lower() in ("true", "1", "yes"):
+      return True
+    if raw.lower() in ("false", "0", "no"):
+      return False
+    raise ValueError("expected true or false")
+  if isinstance(current, int):
+    return int(raw)
+  if isinstance(current, float):
+    return float(raw)
+  if isinstance(current, str):
+    return raw
+  if isinstance(current, (tuple, list)):
+    value = ast.literal_eval(raw)
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  raise ValueError(f"cannot override a value of type {type(current).__name__}")
+
+
+def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  """Sets dotted ``key`` (e.g. ``distill.temperature``) from string ``raw``."""
+  *path, leaf = key.split(".")
+  node = cfg
+  for i, part in enumerate(path):
+    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
+      raise ConfigError(".".join(path[:i + 1]), "no such section")
+    node = node[part]
+  if leaf not in node:
+    raise ConfigError(key, f"unknown key; known keys here: {sorted(node.keys())}")
+  if isinstance(node[leaf], ml_collections.ConfigDict):
+    raise ConfigError(key, "is a section; override one of its keys")
+  try:
+    value = _parse_value(raw, node[leaf])
+  except (ValueError, SyntaxError) as e:
+    raise ConfigError(key, f"cannot use {raw!r} for a value of type "
+                      f"{type(node[leaf]).__name__} ({e})") from None
+  with node.ignore_type():
+    node[leaf] = value
+
+
+def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
+  """Loads a config file, applies overrides and validates the result.
+
+  Args:
+    path: a Python file defining ``get_config()``.
+    overrides: (dotted key, raw string value) pairs applied in order.
+
+  Returns:
+    The validated ConfigDict.
+
+  Raises:
+    JaxdistillError: missing file, no get_config, unknown key, bad value.
+  """
+  if not os.path.isfile(path):
+    raise ConfigError("--config", f"no such file {path!r}; pass a config file such "
+                      "as configs/smoke.py")
+  spec = importlib.util.spec_from_file_location("_jaxdistill_config", path)
+  module = importlib.util.module_from_spec(spec)
+  try:
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+      raise ConfigError("--config", f"{path} defines no get_config() function")
+    cfg = module.get_config()
+  except ConfigError:
+    raise
+  except Exception as e:  # a config file is user code: report, don't trace back
+    raise ConfigError("--config", f"{path} failed: {type(e).__name__}: {e}") from e
+  if not isinstance(cfg, ml_collections.ConfigDict):
+    raise ConfigError("--config", f"{path}: get_config() must return a ConfigDict")
+  _check_known(cfg, default_config())
+  for key, raw in overrides:
+    apply_override(cfg, key, raw)
+  from jaxdistill import validate  # late: validation needs the model modules
+  validate.validate(cfg)
+  return cfg

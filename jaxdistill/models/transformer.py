@@ -1,0 +1,479 @@
+"""Decoder-only causal Transformer LM (Flax Linen) used as teacher and student.
+
+The model is pure functional: ``Transformer(config).apply(params, tokens_BxT)``
+returns a dict holding exactly the outputs that were requested (logits, or the
+final hidden state plus the output-head matrix for a fused loss, and optional
+per-layer hidden states / attention probabilities / q,k,v for distillation).
+
+Every parameter carries logical axis names (``nn.with_logical_partitioning``)
+and the main activations carry logical constraints
+(``nn.with_logical_constraint``). Without an active ``nn.logical_axis_rules``
+context the constraints are no-ops, so the model runs unchanged on one device.
+
+Shape-letter legend:
+  B: batch size
+  T: sequence length (S is used for the key axis of attention, S == T)
+  D: model width (d_model)
+  H: number of attention heads
+  K: head dimension (D // H)
+  F: MLP hidden width (d_ff)
+  V: vocabulary size
+  L: number of blocks (num_layers)
+"""
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+_NORMS = ("rmsnorm", "layernorm")
+_POSITIONS = ("rope", "learned")
+_ACTIVATIONS = ("swiglu", "gelu")
+_INIT_STDDEV = 0.02
+
+# Logical activation axis names; another module maps them onto a mesh.
+_ACT_RESIDUAL = ("act_batch", "act_length", "act_embed")
+_ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
+_ACT_MLP = ("act_batch", "act_length", "act_mlp")
+_ACT_LOGITS = ("act_batch", "act_length", "act_vocab")
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerConfig:
+  """Hyper-parameters and precision policy of a ``Transformer``.
+
+  ``dtype`` is the compute dtype (activations, matmuls), ``param_dtype`` the
+  storage dtype of parameters and ``output_dtype`` the dtype of returned
+  logits. ``head_dim`` (K) is derived as ``d_model // num_heads``.
+  """
+
+  vocab_size: int
+  d_model: int
+  num_layers: int
+  num_heads: int
+  d_ff: int
+  max_len: int
+  norm: str = "rmsnorm"
+  pos: str = "rope"
+  tie_embeddings: bool = True
+  activation: str = "swiglu"
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  output_dtype: Any = jnp.float32
+  norm_eps: float = 1e-6
+  rope_base: float = 10000.0
+
+  def __post_init__(self):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff",
+                 "max_len"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if self.d_model % self.num_heads:
+      raise ValueError(f"d_model ({self.d_model}) must be divisible by "
+                       f"num_heads ({self.num_heads})")
+    choices = (("norm", _NORMS), ("pos", _POSITIONS),
+               ("activation", _ACTIVATIONS))
+    for name, allowed in choices:
+      if getattr(self, name) not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, "
+                         f"got {getattr(self, name)!r}")
+    if self.pos == "rope" and self.head_dim % 2:
+      raise ValueError(f"pos='rope' needs an even head_dim (d_model // "
+                       f"num_heads), got {self.head_dim}")
+    if not self.norm_eps > 0:
+      raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
+    if not self.rope_base > 0:
+      raise ValueError(f"rope_base must be > 0, got {self.rope_base!r}")
+
+  @property
+  def head_dim(self) -> int:
+    return self.d_model // self.num_heads
+
+
+def _init(names: Sequence[str | None], stddev: float = _INIT_STDDEV):
+  return nn.with_logical_partitioning(
+      nn.initializers.normal(stddev=stddev), tuple(names))
+
+
+def _residual_stddev(cfg: TransformerConfig) -> float:
+  # GPT-2 style: residual-branch output projections scaled by 1/sqrt(2L) so
+  # the residual stream variance does not grow with depth at init.
+  return _INIT_STDDEV / math.sqrt(2 * cfg.num_layers)
+
+
+class Norm(nn.Module):
+  """RMSNorm or LayerNorm over the last axis, computed in float32.
+
+  Args (call):
+    x_BxTxD: input activations, any float dtype.
+  Returns:
+    [B, T, D] normalized activations in ``config.dtype``.
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
+    cfg = self.config
+    d = x_BxTxD.shape[-1]
+    # Statistics in float32: bf16 mean/variance over D loses too many bits.
+    x32_BxTxD = x_BxTxD.astype(jnp.float32)
+    scale_D = self.param(
+        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
+        (d,), cfg.param_dtype)
+    if cfg.norm == "layernorm":
+      x32_BxTxD = x32_BxTxD - jnp.mean(x32_BxTxD, axis=-1, keepdims=True)
+    var_BxTx1 = jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True)
+    y_BxTxD = x32_BxTxD * jax.lax.rsqrt(var_BxTx1 + cfg.norm_eps)
+    y_BxTxD = y_BxTxD * scale_D.astype(jnp.float32)
+    if cfg.norm == "layernorm":
+      bias_D = self.param(
+          "bias", nn.with_logical_partitioning(nn.initializers.zeros,
+                                               ("embed",)),
+          (d,), cfg.param_dtype)
+      y_BxTxD = y_BxTxD + bias_D.astype(jnp.float32)
+    return y_BxTxD.astype(cfg.dtype)
+
+
+def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array,
+               base: float) -> jax.Array:
+  """Rotary position embedding (rotate-half / GPT-NeoX convention).
+
+  Args:
+    x_BxTxHxK: queries or keys; K must be even.
+    positions_BxT: integer position of every token.
+    base: rotary frequency base.
+  Returns:
+    [B, T, H, K] rotated tensor in the dtype of ``x_BxTxHxK``.
+  """
+  k = x_BxTxHxK.shape[-1]
+  half = k // 2
+  # Angles in float32: bf16 positions * frequencies are badly rounded.
+  inv_freq_Kh = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / k)
+  angle_BxTxKh = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Kh
+  sin_BxTx1xKh = jnp.sin(angle_BxTxKh)[:, :, None, :]
+  cos_BxTx1xKh = jnp.cos(angle_BxTxKh)[:, :, None, :]
+  x32_BxTxHxK = x_BxTxHxK.astype(jnp.float32)
+  x1_BxTxHxKh, x2_BxTxHxKh = x32_BxTxHxK[..., :half], x32_BxTxHxK[..., half:]
+  out_BxTxHxK = jnp.concatenate([
+      x1_BxTxHxKh * cos_BxTx1xKh - x2_BxTxHxKh * sin_BxTx1xKh,
+      x2_BxTxHxKh * cos_BxTx1xKh + x1_BxTxHxKh * sin_BxTx1xKh,
+  ], axis=-1)
+  return out_BxTxHxK.astype(x_BxTxHxK.dtype)
+
+
+def make_attention_mask(segment_ids_BxT: jax.Array | None, batch: int,
+                        length: int) -> jax.Array:
+  """Boolean causal (and same-segment) mask.
+
+  Causality is by index in the row, not by position id, so packed documents
+  whose positions restart at 0 are still causal; the segment test keeps them
+  apart. Padding (segment 0) only sees padding, and the diagonal is always
+  allowed, so no query row is fully masked.
+
+  Args:
+    segment_ids_BxT: optional document id of each token (0 = padding).
+    batch: B. length: T.
+  Returns:
+    [B, 1, T, S] bool mask (True = may attend), S == T.
+  """
+  idx_T = jnp.arange(length)
+  causal_TxS = idx_T[:, None] >= idx_T[None, :]
+  mask_BxTxS = jnp.broadcast_to(causal_TxS, (batch, length, length))
+  if segment_ids_BxT is not None:
+    same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    mask_BxTxS = mask_BxTxS & same_BxTxS
+  return mask_BxTxS[:, None, :, :]
+
+
+class EinsumDense(nn.Module):
+  """Bias-free projection whose kernel keeps its full logical shape.
+
+  Used instead of ``nn.DenseGeneral`` because DenseGeneral initializes a
+  flattened 2-D kernel and then reshapes it; under an active mesh the boxed
+  3-D logical names get applied to the 2-D value and Flax raises (also during
+  ``apply``, where Linen shape-checks params by tracing the initializer).
+
+  Args (call):
+    x: input whose contraction axes match the equation.
+  Returns:
+    ``einsum(equation, x, kernel)`` in ``config.dtype``.
+  """
+
+  config: TransformerConfig
+  shape: tuple[int, ...]
+  names: tuple[str | None, ...]
+  equation: str
+  stddev: float = _INIT_STDDEV
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    kernel = self.param("kernel", _init(self.names, self.stddev), self.shape,
+                        cfg.param_dtype)
+    return jnp.einsum(self.equation, x.astype(cfg.dtype),
+                      kernel.astype(cfg.dtype))
+
+
+class Attention(nn.Module):
+  """Causal multi-head self-attention with explicit einsums.
+
+  Args (call):
+    x_BxTxD: normalized residual stream.
+    positions_BxT: position ids (used by RoPE).
+    mask_Bx1xTxS: bool attention mask from ``make_attention_mask``.
+  Returns:
+    (out_BxTxD, probs_BxHxTxS float32, (q, k, v) each [B,T,H,K]); q and k are
+    returned AFTER RoPE, i.e. exactly the tensors whose dot product forms the
+    attention scores.
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
+    cfg = self.config
+    h, k = cfg.num_heads, cfg.head_dim
+
+    def proj(name):
+      return EinsumDense(cfg, (cfg.d_model, h, k), ("embed", "heads", "kv"),
+                         "btd,dhk->bthk", name=name)(x_BxTxD)
+
+    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = proj("query"), proj("key"), proj("value")
+    if cfg.pos == "rope":
+      q_BxTxHxK = apply_rope(q_BxTxHxK, positions_BxT, cfg.rope_base)
+      k_BxSxHxK = apply_rope(k_BxSxHxK, positions_BxT, cfg.rope_base)
+    q_BxTxHxK = nn.with_logical_constraint(q_BxTxHxK, _ACT_HEADS)
+    k_BxSxHxK = nn.with_logical_constraint(k_BxSxHxK, _ACT_HEADS)
+    v_BxSxHxK = nn.with_logical_constraint(v_BxSxHxK, _ACT_HEADS)
+
+    # Accumulate scores in float32 so softmax sees full-precision logits.
+    scores_BxHxTxS = jnp.einsum(
+        "bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
+        preferred_element_type=jnp.float32) / math.sqrt(k)
+    # finfo.min (not -inf) keeps max-subtraction finite: no inf - inf = NaN.
+    scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS,
+                               jnp.finfo(jnp.float32).min)
+    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
+    ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(cfg.dtype),
+                             v_BxSxHxK)
+    ctx_BxTxHxK = nn.with_logical_constraint(ctx_BxTxHxK, _ACT_HEADS)
+    out_BxTxD = EinsumDense(cfg, (h, k, cfg.d_model), ("heads", "kv", "embed"),
+                            "bthk,hkd->btd", _residual_stddev(cfg),
+                            name="out")(ctx_BxTxHxK)
+    return out_BxTxD, probs_BxHxTxS, (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK)
+
+
+class Mlp(nn.Module):
+  """Feed-forward block: SwiGLU (wi_gate, wi_up, wo) or GELU (wi, wo).
+
+  GELU uses the tanh approximation (GPT-2's ``gelu_new``).
+
+  Args (call):
+    x_BxTxD: normalized residual stream.
+  Returns:
+    [B, T, D] in ``config.dtype``.
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    cfg = self.config
+
+    def dense(features, names, name, stddev=_INIT_STDDEV):
+      return nn.Dense(features, use_bias=False, dtype=cfg.dtype,
+                      param_dtype=cfg.param_dtype, name=name,
+                      kernel_init=_init(names, stddev))
+
+    if cfg.activation == "swiglu":
+      gate_BxTxF = dense(cfg.d_ff, ("embed", "mlp"), "wi_gate")(x_BxTxD)
+      up_BxTxF = dense(cfg.d_ff, ("embed", "mlp"), "wi_up")(x_BxTxD)
+      h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+    else:
+      h_BxTxF = nn.gelu(dense(cfg.d_ff, ("embed", "mlp"), "wi")(x_BxTxD),
+                        approximate=True)
+    h_BxTxF = nn.with_logical_constraint(h_BxTxF, _ACT_MLP)
+    return dense(cfg.d_model, ("mlp", "embed"), "wo",
+                 _residual_stddev(cfg))(h_BxTxF)
+
+
+class Block(nn.Module):
+  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+
+  Args (call):
+    x_BxTxD: residual stream. positions_BxT, mask_Bx1xTxS: as in Attention.
+  Returns:
+    (x_BxTxD, probs_BxHxTxS, (q, k, v)) with the attention extras of
+    ``Attention``.
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
+    cfg = self.config
+    attn_BxTxD, probs_BxHxTxS, qkv = Attention(cfg, name="attn")(
+        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxS)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD + attn_BxTxD, _ACT_RESIDUAL)
+    mlp_BxTxD = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD + mlp_BxTxD, _ACT_RESIDUAL)
+    return x_BxTxD, probs_BxHxTxS, qkv
+
+
+class LMHead(nn.Module):
+  """Untied output head; returns its [D, V] kernel in the compute dtype."""
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self) -> jax.Array:
+    cfg = self.config
+    kernel_DxV = self.param("kernel", _init(("embed", "vocab")),
+                            (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
+    return kernel_DxV.astype(cfg.dtype)
+
+
+def _check_layers(name: str, layers: Sequence[int], upper: int) -> tuple:
+  layers = tuple(layers)
+  for i in layers:
+    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= upper:
+      raise ValueError(f"{name} index {i!r} out of range [0, {upper}]")
+  return layers
+
+
+class Transformer(nn.Module):
+  """Decoder-only causal LM.
+
+  Param tree (under "params"): token_embed/embedding [V,D]; pos_embed/embedding
+  [max_len,D] (pos="learned" only); block_{i}/{attn_norm, attn/{query,key,
+  value,out}, mlp_norm, mlp/{wi_gate,wi_up | wi, wo}}; final_norm;
+  lm_head/kernel [D,V] (untied only).
+  """
+
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxT: jax.Array, *,
+               segment_ids_BxT: jax.Array | None = None,
+               positions_BxT: jax.Array | None = None,
+               hidden_layers: Sequence[int] = (),
+               attn_layers: Sequence[int] = (),
+               qkv_layers: Sequence[int] = (),
+               return_logits: bool = True) -> dict:
+    """Runs the model.
+
+    Args:
+      tokens_BxT: int token ids.
+      segment_ids_BxT: optional document ids for packed rows (0 = padding);
+        attention never crosses segments.
+      positions_BxT: optional position ids (default arange(T) per row).
+      hidden_layers: indices in [0, L]; 0 = embedding output, i = output of
+        block i (1-based).
+      attn_layers: block indices in [0, L-1] whose attention probs to return.
+      qkv_layers: block indices in [0, L-1] whose q, k (after RoPE), v to
+        return.
+      return_logits: if False return "final_hidden" and "head" instead of
+        "logits" (for fused losses that never materialize [B,T,V]).
+    Returns:
+      dict with only the requested keys: "logits" [B,T,V] output_dtype, or
+      "final_hidden" [B,T,D] compute dtype and "head" [D,V] compute dtype;
+      "hidden" {i: [B,T,D]}; "attn" {i: [B,H,T,T] float32};
+      "qkv" {i: (q, k, v) each [B,T,H,K]}.
+    """
+    cfg = self.config
+    b, t = tokens_BxT.shape
+    hidden_layers = _check_layers("hidden_layers", hidden_layers,
+                                  cfg.num_layers)
+    attn_layers = _check_layers("attn_layers", attn_layers, cfg.num_layers - 1)
+    qkv_layers = _check_layers("qkv_layers", qkv_layers, cfg.num_layers - 1)
+    if t > cfg.max_len:
+      raise ValueError(f"sequence length {t} exceeds max_len {cfg.max_len}")
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+
+    token_embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                           param_dtype=cfg.param_dtype, name="token_embed",
+                           embedding_init=_init(("vocab", "embed")))
+    x_BxTxD = token_embed(tokens_BxT)
+    if cfg.pos == "learned":
+      x_BxTxD = x_BxTxD + nn.Embed(
+          cfg.max_len, cfg.d_model, dtype=cfg.dtype,
+          param_dtype=cfg.param_dtype, name="pos_embed",
+          embedding_init=_init((None, "embed")))(positions_BxT)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD.astype(cfg.dtype),
+                                         _ACT_RESIDUAL)
+
+    mask_Bx1xTxS = make_attention_mask(segment_ids_BxT, b, t)
+    hidden, attn, qkv = {}, {}, {}
+    if 0 in hidden_layers:
+      hidden[0] = x_BxTxD
+    for i in range(cfg.num_layers):
+      x_BxTxD, probs_BxHxTxS, qkv_i = Block(cfg, name=f"block_{i}")(
+          x_BxTxD, positions_BxT, mask_Bx1xTxS)
+      # Plain Python plumbing: only requested tensors are kept, unused ones
+      # are dead code that XLA removes under jit.
+      if i + 1 in hidden_layers:
+        hidden[i + 1] = x_BxTxD
+      if i in attn_layers:
+        attn[i] = probs_BxHxTxS
+      if i in qkv_layers:
+        qkv[i] = qkv_i
+    final_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
+
+    if cfg.tie_embeddings:
+      head_DxV = token_embed.embedding.T.astype(cfg.dtype)
+    else:
+      head_DxV = LMHead(cfg, name="lm_head")()
+    out = {}
+    if return_logits:
+      logits_BxTxV = jnp.einsum("btd,dv->btv", final_BxTxD, head_DxV)
+      out["logits"] = nn.with_logical_constraint(
+          logits_BxTxV.astype(cfg.output_dtype), _ACT_LOGITS)
+    else:
+      out["final_hidden"] = final_BxTxD
+      out["head"] = head_DxV
+    for key, value in (("hidden", hidden), ("attn", attn), ("qkv", qkv)):
+      if value:
+        out[key] = value
+    return out
+
+
+def count_params(params: Any) -> int:
+  """Total number of parameter elements.
+
+  Args:
+    params: a param pytree (arrays, ShapeDtypeStructs, or logically
+      partitioned boxes of either).
+  Returns:
+    Number of scalars over all leaves.
+  """
+  return sum(math.prod(leaf.shape)
+             for leaf in jax.tree_util.tree_leaves(nn.unbox(params)))
+
+
+def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
+  """Approximate forward FLOPs per token.
+
+  FLOPs = 2 * N_matmul + 4 * L * T * D, where
+  N_matmul = L * (4 * D^2 + n_mlp * D * F) + D * V counts the weights used in
+  matmuls (q, k, v, out projections with H * K == D; n_mlp = 3 for SwiGLU,
+  2 for GELU; the output head D * V whether tied or not; embedding lookups
+  are free). The attention term counts q.k scores (2 * T * D) and probs.v
+  (2 * T * D) per layer over the full T x T matrix (the einsum computes the
+  masked half too). Norms, softmax and activations are ignored.
+
+  Args:
+    config: model config.
+    seq_len: T, the sequence length attended over.
+  Returns:
+    Forward FLOPs per token (multiply by 3 for forward + backward).
+  """
+  d, f, layers = config.d_model, config.d_ff, config.num_layers
+  n_mlp = 3 if config.activation == "swiglu" else 2
+  matmul_params = layers * (4 * d * d + n_mlp * d * f) + d * config.vocab_size
+  return float(2 * matmul_params + 4 * layers * seq_len * d)

@@ -1,0 +1,277 @@
+import os; os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8"); os.environ.setdefault("JAX_PLATFORMS", "cpu")  # noqa: E501,E702
+
+import itertools
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jaxdistill.models.transformer import (
+    Norm, Transformer, TransformerConfig, count_params, flops_per_token)
+
+V, D, L, H, F, MAXLEN = 64, 16, 2, 2, 32, 16
+
+
+def make(**kw):
+  base = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, d_ff=F,
+              max_len=MAXLEN)
+  base.update(kw)
+  cfg = TransformerConfig(**base)
+  model = Transformer(cfg)
+  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  return cfg, model, params
+
+
+def tokens(b=2, t=8, seed=1):
+  return jax.random.randint(jax.random.key(seed), (b, t), 0, V)
+
+
+COMBOS = list(itertools.product(("rmsnorm", "layernorm"), ("rope", "learned"),
+                                (True, False), ("swiglu", "gelu")))
+
+
+@pytest.mark.parametrize("norm,pos,tie,act", COMBOS)
+def test_shapes_and_default_keys(norm, pos, tie, act):
+  cfg, model, params = make(norm=norm, pos=pos, tie_embeddings=tie,
+                            activation=act)
+  out = model.apply(params, tokens())
+  assert set(out) == {"logits"}
+  assert out["logits"].shape == (2, 8, V)
+  assert out["logits"].dtype == jnp.float32
+  assert np.isfinite(np.asarray(out["logits"])).all()
+  p = nn.unbox(params)["params"]
+  assert ("lm_head" in p) == (not tie)
+  assert ("pos_embed" in p) == (pos == "learned")
+  assert ("bias" in p["final_norm"]) == (norm == "layernorm")
+  mlp_names = {"wi_gate", "wi_up", "wo"} if act == "swiglu" else {"wi", "wo"}
+  assert set(p["block_0"]["mlp"]) == mlp_names
+  assert sorted(k for k in p if k.startswith("block_")) == ["block_0",
+                                                            "block_1"]
+
+
+def test_intermediates_only_on_request():
+  _, model, params = make()
+  x = tokens()
+  out = model.apply(params, x, hidden_layers=(1,))
+  assert set(out) == {"logits", "hidden"} and set(out["hidden"]) == {1}
+  out = model.apply(params, x, attn_layers=(0,), qkv_layers=(1,),
+                    return_logits=False)
+  assert set(out) == {"final_hidden", "head", "attn", "qkv"}
+  assert set(out["attn"]) == {0} and set(out["qkv"]) == {1}
+  for t in out["qkv"][1]:
+    assert t.shape == (2, 8, H, D // H)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_hidden_conventions(pos):
+  cfg, model, params = make(pos=pos, tie_embeddings=False)
+  x = tokens()
+  out = model.apply(params, x, hidden_layers=tuple(range(L + 1)))
+  p = nn.unbox(params)["params"]
+  emb = p["token_embed"]["embedding"][x]
+  if pos == "learned":
+    emb = emb + p["pos_embed"]["embedding"][jnp.arange(8)][None]
+  np.testing.assert_allclose(out["hidden"][0], emb, rtol=1e-6, atol=1e-7)
+  assert not np.allclose(out["hidden"][1], out["hidden"][0])
+  normed = Norm(cfg).apply({"params": p["final_norm"]}, out["hidden"][L])
+  logits = normed @ p["lm_head"]["kernel"]
+  np.testing.assert_allclose(logits, out["logits"], rtol=1e-5, atol=1e-6)
+
+
+def test_attention_probs_and_qkv():
+  cfg, model, params = make()
+  out = model.apply(params, tokens(), attn_layers=(0, 1), qkv_layers=(1,))
+  for i in (0, 1):
+    a = np.asarray(out["attn"][i])
+    assert a.shape == (2, H, 8, 8) and a.dtype == np.float32
+    np.testing.assert_allclose(a.sum(-1), 1.0, rtol=1e-5)
+    assert np.all(a[..., np.triu_indices(8, k=1)[0],
+                    np.triu_indices(8, k=1)[1]] == 0)
+    assert np.all(np.diagonal(a, axis1=-2, axis2=-1) > 0)
+  # q and k are returned after RoPE: they reproduce the attention probs.
+  q, k, _ = out["qkv"][1]
+  s = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(cfg.head_dim)
+  s = jnp.where(jnp.tril(jnp.ones((8, 8), bool)), s, -1e30)
+  np.testing.assert_allclose(jax.nn.softmax(s, -1), out["attn"][1],
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_final_hidden_times_head_equals_logits(tie):
+  _, model, params = make(tie_embeddings=tie)
+  x = tokens()
+  logits = model.apply(params, x)["logits"]
+  out = model.apply(params, x, return_logits=False)
+  assert set(out) == {"final_hidden", "head"}
+  assert out["final_hidden"].shape == (2, 8, D) and out["head"].shape == (D, V)
+  p = nn.unbox(params)["params"]
+  want = (p["token_embed"]["embedding"].T if tie else p["lm_head"]["kernel"])
+  np.testing.assert_array_equal(out["head"], want)
+  np.testing.assert_allclose(out["final_hidden"] @ out["head"], logits,
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("pos", ["rope", "learned"])
+def test_packed_segments_are_isolated(pos):
+  _, model, params = make(pos=pos)
+  apply = jax.jit(lambda x, s, p: model.apply(params, x, segment_ids_BxT=s,
+                                              positions_BxT=p)["logits"])
+  n1, n2 = 5, 7
+  seg = jnp.array([[1] * n1 + [2] * n2])
+  positions = jnp.array([list(range(n1)) + list(range(n2))])
+  x = tokens(1, n1 + n2)
+  base = apply(x, seg, positions)
+  other = tokens(1, n1 + n2, seed=7)
+  doc2_changed = x.at[:, n1:].set(other[:, n1:])
+  doc1_changed = x.at[:, :n1].set(other[:, :n1])
+  out2 = apply(doc2_changed, seg, positions)
+  out1 = apply(doc1_changed, seg, positions)
+  np.testing.assert_allclose(out2[:, :n1], base[:, :n1], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(out2[:, n1:], base[:, n1:], atol=1e-4)
+  np.testing.assert_allclose(out1[:, n1:], base[:, n1:], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(out1[:, :n1], base[:, :n1], atol=1e-4)
+  alone = model.apply(params, x[:, n1:])["logits"]
+  np.testing.assert_allclose(base[:, n1:], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_causal_without_segments():
+  _, model, params = make()
+  x = tokens()
+  base = model.apply(params, x)["logits"]
+  changed = model.apply(params, x.at[:, 5:].set(0))["logits"]
+  np.testing.assert_allclose(changed[:, :5], base[:, :5], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(changed[:, 5:], base[:, 5:], atol=1e-4)
+
+
+def test_padding_segment_no_nan():
+  _, model, params = make()
+  seg = jnp.array([[1, 1, 1, 2, 2, 0, 0, 0],   # right padding
+                   [0, 0, 0, 1, 1, 1, 1, 1],   # left padding
+                   [0] * 8])                   # all padding
+  out = model.apply(params, tokens(3), segment_ids_BxT=seg,
+                    attn_layers=(0, 1), hidden_layers=(0, 1, 2))
+  for leaf in jax.tree_util.tree_leaves(out):
+    assert np.isfinite(np.asarray(leaf)).all()
+  a = np.asarray(out["attn"][1])
+  # Left-padding queries attend only to padding keys.
+  assert np.all(a[1, :, :3, 3:] == 0)
+  np.testing.assert_allclose(a.sum(-1), 1.0, rtol=1e-5)
+
+
+@pytest.mark.parametrize("pos,tie,norm", [("rope", True, "rmsnorm"),
+                                          ("learned", False, "layernorm")])
+def test_every_param_has_logical_names(pos, tie, norm):
+  cfg = TransformerConfig(vocab_size=V, d_model=D, num_layers=L, num_heads=H,
+                          d_ff=F, max_len=MAXLEN, pos=pos, tie_embeddings=tie,
+                          norm=norm)
+  model = Transformer(cfg)
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, 4), jnp.int32))
+  specs = nn.get_partition_spec(abstract)
+  shapes = nn.unbox(abstract)
+  spec_leaves = jax.tree_util.tree_leaves(
+      specs, is_leaf=lambda s: isinstance(s, P))
+  shape_leaves = jax.tree_util.tree_leaves(shapes)
+  assert len(spec_leaves) == len(shape_leaves) > 0
+  for spec, leaf in zip(spec_leaves, shape_leaves):
+    assert isinstance(spec, P) and len(spec) == leaf.ndim
+  p = specs["params"]
+  assert p["token_embed"]["embedding"] == P("vocab", "embed")
+  assert p["block_0"]["attn"]["query"]["kernel"] == P("embed", "heads", "kv")
+  assert p["block_0"]["attn"]["out"]["kernel"] == P("heads", "kv", "embed")
+  assert p["block_0"]["mlp"]["wo"]["kernel"] == P("mlp", "embed")
+  if not tie:
+    assert p["lm_head"]["kernel"] == P("embed", "vocab")
+    assert p["pos_embed"]["embedding"] == P(None, "embed")
+
+
+def test_dtype_policy():
+  _, model, params = make(param_dtype=jnp.bfloat16)
+  for leaf in jax.tree_util.tree_leaves(nn.unbox(params)):
+    assert leaf.dtype == jnp.bfloat16
+  _, model, params = make(dtype=jnp.bfloat16, output_dtype=jnp.float32)
+  for leaf in jax.tree_util.tree_leaves(nn.unbox(params)):
+    assert leaf.dtype == jnp.float32
+  out = model.apply(params, tokens(), hidden_layers=(1,), attn_layers=(0,))
+  assert out["logits"].dtype == jnp.float32
+  assert out["hidden"][1].dtype == jnp.bfloat16
+  assert out["attn"][0].dtype == jnp.float32
+  out = model.apply(params, tokens(), return_logits=False)
+  assert out["final_hidden"].dtype == jnp.bfloat16
+  assert out["head"].dtype == jnp.bfloat16
+  _, model, params = make(output_dtype=jnp.bfloat16)
+  assert model.apply(params, tokens())["logits"].dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(d_model=15, num_heads=2), "d_model"),
+    (dict(norm="batchnorm"), "norm"),
+    (dict(pos="alibi"), "pos"),
+    (dict(activation="relu"), "activation"),
+    (dict(vocab_size=0), "vocab_size"),
+    (dict(num_layers=-1), "num_layers"),
+    (dict(d_ff=0), "d_ff"),
+    (dict(max_len=0), "max_len"),
+    (dict(d_model=6, num_heads=2), "head_dim"),  # odd head_dim with rope
+])
+def test_config_validation(kw, field):
+  base = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, d_ff=F,
+              max_len=MAXLEN)
+  base.update(kw)
+  with pytest.raises(ValueError, match=field):
+    TransformerConfig(**base)
+
+
+def test_config_odd_head_dim_ok_without_rope():
+  cfg = TransformerConfig(vocab_size=V, d_model=6, num_layers=1, num_heads=2,
+                          d_ff=F, max_len=MAXLEN, pos="learned")
+  assert cfg.head_dim == 3
+
+
+@pytest.mark.parametrize("kw", [dict(hidden_layers=(L + 1,)),
+                                dict(hidden_layers=(-1,)),
+                                dict(attn_layers=(L,)),
+                                dict(qkv_layers=(L,))])
+def test_layer_index_out_of_range(kw):
+  _, model, params = make()
+  with pytest.raises(ValueError):
+    model.apply(params, tokens(), **kw)
+
+
+def test_count_params_and_flops():
+  cfg, _, params = make(tie_embeddings=False, pos="learned")
+  per_block = 4 * D * D + 3 * D * F + 2 * D
+  want = V * D + MAXLEN * D + L * per_block + D + D * V
+  assert count_params(params) == want
+  fl = flops_per_token(cfg, 8)
+  assert fl == 2 * (L * (4 * D * D + 3 * D * F) + D * V) + 4 * L * 8 * D
+  gelu = TransformerConfig(vocab_size=V, d_model=D, num_layers=L, num_heads=H,
+                           d_ff=F, max_len=MAXLEN, activation="gelu")
+  assert flops_per_token(gelu, 8) == fl - 2 * L * D * F
+
+
+RULES = (("act_batch", ("data", "fsdp")), ("act_length", None),
+         ("act_embed", None), ("act_heads", "tensor"), ("act_kv", None),
+         ("act_mlp", "tensor"), ("act_vocab", "tensor"), ("vocab", "tensor"),
+         ("embed", "fsdp"), ("heads", "tensor"), ("kv", None),
+         ("mlp", "tensor"))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_sharded_apply_matches_unsharded(tie):
+  if len(jax.devices()) < 8:
+    pytest.skip("needs 8 (host) devices")
+  _, model, params = make(tie_embeddings=tie)
+  x = tokens(4, 8)
+  seg = jnp.array([[1] * 8, [1] * 4 + [2] * 4, [1] * 6 + [0] * 2, [3] * 8])
+  want = model.apply(params, x, segment_ids_BxT=seg)["logits"]
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2),
+              ("data", "fsdp", "tensor"))
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    got = jax.jit(lambda p, t, s: model.apply(p, t, segment_ids_BxT=s))(
+        params, x, seg)["logits"]
+  assert got.sharding.spec == P(("data", "fsdp"), None, "tensor")
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
