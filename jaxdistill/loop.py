@@ -156,6 +156,8 @@ def train(cfg: Any, workdir: str, devices=None) -> dict[str, Any]:
   Writes ``config.json``, ``metrics.jsonl`` and (``ckpt.save_final``)
   ``final_params/`` in ``workdir``.
   """
+  # Everything that can be checked before touching the disk is checked first.
+  validate.check_mesh(cfg, dict(sharding_lib.make_mesh(cfg.mesh, devices).shape))
   _prepare_workdir(cfg, workdir)
   run = build_run(cfg, workdir, devices)
   steps, every = cfg.optim.steps, cfg.log.every

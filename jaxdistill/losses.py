@@ -1,30 +1,21 @@
 """Distillation and task losses: logit divergences, MiniLM relations, hidden states.
 
-Shape legend:
-  B  batch
-  T  sequence length (query length; key length is also T)
-  V  vocabulary
-  H  attention heads
-  K  head dimension (may differ between student and teacher)
-  D  hidden width (Ds student, Dt teacher)
+Shape legend: B batch, T sequence length (queries and keys), V vocabulary,
+H attention heads, K head dim, D hidden width (Ds student, Dt teacher).
 
 Conventions shared by every loss here:
 
-* Each loss returns ``(loss, metrics)``: ``loss`` is a float32 scalar equal to the
-  sum over valid tokens of a per-token loss, divided by ``denom``; ``metrics`` is a
-  dict of float32 scalars named ``distill/...`` or ``task/...``.
-* ``denom`` is supplied by the caller and must be the GLOBAL number of valid tokens
-  (summed over devices and gradient-accumulation micro-batches). The losses never
-  take their own mean, so summing the losses of micro-batches gives the exact global
-  mean. A ``denom`` of 0 (an entirely padded global batch) yields a loss of 0 with
-  zero gradients rather than NaN.
-* ``mask_BxT`` is bool or float, 1 for valid tokens and 0 for padding. A float mask
-  with other non-zero values acts as per-token weights (``denom`` should then be
-  the global sum of weights). Padding contributes exactly nothing: padded inputs
-  are replaced with zeros through ``jnp.where`` *before* any math, so garbage,
-  ``inf`` or ``NaN`` in padded positions changes neither the loss nor the gradients.
-* All math runs in float32 whatever the input dtype.
-* Teacher-side inputs pass through ``jax.lax.stop_gradient``.
+* Each loss returns ``(loss, metrics)``: ``loss`` is a float32 scalar, the sum over
+  valid tokens of a per-token loss divided by ``denom``; ``metrics`` is a dict of
+  float32 scalars named ``distill/...`` or ``task/...``.
+* ``denom`` is the caller's GLOBAL count of valid tokens (over devices and
+  gradient-accumulation micro-batches); no loss takes its own mean, so summed
+  micro-batch losses give the exact global mean. ``denom`` = 0 gives loss 0 with
+  zero gradients, not NaN.
+* ``mask_BxT`` is bool or float (1 valid, 0 padding); other non-zero float values
+  act as per-token weights. Padded inputs are replaced by zeros with ``jnp.where``
+  BEFORE any math, so garbage/inf/NaN there changes neither loss nor gradients.
+* All math is float32 whatever the input dtype; teacher inputs get stop_gradient.
 """
 
 from __future__ import annotations
@@ -37,6 +28,7 @@ import jax
 import jax.numpy as jnp
 
 F32 = jnp.float32
+LossAndMetrics = tuple[jax.Array, dict[str, jax.Array]]
 
 # Stand-in for -inf when masking relation scores: exp() of it underflows to exactly
 # 0 after max-subtraction, yet differences of two masked scores stay finite.
@@ -47,9 +39,7 @@ _TINY = float(jnp.finfo(F32).tiny)
 _COS_EPS_SQ = 1e-16
 
 
-# ---------------------------------------------------------------------------
-# Reduction helpers
-# ---------------------------------------------------------------------------
+# --- Reduction helpers ---
 
 
 def _valid(mask_BxT: jax.Array) -> jax.Array:
@@ -80,13 +70,14 @@ def _zero_padded(x_BxTx: jax.Array, mask_BxT: jax.Array) -> jax.Array:
     """
     valid_BxT = _valid(mask_BxT)
     valid = valid_BxT.reshape(valid_BxT.shape + (1,) * (x_BxTx.ndim - 2))
-    return x_BxTx.astype(F32)
+    return jnp.where(valid, x_BxTx.astype(F32), 0.0)
 
 
-def _check_temperature(temperature) -> None:
-    # Only a concrete Python number can be checked; traced schedules pass through.
-    if isinstance(temperature, (int, float)) and not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature!r}")
+def _check_same_shape(what: str, student_shape, teacher_shape) -> None:
+    if tuple(student_shape) != tuple(teacher_shape):
+        raise ValueError(
+            f"{what}: student and teacher shapes (incl. head counts) must match, got "
+            f"{tuple(student_shape)} and {tuple(teacher_shape)}")
 
 
 def _kl_from_logprobs(logp_xV: jax.Array, logq_xV: jax.Array) -> jax.Array:
@@ -100,9 +91,15 @@ def _kl_from_logprobs(logp_xV: jax.Array, logq_xV: jax.Array) -> jax.Array:
     return jnp.sum(p_xV * diff_xV, axis=-1)
 
 
-# ---------------------------------------------------------------------------
-# Per-token logit divergences: [..., V] -> [...]
-# ---------------------------------------------------------------------------
+# --- Per-token logit divergences: [..., V] -> [...] ---
+
+
+def _tempered_logprobs(student_logits, teacher_logits, temperature):
+    """(tau, log q = log_softmax(student/tau), log p = log_softmax(teacher/tau)) in f32."""
+    tau = jnp.asarray(temperature, F32)
+    logq_xV = jax.nn.log_softmax(student_logits.astype(F32) / tau, axis=-1)
+    logp_xV = jax.nn.log_softmax(teacher_logits.astype(F32) / tau, axis=-1)
+    return tau, logq_xV, logp_xV
 
 
 def forward_kl_per_token(student_logits, teacher_logits, temperature) -> jax.Array:
@@ -119,26 +116,16 @@ def forward_kl_per_token(student_logits, teacher_logits, temperature) -> jax.Arr
     Returns:
       [...] float32 per-token divergence.
     """
-    tau = jnp.asarray(temperature, F32)
-    logq_xV = jax.nn.log_softmax(student_logits.astype(F32) / tau, axis=-1)
-    logp_xV = jax.nn.log_softmax(teacher_logits.astype(F32) / tau, axis=-1)
+    tau, logq_xV, logp_xV = _tempered_logprobs(student_logits, teacher_logits, temperature)
     return _kl_from_logprobs(logp_xV, logq_xV) * tau**2
 
 
 def reverse_kl_per_token(student_logits, teacher_logits, temperature) -> jax.Array:
     """Reverse (mode-seeking) KL(q||p) * tau^2, q = student, p = teacher distribution.
 
-    Args:
-      student_logits: [..., V] student logits.
-      teacher_logits: [..., V] teacher logits, same shape.
-      temperature: scalar tau > 0.
-
-    Returns:
-      [...] float32 per-token divergence.
+    Args / Returns: as `forward_kl_per_token` ([..., V] logits -> [...] float32).
     """
-    tau = jnp.asarray(temperature, F32)
-    logq_xV = jax.nn.log_softmax(student_logits.astype(F32) / tau, axis=-1)
-    logp_xV = jax.nn.log_softmax(teacher_logits.astype(F32) / tau, axis=-1)
+    tau, logq_xV, logp_xV = _tempered_logprobs(student_logits, teacher_logits, temperature)
     return _kl_from_logprobs(logq_xV, logp_xV) * tau**2
 
 
@@ -157,18 +144,14 @@ def jsd_per_token(student_logits, teacher_logits, temperature, beta) -> jax.Arra
     by log 2 * tau^2.
 
     Args:
-      student_logits: [..., V] student logits.
-      teacher_logits: [..., V] teacher logits, same shape.
-      temperature: scalar tau > 0.
+      student_logits, teacher_logits, temperature: as `forward_kl_per_token`.
       beta: scalar mixture weight of the teacher in [0, 1].
 
     Returns:
       [...] float32 per-token divergence.
     """
-    tau = jnp.asarray(temperature, F32)
+    tau, logq_xV, logp_xV = _tempered_logprobs(student_logits, teacher_logits, temperature)
     beta = jnp.asarray(beta, F32)
-    logq_xV = jax.nn.log_softmax(student_logits.astype(F32) / tau, axis=-1)
-    logp_xV = jax.nn.log_softmax(teacher_logits.astype(F32) / tau, axis=-1)
     # log(0) = -inf at the ends is fine: logsumexp ignores a -inf term exactly.
     logm_xV = jnp.logaddexp(jnp.log(beta) + logp_xV, jnp.log1p(-beta) + logq_xV)
     kl_p = _kl_from_logprobs(logp_xV, logm_xV)
@@ -185,16 +168,8 @@ LOGIT_DIVERGENCES: dict[str, Callable[..., jax.Array]] = {
 }
 
 
-def logit_loss(
-    kind: str,
-    student_logits_BxTxV,
-    teacher_logits_BxTxV,
-    mask_BxT,
-    denom,
-    *,
-    temperature,
-    beta=0.5,
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def logit_loss(kind: str, student_logits_BxTxV, teacher_logits_BxTxV, mask_BxT, denom, *,
+               temperature, beta=0.5) -> LossAndMetrics:
     """Masked logit-distillation loss of one of `LOGIT_DIVERGENCES`.
 
     Args:
@@ -212,32 +187,24 @@ def logit_loss(
       (loss, {"distill/<kind>": loss}), loss a float32 scalar.
     """
     if kind not in LOGIT_DIVERGENCES:
-        raise ValueError(
-            f"unknown logit loss kind {kind!r}; valid kinds: {sorted(LOGIT_DIVERGENCES)}"
-        )
-    if student_logits_BxTxV.shape != teacher_logits_BxTxV.shape:
-        raise ValueError(
-            "student and teacher logits must have the same [B, T, V] shape, got "
-            f"{student_logits_BxTxV.shape} and {teacher_logits_BxTxV.shape}"
-        )
-    _check_temperature(temperature)
+        raise ValueError(f"unknown logit loss kind {kind!r}; valid kinds: "
+                         f"{sorted(LOGIT_DIVERGENCES)}")
+    _check_same_shape("logit_loss", student_logits_BxTxV.shape, teacher_logits_BxTxV.shape)
+    # Only a concrete Python number can be checked; traced schedules pass through.
+    if isinstance(temperature, (int, float)) and not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature!r}")
     student_BxTxV = _zero_padded(student_logits_BxTxV, mask_BxT)
     teacher_BxTxV = _zero_padded(jax.lax.stop_gradient(teacher_logits_BxTxV), mask_BxT)
-    if kind == "jsd":
-        per_token_BxT = jsd_per_token(student_BxTxV, teacher_BxTxV, temperature, beta)
-    else:
-        per_token_BxT = LOGIT_DIVERGENCES[kind](student_BxTxV, teacher_BxTxV, temperature)
+    extra = (beta,) if kind == "jsd" else ()
+    per_token_BxT = LOGIT_DIVERGENCES[kind](student_BxTxV, teacher_BxTxV, temperature, *extra)
     loss = _masked_total(per_token_BxT, mask_BxT, denom)
     return loss, {f"distill/{kind}": loss}
 
 
-def cross_entropy(
-    logits_BxTxV, targets_BxT, mask_BxT, denom
-) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Hard-label cross-entropy at temperature 1.
+def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT, denom) -> LossAndMetrics:
+    """Hard-label cross-entropy at temperature 1: logsumexp(z) - z[target].
 
-    Computed as logsumexp(z) - z[target], which never builds a second [B, T, V]
-    log-probability tensor. Padded targets may hold any integer (e.g. -1).
+    Padded targets may hold any integer (e.g. -1).
 
     Args:
       logits_BxTxV: [B, T, V] student logits.
@@ -256,22 +223,11 @@ def cross_entropy(
     return loss, {"task/ce": loss}
 
 
-# ---------------------------------------------------------------------------
-# MiniLM attention / value relations
-# ---------------------------------------------------------------------------
+# --- MiniLM attention / value relations ---
 
 
-def _check_heads(student_heads: int, teacher_heads: int, what: str) -> None:
-    if student_heads != teacher_heads:
-        raise ValueError(
-            f"{what}: student and teacher head counts must match, got "
-            f"{student_heads} and {teacher_heads}"
-        )
-
-
-def attention_kl(
-    student_probs_BxHxTxT, teacher_probs_BxHxTxT, mask_BxT, denom
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def attention_kl(student_probs_BxHxTxT, teacher_probs_BxHxTxT, mask_BxT, denom
+                 ) -> LossAndMetrics:
     """MiniLM self-attention distribution transfer: KL(A_T row || A_S row).
 
     Inputs are probabilities already softmaxed and masked by the models (rows sum
@@ -290,12 +246,7 @@ def attention_kl(
       (loss, {"distill/attention": loss}): KL summed over keys, averaged over heads,
       summed over valid query rows, divided by denom.
     """
-    _check_heads(student_probs_BxHxTxT.shape[1], teacher_probs_BxHxTxT.shape[1], "attention_kl")
-    if student_probs_BxHxTxT.shape != teacher_probs_BxHxTxT.shape:
-        raise ValueError(
-            "attention_kl: shapes must match, got "
-            f"{student_probs_BxHxTxT.shape} and {teacher_probs_BxHxTxT.shape}"
-        )
+    _check_same_shape("attention_kl", student_probs_BxHxTxT.shape, teacher_probs_BxHxTxT.shape)
     valid_BxT = _valid(mask_BxT)
     pair_Bx1xTxT = (valid_BxT[:, None, :, None] & valid_BxT[:, None, None, :])
     a_s = jnp.where(pair_Bx1xTxT, student_probs_BxHxTxT.astype(F32), 0.0)
@@ -316,9 +267,7 @@ def _relation_logprobs(v_BxTxHxK: jax.Array, valid_BxT: jax.Array) -> jax.Array:
     return jax.nn.log_softmax(scores_BxHxTxT, axis=-1)
 
 
-def value_relation(
-    student_v_BxTxHxK, teacher_v_BxTxHxK, mask_BxT, denom
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def value_relation(student_v_BxTxHxK, teacher_v_BxTxHxK, mask_BxT, denom) -> LossAndMetrics:
     """MiniLM value-relation transfer: KL(VR_T || VR_S), VR = softmax(v v^T / sqrt(K)).
 
     Relations are bidirectional, as in MiniLM: NO causal mask is applied, only padded
@@ -335,12 +284,8 @@ def value_relation(
       (loss, {"distill/value_relation": loss}): KL summed over keys, averaged over
       heads, summed over valid query rows, divided by denom.
     """
-    _check_heads(student_v_BxTxHxK.shape[2], teacher_v_BxTxHxK.shape[2], "value_relation")
-    if student_v_BxTxHxK.shape[:2] != teacher_v_BxTxHxK.shape[:2]:
-        raise ValueError(
-            "value_relation: [B, T] must match, got "
-            f"{student_v_BxTxHxK.shape[:2]} and {teacher_v_BxTxHxK.shape[:2]}"
-        )
+    # [B, T, H] must match; only the head dim K may differ.
+    _check_same_shape("value_relation", student_v_BxTxHxK.shape[:3], teacher_v_BxTxHxK.shape[:3])
     valid_BxT = _valid(mask_BxT)
     v_s = _zero_padded(student_v_BxTxHxK, mask_BxT)
     v_t = _zero_padded(jax.lax.stop_gradient(teacher_v_BxTxHxK), mask_BxT)
@@ -351,16 +296,13 @@ def value_relation(
     return loss, {"distill/value_relation": loss}
 
 
-# ---------------------------------------------------------------------------
-# Hidden states
-# ---------------------------------------------------------------------------
+# --- Hidden states ---
 
 HIDDEN_KINDS = ("mse", "cosine")
 
 
-def hidden_loss(
-    kind: str, student_h_BxTxDs, teacher_h_BxTxDt, mask_BxT, denom, projection=None
-) -> tuple[jax.Array, dict[str, jax.Array]]:
+def hidden_loss(kind: str, student_h_BxTxDs, teacher_h_BxTxDt, mask_BxT, denom,
+                projection=None) -> LossAndMetrics:
     """Hidden-state matching, optionally through a learned [Ds, Dt] projection.
 
     Args:
@@ -384,15 +326,12 @@ def hidden_loss(
     h_t = _zero_padded(jax.lax.stop_gradient(teacher_h_BxTxDt), mask_BxT)
     if projection is not None:
         if projection.shape[0] != d_student:
-            raise ValueError(
-                f"projection has shape {projection.shape} but student width is {d_student}"
-            )
+            raise ValueError(f"projection has shape {projection.shape} but student width "
+                             f"is {d_student}")
         h_s = h_s @ projection.astype(F32)
     if h_s.shape[-1] != d_teacher:
-        raise ValueError(
-            f"hidden widths differ: student {h_s.shape[-1]} vs teacher {d_teacher}; "
-            "pass projection=init_projection(rng, d_student, d_teacher)"
-        )
+        raise ValueError(f"hidden widths differ: student {h_s.shape[-1]} vs teacher "
+                         f"{d_teacher}; pass projection=init_projection(rng, Ds, Dt)")
     if kind == "mse":
         per_token_BxT = jnp.sum(jnp.square(h_s - h_t), axis=-1) / d_teacher
     else:
@@ -405,17 +344,14 @@ def hidden_loss(
 
 
 def init_projection(rng: jax.Array, d_student: int, d_teacher: int) -> jax.Array:
-    """LeCun-normal [Ds, Dt] float32 matrix mapping student width to teacher width.
+    """LeCun-normal [Ds, Dt] float32 student-to-teacher width map.
 
-    A plain array so the caller owns it (as a trainable param next to the student)
-    and drops it at export.
+    A plain array: the caller owns it as a trainable param and drops it at export.
     """
     return jax.nn.initializers.lecun_normal()(rng, (d_student, d_teacher), F32)
 
 
-# ---------------------------------------------------------------------------
-# Layer maps
-# ---------------------------------------------------------------------------
+# --- Layer maps ---
 
 _PAIR_RE = re.compile(r"^\s*(\d+)\s*:\s*(\d+)\s*$")
 _LAST_K_RE = re.compile(r"^\s*last\s*:\s*(-?\d+)\s*$")
@@ -424,15 +360,12 @@ _LAYER_MAP_FORMS = '"uniform", "last", "last:K", or explicit pairs like "1:2,2:4
 
 def _check_layer(index: int, num_layers: int, side: str, spec: str) -> None:
     if not 0 <= index <= num_layers:
-        raise ValueError(
-            f"layer_map({spec!r}): {side} layer {index} out of range; valid "
-            f"{side} layers are 0..{num_layers} (0 = embeddings, i = output of block i)"
-        )
+        raise ValueError(f"layer_map({spec!r}): {side} layer {index} out of range; valid "
+                         f"{side} layers are 0..{num_layers} (0 = embeddings)")
 
 
-def layer_map(
-    spec: str, num_student_layers: int, num_teacher_layers: int
-) -> tuple[tuple[int, int], ...]:
+def layer_map(spec: str, num_student_layers: int, num_teacher_layers: int
+              ) -> tuple[tuple[int, int], ...]:
     """Parse a (student_layer, teacher_layer) map; layers are 1..L, 0 = embeddings.
 
     Specs:
@@ -445,10 +378,8 @@ def layer_map(
       "s:t,s:t,...": explicit pairs; 0 (embeddings) is allowed on either side.
 
     Returns:
-      Tuple of (student_layer, teacher_layer) pairs.
-
-    Raises:
-      ValueError naming the bad layer and the valid range, or the valid forms.
+      Tuple of (student_layer, teacher_layer) pairs. Raises ValueError naming the
+      bad layer and the valid range, or listing the valid forms.
     """
     l_s, l_t = int(num_student_layers), int(num_teacher_layers)
     if l_s < 1 or l_t < 1:
@@ -463,10 +394,8 @@ def layer_map(
     if match:
         k = int(match.group(1))
         if not 1 <= k <= min(l_s, l_t):
-            raise ValueError(
-                f"layer_map({spec!r}): K={k} out of range; valid K is 1..{min(l_s, l_t)}"
-                f" (student has {l_s} layers, teacher {l_t})"
-            )
+            raise ValueError(f"layer_map({spec!r}): K={k} out of range; valid K is "
+                             f"1..{min(l_s, l_t)} (student {l_s} layers, teacher {l_t})")
         return tuple((l_s - k + i, l_t - k + i) for i in range(1, k + 1))
     pairs = []
     for item in text.split(","):

@@ -128,7 +128,7 @@ def make_distill_step(obj: objective_lib.Objective, student: nn.Module,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     metrics = dict(metrics, **objective_lib.schedule_metrics(obj, state.step))
-    metrics["train/grad_norm"] = optax.global_norm(grads)
+    metrics["train/grad_norm"] = optax.tree.norm(grads)
     metrics["perf/valid_tokens"] = denom
     if lr is not None:
       metrics["train/lr"] = lr(state.step)

@@ -319,10 +319,10 @@ def np_hidden(kind, h_s, h_t, mask, denom, projection=None):
 @pytest.mark.parametrize("with_projection", [False, True])
 def test_hidden_loss_matches_numpy(kind, with_projection):
     rng = np.random.default_rng(40)
-    d_s = 6 if with_projection else 8
+    d_s = 4 if with_projection else 7
     h_s = rng.normal(size=(B, T, d_s)).astype(np.float32)
-    h_t = rng.normal(size=(B, T, 8)).astype(np.float32)
-    proj = (np.asarray(losses.init_projection(jax.random.key(0), d_s, 8))
+    h_t = rng.normal(size=(B, T, 7)).astype(np.float32)
+    proj = (np.asarray(losses.init_projection(jax.random.key(0), d_s, 7))
             if with_projection else None)
     loss, metrics = losses.hidden_loss(kind, h_s, h_t, MASK_BxT, DENOM, projection=proj)
     expected = np_hidden(kind, h_s, h_t, MASK_BxT, DENOM, proj)

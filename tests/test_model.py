@@ -10,18 +10,32 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxdistill.models.transformer import (
-    Norm, Transformer, TransformerConfig, count_params, flops_per_token)
+    Norm, Transformer, TransformerConfig, apply_rope, count_params,
+    flops_per_token)
 
 V, D, L, H, F, MAXLEN = 64, 16, 2, 2, 32, 16
 
 
-def make(**kw):
+def config(**kw):
   base = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, d_ff=F,
               max_len=MAXLEN)
   base.update(kw)
-  cfg = TransformerConfig(**base)
+  return TransformerConfig(**base)
+
+
+def make(**kw):
+  """Model + params; params are filled from numpy on the abstract init tree.
+
+  This skips compiling the random initializers (seconds per config on CPU);
+  test_init_statistics covers the real ``model.init``.
+  """
+  cfg = config(**kw)
   model = Transformer(cfg)
-  params = model.init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+  abstract = jax.eval_shape(model.init, jax.random.key(0),
+                            jnp.zeros((1, 4), jnp.int32))
+  rng = np.random.default_rng(0)
+  params = jax.tree_util.tree_map(
+      lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), s.dtype), abstract)
   return cfg, model, params
 
 
@@ -50,6 +64,21 @@ def test_shapes_and_default_keys(norm, pos, tie, act):
   assert set(p["block_0"]["mlp"]) == mlp_names
   assert sorted(k for k in p if k.startswith("block_")) == ["block_0",
                                                             "block_1"]
+
+
+def test_init_statistics():
+  cfg = config(tie_embeddings=False, norm="layernorm")
+  # rbg keys compile much faster than threefry on CPU.
+  params = jax.jit(Transformer(cfg).init)(jax.random.key(0, impl="rbg"),
+                                          jnp.zeros((1, 4), jnp.int32))
+  p = nn.unbox(params)["params"]
+  np.testing.assert_array_equal(p["final_norm"]["scale"], 1.0)
+  np.testing.assert_array_equal(p["block_1"]["mlp_norm"]["bias"], 0.0)
+  assert 0.015 < np.std(p["token_embed"]["embedding"]) < 0.025
+  assert 0.015 < np.std(p["lm_head"]["kernel"]) < 0.025
+  # Residual-branch outputs are scaled down by 1/sqrt(2L).
+  out_std = np.std(p["block_0"]["attn"]["out"]["kernel"])
+  assert 0.7 * 0.02 / np.sqrt(2 * L) < out_std < 1.3 * 0.02 / np.sqrt(2 * L)
 
 
 def test_intermediates_only_on_request():
@@ -117,24 +146,53 @@ def test_final_hidden_times_head_equals_logits(tie):
 @pytest.mark.parametrize("pos", ["rope", "learned"])
 def test_packed_segments_are_isolated(pos):
   _, model, params = make(pos=pos)
-  apply = jax.jit(lambda x, s, p: model.apply(params, x, segment_ids_BxT=s,
-                                              positions_BxT=p)["logits"])
-  n1, n2 = 5, 7
-  seg = jnp.array([[1] * n1 + [2] * n2])
-  positions = jnp.array([list(range(n1)) + list(range(n2))])
-  x = tokens(1, n1 + n2)
-  base = apply(x, seg, positions)
-  other = tokens(1, n1 + n2, seed=7)
-  doc2_changed = x.at[:, n1:].set(other[:, n1:])
+  n1, n2 = 3, 5
+  seg = jnp.array([[1] * n1 + [2] * n2] * 2)
+  positions = jnp.array([list(range(n1)) + list(range(n2))] * 2)
+  x = tokens(1)
+  other = tokens(1, seed=7)
   doc1_changed = x.at[:, :n1].set(other[:, :n1])
-  out2 = apply(doc2_changed, seg, positions)
-  out1 = apply(doc1_changed, seg, positions)
-  np.testing.assert_allclose(out2[:, :n1], base[:, :n1], rtol=1e-5, atol=1e-6)
-  assert not np.allclose(out2[:, n1:], base[:, n1:], atol=1e-4)
-  np.testing.assert_allclose(out1[:, n1:], base[:, n1:], rtol=1e-5, atol=1e-6)
-  assert not np.allclose(out1[:, :n1], base[:, :n1], atol=1e-4)
-  alone = model.apply(params, x[:, n1:])["logits"]
-  np.testing.assert_allclose(base[:, n1:], alone, rtol=1e-5, atol=1e-6)
+  doc2_changed = x.at[:, n1:].set(other[:, n1:])
+
+  def logits(rows):
+    return model.apply(params, jnp.concatenate(rows), segment_ids_BxT=seg,
+                       positions_BxT=positions)["logits"]
+
+  base, out2 = logits([x, doc2_changed])
+  out1, _ = logits([doc1_changed, x])
+  np.testing.assert_allclose(out2[:n1], base[:n1], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(out2[n1:], base[n1:], atol=1e-3)
+  np.testing.assert_allclose(out1[n1:], base[n1:], rtol=1e-5, atol=1e-6)
+  assert not np.allclose(out1[:n1], base[:n1], atol=1e-3)
+  alone = model.apply(params, x[:, n1:])["logits"][0]
+  np.testing.assert_allclose(base[n1:], alone, rtol=1e-5, atol=1e-6)
+
+
+def test_rope_properties():
+  x = jax.random.normal(jax.random.key(2), (1, 6, 2, 8))
+  zeros = jnp.zeros((1, 6), jnp.int32)
+  np.testing.assert_allclose(apply_rope(x, zeros, 1e4), x, rtol=1e-6)
+  pos = jnp.arange(6)[None] * 3
+  rot = apply_rope(x, pos, 1e4)
+  np.testing.assert_allclose(jnp.linalg.norm(rot, axis=-1),
+                             jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  assert not np.allclose(rot, x, atol=1e-2)
+  # q.k depends only on the position offset.
+  q, k = x[:, :1], x[:, 1:2]
+  def dot(m, n):
+    return jnp.sum(apply_rope(q, jnp.array([[m]]), 1e4) *
+                   apply_rope(k, jnp.array([[n]]), 1e4))
+  np.testing.assert_allclose(dot(5, 2), dot(13, 10), rtol=1e-5)
+  assert not np.isclose(dot(5, 2), dot(5, 4), rtol=1e-3)
+
+
+def test_model_uses_positions():
+  _, model, params = make()
+  x = tokens()
+  base = model.apply(params, x)["logits"]
+  gapped = model.apply(params, x, positions_BxT=jnp.arange(8)[None] * 2
+                       + jnp.zeros((2, 1), jnp.int32))["logits"]
+  assert not np.allclose(base[:, 1:], gapped[:, 1:], atol=1e-3)
 
 
 def test_causal_without_segments():
@@ -148,26 +206,22 @@ def test_causal_without_segments():
 
 def test_padding_segment_no_nan():
   _, model, params = make()
-  seg = jnp.array([[1, 1, 1, 2, 2, 0, 0, 0],   # right padding
-                   [0, 0, 0, 1, 1, 1, 1, 1],   # left padding
+  seg = jnp.array([[0, 0, 0, 1, 1, 2, 0, 0],   # left and right padding
                    [0] * 8])                   # all padding
-  out = model.apply(params, tokens(3), segment_ids_BxT=seg,
+  out = model.apply(params, tokens(), segment_ids_BxT=seg,
                     attn_layers=(0, 1), hidden_layers=(0, 1, 2))
   for leaf in jax.tree_util.tree_leaves(out):
     assert np.isfinite(np.asarray(leaf)).all()
   a = np.asarray(out["attn"][1])
   # Left-padding queries attend only to padding keys.
-  assert np.all(a[1, :, :3, 3:] == 0)
+  assert np.all(a[0, :, :3, 3:] == 0) and np.all(a[0, :, 6:, 3:6] == 0)
   np.testing.assert_allclose(a.sum(-1), 1.0, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pos,tie,norm", [("rope", True, "rmsnorm"),
                                           ("learned", False, "layernorm")])
 def test_every_param_has_logical_names(pos, tie, norm):
-  cfg = TransformerConfig(vocab_size=V, d_model=D, num_layers=L, num_heads=H,
-                          d_ff=F, max_len=MAXLEN, pos=pos, tie_embeddings=tie,
-                          norm=norm)
-  model = Transformer(cfg)
+  model = Transformer(config(pos=pos, tie_embeddings=tie, norm=norm))
   abstract = jax.eval_shape(model.init, jax.random.key(0),
                             jnp.zeros((1, 4), jnp.int32))
   specs = nn.get_partition_spec(abstract)
@@ -218,16 +272,12 @@ def test_dtype_policy():
     (dict(d_model=6, num_heads=2), "head_dim"),  # odd head_dim with rope
 ])
 def test_config_validation(kw, field):
-  base = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, d_ff=F,
-              max_len=MAXLEN)
-  base.update(kw)
   with pytest.raises(ValueError, match=field):
-    TransformerConfig(**base)
+    config(**kw)
 
 
 def test_config_odd_head_dim_ok_without_rope():
-  cfg = TransformerConfig(vocab_size=V, d_model=6, num_layers=1, num_heads=2,
-                          d_ff=F, max_len=MAXLEN, pos="learned")
+  cfg = config(d_model=6, num_heads=2, pos="learned")
   assert cfg.head_dim == 3
 
 
@@ -248,8 +298,7 @@ def test_count_params_and_flops():
   assert count_params(params) == want
   fl = flops_per_token(cfg, 8)
   assert fl == 2 * (L * (4 * D * D + 3 * D * F) + D * V) + 4 * L * 8 * D
-  gelu = TransformerConfig(vocab_size=V, d_model=D, num_layers=L, num_heads=H,
-                           d_ff=F, max_len=MAXLEN, activation="gelu")
+  gelu = config(activation="gelu")
   assert flops_per_token(gelu, 8) == fl - 2 * L * D * F
 
 

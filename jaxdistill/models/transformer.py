@@ -1,14 +1,10 @@
 """Decoder-only causal Transformer LM (Flax Linen) used as teacher and student.
 
-The model is pure functional: ``Transformer(config).apply(params, tokens_BxT)``
-returns a dict holding exactly the outputs that were requested (logits, or the
-final hidden state plus the output-head matrix for a fused loss, and optional
-per-layer hidden states / attention probabilities / q,k,v for distillation).
-
-Every parameter carries logical axis names (``nn.with_logical_partitioning``)
-and the main activations carry logical constraints
-(``nn.with_logical_constraint``). Without an active ``nn.logical_axis_rules``
-context the constraints are no-ops, so the model runs unchanged on one device.
+``Transformer(config).apply(params, tokens_BxT, ...)`` returns a dict with
+exactly the requested outputs (logits, or final hidden + head matrix for a
+fused loss; optional per-layer hidden / attention probs / q,k,v). All params
+carry logical axis names and the main activations logical constraints; without
+an active ``nn.logical_axis_rules`` context those are no-ops.
 
 Shape-letter legend:
   B: batch size
@@ -23,6 +19,7 @@ Shape-letter legend:
 
 import dataclasses
 import math
+import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -70,7 +67,8 @@ class TransformerConfig:
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff",
                  "max_len"):
       value = getattr(self, name)
-      if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
+          or value <= 0):
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     if self.d_model % self.num_heads:
       raise ValueError(f"d_model ({self.d_model}) must be divisible by "
@@ -122,19 +120,17 @@ class Norm(nn.Module):
     d = x_BxTxD.shape[-1]
     # Statistics in float32: bf16 mean/variance over D loses too many bits.
     x32_BxTxD = x_BxTxD.astype(jnp.float32)
-    scale_D = self.param(
-        "scale", nn.with_logical_partitioning(nn.initializers.ones, ("embed",)),
-        (d,), cfg.param_dtype)
+    init = lambda f: nn.with_logical_partitioning(f, ("embed",))  # noqa: E731
+    scale_D = self.param("scale", init(nn.initializers.ones), (d,),
+                         cfg.param_dtype)
     if cfg.norm == "layernorm":
       x32_BxTxD = x32_BxTxD - jnp.mean(x32_BxTxD, axis=-1, keepdims=True)
     var_BxTx1 = jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True)
     y_BxTxD = x32_BxTxD * jax.lax.rsqrt(var_BxTx1 + cfg.norm_eps)
     y_BxTxD = y_BxTxD * scale_D.astype(jnp.float32)
     if cfg.norm == "layernorm":
-      bias_D = self.param(
-          "bias", nn.with_logical_partitioning(nn.initializers.zeros,
-                                               ("embed",)),
-          (d,), cfg.param_dtype)
+      bias_D = self.param("bias", init(nn.initializers.zeros), (d,),
+                          cfg.param_dtype)
       y_BxTxD = y_BxTxD + bias_D.astype(jnp.float32)
     return y_BxTxD.astype(cfg.dtype)
 
@@ -150,8 +146,7 @@ def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array,
   Returns:
     [B, T, H, K] rotated tensor in the dtype of ``x_BxTxHxK``.
   """
-  k = x_BxTxHxK.shape[-1]
-  half = k // 2
+  k, half = x_BxTxHxK.shape[-1], x_BxTxHxK.shape[-1] // 2
   # Angles in float32: bf16 positions * frequencies are badly rounded.
   inv_freq_Kh = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / k)
   angle_BxTxKh = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Kh
@@ -166,42 +161,33 @@ def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array,
   return out_BxTxHxK.astype(x_BxTxHxK.dtype)
 
 
-def make_attention_mask(segment_ids_BxT: jax.Array | None, batch: int,
+def make_attention_mask(segment_ids_BxT: jax.Array | None,
                         length: int) -> jax.Array:
-  """Boolean causal (and same-segment) mask.
+  """Bool [B|1, 1, T, S] mask (True = may attend): causal AND same segment.
 
-  Causality is by index in the row, not by position id, so packed documents
-  whose positions restart at 0 are still causal; the segment test keeps them
-  apart. Padding (segment 0) only sees padding, and the diagonal is always
-  allowed, so no query row is fully masked.
+  Causality is by index in the row (not position id), so packed documents with
+  restarting positions stay causal. Padding (segment 0) sees only padding and
+  the diagonal is always allowed, so no query row is fully masked (no NaN).
 
   Args:
-    segment_ids_BxT: optional document id of each token (0 = padding).
-    batch: B. length: T.
-  Returns:
-    [B, 1, T, S] bool mask (True = may attend), S == T.
+    segment_ids_BxT: optional document id per token (0 = padding); without
+      it the batch axis of the mask is 1 and broadcasts.
+    length: T (== S).
   """
   idx_T = jnp.arange(length)
-  causal_TxS = idx_T[:, None] >= idx_T[None, :]
-  mask_BxTxS = jnp.broadcast_to(causal_TxS, (batch, length, length))
-  if segment_ids_BxT is not None:
-    same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-    mask_BxTxS = mask_BxTxS & same_BxTxS
-  return mask_BxTxS[:, None, :, :]
+  mask_1x1xTxS = (idx_T[:, None] >= idx_T[None, :])[None, None]
+  if segment_ids_BxT is None:
+    return mask_1x1xTxS
+  same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  return mask_1x1xTxS & same_BxTxS[:, None]
 
 
 class EinsumDense(nn.Module):
-  """Bias-free projection whose kernel keeps its full logical shape.
+  """Bias-free ``einsum(equation, x, kernel)`` in the compute dtype.
 
-  Used instead of ``nn.DenseGeneral`` because DenseGeneral initializes a
-  flattened 2-D kernel and then reshapes it; under an active mesh the boxed
-  3-D logical names get applied to the 2-D value and Flax raises (also during
-  ``apply``, where Linen shape-checks params by tracing the initializer).
-
-  Args (call):
-    x: input whose contraction axes match the equation.
-  Returns:
-    ``einsum(equation, x, kernel)`` in ``config.dtype``.
+  Not ``nn.DenseGeneral``: it inits a flat 2-D kernel and reshapes it, so under
+  an active mesh its 3-D logical names hit a 2-D value and Flax raises (even in
+  ``apply``, which shape-checks params by tracing the initializer).
   """
 
   config: TransformerConfig
@@ -269,14 +255,10 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-  """Feed-forward block: SwiGLU (wi_gate, wi_up, wo) or GELU (wi, wo).
+  """SwiGLU (wi_gate, wi_up, wo) or tanh-approximate GELU (wi, wo) MLP.
 
-  GELU uses the tanh approximation (GPT-2's ``gelu_new``).
-
-  Args (call):
-    x_BxTxD: normalized residual stream.
-  Returns:
-    [B, T, D] in ``config.dtype``.
+  Args (call): x_BxTxD, the normalized residual stream.
+  Returns: [B, T, D] in ``config.dtype``.
   """
 
   config: TransformerConfig
@@ -285,31 +267,26 @@ class Mlp(nn.Module):
   def __call__(self, x_BxTxD):
     cfg = self.config
 
-    def dense(features, names, name, stddev=_INIT_STDDEV):
-      return nn.Dense(features, use_bias=False, dtype=cfg.dtype,
-                      param_dtype=cfg.param_dtype, name=name,
-                      kernel_init=_init(names, stddev))
+    def proj(names, shape, name, stddev=_INIT_STDDEV):
+      return EinsumDense(cfg, shape, names, "bti,io->bto", stddev, name=name)
 
+    d_f, f_d = (cfg.d_model, cfg.d_ff), (cfg.d_ff, cfg.d_model)
     if cfg.activation == "swiglu":
-      gate_BxTxF = dense(cfg.d_ff, ("embed", "mlp"), "wi_gate")(x_BxTxD)
-      up_BxTxF = dense(cfg.d_ff, ("embed", "mlp"), "wi_up")(x_BxTxD)
+      gate_BxTxF = proj(("embed", "mlp"), d_f, "wi_gate")(x_BxTxD)
+      up_BxTxF = proj(("embed", "mlp"), d_f, "wi_up")(x_BxTxD)
       h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
     else:
-      h_BxTxF = nn.gelu(dense(cfg.d_ff, ("embed", "mlp"), "wi")(x_BxTxD),
+      h_BxTxF = nn.gelu(proj(("embed", "mlp"), d_f, "wi")(x_BxTxD),
                         approximate=True)
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, _ACT_MLP)
-    return dense(cfg.d_model, ("mlp", "embed"), "wo",
-                 _residual_stddev(cfg))(h_BxTxF)
+    return proj(("mlp", "embed"), f_d, "wo", _residual_stddev(cfg))(h_BxTxF)
 
 
 class Block(nn.Module):
   """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
 
-  Args (call):
-    x_BxTxD: residual stream. positions_BxT, mask_Bx1xTxS: as in Attention.
-  Returns:
-    (x_BxTxD, probs_BxHxTxS, (q, k, v)) with the attention extras of
-    ``Attention``.
+  Args/Returns (call): as ``Attention``, but returns the new residual stream
+  x_BxTxD in place of the attention output.
   """
 
   config: TransformerConfig
@@ -336,6 +313,17 @@ class LMHead(nn.Module):
     kernel_DxV = self.param("kernel", _init(("embed", "vocab")),
                             (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
     return kernel_DxV.astype(cfg.dtype)
+
+
+def _lookup(embed: nn.Embed, ids_BxT: jax.Array, rows: str | None):
+  """Row gather from ``embed``'s table, returned as [B, T, D] compute dtype.
+
+  The table's embed axis is gathered first (constraint (rows, None)): a gather
+  from a table sharded on D whose output is sharded on B makes the SPMD
+  partitioner fall back to full rematerialization.
+  """
+  table_NxD = nn.with_logical_constraint(embed.embedding, (rows, None))
+  return jnp.take(table_NxD.astype(embed.dtype), ids_BxT, axis=0)
 
 
 def _check_layers(name: str, layers: Sequence[int], upper: int) -> tuple:
@@ -396,19 +384,8 @@ class Transformer(nn.Module):
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
 
-    token_embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
-                           param_dtype=cfg.param_dtype, name="token_embed",
-                           embedding_init=_init(("vocab", "embed")))
-    x_BxTxD = token_embed(tokens_BxT)
-    if cfg.pos == "learned":
-      x_BxTxD = x_BxTxD + nn.Embed(
-          cfg.max_len, cfg.d_model, dtype=cfg.dtype,
-          param_dtype=cfg.param_dtype, name="pos_embed",
-          embedding_init=_init((None, "embed")))(positions_BxT)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD.astype(cfg.dtype),
-                                         _ACT_RESIDUAL)
-
-    mask_Bx1xTxS = make_attention_mask(segment_ids_BxT, b, t)
+    token_embed, x_BxTxD = self._embed(tokens_BxT, positions_BxT)
+    mask_Bx1xTxS = make_attention_mask(segment_ids_BxT, t)
     hidden, attn, qkv = {}, {}, {}
     if 0 in hidden_layers:
       hidden[0] = x_BxTxD
@@ -425,33 +402,45 @@ class Transformer(nn.Module):
         qkv[i] = qkv_i
     final_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
 
-    if cfg.tie_embeddings:
-      head_DxV = token_embed.embedding.T.astype(cfg.dtype)
-    else:
-      head_DxV = LMHead(cfg, name="lm_head")()
-    out = {}
-    if return_logits:
-      logits_BxTxV = jnp.einsum("btd,dv->btv", final_BxTxD, head_DxV)
-      out["logits"] = nn.with_logical_constraint(
-          logits_BxTxV.astype(cfg.output_dtype), _ACT_LOGITS)
-    else:
-      out["final_hidden"] = final_BxTxD
-      out["head"] = head_DxV
+    out = self._output(final_BxTxD, token_embed, return_logits)
     for key, value in (("hidden", hidden), ("attn", attn), ("qkv", qkv)):
       if value:
         out[key] = value
     return out
 
+  def _embed(self, tokens_BxT, positions_BxT):
+    """Returns (token Embed module, embedding output x_BxTxD)."""
+    cfg = self.config
+    token_embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
+                           param_dtype=cfg.param_dtype, name="token_embed",
+                           embedding_init=_init(("vocab", "embed")))
+    x_BxTxD = _lookup(token_embed, tokens_BxT, "vocab")
+    if cfg.pos == "learned":
+      pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.dtype,
+                           param_dtype=cfg.param_dtype, name="pos_embed",
+                           embedding_init=_init((None, "embed")))
+      x_BxTxD = x_BxTxD + _lookup(pos_embed, positions_BxT, None)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD.astype(cfg.dtype),
+                                         _ACT_RESIDUAL)
+    return token_embed, x_BxTxD
+
+  def _output(self, final_BxTxD, token_embed, return_logits):
+    """Returns {"logits"} or {"final_hidden", "head"}."""
+    cfg = self.config
+    if cfg.tie_embeddings:
+      head_DxV = token_embed.embedding.T.astype(cfg.dtype)
+    else:
+      head_DxV = LMHead(cfg, name="lm_head")()
+    if not return_logits:
+      return {"final_hidden": final_BxTxD, "head": head_DxV}
+    logits_BxTxV = jnp.einsum("btd,dv->btv", final_BxTxD, head_DxV)
+    return {"logits": nn.with_logical_constraint(
+        logits_BxTxV.astype(cfg.output_dtype), _ACT_LOGITS)}
+
 
 def count_params(params: Any) -> int:
-  """Total number of parameter elements.
-
-  Args:
-    params: a param pytree (arrays, ShapeDtypeStructs, or logically
-      partitioned boxes of either).
-  Returns:
-    Number of scalars over all leaves.
-  """
+  """Number of scalars in a param pytree (arrays or ShapeDtypeStructs, boxed
+  with logical names or not)."""
   return sum(math.prod(leaf.shape)
              for leaf in jax.tree_util.tree_leaves(nn.unbox(params)))
 
@@ -467,11 +456,8 @@ def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
   (2 * T * D) per layer over the full T x T matrix (the einsum computes the
   masked half too). Norms, softmax and activations are ignored.
 
-  Args:
-    config: model config.
-    seq_len: T, the sequence length attended over.
-  Returns:
-    Forward FLOPs per token (multiply by 3 for forward + backward).
+  Args: config; seq_len, the T attended over.
+  Returns: forward FLOPs per token (x3 for forward + backward).
   """
   d, f, layers = config.d_model, config.d_ff, config.num_layers
   n_mlp = 3 if config.activation == "swiglu" else 2
