@@ -16,4 +16,5 @@ quickstart: $(PY)
 	$(VENV)/bin/jaxdistill train --config configs/smoke.py --workdir workdirs/smoke-$$(date +%Y%m%d-%H%M%S)
 
 test: $(PY)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 --dist loadfile tests

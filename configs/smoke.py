@@ -16,10 +16,10 @@ from jaxdistill.config import default_config
 def get_config():
   cfg = default_config()
   cfg.seed = 0
-  cfg.student.update(vocab_size=256, d_model=64, num_layers=2, num_heads=4, d_ff=128,
-                     max_len=64)
-  cfg.teacher.update(source="random", vocab_size=256, d_model=128, num_layers=4,
-                     num_heads=4, d_ff=256, max_len=64)
+  cfg.student.update(vocab_size=256, d_model=64, num_layers=2, num_heads=4, d_ff=128, max_len=64)
+  cfg.teacher.update(
+    source="random", vocab_size=256, d_model=128, num_layers=4, num_heads=4, d_ff=256, max_len=64
+  )
   d = cfg.distill
   d.temperature = 2.0
   d.logit.update(kind="kl", weight=0.5)

@@ -40,8 +40,10 @@ def load_params(path: str, target: Any) -> Any:
       from the model's (the message names the first differing param).
   """
   if not os.path.isdir(path):
-    raise JaxdistillError(f"no params at {path!r}: expected a directory written at the "
-                          "end of `jaxdistill train` (WORKDIR/final_params)")
+    raise JaxdistillError(
+      f"no params at {path!r}: expected a directory written at the "
+      "end of `jaxdistill train` (WORKDIR/final_params)"
+    )
   path = os.path.abspath(path)
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(path)
@@ -51,6 +53,8 @@ def load_params(path: str, target: Any) -> Any:
       have = stored.get(key_path)
       if have is None or tuple(have.shape) != tuple(want.shape):
         got = "missing" if have is None else f"shape {tuple(have.shape)}"
-        raise JaxdistillError(f"params at {path!r} do not fit the configured model: "
-                              f"{name} is {got}, the model needs {tuple(want.shape)}")
+        raise JaxdistillError(
+          f"params at {path!r} do not fit the configured model: "
+          f"{name} is {got}, the model needs {tuple(want.shape)}"
+        )
     return ckptr.restore(path, target)

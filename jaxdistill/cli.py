@@ -21,9 +21,10 @@ def _split_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
   while i < len(extra):
     arg = extra[i]
     if not arg.startswith("--config."):
-      raise JaxdistillError(f"unknown argument {arg!r}; overrides look like "
-                            "--config.distill.temperature=2.0")
-    key, sep, value = arg[len("--config."):].partition("=")
+      raise JaxdistillError(
+        f"unknown argument {arg!r}; overrides look like --config.distill.temperature=2.0"
+      )
+    key, sep, value = arg[len("--config.") :].partition("=")
     if not sep:
       if i + 1 >= len(extra):
         raise JaxdistillError(f"{arg} needs a value, e.g. {arg}=VALUE")
@@ -36,8 +37,11 @@ def _split_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
 def _parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="jaxdistill", description=__doc__.split("\n")[0])
   sub = parser.add_subparsers(dest="command", required=True)
-  train = sub.add_parser("train", help="train or distil a model from a config file",
-                         epilog="Override any key with --config.SECTION.KEY=VALUE.")
+  train = sub.add_parser(
+    "train",
+    help="train or distil a model from a config file",
+    epilog="Override any key with --config.SECTION.KEY=VALUE.",
+  )
   train.add_argument("--config", required=True, help="Python config file (configs/*.py)")
   train.add_argument("--workdir", required=True, help="directory for metrics and params")
   return parser
@@ -45,13 +49,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def _train(args, overrides) -> int:
   from jaxdistill import config as config_lib
+
   cfg = config_lib.load_config(args.config, overrides)
   from jaxdistill import loop  # imports jax: only after the config is known good
+
   summary = loop.train(cfg, args.workdir)
-  print(f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
-        f"{summary['final_loss']:.4f}, {summary['median_step_s'] * 1e3:.1f} ms/step, "
-        f"{summary['tokens_per_s']:,.0f} tokens/s; wrote "
-        f"{os.path.join(args.workdir, 'metrics.jsonl')}")
+  print(
+    f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
+    f"{summary['final_loss']:.4f}, {summary['median_step_s'] * 1e3:.1f} ms/step, "
+    f"{summary['tokens_per_s']:,.0f} tokens/s; wrote "
+    f"{os.path.join(args.workdir, 'metrics.jsonl')}"
+  )
   return 0
 
 

@@ -29,14 +29,23 @@ import ml_collections
 
 from jaxdistill.errors import ConfigError
 
-SECTIONS = ("student", "teacher", "distill", "optim", "data", "mesh", "ckpt",
-            "eval", "log")
+SECTIONS = ("student", "teacher", "distill", "optim", "data", "mesh", "ckpt", "eval", "log")
 
 
 def _model_fields(**overrides) -> dict:
-  fields = dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, d_ff=256,
-                max_len=128, norm="rmsnorm", pos="rope", tie_embeddings=True,
-                activation="swiglu", policy="p=f32,c=f32,o=f32")
+  fields = dict(
+    vocab_size=256,
+    d_model=64,
+    num_layers=2,
+    num_heads=4,
+    d_ff=256,
+    max_len=128,
+    norm="rmsnorm",
+    pos="rope",
+    tie_embeddings=True,
+    activation="swiglu",
+    policy="p=f32,c=f32,o=f32",
+  )
   fields.update(overrides)
   return fields
 
@@ -47,8 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
   cfg = C()
   cfg.seed = 0
   cfg.student = C(_model_fields())
-  cfg.teacher = C(_model_fields(d_model=128, num_layers=4, d_ff=512,
-                                policy="p=f32,c=f32,o=f32"))
+  cfg.teacher = C(_model_fields(d_model=128, num_layers=4, d_ff=512, policy="p=f32,c=f32,o=f32"))
   # none: plain CE training (how teachers are made); random: random init
   # (tests); pretrain: train it in-process on CE for `pretrain_steps` first;
   # workdir: the final params of an earlier `jaxdistill train` run at `path`.
@@ -65,10 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
   d.ce = C(dict(weight=0.0, schedule="constant"))
   # MiniLM: KL between attention distributions (and value relations) of the
   # layer pairs in layer_map ("last", "last:K", "uniform", "1:2,2:4").
-  d.attention = C(dict(weight=0.0, schedule="constant", value_weight=0.0,
-                       layer_map="last"))
-  d.hidden = C(dict(kind="mse", weight=0.0, schedule="constant",
-                    layer_map="uniform", project=True))
+  d.attention = C(dict(weight=0.0, schedule="constant", value_weight=0.0, layer_map="last"))
+  d.hidden = C(dict(kind="mse", weight=0.0, schedule="constant", layer_map="uniform", project=True))
 
   o = cfg.optim = C()
   o.steps = 100
@@ -82,8 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
   o.clip_norm = 1.0
   o.grad_accum = 1  # micro-batches per step; losses normalised globally
 
-  cfg.data = C(dict(source="synthetic", batch_size=8, seq_len=64,
-                    pad_fraction=0.25, branching=4))
+  cfg.data = C(dict(source="synthetic", batch_size=8, seq_len=64, pad_fraction=0.25, branching=4))
   cfg.mesh = C(dict(data=-1, fsdp=1, tensor=1))
   cfg.ckpt = C(dict(every=0, max_to_keep=3, save_final=True))
   cfg.eval = C(dict(every=0, batches=4))
@@ -95,8 +100,9 @@ def _check_known(cfg, default, prefix="") -> None:
   """Every key of ``cfg`` exists in ``default`` and vice versa."""
   for key in default.keys():
     if key not in cfg:
-      raise ConfigError(f"{prefix}{key}", "missing; start config files from "
-                        "jaxdistill.config.default_config()")
+      raise ConfigError(
+        f"{prefix}{key}", "missing; start config files from jaxdistill.config.default_config()"
+      )
   for key, value in cfg.items():
     name = f"{prefix}{key}"
     if key not in default:
@@ -133,7 +139,7 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
   node = cfg
   for i, part in enumerate(path):
     if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-      raise ConfigError(".".join(path[:i + 1]), "no such section")
+      raise ConfigError(".".join(path[: i + 1]), "no such section")
     node = node[part]
   if leaf not in node:
     raise ConfigError(key, f"unknown key; known keys here: {sorted(node.keys())}")
@@ -142,8 +148,9 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
   try:
     value = _parse_value(raw, node[leaf])
   except (ValueError, SyntaxError) as e:
-    raise ConfigError(key, f"cannot use {raw!r} for a value of type "
-                      f"{type(node[leaf]).__name__} ({e})") from None
+    raise ConfigError(
+      key, f"cannot use {raw!r} for a value of type {type(node[leaf]).__name__} ({e})"
+    ) from None
   with node.ignore_type():
     node[leaf] = value
 
@@ -162,8 +169,9 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_coll
     JaxdistillError: missing file, no get_config, unknown key, bad value.
   """
   if not os.path.isfile(path):
-    raise ConfigError("--config", f"no such file {path!r}; pass a config file such "
-                      "as configs/smoke.py")
+    raise ConfigError(
+      "--config", f"no such file {path!r}; pass a config file such as configs/smoke.py"
+    )
   spec = importlib.util.spec_from_file_location("_jaxdistill_config", path)
   module = importlib.util.module_from_spec(spec)
   try:
@@ -181,5 +189,6 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_coll
   for key, raw in overrides:
     apply_override(cfg, key, raw)
   from jaxdistill import validate  # late: validation needs the model modules
+
   validate.validate(cfg)
   return cfg

@@ -31,6 +31,7 @@ from jaxdistill.models.transformer import Transformer, count_params, flops_per_t
 @dataclasses.dataclass
 class Run:
   """Everything a training run needs, built once from the config."""
+
   cfg: Any
   mesh: jax.sharding.Mesh
   objective: objective_lib.Objective
@@ -51,8 +52,19 @@ def _model(cfg: Any, side: str) -> Transformer:
 def pretrain_config(cfg: Any) -> Any:
   """The config that trains the teacher itself on CE (teacher.source='pretrain')."""
   t = copy.deepcopy(cfg)
-  for key in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len",
-              "norm", "pos", "tie_embeddings", "activation", "policy"):
+  for key in (
+    "vocab_size",
+    "d_model",
+    "num_layers",
+    "num_heads",
+    "d_ff",
+    "max_len",
+    "norm",
+    "pos",
+    "tie_embeddings",
+    "activation",
+    "policy",
+  ):
     t.student[key] = cfg.teacher[key]
   # The teacher trains in f32 params whatever its inference policy stores.
   compute = precision.parse_policy(cfg.teacher.policy, "teacher.policy").compute_dtype
@@ -82,9 +94,11 @@ def _teacher_params(cfg: Any, teacher: Transformer, mesh, workdir: str | None):
   else:
     path = cfg.teacher.path
   abstract = jax.eval_shape(
-      lambda: teacher.init(jax.random.key(0), np.zeros((1, seq_len), np.int32))["params"])
-  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                        nn.unbox(abstract), shardings)
+    lambda: teacher.init(jax.random.key(0), np.zeros((1, seq_len), np.int32))["params"]
+  )
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
+  )
   params = checkpoint.load_params(os.path.join(path, checkpoint.FINAL_PARAMS), target)
   return params, shardings
 
@@ -98,21 +112,38 @@ def build_run(cfg: Any, workdir: str | None = None, devices=None) -> Run:
   teacher = _model(cfg, "teacher") if obj.uses_teacher else None
   tx = train_lib.make_optimizer(cfg.optim)
   state, state_shardings = train_lib.init_state(
-      obj, student, tx, jax.random.key(cfg.seed), mesh, cfg.data.seq_len,
-      cfg.student.d_model, cfg.teacher.d_model)
+    obj,
+    student,
+    tx,
+    jax.random.key(cfg.seed),
+    mesh,
+    cfg.data.seq_len,
+    cfg.student.d_model,
+    cfg.teacher.d_model,
+  )
   teacher_params, teacher_shardings = (None, None)
   if teacher is not None:
     teacher_params, teacher_shardings = _teacher_params(cfg, teacher, mesh, workdir)
-  step = train_lib.make_distill_step(obj, student, teacher, tx, cfg.optim.grad_accum,
-                                     lr=train_lib.lr_schedule(cfg.optim))
+  step = train_lib.make_distill_step(
+    obj, student, teacher, tx, cfg.optim.grad_accum, lr=train_lib.lr_schedule(cfg.optim)
+  )
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
-  data = SyntheticData(cfg.student.vocab_size, cfg.data.seq_len, cfg.data.batch_size,
-                       seed=cfg.seed, pad_fraction=cfg.data.pad_fraction,
-                       branching=cfg.data.branching)
+  data = SyntheticData(
+    cfg.student.vocab_size,
+    cfg.data.seq_len,
+    cfg.data.batch_size,
+    seed=cfg.seed,
+    pad_fraction=cfg.data.pad_fraction,
+    branching=cfg.data.branching,
+  )
   tokens = cfg.data.batch_size * cfg.data.seq_len
-  flops = metrics_lib.distill_flops_per_token(
+  flops = (
+    metrics_lib.distill_flops_per_token(
       flops_per_token(student.config, cfg.data.seq_len),
-      flops_per_token(teacher.config, cfg.data.seq_len) if teacher else None) * tokens
+      flops_per_token(teacher.config, cfg.data.seq_len) if teacher else None,
+    )
+    * tokens
+  )
   return Run(cfg, mesh, obj, student, teacher, state, teacher_params, step_fn, data, flops)
 
 
@@ -127,7 +158,8 @@ def run_steps(run: Run, num_steps: int, on_metrics: Callable[[int, dict, float],
     for _ in range(num_steps):
       index = int(run.state.step) if pending is None else pending[0]
       batch = sharding_lib.shard_batch(
-          run.data.local_batch(index, jax.process_index(), jax.process_count()), run.mesh)
+        run.data.local_batch(index, jax.process_index(), jax.process_count()), run.mesh
+      )
       run.state, step_metrics = run.step_fn(run.state, run.teacher_params, batch)
       if pending is not None:
         fetched = jax.device_get(pending[1])
@@ -142,8 +174,10 @@ def run_steps(run: Run, num_steps: int, on_metrics: Callable[[int, dict, float],
 
 def _prepare_workdir(cfg: Any, workdir: str) -> None:
   if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    raise JaxdistillError(f"workdir {workdir!r} already holds a run (metrics.jsonl); "
-                          "pass a new --workdir or delete that one")
+    raise JaxdistillError(
+      f"workdir {workdir!r} already holds a run (metrics.jsonl); "
+      "pass a new --workdir or delete that one"
+    )
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
@@ -170,8 +204,14 @@ def train(cfg: Any, workdir: str, devices=None) -> dict[str, Any]:
   def on_metrics(step, m, seconds):
     step_times.append(seconds)
     losses.append(float(m["train/loss"]))
-    m = dict(m, **{"perf/step_s": seconds, "perf/tokens_per_s": tokens / seconds,
-                   "perf/tflops_per_s": run.flops_per_step / seconds / 1e12})
+    m = dict(
+      m,
+      **{
+        "perf/step_s": seconds,
+        "perf/tokens_per_s": tokens / seconds,
+        "perf/tflops_per_s": run.flops_per_step / seconds / 1e12,
+      },
+    )
     bar.update(1)
     bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / seconds:,.0f}")
     if step % every == 0 or step in (1, steps):
@@ -183,15 +223,18 @@ def train(cfg: Any, workdir: str, devices=None) -> dict[str, Any]:
     bar.close()
     writer.close()
   if cfg.ckpt.save_final:
-    checkpoint.save_params(os.path.join(workdir, checkpoint.FINAL_PARAMS),
-                           run.state.params["student"])
+    checkpoint.save_params(
+      os.path.join(workdir, checkpoint.FINAL_PARAMS), run.state.params["student"]
+    )
   steady = step_times[2:] or step_times
   summary = {
-      "steps": steps, "first_loss": losses[0], "final_loss": losses[-1],
-      "median_step_s": statistics.median(steady),
-      "tokens_per_s": tokens / statistics.median(steady),
-      "student_params": count_params(run.state.params["student"]),
-      "teacher_params": count_params(run.teacher_params) if run.teacher_params else 0,
+    "steps": steps,
+    "first_loss": losses[0],
+    "final_loss": losses[-1],
+    "median_step_s": statistics.median(steady),
+    "tokens_per_s": tokens / statistics.median(steady),
+    "student_params": count_params(run.state.params["student"]),
+    "teacher_params": count_params(run.teacher_params) if run.teacher_params else 0,
   }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:

@@ -29,6 +29,7 @@ Schedule = Callable[[jax.Array], jax.Array]
 @dataclasses.dataclass(frozen=True)
 class Objective:
   """Static description of the loss; weights are None when a term is off."""
+
   uses_teacher: bool
   temperature: Schedule
   ce_weight: Schedule | None
@@ -53,11 +54,10 @@ class Objective:
 
   def _request(self, side: int) -> dict:
     return dict(
-        hidden_layers=tuple(sorted({p[side] for p in self.hidden_pairs})),
-        attn_layers=tuple(sorted({p[side] - 1 for p in self.attn_pairs}))
-        if self.attn_weight else (),
-        qkv_layers=tuple(sorted({p[side] - 1 for p in self.attn_pairs}))
-        if self.value_weight else ())
+      hidden_layers=tuple(sorted({p[side] for p in self.hidden_pairs})),
+      attn_layers=tuple(sorted({p[side] - 1 for p in self.attn_pairs})) if self.attn_weight else (),
+      qkv_layers=tuple(sorted({p[side] - 1 for p in self.attn_pairs})) if self.value_weight else (),
+    )
 
 
 def _weight(section: Any, key: str, total_steps: int) -> Schedule | None:
@@ -77,8 +77,10 @@ def _pairs(spec: str, key: str, ls: int, lt: int, allow_embeddings: bool):
   except ValueError as e:
     raise ConfigError(f"{key}.layer_map", str(e)) from None
   if not allow_embeddings and any(0 in p for p in pairs):
-    raise ConfigError(f"{key}.layer_map", f"{spec!r} maps layer 0 (the embeddings), "
-                      "which has no attention; use layers 1..L")
+    raise ConfigError(
+      f"{key}.layer_map",
+      f"{spec!r} maps layer 0 (the embeddings), which has no attention; use layers 1..L",
+    )
   return pairs
 
 
@@ -88,10 +90,16 @@ def make_objective(cfg: Any) -> Objective:
   if cfg.teacher.source == "none":
     for key in ("logit", "attention", "hidden"):
       if d[key].weight != 0:
-        raise ConfigError(f"distill.{key}.weight", "is non-zero but there is no "
-                          "teacher (teacher.source='none'); set it to 0 or configure a teacher")
-    return Objective(uses_teacher=False, temperature=lambda s: jnp.float32(1.0),
-                     ce_weight=lambda s: jnp.float32(1.0))
+        raise ConfigError(
+          f"distill.{key}.weight",
+          "is non-zero but there is no "
+          "teacher (teacher.source='none'); set it to 0 or configure a teacher",
+        )
+    return Objective(
+      uses_teacher=False,
+      temperature=lambda s: jnp.float32(1.0),
+      ce_weight=lambda s: jnp.float32(1.0),
+    )
   try:
     temperature = schedules.parse_schedule(d.temperature_schedule, d.temperature, steps)
   except ValueError as e:
@@ -99,56 +107,82 @@ def make_objective(cfg: Any) -> Objective:
   if d.temperature <= 0:
     raise ConfigError("distill.temperature", f"must be > 0, got {d.temperature}")
   if d.logit.kind not in losses.LOGIT_DIVERGENCES:
-    raise ConfigError("distill.logit.kind", f"unknown {d.logit.kind!r}; choose from "
-                      f"{sorted(losses.LOGIT_DIVERGENCES)}")
+    raise ConfigError(
+      "distill.logit.kind",
+      f"unknown {d.logit.kind!r}; choose from {sorted(losses.LOGIT_DIVERGENCES)}",
+    )
   if not 0.0 <= d.logit.beta <= 1.0:
     raise ConfigError("distill.logit.beta", f"must be in [0, 1], got {d.logit.beta}")
   if d.hidden.kind not in ("mse", "cosine"):
     raise ConfigError("distill.hidden.kind", f"unknown {d.hidden.kind!r}; choose mse or cosine")
   s, t = cfg.student, cfg.teacher
   attn_w = _weight(d.attention, "distill.attention", steps)
-  value_w = (None if d.attention.value_weight == 0 else
-             schedules.parse_schedule(d.attention.schedule, d.attention.value_weight, steps))
+  value_w = (
+    None
+    if d.attention.value_weight == 0
+    else schedules.parse_schedule(d.attention.schedule, d.attention.value_weight, steps)
+  )
   attn_pairs = ()
   if attn_w or value_w:
-    attn_pairs = _pairs(d.attention.layer_map, "distill.attention", s.num_layers,
-                        t.num_layers, allow_embeddings=False)
+    attn_pairs = _pairs(
+      d.attention.layer_map, "distill.attention", s.num_layers, t.num_layers, allow_embeddings=False
+    )
     if s.num_heads != t.num_heads:
-      raise ConfigError("distill.attention.weight", f"MiniLM attention transfer needs "
-                        f"equal head counts, but student.num_heads={s.num_heads} and "
-                        f"teacher.num_heads={t.num_heads}")
+      raise ConfigError(
+        "distill.attention.weight",
+        f"MiniLM attention transfer needs "
+        f"equal head counts, but student.num_heads={s.num_heads} and "
+        f"teacher.num_heads={t.num_heads}",
+      )
   hidden_w = _weight(d.hidden, "distill.hidden", steps)
   hidden_pairs, projected = (), False
   if hidden_w:
-    hidden_pairs = _pairs(d.hidden.layer_map, "distill.hidden", s.num_layers,
-                          t.num_layers, allow_embeddings=True)
+    hidden_pairs = _pairs(
+      d.hidden.layer_map, "distill.hidden", s.num_layers, t.num_layers, allow_embeddings=True
+    )
     projected = s.d_model != t.d_model
     if projected and not d.hidden.project:
-      raise ConfigError("distill.hidden.project", f"student.d_model={s.d_model} and "
-                        f"teacher.d_model={t.d_model} differ, so the hidden-state loss "
-                        "needs a learned projection; set it to True")
+      raise ConfigError(
+        "distill.hidden.project",
+        f"student.d_model={s.d_model} and "
+        f"teacher.d_model={t.d_model} differ, so the hidden-state loss "
+        "needs a learned projection; set it to True",
+      )
   logit_w = _weight(d.logit, "distill.logit", steps)
   if logit_w and s.vocab_size != t.vocab_size:
-    raise ConfigError("teacher.vocab_size", f"{t.vocab_size} differs from "
-                      f"student.vocab_size={s.vocab_size}; logit losses need one vocabulary")
+    raise ConfigError(
+      "teacher.vocab_size",
+      f"{t.vocab_size} differs from "
+      f"student.vocab_size={s.vocab_size}; logit losses need one vocabulary",
+    )
   return Objective(
-      uses_teacher=True, temperature=temperature,
-      ce_weight=_weight(d.ce, "distill.ce", steps),
-      logit_kind=d.logit.kind, logit_weight=logit_w, beta=float(d.logit.beta),
-      attn_pairs=attn_pairs, attn_weight=attn_w, value_weight=value_w,
-      hidden_pairs=hidden_pairs, hidden_kind=d.hidden.kind, hidden_weight=hidden_w,
-      projected=projected)
+    uses_teacher=True,
+    temperature=temperature,
+    ce_weight=_weight(d.ce, "distill.ce", steps),
+    logit_kind=d.logit.kind,
+    logit_weight=logit_w,
+    beta=float(d.logit.beta),
+    attn_pairs=attn_pairs,
+    attn_weight=attn_w,
+    value_weight=value_w,
+    hidden_pairs=hidden_pairs,
+    hidden_kind=d.hidden.kind,
+    hidden_weight=hidden_w,
+    projected=projected,
+  )
 
 
-def init_projections(obj: Objective, rng: jax.Array, d_student: int,
-                     d_teacher: int) -> dict[str, jax.Array]:
+def init_projections(
+  obj: Objective, rng: jax.Array, d_student: int, d_teacher: int
+) -> dict[str, jax.Array]:
   """Learned [Ds, Dt] maps, one per student layer of the hidden-state loss."""
   if not obj.projected:
     return {}
   layers = sorted({s for s, _ in obj.hidden_pairs})
   keys = jax.random.split(rng, len(layers))
-  return {f"layer_{s}": losses.init_projection(k, d_student, d_teacher)
-          for s, k in zip(layers, keys)}
+  return {
+    f"layer_{s}": losses.init_projection(k, d_student, d_teacher) for s, k in zip(layers, keys)
+  }
 
 
 def _mean_over_pairs(pairs, fn):
@@ -160,8 +194,15 @@ def _mean_over_pairs(pairs, fn):
   return total / len(pairs), metrics
 
 
-def compute_loss(obj: Objective, step: jax.Array, proj: dict, student_out: dict,
-                 teacher_out: dict | None, batch: dict, denom: jax.Array):
+def compute_loss(
+  obj: Objective,
+  step: jax.Array,
+  proj: dict,
+  student_out: dict,
+  teacher_out: dict | None,
+  batch: dict,
+  denom: jax.Array,
+):
   """The weighted sum of all active terms for one (micro-)batch.
 
   Args:
@@ -186,22 +227,57 @@ def compute_loss(obj: Objective, step: jax.Array, proj: dict, student_out: dict,
     total += weight(step) * value
 
   if obj.ce_weight:
-    add(obj.ce_weight, losses.cross_entropy(student_out["logits"], batch["targets"],
-                                            mask_BxT, denom))
+    add(
+      obj.ce_weight, losses.cross_entropy(student_out["logits"], batch["targets"], mask_BxT, denom)
+    )
   if obj.logit_weight:
-    add(obj.logit_weight, losses.logit_loss(
-        obj.logit_kind, student_out["logits"], teacher_out["logits"], mask_BxT, denom,
-        temperature=obj.temperature(step), beta=obj.beta))
+    add(
+      obj.logit_weight,
+      losses.logit_loss(
+        obj.logit_kind,
+        student_out["logits"],
+        teacher_out["logits"],
+        mask_BxT,
+        denom,
+        temperature=obj.temperature(step),
+        beta=obj.beta,
+      ),
+    )
   if obj.attn_weight:
-    add(obj.attn_weight, _mean_over_pairs(obj.attn_pairs, lambda s, t: losses.attention_kl(
-        student_out["attn"][s - 1], teacher_out["attn"][t - 1], mask_BxT, denom)))
+    add(
+      obj.attn_weight,
+      _mean_over_pairs(
+        obj.attn_pairs,
+        lambda s, t: losses.attention_kl(
+          student_out["attn"][s - 1], teacher_out["attn"][t - 1], mask_BxT, denom
+        ),
+      ),
+    )
   if obj.value_weight:
-    add(obj.value_weight, _mean_over_pairs(obj.attn_pairs, lambda s, t: losses.value_relation(
-        student_out["qkv"][s - 1][2], teacher_out["qkv"][t - 1][2], mask_BxT, denom)))
+    add(
+      obj.value_weight,
+      _mean_over_pairs(
+        obj.attn_pairs,
+        lambda s, t: losses.value_relation(
+          student_out["qkv"][s - 1][2], teacher_out["qkv"][t - 1][2], mask_BxT, denom
+        ),
+      ),
+    )
   if obj.hidden_weight:
-    add(obj.hidden_weight, _mean_over_pairs(obj.hidden_pairs, lambda s, t: losses.hidden_loss(
-        obj.hidden_kind, student_out["hidden"][s], teacher_out["hidden"][t], mask_BxT,
-        denom, projection=proj.get(f"layer_{s}"))))
+    add(
+      obj.hidden_weight,
+      _mean_over_pairs(
+        obj.hidden_pairs,
+        lambda s, t: losses.hidden_loss(
+          obj.hidden_kind,
+          student_out["hidden"][s],
+          teacher_out["hidden"][t],
+          mask_BxT,
+          denom,
+          projection=proj.get(f"layer_{s}"),
+        ),
+      ),
+    )
   metrics["train/loss"] = total
   return total, metrics
 
@@ -211,8 +287,13 @@ def schedule_metrics(obj: Objective, step: jax.Array) -> dict[str, jax.Array]:
   out = {}
   if obj.logit_weight:
     out["distill/temperature"] = obj.temperature(step)
-  names = {"ce": obj.ce_weight, "logit": obj.logit_weight, "attention": obj.attn_weight,
-           "value_relation": obj.value_weight, "hidden": obj.hidden_weight}
+  names = {
+    "ce": obj.ce_weight,
+    "logit": obj.logit_weight,
+    "attention": obj.attn_weight,
+    "value_relation": obj.value_weight,
+    "hidden": obj.hidden_weight,
+  }
   for name, weight in names.items():
     if weight:
       out[f"weight/{name}"] = weight(step)

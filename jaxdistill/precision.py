@@ -18,23 +18,26 @@ import jax.numpy as jnp
 from jaxdistill.errors import ConfigError
 
 DTYPES = {
-    "f32": jnp.float32, "float32": jnp.float32,
-    "bf16": jnp.bfloat16, "bfloat16": jnp.bfloat16,
-    "f16": jnp.float16, "float16": jnp.float16,
+  "f32": jnp.float32,
+  "float32": jnp.float32,
+  "bf16": jnp.bfloat16,
+  "bfloat16": jnp.bfloat16,
+  "f16": jnp.float16,
+  "float16": jnp.float16,
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Policy:
   """Param, compute and output dtypes of one model."""
+
   param_dtype: Any = jnp.float32
   compute_dtype: Any = jnp.float32
   output_dtype: Any = jnp.float32
 
   def __str__(self) -> str:
     name = lambda d: jnp.dtype(d).name
-    return (f"p={name(self.param_dtype)},c={name(self.compute_dtype)},"
-            f"o={name(self.output_dtype)}")
+    return f"p={name(self.param_dtype)},c={name(self.compute_dtype)},o={name(self.output_dtype)}"
 
 
 def parse_policy(spec: str, key: str = "policy") -> Policy:
@@ -55,11 +58,15 @@ def parse_policy(spec: str, key: str = "policy") -> Policy:
   for item in filter(None, (s.strip() for s in spec.split(","))):
     name, sep, value = item.partition("=")
     if not sep or name not in ("p", "c", "o"):
-      raise ConfigError(key, f"bad part {item!r} in {spec!r}; write e.g. "
-                        "'p=f32,c=bf16,o=f32' (p=params, c=compute, o=output)")
+      raise ConfigError(
+        key,
+        f"bad part {item!r} in {spec!r}; write e.g. "
+        "'p=f32,c=bf16,o=f32' (p=params, c=compute, o=output)",
+      )
     if value not in DTYPES:
-      raise ConfigError(key, f"unknown dtype {value!r} in {spec!r}; "
-                        f"choose from {sorted(set(DTYPES))}")
+      raise ConfigError(
+        key, f"unknown dtype {value!r} in {spec!r}; choose from {sorted(set(DTYPES))}"
+      )
     parts[name] = DTYPES[value]
   param = parts.get("p", jnp.float32)
   compute = parts.get("c", param)
@@ -73,5 +80,8 @@ def check_trainable(policy: Policy, key: str) -> None:
   does not implement yet; bf16 has float32's exponent range and needs none.
   """
   if jnp.float16 in (policy.param_dtype, policy.compute_dtype):
-    raise ConfigError(key, "float16 training needs dynamic loss scaling, which "
-                      "is not implemented yet; use bf16 (e.g. 'p=f32,c=bf16,o=f32')")
+    raise ConfigError(
+      key,
+      "float16 training needs dynamic loss scaling, which "
+      "is not implemented yet; use bf16 (e.g. 'p=f32,c=bf16,o=f32')",
+    )

@@ -26,20 +26,20 @@ BATCH_AXES = ("data", "fsdp")
 
 # logical name -> mesh axis (or axes, or None for replicated).
 LOGICAL_RULES = (
-    # params
-    ("vocab", "tensor"),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("mlp", "tensor"),
-    # activations
-    ("act_batch", BATCH_AXES),
-    ("act_length", None),
-    ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_kv", None),
-    ("act_mlp", "tensor"),
-    ("act_vocab", "tensor"),
+  # params
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+  # activations
+  ("act_batch", BATCH_AXES),
+  ("act_length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv", None),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
 )
 
 
@@ -60,18 +60,26 @@ def mesh_shape(mesh_cfg: Any, num_devices: int) -> tuple[int, int, int]:
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   free = [a for a, s in zip(MESH_AXES, sizes) if s == -1]
   if len(free) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError("mesh", f"sizes {dict(zip(MESH_AXES, sizes))} are invalid: "
-                      "use positive sizes and at most one -1 ('the rest')")
+    raise ConfigError(
+      "mesh",
+      f"sizes {dict(zip(MESH_AXES, sizes))} are invalid: "
+      "use positive sizes and at most one -1 ('the rest')",
+    )
   fixed = math.prod(s for s in sizes if s != -1)
   if free:
     if num_devices % fixed:
-      raise ConfigError(f"mesh.{free[0]}", f"-1 cannot fill {num_devices} devices "
-                        f"when the other axes multiply to {fixed}")
+      raise ConfigError(
+        f"mesh.{free[0]}",
+        f"-1 cannot fill {num_devices} devices when the other axes multiply to {fixed}",
+      )
     sizes[sizes.index(-1)] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ConfigError("mesh", f"data*fsdp*tensor = {'*'.join(map(str, sizes))} = "
-                      f"{math.prod(sizes)} but there are {num_devices} devices; "
-                      "set one axis to -1 or make the product match")
+    raise ConfigError(
+      "mesh",
+      f"data*fsdp*tensor = {'*'.join(map(str, sizes))} = "
+      f"{math.prod(sizes)} but there are {num_devices} devices; "
+      "set one axis to -1 or make the product match",
+    )
   return tuple(sizes)
 
 
@@ -121,8 +129,7 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
   rows (``jax.make_array_from_process_local_data``).
   """
   sharding = batch_sharding(mesh)
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in local_batch.items()}
+  return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
 def rules_context(mesh: Mesh):
@@ -131,6 +138,7 @@ def rules_context(mesh: Mesh):
   Must be active while a jitted function is traced (its first call).
   """
   import contextlib
+
   stack = contextlib.ExitStack()
   stack.enter_context(jax.set_mesh(mesh))
   stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))

@@ -10,8 +10,14 @@ from conftest import ROOT
 
 def _cli(*args, cwd=ROOT):
   env = dict(os.environ, PYTHONPATH=str(ROOT))
-  return subprocess.run([sys.executable, "-m", "jaxdistill.cli", *args], cwd=cwd, env=env,
-                        capture_output=True, text=True, timeout=300)
+  return subprocess.run(
+    [sys.executable, "-m", "jaxdistill.cli", *args],
+    cwd=cwd,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
 
 
 def test_smoke_trains_and_loss_falls(tmp_path):
@@ -20,8 +26,14 @@ def test_smoke_trains_and_loss_falls(tmp_path):
   assert proc.returncode == 0, proc.stderr[-3000:]
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows] == list(range(1, 31))
-  for key in ("train/loss", "task/ce", "distill/kl", "distill/attention", "distill/hidden",
-              "perf/tokens_per_s"):
+  for key in (
+    "train/loss",
+    "task/ce",
+    "distill/kl",
+    "distill/attention",
+    "distill/hidden",
+    "perf/tokens_per_s",
+  ):
     assert all(key in r for r in rows), key
   first = sum(r["train/loss"] for r in rows[:5]) / 5
   last = sum(r["train/loss"] for r in rows[-5:]) / 5
@@ -39,8 +51,14 @@ def _assert_usage_error(proc, *words):
 
 def test_bad_override_is_one_line_error_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
-  proc = _cli("train", "--config", "configs/smoke.py", "--workdir", str(workdir),
-              "--config.distill.temprature=2")
+  proc = _cli(
+    "train",
+    "--config",
+    "configs/smoke.py",
+    "--workdir",
+    str(workdir),
+    "--config.distill.temprature=2",
+  )
   _assert_usage_error(proc, "distill.temprature")
   assert not workdir.exists()
 
@@ -54,14 +72,21 @@ def test_existing_run_is_not_overwritten(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "metrics.jsonl").write_text("precious\n")
-  proc = _cli("train", "--config", "configs/smoke.py", "--workdir", str(workdir),
-              "--config.optim.steps=2")
+  proc = _cli(
+    "train", "--config", "configs/smoke.py", "--workdir", str(workdir), "--config.optim.steps=2"
+  )
   _assert_usage_error(proc, str(workdir))
   assert (workdir / "metrics.jsonl").read_text() == "precious\n"
 
 
 def test_mesh_that_does_not_fit_the_devices(tmp_path):
-  proc = _cli("train", "--config", "configs/smoke.py", "--workdir", str(tmp_path / "w"),
-              "--config.mesh.data=3")
+  proc = _cli(
+    "train",
+    "--config",
+    "configs/smoke.py",
+    "--workdir",
+    str(tmp_path / "w"),
+    "--config.mesh.data=3",
+  )
   _assert_usage_error(proc, "mesh")
   assert not (tmp_path / "w").exists()

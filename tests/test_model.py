@@ -1,4 +1,7 @@
-import os; os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8"); os.environ.setdefault("JAX_PLATFORMS", "cpu")  # noqa: E501,E702
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # noqa: E501,E702
 
 import itertools
 
@@ -10,15 +13,19 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 from jaxdistill.models.transformer import (
-    Norm, Transformer, TransformerConfig, apply_rope, count_params,
-    flops_per_token)
+  Norm,
+  Transformer,
+  TransformerConfig,
+  apply_rope,
+  count_params,
+  flops_per_token,
+)
 
 V, D, L, H, F, MAXLEN = 64, 16, 2, 2, 32, 16
 
 
 def config(**kw):
-  base = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, d_ff=F,
-              max_len=MAXLEN)
+  base = dict(vocab_size=V, d_model=D, num_layers=L, num_heads=H, d_ff=F, max_len=MAXLEN)
   base.update(kw)
   return TransformerConfig(**base)
 
@@ -31,11 +38,11 @@ def make(**kw):
   """
   cfg = config(**kw)
   model = Transformer(cfg)
-  abstract = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, 4), jnp.int32))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   rng = np.random.default_rng(0)
   params = jax.tree_util.tree_map(
-      lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), s.dtype), abstract)
+    lambda s: jnp.asarray(rng.normal(0.0, 0.3, s.shape), s.dtype), abstract
+  )
   return cfg, model, params
 
 
@@ -43,14 +50,16 @@ def tokens(b=2, t=8, seed=1):
   return jax.random.randint(jax.random.key(seed), (b, t), 0, V)
 
 
-COMBOS = list(itertools.product(("rmsnorm", "layernorm"), ("rope", "learned"),
-                                (True, False), ("swiglu", "gelu")))
+COMBOS = list(
+  itertools.product(
+    ("rmsnorm", "layernorm"), ("rope", "learned"), (True, False), ("swiglu", "gelu")
+  )
+)
 
 
 @pytest.mark.parametrize("norm,pos,tie,act", COMBOS)
 def test_shapes_and_default_keys(norm, pos, tie, act):
-  cfg, model, params = make(norm=norm, pos=pos, tie_embeddings=tie,
-                            activation=act)
+  cfg, model, params = make(norm=norm, pos=pos, tie_embeddings=tie, activation=act)
   out = model.apply(params, tokens())
   assert set(out) == {"logits"}
   assert out["logits"].shape == (2, 8, V)
@@ -62,15 +71,15 @@ def test_shapes_and_default_keys(norm, pos, tie, act):
   assert ("bias" in p["final_norm"]) == (norm == "layernorm")
   mlp_names = {"wi_gate", "wi_up", "wo"} if act == "swiglu" else {"wi", "wo"}
   assert set(p["block_0"]["mlp"]) == mlp_names
-  assert sorted(k for k in p if k.startswith("block_")) == ["block_0",
-                                                            "block_1"]
+  assert sorted(k for k in p if k.startswith("block_")) == ["block_0", "block_1"]
 
 
 def test_init_statistics():
   cfg = config(tie_embeddings=False, norm="layernorm")
   # rbg keys compile much faster than threefry on CPU.
-  params = jax.jit(Transformer(cfg).init)(jax.random.key(0, impl="rbg"),
-                                          jnp.zeros((1, 4), jnp.int32))
+  params = jax.jit(Transformer(cfg).init)(
+    jax.random.key(0, impl="rbg"), jnp.zeros((1, 4), jnp.int32)
+  )
   p = nn.unbox(params)["params"]
   np.testing.assert_array_equal(p["final_norm"]["scale"], 1.0)
   np.testing.assert_array_equal(p["block_1"]["mlp_norm"]["bias"], 0.0)
@@ -86,8 +95,7 @@ def test_intermediates_only_on_request():
   x = tokens()
   out = model.apply(params, x, hidden_layers=(1,))
   assert set(out) == {"logits", "hidden"} and set(out["hidden"]) == {1}
-  out = model.apply(params, x, attn_layers=(0,), qkv_layers=(1,),
-                    return_logits=False)
+  out = model.apply(params, x, attn_layers=(0,), qkv_layers=(1,), return_logits=False)
   assert set(out) == {"final_hidden", "head", "attn", "qkv"}
   assert set(out["attn"]) == {0} and set(out["qkv"]) == {1}
   for t in out["qkv"][1]:
@@ -117,15 +125,13 @@ def test_attention_probs_and_qkv():
     a = np.asarray(out["attn"][i])
     assert a.shape == (2, H, 8, 8) and a.dtype == np.float32
     np.testing.assert_allclose(a.sum(-1), 1.0, rtol=1e-5)
-    assert np.all(a[..., np.triu_indices(8, k=1)[0],
-                    np.triu_indices(8, k=1)[1]] == 0)
+    assert np.all(a[..., np.triu_indices(8, k=1)[0], np.triu_indices(8, k=1)[1]] == 0)
     assert np.all(np.diagonal(a, axis1=-2, axis2=-1) > 0)
   # q and k are returned after RoPE: they reproduce the attention probs.
   q, k, _ = out["qkv"][1]
   s = jnp.einsum("bthk,bshk->bhts", q, k) / np.sqrt(cfg.head_dim)
   s = jnp.where(jnp.tril(jnp.ones((8, 8), bool)), s, -1e30)
-  np.testing.assert_allclose(jax.nn.softmax(s, -1), out["attn"][1],
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(jax.nn.softmax(s, -1), out["attn"][1], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -137,10 +143,9 @@ def test_final_hidden_times_head_equals_logits(tie):
   assert set(out) == {"final_hidden", "head"}
   assert out["final_hidden"].shape == (2, 8, D) and out["head"].shape == (D, V)
   p = nn.unbox(params)["params"]
-  want = (p["token_embed"]["embedding"].T if tie else p["lm_head"]["kernel"])
+  want = p["token_embed"]["embedding"].T if tie else p["lm_head"]["kernel"]
   np.testing.assert_array_equal(out["head"], want)
-  np.testing.assert_allclose(out["final_hidden"] @ out["head"], logits,
-                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(out["final_hidden"] @ out["head"], logits, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("pos", ["rope", "learned"])
@@ -155,8 +160,9 @@ def test_packed_segments_are_isolated(pos):
   doc2_changed = x.at[:, n1:].set(other[:, n1:])
 
   def logits(rows):
-    return model.apply(params, jnp.concatenate(rows), segment_ids_BxT=seg,
-                       positions_BxT=positions)["logits"]
+    return model.apply(params, jnp.concatenate(rows), segment_ids_BxT=seg, positions_BxT=positions)[
+      "logits"
+    ]
 
   base, out2 = logits([x, doc2_changed])
   out1, _ = logits([doc1_changed, x])
@@ -174,14 +180,17 @@ def test_rope_properties():
   np.testing.assert_allclose(apply_rope(x, zeros, 1e4), x, rtol=1e-6)
   pos = jnp.arange(6)[None] * 3
   rot = apply_rope(x, pos, 1e4)
-  np.testing.assert_allclose(jnp.linalg.norm(rot, axis=-1),
-                             jnp.linalg.norm(x, axis=-1), rtol=1e-5)
+  np.testing.assert_allclose(jnp.linalg.norm(rot, axis=-1), jnp.linalg.norm(x, axis=-1), rtol=1e-5)
   assert not np.allclose(rot, x, atol=1e-2)
   # q.k depends only on the position offset.
   q, k = x[:, :1], x[:, 1:2]
+
+  @jax.jit
   def dot(m, n):
-    return jnp.sum(apply_rope(q, jnp.array([[m]]), 1e4) *
-                   apply_rope(k, jnp.array([[n]]), 1e4))
+    return jnp.sum(
+      apply_rope(q, jnp.full((1, 1), m), 1e4) * apply_rope(k, jnp.full((1, 1), n), 1e4)
+    )
+
   np.testing.assert_allclose(dot(5, 2), dot(13, 10), rtol=1e-5)
   assert not np.isclose(dot(5, 2), dot(5, 4), rtol=1e-3)
 
@@ -190,8 +199,9 @@ def test_model_uses_positions():
   _, model, params = make()
   x = tokens()
   base = model.apply(params, x)["logits"]
-  gapped = model.apply(params, x, positions_BxT=jnp.arange(8)[None] * 2
-                       + jnp.zeros((2, 1), jnp.int32))["logits"]
+  gapped = model.apply(
+    params, x, positions_BxT=jnp.arange(8)[None] * 2 + jnp.zeros((2, 1), jnp.int32)
+  )["logits"]
   assert not np.allclose(base[:, 1:], gapped[:, 1:], atol=1e-3)
 
 
@@ -206,10 +216,15 @@ def test_causal_without_segments():
 
 def test_padding_segment_no_nan():
   _, model, params = make()
-  seg = jnp.array([[0, 0, 0, 1, 1, 2, 0, 0],   # left and right padding
-                   [0] * 8])                   # all padding
-  out = model.apply(params, tokens(), segment_ids_BxT=seg,
-                    attn_layers=(0, 1), hidden_layers=(0, 1, 2))
+  seg = jnp.array(
+    [
+      [0, 0, 0, 1, 1, 2, 0, 0],  # left and right padding
+      [0] * 8,
+    ]
+  )  # all padding
+  out = model.apply(
+    params, tokens(), segment_ids_BxT=seg, attn_layers=(0, 1), hidden_layers=(0, 1, 2)
+  )
   for leaf in jax.tree_util.tree_leaves(out):
     assert np.isfinite(np.asarray(leaf)).all()
   a = np.asarray(out["attn"][1])
@@ -218,16 +233,15 @@ def test_padding_segment_no_nan():
   np.testing.assert_allclose(a.sum(-1), 1.0, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pos,tie,norm", [("rope", True, "rmsnorm"),
-                                          ("learned", False, "layernorm")])
+@pytest.mark.parametrize(
+  "pos,tie,norm", [("rope", True, "rmsnorm"), ("learned", False, "layernorm")]
+)
 def test_every_param_has_logical_names(pos, tie, norm):
   model = Transformer(config(pos=pos, tie_embeddings=tie, norm=norm))
-  abstract = jax.eval_shape(model.init, jax.random.key(0),
-                            jnp.zeros((1, 4), jnp.int32))
+  abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
   specs = nn.get_partition_spec(abstract)
   shapes = nn.unbox(abstract)
-  spec_leaves = jax.tree_util.tree_leaves(
-      specs, is_leaf=lambda s: isinstance(s, P))
+  spec_leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda s: isinstance(s, P))
   shape_leaves = jax.tree_util.tree_leaves(shapes)
   assert len(spec_leaves) == len(shape_leaves) > 0
   for spec, leaf in zip(spec_leaves, shape_leaves):
@@ -260,7 +274,9 @@ def test_dtype_policy():
   assert model.apply(params, tokens())["logits"].dtype == jnp.bfloat16
 
 
-@pytest.mark.parametrize("kw,field", [
+@pytest.mark.parametrize(
+  "kw,field",
+  [
     (dict(d_model=15, num_heads=2), "d_model"),
     (dict(norm="batchnorm"), "norm"),
     (dict(pos="alibi"), "pos"),
@@ -270,7 +286,8 @@ def test_dtype_policy():
     (dict(d_ff=0), "d_ff"),
     (dict(max_len=0), "max_len"),
     (dict(d_model=6, num_heads=2), "head_dim"),  # odd head_dim with rope
-])
+  ],
+)
 def test_config_validation(kw, field):
   with pytest.raises(ValueError, match=field):
     config(**kw)
@@ -281,10 +298,15 @@ def test_config_odd_head_dim_ok_without_rope():
   assert cfg.head_dim == 3
 
 
-@pytest.mark.parametrize("kw", [dict(hidden_layers=(L + 1,)),
-                                dict(hidden_layers=(-1,)),
-                                dict(attn_layers=(L,)),
-                                dict(qkv_layers=(L,))])
+@pytest.mark.parametrize(
+  "kw",
+  [
+    dict(hidden_layers=(L + 1,)),
+    dict(hidden_layers=(-1,)),
+    dict(attn_layers=(L,)),
+    dict(qkv_layers=(L,)),
+  ],
+)
 def test_layer_index_out_of_range(kw):
   _, model, params = make()
   with pytest.raises(ValueError):
@@ -302,11 +324,20 @@ def test_count_params_and_flops():
   assert flops_per_token(gelu, 8) == fl - 2 * L * D * F
 
 
-RULES = (("act_batch", ("data", "fsdp")), ("act_length", None),
-         ("act_embed", None), ("act_heads", "tensor"), ("act_kv", None),
-         ("act_mlp", "tensor"), ("act_vocab", "tensor"), ("vocab", "tensor"),
-         ("embed", "fsdp"), ("heads", "tensor"), ("kv", None),
-         ("mlp", "tensor"))
+RULES = (
+  ("act_batch", ("data", "fsdp")),
+  ("act_length", None),
+  ("act_embed", None),
+  ("act_heads", "tensor"),
+  ("act_kv", None),
+  ("act_mlp", "tensor"),
+  ("act_vocab", "tensor"),
+  ("vocab", "tensor"),
+  ("embed", "fsdp"),
+  ("heads", "tensor"),
+  ("kv", None),
+  ("mlp", "tensor"),
+)
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -317,10 +348,8 @@ def test_sharded_apply_matches_unsharded(tie):
   x = tokens(4, 8)
   seg = jnp.array([[1] * 8, [1] * 4 + [2] * 4, [1] * 6 + [0] * 2, [3] * 8])
   want = model.apply(params, x, segment_ids_BxT=seg)["logits"]
-  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2),
-              ("data", "fsdp", "tensor"))
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "tensor"))
   with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
-    got = jax.jit(lambda p, t, s: model.apply(p, t, segment_ids_BxT=s))(
-        params, x, seg)["logits"]
+    got = jax.jit(lambda p, t, s: model.apply(p, t, segment_ids_BxT=s))(params, x, seg)["logits"]
   assert got.sharding.spec == P(("data", "fsdp"), None, "tensor")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)

@@ -28,15 +28,20 @@ def _cached_run(cfg, mesh: str, grad_accum: int):
     data, fsdp, tensor = map(int, mesh.split("x"))
     cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
     cfg.optim.grad_accum = grad_accum
-    run, history = _run(cfg, jax.devices()[:data * fsdp * tensor])
+    run, history = _run(cfg, jax.devices()[: data * fsdp * tensor])
     _RUNS[key] = (run, jax.device_get(run.state.params), history)
   return _RUNS[key]
 
 
 def _assert_close(a, b, what, rtol=1e-5, atol=1e-6):
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol,
-                               err_msg=f"{what} {jax.tree_util.keystr(path)}")
+    np.testing.assert_allclose(
+      np.asarray(x),
+      np.asarray(y),
+      rtol=rtol,
+      atol=atol,
+      err_msg=f"{what} {jax.tree_util.keystr(path)}",
+    )
 
 
 @pytest.mark.parametrize("grad_accum", [1, 2])
@@ -49,8 +54,9 @@ def test_sharded_step_equals_single_device(tiny_config, grad_accum):
   assert len(single_hist) == len(sharded_hist) == 3
   for step, (m1, m8) in enumerate(zip(single_hist, sharded_hist)):
     for key in m1:
-      np.testing.assert_allclose(m8[key], m1[key], rtol=1e-5, atol=1e-7,
-                                 err_msg=f"step {step + 1} {key}")
+      np.testing.assert_allclose(
+        m8[key], m1[key], rtol=1e-5, atol=1e-7, err_msg=f"step {step + 1} {key}"
+      )
   _assert_close(sharded_params, single_params, "params")
 
 
@@ -58,8 +64,15 @@ def test_grad_accumulation_equals_full_batch(tiny_config):
   _, full_params, full_hist = _cached_run(tiny_config, "2x2x2", 1)
   _, accum_params, accum_hist = _cached_run(tiny_config, "2x2x2", 2)
   for m1, m2 in zip(full_hist, accum_hist):
-    for key in ("train/loss", "task/ce", "distill/kl", "distill/attention",
-                "distill/hidden", "distill/value_relation", "train/grad_norm"):
+    for key in (
+      "train/loss",
+      "task/ce",
+      "distill/kl",
+      "distill/attention",
+      "distill/hidden",
+      "distill/value_relation",
+      "train/grad_norm",
+    ):
       np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
   _assert_close(accum_params, full_params, "params")
 
@@ -74,6 +87,7 @@ def _dot_count(fn, *args) -> int:
       count += eqn.primitive.name == "dot_general"
       for sub in jax.extend.core.jaxprs_in_params(eqn.params):
         visit(sub)
+
   visit(jaxpr.jaxpr)
   return count
 
@@ -92,6 +106,7 @@ def test_no_gradient_reaches_the_teacher(tiny_config):
     s = run.student.apply({"params": run.state.params["student"]}, batch["inputs"])
     t = jax.lax.stop_gradient(run.teacher.apply({"params": teacher_params}, batch["inputs"]))
     return objective_lib.compute_loss(obj, 0, {}, s, t, batch, 100.0)[0]
+
   grads = jax.grad(loss_wrt_teacher)(run.teacher_params)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
 
@@ -100,8 +115,13 @@ def test_no_gradient_reaches_the_teacher(tiny_config):
   tx = train_lib.make_optimizer(cfg.optim)
   distill = train_lib.make_distill_step(obj, run.student, run.teacher, tx)
   ce_only = train_lib.make_distill_step(
-      objective_lib.Objective(uses_teacher=False, temperature=obj.temperature,
-                              ce_weight=obj.ce_weight), run.student, None, tx)
+    objective_lib.Objective(
+      uses_teacher=False, temperature=obj.temperature, ce_weight=obj.ce_weight
+    ),
+    run.student,
+    None,
+    tx,
+  )
   teacher_fwd = lambda p, b: run.teacher.apply({"params": p}, b["inputs"])
   n_distill = _dot_count(distill, run.state, run.teacher_params, batch)
   n_ce = _dot_count(ce_only, run.state, None, batch)
@@ -114,14 +134,20 @@ def test_no_gradient_reaches_the_teacher(tiny_config):
 # model, losses, init, data or optimizer, check that the change is intended,
 # then copy the new numbers from the failure message (and say why in the
 # commit). An unintended change means the numerics moved: find out why first.
-GOLDEN = {"train/loss": 2.0962541103363037, "train/grad_norm": 0.48589110374450684,
-          "param_abs_sum": 949.4200439453125}
+GOLDEN = {
+  "train/loss": 2.0962541103363037,
+  "train/grad_norm": 0.48589110374450684,
+  "param_abs_sum": 949.4200439453125,
+}
 
 
 def test_golden_one_step(tiny_config):
   _, params, hist = _cached_run(tiny_config, "1x1x1", 1)
-  got = {"train/loss": float(hist[0]["train/loss"]),
-         "train/grad_norm": float(hist[0]["train/grad_norm"]),
-         "param_abs_sum": float(sum(np.abs(x).sum() for x in jax.tree.leaves(params)))}
+  got = {
+    "train/loss": float(hist[0]["train/loss"]),
+    "train/grad_norm": float(hist[0]["train/grad_norm"]),
+    "param_abs_sum": float(sum(np.abs(x).sum() for x in jax.tree.leaves(params))),
+  }
   assert got == pytest.approx(GOLDEN, rel=1e-5), (
-      f"golden values changed: {got!r}. See the comment above GOLDEN before updating.")
+    f"golden values changed: {got!r}. See the comment above GOLDEN before updating."
+  )

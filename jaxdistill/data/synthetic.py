@@ -29,8 +29,15 @@ class SyntheticData:
     branching: successors per token.
   """
 
-  def __init__(self, vocab_size: int, seq_len: int, batch_size: int, seed: int = 0,
-               pad_fraction: float = 0.25, branching: int = 4):
+  def __init__(
+    self,
+    vocab_size: int,
+    seq_len: int,
+    batch_size: int,
+    seed: int = 0,
+    pad_fraction: float = 0.25,
+    branching: int = 4,
+  ):
     self.vocab_size, self.seq_len, self.batch_size = vocab_size, seq_len, batch_size
     self.seed, self.pad_fraction = seed, pad_fraction
     rng = np.random.default_rng([seed, 0])
@@ -54,16 +61,17 @@ class SyntheticData:
     lengths_B[cut_B] = rng.integers(T // 2, T, size=int(cut_B.sum()))
     valid_BxT = np.arange(T)[None, :] < lengths_B[:, None]
     return {
-        "inputs": np.where(valid_BxT, seq_BxT1[:, :-1], 0).astype(np.int32),
-        "targets": np.where(valid_BxT, seq_BxT1[:, 1:], 0).astype(np.int32),
-        "weights": valid_BxT.astype(np.float32),
-        "segment_ids": valid_BxT.astype(np.int32),
-        "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
+      "inputs": np.where(valid_BxT, seq_BxT1[:, :-1], 0).astype(np.int32),
+      "targets": np.where(valid_BxT, seq_BxT1[:, 1:], 0).astype(np.int32),
+      "weights": valid_BxT.astype(np.float32),
+      "segment_ids": valid_BxT.astype(np.int32),
+      "positions": np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy(),
     }
 
-  def local_batch(self, index: int, process_index: int, process_count: int,
-                  split: str = "train") -> dict[str, np.ndarray]:
+  def local_batch(
+    self, index: int, process_index: int, process_count: int, split: str = "train"
+  ) -> dict[str, np.ndarray]:
     """This process's contiguous rows of the ``index``-th global batch."""
     rows = self.batch_size // process_count
     lo = process_index * rows
-    return {k: v[lo:lo + rows] for k, v in self.global_batch(index, split).items()}
+    return {k: v[lo : lo + rows] for k, v in self.global_batch(index, split).items()}

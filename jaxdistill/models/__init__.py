@@ -5,8 +5,18 @@ from typing import Any
 from jaxdistill.errors import ConfigError
 from jaxdistill.precision import Policy
 
-MODEL_KEYS = ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len",
-              "norm", "pos", "tie_embeddings", "activation")
+MODEL_KEYS = (
+  "vocab_size",
+  "d_model",
+  "num_layers",
+  "num_heads",
+  "d_ff",
+  "max_len",
+  "norm",
+  "pos",
+  "tie_embeddings",
+  "activation",
+)
 
 
 def transformer_config(section: Any, policy: Policy, key: str):
@@ -18,9 +28,13 @@ def transformer_config(section: Any, policy: Policy, key: str):
     key: the section's name, used in errors.
   """
   from jaxdistill.models.transformer import TransformerConfig
+
   try:
-    return TransformerConfig(**{k: section[k] for k in MODEL_KEYS},
-                             dtype=policy.compute_dtype, param_dtype=policy.param_dtype,
-                             output_dtype=policy.output_dtype)
+    return TransformerConfig(
+      **{k: section[k] for k in MODEL_KEYS},
+      dtype=policy.compute_dtype,
+      param_dtype=policy.param_dtype,
+      output_dtype=policy.output_dtype,
+    )
   except (ValueError, TypeError) as e:
     raise ConfigError(key, str(e)) from None

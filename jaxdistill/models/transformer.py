@@ -1,14 +1,14 @@
-"""Decoder-only causal Transformer LM (Flax Linen) used as teacher and student.
+"""Decoder-only causal Transformer LM (Flax Linen), used as teacher and student.
 
-``Transformer(config).apply(params, tokens_BxT, ...)`` returns a dict with
-exactly the requested outputs (logits, or final hidden + head matrix for a
-fused loss; optional per-layer hidden / attention probs / q,k,v). All params
-carry logical axis names and the main activations logical constraints; without
-an active ``nn.logical_axis_rules`` context those are no-ops.
+``Transformer(config).apply(params, tokens_BxT, ...)`` returns a dict with exactly the requested
+outputs (logits, or final hidden + head matrix for a fused loss; optional per-layer hidden states,
+attention probabilities and q/k/v). Every param carries logical axis names and the main
+activations carry logical constraints; without an active ``nn.logical_axis_rules`` context those
+are no-ops, so the model runs unchanged on one device.
 
 Shape-letter legend:
   B: batch size
-  T: sequence length (S is used for the key axis of attention, S == T)
+  T: sequence length (S for the key axis of attention, S == T)
   D: model width (d_model)
   H: number of attention heads
   K: head dimension (D // H)
@@ -31,20 +31,24 @@ _POSITIONS = ("rope", "learned")
 _ACTIVATIONS = ("swiglu", "gelu")
 _INIT_STDDEV = 0.02
 
-# Logical activation axis names; another module maps them onto a mesh.
+# Logical activation axis names; the sharding module maps them onto the mesh.
 _ACT_RESIDUAL = ("act_batch", "act_length", "act_embed")
 _ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
 _ACT_MLP = ("act_batch", "act_length", "act_mlp")
 _ACT_LOGITS = ("act_batch", "act_length", "act_vocab")
 
 
+def _is_int(value: Any) -> bool:
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
   """Hyper-parameters and precision policy of a ``Transformer``.
 
-  ``dtype`` is the compute dtype (activations, matmuls), ``param_dtype`` the
-  storage dtype of parameters and ``output_dtype`` the dtype of returned
-  logits. ``head_dim`` (K) is derived as ``d_model // num_heads``.
+  ``dtype`` is the compute dtype (activations, matmuls), ``param_dtype`` the storage dtype of
+  params, ``output_dtype`` the dtype of returned logits. ``head_dim`` (K) = d_model // num_heads.
+  Invalid values raise ValueError naming the field.
   """
 
   vocab_size: int
@@ -64,24 +68,21 @@ class TransformerConfig:
   rope_base: float = 10000.0
 
   def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff",
-                 "max_len"):
+    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
       value = getattr(self, name)
-      if (not isinstance(value, numbers.Integral) or isinstance(value, bool)
-          or value <= 0):
+      if not _is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     if self.d_model % self.num_heads:
-      raise ValueError(f"d_model ({self.d_model}) must be divisible by "
-                       f"num_heads ({self.num_heads})")
-    choices = (("norm", _NORMS), ("pos", _POSITIONS),
-               ("activation", _ACTIVATIONS))
-    for name, allowed in choices:
+      raise ValueError(
+        f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+      )
+    for name, allowed in (("norm", _NORMS), ("pos", _POSITIONS), ("activation", _ACTIVATIONS)):
       if getattr(self, name) not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, "
-                         f"got {getattr(self, name)!r}")
+        raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
     if self.pos == "rope" and self.head_dim % 2:
-      raise ValueError(f"pos='rope' needs an even head_dim (d_model // "
-                       f"num_heads), got {self.head_dim}")
+      raise ValueError(
+        f"pos='rope' needs an even head_dim (d_model // num_heads), got {self.head_dim}"
+      )
     if not self.norm_eps > 0:
       raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
     if not self.rope_base > 0:
@@ -93,21 +94,20 @@ class TransformerConfig:
 
 
 def _init(names: Sequence[str | None], stddev: float = _INIT_STDDEV):
-  return nn.with_logical_partitioning(
-      nn.initializers.normal(stddev=stddev), tuple(names))
+  return nn.with_logical_partitioning(nn.initializers.normal(stddev=stddev), tuple(names))
 
 
 def _residual_stddev(cfg: TransformerConfig) -> float:
-  # GPT-2 style: residual-branch output projections scaled by 1/sqrt(2L) so
-  # the residual stream variance does not grow with depth at init.
+  # GPT-2 style: residual-branch output projections are scaled by 1/sqrt(2L) so the residual
+  # stream variance does not grow with depth at init.
   return _INIT_STDDEV / math.sqrt(2 * cfg.num_layers)
 
 
 class Norm(nn.Module):
-  """RMSNorm or LayerNorm over the last axis, computed in float32.
+  """RMSNorm or LayerNorm (per ``config.norm``) over the last axis.
 
   Args (call):
-    x_BxTxD: input activations, any float dtype.
+    x_BxTxD: activations, any float dtype.
   Returns:
     [B, T, D] normalized activations in ``config.dtype``.
   """
@@ -118,26 +118,22 @@ class Norm(nn.Module):
   def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
     cfg = self.config
     d = x_BxTxD.shape[-1]
-    # Statistics in float32: bf16 mean/variance over D loses too many bits.
+    init = lambda fn: nn.with_logical_partitioning(fn, ("embed",))  # noqa: E731
+    scale_D = self.param("scale", init(nn.initializers.ones), (d,), cfg.param_dtype)
+    # Statistics in float32: a bf16 mean of squares over D loses too many bits.
     x32_BxTxD = x_BxTxD.astype(jnp.float32)
-    init = lambda f: nn.with_logical_partitioning(f, ("embed",))  # noqa: E731
-    scale_D = self.param("scale", init(nn.initializers.ones), (d,),
-                         cfg.param_dtype)
     if cfg.norm == "layernorm":
       x32_BxTxD = x32_BxTxD - jnp.mean(x32_BxTxD, axis=-1, keepdims=True)
     var_BxTx1 = jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True)
-    y_BxTxD = x32_BxTxD * jax.lax.rsqrt(var_BxTx1 + cfg.norm_eps)
-    y_BxTxD = y_BxTxD * scale_D.astype(jnp.float32)
+    y_BxTxD = x32_BxTxD * jax.lax.rsqrt(var_BxTx1 + cfg.norm_eps) * scale_D.astype(jnp.float32)
     if cfg.norm == "layernorm":
-      bias_D = self.param("bias", init(nn.initializers.zeros), (d,),
-                          cfg.param_dtype)
+      bias_D = self.param("bias", init(nn.initializers.zeros), (d,), cfg.param_dtype)
       y_BxTxD = y_BxTxD + bias_D.astype(jnp.float32)
     return y_BxTxD.astype(cfg.dtype)
 
 
-def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array,
-               base: float) -> jax.Array:
-  """Rotary position embedding (rotate-half / GPT-NeoX convention).
+def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, base: float) -> jax.Array:
+  """Rotary position embedding (rotate-half convention, as GPT-NeoX / Llama).
 
   Args:
     x_BxTxHxK: queries or keys; K must be even.
@@ -146,32 +142,34 @@ def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array,
   Returns:
     [B, T, H, K] rotated tensor in the dtype of ``x_BxTxHxK``.
   """
-  k, half = x_BxTxHxK.shape[-1], x_BxTxHxK.shape[-1] // 2
-  # Angles in float32: bf16 positions * frequencies are badly rounded.
+  k = x_BxTxHxK.shape[-1]
+  half = k // 2
+  # Angles in float32: bf16 positions * frequencies are badly rounded for long sequences.
   inv_freq_Kh = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / k)
-  angle_BxTxKh = positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Kh
-  sin_BxTx1xKh = jnp.sin(angle_BxTxKh)[:, :, None, :]
-  cos_BxTx1xKh = jnp.cos(angle_BxTxKh)[:, :, None, :]
+  angle_BxTx1xKh = (positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Kh)[:, :, None, :]
+  sin_BxTx1xKh, cos_BxTx1xKh = jnp.sin(angle_BxTx1xKh), jnp.cos(angle_BxTx1xKh)
   x32_BxTxHxK = x_BxTxHxK.astype(jnp.float32)
   x1_BxTxHxKh, x2_BxTxHxKh = x32_BxTxHxK[..., :half], x32_BxTxHxK[..., half:]
-  out_BxTxHxK = jnp.concatenate([
+  out_BxTxHxK = jnp.concatenate(
+    [
       x1_BxTxHxKh * cos_BxTx1xKh - x2_BxTxHxKh * sin_BxTx1xKh,
       x2_BxTxHxKh * cos_BxTx1xKh + x1_BxTxHxKh * sin_BxTx1xKh,
-  ], axis=-1)
+    ],
+    axis=-1,
+  )
   return out_BxTxHxK.astype(x_BxTxHxK.dtype)
 
 
-def make_attention_mask(segment_ids_BxT: jax.Array | None,
-                        length: int) -> jax.Array:
+def make_attention_mask(segment_ids_BxT: jax.Array | None, length: int) -> jax.Array:
   """Bool [B|1, 1, T, S] mask (True = may attend): causal AND same segment.
 
-  Causality is by index in the row (not position id), so packed documents with
-  restarting positions stay causal. Padding (segment 0) sees only padding and
-  the diagonal is always allowed, so no query row is fully masked (no NaN).
+  Causality is by index in the row (not by position id), so packed documents whose positions
+  restart at 0 stay causal. Padding (segment 0) sees only padding and the diagonal is always
+  allowed, so no query row is fully masked (no NaN).
 
   Args:
-    segment_ids_BxT: optional document id per token (0 = padding); without
-      it the batch axis of the mask is 1 and broadcasts.
+    segment_ids_BxT: optional document id per token (0 = padding); without it the mask's batch
+      axis is 1 and broadcasts.
     length: T (== S).
   """
   idx_T = jnp.arange(length)
@@ -183,11 +181,11 @@ def make_attention_mask(segment_ids_BxT: jax.Array | None,
 
 
 class EinsumDense(nn.Module):
-  """Bias-free ``einsum(equation, x, kernel)`` in the compute dtype.
+  """Bias-free ``einsum(equation, x, kernel)`` in the compute dtype; ``.kernel`` has ``shape``.
 
-  Not ``nn.DenseGeneral``: it inits a flat 2-D kernel and reshapes it, so under
-  an active mesh its 3-D logical names hit a 2-D value and Flax raises (even in
-  ``apply``, which shape-checks params by tracing the initializer).
+  Not ``nn.DenseGeneral``: that inits a flat 2-D kernel and reshapes it, so under an active mesh
+  its 3-D logical names hit a 2-D value and Flax raises (even in ``apply``, where Linen
+  shape-checks existing params by tracing the initializer).
   """
 
   config: TransformerConfig
@@ -196,13 +194,14 @@ class EinsumDense(nn.Module):
   equation: str
   stddev: float = _INIT_STDDEV
 
-  @nn.compact
+  def setup(self):
+    self.kernel = self.param(
+      "kernel", _init(self.names, self.stddev), self.shape, self.config.param_dtype
+    )
+
   def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.config
-    kernel = self.param("kernel", _init(self.names, self.stddev), self.shape,
-                        cfg.param_dtype)
-    return jnp.einsum(self.equation, x.astype(cfg.dtype),
-                      kernel.astype(cfg.dtype))
+    dtype = self.config.dtype
+    return jnp.einsum(self.equation, x.astype(dtype), self.kernel.astype(dtype))
 
 
 class Attention(nn.Module):
@@ -211,11 +210,10 @@ class Attention(nn.Module):
   Args (call):
     x_BxTxD: normalized residual stream.
     positions_BxT: position ids (used by RoPE).
-    mask_Bx1xTxS: bool attention mask from ``make_attention_mask``.
+    mask_Bx1xTxS: bool mask from ``make_attention_mask``.
   Returns:
-    (out_BxTxD, probs_BxHxTxS float32, (q, k, v) each [B,T,H,K]); q and k are
-    returned AFTER RoPE, i.e. exactly the tensors whose dot product forms the
-    attention scores.
+    (out_BxTxD, probs_BxHxTxS float32, (q, k, v) each [B, T, H, K]). q and k are AFTER RoPE,
+    i.e. exactly the tensors whose scaled dot product gives the attention scores.
   """
 
   config: TransformerConfig
@@ -226,8 +224,9 @@ class Attention(nn.Module):
     h, k = cfg.num_heads, cfg.head_dim
 
     def proj(name):
-      return EinsumDense(cfg, (cfg.d_model, h, k), ("embed", "heads", "kv"),
-                         "btd,dhk->bthk", name=name)(x_BxTxD)
+      return EinsumDense(
+        cfg, (cfg.d_model, h, k), ("embed", "heads", "kv"), "btd,dhk->bthk", name=name
+      )(x_BxTxD)
 
     q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = proj("query"), proj("key"), proj("value")
     if cfg.pos == "rope":
@@ -237,28 +236,33 @@ class Attention(nn.Module):
     k_BxSxHxK = nn.with_logical_constraint(k_BxSxHxK, _ACT_HEADS)
     v_BxSxHxK = nn.with_logical_constraint(v_BxSxHxK, _ACT_HEADS)
 
-    # Accumulate scores in float32 so softmax sees full-precision logits.
+    # Scores accumulate in float32 so the softmax sees full-precision logits.
     scores_BxHxTxS = jnp.einsum(
-        "bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK,
-        preferred_element_type=jnp.float32) / math.sqrt(k)
-    # finfo.min (not -inf) keeps max-subtraction finite: no inf - inf = NaN.
-    scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS,
-                               jnp.finfo(jnp.float32).min)
+      "bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK, preferred_element_type=jnp.float32
+    ) / math.sqrt(k)
+    # finfo.min (not -inf) keeps the max-subtraction finite: no inf - inf = NaN.
+    scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
-    ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(cfg.dtype),
-                             v_BxSxHxK)
+    ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(cfg.dtype), v_BxSxHxK)
     ctx_BxTxHxK = nn.with_logical_constraint(ctx_BxTxHxK, _ACT_HEADS)
-    out_BxTxD = EinsumDense(cfg, (h, k, cfg.d_model), ("heads", "kv", "embed"),
-                            "bthk,hkd->btd", _residual_stddev(cfg),
-                            name="out")(ctx_BxTxHxK)
+    out_BxTxD = EinsumDense(
+      cfg,
+      (h, k, cfg.d_model),
+      ("heads", "kv", "embed"),
+      "bthk,hkd->btd",
+      _residual_stddev(cfg),
+      name="out",
+    )(ctx_BxTxHxK)
     return out_BxTxD, probs_BxHxTxS, (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK)
 
 
 class Mlp(nn.Module):
-  """SwiGLU (wi_gate, wi_up, wo) or tanh-approximate GELU (wi, wo) MLP.
+  """SwiGLU (wi_gate, wi_up, wo) or tanh-approximate GELU (wi, wo) feed-forward.
 
-  Args (call): x_BxTxD, the normalized residual stream.
-  Returns: [B, T, D] in ``config.dtype``.
+  Args (call):
+    x_BxTxD: normalized residual stream.
+  Returns:
+    [B, T, D] in ``config.dtype``.
   """
 
   config: TransformerConfig
@@ -266,27 +270,27 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD):
     cfg = self.config
+    d, f = cfg.d_model, cfg.d_ff
 
-    def proj(names, shape, name, stddev=_INIT_STDDEV):
-      return EinsumDense(cfg, shape, names, "bti,io->bto", stddev, name=name)
+    def wi(name):
+      return EinsumDense(cfg, (d, f), ("embed", "mlp"), "btd,df->btf", name=name)(x_BxTxD)
 
-    d_f, f_d = (cfg.d_model, cfg.d_ff), (cfg.d_ff, cfg.d_model)
     if cfg.activation == "swiglu":
-      gate_BxTxF = proj(("embed", "mlp"), d_f, "wi_gate")(x_BxTxD)
-      up_BxTxF = proj(("embed", "mlp"), d_f, "wi_up")(x_BxTxD)
-      h_BxTxF = nn.silu(gate_BxTxF) * up_BxTxF
+      h_BxTxF = nn.silu(wi("wi_gate")) * wi("wi_up")
     else:
-      h_BxTxF = nn.gelu(proj(("embed", "mlp"), d_f, "wi")(x_BxTxD),
-                        approximate=True)
+      h_BxTxF = nn.gelu(wi("wi"), approximate=True)
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, _ACT_MLP)
-    return proj(("mlp", "embed"), f_d, "wo", _residual_stddev(cfg))(h_BxTxF)
+    return EinsumDense(
+      cfg, (f, d), ("mlp", "embed"), "btf,fd->btd", _residual_stddev(cfg), name="wo"
+    )(h_BxTxF)
 
 
 class Block(nn.Module):
-  """Pre-norm block: x + attn(norm(x)), then x + mlp(norm(x)).
+  """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x)).
 
-  Args/Returns (call): as ``Attention``, but returns the new residual stream
-  x_BxTxD in place of the attention output.
+  Args (call): as ``Attention``, with x_BxTxD the (un-normalized) residual stream.
+  Returns:
+    (x_BxTxD new residual stream, probs_BxHxTxS, (q, k, v)) as ``Attention``.
   """
 
   config: TransformerConfig
@@ -295,41 +299,28 @@ class Block(nn.Module):
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
     cfg = self.config
     attn_BxTxD, probs_BxHxTxS, qkv = Attention(cfg, name="attn")(
-        Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxS)
+      Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxS
+    )
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + attn_BxTxD, _ACT_RESIDUAL)
     mlp_BxTxD = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + mlp_BxTxD, _ACT_RESIDUAL)
     return x_BxTxD, probs_BxHxTxS, qkv
 
 
-class LMHead(nn.Module):
-  """Untied output head; returns its [D, V] kernel in the compute dtype."""
+def _lookup(embed: nn.Embed, ids_BxT: jax.Array, rows: str | None) -> jax.Array:
+  """[B, T, D] rows of ``embed``'s table, in its compute dtype.
 
-  config: TransformerConfig
-
-  @nn.compact
-  def __call__(self) -> jax.Array:
-    cfg = self.config
-    kernel_DxV = self.param("kernel", _init(("embed", "vocab")),
-                            (cfg.d_model, cfg.vocab_size), cfg.param_dtype)
-    return kernel_DxV.astype(cfg.dtype)
-
-
-def _lookup(embed: nn.Embed, ids_BxT: jax.Array, rows: str | None):
-  """Row gather from ``embed``'s table, returned as [B, T, D] compute dtype.
-
-  The table's embed axis is gathered first (constraint (rows, None)): a gather
-  from a table sharded on D whose output is sharded on B makes the SPMD
-  partitioner fall back to full rematerialization.
+  The table's D axis is gathered first (constraint (rows, None)): gathering from a table sharded
+  on D into a batch-sharded output makes the SPMD partitioner fall back to full replication.
   """
   table_NxD = nn.with_logical_constraint(embed.embedding, (rows, None))
   return jnp.take(table_NxD.astype(embed.dtype), ids_BxT, axis=0)
 
 
-def _check_layers(name: str, layers: Sequence[int], upper: int) -> tuple:
+def _check_layers(name: str, layers: Sequence[int], upper: int) -> tuple[int, ...]:
   layers = tuple(layers)
   for i in layers:
-    if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i <= upper:
+    if not _is_int(i) or not 0 <= i <= upper:
       raise ValueError(f"{name} index {i!r} out of range [0, {upper}]")
   return layers
 
@@ -337,46 +328,49 @@ def _check_layers(name: str, layers: Sequence[int], upper: int) -> tuple:
 class Transformer(nn.Module):
   """Decoder-only causal LM.
 
-  Param tree (under "params"): token_embed/embedding [V,D]; pos_embed/embedding
-  [max_len,D] (pos="learned" only); block_{i}/{attn_norm, attn/{query,key,
-  value,out}, mlp_norm, mlp/{wi_gate,wi_up | wi, wo}}; final_norm;
-  lm_head/kernel [D,V] (untied only).
+  Params (under "params"): token_embed/embedding [V, D]; pos_embed/embedding [max_len, D]
+  (pos="learned" only); block_{i} for i < L: attn_norm, attn/{query,key,value}/kernel [D, H, K],
+  attn/out/kernel [H, K, D], mlp_norm, mlp/{wi_gate, wi_up | wi}/kernel [D, F], mlp/wo/kernel
+  [F, D]; final_norm; lm_head/kernel [D, V] (untied only). Norms hold scale [D] (+ bias [D]
+  for layernorm).
   """
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, tokens_BxT: jax.Array, *,
-               segment_ids_BxT: jax.Array | None = None,
-               positions_BxT: jax.Array | None = None,
-               hidden_layers: Sequence[int] = (),
-               attn_layers: Sequence[int] = (),
-               qkv_layers: Sequence[int] = (),
-               return_logits: bool = True) -> dict:
+  def __call__(
+    self,
+    tokens_BxT: jax.Array,
+    *,
+    segment_ids_BxT: jax.Array | None = None,
+    positions_BxT: jax.Array | None = None,
+    hidden_layers: Sequence[int] = (),
+    attn_layers: Sequence[int] = (),
+    qkv_layers: Sequence[int] = (),
+    return_logits: bool = True,
+  ) -> dict:
     """Runs the model.
 
     Args:
-      tokens_BxT: int token ids.
-      segment_ids_BxT: optional document ids for packed rows (0 = padding);
-        attention never crosses segments.
-      positions_BxT: optional position ids (default arange(T) per row).
-      hidden_layers: indices in [0, L]; 0 = embedding output, i = output of
-        block i (1-based).
-      attn_layers: block indices in [0, L-1] whose attention probs to return.
-      qkv_layers: block indices in [0, L-1] whose q, k (after RoPE), v to
-        return.
-      return_logits: if False return "final_hidden" and "head" instead of
-        "logits" (for fused losses that never materialize [B,T,V]).
+      tokens_BxT: int token ids; T <= max_len.
+      segment_ids_BxT: optional document ids of packed rows (0 = padding); attention never
+        crosses segments.
+      positions_BxT: optional position ids (default arange(T) in every row); with
+        pos="learned" they must be < max_len (out-of-range rows read as NaN, jnp.take's fill).
+      hidden_layers: indices in [0, L]: 0 = embedding output, i = output of block i (1-based).
+      attn_layers: block indices in [0, L-1] whose attention probabilities to return.
+      qkv_layers: block indices in [0, L-1] whose q, k (after RoPE) and v to return.
+      return_logits: if False, return "final_hidden" and "head" instead of "logits" (for
+        fused losses that never materialize [B, T, V]).
     Returns:
-      dict with only the requested keys: "logits" [B,T,V] output_dtype, or
-      "final_hidden" [B,T,D] compute dtype and "head" [D,V] compute dtype;
-      "hidden" {i: [B,T,D]}; "attn" {i: [B,H,T,T] float32};
-      "qkv" {i: (q, k, v) each [B,T,H,K]}.
+      dict with only the requested keys: "logits" [B, T, V] output_dtype, or "final_hidden"
+      [B, T, D] and "head" [D, V] (compute dtype; logits = final_hidden @ head); "hidden"
+      {i: [B, T, D] compute dtype}; "attn" {i: [B, H, T, T] float32}; "qkv" {i: (q, k, v)
+      each [B, T, H, K]}.
     """
     cfg = self.config
     b, t = tokens_BxT.shape
-    hidden_layers = _check_layers("hidden_layers", hidden_layers,
-                                  cfg.num_layers)
+    hidden_layers = _check_layers("hidden_layers", hidden_layers, cfg.num_layers)
     attn_layers = _check_layers("attn_layers", attn_layers, cfg.num_layers - 1)
     qkv_layers = _check_layers("qkv_layers", qkv_layers, cfg.num_layers - 1)
     if t > cfg.max_len:
@@ -386,14 +380,13 @@ class Transformer(nn.Module):
 
     token_embed, x_BxTxD = self._embed(tokens_BxT, positions_BxT)
     mask_Bx1xTxS = make_attention_mask(segment_ids_BxT, t)
-    hidden, attn, qkv = {}, {}, {}
-    if 0 in hidden_layers:
-      hidden[0] = x_BxTxD
+    hidden = {0: x_BxTxD} if 0 in hidden_layers else {}
+    attn, qkv = {}, {}
     for i in range(cfg.num_layers):
       x_BxTxD, probs_BxHxTxS, qkv_i = Block(cfg, name=f"block_{i}")(
-          x_BxTxD, positions_BxT, mask_Bx1xTxS)
-      # Plain Python plumbing: only requested tensors are kept, unused ones
-      # are dead code that XLA removes under jit.
+        x_BxTxD, positions_BxT, mask_Bx1xTxS
+      )
+      # Only requested tensors are kept; the rest is dead code XLA drops under jit.
       if i + 1 in hidden_layers:
         hidden[i + 1] = x_BxTxD
       if i in attn_layers:
@@ -409,20 +402,28 @@ class Transformer(nn.Module):
     return out
 
   def _embed(self, tokens_BxT, positions_BxT):
-    """Returns (token Embed module, embedding output x_BxTxD)."""
+    """Returns (token nn.Embed, embedding output x_BxTxD in compute dtype)."""
     cfg = self.config
-    token_embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.dtype,
-                           param_dtype=cfg.param_dtype, name="token_embed",
-                           embedding_init=_init(("vocab", "embed")))
+    token_embed = nn.Embed(
+      cfg.vocab_size,
+      cfg.d_model,
+      dtype=cfg.dtype,
+      param_dtype=cfg.param_dtype,
+      name="token_embed",
+      embedding_init=_init(("vocab", "embed")),
+    )
     x_BxTxD = _lookup(token_embed, tokens_BxT, "vocab")
     if cfg.pos == "learned":
-      pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.dtype,
-                           param_dtype=cfg.param_dtype, name="pos_embed",
-                           embedding_init=_init((None, "embed")))
+      pos_embed = nn.Embed(
+        cfg.max_len,
+        cfg.d_model,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        name="pos_embed",
+        embedding_init=_init((None, "embed")),
+      )
       x_BxTxD = x_BxTxD + _lookup(pos_embed, positions_BxT, None)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD.astype(cfg.dtype),
-                                         _ACT_RESIDUAL)
-    return token_embed, x_BxTxD
+    return token_embed, nn.with_logical_constraint(x_BxTxD, _ACT_RESIDUAL)
 
   def _output(self, final_BxTxD, token_embed, return_logits):
     """Returns {"logits"} or {"final_hidden", "head"}."""
@@ -430,34 +431,40 @@ class Transformer(nn.Module):
     if cfg.tie_embeddings:
       head_DxV = token_embed.embedding.T.astype(cfg.dtype)
     else:
-      head_DxV = LMHead(cfg, name="lm_head")()
+      lm_head = EinsumDense(
+        cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "btd,dv->btv", name="lm_head"
+      )
+      head_DxV = lm_head.kernel.astype(cfg.dtype)
     if not return_logits:
       return {"final_hidden": final_BxTxD, "head": head_DxV}
-    logits_BxTxV = jnp.einsum("btd,dv->btv", final_BxTxD, head_DxV)
-    return {"logits": nn.with_logical_constraint(
-        logits_BxTxV.astype(cfg.output_dtype), _ACT_LOGITS)}
+    logits_BxTxV = jnp.einsum("btd,dv->btv", final_BxTxD, head_DxV).astype(cfg.output_dtype)
+    return {"logits": nn.with_logical_constraint(logits_BxTxV, _ACT_LOGITS)}
 
 
 def count_params(params: Any) -> int:
-  """Number of scalars in a param pytree (arrays or ShapeDtypeStructs, boxed
-  with logical names or not)."""
-  return sum(math.prod(leaf.shape)
-             for leaf in jax.tree_util.tree_leaves(nn.unbox(params)))
+  """Number of scalars in a param pytree.
+
+  Args:
+    params: arrays or ShapeDtypeStructs, boxed with logical names or not.
+  Returns:
+    Sum of the leaves' sizes.
+  """
+  return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(nn.unbox(params)))
 
 
 def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
-  """Approximate forward FLOPs per token.
+  """Approximate forward FLOPs per token: 2 * N_matmul + 4 * L * T * D.
 
-  FLOPs = 2 * N_matmul + 4 * L * T * D, where
-  N_matmul = L * (4 * D^2 + n_mlp * D * F) + D * V counts the weights used in
-  matmuls (q, k, v, out projections with H * K == D; n_mlp = 3 for SwiGLU,
-  2 for GELU; the output head D * V whether tied or not; embedding lookups
-  are free). The attention term counts q.k scores (2 * T * D) and probs.v
-  (2 * T * D) per layer over the full T x T matrix (the einsum computes the
-  masked half too). Norms, softmax and activations are ignored.
+  N_matmul = L * (4 * D^2 + n_mlp * D * F) + D * V: the weights used in matmuls (q, k, v, out
+  with H * K == D; n_mlp = 3 for SwiGLU, 2 for GELU; the head, tied or not; lookups are free).
+  4 * L * T * D: q.k scores and probs.v (2 * T * D each per layer) over the full T x T matrix,
+  which the einsums compute despite the causal mask. Norms, softmax, activations are ignored.
 
-  Args: config; seq_len, the T attended over.
-  Returns: forward FLOPs per token (x3 for forward + backward).
+  Args:
+    config: the model config.
+    seq_len: T, the length attended over.
+  Returns:
+    Forward FLOPs per token (about 3x for forward + backward).
   """
   d, f, layers = config.d_model, config.d_ff, config.num_layers
   n_mlp = 3 if config.activation == "swiglu" else 2
