@@ -23,7 +23,7 @@ import tqdm
 
 from jaxdistill import checkpoint, metrics as metrics_lib, models, objective as objective_lib
 from jaxdistill import precision, sharding as sharding_lib, train as train_lib, validate
-from jaxdistill.data.synthetic import SyntheticData
+from jaxdistill import data as data_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models.transformer import Transformer, count_params, flops_per_token
 
@@ -40,7 +40,7 @@ class Run:
   state: train_lib.TrainState
   teacher_params: Any
   step_fn: Callable  # jitted distill_step
-  data: SyntheticData
+  data_iter: Any  # see jaxdistill.data: next() -> local batch; get_state/set_state
   flops_per_step: float
 
 
@@ -128,14 +128,7 @@ def build_run(cfg: Any, workdir: str | None = None, devices=None) -> Run:
     obj, student, teacher, tx, cfg.optim.grad_accum, lr=train_lib.lr_schedule(cfg.optim)
   )
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
-  data = SyntheticData(
-    cfg.student.vocab_size,
-    cfg.data.seq_len,
-    cfg.data.batch_size,
-    seed=cfg.seed,
-    pad_fraction=cfg.data.pad_fraction,
-    branching=cfg.data.branching,
-  )
+  data_iter = data_lib.make_iterator(cfg, "train")
   tokens = cfg.data.batch_size * cfg.data.seq_len
   flops = (
     metrics_lib.distill_flops_per_token(
@@ -144,7 +137,7 @@ def build_run(cfg: Any, workdir: str | None = None, devices=None) -> Run:
     )
     * tokens
   )
-  return Run(cfg, mesh, obj, student, teacher, state, teacher_params, step_fn, data, flops)
+  return Run(cfg, mesh, obj, student, teacher, state, teacher_params, step_fn, data_iter, flops)
 
 
 def run_steps(run: Run, num_steps: int, on_metrics: Callable[[int, dict, float], None]) -> None:
@@ -157,9 +150,7 @@ def run_steps(run: Run, num_steps: int, on_metrics: Callable[[int, dict, float],
   with sharding_lib.rules_context(run.mesh):
     for _ in range(num_steps):
       index = int(run.state.step) if pending is None else pending[0]
-      batch = sharding_lib.shard_batch(
-        run.data.local_batch(index, jax.process_index(), jax.process_count()), run.mesh
-      )
+      batch = sharding_lib.shard_batch(next(run.data_iter), run.mesh)
       run.state, step_metrics = run.step_fn(run.state, run.teacher_params, batch)
       if pending is not None:
         fetched = jax.device_get(pending[1])

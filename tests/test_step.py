@@ -98,7 +98,7 @@ def test_no_gradient_reaches_the_teacher(tiny_config):
   cfg.distill.hidden.weight = 0.0  # logit + CE only: the losses add no matmuls
   cfg.mesh.update(data=1, fsdp=1, tensor=1)
   run = loop.build_run(cfg, devices=jax.devices()[:1])
-  batch = jax.tree.map(jnp.asarray, run.data.global_batch(0))
+  batch = jax.tree.map(jnp.asarray, run.data_iter.data.global_batch(0))
   obj = run.objective
 
   # 1. The loss's gradient w.r.t. the teacher params is exactly zero.

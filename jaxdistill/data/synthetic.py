@@ -75,3 +75,33 @@ class SyntheticData:
     rows = self.batch_size // process_count
     lo = process_index * rows
     return {k: v[lo : lo + rows] for k, v in self.global_batch(index, split).items()}
+
+
+class SyntheticIterator:
+  """Iterates this process's rows of consecutive global batches.
+
+  Has the interface every jaxdistill data iterator has: ``next()`` gives a
+  dict of numpy [B_local, T] arrays; ``get_state()`` / ``set_state()`` give
+  and take a JSON-able dict so a checkpoint can resume the stream exactly.
+  """
+
+  def __init__(
+    self, data: SyntheticData, process_index: int, process_count: int, split: str = "train"
+  ):
+    self.data, self.split = data, split
+    self.process_index, self.process_count = process_index, process_count
+    self.index = 0
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    batch = self.data.local_batch(self.index, self.process_index, self.process_count, self.split)
+    self.index += 1
+    return batch
+
+  def get_state(self) -> dict:
+    return {"index": self.index}
+
+  def set_state(self, state: dict) -> None:
+    self.index = int(state["index"])
