@@ -1,19 +1,349 @@
-"""Saving and loading params with Orbax.
+"""Orbax checkpoints: exact resume, preemption, failure safety. The teacher is never saved.
 
-For now this holds the final-params path that lets a finished run serve as a
-teacher (``teacher.source='workdir'``). Full training-state checkpoints and
-exact resume build on it.
+A checkpoint of step s (``WORKDIR/checkpoints/s/``) holds three items:
+
+  state  the TrainState (student params with projection heads, optimizer
+         state, step, rng), saved sharded: each process writes its shards
+  data   the data iterator's state, one JSON file per process
+  meta   the resolved config, jaxdistill version, mesh, dtype policies and
+         the teacher's identity (source, path, content hash)
+
+Orbax writes each checkpoint to a temporary directory and renames it when
+complete, so a kill during a save leaves the previous checkpoint intact and
+the partial one is skipped (with a warning). Restores go straight into the
+target shardings, so a checkpoint saved on one mesh restores on another.
+
+Resume order (``resolve_resume``): ``--resume_from STEP`` (a step of this
+workdir, e.g. to skip a corrupted latest one) -> the latest checkpoint in the
+workdir -> ``--resume_from DIR`` (another run's checkpoint step directory) ->
+``student.init_from`` (weights only) -> scratch.
 """
 
+import dataclasses
+import hashlib
+import json
 import os
+import warnings
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
+import jaxdistill
 from jaxdistill.errors import JaxdistillError
 
 FINAL_PARAMS = "final_params"
+CHECKPOINTS = "checkpoints"
+
+# Keys whose change makes a checkpoint unusable (shapes or token ids differ).
+# Any other difference is harmless and only warned about.
+MODEL_KEYS = (
+  "vocab_size",
+  "d_model",
+  "num_layers",
+  "num_heads",
+  "d_ff",
+  "max_len",
+  "norm",
+  "pos",
+  "tie_embeddings",
+  "activation",
+)
+
+
+# --- the data iterator's state: one JSON file per process --------------------
+
+
+class DataStateHandler(ocp.CheckpointHandler):
+  """Saves ``iterator.get_state()`` (a JSON-able dict) as process_i-of-n.json.
+
+  grain's own handler expects grain iterators (or bytes states); this one
+  takes any jaxdistill iterator, synthetic or grain-backed, unchanged.
+  """
+
+  def save(self, directory: epath.Path, args: "DataSave"):
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    (directory / name).write_text(json.dumps(args.iterator.get_state()))
+
+  def restore(self, directory: epath.Path, args: "DataRestore"):
+    name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    path = directory / name
+    if path.exists():
+      args.iterator.set_state(json.loads(path.read_text()))
+      return args.iterator
+    # Saved by another number of processes: fine only if every process saved
+    # the same state (a position in the GLOBAL stream, as the synthetic data
+    # has); per-process positions (grain shards) cannot be re-split.
+    states = {p.read_text() for p in directory.iterdir() if p.name.startswith("process_")}
+    if len(states) != 1:
+      found = sorted(p.name for p in directory.iterdir())
+      raise JaxdistillError(
+        f"{directory} has no data state {name} (it holds {found}); this data iterator "
+        "resumes only with the number of processes that saved it"
+      )
+    args.iterator.set_state(json.loads(states.pop()))
+    return args.iterator
+
+  def metadata(self, directory):
+    return None
+
+  def finalize(self, directory):
+    pass
+
+  def close(self):
+    pass
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_save=True)
+@dataclasses.dataclass
+class DataSave(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+@ocp.args.register_with_handler(DataStateHandler, for_restore=True)
+@dataclasses.dataclass
+class DataRestore(ocp.args.CheckpointArgs):
+  iterator: Any
+
+
+# --- the manager ---------------------------------------------------------------
+
+
+def make_manager(workdir: str, ckpt_cfg: Any) -> ocp.CheckpointManager:
+  """The CheckpointManager of ``WORKDIR/checkpoints`` per the ``ckpt`` config section."""
+  directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=ckpt_cfg.max_to_keep or None,
+    enable_async_checkpointing=bool(ckpt_cfg.async_save),
+    create=True,
+  )
+  _warn_partial(directory)
+  return ocp.CheckpointManager(directory, options=options)
+
+
+def _warn_partial(directory: str) -> None:
+  """Names leftovers of interrupted saves (Orbax never restores them)."""
+  if os.path.isdir(directory):
+    for name in sorted(os.listdir(directory)):
+      if ".orbax-checkpoint-tmp" in name:
+        warnings.warn(
+          f"skipping partial checkpoint {os.path.join(directory, name)} "
+          "(a save was interrupted); the previous complete one is used"
+        )
+
+
+def complete_steps(directory: str) -> list[int]:
+  """Steps with a complete checkpoint under ``directory`` (no manager needed)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def make_best_manager(workdir: str, ckpt_cfg: Any) -> ocp.CheckpointManager | None:
+  """Keeps the student params of the best step by ``ckpt.best_metric`` in WORKDIR/best."""
+  if not ckpt_cfg.best_metric:
+    return None
+  key = ckpt_cfg.best_metric
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=1,
+    best_fn=lambda metrics: metrics[key],
+    best_mode=ckpt_cfg.best_mode,
+    keep_checkpoints_without_metrics=False,
+    enable_async_checkpointing=bool(ckpt_cfg.async_save),
+  )
+  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "best")), options=options)
+
+
+def params_args(params: Any) -> ocp.args.CheckpointArgs:
+  return ocp.args.StandardSave(params)
+
+
+def resolve_resume(manager: ocp.CheckpointManager, resume_from: str | None):
+  """Which checkpoint to start from: (manager, step) or None for a fresh start.
+
+  Order: ``resume_from`` as a STEP of this workdir -> this workdir's latest ->
+  ``resume_from`` as a DIRECTORY (a step dir, a checkpoints dir or a workdir of
+  another run) -> None.
+  """
+  steps = list(manager.all_steps())
+  if resume_from and resume_from.isdigit():
+    if int(resume_from) not in steps:
+      raise JaxdistillError(
+        f"--resume_from {resume_from}: no such checkpoint in "
+        f"{manager.directory}; available steps: {sorted(steps)}"
+      )
+    return manager, int(resume_from)
+  if steps:
+    return manager, max(steps)
+  if not resume_from:
+    return None
+  path = os.path.abspath(resume_from)
+  if os.path.isdir(os.path.join(path, CHECKPOINTS)):
+    path = os.path.join(path, CHECKPOINTS)
+  if os.path.basename(path).isdigit() and os.path.isdir(path):
+    directory, step = os.path.dirname(path), int(os.path.basename(path))
+  else:
+    found = complete_steps(path)
+    if not found:
+      raise JaxdistillError(
+        f"--resume_from {resume_from!r}: no checkpoint there; pass a "
+        "checkpoint step directory, a checkpoints directory or a workdir"
+      )
+    directory, step = path, found[-1]
+  other = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(read_only=True))
+  return other, step
+
+
+def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[str]:
+  """Renames checkpoints newer than ``step`` to STEP.superseded (never deletes them).
+
+  Resuming from an older step (e.g. past a corrupted latest one) would save
+  those steps again; the old ones are kept aside for inspection.
+  """
+  moved = []
+  for newer in (s for s in manager.all_steps() if s > step):
+    old = os.path.join(str(manager.directory), str(newer))
+    new = f"{old}.superseded"
+    if jax.process_index() == 0:
+      os.replace(old, new if not os.path.exists(new) else f"{new}-{os.getpid()}")
+    moved.append(old)
+  if moved:
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+
+      multihost_utils.sync_global_devices("jaxdistill_set_aside_newer")
+    manager.reload()
+    warnings.warn(f"resuming from step {step}: set aside newer checkpoints {moved} (*.superseded)")
+  return moved
+
+
+def save(
+  manager: ocp.CheckpointManager,
+  step: int,
+  state: Any,
+  data_iter: Any,
+  meta: dict,
+  force: bool = False,
+) -> bool:
+  """Saves step ``step``; every process must call this in the same order."""
+  return manager.save(
+    step,
+    args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), data=DataSave(data_iter), meta=ocp.args.JsonSave(meta)
+    ),
+    force=force,
+  )
+
+
+def restore(
+  manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter: Any
+) -> tuple[Any, dict]:
+  """Restores step ``step`` into ``abstract_state``'s shardings; sets ``data_iter``.
+
+  Raises:
+    JaxdistillError: the checkpoint is unreadable (names its step and path).
+  """
+  path = os.path.join(str(manager.directory), str(step))
+  try:
+    restored = manager.restore(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state),
+        data=DataRestore(data_iter),
+        meta=ocp.args.JsonRestore(),
+      ),
+    )
+  except JaxdistillError:
+    raise
+  except Exception as e:  # Orbax/TensorStore raise many kinds on a damaged file.
+    first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+    raise JaxdistillError(
+      f"checkpoint step {step} at {path} cannot be restored ({type(e).__name__}: {first}); "
+      "it may be corrupted: pass --resume_from STEP to use an older one"
+    ) from e
+  return restored["state"], restored["meta"]
+
+
+def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
+  """Only the ``meta`` item of a checkpoint (cheap: no arrays are read)."""
+  path = os.path.join(str(manager.directory), str(step), "meta", "metadata")
+  if not os.path.exists(path):
+    raise JaxdistillError(f"checkpoint step {step} has no metadata at {path}")
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+# --- compatibility of a checkpoint with the current config ----------------------
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    if isinstance(v, dict):
+      out.update(_flat(v, f"{prefix}{k}."))
+    else:
+      out[f"{prefix}{k}"] = v
+  return out
+
+
+def check_compatible(saved_config: dict, config: dict, where: str) -> list[str]:
+  """Raises on differences that matter, returns the harmless ones.
+
+  Args:
+    saved_config: the config stored in the checkpoint (``to_dict`` form).
+    config: the current config (``to_dict`` form).
+    where: the checkpoint's path, for messages.
+
+  Returns:
+    Keys that differ harmlessly (e.g. log.every), for a warning.
+  """
+  old, new = _flat(json.loads(json.dumps(saved_config))), _flat(json.loads(json.dumps(config)))
+  matters = [f"student.{k}" for k in MODEL_KEYS]
+  if new.get("teacher.source") != "none":
+    matters += ["teacher.d_model", "distill.hidden.layer_map"]  # projection shapes
+  matters += [k for k in new if k.startswith("data.") and ("tokenizer" in k or "vocab" in k)]
+  for key in matters:
+    if key in old and old.get(key) != new.get(key):
+      raise JaxdistillError(
+        f"the checkpoint at {where} was trained with {key}={old.get(key)!r} but the config has "
+        f"{new.get(key)!r}; use a new --workdir or restore the old setting"
+      )
+  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+
+
+# --- teacher identity and weights-only params -----------------------------------
+
+
+def content_hash(path: str) -> str:
+  """sha256 over the relative names and bytes of every file under ``path``."""
+  digest = hashlib.sha256()
+  for root, dirs, files in sorted(os.walk(path)):
+    dirs.sort()
+    for name in sorted(files):
+      full = os.path.join(root, name)
+      digest.update(os.path.relpath(full, path).encode())
+      with open(full, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+          digest.update(block)
+  return digest.hexdigest()
+
+
+def metadata(cfg: Any, mesh: jax.sharding.Mesh, teacher_path: str | None) -> dict:
+  """What a checkpoint records besides the state."""
+  teacher = {"source": cfg.teacher.source}
+  if teacher_path:
+    teacher.update(path=os.path.abspath(teacher_path), sha256=content_hash(teacher_path))
+  elif cfg.teacher.source == "random":
+    teacher["seed"] = cfg.seed + 1
+  return {
+    "jaxdistill_version": jaxdistill.__version__,
+    "config": cfg.to_dict(),
+    "mesh": dict(mesh.shape),
+    "processes": jax.process_count(),
+    "policies": {"student": cfg.student.policy, "teacher": cfg.teacher.policy},
+    "teacher": teacher,
+  }
 
 
 def save_params(path: str, params: Any) -> None:

@@ -1,6 +1,7 @@
 """The ``jaxdistill`` command. Thin: parse arguments, load the config, call the library.
 
   jaxdistill train --config FILE [--config.KEY=VALUE ...] --workdir DIR
+  jaxdistill quickstart [--workdir DIR]   the main job on the built-in corpus
 
 Errors a user can cause print one line ``error: ...`` and exit with status 2.
 """
@@ -10,6 +11,7 @@ import os
 import sys
 from typing import Sequence
 
+from jaxdistill import distributed
 from jaxdistill.errors import JaxdistillError
 
 EXIT_USAGE = 2
@@ -44,16 +46,63 @@ def _parser() -> argparse.ArgumentParser:
   )
   train.add_argument("--config", required=True, help="Python config file (configs/*.py)")
   train.add_argument("--workdir", required=True, help="directory for metrics and params")
+  train.add_argument(
+    "--resume_from",
+    default=None,
+    help="a checkpoint STEP of this workdir (e.g. to skip a corrupted latest one), or another "
+    "run's checkpoint directory (used when this workdir has none)",
+  )
+  distributed.add_flags(train)
+  quick = sub.add_parser(
+    "quickstart",
+    help="the main job: teacher -> KD student vs CE student on the built-in corpus, with a report",
+  )
+  quick.add_argument("--workdir", default=None, help="default: workdirs/quickstart-TIMESTAMP")
+  quick.add_argument("--size", choices=("full", "test"), default="full", help="test: seconds")
+  quick.add_argument("--cache_dir", default="", help="default: $JAXDISTILL_CACHE_DIR or ~/.cache")
   return parser
+
+
+def _quickstart(args) -> int:
+  import time
+
+  from jaxdistill import quickstart
+
+  workdir = args.workdir or os.path.join("workdirs", time.strftime("quickstart-%Y%m%d-%H%M%S"))
+  try:
+    quickstart.run(workdir, size=args.size, cache_dir=args.cache_dir)
+  except quickstart.Interrupted as e:
+    print(
+      f"interrupted: a checkpoint is saved in {e}; run the same command with "
+      f"--workdir {workdir} to resume"
+    )
+  return 0
 
 
 def _train(args, overrides) -> int:
   from jaxdistill import config as config_lib
 
   cfg = config_lib.load_config(args.config, overrides)
+  # Before any other JAX call; a no-op for a single process.
+  plan = distributed.initialize_from_args(args)
+  if plan.source != "none":
+    distributed.quiet_unless_primary()
+    if distributed.is_primary():
+      print(distributed.summary_line(plan), flush=True)
   from jaxdistill import loop  # imports jax: only after the config is known good
 
-  summary = loop.train(cfg, args.workdir)
+  summary = loop.train(cfg, args.workdir, resume_from=args.resume_from)
+  if not distributed.is_primary():  # the job's messages come from process 0 only
+    return 0
+  if summary["preempted"]:
+    print(
+      f"preempted: saved a checkpoint at step {summary['last_step']} in {args.workdir}; "
+      "run the same command again to resume"
+    )
+    return 0
+  if summary["first_loss"] is None:
+    print(f"nothing to do: {args.workdir} is already at step {summary['last_step']}")
+    return 0
   print(
     f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
     f"{summary['final_loss']:.4f}, {summary['median_step_s'] * 1e3:.1f} ms/step, "
@@ -68,6 +117,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   args, extra = parser.parse_known_args(argv)
   try:
     overrides = _split_overrides(extra)
+    if args.command == "quickstart":
+      if overrides:
+        raise JaxdistillError("quickstart takes no --config overrides; see configs/lm_*.py")
+      return _quickstart(args)
     if args.command == "train":
       return _train(args, overrides)
   except JaxdistillError as e:

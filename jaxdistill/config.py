@@ -5,13 +5,15 @@ and changes what it needs. The sections are fixed; every key exists in
 ``default_config()`` so a typo is an error, not a silently ignored setting:
 
   seed      top-level int: init and data seed
+  cache_dir top-level str: built corpora, tokenizers, cached teachers
   student   the trained model (shape, ``policy``)
   teacher   the frozen model: ``source`` none | random | pretrain | workdir
   distill   the losses: temperature, logit (kl / reverse_kl / jsd), ce,
             attention (MiniLM), hidden (mse / cosine), each with a weight
             and a schedule
   optim     AdamW, warmup + cosine, clipping, ``steps``, ``grad_accum``
-  data      source and batch shape
+  data      source (synthetic, built-in stdlib corpus, tfds, files), tokenizer,
+            packing and batch shape
   mesh      ``data`` / ``fsdp`` / ``tensor`` sizes, -1 = the rest
   ckpt      checkpointing
   eval      evaluation
@@ -56,6 +58,8 @@ def default_config() -> ml_collections.ConfigDict:
   cfg = C()
   cfg.seed = 0
   cfg.student = C(_model_fields())
+  # Weights-only start: a final_params directory (or a workdir holding one).
+  cfg.student.init_from = ""
   cfg.teacher = C(_model_fields(d_model=128, num_layers=4, d_ff=512, policy="p=f32,c=f32,o=f32"))
   # none: plain CE training (how teachers are made); random: random init
   # (tests); pretrain: train it in-process on CE for `pretrain_steps` first;
@@ -75,6 +79,13 @@ def default_config() -> ml_collections.ConfigDict:
   # layer pairs in layer_map ("last", "last:K", "uniform", "1:2,2:4").
   d.attention = C(dict(weight=0.0, schedule="constant", value_weight=0.0, layer_map="last"))
   d.hidden = C(dict(kind="mse", weight=0.0, schedule="constant", layer_map="uniform", project=True))
+  # Fused loss head (jaxdistill/fused.py): CE and the logit loss from final hidden states and
+  # heads, never materialising [tokens x vocab] logits. token_chunk: rows per chunk per batch
+  # shard (0 = all rows at once); vocab_chunk: columns per chunk per vocab shard (0 = off;
+  # forward KL only; +50% head FLOPs, for vocabularies too large for one token chunk).
+  d.fused = True
+  d.token_chunk = 256
+  d.vocab_chunk = 0
 
   o = cfg.optim = C()
   o.steps = 100
@@ -87,11 +98,57 @@ def default_config() -> ml_collections.ConfigDict:
   o.weight_decay = 0.01
   o.clip_norm = 1.0
   o.grad_accum = 1  # micro-batches per step; losses normalised globally
+  # A non-finite loss or gradient never updates the state: "stop" ends the run
+  # with a message (the last good checkpoint intact); "skip" drops that update.
+  o.nan_policy = "stop"
+  # Dynamic loss scaling, required by a float16 student (none | dynamic): the scale starts at
+  # loss_scale_init, halves (and the update is skipped) on overflow, doubles after
+  # loss_scale_period finite steps. "none" leaves f32 / bf16 runs untouched.
+  o.loss_scale = "none"
+  o.loss_scale_init = 2.0**15
+  o.loss_scale_period = 2000
 
-  cfg.data = C(dict(source="synthetic", batch_size=8, seq_len=64, pad_fraction=0.25, branching=4))
+  # source: synthetic | stdlib (the built-in corpus) | tfds | array_record | text; see
+  # jaxdistill/data/sources.py. pad_fraction, branching: synthetic only. tokenizer: a
+  # tokenizer.json, or "" to train a byte-level BPE of student.vocab_size on the train split.
+  # packing: pack (concatenate documents, split at seq_len, segment ids) | pad (one piece a row).
+  cfg.data = C(
+    dict(
+      source="synthetic",
+      batch_size=8,
+      seq_len=64,
+      pad_fraction=0.25,
+      branching=4,
+      tfds_name="",  # tfds: "name[/config][:version]" or a prepared dataset's directory
+      tfds_data_dir="",  # tfds: where it was prepared ("" = TFDS's default)
+      train_split="train",  # tfds split names
+      eval_split="validation",
+      train_files="",  # array_record / text: comma-separated globs (.txt, .jsonl)
+      eval_files="",
+      text_key="text",  # the text feature (tfds) / JSON key (jsonl)
+      tokenizer="",
+      packing="pack",
+      shuffle_rows=1024,  # training rows shuffled within windows of this many (0/1 = off)
+      stdlib_max_files=0,  # built-in corpus subset for tests (0 = every file)
+      stdlib_max_file_bytes=0,
+      stdlib_root="",  # "" = this interpreter's standard library
+      num_threads=2,  # grain threads reading and tokenising documents
+      prefetch=2,  # batches prepared ahead in a background thread (0 = none)
+    )
+  )
   cfg.mesh = C(dict(data=-1, fsdp=1, tensor=1))
-  cfg.ckpt = C(dict(every=0, max_to_keep=3, save_final=True))
+  # every: save interval in steps (0 = only on preemption and at the end);
+  # best_metric: also keep the student params of the best step by this metric
+  # (e.g. "train/loss" or an eval metric) in WORKDIR/best/.
+  cfg.ckpt = C(
+    dict(every=0, max_to_keep=3, save_final=True, async_save=True, best_metric="", best_mode="min")
+  )
+  # every: steps between validation evaluations during training (0 = never), each over
+  # `batches` validation batches (0 = the whole split; text sources only).
   cfg.eval = C(dict(every=0, batches=4))
+  # Built corpora, trained tokenizers and cached teachers ("" = $JAXDISTILL_CACHE_DIR,
+  # else $XDG_CACHE_HOME/jaxdistill, else ~/.cache/jaxdistill).
+  cfg.cache_dir = ""
   cfg.log = C(dict(every=10, progress=True))
   return cfg
 

@@ -7,23 +7,24 @@ runs (the host never blocks the device), shows a progress bar and writes
 ``WORKDIR/metrics.jsonl``. The teacher is loaded each run, never checkpointed.
 """
 
-import copy
 import dataclasses
+import functools
 import json
 import os
+import shutil
+import signal
 import statistics
+import threading
 import time
+import warnings
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
-import numpy as np
 import tqdm
 
 from jaxdistill import checkpoint, metrics as metrics_lib, models, objective as objective_lib
 from jaxdistill import precision, sharding as sharding_lib, train as train_lib, validate
-from jaxdistill import data as data_lib
+from jaxdistill import data as data_lib, distributed, teacher as teacher_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models.transformer import Transformer, count_params, flops_per_token
 
@@ -42,6 +43,8 @@ class Run:
   step_fn: Callable  # jitted distill_step
   data_iter: Any  # see jaxdistill.data: next() -> local batch; get_state/set_state
   flops_per_step: float
+  make_state: Callable[[], train_lib.TrainState]  # a fresh initial state
+  teacher_path: str | None = None  # where the teacher's params came from
 
 
 def _model(cfg: Any, side: str) -> Transformer:
@@ -49,69 +52,24 @@ def _model(cfg: Any, side: str) -> Transformer:
   return Transformer(models.transformer_config(cfg[side], policy, side))
 
 
-def pretrain_config(cfg: Any) -> Any:
-  """The config that trains the teacher itself on CE (teacher.source='pretrain')."""
-  t = copy.deepcopy(cfg)
-  for key in (
-    "vocab_size",
-    "d_model",
-    "num_layers",
-    "num_heads",
-    "d_ff",
-    "max_len",
-    "norm",
-    "pos",
-    "tie_embeddings",
-    "activation",
-    "policy",
-  ):
-    t.student[key] = cfg.teacher[key]
-  # The teacher trains in f32 params whatever its inference policy stores.
-  compute = precision.parse_policy(cfg.teacher.policy, "teacher.policy").compute_dtype
-  t.student.policy = f"p=f32,c={jnp.dtype(compute).name},o=f32"
-  t.teacher.source = "none"
-  for key in ("logit", "attention", "hidden"):
-    t.distill[key].weight = 0.0
-  t.optim.steps = cfg.teacher.pretrain_steps
-  t.optim.lr = cfg.teacher.pretrain_lr
-  t.optim.warmup_steps = max(1, cfg.teacher.pretrain_steps // 10)
-  return t
+def build_run(cfg: Any, workdir: str | None = None, devices=None, create_state: bool = True) -> Run:
+  """Builds the mesh, models, state, teacher params and the jitted step.
 
-
-def _teacher_params(cfg: Any, teacher: Transformer, mesh, workdir: str | None):
-  """Teacher params by ``teacher.source``, in the teacher's shardings and dtype."""
-  source, seq_len = cfg.teacher.source, cfg.data.seq_len
-  if source == "random":
-    return train_lib.init_params(teacher, jax.random.key(cfg.seed + 1), mesh, seq_len)
-  shardings = train_lib.param_shardings(teacher, mesh, seq_len)
-  if source == "pretrain":
-    if workdir is None:
-      raise JaxdistillError("teacher.source='pretrain' needs a workdir to train the teacher in")
-    path = os.path.join(workdir, "teacher")
-    if not os.path.isdir(os.path.join(path, checkpoint.FINAL_PARAMS)):
-      print(f"Pretraining the teacher for {cfg.teacher.pretrain_steps} steps in {path}")
-      train(pretrain_config(cfg), path, devices=list(mesh.devices.flat))
-  else:
-    path = cfg.teacher.path
-  abstract = jax.eval_shape(
-    lambda: teacher.init(jax.random.key(0), np.zeros((1, seq_len), np.int32))["params"]
-  )
-  target = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
-  )
-  params = checkpoint.load_params(os.path.join(path, checkpoint.FINAL_PARAMS), target)
-  return params, shardings
-
-
-def build_run(cfg: Any, workdir: str | None = None, devices=None) -> Run:
-  """Builds the mesh, models, state, teacher params and the jitted step."""
+  Args:
+    cfg: a validated config.
+    workdir: the run's directory (only needed for teacher.source='pretrain').
+    devices: the devices of the mesh (default: all).
+    create_state: False leaves ``run.state`` abstract (shapes + shardings), to
+      be restored from a checkpoint without first allocating a fresh one.
+  """
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   validate.check_mesh(cfg, dict(mesh.shape))
   obj = objective_lib.make_objective(cfg)
   student = _model(cfg, "student")
   teacher = _model(cfg, "teacher") if obj.uses_teacher else None
   tx = train_lib.make_optimizer(cfg.optim)
-  state, state_shardings = train_lib.init_state(
+  make_state = functools.partial(
+    train_lib.init_state,
     obj,
     student,
     tx,
@@ -120,108 +78,286 @@ def build_run(cfg: Any, workdir: str | None = None, devices=None) -> Run:
     cfg.data.seq_len,
     cfg.student.d_model,
     cfg.teacher.d_model,
+    loss_scale=precision.init_loss_scale(cfg.optim),
   )
-  teacher_params, teacher_shardings = (None, None)
+  state, state_shardings = make_state(create=create_state)
+  teacher_params, teacher_shardings, teacher_path = None, None, None
   if teacher is not None:
-    teacher_params, teacher_shardings = _teacher_params(cfg, teacher, mesh, workdir)
+    teacher_params, teacher_shardings, teacher_path = teacher_lib.load(
+      cfg, teacher, mesh, workdir, train
+    )
   step = train_lib.make_distill_step(
-    obj, student, teacher, tx, cfg.optim.grad_accum, lr=train_lib.lr_schedule(cfg.optim)
+    obj,
+    student,
+    teacher,
+    tx,
+    cfg.optim.grad_accum,
+    lr=train_lib.lr_schedule(cfg.optim),
+    loss_scale_period=cfg.optim.loss_scale_period,
   )
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
   data_iter = data_lib.make_iterator(cfg, "train")
   tokens = cfg.data.batch_size * cfg.data.seq_len
-  flops = (
-    metrics_lib.distill_flops_per_token(
-      flops_per_token(student.config, cfg.data.seq_len),
-      flops_per_token(teacher.config, cfg.data.seq_len) if teacher else None,
-    )
-    * tokens
+  flops = tokens * metrics_lib.distill_flops_per_token(
+    flops_per_token(student.config, cfg.data.seq_len),
+    flops_per_token(teacher.config, cfg.data.seq_len) if teacher else None,
   )
-  return Run(cfg, mesh, obj, student, teacher, state, teacher_params, step_fn, data_iter, flops)
+  return Run(
+    cfg,
+    mesh,
+    obj,
+    student,
+    teacher,
+    state,
+    teacher_params,
+    step_fn,
+    data_iter,
+    flops,
+    lambda: make_state(create=True)[0],
+    teacher_path,
+  )
 
 
-def run_steps(run: Run, num_steps: int, on_metrics: Callable[[int, dict, float], None]) -> None:
-  """Runs ``num_steps`` steps, calling ``on_metrics(step, metrics, seconds)`` one step late.
+def run_steps(
+  run: Run,
+  num_steps: int,
+  on_metrics: Callable[[int, dict, float], None],
+  save_due: Callable[[int], bool] = lambda step: False,
+  save: Callable[[int], None] = lambda step: None,
+) -> int:
+  """Runs up to ``num_steps`` steps; returns how many ran.
 
   Step n+1 is dispatched before step n's metrics are fetched, so fetching them
-  overlaps with device work. ``seconds`` is the wall time between fetches.
+  overlaps with device work; ``on_metrics(step, metrics, seconds)`` runs one
+  step late (``seconds``: wall time between fetches) and may raise to stop.
+  When ``save_due(step)`` says so, that step's metrics are fetched first (so a
+  non-finite step is never saved) and then ``save(step)`` runs; a save due
+  because of preemption ends the loop.
   """
   pending, last = None, time.perf_counter()
-  with sharding_lib.rules_context(run.mesh):
-    for _ in range(num_steps):
-      index = int(run.state.step) if pending is None else pending[0]
-      batch = sharding_lib.shard_batch(next(run.data_iter), run.mesh)
-      run.state, step_metrics = run.step_fn(run.state, run.teacher_params, batch)
-      if pending is not None:
-        fetched = jax.device_get(pending[1])
-        now = time.perf_counter()
-        on_metrics(pending[0], fetched, now - last)
-        last = now
-      pending = (index + 1, step_metrics)
+
+  def flush():
+    nonlocal pending, last
     if pending is not None:
       fetched = jax.device_get(pending[1])
-      on_metrics(pending[0], fetched, time.perf_counter() - last)
+      now = time.perf_counter()
+      step, pending = pending[0], None
+      on_metrics(step, fetched, now - last)
+      last = now
+
+  with sharding_lib.rules_context(run.mesh):
+    step = int(run.state.step)
+    for done in range(1, num_steps + 1):
+      batch = sharding_lib.shard_batch(next(run.data_iter), run.mesh)
+      run.state, step_metrics = run.step_fn(run.state, run.teacher_params, batch)
+      flush()
+      step += 1
+      pending = (step, step_metrics)
+      if save_due(step):
+        flush()
+        save(step)
+        if _PREEMPTED["flag"]:
+          return done
+    flush()
+  return num_steps
+
+
+# --- preemption: SIGTERM / SIGINT finish the step, save, exit 0 -----------------
+
+_PREEMPTED = {"flag": False}
+
+
+def _on_signal(signum, frame):
+  del frame
+  if _PREEMPTED["flag"] and signum == signal.SIGINT:
+    raise KeyboardInterrupt  # a second Ctrl-C stops at once
+  _PREEMPTED["flag"] = True
+
+
+class _PreemptionHandlers:
+  """Installs the signal handlers for the duration of a run (main thread only)."""
+
+  def __enter__(self):
+    _PREEMPTED["flag"] = False
+    self.old = {}
+    # Several processes must stop at the SAME step, or the first to stop leaves
+    # the others blocked in a collective. jax.distributed's preemption sync point
+    # (manager.reached_preemption) agrees on that step; it hears SIGTERM through
+    # its own handler, which a Python handler would replace. So with several
+    # processes SIGTERM is left to JAX (SIGINT stops the job as usual).
+    signals = (signal.SIGTERM, signal.SIGINT) if jax.process_count() == 1 else ()
+    if threading.current_thread() is threading.main_thread():
+      for sig in signals:
+        self.old[sig] = signal.signal(sig, _on_signal)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self.old.items():
+      signal.signal(sig, handler)
+
+
+# --- the driver ----------------------------------------------------------------
 
 
 def _prepare_workdir(cfg: Any, workdir: str) -> None:
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+  has_checkpoints = bool(checkpoint.complete_steps(os.path.join(workdir, checkpoint.CHECKPOINTS)))
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and not has_checkpoints:
     raise JaxdistillError(
-      f"workdir {workdir!r} already holds a run (metrics.jsonl); "
+      f"workdir {workdir!r} already holds a run (metrics.jsonl) with no checkpoint to resume; "
       "pass a new --workdir or delete that one"
     )
+  # Every process judges the workdir as it was, before process 0 writes to it.
+  distributed.barrier("jaxdistill:workdir-checked")
   os.makedirs(workdir, exist_ok=True)
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def train(cfg: Any, workdir: str, devices=None) -> dict[str, Any]:
-  """Trains per ``cfg`` in ``workdir``; returns a summary dict.
+def _truncate_metrics(path: str, step: int) -> None:
+  """Drops rows after ``step``: a resumed run rewrites them identically."""
+  if jax.process_index() == 0 and os.path.exists(path):
+    rows = [r for r in metrics_lib.read_jsonl(path) if r["step"] <= step]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
 
-  Writes ``config.json``, ``metrics.jsonl`` and (``ckpt.save_final``)
-  ``final_params/`` in ``workdir``.
+
+def _start(run: Run, manager, workdir: str, resume_from: str | None) -> str:
+  """Restores or initialises ``run.state``; returns how the run started."""
+  cfg = run.cfg
+  source = checkpoint.resolve_resume(manager, resume_from)
+  if source is not None:
+    source_manager, step = source
+    saved = checkpoint.read_meta(source_manager, step)
+    where = os.path.join(str(source_manager.directory), str(step))
+    harmless = checkpoint.check_compatible(saved["config"], cfg.to_dict(), where)
+    if harmless:
+      warnings.warn(f"config differs from the checkpoint's in {harmless} (harmless)")
+    run.state, _ = checkpoint.restore(source_manager, step, run.state, run.data_iter)
+    if source_manager is manager:
+      checkpoint.set_aside_newer(manager, step)
+    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), step)
+    return f"resumed from step {step} ({where})"
+  run.state = run.make_state()
+  if cfg.student.init_from:
+    path = teacher_lib.final_params_dir(cfg.student.init_from)
+    target = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
+      run.state.params["student"],
+    )
+    run.state = run.state.replace(
+      params=dict(run.state.params, student=checkpoint.load_params(path, target))
+    )
+    return f"initialised the student from {path} (weights only)"
+  return "started from scratch"
+
+
+def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) -> dict[str, Any]:
+  """Trains per ``cfg`` in ``workdir`` (resuming if it holds checkpoints).
+
+  Writes ``config.json``, ``metrics.jsonl``, ``checkpoints/``, ``summary.json``
+  and (``ckpt.save_final``) ``final_params/`` in ``workdir``.
+
+  Returns:
+    A summary dict; ``preempted`` is True when a signal ended the run early
+    (after saving a checkpoint).
   """
   # Everything that can be checked before touching the disk is checked first.
   validate.check_mesh(cfg, dict(sharding_lib.make_mesh(cfg.mesh, devices).shape))
+  data_lib.check(cfg)  # data, tokenizer and vocabulary (builds into the cache, not the workdir)
   _prepare_workdir(cfg, workdir)
-  run = build_run(cfg, workdir, devices)
-  steps, every = cfg.optim.steps, cfg.log.every
+  data_lib.save_run_files(cfg, workdir)
+  run = build_run(cfg, workdir, devices, create_state=False)
+  manager = checkpoint.make_manager(workdir, cfg.ckpt)
+  best = checkpoint.make_best_manager(workdir, cfg.ckpt)
+  try:
+    started = _start(run, manager, workdir, resume_from)
+  except BaseException:
+    # Close Orbax's background threads before the error reaches the user, so
+    # the interpreter's shutdown adds nothing after the one-line message.
+    manager.close()
+    if best is not None:
+      best.close()
+    raise
+  meta = checkpoint.metadata(cfg, run.mesh, run.teacher_path)
+  steps, every, start = cfg.optim.steps, cfg.log.every, int(run.state.step)
   tokens = cfg.data.batch_size * cfg.data.seq_len
   writer = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
   show = cfg.log.progress and jax.process_index() == 0
-  bar = tqdm.tqdm(total=steps, disable=not show, unit="step", dynamic_ncols=True)
-  step_times, losses = [], []
+  if jax.process_index() == 0:
+    print(f"{started}; training steps {start + 1}..{steps}", flush=True)
+  bar = tqdm.tqdm(total=steps, initial=start, disable=not show, unit="step", dynamic_ncols=True)
+  step_times, losses, last_metrics = [], [], {}
 
   def on_metrics(step, m, seconds):
     step_times.append(seconds)
     losses.append(float(m["train/loss"]))
-    m = dict(
-      m,
-      **{
-        "perf/step_s": seconds,
-        "perf/tokens_per_s": tokens / seconds,
-        "perf/tflops_per_s": run.flops_per_step / seconds / 1e12,
-      },
-    )
+    last_metrics.update(m)
+    perf = {
+      "perf/step_s": seconds,
+      "perf/tokens_per_s": tokens / seconds,
+      "perf/tflops_per_s": run.flops_per_step / seconds / 1e12,
+    }
+    m = dict(m, **perf)
     bar.update(1)
     bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / seconds:,.0f}")
-    if step % every == 0 or step in (1, steps):
+    if step % every == 0 or step in (1, steps) or m["train/nonfinite"]:
       writer.write({"step": step, **m})
+    if m["train/nonfinite"] and cfg.optim.nan_policy == "stop":
+      last = manager.latest_step()
+      raise JaxdistillError(
+        f"non-finite loss or gradient at step {step} (train/loss={m['train/loss']}); the update "
+        f"was not applied and the run stopped. Last good checkpoint: "
+        f"{'none' if last is None else os.path.join(str(manager.directory), str(last))}. "
+        "Lower optim.lr, check the data, or set optim.nan_policy=skip"
+      )
+
+  def save_due(step):
+    every_ckpt = cfg.ckpt.every
+    preempted = _PREEMPTED["flag"] or manager.reached_preemption(step)
+    _PREEMPTED["flag"] = bool(preempted)
+    return preempted or step == steps or (every_ckpt > 0 and step % every_ckpt == 0)
+
+  def save(step):
+    checkpoint.save(manager, step, run.state, run.data_iter, meta, force=True)
+    if best is not None and cfg.ckpt.best_metric in last_metrics:
+      best.save(
+        step,
+        args=checkpoint.params_args(run.state.params["student"]),
+        metrics={cfg.ckpt.best_metric: float(last_metrics[cfg.ckpt.best_metric])},
+      )
+
+  if cfg.eval.every:  # validation every eval.every steps, before that step's checkpoint
+    from jaxdistill import evaluate
+
+    save_due, save = evaluate.hook(cfg, run, writer, last_metrics, save_due, save)
 
   try:
-    run_steps(run, steps, on_metrics)
+    with _PreemptionHandlers():
+      ran = run_steps(run, steps - start, on_metrics, save_due, save)
   finally:
     bar.close()
     writer.close()
-  if cfg.ckpt.save_final:
-    checkpoint.save_params(
-      os.path.join(workdir, checkpoint.FINAL_PARAMS), run.state.params["student"]
-    )
-  steady = step_times[2:] or step_times
+    manager.wait_until_finished()
+    if best is not None:
+      best.wait_until_finished()
+  preempted = start + ran < steps
+  if cfg.ckpt.save_final and not preempted and start < steps:
+    final = os.path.join(workdir, checkpoint.FINAL_PARAMS)
+    if os.path.isdir(final) and jax.process_index() == 0:  # a finished run resumed
+      shutil.rmtree(final)
+    distributed.barrier("jaxdistill:final-params-removed")  # all save into a clean dir
+    checkpoint.save_params(final, run.state.params["student"])
+  manager.close()
+  steady = step_times[2:] or step_times or [float("nan")]
   summary = {
     "steps": steps,
-    "first_loss": losses[0],
-    "final_loss": losses[-1],
+    "start_step": start,
+    "preempted": preempted,
+    "last_step": start + ran,
+    "first_loss": losses[0] if losses else None,
+    "final_loss": losses[-1] if losses else None,
     "median_step_s": statistics.median(steady),
     "tokens_per_s": tokens / statistics.median(steady),
     "student_params": count_params(run.state.params["student"]),

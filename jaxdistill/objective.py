@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdistill import fused as fused_lib
 from jaxdistill import losses, schedules
 from jaxdistill.errors import ConfigError
 
@@ -43,6 +44,15 @@ class Objective:
   hidden_kind: str = "mse"
   hidden_weight: Schedule | None = None
   projected: bool = False  # hidden widths differ: learned [Ds, Dt] maps
+  # CE and the logit loss through fused.py from final hidden states and heads (no logits).
+  fused: bool = True
+  token_chunk: int = 256
+  vocab_chunk: int = 0
+
+  @property
+  def fused_head(self) -> bool:
+    """The models return (final hidden, head) instead of logits: a fused term needs them."""
+    return self.fused and bool(self.ce_weight or self.logit_weight)
 
   def student_request(self) -> dict:
     """Keyword arguments asking the student model for what the losses need."""
@@ -57,6 +67,7 @@ class Objective:
       hidden_layers=tuple(sorted({p[side] for p in self.hidden_pairs})),
       attn_layers=tuple(sorted({p[side] - 1 for p in self.attn_pairs})) if self.attn_weight else (),
       qkv_layers=tuple(sorted({p[side] - 1 for p in self.attn_pairs})) if self.value_weight else (),
+      return_logits=not self.fused_head,
     )
 
 
@@ -84,6 +95,11 @@ def _pairs(spec: str, key: str, ls: int, lt: int, allow_embeddings: bool):
   return pairs
 
 
+def _fused_fields(d: Any) -> dict:
+  # Types are checked by validate._check_fused.
+  return dict(fused=d.fused, token_chunk=d.token_chunk, vocab_chunk=d.vocab_chunk)
+
+
 def make_objective(cfg: Any) -> Objective:
   """Builds the Objective from a validated config (raises ConfigError)."""
   d, steps = cfg.distill, cfg.optim.steps
@@ -99,6 +115,7 @@ def make_objective(cfg: Any) -> Objective:
       uses_teacher=False,
       temperature=lambda s: jnp.float32(1.0),
       ce_weight=lambda s: jnp.float32(1.0),
+      **_fused_fields(d),
     )
   try:
     temperature = schedules.parse_schedule(d.temperature_schedule, d.temperature, steps)
@@ -169,6 +186,7 @@ def make_objective(cfg: Any) -> Objective:
     hidden_kind=d.hidden.kind,
     hidden_weight=hidden_w,
     projected=projected,
+    **_fused_fields(d),
   )
 
 
@@ -194,6 +212,35 @@ def _mean_over_pairs(pairs, fn):
   return total / len(pairs), metrics
 
 
+def _fused_head_terms(obj: Objective, step, student_out, teacher_out, batch, denom):
+  """CE and the logit divergence, weighted, from final hidden states and heads (fused.py)."""
+  flat = lambda x_BxTxD: x_BxTxD.reshape(-1, x_BxTxD.shape[-1])
+  teacher = {}
+  if obj.logit_weight:
+    teacher = dict(
+      teacher_hidden_NxDt=flat(teacher_out["final_hidden"]), teacher_head_DtxV=teacher_out["head"]
+    )
+  out = fused_lib.fused_loss_head(
+    flat(student_out["final_hidden"]),
+    student_out["head"],
+    batch["targets"].reshape(-1),
+    batch["weights"].reshape(-1),
+    denom,
+    **teacher,
+    kind=obj.logit_kind,
+    temperature=obj.temperature(step),
+    beta=obj.beta,
+    kl_weight=obj.logit_weight(step) if obj.logit_weight else 0.0,
+    ce_weight=obj.ce_weight(step) if obj.ce_weight else 0.0,
+    token_chunk=obj.token_chunk,
+    vocab_chunk=obj.vocab_chunk,
+  )
+  metrics = {"task/ce": out.ce} if obj.ce_weight else {}
+  if obj.logit_weight:
+    metrics[f"distill/{obj.logit_kind}"] = out.divergence
+  return out.loss, metrics
+
+
 def compute_loss(
   obj: Objective,
   step: jax.Array,
@@ -209,7 +256,9 @@ def compute_loss(
     obj: the Objective.
     step: scalar int, for the schedules.
     proj: projection params from ``init_projections``.
-    student_out, teacher_out: model output dicts (teacher_out None without one).
+    student_out, teacher_out: model output dicts (teacher_out None without one). With
+      "final_hidden" and "head" instead of "logits" (``obj.student_request()`` when
+      ``obj.fused_head``), CE and the logit loss go through ``fused.fused_loss_head``.
     batch: has ``targets`` and ``weights`` [B, T].
     denom: global number of valid tokens.
 
@@ -226,11 +275,17 @@ def compute_loss(
     metrics.update(m)
     total += weight(step) * value
 
-  if obj.ce_weight:
+  # Models asked for (final hidden, head) instead of logits (obj.fused_head): fused.py.
+  fused_head = "final_hidden" in student_out and "logits" not in student_out
+  if fused_head and (obj.ce_weight or obj.logit_weight):
+    value, m = _fused_head_terms(obj, step, student_out, teacher_out, batch, denom)
+    metrics.update(m)
+    total += value
+  if obj.ce_weight and not fused_head:
     add(
       obj.ce_weight, losses.cross_entropy(student_out["logits"], batch["targets"], mask_BxT, denom)
     )
-  if obj.logit_weight:
+  if obj.logit_weight and not fused_head:
     add(
       obj.logit_weight,
       losses.logit_loss(

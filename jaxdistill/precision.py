@@ -8,11 +8,19 @@ losses are computed in float32 (the losses cast their inputs).
 The teacher and the student each have their own policy (``teacher.policy``,
 ``student.policy``): a frozen teacher only runs forward, so it is the cheapest
 place for low precision.
+
+A student with float16 params or compute trains with dynamic loss scaling
+(``optim.loss_scale=dynamic``): ``LossScale`` lives in the TrainState, the step
+multiplies the loss by it before differentiating, divides the gradients by it,
+halves it and skips the update on overflow, and doubles it after
+``optim.loss_scale_period`` finite steps.
 """
 
 import dataclasses
 from typing import Any
 
+import flax.struct
+import jax
 import jax.numpy as jnp
 
 from jaxdistill.errors import ConfigError
@@ -34,10 +42,14 @@ class Policy:
   param_dtype: Any = jnp.float32
   compute_dtype: Any = jnp.float32
   output_dtype: Any = jnp.float32
+  # c=fp8: projection matmuls quantised (e4m3 forward, e5m2 gradients, delayed
+  # scaling); compute_dtype (bf16) is everything else.
+  fp8: bool = False
 
   def __str__(self) -> str:
     name = lambda d: jnp.dtype(d).name
-    return f"p={name(self.param_dtype)},c={name(self.compute_dtype)},o={name(self.output_dtype)}"
+    compute = "fp8" if self.fp8 else name(self.compute_dtype)
+    return f"p={name(self.param_dtype)},c={compute},o={name(self.output_dtype)}"
 
 
 def parse_policy(spec: str, key: str = "policy") -> Policy:
@@ -45,7 +57,8 @@ def parse_policy(spec: str, key: str = "policy") -> Policy:
 
   Args:
     spec: comma-separated ``p=``, ``c=``, ``o=`` parts with dtypes from
-      ``f32``, ``bf16``, ``f16`` (long names accepted).
+      ``f32``, ``bf16``, ``f16`` (long names accepted); ``c`` may also be
+      ``fp8``: FP8 projection matmuls, everything else in bf16.
     key: the config key the spec came from, named in errors.
 
   Returns:
@@ -54,7 +67,7 @@ def parse_policy(spec: str, key: str = "policy") -> Policy:
   Raises:
     ConfigError: unknown part or dtype.
   """
-  parts = {}
+  parts, fp8 = {}, False
   for item in filter(None, (s.strip() for s in spec.split(","))):
     name, sep, value = item.partition("=")
     if not sep or name not in ("p", "c", "o"):
@@ -63,6 +76,12 @@ def parse_policy(spec: str, key: str = "policy") -> Policy:
         f"bad part {item!r} in {spec!r}; write e.g. "
         "'p=f32,c=bf16,o=f32' (p=params, c=compute, o=output)",
       )
+    if value == "fp8":
+      if name != "c":
+        raise ConfigError(
+          key, f"fp8 in {spec!r} is a matmul mode, not a storage dtype: write it as c=fp8"
+        )
+      fp8, value = True, "bf16"
     if value not in DTYPES:
       raise ConfigError(
         key, f"unknown dtype {value!r} in {spec!r}; choose from {sorted(set(DTYPES))}"
@@ -70,18 +89,66 @@ def parse_policy(spec: str, key: str = "policy") -> Policy:
     parts[name] = DTYPES[value]
   param = parts.get("p", jnp.float32)
   compute = parts.get("c", param)
-  return Policy(param, compute, parts.get("o", compute))
+  return Policy(param, compute, parts.get("o", compute), fp8)
 
 
-def check_trainable(policy: Policy, key: str) -> None:
-  """Rejects policies a trained model cannot use yet.
+def check_trainable(policy: Policy, key: str, loss_scaling: bool = False) -> None:
+  """Rejects policies a trained model cannot use.
 
-  float16 gradients underflow without dynamic loss scaling, which jaxdistill
-  does not implement yet; bf16 has float32's exponent range and needs none.
+  float16 gradients underflow (and overflow) without dynamic loss scaling;
+  bf16 has float32's exponent range and needs none.
+
+  Args:
+    policy: the trained model's policy.
+    key: the config key of the policy, named in errors.
+    loss_scaling: whether dynamic loss scaling is on (``optim.loss_scale``).
   """
-  if jnp.float16 in (policy.param_dtype, policy.compute_dtype):
+  if jnp.float16 in (policy.param_dtype, policy.compute_dtype) and not loss_scaling:
     raise ConfigError(
       key,
-      "float16 training needs dynamic loss scaling, which "
-      "is not implemented yet; use bf16 (e.g. 'p=f32,c=bf16,o=f32')",
+      "float16 training needs dynamic loss scaling: set optim.loss_scale=dynamic, "
+      "or use bf16 (e.g. 'p=f32,c=bf16,o=f32'), which needs none",
     )
+
+
+LOSS_SCALES = ("none", "dynamic")
+
+
+@flax.struct.dataclass
+class LossScale:
+  """Dynamic loss-scaling state (part of the TrainState, checkpointed).
+
+  Attributes:
+    scale: float32 scalar the loss is multiplied by before differentiation.
+    good_steps: int32 scalar, finite steps since the scale last changed.
+  """
+
+  scale: jax.Array
+  good_steps: jax.Array
+
+
+def init_loss_scale(optim: Any) -> LossScale | None:
+  """The initial LossScale of ``optim.loss_scale`` ("none" gives None: no scaling)."""
+  if optim.loss_scale != "dynamic":
+    return None
+  return LossScale(
+    scale=jnp.asarray(optim.loss_scale_init, jnp.float32), good_steps=jnp.zeros((), jnp.int32)
+  )
+
+
+def update_loss_scale(ls: LossScale, finite: jax.Array, period: int) -> LossScale:
+  """Halves the scale on overflow; doubles it after ``period`` finite steps in a row.
+
+  Args:
+    ls: the state used for this step.
+    finite: bool scalar, whether this step's loss and gradients were finite.
+    period: finite steps after which the scale doubles.
+
+  Returns:
+    The next state. The scale stays within [1, 2**24] so it never reaches 0
+    or inf (2**24 times a float16 gradient overflows float32 only past 1e38).
+  """
+  grown = ls.good_steps + 1 >= period
+  scale = jnp.where(finite, jnp.where(grown, ls.scale * 2.0, ls.scale), ls.scale * 0.5)
+  good = jnp.where(finite & ~grown, ls.good_steps + 1, 0)
+  return LossScale(scale=jnp.clip(scale, 1.0, 2.0**24), good_steps=good.astype(jnp.int32))

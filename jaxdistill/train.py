@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxdistill import objective as objective_lib
+from jaxdistill import precision
 from jaxdistill import sharding as sharding_lib
 
 
@@ -35,12 +36,19 @@ class TrainState:
     params: {"student": flax params, "proj": {"layer_i": [Ds, Dt]}}.
     opt_state: optax state of ``params``.
     rng: PRNG key for stochastic losses, advanced every step.
+    loss_scale: ``precision.LossScale`` for float16 students, else None (no
+      leaves: f32 / bf16 states and checkpoints are unchanged).
+    model_state: the student's non-param variables, e.g. FP8 scales and amax
+      histories ``{"_overwrite_with_gradient": ...}`` (c=fp8), else None. Their
+      "gradients" are their new values: replaced each step, never optimised.
   """
 
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
+  loss_scale: Any = None
+  model_state: Any = None
 
 
 def lr_schedule(optim: Any) -> optax.Schedule:
@@ -73,9 +81,11 @@ def make_optimizer(optim: Any) -> optax.GradientTransformation:
   )
 
 
-def _apply(model: nn.Module, params: Any, batch: dict, request: dict) -> dict:
+def _apply(
+  model: nn.Module, params: Any, batch: dict, request: dict, model_state: Any = None
+) -> dict:
   return model.apply(
-    {"params": params},
+    {"params": params, **(model_state or {})},
     batch["inputs"],
     segment_ids_BxT=batch.get("segment_ids"),
     positions_BxT=batch.get("positions"),
@@ -104,6 +114,7 @@ def make_distill_step(
   tx: optax.GradientTransformation,
   grad_accum: int = 1,
   lr: optax.Schedule | None = None,
+  loss_scale_period: int = 2000,
 ) -> Callable:
   """Builds the pure step function (not jitted: see ``jit_distill_step``).
 
@@ -113,13 +124,15 @@ def make_distill_step(
     tx: the optimizer.
     grad_accum: micro-batches per step; the batch size must divide by it.
     lr: the learning-rate schedule, only to report it as ``train/lr``.
+    loss_scale_period: finite steps before a dynamic loss scale doubles; only
+      used when ``state.loss_scale`` is not None.
 
   Returns:
     ``distill_step(state, teacher_params, batch) -> (state, metrics)``.
   """
 
-  def loss_fn(params, teacher_params, batch, step, denom):
-    student_out = _apply(student, params["student"], batch, obj.student_request())
+  def loss_fn(params, model_state, teacher_params, batch, step, denom, scale):
+    student_out = _apply(student, params["student"], batch, obj.student_request(), model_state)
     teacher_out = None
     if obj.uses_teacher:
       # The teacher is an input, not a parameter: no gradient is ever formed
@@ -127,35 +140,76 @@ def make_distill_step(
       teacher_out = jax.lax.stop_gradient(
         _apply(teacher, teacher_params, batch, obj.teacher_request())
       )
-    return objective_lib.compute_loss(
+    loss, metrics = objective_lib.compute_loss(
       obj, step, params["proj"], student_out, teacher_out, batch, denom
     )
+    # The loss is float32; multiplying it by the loss scale scales every
+    # backward activation, so small float16 gradients stay above underflow.
+    return (loss if scale is None else loss * scale), metrics
 
-  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+  grad_params = jax.value_and_grad(loss_fn, has_aux=True)
+  # With FP8 the model state's "gradients" are its new values (Flax fp8_ops).
+  grad_both = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+  def gradients(state, teacher_params, batch, denom):
+    """(metrics, param grads, new model state) of the whole batch."""
+    scale = None if state.loss_scale is None else state.loss_scale.scale
+
+    def grads_of(model_state, b):
+      args = (teacher_params, b, state.step, denom, scale)
+      if state.model_state is None:  # exactly the plain step's program
+        (_, m), g = grad_params(state.params, None, *args)
+        return m, g, None
+      (_, m), (g, model_state) = grad_both(state.params, model_state, *args)
+      return m, g, model_state
+
+    if grad_accum == 1:
+      return grads_of(state.model_state, batch)
+
+    def body(carry, micro):
+      acc, model_state = carry
+      m, g, model_state = grads_of(model_state, micro)
+      # Param gradients add up; the FP8 state passes on from micro-batch to
+      # micro-batch, so its amax histories see every one.
+      return (jax.tree.map(jnp.add, acc, (g, m)), model_state), None
+
+    micro = _micro_batches(batch, grad_accum)
+    first = jax.tree.map(lambda x: x[0], micro)
+    metrics_shape, grads_shape, _ = jax.eval_shape(grads_of, state.model_state, first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
+    ((grads, metrics), model_state), _ = jax.lax.scan(body, (zeros, state.model_state), micro)
+    return metrics, grads, model_state
 
   def distill_step(state: TrainState, teacher_params: Any, batch: dict):
+    ls = state.loss_scale
     # Normalise every term by the valid tokens of the WHOLE global batch, so
     # micro-batch gradients simply add up to the full-batch gradient.
     denom = jnp.maximum(batch["weights"].sum(), 1.0)
-    if grad_accum == 1:
-      (_, metrics), grads = grad_fn(state.params, teacher_params, batch, state.step, denom)
-    else:
-
-      def body(carry, micro):
-        (_, m), g = grad_fn(state.params, teacher_params, micro, state.step, denom)
-        return jax.tree.map(jnp.add, carry, (g, m)), None
-
-      micro = _micro_batches(batch, grad_accum)
-      first = jax.tree.map(lambda x: x[0], micro)
-      (_, metrics_shape), grads_shape = jax.eval_shape(
-        grad_fn, state.params, teacher_params, first, state.step, denom
-      )
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
-      (grads, metrics), _ = jax.lax.scan(body, zeros, micro)
+    metrics, grads, model_state = gradients(state, teacher_params, batch, denom)
+    if ls is not None:
+      # Unscale before anything reads the gradients (norm, clipping, Adam).
+      grads = jax.tree.map(lambda g: (g.astype(jnp.float32) / ls.scale).astype(g.dtype), grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient never reaches the state: the update is
+    # dropped here and the host decides (optim.nan_policy) to stop or go on.
+    finite = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(grad_norm)
+    params, opt_state, model_state = jax.tree.map(
+      lambda new, old: jnp.where(finite, new, old),
+      (params, opt_state, model_state),
+      (state.params, state.opt_state, state.model_state),
+    )
     metrics = dict(metrics, **objective_lib.schedule_metrics(obj, state.step))
-    metrics["train/grad_norm"] = optax.tree.norm(grads)
+    metrics["train/grad_norm"] = grad_norm
+    metrics["train/nonfinite"] = 1.0 - finite.astype(jnp.float32)
+    if ls is not None:
+      # An overflowing gradient is the loss scale's normal business, not an
+      # error: only a non-finite loss counts as non-finite for optim.nan_policy.
+      metrics["train/nonfinite"] = 1.0 - jnp.isfinite(metrics["train/loss"]).astype(jnp.float32)
+      metrics["train/overflow"] = 1.0 - finite.astype(jnp.float32)
+      metrics["train/loss_scale"] = ls.scale
+      ls = precision.update_loss_scale(ls, finite, loss_scale_period)
     metrics["perf/valid_tokens"] = denom
     if lr is not None:
       metrics["train/lr"] = lr(state.step)
@@ -164,6 +218,8 @@ def make_distill_step(
       params=params,
       opt_state=opt_state,
       rng=jax.random.fold_in(state.rng, state.step),
+      loss_scale=ls,
+      model_state=model_state,
     )
     return new_state, metrics
 
@@ -179,8 +235,16 @@ def init_state(
   seq_len: int,
   d_student: int,
   d_teacher: int,
+  create: bool = True,
+  loss_scale: precision.LossScale | None = None,
 ) -> tuple[TrainState, Any]:
   """Initialises the TrainState directly into its shardings.
+
+  Args:
+    create: False returns the abstract state (``jax.ShapeDtypeStruct`` leaves
+      with their shardings) without allocating anything: the restore target.
+    loss_scale: the initial dynamic loss scale (``precision.init_loss_scale``)
+      or None; replicated, like ``step``.
 
   Returns:
     (state, state_shardings): the shardings come from the models' logical
@@ -196,10 +260,21 @@ def init_state(
       "proj": objective_lib.init_projections(obj, proj_rng, d_student, d_teacher),
     }
     return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=state_rng,
+      loss_scale=loss_scale,
+      model_state={k: v for k, v in variables.items() if k != "params"} or None,
     )
 
-  shardings = sharding_lib.shardings_of(jax.eval_shape(init_fn, rng), mesh)
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = sharding_lib.shardings_of(abstract, mesh)
+  if not create:
+    shapes = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
+    )
+    return shapes, shardings
   with sharding_lib.rules_context(mesh):
     state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
   return state, shardings

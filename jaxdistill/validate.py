@@ -12,7 +12,9 @@ from jaxdistill import models, objective, precision
 from jaxdistill.errors import ConfigError
 
 TEACHER_SOURCES = ("none", "random", "pretrain", "workdir")
-DATA_SOURCES = ("synthetic",)
+# Text sources are tokenised and packed by jaxdistill/data/pipeline.py.
+TEXT_SOURCES = ("stdlib", "tfds", "array_record", "text")
+DATA_SOURCES = ("synthetic",) + TEXT_SOURCES
 
 
 def _positive(cfg: Any, key: str) -> None:
@@ -25,13 +27,26 @@ def _positive(cfg: Any, key: str) -> None:
 def validate(cfg: Any) -> None:
   """Raises ConfigError for the first bad or inconsistent setting."""
   student_policy = precision.parse_policy(cfg.student.policy, "student.policy")
-  precision.check_trainable(student_policy, "student.policy")
+  if cfg.optim.loss_scale not in precision.LOSS_SCALES:
+    raise ConfigError(
+      "optim.loss_scale", f"unknown {cfg.optim.loss_scale!r}; choose from {precision.LOSS_SCALES}"
+    )
+  precision.check_trainable(
+    student_policy, "student.policy", loss_scaling=cfg.optim.loss_scale == "dynamic"
+  )
   models.transformer_config(cfg.student, student_policy, "student")
   t = cfg.teacher
   if t.source not in TEACHER_SOURCES:
     raise ConfigError("teacher.source", f"unknown {t.source!r}; choose from {TEACHER_SOURCES}")
   if t.source != "none":
-    models.transformer_config(t, precision.parse_policy(t.policy, "teacher.policy"), "teacher")
+    teacher_policy = precision.parse_policy(t.policy, "teacher.policy")
+    if teacher_policy.fp8:
+      raise ConfigError(
+        "teacher.policy",
+        "c=fp8 needs FP8 scales, which only a trained model's steps produce (delayed "
+        "scaling); teacher FP8 inference is not supported: use c=bf16",
+      )
+    models.transformer_config(t, teacher_policy, "teacher")
   if t.source == "pretrain" and t.pretrain_steps <= 0:
     raise ConfigError("teacher.pretrain_steps", "must be > 0 when teacher.source='pretrain'")
   if t.source == "workdir" and not os.path.isdir(t.path):
@@ -42,12 +57,15 @@ def validate(cfg: Any) -> None:
     )
   if cfg.data.source not in DATA_SOURCES:
     raise ConfigError("data.source", f"unknown {cfg.data.source!r}; choose from {DATA_SOURCES}")
+  _check_data(cfg)
   for key in (
     "data.batch_size",
     "data.seq_len",
     "optim.steps",
     "optim.lr",
     "optim.grad_accum",
+    "optim.loss_scale_init",
+    "optim.loss_scale_period",
     "log.every",
   ):
     _positive(cfg, key)
@@ -62,11 +80,61 @@ def validate(cfg: Any) -> None:
       f"data.batch_size={cfg.data.batch_size} does "
       f"not split into {cfg.optim.grad_accum} micro-batches",
     )
+  if cfg.optim.nan_policy not in ("stop", "skip"):
+    raise ConfigError("optim.nan_policy", f"unknown {cfg.optim.nan_policy!r}; choose stop or skip")
+  if cfg.ckpt.every < 0 or cfg.ckpt.max_to_keep < 0:
+    raise ConfigError("ckpt.every", "ckpt.every and ckpt.max_to_keep must be >= 0")
+  if cfg.ckpt.best_mode not in ("min", "max"):
+    raise ConfigError("ckpt.best_mode", f"unknown {cfg.ckpt.best_mode!r}; choose min or max")
+  if cfg.student.init_from and not os.path.isdir(cfg.student.init_from):
+    raise ConfigError(
+      "student.init_from",
+      f"{cfg.student.init_from!r} is not a directory; "
+      "point it at a run's final_params (or its workdir)",
+    )
   if cfg.optim.lr_schedule not in ("cosine", "constant"):
     raise ConfigError(
       "optim.lr_schedule", f"unknown {cfg.optim.lr_schedule!r}; choose cosine or constant"
     )
-  objective.make_objective(cfg)
+  _check_fused(cfg.distill, objective.make_objective(cfg))
+
+
+def _check_fused(d: Any, obj: objective.Objective) -> None:
+  """distill.fused / token_chunk / vocab_chunk (the fused loss head, jaxdistill/fused.py)."""
+  if not isinstance(d.fused, bool):
+    raise ConfigError("distill.fused", f"must be true or false, got {d.fused!r}")
+  for key in ("token_chunk", "vocab_chunk"):
+    if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 0:
+      raise ConfigError(f"distill.{key}", f"must be an int >= 0 (0 = off), got {d[key]!r}")
+  if obj.fused_head and obj.vocab_chunk and obj.logit_weight and obj.logit_kind != "kl":
+    raise ConfigError(
+      "distill.vocab_chunk",
+      f"vocabulary chunks stream only logit.kind='kl', not {obj.logit_kind!r}; set "
+      "distill.vocab_chunk=0 (token chunks fuse every kind) or distill.fused=False",
+    )
+
+
+def _check_data(cfg: Any) -> None:
+  """Data settings that contradict each other (files and datasets are checked when opened)."""
+  d = cfg.data
+  if d.packing not in ("pack", "pad"):
+    raise ConfigError("data.packing", f"unknown {d.packing!r}; choose pack or pad")
+  if d.source == "tfds" and not d.tfds_name:
+    raise ConfigError("data.tfds_name", "is empty; name a prepared TFDS dataset")
+  if d.source in ("array_record", "text") and not d.train_files:
+    raise ConfigError("data.train_files", f"is empty; data.source={d.source!r} needs files")
+  if d.tokenizer and not os.path.isfile(d.tokenizer):
+    raise ConfigError(
+      "data.tokenizer",
+      f"no such file {d.tokenizer!r}; point it at a tokenizer.json or leave it "
+      "empty to train a BPE on the training split",
+    )
+  if min(d.num_threads, d.prefetch, d.shuffle_rows, cfg.eval.every, cfg.eval.batches) < 0:
+    raise ConfigError("data", "num_threads, prefetch, shuffle_rows, eval.every, eval.batches: >= 0")
+  if cfg.eval.every and d.source == "synthetic" and cfg.eval.batches == 0:
+    raise ConfigError("eval.batches", "must be > 0 for synthetic data (its stream never ends)")
+  if cfg.eval.every and d.source in ("array_record", "text") and not d.eval_files:
+    raise ConfigError("data.eval_files", "is empty but eval.every > 0 needs a validation split")
 
 
 def check_mesh(cfg: Any, mesh_shape: dict[str, int]) -> None:

@@ -20,14 +20,18 @@ def _run(cfg, devices, steps=3):
 _RUNS = {}
 
 
-def _cached_run(cfg, mesh: str, grad_accum: int):
-  """3 steps of ``cfg`` on mesh "1x1x1" or "2x2x2"; each variant runs once per session."""
-  key = (mesh, grad_accum)
+def _cached_run(cfg, mesh: str, grad_accum: int, **distill):
+  """3 steps of ``cfg`` on mesh "1x1x1" or "2x2x2"; each variant runs once per session.
+
+  ``distill``: overrides of ``cfg.distill`` keys (part of the cache key).
+  """
+  key = (mesh, grad_accum, tuple(sorted(distill.items())))
   if key not in _RUNS:
     cfg = cfg.copy_and_resolve_references()
     data, fsdp, tensor = map(int, mesh.split("x"))
     cfg.mesh.update(data=data, fsdp=fsdp, tensor=tensor)
     cfg.optim.grad_accum = grad_accum
+    cfg.distill.update(**distill)
     run, history = _run(cfg, jax.devices()[: data * fsdp * tensor])
     _RUNS[key] = (run, jax.device_get(run.state.params), history)
   return _RUNS[key]
@@ -73,8 +77,26 @@ def test_grad_accumulation_equals_full_batch(tiny_config):
       "distill/value_relation",
       "train/grad_norm",
     ):
-      np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, err_msg=key)
+      np.testing.assert_allclose(m2[key], m1[key], rtol=1e-5, atol=1e-8, err_msg=key)
   _assert_close(accum_params, full_params, "params")
+
+
+@pytest.mark.parametrize(
+  "mesh,chunks",
+  [("1x1x1", {}), ("2x2x2", dict(token_chunk=8, vocab_chunk=16))],
+  ids=["single-default-chunks", "sharded-token-and-vocab-chunks"],
+)
+def test_fused_step_equals_dense_step(tiny_config, mesh, chunks):
+  """distill.fused (the default) gives the dense reference path's metrics and params."""
+  _, dense_params, dense_hist = _cached_run(tiny_config, "1x1x1", 1, fused=False)
+  _, fused_params, fused_hist = _cached_run(tiny_config, mesh, 1, **chunks)
+  for step, (m_dense, m_fused) in enumerate(zip(dense_hist, fused_hist)):
+    assert m_dense.keys() == m_fused.keys()
+    for key in m_dense:
+      np.testing.assert_allclose(
+        m_fused[key], m_dense[key], rtol=1e-5, atol=1e-7, err_msg=f"step {step + 1} {key}"
+      )
+  _assert_close(fused_params, dense_params, "params")
 
 
 def _dot_count(fn, *args) -> int:

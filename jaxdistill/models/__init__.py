@@ -35,6 +35,7 @@ def transformer_config(section: Any, policy: Policy, key: str):
       dtype=policy.compute_dtype,
       param_dtype=policy.param_dtype,
       output_dtype=policy.output_dtype,
+      fp8=policy.fp8,
     )
   except (ValueError, TypeError) as e:
     raise ConfigError(key, str(e)) from None

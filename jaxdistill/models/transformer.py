@@ -24,6 +24,7 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
+from flax.linen import fp8_ops
 import jax.numpy as jnp
 
 _NORMS = ("rmsnorm", "layernorm")
@@ -36,6 +37,8 @@ _ACT_RESIDUAL = ("act_batch", "act_length", "act_embed")
 _ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
 _ACT_MLP = ("act_batch", "act_length", "act_mlp")
 _ACT_LOGITS = ("act_batch", "act_length", "act_vocab")
+# Variable collection of FP8 scales / amax histories: its "gradients" are its new values.
+FP8_STATE = fp8_ops.OVERWRITE_WITH_GRADIENT
 
 
 def _is_int(value: Any) -> bool:
@@ -47,8 +50,11 @@ class TransformerConfig:
   """Hyper-parameters and precision policy of a ``Transformer``.
 
   ``dtype`` is the compute dtype (activations, matmuls), ``param_dtype`` the storage dtype of
-  params, ``output_dtype`` the dtype of returned logits. ``head_dim`` (K) = d_model // num_heads.
-  Invalid values raise ValueError naming the field.
+  params, ``output_dtype`` the dtype of returned logits. ``fp8``: the ``EinsumDense`` projections
+  run through Flax's ``Fp8Einsum`` (e4m3 forward, e5m2 gradients, delayed scaling from
+  ``fp8_history``-long amax histories in the ``_overwrite_with_gradient`` collection); the
+  vocabulary head stays in ``dtype``. ``head_dim`` (K) = d_model // num_heads. Invalid values
+  raise ValueError naming the field.
   """
 
   vocab_size: int
@@ -64,6 +70,8 @@ class TransformerConfig:
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   output_dtype: Any = jnp.float32
+  fp8: bool = False
+  fp8_history: int = 1024
   norm_eps: float = 1e-6
   rope_base: float = 10000.0
 
@@ -193,15 +201,27 @@ class EinsumDense(nn.Module):
   names: tuple[str | None, ...]
   equation: str
   stddev: float = _INIT_STDDEV
+  allow_fp8: bool = True  # False: plain matmul even when config.fp8 (the vocabulary head)
 
   def setup(self):
     self.kernel = self.param(
       "kernel", _init(self.names, self.stddev), self.shape, self.config.param_dtype
     )
+    if self.config.fp8 and self.allow_fp8:
+      self.fp8 = fp8_ops.Fp8Einsum(amax_history_length=self.config.fp8_history)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     dtype = self.config.dtype
-    return jnp.einsum(self.equation, x.astype(dtype), self.kernel.astype(dtype))
+    x, kernel = x.astype(dtype), self.kernel.astype(dtype)
+    # Without its FP8 state (e.g. evaluating params saved alone) an fp8 model
+    # falls back to plain matmuls in the compute dtype.
+    if (
+      self.config.fp8
+      and self.allow_fp8
+      and (self.is_initializing() or self.has_variable(FP8_STATE, "fp8"))
+    ):
+      return self.fp8(self.equation, x, kernel)
+    return jnp.einsum(self.equation, x, kernel)
 
 
 class Attention(nn.Module):
@@ -432,7 +452,12 @@ class Transformer(nn.Module):
       head_DxV = token_embed.embedding.T.astype(cfg.dtype)
     else:
       lm_head = EinsumDense(
-        cfg, (cfg.d_model, cfg.vocab_size), ("embed", "vocab"), "btd,dv->btv", name="lm_head"
+        cfg,
+        (cfg.d_model, cfg.vocab_size),
+        ("embed", "vocab"),
+        "btd,dv->btv",
+        allow_fp8=False,  # only .kernel is used: the head feeds fp32 softmaxes
+        name="lm_head",
       )
       head_DxV = lm_head.kernel.astype(cfg.dtype)
     if not return_logits:

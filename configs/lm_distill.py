@@ -1,0 +1,27 @@
+"""The quickstart's KD student: a 2-layer LM distilled from configs/lm_teacher.py.
+
+  jaxdistill train --config configs/lm_distill.py --workdir workdirs/lm_distill
+
+As it stands it first trains the teacher inside the run (teacher.source=pretrain, 440 steps
+into WORKDIR/teacher, reused if you run again there). To distil from a teacher trained
+before (configs/lm_teacher.py, or the quickstart's cached one under CACHE/teachers/):
+
+  jaxdistill train --config configs/lm_distill.py --workdir workdirs/lm_distill \
+      --config.teacher.source=workdir --config.teacher.path=workdirs/lm_teacher
+
+Student d128 / 2 layers / 4 heads / d_ff 512 (~1.3M params), 220 steps of 16 x 256 tokens
+on the built-in corpus. Loss: 0.9 KL(teacher || student) at T=1 + 0.1 CE, plus MiniLM
+attention and value-relation KL on the last layers (0.1 each) and hidden-state MSE through
+learned 128->256 projections (0.1). The teacher must be clearly better than what the student
+reaches on CE alone (configs/lm_baseline.py), or the student just copies its mistakes.
+
+Hardware: 2 CPU cores with jemalloc preloaded: about 2 minutes of distillation (plus about 8
+for the teacher when it is pretrained here); a KD step costs about 2x a CE step because the
+teacher runs forward in it. Results: BENCHMARKS.md (quickstart).
+"""
+
+from jaxdistill import quickstart
+
+
+def get_config():
+  return quickstart.student_config("full", kd=True)

@@ -1,0 +1,189 @@
+"""Evaluation of language models on the validation split.
+
+``evaluate(models, batches, mesh, teacher=...)`` runs every model (and the
+teacher once per batch) over the same batches and returns, per model:
+
+  val_loss       cross-entropy per valid token (nats); ``val_ppl`` = exp(val_loss)
+  accuracy       top-1 next-token accuracy
+  agreement      share of tokens where the model's top-1 equals the teacher's
+  kl_to_teacher  KL(teacher || model) per token at temperature 1
+  tokens, eval_tokens_per_s
+
+Sums are accumulated on device over the global (sharded) batches, so several
+processes agree without extra communication. The losses are ``losses.py``'s,
+with ``denom=1`` to get sums. ``Periodic`` is the loop's hook: every
+``eval.every`` steps, CE / accuracy of the student on the first ``eval.batches``
+validation batches (always the same ones, so the curve is comparable).
+
+Shape legend: B batch rows, T sequence length, V vocabulary.
+"""
+
+import itertools
+import math
+import time
+from typing import Any, Iterable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdistill import checkpoint, losses, sharding as sharding_lib, train as train_lib
+from jaxdistill import data as data_lib
+
+
+_LOGITS_FNS: dict = {}  # model config -> its jitted forward, so repeated evaluations reuse it
+
+
+def _logits_fn(module: nn.Module):
+  key = (type(module), module.config)
+  if key not in _LOGITS_FNS:
+    _LOGITS_FNS[key] = _make_logits_fn(module)
+  return _LOGITS_FNS[key]
+
+
+def _make_logits_fn(module: nn.Module):
+  def logits(params, batch):
+    out = module.apply(
+      {"params": params},
+      batch["inputs"],
+      segment_ids_BxT=batch["segment_ids"],
+      positions_BxT=batch["positions"],
+    )
+    return out["logits"].astype(jnp.float32)
+
+  return jax.jit(logits)
+
+
+@jax.jit
+def _sums(logits_BxTxV, teacher_logits_BxTxV, batch) -> dict[str, jax.Array]:
+  """Per-batch sums over valid tokens (the teacher's terms only when it is given)."""
+  mask_BxT, targets_BxT = batch["weights"], batch["targets"]
+  ce, _ = losses.cross_entropy(logits_BxTxV, targets_BxT, mask_BxT, 1.0)
+  top_BxT = jnp.argmax(logits_BxTxV, axis=-1)
+  out = {
+    "loss": ce,
+    "correct": jnp.sum(mask_BxT * (top_BxT == targets_BxT)),
+    "tokens": jnp.sum(mask_BxT),
+  }
+  if teacher_logits_BxTxV is not None:
+    kl, _ = losses.logit_loss(
+      "kl", logits_BxTxV, teacher_logits_BxTxV, mask_BxT, 1.0, temperature=1.0
+    )
+    out["kl"] = kl
+    out["agree"] = jnp.sum(mask_BxT * (top_BxT == jnp.argmax(teacher_logits_BxTxV, axis=-1)))
+  return out
+
+
+def _finish(sums: dict, seconds: float) -> dict[str, float]:
+  n = max(float(sums["tokens"]), 1.0)
+  out = {
+    "val_loss": float(sums["loss"]) / n,
+    "accuracy": float(sums["correct"]) / n,
+    "tokens": int(sums["tokens"]),
+    "eval_tokens_per_s": n / max(seconds, 1e-9),
+  }
+  out["val_ppl"] = math.exp(min(out["val_loss"], 700.0))
+  if "kl" in sums:
+    out["kl_to_teacher"] = float(sums["kl"]) / n
+    out["agreement"] = float(sums["agree"]) / n
+  return out
+
+
+def evaluate(
+  models: dict[str, tuple[nn.Module, Any]],
+  batches: Iterable[dict[str, np.ndarray]],
+  mesh: jax.sharding.Mesh,
+  teacher: tuple[nn.Module, Any] | None = None,
+) -> dict[str, dict[str, float]]:
+  """Evaluates each model (and the teacher) on the same batches.
+
+  Args:
+    models: name -> (module, params); params sharded on ``mesh``.
+    batches: this process's rows of global batches (dicts of [B_local, T] numpy).
+    mesh: the mesh the params live on.
+    teacher: optional (module, params): adds agreement and KL to the teacher, and
+      the teacher itself under the name "teacher".
+
+  Returns:
+    name -> metrics (see the module docstring).
+  """
+  names = list(models) + (["teacher"] if teacher else [])
+  fns = {name: _logits_fn(models[name][0]) for name in models}
+  teacher_fn = _logits_fn(teacher[0]) if teacher else None
+  totals = {name: None for name in names}
+  seconds = dict.fromkeys(names, 0.0)
+  add = lambda a, b: b if a is None else jax.tree.map(jnp.add, a, b)
+  with sharding_lib.rules_context(mesh):
+    for local in batches:
+      batch = sharding_lib.shard_batch(local, mesh)
+      teacher_logits = None
+      if teacher:
+        start = time.perf_counter()
+        teacher_logits = jax.block_until_ready(teacher_fn(teacher[1], batch))
+        seconds["teacher"] += time.perf_counter() - start
+        totals["teacher"] = add(totals["teacher"], _sums(teacher_logits, None, batch))
+      for name in models:
+        start = time.perf_counter()
+        logits = jax.block_until_ready(fns[name](models[name][1], batch))
+        seconds[name] += time.perf_counter() - start
+        totals[name] = add(totals[name], _sums(logits, teacher_logits, batch))
+  if any(t is None for t in totals.values()):
+    raise ValueError("evaluate() got no batches")
+  return {name: _finish(jax.device_get(totals[name]), seconds[name]) for name in names}
+
+
+def load_params(module: nn.Module, path: str, mesh: jax.sharding.Mesh, seq_len: int) -> Any:
+  """A model's params from a ``final_params`` directory, in the module's shardings."""
+  shardings = train_lib.param_shardings(module, mesh, seq_len)
+  abstract = jax.eval_shape(
+    lambda: module.init(jax.random.key(0), np.zeros((1, seq_len), np.int32))["params"]
+  )
+  target = jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
+  )
+  return checkpoint.load_params(path, target)
+
+
+def validation_batches(cfg: Any, limit: int = 0) -> Iterable[dict[str, np.ndarray]]:
+  """This process's validation batches: the whole split (text sources) or ``limit`` of them."""
+  it = data_lib.make_iterator(cfg, "validation")
+  return itertools.islice(it, limit) if limit else it
+
+
+class Periodic:
+  """The training loop's evaluation hook: student CE on the first ``eval.batches`` batches."""
+
+  def __init__(self, cfg: Any, student: nn.Module, mesh: jax.sharding.Mesh):
+    self.cfg, self.student, self.mesh = cfg, student, mesh
+
+  def __call__(self, params: Any) -> dict[str, float]:
+    batches = validation_batches(self.cfg, self.cfg.eval.batches)
+    m = evaluate({"student": (self.student, params)}, batches, self.mesh)["student"]
+    return {"eval/loss": m["val_loss"], "eval/ppl": m["val_ppl"], "eval/accuracy": m["accuracy"]}
+
+
+def hook(cfg: Any, run: Any, writer: Any, last_metrics: dict, save_due, save):
+  """Wraps the loop's (save_due, save) so every ``eval.every`` steps the student is evaluated.
+
+  The loop fetches a due step's metrics and stops dispatching before calling
+  ``save``, so ``run.state`` is exactly that step's. The eval row goes to
+  metrics.jsonl and into ``last_metrics`` before the checkpoint is saved (so
+  ``ckpt.best_metric`` may be ``eval/loss``).
+  """
+  periodic = Periodic(cfg, run.student, run.mesh)
+  saving = {}
+
+  def due(step):
+    saving[step] = save_due(step)  # always asked: it also notices preemption
+    return saving[step] or step % cfg.eval.every == 0
+
+  def evaluate_then_save(step):
+    if step % cfg.eval.every == 0:
+      m = periodic(run.state.params["student"])
+      last_metrics.update(m)
+      writer.write({"step": step, **m})
+    if saving.pop(step, False):
+      save(step)
+
+  return due, evaluate_then_save

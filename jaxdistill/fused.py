@@ -1,0 +1,552 @@
+"""Fused loss head: KL and CE from hidden states and output heads, one chunk of logits at a time.
+
+The dense path builds the student and teacher logits [N, V] in float32, their softmaxes and the
+logits' gradient: several [N, V] buffers, which at a 128k vocabulary dominate memory. Here the
+logits only ever exist one chunk at a time, inside a ``jax.custom_vjp``:
+
+* Token chunks (the default): each chunk of rows sees the WHOLE vocabulary, so its softmaxes,
+  loss and logit gradient dZ are known at once. The forward pass therefore also forms the
+  gradients dH = dZ W^T and dW = H^T dZ (as Liger-Kernel does) and the backward pass only scales
+  them by the incoming cotangent: the 4 head matmuls of the dense path (teacher forward, student
+  forward, student dH and dW), no recomputation. Forward KL and CE use their closed-form
+  gradient; reverse KL and JSD that of autodiff through ``losses.LOGIT_DIVERGENCES``.
+* Vocabulary chunks (``vocab_chunk`` > 0, forward KL only), for when even one token chunk of
+  full-vocabulary logits is too large: pass 1 streams over vocab chunks keeping per-chunk maxima
+  and exp-sums of the student (at tau and at 1) and teacher, the teacher-weighted logit gap and
+  the target logit, then combines them into logsumexps and KL = a / s_t - lse_t + lse_s
+  (REFERENCE.md section 3); pass 2 recomputes each chunk's logits to form dZ, dH and dW. That is
+  6 head matmuls (+50% head FLOPs); it composes with token chunks (one pass pair per chunk).
+
+Sharding: rows are split per batch shard and vocabulary columns per vocab shard (logical axes
+``act_batch`` and ``vocab`` of ``sharding.LOGICAL_RULES``), so every chunk holds rows of every
+batch shard and columns of every vocab shard and no device idles or gathers logits. The head's
+gradient is accumulated per batch shard and reduced once at the end, not once per chunk.
+
+Conventions as ``losses.py``: every term is sum over valid tokens of weight * per-token loss
+divided by the caller's GLOBAL ``denom``; padded rows are zeroed before any math (garbage there
+changes nothing); KL is scaled by tau^2; CE is hard-label at temperature 1; all math is float32.
+Unlike the dense path, logits are accumulated in float32 even for a bf16 compute dtype (the
+dense path rounds them to the model's output dtype first).
+
+Shape legend: N tokens (batch x length, flattened), Ds / Dt student / teacher width, V
+vocabulary, S batch shards, C rows of one token chunk (all shards), K token chunks, U columns of
+one vocab chunk (all vocab shards), J vocab chunks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxdistill import losses
+
+F32 = jnp.float32
+# Kinds the vocab-chunked (streaming) path implements; token chunks take any LOGIT_DIVERGENCES.
+STREAMING_KINDS = ("kl",)
+
+
+class FusedLoss(NamedTuple):
+  """Result of ``fused_loss_head``; only ``loss`` carries gradients.
+
+  Attributes:
+    loss: scalar kl_weight * divergence + ce_weight * ce (differentiable).
+    divergence: scalar logit divergence (``kind``, x tau^2), sum over tokens / denom.
+    ce: scalar hard-label cross-entropy, sum over tokens / denom.
+    per_token: {"divergence", "ce", "student_lse" (at T=1), "teacher_lse" (at tau)}, each
+      [N] float32, 0 on padded tokens ("teacher_lse" is 0 without a teacher).
+  """
+
+  loss: jax.Array
+  divergence: jax.Array
+  ce: jax.Array
+  per_token: dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Static:
+  """Everything static about one call (hashable: a custom_vjp nondiff argument)."""
+
+  kind: str
+  beta: float
+  token_chunk: int
+  vocab_chunk: int
+  row_shards: int
+  vocab_shards: int
+  has_teacher: bool
+  hidden_dtype: Any
+  head_dtype: Any
+
+
+# --- Layout: chunks that keep every shard busy ---
+
+
+def _mesh_shards(logical_name: str, size: int) -> int:
+  """Devices the active rules split ``logical_name`` over (1 without a mesh or if uneven)."""
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not nn.get_logical_axis_rules():
+    return 1
+  axes = nn.logical_to_mesh_axes((logical_name,))[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  return shards if size % shards == 0 else 1
+
+
+def _constrain(x: jax.Array, names: tuple) -> jax.Array:
+  return nn.with_logical_constraint(x, names)
+
+
+def _split(x_MxF: jax.Array, shards: int, chunk: int, fill, name: str) -> jax.Array:
+  """[M, ...] -> [K, shards * c, ...]: chunk k holds c rows of EACH shard's block.
+
+  Rows of shard s are its contiguous block M/shards (how a sharded array is laid out); each
+  block is padded with ``fill`` on its own, so nothing crosses devices. chunk <= 0: one chunk.
+  """
+  m, rest = x_MxF.shape[0], x_MxF.shape[1:]
+  local = m // shards
+  count = 1 if chunk <= 0 else -(-local // chunk)
+  size = -(-local // count)  # balanced chunks: padding < count rows per shard
+  none = (None,) * len(rest)
+  x = _constrain(x_MxF.reshape(shards, local, *rest), (name, None) + none)
+  x = jnp.pad(x, [(0, 0), (0, count * size - local)] + [(0, 0)] * len(rest), constant_values=fill)
+  x = x.reshape(shards, count, size, *rest).swapaxes(0, 1)
+  return _constrain(x.reshape(count, shards * size, *rest), (None, name) + none)
+
+
+def _merge(x_KxCxF: jax.Array, shards: int, m: int) -> jax.Array:
+  """Inverse of ``_split``: [K, shards * c, ...] -> [m, ...] without the padding."""
+  count, width, rest = x_KxCxF.shape[0], x_KxCxF.shape[1], x_KxCxF.shape[2:]
+  x = x_KxCxF.reshape(count, shards, width // shards, *rest).swapaxes(0, 1)
+  x = x.reshape(shards, count * (width // shards), *rest)[:, : m // shards]
+  return x.reshape(m, *rest)
+
+
+def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
+  """a @ b in b's dtype with float32 accumulation and result (dZ enters in the head's dtype)."""
+  return jnp.matmul(a.astype(b.dtype), b, preferred_element_type=F32)
+
+
+def _per_shard_outer(h_CxD: jax.Array, dz_CxU: jax.Array, shards: int) -> jax.Array:
+  """[S, D, U] per-batch-shard partial sums of h^T dz: summed over rows only within a shard."""
+  c = h_CxD.shape[0] // shards
+  h_SxCxD = h_CxD.reshape(shards, c, -1)
+  dz_SxCxU = dz_CxU.astype(h_CxD.dtype).reshape(shards, c, -1)
+  out = jnp.einsum("scd,scu->sdu", h_SxCxD, dz_SxCxU, preferred_element_type=F32)
+  return _constrain(out, ("act_batch", None, "vocab"))
+
+
+def _add_outer_block(dw_acc, h_CxD, dz_CxU, j, size: int, shards: int) -> jax.Array:
+  """dw_acc[..., j * size : (j + 1) * size] += per-shard h^T dz, in place (a dynamic slice).
+
+  dw_acc is [S, D, (T,) J * size]: each vocab shard's columns last, so the slice is local.
+  """
+  dw = _per_shard_outer(h_CxD, dz_CxU, shards).reshape(dw_acc.shape[:-1] + (size,))
+  old = jax.lax.dynamic_slice_in_dim(dw_acc, j * size, size, axis=-1)
+  return jax.lax.dynamic_update_slice_in_dim(dw_acc, old + dw, j * size, axis=-1)
+
+
+def _column_blocks(v_local: int, rows: int, width: int) -> int:
+  """Blocks to split a shard's V columns into when accumulating h^T dz, so that one block of
+  the head's gradient [D, u] is no larger than the chunk's logits [C, V]: the smallest count
+  >= D / C that divides V exactly (1 if none does, rather than tiny blocks)."""
+  target = max(1, -(-width // max(rows, 1)))
+  return next((k for k in range(target, 8 * target + 1) if v_local % k == 0), 1)
+
+
+# --- Forward KL + CE in closed form, from one chunk of logits ---
+
+
+def _masked_max(x_CxU: jax.Array, valid_U: jax.Array):
+  """Row max over the valid columns (-inf if none) and a finite stand-in to subtract, [C, 1]."""
+  m_C = jnp.max(jnp.where(valid_U, x_CxU, -jnp.inf), axis=-1)
+  return m_C, jnp.where(jnp.isfinite(m_C), m_C, 0.0)[:, None]
+
+
+def _combine(m_JxC: jax.Array, s_JxC: jax.Array):
+  """Per-chunk (max, exp-sum) -> (rescale factors [J, C], max [C], log exp-sum [C])."""
+  m_C = jnp.max(m_JxC, axis=0)
+  scale_JxC = jnp.exp(m_JxC - m_C)  # a chunk with no valid column has m = -inf: scale 0
+  return scale_JxC, m_C, jnp.log(jnp.sum(s_JxC * scale_JxC, axis=0))
+
+
+def _row_sums(*terms_CxU: jax.Array) -> tuple[jax.Array, ...]:
+  """Row sums of several [C, U] terms in ONE reduction (one pass, no materialised terms)."""
+  zeros = tuple(jnp.zeros((), F32) for _ in terms_CxU)
+  add = lambda a, b: tuple(x + y for x, y in zip(a, b))
+  return jax.lax.reduce(terms_CxU, zeros, add, (1,))
+
+
+def _chunk_stats(zs_CxU, zt_CxU, cols, y_C, tau) -> dict[str, jax.Array]:
+  """Per-token statistics [C] of one vocab chunk: maxima and exp-sums of the student at 1
+  (and, with a teacher, student and teacher at tau), the teacher-weighted gap, the target.
+
+  ``cols`` = (valid_U, ids_U): padded vocab columns are selected out of every sum. max(z / tau)
+  = max(z) / tau (tau > 0 and rounding is monotonic), so z / tau is never stored.
+  """
+  valid_U, ids_U = cols
+  masked = lambda x_CxU: jnp.where(valid_U, x_CxU, 0.0)
+  m1, safe1 = _masked_max(zs_CxU, valid_U)
+  # The target logit by a masked sum, not a gather: it shards over the vocabulary.
+  terms = [masked(jnp.exp(zs_CxU - safe1)), jnp.where(ids_U == y_C[:, None], zs_CxU, 0.0)]
+  if zt_CxU is not None:
+    mt, safe_t = _masked_max(zt_CxU, valid_U)
+    s_CxU, t_CxU = zs_CxU / tau, zt_CxU / tau
+    et = masked(jnp.exp(t_CxU - safe_t / tau))
+    # sum_v exp(t - mt) (t - s); selected, since padded columns would give 0 * inf.
+    terms += [masked(jnp.exp(s_CxU - safe1 / tau)), et, masked(et * (t_CxU - s_CxU))]
+  sums = _row_sums(*terms)
+  stats = dict(m1=m1, s1=sums[0], tgt=sums[1])
+  if zt_CxU is not None:
+    stats.update(ms=m1 / tau, mt=mt / tau, ss=sums[2], st=sums[3], gap=sums[4])
+  return stats
+
+
+def _finish(st: _Static, stats, tau):
+  """Chunk statistics [J, C] -> per-token (divergence, ce, lse_1, lse_t) and (lse_s, lse_t, lse_1).
+
+  KL(p||q) = sum_v p_v (t_v - s_v) - lse_t + lse_s on tempered logits (REFERENCE.md 3),
+  summed as (E_p[t - s] - (max_t - max_s)) - (log S_t - log S_s): the large maxima cancel
+  first, so a small KL keeps its relative precision.
+  """
+  lse_1 = sum(_combine(stats["m1"], stats["s1"])[1:])
+  ce_C = lse_1 - stats["tgt"].sum(0)
+  if not st.has_teacher:
+    zero_C = jnp.zeros_like(ce_C)
+    return (zero_C, ce_C, lse_1, zero_C), (zero_C, zero_C, lse_1)
+  _, m_s, log_s = _combine(stats["ms"], stats["ss"])
+  scale_t, m_t, log_t = _combine(stats["mt"], stats["st"])
+  gap_C = jnp.sum(stats["gap"] * scale_t, 0) / jnp.sum(stats["st"] * scale_t, 0)
+  kl_C = (gap_C - (m_t - m_s)) - (log_t - log_s)
+  lse_s, lse_t = m_s + log_s, m_t + log_t
+  return (kl_C * tau**2, ce_C, lse_1, lse_t), (lse_s, lse_t, lse_1)
+
+
+def _closed_form_dz(st: _Static, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars):
+  """d loss / d student logits: coef (w_kl tau (q - p) + w_ce (softmax(z) - onehot))."""
+  valid_U, ids_U = cols
+  lse_s, lse_t, lse_1 = lses
+  tau, w_div, w_ce = scalars
+  dz_CxU = w_ce * (jnp.exp(zs_CxU - lse_1[:, None]) - (ids_U == y_C[:, None]))
+  if st.has_teacher:
+    q_CxU = jnp.exp(zs_CxU / tau - lse_s[:, None])
+    p_CxU = jnp.exp(zt_CxU / tau - lse_t[:, None])
+    dz_CxU = dz_CxU + w_div * tau * (q_CxU - p_CxU)  # d(tau^2 KL)/dz_s
+  return jnp.where(valid_U, coef_C[:, None] * dz_CxU, 0.0)
+
+
+def _logits(st: _Static, hs_CxDs, ht_CxDt, w_DsxU, wt_DtxU):
+  """Student and teacher logits [C, U] in float32 (the teacher's None without a teacher)."""
+  zs_CxU = _constrain(_dot(hs_CxDs, w_DsxU), ("act_batch", "act_vocab"))
+  if not st.has_teacher:
+    return zs_CxU, None
+  return zs_CxU, _constrain(_dot(ht_CxDt, wt_DtxU), ("act_batch", "act_vocab"))
+
+
+# --- Token chunks with the whole vocabulary ---
+
+
+def _autodiff_terms(st: _Static, zs_CxU, zt_CxU, y_C, coef_C, scalars, with_grad: bool):
+  """Any LOGIT_DIVERGENCES kind: per-token terms and dZ by autodiff of the dense functions."""
+  tau, w_div, w_ce = scalars
+  ids_U = jnp.arange(zs_CxU.shape[1])
+  extra = (st.beta,) if st.kind == "jsd" else ()
+
+  def weighted(zs_CxU):
+    lse_C = jax.nn.logsumexp(zs_CxU, axis=-1)
+    ce_C = lse_C - jnp.sum(jnp.where(ids_U == y_C[:, None], zs_CxU, 0.0), axis=-1)
+    div_C = losses.LOGIT_DIVERGENCES[st.kind](zs_CxU, zt_CxU, tau, *extra)
+    return jnp.sum(coef_C * (w_div * div_C + w_ce * ce_C)), (div_C, ce_C, lse_C)
+
+  lse_t_C = jax.nn.logsumexp(zt_CxU / tau, axis=-1)
+  if not with_grad:
+    return (*weighted(zs_CxU)[1], lse_t_C), None
+  (_, terms), dz_CxU = jax.value_and_grad(weighted, has_aux=True)(zs_CxU)
+  return (*terms, lse_t_C), dz_CxU
+
+
+def _full_vocab_chunk(st: _Static, heads, dw_acc, xs, scalars, with_grad: bool):
+  """One token chunk against the whole vocabulary: (dw_acc + its dW, per-token terms, dH).
+
+  Forward KL and CE use the closed form (fewer live [C, V] buffers than autodiff).
+  """
+  hs_CxDs, ht_CxDt, y_C, coef_C = xs
+  zs_CxU, zt_CxU = _logits(st, hs_CxDs, ht_CxDt, *heads)
+  if st.has_teacher and st.kind not in STREAMING_KINDS:
+    per_token, dz_CxU = _autodiff_terms(st, zs_CxU, zt_CxU, y_C, coef_C, scalars, with_grad)
+  else:
+    ids_U = jnp.arange(zs_CxU.shape[1])
+    cols = (ids_U >= 0, ids_U)
+    stats_1xC = {k: x[None] for k, x in _chunk_stats(zs_CxU, zt_CxU, cols, y_C, scalars[0]).items()}
+    per_token, lses = _finish(st, stats_1xC, scalars[0])
+    if with_grad:
+      dz_CxU = _closed_form_dz(st, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars)
+  if not with_grad:
+    return dw_acc, per_token, None
+  # dW in column blocks: no [Ds, V] temporary beside the accumulator.
+  c, v = dz_CxU.shape
+  size = v // st.vocab_shards // _column_blocks(v // st.vocab_shards, c, hs_CxDs.shape[1])
+  dz_CxTxV = dz_CxU.reshape((c, st.vocab_shards, -1) if st.vocab_shards > 1 else (c, v))
+
+  def add_block(dw_acc, j):
+    dz_CxU = jax.lax.dynamic_slice_in_dim(dz_CxTxV, j * size, size, axis=-1).reshape(c, -1)
+    return _add_outer_block(dw_acc, hs_CxDs, dz_CxU, j, size, st.row_shards), None
+
+  count = dz_CxTxV.shape[-1] // size
+  dw_acc = jax.lax.scan(add_block, dw_acc, jnp.arange(count))[0]
+  return dw_acc, per_token, _dot(dz_CxU, heads[0].T)
+
+
+# --- Token chunks streamed over vocabulary chunks (forward KL) ---
+
+
+def _vocab_blocks(w_DxV: jax.Array, shards: int, chunk: int, fill):
+  """[D, V] -> ([D, T, J * u] (or [D, J * u] for T = 1), J, u): shard t's columns, padded.
+
+  A reshape (a copy only when a shard's columns need padding to J * u), so the head is not
+  duplicated; chunk j is then a dynamic slice of the unsharded last axis (``_vocab_block``).
+  """
+  d, v = w_DxV.shape
+  local = v // shards
+  count = -(-local // chunk)
+  size = -(-local // count)
+  w = _constrain(w_DxV.reshape(d, shards, local), (None, "vocab", None))
+  if count * size != local:
+    w = jnp.pad(w, [(0, 0), (0, 0), (0, count * size - local)], constant_values=fill)
+  # XLA:CPU copies a slice loop's operand with a unit axis, so drop it when T = 1.
+  return (w[:, 0] if shards == 1 else w), count, size
+
+
+def _vocab_block(w: jax.Array, j, size: int) -> jax.Array:
+  """Chunk j of ``_vocab_blocks``: [D, U] with U = T * u columns."""
+  block = jax.lax.dynamic_slice_in_dim(w, j * size, size, axis=w.ndim - 1)
+  return _constrain(block.reshape(block.shape[0], -1), (None, "vocab"))
+
+
+class _Blocks(NamedTuple):
+  """Heads and column ids in ``_vocab_blocks`` layout; J chunks of u columns per shard."""
+
+  student: jax.Array
+  teacher: jax.Array | None
+  ids: jax.Array
+  count: int
+  size: int
+
+
+def _vocab_chunked(st: _Static, blocks: _Blocks, dw_acc, xs, scalars, with_grad: bool):
+  """One token chunk, two passes over the J vocab chunks.
+
+  Pass 1 keeps only per-chunk statistics [J, C]; pass 2 recomputes each chunk's logits to
+  form dZ, accumulating dH and adding per-shard partial dW into dw_acc (``_dw_zeros``).
+  """
+  hs_CxDs, ht_CxDt, y_C, coef_C = xs
+  chunk_ids = jnp.arange(blocks.count)
+
+  def logits(j):
+    heads = [None if b is None else _vocab_block(b, j, blocks.size) for b in blocks[:2]]
+    ids_U = _vocab_block(blocks.ids, j, blocks.size)[0]
+    return *_logits(st, hs_CxDs, ht_CxDt, *heads), (ids_U >= 0, ids_U), heads[0]
+
+  def stats(_, j):
+    zs_CxU, zt_CxU, cols, _ = logits(j)
+    return None, _chunk_stats(zs_CxU, zt_CxU, cols, y_C, scalars[0])
+
+  per_token, lses = _finish(st, jax.lax.scan(stats, None, chunk_ids)[1], scalars[0])
+  if not with_grad:
+    return dw_acc, per_token, None
+
+  def grads(carry, j):
+    dh_CxDs, dw_acc = carry
+    zs_CxU, zt_CxU, cols, w_DsxU = logits(j)
+    dz_CxU = _closed_form_dz(st, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars)
+    dw_acc = _add_outer_block(dw_acc, hs_CxDs, dz_CxU, j, blocks.size, st.row_shards)
+    return (dh_CxDs + _dot(dz_CxU, w_DsxU.T), dw_acc), None
+
+  (dh_CxDs, dw_acc), _ = jax.lax.scan(grads, (jnp.zeros(hs_CxDs.shape, F32), dw_acc), chunk_ids)
+  return dw_acc, per_token, dh_CxDs
+
+
+# --- Driver: token-chunk scan, custom_vjp ---
+
+
+def _make_blocks(st: _Static, heads, v: int) -> _Blocks | None:
+  if st.vocab_chunk <= 0:
+    return None
+  block = lambda w, fill: _vocab_blocks(w, st.vocab_shards, st.vocab_chunk, fill)
+  (ws, count, size), (ids, _, _) = block(heads[0], 0), block(jnp.arange(v)[None], -1)
+  wt = None if heads[1] is None else block(heads[1], 0)[0]
+  return _Blocks(ws, wt, ids, count, size)
+
+
+def _dw_zeros(st: _Static, ds: int, v: int, blocks: _Blocks | None) -> jax.Array:
+  """Per-batch-shard partial head gradients [S, Ds, (T,) V / T (+ padding)]: each vocab
+  shard's columns last, like ``_vocab_blocks``; T is left out when 1."""
+  t = st.vocab_shards
+  cols = (t, v // t) if t > 1 else (v,)
+  if blocks is not None:
+    cols = blocks.student.shape[1:]
+  names = ("act_batch", None) + (("vocab", None) if t > 1 else (None,))
+  return _constrain(jnp.zeros((st.row_shards, ds) + cols, F32), names)
+
+
+def _dw_total(st: _Static, dw_acc: jax.Array, v: int) -> jax.Array:
+  """The ONE reduction over batch shards, back to the head's [Ds, V] (padding dropped)."""
+  dw = dw_acc.sum(0)
+  ds, t = dw.shape[0], st.vocab_shards
+  return dw.reshape(ds, t, -1)[:, :, : v // t].reshape(ds, v)
+
+
+def _run(st: _Static, args, with_grad: bool):
+  """Scans over token chunks; returns (loss, divergence, ce, per_token, dH_NxDs, dW_DsxV)."""
+  hs_NxDs, ws_DsxV, ht_NxDt, wt_DtxV, y_N, w_N, denom, tau, w_div, w_ce = args
+  n, v = hs_NxDs.shape[0], ws_DsxV.shape[1]
+  valid_N = w_N != 0
+  denom = jnp.asarray(denom, F32)
+  # As losses._masked_total: padded tokens are selected out, and denom 0 gives 0, not NaN.
+  coef_N = jnp.where(valid_N, w_N.astype(F32), 0.0) / jnp.where(denom > 0, denom, 1.0)
+  zero_rows = lambda h: None if h is None else jnp.where(valid_N[:, None], h, 0).astype(h.dtype)
+  hs_NxDs, ht_NxDt = zero_rows(hs_NxDs), zero_rows(ht_NxDt)
+  y_N = jnp.where(valid_N, y_N, 0).astype(jnp.int32)
+  rows = lambda x: None if x is None else _split(x, st.row_shards, st.token_chunk, 0, "act_batch")
+  xs = (rows(hs_NxDs), rows(ht_NxDt), rows(y_N), rows(coef_N))
+  # The head is gathered over its width once, outside the loop; its vocab stays sharded.
+  heads = [None if w is None else _constrain(w, (None, "vocab")) for w in (ws_DsxV, wt_DtxV)]
+  scalars = (jnp.asarray(tau, F32), jnp.asarray(w_div, F32), jnp.asarray(w_ce, F32))
+  blocks = _make_blocks(st, heads, v)
+
+  def body(dw_acc, x):
+    if blocks is not None:
+      dw_acc, per_token, dh = _vocab_chunked(st, blocks, dw_acc, x, scalars, with_grad)
+    else:
+      dw_acc, per_token, dh = _full_vocab_chunk(st, heads, dw_acc, x, scalars, with_grad)
+    return dw_acc, (per_token, dh)
+
+  dw0 = _dw_zeros(st, hs_NxDs.shape[1], v, blocks) if with_grad else None
+  dw_acc, (per_token, dh) = jax.lax.scan(body, dw0, xs)
+  merge = lambda x: _merge(x, st.row_shards, n)
+  names = ("divergence", "ce", "student_lse", "teacher_lse")
+  per_token = {k: jnp.where(valid_N, merge(x), 0.0) for k, x in zip(names, per_token)}
+  div = jnp.sum(coef_N * per_token["divergence"])
+  ce = jnp.sum(coef_N * per_token["ce"])
+  loss = scalars[1] * div + scalars[2] * ce
+  if not with_grad:
+    return loss, div, ce, per_token, None, None
+  return loss, div, ce, per_token, merge(dh), _dw_total(st, dw_acc, v)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _head(st, hs, ws, ht, wt, y, w, denom, tau, w_div, w_ce):
+  loss, div, ce, per_token, _, _ = _run(st, (hs, ws, ht, wt, y, w, denom, tau, w_div, w_ce), False)
+  return loss, div, ce, per_token
+
+
+def _head_fwd(st, hs, ws, ht, wt, y, w, denom, tau, w_div, w_ce):
+  args = (hs, ws, ht, wt, y, w, denom, tau, w_div, w_ce)
+  loss, div, ce, per_token, dh, dw = _run(st, args, True)
+  return (loss, div, ce, per_token), (dh, dw, div, ce)
+
+
+def _head_bwd(st, res, cotangents):
+  # Only `loss` is differentiable: the wrapper stops the gradient of the other outputs, so
+  # their cotangents are zero, and of the teacher, labels, weights, denom and temperature.
+  dh, dw, div, ce = res
+  g = cotangents[0]
+  d_hs, d_ws = (g * dh).astype(st.hidden_dtype), (g * dw).astype(st.head_dtype)
+  return d_hs, d_ws, None, None, None, None, None, None, g * div, g * ce
+
+
+_head.defvjp(_head_fwd, _head_bwd)
+
+
+def fused_loss_head(
+  student_hidden_NxDs: jax.Array,
+  student_head_DsxV: jax.Array,
+  targets_N: jax.Array,
+  weights_N: jax.Array,
+  denom,
+  *,
+  teacher_hidden_NxDt: jax.Array | None = None,
+  teacher_head_DtxV: jax.Array | None = None,
+  kind: str = "kl",
+  temperature=1.0,
+  beta: float = 0.5,
+  kl_weight=1.0,
+  ce_weight=1.0,
+  token_chunk: int = 256,
+  vocab_chunk: int = 0,
+) -> FusedLoss:
+  """Weighted logit divergence + CE from final hidden states and heads, never all logits.
+
+  Logits are hidden @ head (float32 accumulation). Gradients flow to the student's hidden
+  states and head only (through ``loss``); a tied head (embedding.T) gets its gradient back
+  through the transpose as usual. Under a mesh with ``sharding.rules_context`` the rows split
+  over the ``act_batch`` axes and the vocabulary over ``vocab``'s; memory per device is then
+  about token_chunk x V / tensor (or x vocab_chunk) float32 per live logits buffer.
+
+  Args:
+    student_hidden_NxDs: [N, Ds] student final hidden states (any float dtype).
+    student_head_DsxV: [Ds, V] student output head.
+    targets_N: [N] int labels in [0, V) (padded entries may hold anything).
+    weights_N: [N] validity mask / per-token weights, as ``losses`` (0 = padding).
+    denom: scalar GLOBAL number of valid tokens (0 gives loss 0 and zero gradients).
+    teacher_hidden_NxDt: [N, Dt] teacher final hidden states, or None for CE only.
+    teacher_head_DtxV: [Dt, V] teacher output head (same V), or None.
+    kind: a ``losses.LOGIT_DIVERGENCES`` key; with vocab_chunk > 0 only "kl".
+    temperature: scalar tau > 0 of the divergence (may be traced; no gradient).
+    beta: JSD mixture weight (static float).
+    kl_weight, ce_weight: scalar weights of the two terms in ``loss`` (may be traced).
+    token_chunk: rows per chunk per batch shard; 0 = all rows in one chunk.
+    vocab_chunk: columns per chunk per vocab shard; 0 = the whole vocabulary per chunk.
+
+  Returns:
+    ``FusedLoss``: loss, divergence and ce scalars, per-token values [N].
+  """
+  hs, ws, ht, wt = student_hidden_NxDs, student_head_DsxV, teacher_hidden_NxDt, teacher_head_DtxV
+  _check_arguments(kind, hs, ws, ht, wt, token_chunk, vocab_chunk)
+  st = _Static(
+    kind=kind,
+    beta=float(beta),
+    token_chunk=int(token_chunk),
+    vocab_chunk=int(vocab_chunk),
+    row_shards=_mesh_shards("act_batch", hs.shape[0]),
+    vocab_shards=_mesh_shards("vocab", ws.shape[1]),
+    has_teacher=ht is not None,
+    hidden_dtype=jnp.dtype(hs.dtype),
+    head_dtype=jnp.dtype(ws.dtype),
+  )
+  sg = lambda x: None if x is None else jax.lax.stop_gradient(jnp.asarray(x))
+  f32 = lambda x: jnp.asarray(x, F32)
+  loss, div, ce, per_token = _head(
+    st,
+    hs,
+    ws,
+    sg(ht),
+    sg(wt),
+    sg(targets_N),
+    sg(weights_N),
+    sg(f32(denom)),
+    sg(f32(temperature)),
+    f32(kl_weight if st.has_teacher else 0.0),
+    f32(ce_weight),
+  )
+  return FusedLoss(loss, sg(div), sg(ce), jax.tree.map(sg, per_token))
+
+
+def _check_arguments(kind, hs, ws, ht, wt, token_chunk, vocab_chunk) -> None:
+  if kind not in losses.LOGIT_DIVERGENCES:
+    raise ValueError(f"unknown logit loss kind {kind!r}; valid: {sorted(losses.LOGIT_DIVERGENCES)}")
+  if (ht is None) != (wt is None):
+    raise ValueError("pass both teacher_hidden_NxDt and teacher_head_DtxV, or neither")
+  if vocab_chunk > 0 and ht is not None and kind not in STREAMING_KINDS:
+    raise ValueError(f"vocab_chunk > 0 streams only {STREAMING_KINDS}, not {kind!r}; use 0")
+  if token_chunk < 0 or vocab_chunk < 0:
+    raise ValueError(f"chunk sizes must be >= 0, got {token_chunk=} {vocab_chunk=}")
+  if ht is not None and (ht.shape[0] != hs.shape[0] or wt.shape[1] != ws.shape[1]):
+    raise ValueError(
+      f"teacher hidden/head {ht.shape}/{wt.shape} do not match the student's "
+      f"{hs.shape}/{ws.shape} (N, V)"
+    )

@@ -1,0 +1,293 @@
+"""Mixed precision: float16 with dynamic loss scaling, FP8 matmuls, policies honoured."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from jaxdistill import checkpoint, config as config_lib, loop, precision, sharding, validate
+from jaxdistill.errors import ConfigError
+from jaxdistill.models.transformer import FP8_STATE, EinsumDense, TransformerConfig
+
+
+def _small(cfg):
+  """``tiny_config`` with one-layer models and logit + CE losses only: quick to compile."""
+  cfg = cfg.copy_and_resolve_references()
+  cfg.student.num_layers = cfg.teacher.num_layers = 1
+  cfg.distill.attention.update(weight=0.0, value_weight=0.0)
+  cfg.distill.hidden.weight = 0.0
+  return cfg
+
+
+def _f16_config(cfg, policy="p=f32,c=f16,o=f32", scale=2.0**8, period=2000):
+  cfg = _small(cfg)
+  cfg.student.policy = policy
+  cfg.optim.update(loss_scale="dynamic", loss_scale_init=scale, loss_scale_period=period)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  return cfg
+
+
+def _build(cfg):
+  validate.validate(cfg)
+  return loop.build_run(cfg, devices=jax.devices()[:1])
+
+
+def _step(run, batch):
+  """One step on ``batch``; returns (old state host copy, metrics)."""
+  old = jax.device_get(run.state)
+  with sharding.rules_context(run.mesh):
+    run.state, metrics = run.step_fn(run.state, run.teacher_params, batch)
+  return old, jax.device_get(metrics)
+
+
+def _batch(run):
+  return sharding.shard_batch(next(run.data_iter), run.mesh)
+
+
+def _tree_equal(a, b):
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _tree_differs(a, b):
+  return any(
+    not np.array_equal(np.asarray(x), np.asarray(y))
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+  )
+
+
+def test_update_loss_scale_halves_on_overflow_and_doubles_after_period():
+  ls = precision.LossScale(jnp.float32(8.0), jnp.int32(0))
+  ls = precision.update_loss_scale(ls, jnp.bool_(True), period=2)
+  assert (float(ls.scale), int(ls.good_steps)) == (8.0, 1)
+  ls = precision.update_loss_scale(ls, jnp.bool_(True), period=2)
+  assert (float(ls.scale), int(ls.good_steps)) == (16.0, 0)
+  ls = precision.update_loss_scale(ls, jnp.bool_(True), period=2)
+  ls = precision.update_loss_scale(ls, jnp.bool_(False), period=2)
+  assert (float(ls.scale), int(ls.good_steps)) == (8.0, 0)
+  # Never below 1 (a scale of 0 would zero every gradient).
+  low = precision.update_loss_scale(precision.LossScale(jnp.float32(1.0), jnp.int32(0)), False, 2)
+  assert float(low.scale) == 1.0
+
+
+def test_injected_overflow_skips_that_update_halves_scale_and_recovers(tiny_config):
+  run = _build(_f16_config(tiny_config, scale=2.0**8, period=2))
+  assert run.state.loss_scale.scale.dtype == jnp.float32
+  # 1. A normal step: finite, applied, scale unchanged (1 of 2 good steps).
+  old, m = _step(run, _batch(run))
+  assert (m["train/overflow"], m["train/loss_scale"], m["train/nonfinite"]) == (0.0, 256.0, 0.0)
+  assert np.isfinite(m["train/loss"])
+  assert _tree_differs(run.state.opt_state, old.opt_state)  # applied (lr is 0 at step 0)
+  # 2. Injected overflow: a scale float16 cannot hold in the backward pass.
+  #    Exactly this update is skipped, the scale halves, the step still counts.
+  run.state = run.state.replace(
+    loss_scale=precision.LossScale(jnp.float32(2.0**24), run.state.loss_scale.good_steps)
+  )
+  old, m = _step(run, _batch(run))
+  assert m["train/overflow"] == 1.0 and m["train/loss_scale"] == 2.0**24
+  assert m["train/nonfinite"] == 0.0  # the loss itself is finite: not a nan_policy stop
+  _tree_equal(run.state.params, old.params)
+  _tree_equal(run.state.opt_state, old.opt_state)
+  assert float(run.state.loss_scale.scale) == 2.0**23
+  assert int(run.state.loss_scale.good_steps) == 0
+  assert int(run.state.step) == int(old.step) + 1
+  # 3. Recovery: the scale keeps halving until the gradients fit, then the
+  #    updates apply again and the loss stays finite.
+  history = [_step(run, _batch(run))[1] for _ in range(14)]
+  overflow = [h["train/overflow"] for h in history]
+  assert overflow[0] == 1.0 and overflow[-1] == 0.0, overflow
+  assert all(np.isfinite(h["train/loss"]) for h in history)
+  assert float(run.state.loss_scale.scale) < 2.0**23
+  last = jax.device_get(run.state)
+  _step(run, _batch(run))
+  assert _tree_differs(run.state.params, last.params)
+
+
+def test_loss_scaling_is_exact_and_invisible_in_f32(tiny_config):
+  """Power-of-two scaling commutes with f32 arithmetic: same params bit for bit."""
+  cfg = _small(tiny_config)
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  plain = _build(cfg)
+  # Off (the default): no loss-scale leaves, no loss-scale metrics.
+  assert plain.state.loss_scale is None
+  scaled = _build(_f16_config(tiny_config, policy="p=f32,c=f32,o=f32", scale=2.0**10))
+  for _ in range(3):
+    batch = _batch(plain)
+    _, m_plain = _step(plain, batch)
+    _, m_scaled = _step(scaled, batch)
+  assert "train/loss_scale" not in m_plain and "train/overflow" not in m_plain
+  assert m_scaled["train/loss"] == m_plain["train/loss"]
+  assert m_scaled["train/grad_norm"] == m_plain["train/grad_norm"]
+  _tree_equal(scaled.state.params, plain.state.params)
+
+
+@pytest.mark.parametrize(
+  "overrides, key, message",
+  [
+    ({"student.policy": "p=f16,c=f16"}, "student.policy", "optim.loss_scale=dynamic"),
+    ({"student.policy": "p=f32,c=f16"}, "student.policy", "loss scaling"),
+    ({"optim.loss_scale": "static"}, "optim.loss_scale", "choose from"),
+    ({"optim.loss_scale": "dynamic", "optim.loss_scale_init": 0.0}, "optim.loss_scale_init", ">"),
+  ],
+)
+def test_impossible_policies_are_config_errors(tiny_config, overrides, key, message):
+  cfg = tiny_config.copy_and_resolve_references()
+  for k, v in overrides.items():
+    section, leaf = k.split(".")
+    cfg[section][leaf] = v
+  with pytest.raises(ConfigError, match=message) as e:
+    validate.validate(cfg)
+  assert e.value.key == key
+
+
+def _dot_dtypes(fn, *args):
+  jaxpr = jax.make_jaxpr(fn)(*args)
+  found = set()
+
+  def walk(jp):
+    for eqn in jp.eqns:
+      if eqn.primitive.name == "dot_general":
+        found.add(tuple(jnp.dtype(v.aval.dtype).name for v in eqn.invars))
+      for param in eqn.params.values():
+        for sub in param if isinstance(param, (list, tuple)) else (param,):
+          if hasattr(sub, "eqns"):
+            walk(sub)
+          elif hasattr(sub, "jaxpr") and hasattr(sub.jaxpr, "eqns"):
+            walk(sub.jaxpr)
+
+  walk(jaxpr.jaxpr)
+  return found
+
+
+def test_policies_are_honoured_for_teacher_and_student_separately(tiny_config):
+  cfg = _f16_config(tiny_config, policy="p=f16,c=f16,o=f32")
+  cfg.teacher.policy = "p=bf16,c=bf16,o=f32"
+  run = _build(cfg)
+  student_dtypes = {x.dtype for x in jax.tree.leaves(run.state.params["student"])}
+  teacher_dtypes = {x.dtype for x in jax.tree.leaves(run.teacher_params)}
+  assert student_dtypes == {jnp.dtype(jnp.float16)}
+  assert teacher_dtypes == {jnp.dtype(jnp.bfloat16)}
+  inputs = jnp.zeros((2, cfg.data.seq_len), jnp.int32)
+  s_dots = _dot_dtypes(
+    lambda p: run.student.apply({"params": p}, inputs), run.state.params["student"]
+  )
+  t_dots = _dot_dtypes(lambda p: run.teacher.apply({"params": p}, inputs), run.teacher_params)
+  # Matmuls run in the compute dtype; only attention scores / logits may be f32.
+  assert ("float16", "float16") in s_dots and not any("bfloat16" in d for d in s_dots), s_dots
+  assert ("bfloat16", "bfloat16") in t_dots and not any("float16" in d for d in t_dots), t_dots
+
+
+# --- FP8 ----------------------------------------------------------------------------------------
+
+
+def _e4m3_qdq(x, scale):
+  """NumPy reference of Flax's e4m3 quantise-dequantise: clip to +-448, round, rescale."""
+  q = np.clip(x / scale, -448.0, 448.0).astype(ml_dtypes.float8_e4m3fn).astype(np.float32)
+  return q, scale
+
+
+def test_fp8_matmul_matches_numpy_reference():
+  cfg = TransformerConfig(
+    vocab_size=8, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=8, fp8=True, fp8_history=4
+  )
+  layer = EinsumDense(cfg, (16, 32), ("embed", "mlp"), "btd,df->btf")
+  x_BxTxD = 2.0 * jax.random.normal(jax.random.key(1), (2, 3, 16), jnp.float32)
+  variables = nn.unbox(layer.init(jax.random.key(0), x_BxTxD))
+  # Delayed scaling: this step's scales come from the amax HISTORIES (earlier steps).
+  fp8 = dict(variables[FP8_STATE]["fp8"])
+  fp8["input_amax_history"] = jnp.array([3.0, 1.0, 0.0, 0.0], jnp.float32)
+  fp8["kernel_amax_history"] = jnp.array([0.01, 0.04, 0.0, 0.0], jnp.float32)
+  variables = {"params": variables["params"], FP8_STATE: {"fp8": fp8}}
+  out_BxTxF = np.asarray(layer.apply(variables, x_BxTxD))
+
+  x, kernel = np.asarray(x_BxTxD), np.asarray(variables["params"]["kernel"])
+  scale = lambda amax: np.float32(1.0) / (np.float32(448.0) / np.float32(amax))
+  qx, sx = _e4m3_qdq(x, scale(3.0))
+  qk, sk = _e4m3_qdq(kernel, scale(0.04))
+  ref_BxTxF = np.einsum("btd,df->btf", qx, qk) * (sx * sk)
+  np.testing.assert_allclose(out_BxTxF, ref_BxTxF, rtol=1e-5, atol=1e-7)
+  # ... and the rounding really happened: the plain matmul differs.
+  plain = np.einsum("btd,df->btf", x, kernel)
+  assert np.abs(plain - ref_BxTxF).max() > 1e-3 * np.abs(plain).max()
+  # Without its FP8 state (params saved alone) the layer is a plain matmul.
+  np.testing.assert_allclose(
+    np.asarray(layer.apply({"params": variables["params"]}, x_BxTxD)), plain, rtol=1e-5, atol=1e-6
+  )
+
+
+def _fp8_config(cfg):
+  cfg = _small(cfg)
+  cfg.student.policy = "p=f32,c=fp8,o=f32"
+  # Loss scaling is harmless with bf16 compute; on here so one checkpoint holds both states.
+  cfg.optim.update(loss_scale="dynamic", loss_scale_init=2.0**8, loss_scale_period=1)
+  cfg.mesh.update(data=1, fsdp=2, tensor=2)
+  return cfg
+
+
+def test_fp8_state_is_overwritten_not_optimised_and_checkpointed(tiny_config, tmp_path):
+  cfg = _fp8_config(tiny_config)
+  validate.validate(cfg)
+  run = loop.build_run(cfg, devices=jax.devices()[:4])
+  state = run.state.model_state[FP8_STATE]
+  wo = lambda s: s["block_0"]["mlp"]["wo"]["fp8"]
+  assert set(state["block_0"]["attn"]) == {"query", "key", "value", "out"}
+  # Per-tensor scales and histories: replicated over the mesh, outside the optimizer.
+  assert wo(state)["kernel_amax_history"].shape == (1024,)
+  assert wo(state)["kernel_amax_history"].sharding.is_fully_replicated
+  assert not any(a.shape == (1024,) for a in jax.tree.leaves(run.state.opt_state))
+  kernel = np.asarray(run.state.params["student"]["block_0"]["mlp"]["wo"]["kernel"])
+  batch = _batch(run)
+  _step(run, batch)
+  state = jax.device_get(run.state.model_state[FP8_STATE])
+  history = wo(state)["kernel_amax_history"]
+  # The newest amax is this step's max |kernel| in the bf16 compute dtype.
+  assert history[0] == np.abs(kernel.astype(jnp.bfloat16)).max().astype(np.float32)
+  assert np.all(history[1:] == 0.0)
+  assert wo(state)["output_grad_amax_history"][0] > 0.0 and wo(state)["input_amax_history"][0] > 0
+  _step(run, _batch(run))
+  state = jax.device_get(run.state.model_state[FP8_STATE])
+  # Flax rolls left and writes the newest at 0: the previous amax moved to the end.
+  assert wo(state)["kernel_amax_history"][-1] == history[0]
+  assert wo(state)["kernel_scale"][0] == np.float32(1) / (np.float32(448) / history[0])
+
+  manager = checkpoint.make_manager(str(tmp_path), cfg.ckpt)
+  checkpoint.save(manager, 2, run.state, run.data_iter, {}, force=True)
+  manager.wait_until_finished()
+  fresh = loop.build_run(cfg, devices=jax.devices()[:4], create_state=False)
+  restored, _ = checkpoint.restore(manager, 2, fresh.state, fresh.data_iter)
+  _tree_equal(restored.model_state, run.state.model_state)
+  # The loss scale is part of the state too (period 1: doubled after each finite step).
+  assert float(restored.loss_scale.scale) == float(run.state.loss_scale.scale) == 2.0**10
+  assert int(restored.loss_scale.good_steps) == 0
+
+
+def test_fp8_loss_tracks_bf16_on_the_smoke_config():
+  cfg = config_lib.load_config(str(ROOT / "configs" / "smoke.py"))
+  cfg.optim.steps = 8
+  cfg.log.progress = False
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  losses = {}
+  for compute in ("bf16", "fp8"):
+    cfg.student.policy = f"p=f32,c={compute},o=f32"
+    run = _build(cfg)
+    hist = []
+    loop.run_steps(run, 8, lambda step, m, s: hist.append(float(m["train/loss"])))
+    losses[compute] = hist
+  # Both learn, and FP8 stays within 2% of bf16 at every step.
+  assert losses["fp8"][-1] < losses["fp8"][0] - 0.1, losses
+  np.testing.assert_allclose(losses["fp8"], losses["bf16"], rtol=0.02)
+
+
+def test_fp8_policy_errors(tiny_config):
+  with pytest.raises(ConfigError, match="c=fp8"):
+    precision.parse_policy("p=fp8,c=bf16", "student.policy")
+  assert precision.parse_policy("p=f32,c=fp8").fp8
+  assert str(precision.parse_policy("c=fp8,p=f32")) == "p=float32,c=fp8,o=bfloat16"
+  cfg = tiny_config.copy_and_resolve_references()
+  cfg.teacher.policy = "p=f32,c=fp8"
+  with pytest.raises(ConfigError, match="teacher FP8") as e:
+    validate.validate(cfg)
+  assert e.value.key == "teacher.policy"

@@ -1,0 +1,88 @@
+"""The quickstart end to end at test size, its teacher cache, and the LM configs."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from jaxdistill import config as config_lib, quickstart
+from jaxdistill.errors import JaxdistillError
+
+MODELS = ("teacher", "kd_student", "ce_student")
+KEYS = ("val_loss", "val_ppl", "agreement", "kl_to_teacher", "params", "tokens_per_s")
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+  """One test-size quickstart through the CLI: (workdir, cache dir, process)."""
+  tmp = tmp_path_factory.mktemp("quickstart")
+  workdir, cache = tmp / "run", tmp / "cache"
+  proc = subprocess.run(
+    [sys.executable, "-m", "jaxdistill.cli", "quickstart", "--size", "test"]
+    + ["--workdir", str(workdir), "--cache_dir", str(cache)],
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return workdir, cache, proc
+
+
+def test_quickstart_writes_a_valid_report(finished):
+  workdir, _, proc = finished
+  report = json.loads((workdir / "report.json").read_text())
+  for name in MODELS + ("ce_student_equal_time",):
+    for key in KEYS:
+      assert isinstance(report[name][key], (int, float)), (name, key)
+    assert 0 <= report[name]["agreement"] <= 1 and report[name]["kl_to_teacher"] >= 0
+    assert report[name]["val_ppl"] == pytest.approx(np.exp(report[name]["val_loss"]), rel=1e-6)
+  assert report["teacher"]["params"] > report["kd_student"]["params"]
+  assert report["kd_student"]["params"] == report["ce_student"]["params"]
+  assert report["summary"]["teacher_cached"] is False
+  md = (workdir / "report.md").read_text()
+  assert "| kd_student |" in md and "val_loss.png" in md
+  assert (workdir / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "| ce_student |" in proc.stdout  # the table is printed too
+  rows = [
+    json.loads(x) for x in (workdir / "kd_student" / "metrics.jsonl").read_text().splitlines()
+  ]
+  assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]  # the periodic evaluation
+
+
+def test_teacher_is_cached_and_reused(finished):
+  _, cache, _ = finished
+  cfg = quickstart.teacher_config("test")
+  cfg.cache_dir = str(cache)
+  path, cached = quickstart.get_teacher(cfg, log=lambda *_: None)
+  assert cached and os.path.isdir(os.path.join(path, "final_params"))
+  assert not os.path.exists(os.path.join(path, "checkpoints"))  # only the params are kept
+  assert len(os.listdir(os.path.join(cache, "teachers"))) == 1  # no leftover .partial
+  cfg.optim.steps += 1  # another teacher: another cache entry
+  assert quickstart._cache_key(cfg, _prepared(cfg)) != os.path.basename(path)
+
+
+def _prepared(cfg):
+  from jaxdistill.data import pipeline
+
+  return pipeline.prepare(cfg)
+
+
+def test_existing_report_is_refused(finished):
+  workdir, cache, _ = finished
+  before = (workdir / "report.json").read_text()
+  with pytest.raises(JaxdistillError, match="already holds a quickstart report"):
+    quickstart.run(str(workdir), size="test", cache_dir=str(cache))
+  assert (workdir / "report.json").read_text() == before
+
+
+@pytest.mark.parametrize("name", ["lm_teacher", "lm_distill", "lm_baseline"])
+def test_lm_configs_load_and_use_the_builtin_corpus(name):
+  path = str(ROOT / "configs" / f"{name}.py")
+  cfg = config_lib.load_config(path)
+  assert cfg.data.source == "stdlib" and cfg.student.vocab_size == quickstart.FULL["vocab"]
