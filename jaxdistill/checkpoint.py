@@ -32,24 +32,13 @@ from etils import epath
 
 import jaxdistill
 from jaxdistill.errors import JaxdistillError
+from jaxdistill.models import MODEL_KEYS
 
 FINAL_PARAMS = "final_params"
 CHECKPOINTS = "checkpoints"
 
-# Keys whose change makes a checkpoint unusable (shapes or token ids differ).
-# Any other difference is harmless and only warned about.
-MODEL_KEYS = (
-  "vocab_size",
-  "d_model",
-  "num_layers",
-  "num_heads",
-  "d_ff",
-  "max_len",
-  "norm",
-  "pos",
-  "tie_embeddings",
-  "activation",
-)
+# The model-shape keys (jaxdistill.models.MODEL_KEYS): a change makes a
+# checkpoint unusable; any other difference is harmless and only warned about.
 
 
 # --- the data iterator's state: one JSON file per process --------------------
