@@ -324,20 +324,8 @@ def test_count_params_and_flops():
   assert flops_per_token(gelu, 8) == fl - 2 * L * D * F
 
 
-RULES = (
-  ("act_batch", ("data", "fsdp")),
-  ("act_length", None),
-  ("act_embed", None),
-  ("act_heads", "tensor"),
-  ("act_kv", None),
-  ("act_mlp", "tensor"),
-  ("act_vocab", "tensor"),
-  ("vocab", "tensor"),
-  ("embed", "fsdp"),
-  ("heads", "tensor"),
-  ("kv", None),
-  ("mlp", "tensor"),
-)
+# The project's one rules table: the test checks the model against what runs.
+from jaxdistill.sharding import LOGICAL_RULES as RULES  # noqa: E402
 
 
 @pytest.mark.parametrize("tie", [True, False])
