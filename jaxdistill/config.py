@@ -7,7 +7,7 @@ and changes what it needs. The sections are fixed; every key exists in
   seed      top-level int: init and data seed
   cache_dir top-level str: built corpora, tokenizers, cached teachers
   student   the trained model (shape, ``policy``)
-  teacher   the frozen model: ``source`` none | random | pretrain | workdir
+  teacher   the frozen model: ``source`` none | random | pretrain | workdir | cache
   distill   the losses: temperature, logit (kl / reverse_kl / jsd), ce,
             attention (MiniLM), hidden (mse / cosine), each with a weight
             and a schedule
@@ -18,6 +18,7 @@ and changes what it needs. The sections are fixed; every key exists in
   ckpt      checkpointing
   eval      evaluation
   log       ``every`` (steps between metric lines), ``progress`` bar
+  precompute  sparse teacher targets written by ``jaxdistill precompute``
 
 Overrides come from the command line as ``--config.distill.temperature=2.0``.
 """
@@ -32,6 +33,7 @@ import ml_collections
 from jaxdistill.errors import ConfigError
 
 SECTIONS = ("student", "teacher", "distill", "optim", "data", "mesh", "ckpt", "eval", "log")
+SECTIONS += ("precompute",)
 
 
 def _model_fields(**overrides) -> dict:
@@ -46,6 +48,13 @@ def _model_fields(**overrides) -> dict:
     pos="rope",
     tie_embeddings=True,
     activation="swiglu",
+    # Hugging Face architectures (jaxdistill/models/hf.py): grouped-query attention (0 = off),
+    # projection biases (none | qkv | all), norm epsilon, a BERT-style encoder.
+    num_kv_heads=0,
+    bias="none",
+    norm_eps=1e-6,
+    encoder=False,
+    type_vocab_size=0,
     policy="p=f32,c=f32,o=f32",
   )
   fields.update(overrides)
@@ -60,25 +69,35 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.student = C(_model_fields())
   # Weights-only start: a final_params directory (or a workdir holding one).
   cfg.student.init_from = ""
+  # Start from blocks of the teacher (same width): every_other | last | uniform | "0,2,4".
+  cfg.student.init_layers = ""
   cfg.teacher = C(_model_fields(d_model=128, num_layers=4, d_ff=512, policy="p=f32,c=f32,o=f32"))
   # none: plain CE training (how teachers are made); random: random init
   # (tests); pretrain: train it in-process on CE for `pretrain_steps` first;
-  # workdir: the final params of an earlier `jaxdistill train` run at `path`.
+  # workdir: the final params of an earlier `jaxdistill train` run at `path`;
+  # cache: targets precomputed by `jaxdistill precompute` into `path` (no teacher forward).
   cfg.teacher.source = "random"
   cfg.teacher.path = ""
   cfg.teacher.pretrain_steps = 0
   cfg.teacher.pretrain_lr = 3e-3
+  # c=fp8 teachers: training batches (the first of a fresh iterator) that set their static
+  # FP8 scales before distillation (precision.calibrate_fp8).
+  cfg.teacher.fp8_calibration_batches = 8
 
   d = cfg.distill = C()
   d.temperature = 1.0
   # constant | linear(end=..) | cosine(end=..) | exp(decay=.., min=..)
   d.temperature_schedule = "constant"
+  # kind: kl | reverse_kl | jsd, or sparse (jaxdistill/sparse.py): topk_renorm | topk_tail |
+  # sampled (from a cache; the top-k kinds also with an online teacher, k = precompute.k).
   d.logit = C(dict(kind="kl", weight=1.0, schedule="constant", beta=0.5))
   d.ce = C(dict(weight=0.0, schedule="constant"))
   # MiniLM: KL between attention distributions (and value relations) of the
   # layer pairs in layer_map ("last", "last:K", "uniform", "1:2,2:4").
   d.attention = C(dict(weight=0.0, schedule="constant", value_weight=0.0, layer_map="last"))
   d.hidden = C(dict(kind="mse", weight=0.0, schedule="constant", layer_map="uniform", project=True))
+  # Encoders: 1 - cosine between the pooled sentence embeddings of student and teacher.
+  d.embedding = C(dict(weight=0.0, schedule="constant"))
   # Fused loss head (jaxdistill/fused.py): CE and the logit loss from final hidden states and
   # heads, never materialising [tokens x vocab] logits. token_chunk: rows per chunk per batch
   # shard (0 = all rows at once); vocab_chunk: columns per chunk per vocab shard (0 = off;
@@ -132,6 +151,7 @@ def default_config() -> ml_collections.ConfigDict:
       stdlib_max_files=0,  # built-in corpus subset for tests (0 = every file)
       stdlib_max_file_bytes=0,
       stdlib_root="",  # "" = this interpreter's standard library
+      stdlib_kind="all",  # all | code | docstrings (English prose only)
       num_threads=2,  # grain threads reading and tokenising documents
       prefetch=2,  # batches prepared ahead in a background thread (0 = none)
     )
@@ -150,6 +170,22 @@ def default_config() -> ml_collections.ConfigDict:
   # else $XDG_CACHE_HOME/jaxdistill, else ~/.cache/jaxdistill).
   cfg.cache_dir = ""
   cfg.log = C(dict(every=10, progress=True))
+  # `jaxdistill precompute` (jaxdistill/precompute.py): sparse teacher targets per token.
+  # targets: topk | sampled | both; k: top-k size (also the online k of distill.logit.kind
+  # topk_*); samples: draws per token; temperature: generation temperature (0 =
+  # distill.temperature); logprob_dtype: bf16 | f16 | f32; rows: rows to precompute (0 = the
+  # whole training split; synthetic: optim.steps x data.batch_size); rows_per_shard: per shard.
+  cfg.precompute = C(
+    dict(
+      targets="topk",
+      k=32,
+      samples=16,
+      temperature=0.0,
+      logprob_dtype="bf16",
+      rows=0,
+      rows_per_shard=1024,
+    )
+  )
   return cfg
 
 

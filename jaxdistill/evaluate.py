@@ -43,9 +43,11 @@ def _logits_fn(module: nn.Module):
 
 
 def _make_logits_fn(module: nn.Module):
-  def logits(params, batch):
+  def logits(params, state, batch):
+    # ``state``: the model's non-param collections (an FP8 model's scales) or None; without
+    # them an FP8 model would silently fall back to plain matmuls.
     out = module.apply(
-      {"params": params},
+      {"params": params, **(state or {})},
       batch["inputs"],
       segment_ids_BxT=batch["segment_ids"],
       positions_BxT=batch["positions"],
@@ -90,6 +92,11 @@ def _finish(sums: dict, seconds: float) -> dict[str, float]:
   return out
 
 
+def _variables(entry: tuple) -> tuple[Any, Any]:
+  """(params, state) of an ``evaluate`` entry (module, params[, state])."""
+  return entry[1], entry[2] if len(entry) > 2 else None
+
+
 def evaluate(
   models: dict[str, tuple[nn.Module, Any]],
   batches: Iterable[dict[str, np.ndarray]],
@@ -99,10 +106,12 @@ def evaluate(
   """Evaluates each model (and the teacher) on the same batches.
 
   Args:
-    models: name -> (module, params); params sharded on ``mesh``.
+    models: name -> (module, params) or (module, params, state); params sharded on
+      ``mesh``; state: the model's non-param variables (``TrainState.model_state``, an FP8
+      teacher's calibrated scales), or None.
     batches: this process's rows of global batches (dicts of [B_local, T] numpy).
     mesh: the mesh the params live on.
-    teacher: optional (module, params): adds agreement and KL to the teacher, and
+    teacher: optional (module, params[, state]): adds agreement and KL to the teacher, and
       the teacher itself under the name "teacher".
 
   Returns:
@@ -120,12 +129,12 @@ def evaluate(
       teacher_logits = None
       if teacher:
         start = time.perf_counter()
-        teacher_logits = jax.block_until_ready(teacher_fn(teacher[1], batch))
+        teacher_logits = jax.block_until_ready(teacher_fn(*_variables(teacher), batch))
         seconds["teacher"] += time.perf_counter() - start
         totals["teacher"] = add(totals["teacher"], _sums(teacher_logits, None, batch))
       for name in models:
         start = time.perf_counter()
-        logits = jax.block_until_ready(fns[name](models[name][1], batch))
+        logits = jax.block_until_ready(fns[name](*_variables(models[name]), batch))
         seconds[name] += time.perf_counter() - start
         totals[name] = add(totals[name], _sums(logits, teacher_logits, batch))
   if any(t is None for t in totals.values()):
@@ -135,14 +144,7 @@ def evaluate(
 
 def load_params(module: nn.Module, path: str, mesh: jax.sharding.Mesh, seq_len: int) -> Any:
   """A model's params from a ``final_params`` directory, in the module's shardings."""
-  shardings = train_lib.param_shardings(module, mesh, seq_len)
-  abstract = jax.eval_shape(
-    lambda: module.init(jax.random.key(0), np.zeros((1, seq_len), np.int32))["params"]
-  )
-  target = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
-  )
-  return checkpoint.load_params(path, target)
+  return checkpoint.load_params(path, train_lib.abstract_params(module, mesh, seq_len))
 
 
 def validation_batches(cfg: Any, limit: int = 0) -> Iterable[dict[str, np.ndarray]]:
@@ -157,9 +159,9 @@ class Periodic:
   def __init__(self, cfg: Any, student: nn.Module, mesh: jax.sharding.Mesh):
     self.cfg, self.student, self.mesh = cfg, student, mesh
 
-  def __call__(self, params: Any) -> dict[str, float]:
+  def __call__(self, params: Any, state: Any = None) -> dict[str, float]:
     batches = validation_batches(self.cfg, self.cfg.eval.batches)
-    m = evaluate({"student": (self.student, params)}, batches, self.mesh)["student"]
+    m = evaluate({"student": (self.student, params, state)}, batches, self.mesh)["student"]
     return {"eval/loss": m["val_loss"], "eval/ppl": m["val_ppl"], "eval/accuracy": m["accuracy"]}
 
 
@@ -180,7 +182,7 @@ def hook(cfg: Any, run: Any, writer: Any, last_metrics: dict, save_due, save):
 
   def evaluate_then_save(step):
     if step % cfg.eval.every == 0:
-      m = periodic(run.state.params["student"])
+      m = periodic(run.state.params["student"], run.state.model_state)
       last_metrics.update(m)
       writer.write({"step": step, **m})
     if saving.pop(step, False):

@@ -45,6 +45,13 @@ class Run:
   flops_per_step: float
   make_state: Callable[[], train_lib.TrainState]  # a fresh initial state
   teacher_path: str | None = None  # where the teacher's params came from
+  # A c=fp8 teacher's frozen FP8 scales (teacher.calibrate_fp8), else None.
+  teacher_state: Any = None
+
+  def step_args(self, batch: dict) -> tuple:
+    """What ``step_fn`` takes after the state: (teacher_params, batch[, teacher_state])."""
+    extra = () if self.teacher_state is None else (self.teacher_state,)
+    return (self.teacher_params, batch, *extra)
 
 
 def _model(cfg: Any, side: str) -> Transformer:
@@ -86,6 +93,11 @@ def build_run(cfg: Any, workdir: str | None = None, devices=None, create_state: 
     teacher_params, teacher_shardings, teacher_path = teacher_lib.load(
       cfg, teacher, mesh, workdir, train
     )
+  teacher_state, teacher_state_shardings = None, None
+  if teacher is not None and getattr(teacher.config, "fp8", False):
+    teacher_state, teacher_state_shardings = teacher_lib.calibrate_fp8(
+      cfg, teacher, teacher_params, mesh
+    )
   step = train_lib.make_distill_step(
     obj,
     student,
@@ -95,7 +107,9 @@ def build_run(cfg: Any, workdir: str | None = None, devices=None, create_state: 
     lr=train_lib.lr_schedule(cfg.optim),
     loss_scale_period=cfg.optim.loss_scale_period,
   )
-  step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
+  step_fn = train_lib.jit_distill_step(
+    step, state_shardings, teacher_shardings, mesh, teacher_state_shardings
+  )
   data_iter = data_lib.make_iterator(cfg, "train")
   tokens = cfg.data.batch_size * cfg.data.seq_len
   flops = tokens * metrics_lib.distill_flops_per_token(
@@ -115,6 +129,7 @@ def build_run(cfg: Any, workdir: str | None = None, devices=None, create_state: 
     flops,
     lambda: make_state(create=True)[0],
     teacher_path,
+    teacher_state,
   )
 
 
@@ -149,7 +164,7 @@ def run_steps(
     step = int(run.state.step)
     for done in range(1, num_steps + 1):
       batch = sharding_lib.shard_batch(next(run.data_iter), run.mesh)
-      run.state, step_metrics = run.step_fn(run.state, run.teacher_params, batch)
+      run.state, step_metrics = run.step_fn(run.state, *run.step_args(batch))
       flush()
       step += 1
       pending = (step, step_metrics)
@@ -240,6 +255,10 @@ def _start(run: Run, manager, workdir: str, resume_from: str | None) -> str:
     _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), step)
     return f"resumed from step {step} ({where})"
   run.state = run.make_state()
+  if cfg.student.init_layers:  # blocks of the teacher (e.g. a Hugging Face one)
+    student = teacher_lib.student_from_teacher(cfg, run.teacher_params, run.state.params["student"])
+    run.state = run.state.replace(params=dict(run.state.params, student=student))
+    return f"initialised the student from teacher blocks {cfg.student.init_layers!r}"
   if cfg.student.init_from:
     path = teacher_lib.final_params_dir(cfg.student.init_from)
     target = jax.tree.map(

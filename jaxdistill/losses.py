@@ -345,6 +345,37 @@ def hidden_loss(
   return loss, {"distill/hidden": loss}
 
 
+def embedding_cosine(student_e_BxD, teacher_e_BxD, mask_BxT, denom) -> LossAndMetrics:
+  """Sentence-embedding similarity: 1 - cos(e_S, e_T) per row, weighted by its valid tokens.
+
+  Weighting each row by its number of valid tokens keeps the convention that every loss is
+  a sum over tokens divided by the global token count ``denom`` (so micro-batches add up); a
+  row with no valid token contributes 0. Norms are floored at 1e-8.
+
+  Args:
+    student_e_BxD: [B, D] student pooled embeddings.
+    teacher_e_BxD: [B, D] teacher pooled embeddings (gradient stopped).
+    mask_BxT: [B, T] validity mask of the rows' tokens.
+    denom: scalar global number of valid tokens.
+
+  Returns:
+    (loss, {"distill/embedding": loss}).
+  """
+  _check_same_shape("embedding_cosine", student_e_BxD.shape, teacher_e_BxD.shape)
+  # Rows without a valid token are zeroed BEFORE the math (garbage there must not reach the
+  # gradients), as _zero_padded does for tokens.
+  row_valid_Bx1 = jnp.any(_valid(mask_BxT), axis=-1)[:, None]
+  e_s = jnp.where(row_valid_Bx1, jnp.asarray(student_e_BxD, F32), 0.0)
+  e_t = jnp.where(row_valid_Bx1, jax.lax.stop_gradient(jnp.asarray(teacher_e_BxD, F32)), 0.0)
+  inv_s = jax.lax.rsqrt(jnp.maximum(jnp.sum(e_s * e_s, axis=-1), _COS_EPS_SQ))
+  inv_t = jax.lax.rsqrt(jnp.maximum(jnp.sum(e_t * e_t, axis=-1), _COS_EPS_SQ))
+  cos_B = jnp.sum(e_s * e_t, axis=-1) * inv_s * inv_t
+  # The row's value on each of its tokens: padded rows (NaN-prone) are selected out.
+  per_token_BxT = jnp.broadcast_to((1.0 - cos_B)[:, None], jnp.shape(mask_BxT))
+  loss = _masked_total(per_token_BxT, mask_BxT, denom)
+  return loss, {"distill/embedding": loss}
+
+
 def init_projection(rng: jax.Array, d_student: int, d_teacher: int) -> jax.Array:
   """LeCun-normal [Ds, Dt] float32 student-to-teacher width map.
 

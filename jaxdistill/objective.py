@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdistill import fused as fused_lib
-from jaxdistill import losses, schedules
+from jaxdistill import losses, schedules, sparse
 from jaxdistill.errors import ConfigError
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -44,15 +44,24 @@ class Objective:
   hidden_kind: str = "mse"
   hidden_weight: Schedule | None = None
   projected: bool = False  # hidden widths differ: learned [Ds, Dt] maps
+  embed_weight: Schedule | None = None  # encoders: 1 - cos of pooled sentence embeddings
   # CE and the logit loss through fused.py from final hidden states and heads (no logits).
   fused: bool = True
   token_chunk: int = 256
   vocab_chunk: int = 0
+  # Sparse kinds (sparse.SPARSE_KINDS): targets come from the batch (teacher.source='cache',
+  # uses_teacher False) or are made from the online teacher's head, top-k of this size.
+  sparse_k: int = 0
+
+  @property
+  def sparse(self) -> bool:
+    """The logit term is a sparse-target one (jaxdistill/sparse.py)."""
+    return bool(self.logit_weight) and self.logit_kind in sparse.SPARSE_KINDS
 
   @property
   def fused_head(self) -> bool:
     """The models return (final hidden, head) instead of logits: a fused term needs them."""
-    return self.fused and bool(self.ce_weight or self.logit_weight)
+    return (self.fused or self.sparse) and bool(self.ce_weight or self.logit_weight)
 
   def student_request(self) -> dict:
     """Keyword arguments asking the student model for what the losses need."""
@@ -104,7 +113,7 @@ def make_objective(cfg: Any) -> Objective:
   """Builds the Objective from a validated config (raises ConfigError)."""
   d, steps = cfg.distill, cfg.optim.steps
   if cfg.teacher.source == "none":
-    for key in ("logit", "attention", "hidden"):
+    for key in ("logit", "attention", "hidden", "embedding"):
       if d[key].weight != 0:
         raise ConfigError(
           f"distill.{key}.weight",
@@ -123,10 +132,20 @@ def make_objective(cfg: Any) -> Objective:
     raise ConfigError("distill.temperature_schedule", str(e)) from None
   if d.temperature <= 0:
     raise ConfigError("distill.temperature", f"must be > 0, got {d.temperature}")
-  if d.logit.kind not in losses.LOGIT_DIVERGENCES:
+  kinds = sorted(losses.LOGIT_DIVERGENCES) + list(sparse.SPARSE_KINDS)
+  if d.logit.kind not in kinds:
+    raise ConfigError("distill.logit.kind", f"unknown {d.logit.kind!r}; choose from {kinds}")
+  if cfg.teacher.source == "cache":
+    return _cache_objective(cfg, temperature)
+  if d.logit.kind == "sampled" and d.logit.weight:
     raise ConfigError(
       "distill.logit.kind",
-      f"unknown {d.logit.kind!r}; choose from {sorted(losses.LOGIT_DIVERGENCES)}",
+      "'sampled' reads sampled targets from a cache: set teacher.source='cache' and "
+      "teacher.path to a `jaxdistill precompute` output (or use topk_tail online)",
+    )
+  if d.logit.kind in sparse.TOPK_KINDS and cfg.precompute.k > cfg.teacher.vocab_size:
+    raise ConfigError(
+      "precompute.k", f"{cfg.precompute.k} (the online top-k) exceeds teacher.vocab_size"
     )
   if not 0.0 <= d.logit.beta <= 1.0:
     raise ConfigError("distill.logit.beta", f"must be in [0, 1], got {d.logit.beta}")
@@ -186,6 +205,35 @@ def make_objective(cfg: Any) -> Objective:
     hidden_kind=d.hidden.kind,
     hidden_weight=hidden_w,
     projected=projected,
+    embed_weight=_weight(d.embedding, "distill.embedding", steps),
+    sparse_k=cfg.precompute.k,
+    **_fused_fields(d),
+  )
+
+
+def _cache_objective(cfg: Any, temperature: Schedule) -> Objective:
+  """teacher.source='cache': a sparse logit loss (+ CE) from stored targets, no teacher model."""
+  d = cfg.distill
+  for key in ("attention", "hidden", "embedding"):
+    if key in d and (d[key].weight != 0 or (key == "attention" and d.attention.value_weight)):
+      raise ConfigError(
+        f"distill.{key}.weight",
+        "is non-zero, but a cache (teacher.source='cache') stores only logit targets: "
+        "there are no teacher attentions, hidden states or embeddings; set it to 0",
+      )
+  logit_w = _weight(d.logit, "distill.logit", cfg.optim.steps)
+  if d.logit.kind not in sparse.SPARSE_KINDS or not logit_w:
+    raise ConfigError(
+      "distill.logit.kind",
+      f"a cache needs a sparse kind {sparse.SPARSE_KINDS} with a non-zero weight, "
+      f"not {d.logit.kind!r} (weight {d.logit.weight})",
+    )
+  return Objective(
+    uses_teacher=False,
+    temperature=temperature,
+    ce_weight=_weight(d.ce, "distill.ce", cfg.optim.steps),
+    logit_kind=d.logit.kind,
+    logit_weight=logit_w,
     **_fused_fields(d),
   )
 
@@ -241,6 +289,42 @@ def _fused_head_terms(obj: Objective, step, student_out, teacher_out, batch, den
   return out.loss, metrics
 
 
+def _sparse_terms(obj: Objective, step, student_out, teacher_out, batch, denom):
+  """CE and the sparse divergence, weighted: targets from the batch's ``teacher_*`` arrays
+  (a cache) or made here from the online teacher's final hidden states and head."""
+  flat = lambda x: x.reshape(-1, *x.shape[2:])  # [B, T, ...] -> [N, ...]
+  tau = obj.temperature(step)
+  if teacher_out is None:
+    teacher = {k[len("teacher_") :]: flat(v) for k, v in batch.items() if k.startswith("teacher_")}
+  else:
+    b, t = batch["targets"].shape
+    teacher = sparse.teacher_targets(
+      flat(teacher_out["final_hidden"]),
+      teacher_out["head"],
+      jnp.zeros((b * t,), jnp.int32),
+      jnp.zeros((b * t,), jnp.int32),
+      temperature=tau,
+      k=obj.sparse_k,
+      token_chunk=obj.token_chunk,
+    )
+  out = sparse.sparse_loss_head(
+    flat(student_out["final_hidden"]),
+    student_out["head"],
+    flat(batch["targets"]),
+    flat(batch["weights"]),
+    denom,
+    teacher,
+    kind=obj.logit_kind,
+    temperature=tau,
+    kl_weight=obj.logit_weight(step),
+    ce_weight=obj.ce_weight(step) if obj.ce_weight else 0.0,
+    token_chunk=obj.token_chunk,
+  )
+  metrics = {"task/ce": out.ce} if obj.ce_weight else {}
+  metrics[f"distill/{obj.logit_kind}"] = out.divergence
+  return out.loss, metrics
+
+
 def compute_loss(
   obj: Objective,
   step: jax.Array,
@@ -277,15 +361,19 @@ def compute_loss(
 
   # Models asked for (final hidden, head) instead of logits (obj.fused_head): fused.py.
   fused_head = "final_hidden" in student_out and "logits" not in student_out
-  if fused_head and (obj.ce_weight or obj.logit_weight):
+  if obj.sparse:  # CE and the sparse divergence from the student's head (sparse.py)
+    value, m = _sparse_terms(obj, step, student_out, teacher_out, batch, denom)
+    metrics.update(m)
+    total += value
+  elif fused_head and (obj.ce_weight or obj.logit_weight):
     value, m = _fused_head_terms(obj, step, student_out, teacher_out, batch, denom)
     metrics.update(m)
     total += value
-  if obj.ce_weight and not fused_head:
+  if obj.ce_weight and not fused_head and not obj.sparse:
     add(
       obj.ce_weight, losses.cross_entropy(student_out["logits"], batch["targets"], mask_BxT, denom)
     )
-  if obj.logit_weight and not fused_head:
+  if obj.logit_weight and not fused_head and not obj.sparse:
     add(
       obj.logit_weight,
       losses.logit_loss(
@@ -333,6 +421,9 @@ def compute_loss(
         ),
       ),
     )
+  if obj.embed_weight:
+    e_s, e_t = student_out["embedding"], teacher_out["embedding"]
+    add(obj.embed_weight, losses.embedding_cosine(e_s, e_t, mask_BxT, denom))
   metrics["train/loss"] = total
   return total, metrics
 
@@ -348,6 +439,7 @@ def schedule_metrics(obj: Objective, step: jax.Array) -> dict[str, jax.Array]:
     "attention": obj.attn_weight,
     "value_relation": obj.value_weight,
     "hidden": obj.hidden_weight,
+    "embedding": obj.embed_weight,
   }
   for name, weight in names.items():
     if weight:

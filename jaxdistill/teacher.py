@@ -4,10 +4,14 @@
   random    random init (tests, smoke runs)
   pretrain  trained here first on CE into WORKDIR/teacher/, reused afterwards
   workdir   the final params of an earlier `jaxdistill train` run at teacher.path
+  hf        a Hugging Face model directory at teacher.path (models/hf.py), loaded tensor by
+            tensor into its shardings; the teacher.* model keys must describe it
 
 Whatever the source, the params arrive sharded by the same logical rules as the
 student's, in the teacher policy's param dtype, and are never checkpointed:
-checkpoints record only the teacher's identity (``identity``).
+checkpoints record only the teacher's identity (``identity``). A c=fp8 teacher
+also gets static FP8 scales, calibrated on a few training batches each run
+(``calibrate_fp8``) and likewise never checkpointed.
 """
 
 import copy
@@ -17,10 +21,9 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdistill import checkpoint, precision, train as train_lib
-from jaxdistill.errors import JaxdistillError
+from jaxdistill.errors import ConfigError, JaxdistillError
 
 
 def pretrain_config(cfg: Any) -> Any:
@@ -28,9 +31,14 @@ def pretrain_config(cfg: Any) -> Any:
   t = copy.deepcopy(cfg)
   for key in checkpoint.MODEL_KEYS:
     t.student[key] = cfg.teacher[key]
-  # The teacher trains in f32 params whatever its inference policy stores.
+  # The teacher trains in f32 params whatever its inference policy stores. A
+  # c=fp8 teacher trains in bf16 (its non-matmul dtype): its saved params carry
+  # no FP8 state, its static scales are calibrated on the final weights anyway
+  # (calibrate_fp8), and bf16 training is the better teacher for the same steps.
   compute = precision.parse_policy(cfg.teacher.policy, "teacher.policy").compute_dtype
   t.student.policy = f"p=f32,c={jnp.dtype(compute).name},o=f32"
+  if compute == jnp.float16:  # float16 gradients need it (precision.check_trainable)
+    t.optim.loss_scale = "dynamic"
   t.student.init_from = ""
   t.teacher.source = "none"
   for key in ("logit", "attention", "hidden"):
@@ -69,6 +77,8 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None, train_fn: Call
     train_fn: ``loop.train``, to pretrain the teacher.
   """
   seq_len = cfg.data.seq_len
+  if cfg.teacher.source == "hf":
+    return _load_hf(cfg, teacher, mesh)
   if cfg.teacher.source == "random":
     params, shardings = train_lib.init_params(teacher, jax.random.key(cfg.seed + 1), mesh, seq_len)
     return params, shardings, None
@@ -78,11 +88,61 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None, train_fn: Call
     if jax.process_index() == 0:
       print(f"Pretraining the teacher for {cfg.teacher.pretrain_steps} steps in {run_dir}")
     train_fn(pretrain_config(cfg), run_dir, devices=list(mesh.devices.flat))
-  shardings = train_lib.param_shardings(teacher, mesh, seq_len)
-  abstract = jax.eval_shape(
-    lambda: teacher.init(jax.random.key(0), np.zeros((1, seq_len), np.int32))["params"]
-  )
-  target = jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
-  )
+  target = train_lib.abstract_params(teacher, mesh, seq_len)
+  shardings = jax.tree.map(lambda a: a.sharding, target)
   return checkpoint.load_params(path, target), shardings, path
+
+
+def calibrate_fp8(cfg: Any, teacher: nn.Module, params: Any, mesh) -> tuple[Any, Any]:
+  """Static FP8 scales of a c=fp8 teacher: (variables, shardings), see precision.calibrate_fp8.
+
+  Calibrates on the first ``teacher.fp8_calibration_batches`` batches of a FRESH
+  training iterator (the run's seed), never the run's own: a resumed run
+  recalibrates to the same scales, and the run's data stream is untouched.
+  """
+  import itertools
+
+  from jaxdistill import data as data_lib
+
+  n = cfg.teacher.fp8_calibration_batches
+  batches = itertools.islice(data_lib.make_iterator(cfg, "train"), n)
+  return precision.calibrate_fp8(teacher, params, batches, mesh, cfg.data.seq_len)
+
+
+def _load_hf(cfg: Any, teacher: nn.Module, mesh):
+  """(params, shardings, path) of a Hugging Face teacher; its config.json must match."""
+  from jaxdistill.models import hf
+
+  path = cfg.teacher.path
+  found = hf.read_config(path).config
+  for key in checkpoint.MODEL_KEYS:
+    want = getattr(found, key)
+    if cfg.teacher[key] != want:
+      raise ConfigError(
+        f"teacher.{key}", f"is {cfg.teacher[key]!r} but {path}/config.json says {want!r}"
+      )
+  hfm = hf.HFModel(hf.read_config(path).model_type, teacher.config)
+  _, params = hf.load(path, hfm, mesh)
+  return params, train_lib.param_shardings(teacher, mesh, cfg.data.seq_len), path
+
+
+def student_from_teacher(cfg: Any, teacher_params: Any, student_params: Any) -> Any:
+  """The student's params made of the teacher's blocks ``student.init_layers``.
+
+  Embeddings, norms and head are the teacher's; block j is teacher block layers[j]
+  (``hf_export.select_layers``). Fresh copies in the student's shardings and dtype (the
+  step donates the student's buffers; the teacher's must survive).
+  """
+  from jaxdistill.models import hf_export
+
+  layers = hf_export.select_layers(
+    cfg.student.init_layers, cfg.teacher.num_layers, cfg.student.num_layers
+  )
+  picked = hf_export.init_from_teacher(teacher_params, layers)
+  shardings = jax.tree.map(lambda a: a.sharding, student_params)
+  dtypes = jax.tree.map(lambda a: a.dtype, student_params)
+  copy = jax.jit(
+    lambda tree: jax.tree.map(lambda a, d: jnp.array(a, dtype=d, copy=True), tree, dtypes),
+    out_shardings=shardings,
+  )
+  return copy(picked)

@@ -128,17 +128,21 @@ def make_distill_step(
       used when ``state.loss_scale`` is not None.
 
   Returns:
-    ``distill_step(state, teacher_params, batch) -> (state, metrics)``.
+    ``distill_step(state, teacher_params, batch, teacher_state=None) -> (state, metrics)``;
+    ``teacher_state``: a c=fp8 teacher's frozen FP8 scales
+    (``precision.calibrate_fp8``), read and never updated.
   """
 
-  def loss_fn(params, model_state, teacher_params, batch, step, denom, scale):
+  def loss_fn(params, model_state, teacher_vars, batch, step, denom, scale):
     student_out = _apply(student, params["student"], batch, obj.student_request(), model_state)
     teacher_out = None
     if obj.uses_teacher:
       # The teacher is an input, not a parameter: no gradient is ever formed
-      # for it, and stop_gradient keeps its outputs constant for the losses.
+      # for it (nor for its FP8 state: static scales), and stop_gradient keeps
+      # its outputs constant for the losses.
+      teacher_params, teacher_state = teacher_vars
       teacher_out = jax.lax.stop_gradient(
-        _apply(teacher, teacher_params, batch, obj.teacher_request())
+        _apply(teacher, teacher_params, batch, obj.teacher_request(), teacher_state)
       )
     loss, metrics = objective_lib.compute_loss(
       obj, step, params["proj"], student_out, teacher_out, batch, denom
@@ -151,12 +155,12 @@ def make_distill_step(
   # With FP8 the model state's "gradients" are its new values (Flax fp8_ops).
   grad_both = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
-  def gradients(state, teacher_params, batch, denom):
+  def gradients(state, teacher_vars, batch, denom):
     """(metrics, param grads, new model state) of the whole batch."""
     scale = None if state.loss_scale is None else state.loss_scale.scale
 
     def grads_of(model_state, b):
-      args = (teacher_params, b, state.step, denom, scale)
+      args = (teacher_vars, b, state.step, denom, scale)
       if state.model_state is None:  # exactly the plain step's program
         (_, m), g = grad_params(state.params, None, *args)
         return m, g, None
@@ -180,12 +184,12 @@ def make_distill_step(
     ((grads, metrics), model_state), _ = jax.lax.scan(body, (zeros, state.model_state), micro)
     return metrics, grads, model_state
 
-  def distill_step(state: TrainState, teacher_params: Any, batch: dict):
+  def distill_step(state: TrainState, teacher_params: Any, batch: dict, teacher_state: Any = None):
     ls = state.loss_scale
     # Normalise every term by the valid tokens of the WHOLE global batch, so
     # micro-batch gradients simply add up to the full-batch gradient.
     denom = jnp.maximum(batch["weights"].sum(), 1.0)
-    metrics, grads, model_state = gradients(state, teacher_params, batch, denom)
+    metrics, grads, model_state = gradients(state, (teacher_params, teacher_state), batch, denom)
     if ls is not None:
       # Unscale before anything reads the gradients (norm, clipping, Adam).
       grads = jax.tree.map(lambda g: (g.astype(jnp.float32) / ls.scale).astype(g.dtype), grads)
@@ -297,13 +301,39 @@ def param_shardings(model: nn.Module, mesh: jax.sharding.Mesh, seq_len: int) -> 
   return sharding_lib.shardings_of(jax.eval_shape(init_fn, jax.random.key(0)), mesh)
 
 
+def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh, seq_len: int) -> Any:
+  """``model``'s params as ShapeDtypeStructs in their shardings: a restore target.
+
+  Nothing is allocated; ``checkpoint.load_params(path, abstract_params(...))`` reads each
+  array straight into its shards.
+  """
+  shardings = param_shardings(model, mesh, seq_len)
+  init_fn = lambda r: model.init(r, jnp.zeros((1, seq_len), jnp.int32))["params"]
+  abstract = jax.eval_shape(init_fn, jax.random.key(0))
+  return jax.tree.map(
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
+  )
+
+
 def jit_distill_step(
-  step_fn: Callable, state_shardings: Any, teacher_shardings: Any, mesh: jax.sharding.Mesh
+  step_fn: Callable,
+  state_shardings: Any,
+  teacher_shardings: Any,
+  mesh: jax.sharding.Mesh,
+  teacher_state_shardings: Any = None,
 ) -> Callable:
-  """The ONE jit of the step: explicit shardings, old state donated."""
+  """The ONE jit of the step: explicit shardings, old state donated.
+
+  ``teacher_state_shardings`` (a c=fp8 teacher's FP8 state): the step then
+  takes ``teacher_state`` as a 4th argument, like the teacher's params an
+  input that is never donated nor returned.
+  """
+  in_shardings = (state_shardings, teacher_shardings, sharding_lib.batch_sharding(mesh))
+  if teacher_state_shardings is not None:
+    in_shardings += (teacher_state_shardings,)
   return jax.jit(
     step_fn,
-    in_shardings=(state_shardings, teacher_shardings, sharding_lib.batch_sharding(mesh)),
+    in_shardings=in_shardings,
     out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
     donate_argnums=(0,),
   )

@@ -11,7 +11,9 @@ from typing import Any
 from jaxdistill import models, objective, precision
 from jaxdistill.errors import ConfigError
 
-TEACHER_SOURCES = ("none", "random", "pretrain", "workdir")
+TEACHER_SOURCES = ("none", "random", "pretrain", "workdir", "cache", "hf")
+# Sources with no teacher model to run: its shape keys are not checked against the data/mesh.
+NO_TEACHER_MODEL = ("none", "cache")
 # Text sources are tokenised and packed by jaxdistill/data/pipeline.py.
 TEXT_SOURCES = ("stdlib", "tfds", "array_record", "text")
 DATA_SOURCES = ("synthetic",) + TEXT_SOURCES
@@ -40,15 +42,22 @@ def validate(cfg: Any) -> None:
     raise ConfigError("teacher.source", f"unknown {t.source!r}; choose from {TEACHER_SOURCES}")
   if t.source != "none":
     teacher_policy = precision.parse_policy(t.policy, "teacher.policy")
-    if teacher_policy.fp8:
+    n = t.fp8_calibration_batches
+    if teacher_policy.fp8 and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
       raise ConfigError(
-        "teacher.policy",
-        "c=fp8 needs FP8 scales, which only a trained model's steps produce (delayed "
-        "scaling); teacher FP8 inference is not supported: use c=bf16",
+        "teacher.fp8_calibration_batches",
+        f"must be an int >= 1 with teacher.policy c=fp8 (batches that calibrate the frozen "
+        f"teacher's static FP8 scales), got {n!r}",
       )
     models.transformer_config(t, teacher_policy, "teacher")
   if t.source == "pretrain" and t.pretrain_steps <= 0:
     raise ConfigError("teacher.pretrain_steps", "must be > 0 when teacher.source='pretrain'")
+  if t.source == "cache" and not os.path.isdir(t.path):
+    raise ConfigError(
+      "teacher.path",
+      f"{t.path!r} is not a directory; point it at the --output of `jaxdistill precompute`",
+    )
+  _check_precompute(cfg.precompute)
   if t.source == "workdir" and not os.path.isdir(t.path):
     raise ConfigError(
       "teacher.path",
@@ -69,7 +78,7 @@ def validate(cfg: Any) -> None:
     "log.every",
   ):
     _positive(cfg, key)
-  for side in ("student", "teacher") if t.source != "none" else ("student",):
+  for side in ("student", "teacher") if t.source not in NO_TEACHER_MODEL else ("student",):
     if cfg.data.seq_len > cfg[side].max_len:
       raise ConfigError(
         "data.seq_len", f"{cfg.data.seq_len} exceeds {side}.max_len={cfg[side].max_len}"
@@ -86,6 +95,7 @@ def validate(cfg: Any) -> None:
     raise ConfigError("ckpt.every", "ckpt.every and ckpt.max_to_keep must be >= 0")
   if cfg.ckpt.best_mode not in ("min", "max"):
     raise ConfigError("ckpt.best_mode", f"unknown {cfg.ckpt.best_mode!r}; choose min or max")
+  _check_hf(cfg)
   if cfg.student.init_from and not os.path.isdir(cfg.student.init_from):
     raise ConfigError(
       "student.init_from",
@@ -97,6 +107,34 @@ def validate(cfg: Any) -> None:
       "optim.lr_schedule", f"unknown {cfg.optim.lr_schedule!r}; choose cosine or constant"
     )
   _check_fused(cfg.distill, objective.make_objective(cfg))
+
+
+def _check_hf(cfg: Any) -> None:
+  """teacher.source='hf', student.init_layers and the embedding loss (models/hf.py)."""
+  t, s = cfg.teacher, cfg.student
+  if t.source == "hf" and not os.path.isfile(os.path.join(t.path, "config.json")):
+    raise ConfigError(
+      "teacher.path", f"{t.path!r} holds no config.json; point it at a Hugging Face model directory"
+    )
+  if s.init_layers:
+    if t.source in NO_TEACHER_MODEL:
+      raise ConfigError("student.init_layers", f"needs a teacher model, not {t.source!r}")
+    if s.init_from:
+      raise ConfigError("student.init_layers", "and student.init_from both set; choose one")
+    from jaxdistill.models import hf_export
+
+    try:
+      hf_export.select_layers(s.init_layers, t.num_layers, s.num_layers)
+    except ValueError as e:
+      raise ConfigError("student.init_layers", str(e)) from None
+    for key in models.MODEL_KEYS:
+      if key != "num_layers" and s[key] != t[key]:
+        same = f"student.{key}={s[key]!r} must equal teacher.{key}={t[key]!r}"
+        raise ConfigError("student.init_layers", f"copies teacher blocks, so {same}")
+  if cfg.distill.embedding.weight and not (s.encoder and t.encoder):
+    raise ConfigError(
+      "distill.embedding.weight", "needs encoders (student.encoder and teacher.encoder true)"
+    )
 
 
 def _check_fused(d: Any, obj: objective.Objective) -> None:
@@ -114,11 +152,29 @@ def _check_fused(d: Any, obj: objective.Objective) -> None:
     )
 
 
+def _check_precompute(p: Any) -> None:
+  """The ``precompute`` section (jaxdistill/precompute.py, data/cached.py)."""
+  if p.targets not in ("topk", "sampled", "both"):
+    raise ConfigError("precompute.targets", f"unknown {p.targets!r}; choose topk, sampled or both")
+  if p.logprob_dtype not in ("bf16", "f16", "f32"):
+    raise ConfigError(
+      "precompute.logprob_dtype", f"unknown {p.logprob_dtype!r}; choose bf16, f16 or f32"
+    )
+  if p.k < 1 or not 1 <= p.samples <= 65535 or p.rows_per_shard < 1:
+    raise ConfigError("precompute", "k >= 1, 1 <= samples <= 65535 and rows_per_shard >= 1")
+  if p.rows < 0 or p.temperature < 0:
+    raise ConfigError("precompute", "rows >= 0 (0 = all) and temperature >= 0 (0 = distill's)")
+
+
 def _check_data(cfg: Any) -> None:
   """Data settings that contradict each other (files and datasets are checked when opened)."""
   d = cfg.data
   if d.packing not in ("pack", "pad"):
     raise ConfigError("data.packing", f"unknown {d.packing!r}; choose pack or pad")
+  if d.stdlib_kind not in ("all", "code", "docstrings"):
+    raise ConfigError(
+      "data.stdlib_kind", f"unknown {d.stdlib_kind!r}; choose all, code, docstrings"
+    )
   if d.source == "tfds" and not d.tfds_name:
     raise ConfigError("data.tfds_name", "is empty; name a prepared TFDS dataset")
   if d.source in ("array_record", "text") and not d.train_files:
@@ -147,7 +203,7 @@ def check_mesh(cfg: Any, mesh_shape: dict[str, int]) -> None:
       f"each micro-batch of {micro} rows must split over mesh data*fsdp={rows} devices",
     )
   tensor = mesh_shape["tensor"]
-  sides = ("student",) if cfg.teacher.source == "none" else ("student", "teacher")
+  sides = ("student",) if cfg.teacher.source in NO_TEACHER_MODEL else ("student", "teacher")
   for side in sides:
     for key in ("vocab_size", "num_heads", "d_ff"):
       if cfg[side][key] % tensor:

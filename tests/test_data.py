@@ -75,6 +75,12 @@ def test_same_seed_same_batches_and_state_round_trip(tmp_path, packing):
     resumed.set_state(state)
     assert _same(expected, _take(resumed, 4)), skip
 
+  # A state from another pipeline version, or one that does not fit, is a clear error.
+  with pytest.raises(JaxdistillError, match="input-pipeline version 99"):
+    resumed.set_state({**state, "version": 99})
+  with pytest.raises(JaxdistillError, match="does not fit this pipeline"):
+    resumed.set_state({**state, "grain": {"unrelated": 1}})
+
 
 def test_batch_contract_and_packing_layout(tmp_path):
   batch = next(data_lib.make_iterator(_text_cfg(tmp_path), "train", 0, 1))

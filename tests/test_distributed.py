@@ -26,6 +26,7 @@ import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 20
+MID = 10  # a full-state checkpoint (configs/smoke.py saves every 5 steps, keeps 3)
 
 
 def _load_launcher():
@@ -45,21 +46,12 @@ def _smoke_config():
 
 def _student_target(cfg, mesh):
   """ShapeDtypeStructs (with shardings on ``mesh``) of the student's params."""
-  import flax.linen as nn
-  import jax
-
   from jaxdistill import models, precision, train
   from jaxdistill.models.transformer import Transformer
 
   policy = precision.parse_policy(cfg.student.policy, "student.policy")
   student = Transformer(models.transformer_config(cfg.student, policy, "student"))
-  shardings = train.param_shardings(student, mesh, cfg.data.seq_len)
-  abstract = jax.eval_shape(
-    lambda: student.init(jax.random.key(0), np.zeros((1, cfg.data.seq_len), np.int32))["params"]
-  )
-  return jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
-  )
+  return train.abstract_params(student, mesh, cfg.data.seq_len)
 
 
 def _flat_numpy(tree) -> dict[str, np.ndarray]:
@@ -70,21 +62,22 @@ def _flat_numpy(tree) -> dict[str, np.ndarray]:
   }
 
 
-def _two_process_job(workdir: str, reference: str, out: str) -> int:
-  """Runs in each of the 2 processes: train like ``jaxdistill train``, then load
-  the 1-process run's params into this 2-process mesh and write them gathered."""
+def _train_cli(workdir: str, *extra: str) -> int:
   from jaxdistill import cli
 
-  rc = cli.main(
-    [
-      "train",
-      "--config",
-      str(ROOT / "configs" / "smoke.py"),
-      "--workdir",
-      workdir,
-      f"--config.optim.steps={STEPS}",
-      "--config.log.progress=false",
-    ]
+  return cli.main(
+    ["train", "--config", str(ROOT / "configs" / "smoke.py"), "--workdir", workdir]
+    + [f"--config.optim.steps={STEPS}", "--config.log.progress=false", *extra]
+  )
+
+
+def _two_process_job(workdir: str, reference: str, out: str, resume_dir: str) -> int:
+  """Runs in each of the 2 processes: train like ``jaxdistill train``; resume the
+  1-process run's mid-run checkpoint (full state: params, optimizer, rng, data
+  iterator) into ``resume_dir``; load its final params into this 2-process mesh
+  and write them gathered."""
+  rc = _train_cli(workdir) or _train_cli(
+    resume_dir, f"--resume_from={os.path.join(os.path.dirname(reference), 'checkpoints', str(MID))}"
   )
   if rc:
     return rc
@@ -243,7 +236,8 @@ def test_two_processes_train_exactly_like_one(tmp_path):
   log = tmp_path / "launch.log"
   with open(log, "w") as out:
     rc = launcher.run(
-      [sys.executable, __file__, str(two), str(one / "final_params"), str(tmp_path / "one.npz")],
+      [sys.executable, __file__, str(two), str(one / "final_params"), str(tmp_path / "one.npz")]
+      + [str(tmp_path / "two_from_one")],
       processes=2,
       devices_per_process=4,
       heartbeat_timeout=15,  # a dead process aborts the other soon, never a hang
@@ -264,6 +258,18 @@ def test_two_processes_train_exactly_like_one(tmp_path):
   losses_2 = np.array([r["train/loss"] for r in rows_2])
   np.testing.assert_allclose(losses_2, losses_1, rtol=0, atol=1e-6)
   assert json.loads((two / "summary.json").read_text())["steps"] == STEPS
+
+  # Full-state checkpoints move between process counts: the 1-process run's step-MID
+  # checkpoint resumed by 2 processes, and the 2-process run's resumed here by 1, continue
+  # with the uninterrupted run's losses (params, optimizer, rng and data iterator restored).
+  one_from_two = tmp_path / "one_from_two"
+  loop.train(cfg, str(one_from_two), resume_from=str(two / "checkpoints" / str(MID)))
+  for resumed in (tmp_path / "two_from_one", one_from_two):
+    rows = metrics.read_jsonl(str(resumed / "metrics.jsonl"))
+    assert [r["step"] for r in rows] == list(range(MID + 1, STEPS + 1)), resumed
+    np.testing.assert_allclose(
+      [r["train/loss"] for r in rows], losses_1[MID:], rtol=0, atol=1e-6, err_msg=str(resumed)
+    )
 
   # Same final params; the 2-process checkpoint restores in this 1-process run...
   target = _student_target(cfg, sharding.make_mesh(cfg.mesh))

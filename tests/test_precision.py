@@ -9,6 +9,7 @@ import pytest
 from conftest import ROOT
 
 from jaxdistill import checkpoint, config as config_lib, loop, precision, sharding, validate
+from jaxdistill import data as data_lib, teacher as teacher_lib
 from jaxdistill.errors import ConfigError
 from jaxdistill.models.transformer import FP8_STATE, EinsumDense, TransformerConfig
 
@@ -288,6 +289,103 @@ def test_fp8_policy_errors(tiny_config):
   assert str(precision.parse_policy("c=fp8,p=f32")) == "p=float32,c=fp8,o=bfloat16"
   cfg = tiny_config.copy_and_resolve_references()
   cfg.teacher.policy = "p=f32,c=fp8"
-  with pytest.raises(ConfigError, match="teacher FP8") as e:
+  validate.validate(cfg)  # FP8 teachers run with calibrated static scales
+  cfg.teacher.fp8_calibration_batches = 0
+  with pytest.raises(ConfigError, match="int >= 1") as e:
     validate.validate(cfg)
-  assert e.value.key == "teacher.policy"
+  assert e.value.key == "teacher.fp8_calibration_batches"
+
+
+# --- FP8 teacher: calibrated static scales ------------------------------------------------------
+
+
+def _fp8_teacher_config(cfg):
+  cfg = _small(cfg)
+  cfg.teacher.update(policy="p=f32,c=fp8,o=f32", fp8_calibration_batches=3)
+  cfg.mesh.update(data=1, fsdp=1, tensor=2)
+  return cfg
+
+
+def _with_histories_scaled(state, factor):
+  scale = lambda path, x: x * factor if "amax_history" in jax.tree_util.keystr(path) else x
+  return jax.tree_util.tree_map_with_path(scale, state)
+
+
+def test_fp8_teacher_is_calibrated_frozen_in_the_step_and_recalibrated_on_resume(tiny_config):
+  cfg = _fp8_teacher_config(tiny_config)
+  validate.validate(cfg)
+  run = loop.build_run(cfg, devices=jax.devices()[:2])
+  wo = lambda s: s[FP8_STATE]["block_0"]["mlp"]["wo"]["fp8"]
+  fp8 = jax.device_get(wo(run.teacher_state))
+  # Calibration moved the scales off their init (1.0): the input scale is the largest
+  # activation amax seen in 3 batches, the kernel scale the weights' own max |w| (exact).
+  assert np.count_nonzero(fp8["input_amax_history"]) == 3
+  e4m3_scale = lambda amax: np.float32(1) / (np.float32(448) / amax)
+  assert fp8["input_scale"][0] == e4m3_scale(fp8["input_amax_history"].max())
+  kernel = np.asarray(run.teacher_params["block_0"]["mlp"]["wo"]["kernel"])
+  amax = np.abs(kernel.astype(jnp.bfloat16)).max().astype(np.float32)
+  assert fp8["kernel_scale"][0] == e4m3_scale(amax) != 1.0
+  # Per-tensor scalars: replicated, while the kernel they belong to is sharded.
+  assert wo(run.teacher_state)["kernel_scale"].sharding.is_fully_replicated
+  assert not run.teacher_params["block_0"]["mlp"]["wo"]["kernel"].sharding.is_fully_replicated
+  assert run.state.model_state is None  # the student (f32) has no FP8 state
+
+  before = jax.device_get(run.teacher_state)
+  first_batch = next(run.data_iter)  # the run's stream starts where a fresh one does
+  batch = sharding.shard_batch(first_batch, run.mesh)
+  # The step donates its state: one copy of the initial student state per call.
+  s1, s2, s3 = (jax.tree.map(lambda x: x.copy(), run.state) for _ in range(3))
+  with sharding.rules_context(run.mesh):
+    _, m1 = run.step_fn(s1, run.teacher_params, batch, run.teacher_state)
+    run.state, _ = run.step_fn(run.state, *run.step_args(_batch(run)))
+    _, m2 = run.step_fn(s2, run.teacher_params, batch, run.teacher_state)
+    # The step reads the teacher's scales: coarser ones change the distillation loss.
+    coarse = _with_histories_scaled(run.teacher_state, 64.0)
+    _, m3 = run.step_fn(s3, run.teacher_params, batch, coarse)
+  m1, m2, m3 = jax.device_get((m1, m2, m3))
+  # Same student state and batch after another step ran: bitwise the same teacher
+  # targets and loss, and the FP8 state itself is untouched (an input, never an output).
+  assert m1["distill/kl"] == m2["distill/kl"] and m1["train/loss"] == m2["train/loss"]
+  assert m3["distill/kl"] != m1["distill/kl"]
+  _tree_equal(run.teacher_state, before)
+
+  # A resumed run recalibrates (build_run calls this) to identical scales, whatever its
+  # data stream's position: calibration reads a fresh iterator, never the run's own.
+  again, _ = teacher_lib.calibrate_fp8(cfg, run.teacher, run.teacher_params, run.mesh)
+  _tree_equal(again, before)
+  assert not _tree_differs(first_batch, next(data_lib.make_iterator(cfg, "train")))
+
+
+def test_fp8_teacher_logits_close_to_bf16_on_the_smoke_config():
+  cfg = config_lib.load_config(str(ROOT / "configs" / "smoke.py"))
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
+  batch = sharding.shard_batch(next(data_lib.make_iterator(cfg, "validation")), mesh)
+  # The same (random, f32) teacher params under both policies.
+  params, _, _ = teacher_lib.load(cfg, loop._model(cfg, "teacher"), mesh, None, None)
+  logits = {}
+  for compute in ("bf16", "fp8"):
+    cfg.teacher.policy = f"p=f32,c={compute},o=f32"
+    teacher = loop._model(cfg, "teacher")
+    variables = {"params": params}
+    if compute == "fp8":
+      variables.update(teacher_lib.calibrate_fp8(cfg, teacher, params, mesh)[0])
+    with sharding.rules_context(mesh):
+      out = jax.jit(teacher.apply)(variables, batch["inputs"])
+    logits[compute] = np.asarray(out["logits"], np.float32)
+  rms = lambda x: np.sqrt(np.mean(np.square(x)))
+  err = rms(logits["fp8"] - logits["bf16"]) / rms(logits["bf16"])
+  # e4m3 keeps 3 mantissa bits (bf16: 8): the FP8 teacher's logits differ from the bf16
+  # teacher's, but by under 10% RMS (measured: 4.3%).
+  assert 0 < err < 0.10, err
+
+
+def test_pretraining_a_low_precision_teacher(tiny_config):
+  cfg = tiny_config.copy_and_resolve_references()
+  cfg.teacher.update(source="pretrain", pretrain_steps=2, policy="p=f16,c=f16,o=f32")
+  t = teacher_lib.pretrain_config(cfg)
+  assert (t.student.policy, t.optim.loss_scale) == ("p=f32,c=float16,o=f32", "dynamic")
+  validate.validate(t)  # check_trainable accepts it
+  cfg.teacher.policy = "p=bf16,c=fp8,o=f32"  # trains in bf16; scales are calibrated later
+  t = teacher_lib.pretrain_config(cfg)
+  assert (t.student.policy, t.optim.loss_scale) == ("p=f32,c=bfloat16,o=f32", "none")

@@ -67,6 +67,24 @@ def test_teacher_is_cached_and_reused(finished):
   assert quickstart._cache_key(cfg, _prepared(cfg)) != os.path.basename(path)
 
 
+def test_cache_key_follows_a_changed_default(finished, monkeypatch):
+  # A teacher trained under an old default must not be reused after the default changes.
+  _, cache, _ = finished
+  cfg = quickstart.teacher_config("test")
+  cfg.cache_dir = str(cache)
+  prepared = _prepared(cfg)
+  key = quickstart._cache_key(cfg, prepared)
+  original = quickstart.default_config
+
+  def changed_default():
+    c = original()
+    c.optim.min_lr_ratio = 0.5  # the quickstart leaves this at its default
+    return c
+
+  monkeypatch.setattr(quickstart, "default_config", changed_default)
+  assert quickstart._cache_key(quickstart.teacher_config("test"), prepared) != key
+
+
 def _prepared(cfg):
   from jaxdistill.data import pipeline
 

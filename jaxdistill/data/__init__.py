@@ -8,7 +8,8 @@ returning / taking a JSON-able dict, so checkpoints resume the stream exactly.
 ``data.source`` picks the documents: ``synthetic`` (a learnable token stream,
 no tokenizer) or a text source (``stdlib``, the built-in corpus; ``tfds``;
 ``array_record``; ``text``) tokenised and packed by the grain pipeline
-(``pipeline.py``).
+(``pipeline.py``). With ``teacher.source='cache'`` the training split is the
+precomputed cache's rows with their teacher targets (``cached.py``).
 """
 
 from typing import Any
@@ -26,6 +27,10 @@ def check(cfg: Any) -> None:
     from jaxdistill.data import pipeline
 
     pipeline.prepare(cfg)
+  if cfg.teacher.source == "cache":
+    from jaxdistill.data import cached
+
+    cached.check(cfg)
 
 
 def save_run_files(cfg: Any, workdir: str) -> None:
@@ -50,6 +55,10 @@ def make_iterator(
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   d = cfg.data
+  if split == "train" and cfg.teacher.source == "cache":
+    from jaxdistill.data import cached
+
+    return cached.make_iterator(cfg, process_index, process_count)
   if d.source in TEXT_SOURCES:
     from jaxdistill.data import pipeline
 

@@ -38,7 +38,7 @@ from grain import experimental as grain_exp
 
 from jaxdistill.data import sources, tokenizer as tok_lib
 from jaxdistill.data.corpora import cache_dir
-from jaxdistill.errors import ConfigError
+from jaxdistill.errors import ConfigError, JaxdistillError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -222,6 +222,17 @@ def train_dataset(
   return it
 
 
+def _finalize_row(row: dict) -> dict[str, np.ndarray]:
+  return {k: v[0] for k, v in _finalize({k: v[None] for k, v in row.items()}).items()}
+
+
+def ordered_rows(cfg: Any, prepared: Prepared) -> grain.IterDataset:
+  """The training split packed in document order (no shuffle): one row of [T] arrays (the
+  batch contract's keys) per element. Precomputed teacher targets index these rows."""
+  docs = grain.MapDataset.source(prepared.train)
+  return _rows(_tokenized(docs, cfg, prepared), cfg).map(_finalize_row)
+
+
 def _global_to_local(batch: dict, global_rows: int, process_index: int, process_count: int):
   """A global batch (the last may be short) -> this process's rows, padded with empty rows."""
   out = {}
@@ -257,6 +268,12 @@ def _close_quietly(it) -> None:
   it.close = lambda: None
 
 
+# Bump when a change to the pipeline's stages changes what a saved grain state means: a
+# checkpoint of another version then fails with a clear error instead of a KeyError deep in
+# grain or, worse, a silently different stream.
+STATE_VERSION = 1
+
+
 class LMIterator:
   """The data-iterator interface over a grain dataset.
 
@@ -277,10 +294,23 @@ class LMIterator:
     return next(self._it)
 
   def get_state(self) -> dict:
-    return {"grain": self._it.get_state()}
+    return {"version": STATE_VERSION, "grain": self._it.get_state()}
 
   def set_state(self, state: dict) -> None:
-    self._it.set_state(_tuples_restored(state["grain"]))
+    version = state.get("version", 1)  # states saved before versioning are version 1
+    if version != STATE_VERSION:
+      raise JaxdistillError(
+        f"the data iterator state was saved by input-pipeline version {version}, this is "
+        f"version {STATE_VERSION}: the stream cannot continue exactly; resume with the "
+        "jaxdistill that saved it, or start a new run from its final_params"
+      )
+    try:
+      self._it.set_state(_tuples_restored(state["grain"]))
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+      raise JaxdistillError(
+        f"the data iterator state does not fit this pipeline ({type(e).__name__}: {e}); was "
+        "data.* changed since the checkpoint? restore the data settings, or start a new run"
+      ) from None
 
 
 def _tuples_restored(state: Any) -> Any:

@@ -3,7 +3,9 @@
 Each source is a random-access sequence of documents (``len`` and
 ``[i] -> str``) that grain reads with ``MapDataset.source``:
 
-  stdlib        the built-in corpus (``corpora.py``), built into the cache once
+  stdlib        the built-in corpus (``corpora.py``), built into the cache once;
+                ``data.stdlib_kind`` keeps all documents, only ``code`` or only
+                ``docstrings`` (English prose)
   tfds          any prepared TFDS dataset: ``data.tfds_name`` is a registered name
                 (``name[/config][:version]``, looked up in ``data.tfds_data_dir``)
                 or the directory of a prepared dataset; ``data.text_key`` is the
@@ -46,6 +48,34 @@ class _Decoded(Sequence[str]):
 
   def __repr__(self) -> str:  # grain prints sources in its pipeline description
     return f"_Decoded({type(self.records).__name__}, n={len(self)})"
+
+
+class _OfKind(Sequence[str]):
+  """The documents of ``records`` (built-in corpus examples) whose ``kind`` is ``kind``."""
+
+  def __init__(self, records: Any, kind: str, key: str):
+    self.docs = _Decoded(records, "text")
+    self.indices = _kind_indices(records, kind, key)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, index: int) -> str:
+    return self.docs[self.indices[index]]
+
+  def __repr__(self) -> str:
+    return f"_OfKind(n={len(self)})"
+
+
+_KIND_INDICES: dict[str, list[int]] = {}
+
+
+def _kind_indices(records: Any, kind: str, key: str) -> list[int]:
+  """Indices of the records of ``kind``; one pass per corpus split and process (memoised)."""
+  if key not in _KIND_INDICES:
+    kinds = _Decoded(records, "kind")
+    _KIND_INDICES[key] = [i for i in range(len(kinds)) if kinds[i] == kind]
+  return _KIND_INDICES[key]
 
 
 def _expand(cfg: Any, split: str) -> list[str]:
@@ -120,8 +150,10 @@ def open_source(cfg: Any, split: str, cache: str) -> tuple[Sequence[str], str]:
     data_dir, name, corpus_fp = corpora.build_stdlib(
       cache, d.stdlib_max_files, d.stdlib_max_file_bytes, d.stdlib_root
     )
-    docs = _Decoded(_tfds_source(name, data_dir, split, "data.source"), "text")
-    fp = f"stdlib:{corpus_fp}:{name}:{split}"
+    records = _tfds_source(name, data_dir, split, "data.source")
+    kind = d.stdlib_kind
+    fp = f"stdlib:{corpus_fp}:{name}:{split}" + ("" if kind == "all" else f":{kind}")
+    docs = _Decoded(records, "text") if kind == "all" else _OfKind(records, kind, fp)
   elif d.source == "tfds":
     split_name = d[SPLIT_KEYS[split]]
     docs = _Decoded(

@@ -76,9 +76,14 @@ def load(path: str) -> tokenizers.Tokenizer:
       "data.tokenizer", f"no such file {path!r}; point it at a tokenizer.json or leave it empty"
     )
   try:
-    return tokenizers.Tokenizer.from_file(path)
+    tok = tokenizers.Tokenizer.from_file(path)
   except Exception as e:  # the library raises plain Exceptions for bad files
     raise ConfigError("data.tokenizer", f"{path!r} is not a tokenizer.json: {e}") from None
+  # Hugging Face model tokenizers often pad / truncate every text to a fixed length; here
+  # documents are split and packed by the pipeline, so both would corrupt the rows.
+  tok.no_padding()
+  tok.no_truncation()
+  return tok
 
 
 def digest(tok: tokenizers.Tokenizer) -> str:
@@ -87,8 +92,9 @@ def digest(tok: tokenizers.Tokenizer) -> str:
 
 
 def eos_id(tok: tokenizers.Tokenizer) -> int:
-  """The id appended after every document (``<|endoftext|>``, else the id of ``</s>``)."""
-  for name in (EOS, "</s>", "<eos>"):
+  """The id appended after every document (``<|endoftext|>``, else ``</s>``, ``<eos>``, or a
+  BERT WordPiece tokenizer's ``[SEP]``)."""
+  for name in (EOS, "</s>", "<eos>", "[SEP]"):
     token_id = tok.token_to_id(name)
     if token_id is not None:
       return token_id

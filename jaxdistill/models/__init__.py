@@ -1,4 +1,5 @@
-"""Models: the decoder LM (transformer.py); HF import/export and encoders later."""
+"""Models: the Transformer (transformer.py; a BERT-style encoder mode in bert.py) and Hugging
+Face import / export (hf.py, hf_export.py)."""
 
 from typing import Any
 
@@ -16,6 +17,11 @@ MODEL_KEYS = (
   "pos",
   "tie_embeddings",
   "activation",
+  "num_kv_heads",
+  "bias",
+  "norm_eps",
+  "encoder",
+  "type_vocab_size",
 )
 
 

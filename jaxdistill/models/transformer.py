@@ -29,7 +29,8 @@ import jax.numpy as jnp
 
 _NORMS = ("rmsnorm", "layernorm")
 _POSITIONS = ("rope", "learned")
-_ACTIVATIONS = ("swiglu", "gelu")
+_ACTIVATIONS = ("swiglu", "gelu", "gelu_erf")  # gelu: tanh approximation (GPT-2); gelu_erf: BERT
+_BIASES = ("none", "qkv", "all")  # which projections carry a bias (qkv: Qwen2; all: GPT-2, BERT)
 _INIT_STDDEV = 0.02
 
 # Logical activation axis names; the sharding module maps them onto the mesh.
@@ -53,8 +54,12 @@ class TransformerConfig:
   params, ``output_dtype`` the dtype of returned logits. ``fp8``: the ``EinsumDense`` projections
   run through Flax's ``Fp8Einsum`` (e4m3 forward, e5m2 gradients, delayed scaling from
   ``fp8_history``-long amax histories in the ``_overwrite_with_gradient`` collection); the
-  vocabulary head stays in ``dtype``. ``head_dim`` (K) = d_model // num_heads. Invalid values
-  raise ValueError naming the field.
+  vocabulary head stays in ``dtype``. ``head_dim`` (K) = d_model // num_heads. ``num_kv_heads``
+  (0 = num_heads) < num_heads is grouped-query attention (key/value heads shared by
+  num_heads // num_kv_heads query heads). ``bias``: "none", "qkv" (query/key/value) or "all"
+  (every projection but the vocabulary head). ``encoder``: the model is the post-norm,
+  bidirectional, mean-pooling encoder of ``models/bert.py`` (same call and outputs, plus
+  "embedding"). Invalid values raise ValueError naming the field.
   """
 
   vocab_size: int
@@ -74,6 +79,11 @@ class TransformerConfig:
   fp8_history: int = 1024
   norm_eps: float = 1e-6
   rope_base: float = 10000.0
+  num_kv_heads: int = 0
+  bias: str = "none"
+  # A bidirectional BERT-style encoder (models/bert.py) instead of a causal LM.
+  encoder: bool = False
+  type_vocab_size: int = 0  # encoder only: token-type embedding rows (0 = none)
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
@@ -84,7 +94,12 @@ class TransformerConfig:
       raise ValueError(
         f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
       )
-    for name, allowed in (("norm", _NORMS), ("pos", _POSITIONS), ("activation", _ACTIVATIONS)):
+    if not _is_int(self.num_kv_heads) or self.num_kv_heads < 0 or (self.num_heads % self.kv_heads):
+      raise ValueError(
+        f"num_kv_heads must be 0 or divide num_heads ({self.num_heads}), got {self.num_kv_heads!r}"
+      )
+    choices = (("norm", _NORMS), ("pos", _POSITIONS), ("activation", _ACTIVATIONS))
+    for name, allowed in choices + (("bias", _BIASES),):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
     if self.pos == "rope" and self.head_dim % 2:
@@ -95,10 +110,17 @@ class TransformerConfig:
       raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
     if not self.rope_base > 0:
       raise ValueError(f"rope_base must be > 0, got {self.rope_base!r}")
+    if not _is_int(self.type_vocab_size) or self.type_vocab_size < 0:
+      raise ValueError(f"type_vocab_size must be an int >= 0, got {self.type_vocab_size!r}")
 
   @property
   def head_dim(self) -> int:
     return self.d_model // self.num_heads
+
+  @property
+  def kv_heads(self) -> int:
+    """Number of key/value heads (num_kv_heads, or num_heads when it is 0)."""
+    return self.num_kv_heads or self.num_heads
 
 
 def _init(names: Sequence[str | None], stddev: float = _INIT_STDDEV):
@@ -202,15 +224,27 @@ class EinsumDense(nn.Module):
   equation: str
   stddev: float = _INIT_STDDEV
   allow_fp8: bool = True  # False: plain matmul even when config.fp8 (the vocabulary head)
+  bias_dims: int = 0  # > 0: add a bias over the kernel's last bias_dims (output) axes
 
   def setup(self):
     self.kernel = self.param(
       "kernel", _init(self.names, self.stddev), self.shape, self.config.param_dtype
     )
+    if self.bias_dims:
+      self.bias = self.param(
+        "bias",
+        nn.with_logical_partitioning(nn.initializers.zeros, self.names[-self.bias_dims :]),
+        self.shape[-self.bias_dims :],
+        self.config.param_dtype,
+      )
     if self.config.fp8 and self.allow_fp8:
       self.fp8 = fp8_ops.Fp8Einsum(amax_history_length=self.config.fp8_history)
 
   def __call__(self, x: jax.Array) -> jax.Array:
+    y = self._matmul(x)
+    return y + self.bias.astype(y.dtype) if self.bias_dims else y
+
+  def _matmul(self, x: jax.Array) -> jax.Array:
     dtype = self.config.dtype
     x, kernel = x.astype(dtype), self.kernel.astype(dtype)
     # Without its FP8 state (e.g. evaluating params saved alone) an fp8 model
@@ -225,15 +259,17 @@ class EinsumDense(nn.Module):
 
 
 class Attention(nn.Module):
-  """Causal multi-head self-attention with explicit einsums.
+  """Multi-head (or grouped-query) self-attention with explicit einsums.
 
   Args (call):
     x_BxTxD: normalized residual stream.
     positions_BxT: position ids (used by RoPE).
-    mask_Bx1xTxS: bool mask from ``make_attention_mask``.
+    mask_Bx1xTxS: bool mask from ``make_attention_mask`` (causal), or any mask broadcasting
+      to [B, 1, T, S] (an encoder's padding mask [B, 1, 1, S]).
   Returns:
     (out_BxTxD, probs_BxHxTxS float32, (q, k, v) each [B, T, H, K]). q and k are AFTER RoPE,
-    i.e. exactly the tensors whose scaled dot product gives the attention scores.
+    i.e. exactly the tensors whose scaled dot product gives the attention scores; with
+    grouped-query attention k and v are repeated to H heads.
   """
 
   config: TransformerConfig
@@ -242,13 +278,25 @@ class Attention(nn.Module):
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
     cfg = self.config
     h, k = cfg.num_heads, cfg.head_dim
+    qkv_bias = 2 if cfg.bias in ("qkv", "all") else 0
 
-    def proj(name):
+    def proj(name, heads):
       return EinsumDense(
-        cfg, (cfg.d_model, h, k), ("embed", "heads", "kv"), "btd,dhk->bthk", name=name
+        cfg,
+        (cfg.d_model, heads, k),
+        ("embed", "heads", "kv"),
+        "btd,dhk->bthk",
+        bias_dims=qkv_bias,
+        name=name,
       )(x_BxTxD)
 
-    q_BxTxHxK, k_BxSxHxK, v_BxSxHxK = proj("query"), proj("key"), proj("value")
+    q_BxTxHxK = proj("query", h)
+    # Grouped-query attention: key/value head j serves query heads j*G .. j*G+G-1.
+    group = h // cfg.kv_heads
+    k_BxSxHxK, v_BxSxHxK = proj("key", cfg.kv_heads), proj("value", cfg.kv_heads)
+    if group > 1:
+      k_BxSxHxK = jnp.repeat(k_BxSxHxK, group, axis=2)
+      v_BxSxHxK = jnp.repeat(v_BxSxHxK, group, axis=2)
     if cfg.pos == "rope":
       q_BxTxHxK = apply_rope(q_BxTxHxK, positions_BxT, cfg.rope_base)
       k_BxSxHxK = apply_rope(k_BxSxHxK, positions_BxT, cfg.rope_base)
@@ -271,13 +319,14 @@ class Attention(nn.Module):
       ("heads", "kv", "embed"),
       "bthk,hkd->btd",
       _residual_stddev(cfg),
+      bias_dims=1 if cfg.bias == "all" else 0,
       name="out",
     )(ctx_BxTxHxK)
     return out_BxTxD, probs_BxHxTxS, (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK)
 
 
 class Mlp(nn.Module):
-  """SwiGLU (wi_gate, wi_up, wo) or tanh-approximate GELU (wi, wo) feed-forward.
+  """SwiGLU (wi_gate, wi_up, wo) or GELU (wi, wo; tanh-approximate or exact erf) feed-forward.
 
   Args (call):
     x_BxTxD: normalized residual stream.
@@ -291,17 +340,26 @@ class Mlp(nn.Module):
   def __call__(self, x_BxTxD):
     cfg = self.config
     d, f = cfg.d_model, cfg.d_ff
+    bias = 1 if cfg.bias == "all" else 0
 
     def wi(name):
-      return EinsumDense(cfg, (d, f), ("embed", "mlp"), "btd,df->btf", name=name)(x_BxTxD)
+      return EinsumDense(cfg, (d, f), ("embed", "mlp"), "btd,df->btf", bias_dims=bias, name=name)(
+        x_BxTxD
+      )
 
     if cfg.activation == "swiglu":
       h_BxTxF = nn.silu(wi("wi_gate")) * wi("wi_up")
     else:
-      h_BxTxF = nn.gelu(wi("wi"), approximate=True)
+      h_BxTxF = nn.gelu(wi("wi"), approximate=cfg.activation == "gelu")
     h_BxTxF = nn.with_logical_constraint(h_BxTxF, _ACT_MLP)
     return EinsumDense(
-      cfg, (f, d), ("mlp", "embed"), "btf,fd->btd", _residual_stddev(cfg), name="wo"
+      cfg,
+      (f, d),
+      ("mlp", "embed"),
+      "btf,fd->btd",
+      _residual_stddev(cfg),
+      bias_dims=bias,
+      name="wo",
     )(h_BxTxF)
 
 
@@ -352,7 +410,8 @@ class Transformer(nn.Module):
   (pos="learned" only); block_{i} for i < L: attn_norm, attn/{query,key,value}/kernel [D, H, K],
   attn/out/kernel [H, K, D], mlp_norm, mlp/{wi_gate, wi_up | wi}/kernel [D, F], mlp/wo/kernel
   [F, D]; final_norm; lm_head/kernel [D, V] (untied only). Norms hold scale [D] (+ bias [D]
-  for layernorm).
+  for layernorm). key/value kernels are [D, num_kv_heads, K] with grouped-query attention;
+  projections with a bias (``config.bias``) hold ``bias`` of their output shape ([H, K] or [D]).
   """
 
   config: TransformerConfig
@@ -368,8 +427,9 @@ class Transformer(nn.Module):
     attn_layers: Sequence[int] = (),
     qkv_layers: Sequence[int] = (),
     return_logits: bool = True,
+    token_types_BxT: jax.Array | None = None,
   ) -> dict:
-    """Runs the model.
+    """Runs the model (``config.encoder``: the encoder of ``models/bert.py``, see there).
 
     Args:
       tokens_BxT: int token ids; T <= max_len.
@@ -382,6 +442,7 @@ class Transformer(nn.Module):
       qkv_layers: block indices in [0, L-1] whose q, k (after RoPE) and v to return.
       return_logits: if False, return "final_hidden" and "head" instead of "logits" (for
         fused losses that never materialize [B, T, V]).
+      token_types_BxT: encoder only: token-type ids (default 0).
     Returns:
       dict with only the requested keys: "logits" [B, T, V] output_dtype, or "final_hidden"
       [B, T, D] and "head" [D, V] (compute dtype; logits = final_hidden @ head); "hidden"
@@ -389,6 +450,13 @@ class Transformer(nn.Module):
       each [B, T, H, K]}.
     """
     cfg = self.config
+    if cfg.encoder:
+      from jaxdistill.models import bert
+
+      return bert.encode(
+        self, tokens_BxT, segment_ids_BxT, positions_BxT, token_types_BxT, hidden_layers,
+        attn_layers, qkv_layers,
+      )  # fmt: skip
     b, t = tokens_BxT.shape
     hidden_layers = _check_layers("hidden_layers", hidden_layers, cfg.num_layers)
     attn_layers = _check_layers("attn_layers", attn_layers, cfg.num_layers - 1)

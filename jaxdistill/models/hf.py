@@ -1,0 +1,452 @@
+"""Hugging Face checkpoints <-> jaxdistill models: import, export, student init from a teacher.
+
+A Hugging Face model directory holds ``config.json``, the weights as ``model.safetensors`` or
+as shards listed in ``model.safetensors.index.json`` (only safetensors: pickles are never
+loaded), and usually ``tokenizer.json``. Supported ``model_type`` values:
+
+  llama, mistral, qwen2   decoder: RMSNorm, RoPE (rotate-half), grouped-query attention, SwiGLU
+                          (Qwen2: biases on q/k/v)
+  gpt2                    decoder: LayerNorm, learned positions, tanh GELU, biases, tied head
+  bert                    encoder (``models/bert.py``), pooled by mean + L2 normalise
+
+Not supported (an error naming the config.json key): RoPE scaling, Llama's attention/MLP
+biases, head_dim != hidden_size / heads, other activations. Mistral's (and Qwen2's optional)
+sliding-window attention is not applied: exact for sequences up to ``sliding_window`` tokens.
+
+``load`` reads tensor by tensor straight into the target shardings: for every device's shard
+``jax.make_array_from_callback`` asks for a slice, and only that slice of the tensor is read
+from disk (safetensors slicing) and converted to the param dtype; no host ever holds a whole
+sharded tensor, let alone the whole model. ``export`` writes the reverse mapping (student
+params only: projection heads used for distillation are not params of the model).
+
+Each jaxdistill param comes from one HF tensor through one of these ops (shapes are
+jaxdistill's; HF Linear weights are [out, in], GPT-2 Conv1D weights [in, out]):
+
+  copy         same shape
+  t            [A, B] = hf[B, A].T
+  heads_in     [D, H, K] from Linear [H*K (+offset), D]
+  heads_in_c   [D, H, K] from Conv1D [D, (offset +) H*K] (GPT-2's fused c_attn)
+  heads_out    [H, K, D] from Linear [D, H*K]
+  heads_out_c  [H, K, D] from Conv1D [H*K, D]
+  bias_heads   [H, K] from [(offset +) H*K]
+"""
+
+import contextlib
+import dataclasses
+import json
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for bf16 checkpoints)
+import numpy as np
+from safetensors import safe_open
+
+from jaxdistill.errors import JaxdistillError
+from jaxdistill.models import bert
+from jaxdistill.models import transformer as tfm
+
+DECODERS = ("llama", "mistral", "qwen2", "gpt2")
+ENCODERS = ("bert",)
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+TOKENIZER_FILES = (
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "special_tokens_map.json",
+  "vocab.txt",
+)
+# Where the base model's tensors may sit in a checkpoint (e.g. "bert." in BertForMaskedLM).
+_PREFIXES = ("", "model.", "transformer.", "bert.")
+
+
+@dataclasses.dataclass(frozen=True)
+class HFModel:
+  """A supported HF architecture as a jaxdistill model.
+
+  Attributes:
+    model_type: config.json's ``model_type``.
+    config: the equivalent ``TransformerConfig`` (``encoder=True`` for BERT).
+  """
+
+  model_type: str
+  config: tfm.TransformerConfig
+
+  @property
+  def is_encoder(self) -> bool:
+    return self.config.encoder
+
+  def module(self) -> nn.Module:
+    """The Flax module: a ``transformer.Transformer`` (``config.encoder`` for BERT)."""
+    return tfm.Transformer(self.config)
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """Where one param comes from: HF tensor ``name`` of shape ``shape`` through ``op``."""
+
+  name: str
+  op: str
+  shape: tuple[int, ...]
+  offset: int = 0
+  absolute: bool = False  # the name is not under the base model's prefix (lm_head)
+
+
+def _read_json(path: str) -> dict:
+  if not os.path.isfile(path):
+    raise JaxdistillError(f"no {os.path.basename(path)} in {os.path.dirname(path)!r}")
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise JaxdistillError(f"{path!r} is not valid JSON: {e}") from None
+
+
+def _need(hf: dict, key: str, where: str):
+  if key not in hf:
+    raise JaxdistillError(f"{where} lacks {key!r}")
+  return hf[key]
+
+
+def read_config(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32) -> HFModel:
+  """The ``HFModel`` of the HF directory ``path`` (reads only config.json).
+
+  Args:
+    path: an HF model directory.
+    dtype, param_dtype: compute and param dtypes of the jaxdistill model.
+  Raises:
+    JaxdistillError: missing/bad config.json or an unsupported architecture or feature.
+  """
+  where = os.path.join(path, "config.json")
+  hf = _read_json(where)
+  kind = hf.get("model_type")
+  need = lambda key: _need(hf, key, where)  # noqa: E731
+  common = dict(dtype=dtype, param_dtype=param_dtype, output_dtype=jnp.float32)
+  if kind in ("llama", "mistral", "qwen2"):
+    if hf.get("hidden_act", "silu") != "silu":
+      raise JaxdistillError(f"{where}: hidden_act {hf['hidden_act']!r} unsupported (silu only)")
+    # transformers 4 writes rope_theta / rope_scaling, 5 writes rope_parameters.
+    rope = dict(hf.get("rope_scaling") or {}, **(hf.get("rope_parameters") or {}))
+    if rope.get("rope_type", rope.get("type", "default")) != "default":
+      raise JaxdistillError(f"{where}: RoPE scaling {rope!r} is not supported")
+    if hf.get("mlp_bias") or (kind != "qwen2" and hf.get("attention_bias")):
+      raise JaxdistillError(f"{where}: attention_bias / mlp_bias are not supported")
+    heads = need("num_attention_heads")
+    if hf.get("head_dim") not in (None, need("hidden_size") // heads):
+      raise JaxdistillError(f"{where}: head_dim != hidden_size / num_attention_heads unsupported")
+    cfg = tfm.TransformerConfig(
+      vocab_size=need("vocab_size"),
+      d_model=need("hidden_size"),
+      num_layers=need("num_hidden_layers"),
+      num_heads=heads,
+      d_ff=need("intermediate_size"),
+      max_len=need("max_position_embeddings"),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", kind == "qwen2")),
+      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+      num_kv_heads=hf.get("num_key_value_heads") or heads,
+      bias="qkv" if kind == "qwen2" else "none",
+      **common,
+    )
+    return HFModel(kind, cfg)
+  if kind == "gpt2":
+    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+      raise JaxdistillError(f"{where}: activation_function must be gelu_new")
+    d = need("n_embd")
+    cfg = tfm.TransformerConfig(
+      vocab_size=need("vocab_size"),
+      d_model=d,
+      num_layers=need("n_layer"),
+      num_heads=need("n_head"),
+      d_ff=hf.get("n_inner") or 4 * d,
+      max_len=need("n_positions"),
+      norm="layernorm",
+      pos="learned",
+      activation="gelu",
+      tie_embeddings=True,
+      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+      bias="all",
+      **common,
+    )
+    return HFModel(kind, cfg)
+  if kind == "bert":
+    if hf.get("hidden_act", "gelu") != "gelu":
+      raise JaxdistillError(f"{where}: hidden_act {hf['hidden_act']!r} unsupported (gelu only)")
+    if hf.get("position_embedding_type", "absolute") != "absolute":
+      raise JaxdistillError(f"{where}: only absolute position embeddings are supported")
+    cfg = bert.encoder_config(
+      vocab_size=need("vocab_size"),
+      d_model=need("hidden_size"),
+      num_layers=need("num_hidden_layers"),
+      num_heads=need("num_attention_heads"),
+      d_ff=need("intermediate_size"),
+      max_len=need("max_position_embeddings"),
+      norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+      type_vocab_size=int(hf.get("type_vocab_size", 2)),
+      **common,
+    )
+    return HFModel(kind, cfg)
+  raise JaxdistillError(
+    f"{where}: model_type {kind!r} is not supported; supported: {', '.join(DECODERS + ENCODERS)}"
+  )
+
+
+def _llama_map(c: tfm.TransformerConfig, bias: bool) -> dict:
+  d, f, hk, kvk = c.d_model, c.d_ff, c.num_heads * c.head_dim, c.kv_heads * c.head_dim
+  m = {("token_embed", "embedding"): Source("embed_tokens.weight", "copy", (c.vocab_size, d))}
+  for i in range(c.num_layers):
+    p, b = f"layers.{i}.", f"block_{i}"
+    m[(b, "attn_norm", "scale")] = Source(p + "input_layernorm.weight", "copy", (d,))
+    m[(b, "mlp_norm", "scale")] = Source(p + "post_attention_layernorm.weight", "copy", (d,))
+    for mine, theirs, rows in (("query", "q", hk), ("key", "k", kvk), ("value", "v", kvk)):
+      m[(b, "attn", mine, "kernel")] = Source(
+        f"{p}self_attn.{theirs}_proj.weight", "heads_in", (rows, d)
+      )
+      if bias:
+        m[(b, "attn", mine, "bias")] = Source(
+          f"{p}self_attn.{theirs}_proj.bias", "bias_heads", (rows,)
+        )
+    m[(b, "attn", "out", "kernel")] = Source(p + "self_attn.o_proj.weight", "heads_out", (d, hk))
+    for mine, theirs, shape in (
+      ("wi_gate", "gate", (f, d)),
+      ("wi_up", "up", (f, d)),
+      ("wo", "down", (d, f)),
+    ):
+      m[(b, "mlp", mine, "kernel")] = Source(f"{p}mlp.{theirs}_proj.weight", "t", shape)
+  m[("final_norm", "scale")] = Source("norm.weight", "copy", (d,))
+  if not c.tie_embeddings:
+    m[("lm_head", "kernel")] = Source("lm_head.weight", "t", (c.vocab_size, d), absolute=True)
+  return m
+
+
+def _gpt2_map(c: tfm.TransformerConfig) -> dict:
+  d, f = c.d_model, c.d_ff
+  m = {
+    ("token_embed", "embedding"): Source("wte.weight", "copy", (c.vocab_size, d)),
+    ("pos_embed", "embedding"): Source("wpe.weight", "copy", (c.max_len, d)),
+  }
+  for i in range(c.num_layers):
+    p, b = f"h.{i}.", f"block_{i}"
+    for mine, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
+      m[(b, mine, "scale")] = Source(f"{p}{theirs}.weight", "copy", (d,))
+      m[(b, mine, "bias")] = Source(f"{p}{theirs}.bias", "copy", (d,))
+    for j, mine in enumerate(("query", "key", "value")):
+      m[(b, "attn", mine, "kernel")] = Source(
+        p + "attn.c_attn.weight", "heads_in_c", (d, 3 * d), j * d
+      )
+      m[(b, "attn", mine, "bias")] = Source(p + "attn.c_attn.bias", "bias_heads", (3 * d,), j * d)
+    m[(b, "attn", "out", "kernel")] = Source(p + "attn.c_proj.weight", "heads_out_c", (d, d))
+    m[(b, "attn", "out", "bias")] = Source(p + "attn.c_proj.bias", "copy", (d,))
+    m[(b, "mlp", "wi", "kernel")] = Source(p + "mlp.c_fc.weight", "copy", (d, f))
+    m[(b, "mlp", "wi", "bias")] = Source(p + "mlp.c_fc.bias", "copy", (f,))
+    m[(b, "mlp", "wo", "kernel")] = Source(p + "mlp.c_proj.weight", "copy", (f, d))
+    m[(b, "mlp", "wo", "bias")] = Source(p + "mlp.c_proj.bias", "copy", (d,))
+  m[("final_norm", "scale")] = Source("ln_f.weight", "copy", (d,))
+  m[("final_norm", "bias")] = Source("ln_f.bias", "copy", (d,))
+  return m
+
+
+def _bert_map(c: tfm.TransformerConfig) -> dict:
+  d, f, e = c.d_model, c.d_ff, "embeddings."
+  m = {
+    ("token_embed", "embedding"): Source(e + "word_embeddings.weight", "copy", (c.vocab_size, d)),
+    ("pos_embed", "embedding"): Source(e + "position_embeddings.weight", "copy", (c.max_len, d)),
+    ("embed_norm", "scale"): Source(e + "LayerNorm.weight", "copy", (d,)),
+    ("embed_norm", "bias"): Source(e + "LayerNorm.bias", "copy", (d,)),
+  }
+  if c.type_vocab_size:
+    m[("type_embed", "embedding")] = Source(
+      e + "token_type_embeddings.weight", "copy", (c.type_vocab_size, d)
+    )
+  for i in range(c.num_layers):
+    p, b = f"encoder.layer.{i}.", f"block_{i}"
+    for mine in ("query", "key", "value"):
+      m[(b, "attn", mine, "kernel")] = Source(
+        f"{p}attention.self.{mine}.weight", "heads_in", (d, d)
+      )
+      m[(b, "attn", mine, "bias")] = Source(f"{p}attention.self.{mine}.bias", "bias_heads", (d,))
+    m[(b, "attn", "out", "kernel")] = Source(
+      p + "attention.output.dense.weight", "heads_out", (d, d)
+    )
+    m[(b, "attn", "out", "bias")] = Source(p + "attention.output.dense.bias", "copy", (d,))
+    m[(b, "mlp", "wi", "kernel")] = Source(p + "intermediate.dense.weight", "t", (f, d))
+    m[(b, "mlp", "wi", "bias")] = Source(p + "intermediate.dense.bias", "copy", (f,))
+    m[(b, "mlp", "wo", "kernel")] = Source(p + "output.dense.weight", "t", (d, f))
+    m[(b, "mlp", "wo", "bias")] = Source(p + "output.dense.bias", "copy", (d,))
+    for mine, theirs in (
+      ("attn_norm", "attention.output.LayerNorm"),
+      ("mlp_norm", "output.LayerNorm"),
+    ):
+      m[(b, mine, "scale")] = Source(f"{p}{theirs}.weight", "copy", (d,))
+      m[(b, mine, "bias")] = Source(f"{p}{theirs}.bias", "copy", (d,))
+  return m
+
+
+def param_map(hfm: HFModel) -> dict[tuple[str, ...], Source]:
+  """jaxdistill param path (tuple of names under "params") -> its HF ``Source``."""
+  if hfm.model_type == "bert":
+    return _bert_map(hfm.config)
+  if hfm.model_type == "gpt2":
+    return _gpt2_map(hfm.config)
+  return _llama_map(hfm.config, bias=hfm.config.bias == "qkv")
+
+
+def _bounds(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+  """A device's index (tuple of slices) as ((start, stop), ...) per dim."""
+  index = tuple(index) + (slice(None),) * (len(shape) - len(index))
+  return tuple(s.indices(n)[:2] for s, n in zip(index, shape))
+
+
+def _read(src: Any, s: Source, bounds: tuple, shape: tuple[int, ...]) -> np.ndarray:
+  """The block ``bounds`` of the jaxdistill param, reading only what it needs of ``src``.
+
+  Args:
+    src: a safetensors slice (or numpy array) of the HF tensor.
+    s: the param's Source.
+    bounds: ((start, stop), ...) in the jaxdistill param's coordinates.
+    shape: the jaxdistill param's full shape.
+  """
+  sl = [slice(a, b) for a, b in bounds]
+  if s.op == "copy":
+    return src[tuple(sl)]
+  if s.op == "t":
+    return src[sl[1], sl[0]].T
+  if s.op in ("heads_in", "heads_in_c"):
+    k = shape[2]
+    (d0, d1), (h0, h1), _ = bounds
+    rows = slice(s.offset + h0 * k, s.offset + h1 * k)
+    x = src[rows, sl[0]].T if s.op == "heads_in" else src[sl[0], rows]
+    return x.reshape(d1 - d0, h1 - h0, k)[:, :, sl[2]]
+  if s.op in ("heads_out", "heads_out_c"):
+    k = shape[1]
+    (h0, h1), _, (d0, d1) = bounds
+    rows = slice(h0 * k, h1 * k)
+    x = src[sl[2], rows].T if s.op == "heads_out" else src[rows, sl[2]]
+    return x.reshape(h1 - h0, k, d1 - d0)[:, sl[1], :]
+  if s.op == "bias_heads":
+    k = shape[1]
+    (h0, h1), _ = bounds
+    return src[s.offset + h0 * k : s.offset + h1 * k].reshape(h1 - h0, k)[:, sl[1]]
+  raise AssertionError(f"unknown op {s.op}")
+
+
+class _Tensors(contextlib.ExitStack):
+  """Lazily opened safetensors files of an HF directory: ``get(name)`` -> (slice, file)."""
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.path = path
+    index = os.path.join(path, INDEX_FILE)
+    if os.path.isfile(index):
+      self.where = dict(_need(_read_json(index), "weight_map", index))
+    elif os.path.isfile(os.path.join(path, SINGLE_FILE)):
+      self.where = None
+    else:
+      raise JaxdistillError(
+        f"no {SINGLE_FILE} or {INDEX_FILE} in {path!r} (only safetensors checkpoints load)"
+      )
+    self._open: dict[str, Any] = {}
+
+  def _file(self, fname: str):
+    if fname not in self._open:
+      full = os.path.join(self.path, fname)
+      if not os.path.isfile(full):
+        raise JaxdistillError(f"{INDEX_FILE} in {self.path!r} lists {fname!r}, which is missing")
+      self._open[fname] = self.enter_context(safe_open(full, framework="np"))
+    return self._open[fname]
+
+  def names(self) -> set[str]:
+    return set(self.where) if self.where is not None else set(self._file(SINGLE_FILE).keys())
+
+  def get(self, name: str):
+    if self.where is not None and name not in self.where:
+      raise JaxdistillError(
+        f"tensor {name!r} is missing from {os.path.join(self.path, INDEX_FILE)!r}"
+      )
+    fname = SINGLE_FILE if self.where is None else self.where[name]
+    handle = self._file(fname)
+    if name not in handle.keys():
+      raise JaxdistillError(f"tensor {name!r} is missing from {os.path.join(self.path, fname)!r}")
+    return handle.get_slice(name), fname
+
+
+def _prefix(specs: dict, names: set[str], path: str) -> str:
+  anchor = specs[("token_embed", "embedding")].name
+  for prefix in _PREFIXES:
+    if prefix + anchor in names:
+      return prefix
+  raise JaxdistillError(f"tensor {anchor!r} (under any of {_PREFIXES}) is missing from {path!r}")
+
+
+def abstract_params(module: nn.Module, max_len: int) -> Any:
+  """``module``'s params as ShapeDtypeStructs, boxed with their logical axis names."""
+  return jax.eval_shape(
+    lambda: module.init(jax.random.key(0), jnp.zeros((1, min(8, max_len)), jnp.int32))["params"]
+  )
+
+
+def load(path: str, hfm: HFModel | None = None, mesh: Any = None) -> tuple[HFModel, Any]:
+  """Loads an HF directory's weights, tensor by tensor, into their shardings.
+
+  Args:
+    path: the HF model directory.
+    hfm: the model to load into (default ``read_config(path)``, float32).
+    mesh: a jaxdistill mesh; params are sharded by its logical rules. None: one device.
+  Returns:
+    (hfm, params): params is a pytree of jax.Arrays in ``hfm.config.param_dtype``.
+  Raises:
+    JaxdistillError: missing files or tensors (named with their file), wrong shapes.
+  """
+  from jaxdistill import sharding as sharding_lib
+
+  hfm = hfm or read_config(path)
+  boxed = abstract_params(hfm.module(), hfm.config.max_len)
+  abstract = nn.unbox(boxed)
+  if mesh is not None:
+    shardings = sharding_lib.shardings_of(boxed, mesh)
+  else:
+    one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    shardings = jax.tree.map(lambda _: one, abstract)
+  specs = param_map(hfm)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  flat_shardings = treedef.flatten_up_to(shardings)
+  leaves = []
+  with _Tensors(path) as tensors:
+    prefix = _prefix(specs, tensors.names(), path)
+    for (key_path, leaf), sharding in zip(flat, flat_shardings):
+      s = specs[tuple(k.key for k in key_path)]
+      name = s.name if s.absolute else prefix + s.name
+      src, fname = tensors.get(name)
+      if tuple(src.get_shape()) != s.shape:
+        raise JaxdistillError(
+          f"tensor {name!r} in {os.path.join(path, fname)!r} has shape {tuple(src.get_shape())}, "
+          f"config.json implies {s.shape}"
+        )
+      leaves.append(_make_array(src, s, leaf, sharding))
+  return hfm, jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _make_array(src: Any, s: Source, leaf: Any, sharding: Any) -> jax.Array:
+  """One param built from per-device slices of ``src`` (each distinct slice read once)."""
+  cache: dict = {}
+
+  def block(index):
+    key = _bounds(index, leaf.shape)
+    if key not in cache:
+      cache[key] = np.ascontiguousarray(_read(src, s, key, leaf.shape)).astype(leaf.dtype)
+    return cache[key]
+
+  return jax.make_array_from_callback(leaf.shape, sharding, block)
+
+
+def model_keys(path: str) -> dict[str, Any]:
+  """The ``student`` / ``teacher`` config model keys describing the HF model at ``path``.
+
+  E.g. ``cfg.teacher.update(source="hf", path=path, **hf.model_keys(path))``.
+  """
+  from jaxdistill.models import MODEL_KEYS
+
+  config = read_config(path).config
+  return {key: getattr(config, key) for key in MODEL_KEYS}

@@ -1,0 +1,408 @@
+"""``jaxdistill precompute``: run the teacher once over the training split, store sparse targets.
+
+  jaxdistill precompute --config configs/smoke.py --output DIR [--verify]
+
+Rows come in document order (``pipeline.ordered_rows``; synthetic data: row i of the stream a
+training run would read, batch i // B, row i % B, a pure function of the seed), at most
+``precompute.rows`` of them (0 = the whole split; for synthetic data the optim.steps x
+data.batch_size rows a training run reads). Shard s holds rows [s R, (s + 1) R),
+R = ``precompute.rows_per_shard``; the format is in ``data/cached.py``.
+
+Processes work independently: process p computes the shards s with s % process_count == p on
+its OWN devices (a mesh over ``jax.local_devices()`` shaped by ``mesh``: the teacher must fit on
+one host) and writes them itself, so nothing is gathered to one host and a dead process blocks
+nobody. Every process reads the whole row stream (tokenising is cheap next to the teacher) and
+computes only its rows. Content depends only on the config and the data, never on the process
+count or on interruptions: sampling is keyed by (row, position) (``sparse.teacher_targets``).
+
+Resuming: a shard is written to ``shard-S.arrayrecord.partial``, its sidecar ``shard-S.json``
+(count, sha256) is written, then the shard is renamed; a rerun skips shards with both and
+redoes the rest. Process 0 writes ``manifest.json`` once every shard exists (the output
+directory must be shared by all processes).
+
+Overlap: batch n + 1 is dispatched before batch n's targets are fetched, and a writer thread
+encodes and writes records while the device computes.
+
+Shape legend: B rows per batch (this process), T sequence length, N = B * T tokens.
+"""
+
+import collections
+import dataclasses
+import hashlib
+import itertools
+import json
+import os
+import queue
+import threading
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+from array_record.python import array_record_module
+
+from jaxdistill import checkpoint, distributed, models, precision, sharding as sharding_lib
+from jaxdistill import sparse, teacher as teacher_lib, validate
+from jaxdistill.data import cached
+from jaxdistill.data.synthetic import SyntheticData
+from jaxdistill.errors import ConfigError, JaxdistillError
+from jaxdistill.models.transformer import Transformer
+
+ROW_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
+
+
+def check_config(cfg: Any) -> None:
+  """What precompute needs beyond ``validate.validate``."""
+  if cfg.teacher.source not in ("random", "pretrain", "workdir"):
+    raise ConfigError(
+      "teacher.source",
+      f"precompute needs a teacher model (random, pretrain or workdir), not {cfg.teacher.source!r}",
+    )
+  if cfg.precompute.k > cfg.teacher.vocab_size:
+    raise ConfigError(
+      "precompute.k", f"{cfg.precompute.k} exceeds teacher.vocab_size={cfg.teacher.vocab_size}"
+    )
+
+
+def temperature(cfg: Any) -> float:
+  """The generation temperature: ``precompute.temperature``, or distill.temperature if 0."""
+  return float(cfg.precompute.temperature or cfg.distill.temperature)
+
+
+def _teacher_identity(cfg: Any, params: Any, path: str | None) -> dict:
+  ident = {
+    "source": cfg.teacher.source,
+    "config": {k: cfg.teacher[k] for k in (*checkpoint.MODEL_KEYS, "policy")},
+  }
+  if path:
+    ident.update(path=path, sha256=checkpoint.content_hash(path))
+    return ident
+  digest = hashlib.sha256()  # a random teacher: hash the params themselves (small)
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
+    digest.update(jax.tree_util.keystr(key_path).encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return dict(ident, seed=cfg.seed + 1, sha256=digest.hexdigest())
+
+
+def settings(cfg: Any, teacher_identity: dict) -> dict:
+  """The manifest without its shards: everything the content depends on."""
+  d, p, layout = cfg.data, cfg.precompute, cached.layout_of(cfg)
+  ident = cached.data_identity(cfg)
+  name = {"tfds": d.tfds_name, "array_record": d.train_files, "text": d.train_files}
+  return {
+    "format_version": cached.FORMAT_VERSION,
+    "teacher": teacher_identity,
+    "tokenizer_hash": ident["tokenizer_hash"],
+    "dataset": {
+      "source": d.source,
+      "name": name.get(d.source, d.source),
+      "split": d.train_split if d.source == "tfds" else "train",
+      "fingerprint": ident["fingerprint"],
+    },
+    "seq_len": d.seq_len,
+    "packing": ident["packing"],
+    "targets": p.targets,
+    "k": layout.k,
+    "sampling": {"n": layout.samples, "seed": cfg.seed, "key": "fold_in(fold_in(seed, row), pos)"},
+    "temperature": temperature(cfg),
+    "layout": dataclasses.asdict(layout),
+    "dtypes": layout.dtypes(),
+    "rows_per_shard": p.rows_per_shard,
+    "rows_limit": num_rows(cfg),
+  }
+
+
+def num_rows(cfg: Any) -> int:
+  """Rows to precompute, 0 = the whole split. The synthetic stream never ends: there 0 means
+  the optim.steps * data.batch_size rows a training run of this config reads."""
+  if cfg.precompute.rows > 0 or cfg.data.source != "synthetic":
+    return cfg.precompute.rows
+  return cfg.optim.steps * cfg.data.batch_size
+
+
+def row_stream(cfg: Any) -> Iterator[dict[str, np.ndarray]]:
+  """The training rows in order ([T] arrays of the batch contract), at most ``num_rows``."""
+  d = cfg.data
+  if d.source == "synthetic":
+    data = SyntheticData(
+      cfg.student.vocab_size, d.seq_len, d.batch_size, cfg.seed, d.pad_fraction, d.branching
+    )
+    batches = (data.global_batch(i) for i in itertools.count())
+    rows = ({k: v[r] for k, v in b.items()} for b in batches for r in range(d.batch_size))
+  else:
+    from jaxdistill.data import pipeline
+
+    rows = iter(pipeline.ordered_rows(cfg, pipeline.prepare(cfg)))
+  return itertools.islice(rows, num_rows(cfg)) if num_rows(cfg) > 0 else rows
+
+
+@dataclasses.dataclass
+class Teacher:
+  """The jitted targets function on this process's mesh: fn(params, batch, rows_B) -> targets."""
+
+  fn: Any
+  params: Any
+  mesh: jax.sharding.Mesh
+  identity: dict
+
+
+def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
+  """Loads the teacher onto a mesh over this process's devices and jits its targets function."""
+  mesh = sharding_lib.make_mesh(cfg.mesh, devices or jax.local_devices())
+  validate.check_mesh(cfg, dict(mesh.shape))
+  policy = precision.parse_policy(cfg.teacher.policy, "teacher.policy")
+  model = Transformer(models.transformer_config(cfg.teacher, policy, "teacher"))
+  from jaxdistill import loop  # loop.train pretrains a teacher.source='pretrain' teacher
+
+  params, param_shardings, path = teacher_lib.load(cfg, model, mesh, output, loop.train)
+  layout, tau, seed = cached.layout_of(cfg), temperature(cfg), cfg.seed
+
+  def targets_fn(params, batch, rows_B):
+    out = model.apply(
+      {"params": params},
+      batch["inputs"],
+      segment_ids_BxT=batch["segment_ids"],
+      positions_BxT=batch["positions"],
+      return_logits=False,
+    )
+    b, t = batch["inputs"].shape
+    tg = sparse.teacher_targets(
+      out["final_hidden"].reshape(b * t, -1),
+      out["head"],
+      jnp.repeat(rows_B, t),
+      jnp.tile(jnp.arange(t, dtype=jnp.int32), b),
+      temperature=tau,
+      k=layout.k,
+      samples=layout.samples,
+      seed=seed,
+      token_chunk=cfg.distill.token_chunk,
+    )
+    # Narrow on the device: less to copy to the host.
+    narrow = {"topk_logp": layout.lp_dtype, "sample_counts": layout.count_dtype}
+    narrow |= {"topk_ids": layout.id_dtype, "sample_ids": layout.id_dtype}
+    return {k: v.astype(narrow.get(k, v.dtype)).reshape(b, t, *v.shape[1:]) for k, v in tg.items()}
+
+  rows = sharding_lib.batch_sharding(mesh)
+  fn = jax.jit(targets_fn, in_shardings=(param_shardings, rows, rows), out_shardings=rows)
+  return Teacher(fn, params, mesh, _teacher_identity(cfg, params, path))
+
+
+class _Writer:
+  """A thread that encodes and writes records, and finishes shards (sidecar, then rename)."""
+
+  def __init__(self, output: str, layout: cached.Layout):
+    self.output, self.layout, self.error = output, layout, None
+    self.queue = queue.Queue(maxsize=4)
+    self.thread = threading.Thread(target=self._loop, daemon=True)
+    self.thread.start()
+
+  def put(self, item) -> None:
+    if self.error is not None:
+      raise self.error
+    self.queue.put(item)
+
+  def join(self) -> None:
+    self.queue.put(None)
+    self.thread.join()
+    if self.error is not None:
+      raise self.error
+
+  def _loop(self) -> None:
+    writer, count = None, 0
+    while (item := self.queue.get()) is not None:
+      if self.error is not None:
+        continue
+      try:
+        kind, s, *rest = item
+        partial = cached.shard_path(self.output, s) + ".partial"
+        if kind == "open":
+          writer, count = array_record_module.ArrayRecordWriter(partial, cached.WRITER_OPTIONS), 0
+        elif kind == "rows":
+          rows, targets = rest
+          for i, row in enumerate(rows):
+            writer.write(cached.encode(self.layout, row, {k: v[i] for k, v in targets.items()}))
+          count += len(rows)
+        else:  # "close"
+          writer.close()
+          side = {"index": s, "records": count, "sha256": cached.sha256_file(partial)}
+          _write_json(cached.sidecar_path(self.output, s), side)
+          os.replace(partial, cached.shard_path(self.output, s))
+      except Exception as e:  # reported to the main thread at its next put / join
+        self.error = e
+
+
+def _write_json(path: str, value: dict) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def _finished(output: str, s: int) -> bool:
+  return os.path.exists(cached.shard_path(output, s)) and os.path.exists(
+    cached.sidecar_path(output, s)
+  )
+
+
+def _start(cfg: Any, output: str, current: dict) -> None:
+  """Creates ``output`` with settings.json, or checks a rerun uses the same settings."""
+  path = os.path.join(output, cached.SETTINGS)
+  current = json.loads(json.dumps(current))
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    if saved != current:
+      diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+      raise JaxdistillError(
+        f"{output!r} holds a cache made with other settings (they differ in {diff}); "
+        "pass a new --output or the same config"
+      )
+  distributed.barrier("jaxdistill:precompute-settings-checked")
+  if jax.process_index() == 0:
+    os.makedirs(output, exist_ok=True)
+    _write_json(path, current)
+
+
+def _host_batch(rows: list[dict], b: int) -> dict[str, np.ndarray]:
+  """Rows -> [B, T] arrays, padded with empty rows (weights and segment ids 0)."""
+  out = {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
+  pad = b - len(rows)
+  return {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in out.items()}
+
+
+def run(
+  cfg: Any,
+  output: str,
+  devices=None,
+  teacher: Teacher | None = None,
+  process: tuple[int, int] | None = None,
+) -> dict:
+  """Precomputes this process's shards into ``output`` (resuming), then the manifest.
+
+  Args:
+    cfg: a validated config with a teacher model and a ``precompute`` section.
+    output: the cache directory (created; a rerun resumes it).
+    devices: this process's devices for the teacher's mesh (default: all local ones).
+    teacher: a ``build_teacher(cfg, ...)`` result to reuse (benchmarks: already compiled).
+    process: (index, count) of this process among the writers (default: JAX's); tests run
+      the processes' shares one after the other in one process.
+
+  Returns:
+    {"complete" (all shards exist; process 0 then wrote the manifest), "rows", "shards",
+    "computed_rows", "tokens", "seconds"} for this process.
+  """
+  import time
+
+  check_config(cfg)
+  cached.data_identity(cfg)  # bad data or tokenizer fail here, before the teacher loads
+  teacher = teacher or build_teacher(cfg, output, devices)
+  current = settings(cfg, teacher.identity)
+  _start(cfg, output, current)
+  layout, r, b = cached.layout_of(cfg), cfg.precompute.rows_per_shard, cfg.data.batch_size
+  p, count = process or (jax.process_index(), jax.process_count())
+  t = cfg.data.seq_len
+  show = cfg.log.progress and p == 0
+  total = num_rows(cfg) * t or None
+  bar = tqdm.tqdm(total=total, disable=not show, unit="tok", unit_scale=True, dynamic_ncols=True)
+  writer, pending, rows_seen, computed = _Writer(output, layout), collections.deque(), 0, 0
+  start = time.perf_counter()
+
+  def flush_one():
+    item = pending.popleft()
+    if item[0] == "rows":
+      _, s, rows, out = item
+      writer.put(("rows", s, rows, {k: v[: len(rows)] for k, v in jax.device_get(out).items()}))
+      bar.update(len(rows) * t)
+    else:
+      writer.put(item)
+
+  stream = row_stream(cfg)
+  with sharding_lib.rules_context(teacher.mesh):
+    for s in itertools.count():
+      shard_rows = list(itertools.islice(stream, r))
+      rows_seen += len(shard_rows)
+      if not shard_rows:
+        break
+      if s % count != p or _finished(output, s):
+        bar.update(len(shard_rows) * t if s % count == p else 0)
+        continue
+      pending.append(("open", s))
+      for lo in range(0, len(shard_rows), b):
+        rows = shard_rows[lo : lo + b]
+        batch = sharding_lib.shard_batch(_host_batch(rows, b), teacher.mesh)
+        index_B = np.arange(s * r + lo, s * r + lo + b, dtype=np.int32)
+        index_B = sharding_lib.shard_batch({"i": index_B}, teacher.mesh)["i"]
+        pending.append(("rows", s, rows, teacher.fn(teacher.params, batch, index_B)))
+        computed += len(rows)
+        while sum(item[0] == "rows" for item in pending) > 1:  # keep one batch in flight
+          flush_one()
+      pending.append(("close", s))
+    while pending:
+      flush_one()
+  writer.join()
+  bar.close()
+  seconds = time.perf_counter() - start
+  if rows_seen == 0:
+    raise JaxdistillError("the training split gave no rows: nothing to precompute")
+  shards = -(-rows_seen // r)
+  distributed.barrier("jaxdistill:precompute-shards-written")
+  # Every shard exists unless a process failed (or, in tests, has not run yet).
+  complete = all(_finished(output, s) for s in range(shards))
+  if p == 0 and complete:
+    _write_manifest(output, current, rows_seen, shards)
+  return {
+    "complete": complete,
+    "rows": rows_seen,
+    "shards": shards,
+    "computed_rows": computed,
+    "tokens": computed * t,
+    "seconds": seconds,
+  }
+
+
+def _write_manifest(output: str, current: dict, rows: int, shards: int) -> None:
+  entries = []
+  for s in range(shards):
+    if not _finished(output, s):
+      raise JaxdistillError(f"shard {s} of {output!r} is missing; rerun precompute to finish it")
+    with open(cached.sidecar_path(output, s), encoding="utf-8") as f:
+      side = json.load(f)
+    entries.append({"index": s, "records": side["records"], "sha256": side["sha256"]})
+  _write_json(os.path.join(output, cached.MANIFEST), dict(current, rows=rows, shards=entries))
+
+
+def verify(output: str) -> dict:
+  """Re-reads every shard: its sha256 and record count against the manifest.
+
+  Returns:
+    {"shards", "rows"} when everything matches.
+
+  Raises:
+    JaxdistillError: listing every missing or corrupted shard, and what differs.
+  """
+  try:
+    manifest = cached.read_manifest(output)
+  except ConfigError as e:
+    raise JaxdistillError(str(e).replace("teacher.path: ", "--output: ")) from None
+  problems, total = [], 0
+  for entry in manifest["shards"]:
+    path = cached.shard_path(output, entry["index"])
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+      problems.append(f"{name} is missing")
+      continue
+    digest = cached.sha256_file(path)
+    if digest != entry["sha256"]:
+      problems.append(f"{name} has sha256 {digest[:12]}..., the manifest {entry['sha256'][:12]}...")
+      continue
+    reader = array_record_module.ArrayRecordReader(path)
+    records = reader.num_records()
+    reader.close()
+    total += records
+    if records != entry["records"]:
+      problems.append(f"{name} has {records} records, the manifest {entry['records']}")
+  if not problems and total != manifest["rows"]:
+    problems.append(f"the shards hold {total} rows, the manifest {manifest['rows']}")
+  if problems:
+    raise JaxdistillError(f"cache {output!r} failed verification: " + "; ".join(problems))
+  return {"shards": len(manifest["shards"]), "rows": total}
