@@ -6,8 +6,8 @@ Same student (d128 / 2 layers / 4 heads / d_ff 512), data, steps (150) and sched
 configs/lm_distill.py, no teacher: the yardstick distillation has to beat. For "the same
 wall time as KD", raise --config.optim.steps (the quickstart measures the ratio).
 
-Hardware: 2 idle CPU cores with jemalloc preloaded: about 35 s (9.8k tokens/s). Measured:
-validation CE 5.469 (150 steps), 4.376 with 332 steps (KD's wall time).
+Hardware: 2 idle CPU cores: about 40 s (12.4k tokens/s on an Intel Xeon). Measured:
+validation CE 4.713 (150 steps), 4.093 with 317 steps (KD's wall time; BENCHMARKS.md).
 """
 
 from jaxdistill import quickstart

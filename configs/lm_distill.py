@@ -16,11 +16,12 @@ learned 128->256 projections (0.1; MSE at this weight swamped the other terms). 
 must be clearly better than what the student reaches on CE alone (configs/lm_baseline.py), or
 the student just copies its mistakes.
 
-Hardware: 2 idle CPU cores with jemalloc preloaded: about 75 s of distillation (4.4k tokens/s;
-plus the teacher's training when it is pretrained here); a KD step costs 2.2x a CE step
-because the teacher runs forward in it. Measured: validation CE 4.829 vs 5.469 for CE alone at
-150 steps (40% of the gap to the teacher closed), but CE given the same wall time reaches
-4.376 (BENCHMARKS.md).
+Hardware: 2 idle CPU cores: about 60 s of distillation (5.9k tokens/s on an Intel Xeon; plus
+the teacher's training when it is pretrained here); a KD step costs 2.1x a CE step because
+the teacher runs forward in it. Measured: validation CE 4.263 vs 4.713 for CE alone at 150
+steps (40% of the gap to the teacher closed), but CE given the same wall time reaches 4.093
+(BENCHMARKS.md); students trained from precomputed targets (no teacher in the step) do beat
+it.
 """
 
 from jaxdistill import quickstart

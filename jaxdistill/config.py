@@ -147,7 +147,10 @@ def default_config() -> ml_collections.ConfigDict:
       text_key="text",  # the text feature (tfds) / JSON key (jsonl)
       tokenizer="",
       packing="pack",
-      shuffle_rows=1024,  # training rows shuffled within windows of this many (0/1 = off)
+      # Training rows shuffled within windows of this many (0/1 = off). Long documents give
+      # many consecutive rows: a window too small for them makes batches of few documents
+      # (the quickstart's CE student: 5.47 val CE with 1024 rows, 4.71 with its whole split).
+      shuffle_rows=1024,
       stdlib_max_files=0,  # built-in corpus subset for tests (0 = every file)
       stdlib_max_file_bytes=0,
       stdlib_root="",  # "" = this interpreter's standard library

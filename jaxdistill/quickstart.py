@@ -35,6 +35,11 @@ FULL = dict(
   vocab=4096,
   seq_len=128,
   batch=16,
+  # Rows shuffled within one window covering the whole training split (29,768 rows of 128
+  # tokens, ~120 MB of host memory; filling it tokenises the split once, ~15 s). The default
+  # 1024-row window left each batch drawn from a few long stdlib files: the CE student reached
+  # 5.469 val CE in 150 steps with it, 4.964 with 8192 rows, 4.713 with the whole split.
+  shuffle_rows=32768,
   teacher=dict(d_model=256, num_layers=4, num_heads=4, d_ff=1024),
   teacher_steps=560,
   teacher_lr=3e-3,
@@ -50,6 +55,7 @@ TEST = dict(
   vocab=384,
   seq_len=32,
   batch=8,
+  shuffle_rows=1024,
   teacher=dict(d_model=32, num_layers=2, num_heads=2, d_ff=64),
   teacher_steps=6,
   teacher_lr=1e-2,
@@ -68,6 +74,7 @@ def _base(size: str) -> Any:
   r = SIZES[size]
   cfg = default_config()
   cfg.data.update(source="stdlib", batch_size=r["batch"], seq_len=r["seq_len"], **r["stdlib"])
+  cfg.data.shuffle_rows = r["shuffle_rows"]
   cfg.optim.update(b1=0.9, b2=0.95, weight_decay=0.01, clip_norm=1.0)
   cfg.eval.update(every=r["eval_every"], batches=r["eval_batches"])
   cfg.log.every = 10
