@@ -8,7 +8,7 @@ On the quickstart's corpus, tokenizer, teacher and student (``jaxdistill.quickst
 1. the teacher: the quickstart's cached one (``--cache-dir``; trained there once if missing);
 2. ``jaxdistill precompute`` over the training split (``--rows``, 0 = all of it) with
    top-k (k = 32, bf16 log-probs) and sampled (n = 16 draws) targets in one cache;
-3. students, all the same init, batches size and schedule, ``--steps`` steps each, the
+3. students, all with the same init, batch size and schedule, ``--steps`` steps each, the
    logit loss 0.9 x (KL or its sparse estimate) + 0.1 CE and nothing else (a cache holds
    logit targets only, so the online student here has no attention / hidden-state terms
    either):
