@@ -82,7 +82,7 @@ def main() -> int:
   parser.add_argument("--teacher", default="", help="HF teacher dir (default: the run's)")
   parser.add_argument("--sentences", type=int, default=512)
   parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=10)
+  parser.add_argument("--repeats", type=int, default=30)
   parser.add_argument("--json", default="")
   args = parser.parse_args()
   with open(os.path.join(args.workdir, "config.json")) as f:

@@ -63,7 +63,7 @@ def get_config():
     batch_size=32,
     seq_len=32,  # sentence-sized rows
   )
-  cfg.optim.update(steps=400, lr=3e-4, warmup_steps=10, weight_decay=0.0, clip_norm=1.0)
+  cfg.optim.update(steps=600, lr=3e-4, warmup_steps=10, weight_decay=0.0, clip_norm=1.0)
   cfg.ckpt.every = 0
   cfg.log.every = 10
   return cfg
