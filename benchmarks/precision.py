@@ -33,7 +33,7 @@ import time
 import jax
 
 from jaxdistill import data as data_lib, evaluate, loop, quickstart, sharding, validate
-from jaxdistill.models.transformer import FP8_STATE
+from jaxdistill.models.layers import FP8_STATE
 
 POLICIES = {c: f"p=f32,c={c},o=f32" for c in ("f32", "bf16", "f16", "fp8")}
 # The diagonal, then the cross terms the issue asks for, then f16 against an f32 teacher.

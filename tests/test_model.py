@@ -12,11 +12,10 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
+from jaxdistill.models.layers import Norm, apply_rope
 from jaxdistill.models.transformer import (
-  Norm,
   Transformer,
   TransformerConfig,
-  apply_rope,
   count_params,
   flops_per_token,
 )

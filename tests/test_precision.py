@@ -11,7 +11,8 @@ from conftest import ROOT
 from jaxdistill import checkpoint, config as config_lib, loop, precision, sharding, validate
 from jaxdistill import data as data_lib, teacher as teacher_lib
 from jaxdistill.errors import ConfigError
-from jaxdistill.models.transformer import FP8_STATE, EinsumDense, TransformerConfig
+from jaxdistill.models.layers import FP8_STATE, EinsumDense
+from jaxdistill.models.transformer import TransformerConfig
 
 
 def _small(cfg):

@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill.models import transformer as tfm
+from jaxdistill.models import layers, transformer as tfm
 
 # sentence-transformers' clamps: mean-pooling token count and L2 norm.
 _COUNT_EPS = 1e-9
@@ -64,20 +64,20 @@ def mean_pool(hidden_BxTxD: jax.Array, valid_BxT: jax.Array) -> jax.Array:
 
 
 class EncoderBlock(nn.Module):
-  """Post-norm block: x = LN(x + attn(x)); x = LN(x + mlp(x)). Returns as ``tfm.Block``."""
+  """Post-norm block: x = LN(x + attn(x)); x = LN(x + mlp(x)). Returns as ``layers.Block``."""
 
   config: tfm.TransformerConfig
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
     cfg = self.config
-    attn_BxTxD, probs_BxHxTxS, qkv = tfm.Attention(cfg, name="attn")(
+    attn_BxTxD, probs_BxHxTxS, qkv = layers.Attention(cfg, name="attn")(
       x_BxTxD, positions_BxT, mask_Bx1xTxS
     )
-    x_BxTxD = tfm.Norm(cfg, name="attn_norm")(x_BxTxD + attn_BxTxD)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, tfm._ACT_RESIDUAL)
-    x_BxTxD = tfm.Norm(cfg, name="mlp_norm")(x_BxTxD + tfm.Mlp(cfg, name="mlp")(x_BxTxD))
-    return nn.with_logical_constraint(x_BxTxD, tfm._ACT_RESIDUAL), probs_BxHxTxS, qkv
+    x_BxTxD = layers.Norm(cfg, name="attn_norm")(x_BxTxD + attn_BxTxD)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, layers._ACT_RESIDUAL)
+    x_BxTxD = layers.Norm(cfg, name="mlp_norm")(x_BxTxD + layers.Mlp(cfg, name="mlp")(x_BxTxD))
+    return nn.with_logical_constraint(x_BxTxD, layers._ACT_RESIDUAL), probs_BxHxTxS, qkv
 
 
 def encode(
@@ -159,9 +159,9 @@ def _embed(cfg, tokens_BxT, positions_BxT, token_types_BxT):
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
       name=name,
-      embedding_init=tfm._init(names),
+      embedding_init=layers._init(names),
     )
-    return tfm._lookup(table, ids_BxT, names[0])
+    return layers._lookup(table, ids_BxT, names[0])
 
   x_BxTxD = lookup("token_embed", cfg.vocab_size, ("vocab", "embed"), tokens_BxT)
   x_BxTxD = x_BxTxD + lookup("pos_embed", cfg.max_len, (None, "embed"), positions_BxT)
@@ -169,5 +169,5 @@ def _embed(cfg, tokens_BxT, positions_BxT, token_types_BxT):
     if token_types_BxT is None:
       token_types_BxT = jnp.zeros_like(tokens_BxT)
     x_BxTxD = x_BxTxD + lookup("type_embed", cfg.type_vocab_size, (None, "embed"), token_types_BxT)
-  x_BxTxD = tfm.Norm(cfg, name="embed_norm")(x_BxTxD)
-  return nn.with_logical_constraint(x_BxTxD, tfm._ACT_RESIDUAL)
+  x_BxTxD = layers.Norm(cfg, name="embed_norm")(x_BxTxD)
+  return nn.with_logical_constraint(x_BxTxD, layers._ACT_RESIDUAL)

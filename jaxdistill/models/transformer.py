@@ -4,7 +4,9 @@
 outputs (logits, or final hidden + head matrix for a fused loss; optional per-layer hidden states,
 attention probabilities and q/k/v). Every param carries logical axis names and the main
 activations carry logical constraints; without an active ``nn.logical_axis_rules`` context those
-are no-ops, so the model runs unchanged on one device.
+are no-ops, so the model runs unchanged on one device. The layers (norms, RoPE, attention,
+MLP, block, the FP8-capable ``EinsumDense``) live in ``layers.py``, shared with ``bert.py``;
+this module holds the config, the model and its parameter / FLOP counts.
 
 Shape-letter legend:
   B: batch size
@@ -24,22 +26,23 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-from flax.linen import fp8_ops
 import jax.numpy as jnp
+
+from jaxdistill.models.layers import (
+  _ACT_LOGITS,
+  _ACT_RESIDUAL,
+  Block,
+  EinsumDense,
+  Norm,
+  _init,
+  _lookup,
+  make_attention_mask,
+)
 
 _NORMS = ("rmsnorm", "layernorm")
 _POSITIONS = ("rope", "learned")
 _ACTIVATIONS = ("swiglu", "gelu", "gelu_erf")  # gelu: tanh approximation (GPT-2); gelu_erf: BERT
 _BIASES = ("none", "qkv", "all")  # which projections carry a bias (qkv: Qwen2; all: GPT-2, BERT)
-_INIT_STDDEV = 0.02
-
-# Logical activation axis names; the sharding module maps them onto the mesh.
-_ACT_RESIDUAL = ("act_batch", "act_length", "act_embed")
-_ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
-_ACT_MLP = ("act_batch", "act_length", "act_mlp")
-_ACT_LOGITS = ("act_batch", "act_length", "act_vocab")
-# Variable collection of FP8 scales / amax histories: its "gradients" are its new values.
-FP8_STATE = fp8_ops.OVERWRITE_WITH_GRADIENT
 
 
 def _is_int(value: Any) -> bool:
@@ -121,278 +124,6 @@ class TransformerConfig:
   def kv_heads(self) -> int:
     """Number of key/value heads (num_kv_heads, or num_heads when it is 0)."""
     return self.num_kv_heads or self.num_heads
-
-
-def _init(names: Sequence[str | None], stddev: float = _INIT_STDDEV):
-  return nn.with_logical_partitioning(nn.initializers.normal(stddev=stddev), tuple(names))
-
-
-def _residual_stddev(cfg: TransformerConfig) -> float:
-  # GPT-2 style: residual-branch output projections are scaled by 1/sqrt(2L) so the residual
-  # stream variance does not grow with depth at init.
-  return _INIT_STDDEV / math.sqrt(2 * cfg.num_layers)
-
-
-class Norm(nn.Module):
-  """RMSNorm or LayerNorm (per ``config.norm``) over the last axis.
-
-  Args (call):
-    x_BxTxD: activations, any float dtype.
-  Returns:
-    [B, T, D] normalized activations in ``config.dtype``.
-  """
-
-  config: TransformerConfig
-
-  @nn.compact
-  def __call__(self, x_BxTxD: jax.Array) -> jax.Array:
-    cfg = self.config
-    d = x_BxTxD.shape[-1]
-    init = lambda fn: nn.with_logical_partitioning(fn, ("embed",))  # noqa: E731
-    scale_D = self.param("scale", init(nn.initializers.ones), (d,), cfg.param_dtype)
-    # Statistics in float32: a bf16 mean of squares over D loses too many bits.
-    x32_BxTxD = x_BxTxD.astype(jnp.float32)
-    if cfg.norm == "layernorm":
-      x32_BxTxD = x32_BxTxD - jnp.mean(x32_BxTxD, axis=-1, keepdims=True)
-    var_BxTx1 = jnp.mean(jnp.square(x32_BxTxD), axis=-1, keepdims=True)
-    y_BxTxD = x32_BxTxD * jax.lax.rsqrt(var_BxTx1 + cfg.norm_eps) * scale_D.astype(jnp.float32)
-    if cfg.norm == "layernorm":
-      bias_D = self.param("bias", init(nn.initializers.zeros), (d,), cfg.param_dtype)
-      y_BxTxD = y_BxTxD + bias_D.astype(jnp.float32)
-    return y_BxTxD.astype(cfg.dtype)
-
-
-def apply_rope(x_BxTxHxK: jax.Array, positions_BxT: jax.Array, base: float) -> jax.Array:
-  """Rotary position embedding (rotate-half convention, as GPT-NeoX / Llama).
-
-  Args:
-    x_BxTxHxK: queries or keys; K must be even.
-    positions_BxT: integer position of every token.
-    base: rotary frequency base.
-  Returns:
-    [B, T, H, K] rotated tensor in the dtype of ``x_BxTxHxK``.
-  """
-  k = x_BxTxHxK.shape[-1]
-  half = k // 2
-  # Angles in float32: bf16 positions * frequencies are badly rounded for long sequences.
-  inv_freq_Kh = base ** (-jnp.arange(half, dtype=jnp.float32) * 2.0 / k)
-  angle_BxTx1xKh = (positions_BxT.astype(jnp.float32)[..., None] * inv_freq_Kh)[:, :, None, :]
-  sin_BxTx1xKh, cos_BxTx1xKh = jnp.sin(angle_BxTx1xKh), jnp.cos(angle_BxTx1xKh)
-  x32_BxTxHxK = x_BxTxHxK.astype(jnp.float32)
-  x1_BxTxHxKh, x2_BxTxHxKh = x32_BxTxHxK[..., :half], x32_BxTxHxK[..., half:]
-  out_BxTxHxK = jnp.concatenate(
-    [
-      x1_BxTxHxKh * cos_BxTx1xKh - x2_BxTxHxKh * sin_BxTx1xKh,
-      x2_BxTxHxKh * cos_BxTx1xKh + x1_BxTxHxKh * sin_BxTx1xKh,
-    ],
-    axis=-1,
-  )
-  return out_BxTxHxK.astype(x_BxTxHxK.dtype)
-
-
-def make_attention_mask(segment_ids_BxT: jax.Array | None, length: int) -> jax.Array:
-  """Bool [B|1, 1, T, S] mask (True = may attend): causal AND same segment.
-
-  Causality is by index in the row (not by position id), so packed documents whose positions
-  restart at 0 stay causal. Padding (segment 0) sees only padding and the diagonal is always
-  allowed, so no query row is fully masked (no NaN).
-
-  Args:
-    segment_ids_BxT: optional document id per token (0 = padding); without it the mask's batch
-      axis is 1 and broadcasts.
-    length: T (== S).
-  """
-  idx_T = jnp.arange(length)
-  mask_1x1xTxS = (idx_T[:, None] >= idx_T[None, :])[None, None]
-  if segment_ids_BxT is None:
-    return mask_1x1xTxS
-  same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  return mask_1x1xTxS & same_BxTxS[:, None]
-
-
-class EinsumDense(nn.Module):
-  """Bias-free ``einsum(equation, x, kernel)`` in the compute dtype; ``.kernel`` has ``shape``.
-
-  Not ``nn.DenseGeneral``: that inits a flat 2-D kernel and reshapes it, so under an active mesh
-  its 3-D logical names hit a 2-D value and Flax raises (even in ``apply``, where Linen
-  shape-checks existing params by tracing the initializer).
-  """
-
-  config: TransformerConfig
-  shape: tuple[int, ...]
-  names: tuple[str | None, ...]
-  equation: str
-  stddev: float = _INIT_STDDEV
-  allow_fp8: bool = True  # False: plain matmul even when config.fp8 (the vocabulary head)
-  bias_dims: int = 0  # > 0: add a bias over the kernel's last bias_dims (output) axes
-
-  def setup(self):
-    self.kernel = self.param(
-      "kernel", _init(self.names, self.stddev), self.shape, self.config.param_dtype
-    )
-    if self.bias_dims:
-      self.bias = self.param(
-        "bias",
-        nn.with_logical_partitioning(nn.initializers.zeros, self.names[-self.bias_dims :]),
-        self.shape[-self.bias_dims :],
-        self.config.param_dtype,
-      )
-    if self.config.fp8 and self.allow_fp8:
-      self.fp8 = fp8_ops.Fp8Einsum(amax_history_length=self.config.fp8_history)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    y = self._matmul(x)
-    return y + self.bias.astype(y.dtype) if self.bias_dims else y
-
-  def _matmul(self, x: jax.Array) -> jax.Array:
-    dtype = self.config.dtype
-    x, kernel = x.astype(dtype), self.kernel.astype(dtype)
-    # Without its FP8 state (e.g. evaluating params saved alone) an fp8 model
-    # falls back to plain matmuls in the compute dtype.
-    if (
-      self.config.fp8
-      and self.allow_fp8
-      and (self.is_initializing() or self.has_variable(FP8_STATE, "fp8"))
-    ):
-      return self.fp8(self.equation, x, kernel)
-    return jnp.einsum(self.equation, x, kernel)
-
-
-class Attention(nn.Module):
-  """Multi-head (or grouped-query) self-attention with explicit einsums.
-
-  Args (call):
-    x_BxTxD: normalized residual stream.
-    positions_BxT: position ids (used by RoPE).
-    mask_Bx1xTxS: bool mask from ``make_attention_mask`` (causal), or any mask broadcasting
-      to [B, 1, T, S] (an encoder's padding mask [B, 1, 1, S]).
-  Returns:
-    (out_BxTxD, probs_BxHxTxS float32, (q, k, v) each [B, T, H, K]). q and k are AFTER RoPE,
-    i.e. exactly the tensors whose scaled dot product gives the attention scores; with
-    grouped-query attention k and v are repeated to H heads.
-  """
-
-  config: TransformerConfig
-
-  @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
-    cfg = self.config
-    h, k = cfg.num_heads, cfg.head_dim
-    qkv_bias = 2 if cfg.bias in ("qkv", "all") else 0
-
-    def proj(name, heads):
-      return EinsumDense(
-        cfg,
-        (cfg.d_model, heads, k),
-        ("embed", "heads", "kv"),
-        "btd,dhk->bthk",
-        bias_dims=qkv_bias,
-        name=name,
-      )(x_BxTxD)
-
-    q_BxTxHxK = proj("query", h)
-    # Grouped-query attention: key/value head j serves query heads j*G .. j*G+G-1.
-    group = h // cfg.kv_heads
-    k_BxSxHxK, v_BxSxHxK = proj("key", cfg.kv_heads), proj("value", cfg.kv_heads)
-    if group > 1:
-      k_BxSxHxK = jnp.repeat(k_BxSxHxK, group, axis=2)
-      v_BxSxHxK = jnp.repeat(v_BxSxHxK, group, axis=2)
-    if cfg.pos == "rope":
-      q_BxTxHxK = apply_rope(q_BxTxHxK, positions_BxT, cfg.rope_base)
-      k_BxSxHxK = apply_rope(k_BxSxHxK, positions_BxT, cfg.rope_base)
-    q_BxTxHxK = nn.with_logical_constraint(q_BxTxHxK, _ACT_HEADS)
-    k_BxSxHxK = nn.with_logical_constraint(k_BxSxHxK, _ACT_HEADS)
-    v_BxSxHxK = nn.with_logical_constraint(v_BxSxHxK, _ACT_HEADS)
-
-    # Scores accumulate in float32 so the softmax sees full-precision logits.
-    scores_BxHxTxS = jnp.einsum(
-      "bthk,bshk->bhts", q_BxTxHxK, k_BxSxHxK, preferred_element_type=jnp.float32
-    ) / math.sqrt(k)
-    # finfo.min (not -inf) keeps the max-subtraction finite: no inf - inf = NaN.
-    scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
-    probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
-    ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(cfg.dtype), v_BxSxHxK)
-    ctx_BxTxHxK = nn.with_logical_constraint(ctx_BxTxHxK, _ACT_HEADS)
-    out_BxTxD = EinsumDense(
-      cfg,
-      (h, k, cfg.d_model),
-      ("heads", "kv", "embed"),
-      "bthk,hkd->btd",
-      _residual_stddev(cfg),
-      bias_dims=1 if cfg.bias == "all" else 0,
-      name="out",
-    )(ctx_BxTxHxK)
-    return out_BxTxD, probs_BxHxTxS, (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK)
-
-
-class Mlp(nn.Module):
-  """SwiGLU (wi_gate, wi_up, wo) or GELU (wi, wo; tanh-approximate or exact erf) feed-forward.
-
-  Args (call):
-    x_BxTxD: normalized residual stream.
-  Returns:
-    [B, T, D] in ``config.dtype``.
-  """
-
-  config: TransformerConfig
-
-  @nn.compact
-  def __call__(self, x_BxTxD):
-    cfg = self.config
-    d, f = cfg.d_model, cfg.d_ff
-    bias = 1 if cfg.bias == "all" else 0
-
-    def wi(name):
-      return EinsumDense(cfg, (d, f), ("embed", "mlp"), "btd,df->btf", bias_dims=bias, name=name)(
-        x_BxTxD
-      )
-
-    if cfg.activation == "swiglu":
-      h_BxTxF = nn.silu(wi("wi_gate")) * wi("wi_up")
-    else:
-      h_BxTxF = nn.gelu(wi("wi"), approximate=cfg.activation == "gelu")
-    h_BxTxF = nn.with_logical_constraint(h_BxTxF, _ACT_MLP)
-    return EinsumDense(
-      cfg,
-      (f, d),
-      ("mlp", "embed"),
-      "btf,fd->btd",
-      _residual_stddev(cfg),
-      bias_dims=bias,
-      name="wo",
-    )(h_BxTxF)
-
-
-class Block(nn.Module):
-  """Pre-norm block: x += attn(norm(x)); x += mlp(norm(x)).
-
-  Args (call): as ``Attention``, with x_BxTxD the (un-normalized) residual stream.
-  Returns:
-    (x_BxTxD new residual stream, probs_BxHxTxS, (q, k, v)) as ``Attention``.
-  """
-
-  config: TransformerConfig
-
-  @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
-    cfg = self.config
-    attn_BxTxD, probs_BxHxTxS, qkv = Attention(cfg, name="attn")(
-      Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxS
-    )
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD + attn_BxTxD, _ACT_RESIDUAL)
-    mlp_BxTxD = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD + mlp_BxTxD, _ACT_RESIDUAL)
-    return x_BxTxD, probs_BxHxTxS, qkv
-
-
-def _lookup(embed: nn.Embed, ids_BxT: jax.Array, rows: str | None) -> jax.Array:
-  """[B, T, D] rows of ``embed``'s table, in its compute dtype.
-
-  The table's D axis is gathered first (constraint (rows, None)): gathering from a table sharded
-  on D into a batch-sharded output makes the SPMD partitioner fall back to full replication.
-  """
-  table_NxD = nn.with_logical_constraint(embed.embedding, (rows, None))
-  return jnp.take(table_NxD.astype(embed.dtype), ids_BxT, axis=0)
 
 
 def _check_layers(name: str, layers: Sequence[int], upper: int) -> tuple[int, ...]:
