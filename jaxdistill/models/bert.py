@@ -75,9 +75,9 @@ class EncoderBlock(nn.Module):
       x_BxTxD, positions_BxT, mask_Bx1xTxS
     )
     x_BxTxD = layers.Norm(cfg, name="attn_norm")(x_BxTxD + attn_BxTxD)
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD, layers._ACT_RESIDUAL)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, layers.ACT_RESIDUAL)
     x_BxTxD = layers.Norm(cfg, name="mlp_norm")(x_BxTxD + layers.Mlp(cfg, name="mlp")(x_BxTxD))
-    return nn.with_logical_constraint(x_BxTxD, layers._ACT_RESIDUAL), probs_BxHxTxS, qkv
+    return nn.with_logical_constraint(x_BxTxD, layers.ACT_RESIDUAL), probs_BxHxTxS, qkv
 
 
 def encode(
@@ -159,9 +159,9 @@ def _embed(cfg, tokens_BxT, positions_BxT, token_types_BxT):
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
       name=name,
-      embedding_init=layers._init(names),
+      embedding_init=layers.param_init(names),
     )
-    return layers._lookup(table, ids_BxT, names[0])
+    return layers.embed_lookup(table, ids_BxT, names[0])
 
   x_BxTxD = lookup("token_embed", cfg.vocab_size, ("vocab", "embed"), tokens_BxT)
   x_BxTxD = x_BxTxD + lookup("pos_embed", cfg.max_len, (None, "embed"), positions_BxT)
@@ -170,4 +170,4 @@ def _embed(cfg, tokens_BxT, positions_BxT, token_types_BxT):
       token_types_BxT = jnp.zeros_like(tokens_BxT)
     x_BxTxD = x_BxTxD + lookup("type_embed", cfg.type_vocab_size, (None, "embed"), token_types_BxT)
   x_BxTxD = layers.Norm(cfg, name="embed_norm")(x_BxTxD)
-  return nn.with_logical_constraint(x_BxTxD, layers._ACT_RESIDUAL)
+  return nn.with_logical_constraint(x_BxTxD, layers.ACT_RESIDUAL)

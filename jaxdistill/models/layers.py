@@ -2,7 +2,7 @@
 decoder (``transformer.Transformer``) and the encoder (``bert``).
 
 Every param carries logical axis names and the main activations carry logical constraints
-(``_ACT_*``; the sharding module maps them onto the mesh). ``EinsumDense`` is the one home of
+(``ACT_*``; the sharding module maps them onto the mesh). ``EinsumDense`` is the one home of
 FP8: with ``config.fp8`` its matmul goes through Flax's ``Fp8Einsum`` and keeps scales / amax
 histories in the ``FP8_STATE`` collection.
 
@@ -26,15 +26,16 @@ if TYPE_CHECKING:  # annotations only: transformer imports this module
 _INIT_STDDEV = 0.02
 
 # Logical activation axis names; the sharding module maps them onto the mesh.
-_ACT_RESIDUAL = ("act_batch", "act_length", "act_embed")
-_ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
-_ACT_MLP = ("act_batch", "act_length", "act_mlp")
-_ACT_LOGITS = ("act_batch", "act_length", "act_vocab")
+ACT_RESIDUAL = ("act_batch", "act_length", "act_embed")
+ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
+ACT_MLP = ("act_batch", "act_length", "act_mlp")
+ACT_LOGITS = ("act_batch", "act_length", "act_vocab")
 # Variable collection of FP8 scales / amax histories: its "gradients" are its new values.
 FP8_STATE = fp8_ops.OVERWRITE_WITH_GRADIENT
 
 
-def _init(names: Sequence[str | None], stddev: float = _INIT_STDDEV):
+def param_init(names: Sequence[str | None], stddev: float = _INIT_STDDEV):
+  """Normal(0, stddev) initializer whose param carries the logical axis ``names``."""
   return nn.with_logical_partitioning(nn.initializers.normal(stddev=stddev), tuple(names))
 
 
@@ -139,7 +140,7 @@ class EinsumDense(nn.Module):
 
   def setup(self):
     self.kernel = self.param(
-      "kernel", _init(self.names, self.stddev), self.shape, self.config.param_dtype
+      "kernel", param_init(self.names, self.stddev), self.shape, self.config.param_dtype
     )
     if self.bias_dims:
       self.bias = self.param(
@@ -211,9 +212,9 @@ class Attention(nn.Module):
     if cfg.pos == "rope":
       q_BxTxHxK = apply_rope(q_BxTxHxK, positions_BxT, cfg.rope_base)
       k_BxSxHxK = apply_rope(k_BxSxHxK, positions_BxT, cfg.rope_base)
-    q_BxTxHxK = nn.with_logical_constraint(q_BxTxHxK, _ACT_HEADS)
-    k_BxSxHxK = nn.with_logical_constraint(k_BxSxHxK, _ACT_HEADS)
-    v_BxSxHxK = nn.with_logical_constraint(v_BxSxHxK, _ACT_HEADS)
+    q_BxTxHxK = nn.with_logical_constraint(q_BxTxHxK, ACT_HEADS)
+    k_BxSxHxK = nn.with_logical_constraint(k_BxSxHxK, ACT_HEADS)
+    v_BxSxHxK = nn.with_logical_constraint(v_BxSxHxK, ACT_HEADS)
 
     # Scores accumulate in float32 so the softmax sees full-precision logits.
     scores_BxHxTxS = jnp.einsum(
@@ -223,7 +224,7 @@ class Attention(nn.Module):
     scores_BxHxTxS = jnp.where(mask_Bx1xTxS, scores_BxHxTxS, jnp.finfo(jnp.float32).min)
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
     ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(cfg.dtype), v_BxSxHxK)
-    ctx_BxTxHxK = nn.with_logical_constraint(ctx_BxTxHxK, _ACT_HEADS)
+    ctx_BxTxHxK = nn.with_logical_constraint(ctx_BxTxHxK, ACT_HEADS)
     out_BxTxD = EinsumDense(
       cfg,
       (h, k, cfg.d_model),
@@ -262,7 +263,7 @@ class Mlp(nn.Module):
       h_BxTxF = nn.silu(wi("wi_gate")) * wi("wi_up")
     else:
       h_BxTxF = nn.gelu(wi("wi"), approximate=cfg.activation == "gelu")
-    h_BxTxF = nn.with_logical_constraint(h_BxTxF, _ACT_MLP)
+    h_BxTxF = nn.with_logical_constraint(h_BxTxF, ACT_MLP)
     return EinsumDense(
       cfg,
       (f, d),
@@ -290,13 +291,13 @@ class Block(nn.Module):
     attn_BxTxD, probs_BxHxTxS, qkv = Attention(cfg, name="attn")(
       Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxS
     )
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD + attn_BxTxD, _ACT_RESIDUAL)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD + attn_BxTxD, ACT_RESIDUAL)
     mlp_BxTxD = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
-    x_BxTxD = nn.with_logical_constraint(x_BxTxD + mlp_BxTxD, _ACT_RESIDUAL)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD + mlp_BxTxD, ACT_RESIDUAL)
     return x_BxTxD, probs_BxHxTxS, qkv
 
 
-def _lookup(embed: nn.Embed, ids_BxT: jax.Array, rows: str | None) -> jax.Array:
+def embed_lookup(embed: nn.Embed, ids_BxT: jax.Array, rows: str | None) -> jax.Array:
   """[B, T, D] rows of ``embed``'s table, in its compute dtype.
 
   The table's D axis is gathered first (constraint (rows, None)): gathering from a table sharded

@@ -29,13 +29,13 @@ import jax
 import jax.numpy as jnp
 
 from jaxdistill.models.layers import (
-  _ACT_LOGITS,
-  _ACT_RESIDUAL,
+  ACT_LOGITS,
+  ACT_RESIDUAL,
   Block,
   EinsumDense,
   Norm,
-  _init,
-  _lookup,
+  param_init,
+  embed_lookup,
   make_attention_mask,
 )
 
@@ -229,9 +229,9 @@ class Transformer(nn.Module):
       dtype=cfg.dtype,
       param_dtype=cfg.param_dtype,
       name="token_embed",
-      embedding_init=_init(("vocab", "embed")),
+      embedding_init=param_init(("vocab", "embed")),
     )
-    x_BxTxD = _lookup(token_embed, tokens_BxT, "vocab")
+    x_BxTxD = embed_lookup(token_embed, tokens_BxT, "vocab")
     if cfg.pos == "learned":
       pos_embed = nn.Embed(
         cfg.max_len,
@@ -239,10 +239,10 @@ class Transformer(nn.Module):
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         name="pos_embed",
-        embedding_init=_init((None, "embed")),
+        embedding_init=param_init((None, "embed")),
       )
-      x_BxTxD = x_BxTxD + _lookup(pos_embed, positions_BxT, None)
-    return token_embed, nn.with_logical_constraint(x_BxTxD, _ACT_RESIDUAL)
+      x_BxTxD = x_BxTxD + embed_lookup(pos_embed, positions_BxT, None)
+    return token_embed, nn.with_logical_constraint(x_BxTxD, ACT_RESIDUAL)
 
   def _output(self, final_BxTxD, token_embed, return_logits):
     """Returns {"logits"} or {"final_hidden", "head"}."""
@@ -262,7 +262,7 @@ class Transformer(nn.Module):
     if not return_logits:
       return {"final_hidden": final_BxTxD, "head": head_DxV}
     logits_BxTxV = jnp.einsum("btd,dv->btv", final_BxTxD, head_DxV).astype(cfg.output_dtype)
-    return {"logits": nn.with_logical_constraint(logits_BxTxV, _ACT_LOGITS)}
+    return {"logits": nn.with_logical_constraint(logits_BxTxV, ACT_LOGITS)}
 
 
 def count_params(params: Any) -> int:
