@@ -108,14 +108,16 @@ def main() -> None:
   ]:
     cfg = student(args, teacher_path, kind)
     runs[name] = os.path.join(args.work, name)
-    summaries[name] = quickstart._train(cfg, runs[name], name, print)
+    summaries[name] = quickstart.train_stage(cfg, runs[name], name, print)
   ce = summaries["ce_student"]
   ratio = summaries["cache_topk_tail"]["train_s"] / ce["train_s"]
   eq = student(args, teacher_path, "ce")
   eq.optim.steps = max(1, round(eq.optim.steps * ratio))
   eq.optim.warmup_steps = max(1, int(0.15 * eq.optim.steps))
   runs["ce_equal_time"] = os.path.join(args.work, "ce_equal_time")
-  summaries["ce_equal_time"] = quickstart._train(eq, runs["ce_equal_time"], "ce_equal_time", print)
+  summaries["ce_equal_time"] = quickstart.train_stage(
+    eq, runs["ce_equal_time"], "ce_equal_time", print
+  )
   if args.quickstart_workdir:
     for name in ("kd_student", "ce_student", "ce_student_equal_time"):
       runs[f"quickstart_{name}"] = os.path.join(args.quickstart_workdir, name)
@@ -124,7 +126,7 @@ def main() -> None:
         summaries[f"quickstart_{name}"]["train_s"] = None
 
   print("Evaluating")
-  results = quickstart._final_eval(
+  results = quickstart.evaluate_runs(
     runs, teacher_path, student(args, teacher_path, "online"), args.eval_batches
   )
   rows = []
