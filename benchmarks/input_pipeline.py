@@ -48,7 +48,7 @@ def step_tokens_per_s(cfg, steps: int) -> float:
     state = run.state
     for i in range(steps + 2):  # the first two include compilation
       start = time.perf_counter()
-      state, metrics = run.step_fn(state, run.teacher_params, global_batch)
+      state, metrics = run.step_fn(state, run.teacher_vars, global_batch)
       jax.block_until_ready(metrics)
       if i >= 2:
         times.append(time.perf_counter() - start)

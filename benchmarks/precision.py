@@ -77,8 +77,7 @@ def compile_step(run) -> dict:
     Bytes of temp, argument, output and their total (``memory_analysis()``).
   """
   batch = sharding.shard_batch(next(data_lib.make_iterator(run.cfg, "train")), run.mesh)
-  with sharding.rules_context(run.mesh):
-    run.step_fn = run.step_fn.lower(run.state, *run.step_args(batch)).compile()
+  run.step_fn = run.compile(batch)
   m = run.step_fn.memory_analysis()
   out = {
     "temp": int(m.temp_size_in_bytes),
@@ -103,7 +102,8 @@ def measure(args, teacher_path: str, combo: str) -> dict:
 
   loop.run_steps(run, cfg.optim.steps, on_metrics)
   models = {"student": (run.student, run.state.params["student"], run.state.model_state)}
-  t_model = (run.teacher, run.teacher_params, run.teacher_state)
+  t_state = {k: v for k, v in run.teacher_vars.items() if k != "params"} or None
+  t_model = (run.teacher, run.teacher_params, t_state)
   batches = evaluate.validation_batches(cfg, args.eval_batches)
   results = evaluate.evaluate(models, batches, run.mesh, teacher=t_model)
   s, t = results["student"], results["teacher"]

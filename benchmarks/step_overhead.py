@@ -94,7 +94,7 @@ def step_program(cfg, devices):
 
   def step():
     with sharding.rules_context(run.mesh):
-      run.state, metrics = run.step_fn(run.state, run.teacher_params, batch)
+      run.state, metrics = run.step_fn(run.state, run.teacher_vars, batch)
     jax.block_until_ready((run.state, metrics))
 
   return step, run

@@ -12,7 +12,7 @@ Errors a user can cause print one line ``error: ...`` and exit with status 2.
 import argparse
 import os
 import sys
-from typing import Sequence
+from typing import Any, Sequence
 
 from jaxdistill import distributed
 from jaxdistill.errors import JaxdistillError
@@ -107,10 +107,17 @@ def _quickstart(args) -> int:
   return 0
 
 
-def _train(args, overrides) -> int:
-  from jaxdistill import config as config_lib
+def _load_config(path: str, overrides) -> Any:
+  """The config file with its overrides, validated (``validate.validate``: every check)."""
+  from jaxdistill import config as config_lib, validate
 
-  cfg = config_lib.load_config(args.config, overrides)
+  cfg = config_lib.load_config(path, overrides)
+  validate.validate(cfg)
+  return cfg
+
+
+def _train(args, overrides) -> int:
+  cfg = _load_config(args.config, overrides)
   # Before any other JAX call; a no-op for a single process.
   plan = distributed.initialize_from_args(args)
   if plan.source != "none":
@@ -149,9 +156,7 @@ def _precompute(args, overrides) -> int:
     return 0
   if not args.config:
     raise JaxdistillError("precompute needs --config FILE (or --verify to check a cache)")
-  from jaxdistill import config as config_lib
-
-  cfg = config_lib.load_config(args.config, overrides)
+  cfg = _load_config(args.config, overrides)
   plan = distributed.initialize_from_args(args)  # before any other JAX call
   if plan.source != "none":
     distributed.quiet_unless_primary()

@@ -11,8 +11,8 @@ teacher once per batch) over the same batches and returns, per model:
 
 Sums are accumulated on device over the global (sharded) batches, so several
 processes agree without extra communication. The losses are ``losses.py``'s,
-with ``denom=1`` to get sums. ``Periodic`` is the loop's hook: every
-``eval.every`` steps, CE / accuracy of the student on the first ``eval.batches``
+with ``denom=1`` to get sums. ``Periodic`` is what the loop calls every
+``eval.every`` steps: CE / accuracy of the student on the first ``eval.batches``
 validation batches (always the same ones, so the curve is comparable).
 
 Shape legend: B batch rows, T sequence length, V vocabulary.
@@ -154,7 +154,7 @@ def validation_batches(cfg: Any, limit: int = 0) -> Iterable[dict[str, np.ndarra
 
 
 class Periodic:
-  """The training loop's evaluation hook: student CE on the first ``eval.batches`` batches."""
+  """The training loop's periodic evaluation: student CE on the first ``eval.batches`` batches."""
 
   def __init__(self, cfg: Any, student: nn.Module, mesh: jax.sharding.Mesh):
     self.cfg, self.student, self.mesh = cfg, student, mesh
@@ -163,29 +163,3 @@ class Periodic:
     batches = validation_batches(self.cfg, self.cfg.eval.batches)
     m = evaluate({"student": (self.student, params, state)}, batches, self.mesh)["student"]
     return {"eval/loss": m["val_loss"], "eval/ppl": m["val_ppl"], "eval/accuracy": m["accuracy"]}
-
-
-def hook(cfg: Any, run: Any, writer: Any, last_metrics: dict, save_due, save):
-  """Wraps the loop's (save_due, save) so every ``eval.every`` steps the student is evaluated.
-
-  The loop fetches a due step's metrics and stops dispatching before calling
-  ``save``, so ``run.state`` is exactly that step's. The eval row goes to
-  metrics.jsonl and into ``last_metrics`` before the checkpoint is saved (so
-  ``ckpt.best_metric`` may be ``eval/loss``).
-  """
-  periodic = Periodic(cfg, run.student, run.mesh)
-  saving = {}
-
-  def due(step):
-    saving[step] = save_due(step)  # always asked: it also notices preemption
-    return saving[step] or step % cfg.eval.every == 0
-
-  def evaluate_then_save(step):
-    if step % cfg.eval.every == 0:
-      m = periodic(run.state.params["student"], run.state.model_state)
-      last_metrics.update(m)
-      writer.write({"step": step, **m})
-    if saving.pop(step, False):
-      save(step)
-
-  return due, evaluate_then_save

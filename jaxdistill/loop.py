@@ -1,10 +1,14 @@
 """A training run: build everything from the config, then loop over steps.
 
-``build_run`` turns a validated config into a ``Run`` (mesh, models, objective,
-optimizer, initial state, teacher params, the jitted step, the data). ``train``
-drives it: it dispatches step n, then fetches step n-1's metrics while step n
-runs (the host never blocks the device), shows a progress bar and writes
-``WORKDIR/metrics.jsonl``. The teacher is loaded each run, never checkpointed.
+``build_run`` turns a config (validated here) into a ``Run``: mesh, models, objective,
+optimizer, initial state, teacher variables, the jitted step and (optionally) the data.
+Student or teacher variables may be given instead of initialised or loaded, which is how a
+library user pairs the step with params of their own (``examples/pair_step.py``).
+``train`` drives a run in a workdir: it dispatches step n, then fetches step n-1's metrics
+while step n runs (the host never blocks the device), evaluates every ``eval.every`` steps,
+checkpoints, shows a progress bar and writes ``WORKDIR/metrics.jsonl``. The teacher is
+loaded each run, never checkpointed; a ``teacher.source='pretrain'`` teacher is trained by
+an explicit stage first (``pretrain_teacher``).
 """
 
 import dataclasses
@@ -24,14 +28,20 @@ import tqdm
 
 from jaxdistill import checkpoint, metrics as metrics_lib, models, objective as objective_lib
 from jaxdistill import precision, sharding as sharding_lib, train as train_lib, validate
-from jaxdistill import data as data_lib, distributed, teacher as teacher_lib
+from jaxdistill import data as data_lib, distributed, evaluate as evaluate_lib
+from jaxdistill import teacher as teacher_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models.transformer import Transformer, count_params, flops_per_token
 
 
 @dataclasses.dataclass
 class Run:
-  """Everything a training run needs, built once from the config."""
+  """Everything a training run needs, built once from the config.
+
+  ``step_fn(state, teacher_vars, batch) -> (state, metrics)`` is the jitted
+  ``train.distill_step``; ``teacher_vars`` is ``{"params": ...}`` plus a c=fp8 teacher's
+  frozen FP8 scales (None without a teacher model).
+  """
 
   cfg: Any
   mesh: jax.sharding.Mesh
@@ -39,19 +49,31 @@ class Run:
   student: Transformer
   teacher: Transformer | None
   state: train_lib.TrainState
-  teacher_params: Any
+  teacher_vars: Any
   step_fn: Callable  # jitted distill_step
-  data_iter: Any  # see jaxdistill.data: next() -> local batch; get_state/set_state
+  data_iter: Any  # see jaxdistill.data: next() -> local batch; get_state/set_state; or None
   flops_per_step: float
   make_state: Callable[[], train_lib.TrainState]  # a fresh initial state
   teacher_path: str | None = None  # where the teacher's params came from
-  # A c=fp8 teacher's frozen FP8 scales (teacher.calibrate_fp8), else None.
-  teacher_state: Any = None
 
-  def step_args(self, batch: dict) -> tuple:
-    """What ``step_fn`` takes after the state: (teacher_params, batch[, teacher_state])."""
-    extra = () if self.teacher_state is None else (self.teacher_state,)
-    return (self.teacher_params, batch, *extra)
+  @property
+  def teacher_params(self) -> Any:
+    """The teacher's params (None without a teacher model)."""
+    return None if self.teacher_vars is None else self.teacher_vars["params"]
+
+  def step(self, batch: dict) -> dict:
+    """Runs one step on a global batch (``sharding.shard_batch``); returns its metrics
+    (on device: fetching them waits for the step)."""
+    with sharding_lib.rules_context(self.mesh):
+      self.state, metrics = self.step_fn(self.state, self.teacher_vars, batch)
+    return metrics
+
+  def compile(self, batch: dict) -> Any:
+    """The compiled step for batches shaped like ``batch`` (a global batch or its
+    ``jax.ShapeDtypeStruct``s): ``.memory_analysis()``, ``.cost_analysis()``, ``.as_text()``.
+    Nothing runs and no buffer is donated."""
+    with sharding_lib.rules_context(self.mesh):
+      return self.step_fn.lower(self.state, self.teacher_vars, batch).compile()
 
 
 def _model(cfg: Any, side: str) -> Transformer:
@@ -59,16 +81,37 @@ def _model(cfg: Any, side: str) -> Transformer:
   return Transformer(models.transformer_config(cfg[side], policy, side))
 
 
-def build_run(cfg: Any, workdir: str | None = None, devices=None, create_state: bool = True) -> Run:
-  """Builds the mesh, models, state, teacher params and the jitted step.
+def build_run(
+  cfg: Any,
+  workdir: str | None = None,
+  devices=None,
+  create_state: bool = True,
+  *,
+  student_vars: Any = None,
+  teacher_vars: Any = None,
+  data: bool = True,
+) -> Run:
+  """Builds the mesh, models, state, teacher variables and the jitted step.
 
   Args:
-    cfg: a validated config.
-    workdir: the run's directory (only needed for teacher.source='pretrain').
+    cfg: a config (``config.default_config()`` or a loaded file); validated here.
+    workdir: the run's directory (only read for teacher.source='pretrain', whose stage
+      ``pretrain_teacher`` must have run).
     devices: the devices of the mesh (default: all).
     create_state: False leaves ``run.state`` abstract (shapes + shardings), to
       be restored from a checkpoint without first allocating a fresh one.
+    student_vars: the student's Flax variables ``{"params": ...}`` to start from; its
+      random init is then never computed.
+    teacher_vars: the teacher's variables ``{"params": ...}``, used instead of
+      ``teacher.source`` (which must still name a teacher model, e.g. 'random'); placed into
+      the teacher's shardings. A c=fp8 teacher's scales are calibrated as usual.
+    data: False builds no data iterator (``run.data_iter`` is None): feed ``run.step``.
+
+  Returns:
+    The Run. ``run.step(batch)`` trains one step; ``run.compile(batch)`` gives the compiled
+    step; ``run_steps`` drives it from ``run.data_iter``.
   """
+  validate.validate(cfg)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   validate.check_mesh(cfg, dict(mesh.shape))
   obj = objective_lib.make_objective(cfg)
@@ -86,18 +129,12 @@ def build_run(cfg: Any, workdir: str | None = None, devices=None, create_state: 
     cfg.student.d_model,
     cfg.teacher.d_model,
     loss_scale=precision.init_loss_scale(cfg.optim),
+    student_variables=student_vars,
   )
   state, state_shardings = make_state(create=create_state)
-  teacher_params, teacher_shardings, teacher_path = None, None, None
-  if teacher is not None:
-    teacher_params, teacher_shardings, teacher_path = teacher_lib.load(
-      cfg, teacher, mesh, workdir, train
-    )
-  teacher_state, teacher_state_shardings = None, None
-  if teacher is not None and getattr(teacher.config, "fp8", False):
-    teacher_state, teacher_state_shardings = teacher_lib.calibrate_fp8(
-      cfg, teacher, teacher_params, mesh
-    )
+  teacher_vars, teacher_shardings, teacher_path = _teacher_vars(
+    cfg, teacher, mesh, workdir, teacher_vars
+  )
   step = train_lib.make_distill_step(
     obj,
     student,
@@ -107,10 +144,7 @@ def build_run(cfg: Any, workdir: str | None = None, devices=None, create_state: 
     lr=train_lib.lr_schedule(cfg.optim),
     loss_scale_period=cfg.optim.loss_scale_period,
   )
-  step_fn = train_lib.jit_distill_step(
-    step, state_shardings, teacher_shardings, mesh, teacher_state_shardings
-  )
-  data_iter = data_lib.make_iterator(cfg, "train")
+  step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
   tokens = cfg.data.batch_size * cfg.data.seq_len
   flops = tokens * metrics_lib.distill_flops_per_token(
     flops_per_token(student.config, cfg.data.seq_len),
@@ -123,14 +157,50 @@ def build_run(cfg: Any, workdir: str | None = None, devices=None, create_state: 
     student,
     teacher,
     state,
-    teacher_params,
+    teacher_vars,
     step_fn,
-    data_iter,
+    data_lib.make_iterator(cfg, "train") if data else None,
     flops,
     lambda: make_state(create=True)[0],
     teacher_path,
-    teacher_state,
   )
+
+
+def _teacher_vars(cfg: Any, teacher, mesh, workdir: str | None, given: Any) -> tuple:
+  """(teacher_vars, their shardings, path or None): loaded by ``teacher.source`` or given;
+  a c=fp8 teacher's calibrated FP8 scales join its params as further collections."""
+  if teacher is None:
+    return None, None, None
+  if given is not None:
+    if set(given) != {"params"}:
+      raise JaxdistillError(
+        f"given teacher variables must be {{'params': ...}}, got keys {sorted(given)}"
+      )
+    shardings = train_lib.param_shardings(teacher, mesh, cfg.data.seq_len)
+    params, path = jax.device_put(given["params"], shardings), None
+  else:
+    params, shardings, path = teacher_lib.load(cfg, teacher, mesh, workdir)
+  variables, var_shardings = {"params": params}, {"params": shardings}
+  if getattr(teacher.config, "fp8", False):
+    fp8, fp8_shardings = teacher_lib.calibrate_fp8(cfg, teacher, params, mesh)
+    variables.update(fp8)
+    var_shardings.update(fp8_shardings)
+  return variables, var_shardings, path
+
+
+def pretrain_teacher(cfg: Any, workdir: str, devices=None) -> str | None:
+  """The explicit stage before a ``teacher.source='pretrain'`` run is built: trains the
+  teacher on CE into WORKDIR/teacher/ unless it is there already. Returns its final_params
+  directory (None for other sources); a killed pretraining resumes like any run."""
+  if cfg.teacher.source != "pretrain":
+    return None
+  path = teacher_lib.params_path(cfg, workdir)
+  if not os.path.isdir(path):
+    run_dir = os.path.dirname(path)
+    if jax.process_index() == 0:
+      print(f"Pretraining the teacher for {cfg.teacher.pretrain_steps} steps in {run_dir}")
+    train(teacher_lib.pretrain_config(cfg), run_dir, devices=devices)
+  return path
 
 
 def run_steps(
@@ -139,15 +209,20 @@ def run_steps(
   on_metrics: Callable[[int, dict, float], None],
   save_due: Callable[[int], bool] = lambda step: False,
   save: Callable[[int], None] = lambda step: None,
+  evaluate: Callable[[int], None] | None = None,
+  eval_every: int = 0,
 ) -> int:
   """Runs up to ``num_steps`` steps; returns how many ran.
 
   Step n+1 is dispatched before step n's metrics are fetched, so fetching them
   overlaps with device work; ``on_metrics(step, metrics, seconds)`` runs one
   step late (``seconds``: wall time between fetches) and may raise to stop.
-  When ``save_due(step)`` says so, that step's metrics are fetched first (so a
-  non-finite step is never saved) and then ``save(step)`` runs; a save due
-  because of preemption ends the loop.
+  Every ``eval_every`` steps (0 = never) and whenever ``save_due(step)`` says so,
+  the loop stops dispatching and fetches that step's metrics first, so
+  ``run.state`` is exactly that step's: then ``evaluate(step)`` runs (if due),
+  then ``save(step)`` (if due: after the evaluation, so an eval metric can pick
+  the best checkpoint; never for a non-finite step, which ``on_metrics`` stops).
+  A save due because of preemption ends the loop.
   """
   pending, last = None, time.perf_counter()
 
@@ -164,12 +239,17 @@ def run_steps(
     step = int(run.state.step)
     for done in range(1, num_steps + 1):
       batch = sharding_lib.shard_batch(next(run.data_iter), run.mesh)
-      run.state, step_metrics = run.step_fn(run.state, *run.step_args(batch))
+      run.state, step_metrics = run.step_fn(run.state, run.teacher_vars, batch)
       flush()
       step += 1
       pending = (step, step_metrics)
-      if save_due(step):
+      eval_now = bool(evaluate and eval_every and step % eval_every == 0)
+      save_now = save_due(step)  # always asked: it also notices preemption
+      if eval_now or save_now:
         flush()
+        if eval_now:
+          evaluate(step)
+      if save_now:
         save(step)
         if _PREEMPTED["flag"]:
           return done
@@ -283,10 +363,12 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
     (after saving a checkpoint).
   """
   # Everything that can be checked before touching the disk is checked first.
+  validate.validate(cfg)
   validate.check_mesh(cfg, dict(sharding_lib.make_mesh(cfg.mesh, devices).shape))
   data_lib.check(cfg)  # data, tokenizer and vocabulary (builds into the cache, not the workdir)
   _prepare_workdir(cfg, workdir)
   data_lib.save_run_files(cfg, workdir)
+  pretrain_teacher(cfg, workdir, devices)  # its own stage, before this run is built
   run = build_run(cfg, workdir, devices, create_state=False)
   manager = checkpoint.make_manager(workdir, cfg.ckpt)
   best = checkpoint.make_best_manager(workdir, cfg.ckpt)
@@ -347,14 +429,16 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
         metrics={cfg.ckpt.best_metric: float(last_metrics[cfg.ckpt.best_metric])},
       )
 
-  if cfg.eval.every:  # validation every eval.every steps, before that step's checkpoint
-    from jaxdistill import evaluate
+  periodic = evaluate_lib.Periodic(cfg, run.student, run.mesh) if cfg.eval.every else None
 
-    save_due, save = evaluate.hook(cfg, run, writer, last_metrics, save_due, save)
+  def evaluate(step):  # validation of the student; its row precedes that step's checkpoint
+    m = periodic(run.state.params["student"], run.state.model_state)
+    last_metrics.update(m)
+    writer.write({"step": step, **m})
 
   try:
     with _PreemptionHandlers():
-      ran = run_steps(run, steps - start, on_metrics, save_due, save)
+      ran = run_steps(run, steps - start, on_metrics, save_due, save, evaluate, cfg.eval.every)
   finally:
     bar.close()
     writer.close()

@@ -153,9 +153,10 @@ def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
   validate.check_mesh(cfg, dict(mesh.shape))
   policy = precision.parse_policy(cfg.teacher.policy, "teacher.policy")
   model = Transformer(models.transformer_config(cfg.teacher, policy, "teacher"))
-  from jaxdistill import loop  # loop.train pretrains a teacher.source='pretrain' teacher
+  from jaxdistill import loop  # the pretraining stage of a teacher.source='pretrain' teacher
 
-  params, param_shardings, path = teacher_lib.load(cfg, model, mesh, output, loop.train)
+  loop.pretrain_teacher(cfg, output, devices=list(mesh.devices.flat))
+  params, param_shardings, path = teacher_lib.load(cfg, model, mesh, output)
   layout, tau, seed = cached.layout_of(cfg), temperature(cfg), cfg.seed
 
   def targets_fn(params, batch, rows_B):

@@ -2,7 +2,8 @@
 
   none      no teacher: the student trains on CE alone
   random    random init (tests, smoke runs)
-  pretrain  trained here first on CE into WORKDIR/teacher/, reused afterwards
+  pretrain  trained first on CE into WORKDIR/teacher/ (an explicit stage,
+            ``loop.pretrain_teacher``, before the run is built), reused afterwards
   workdir   the final params of an earlier `jaxdistill train` run at teacher.path
   hf        a Hugging Face model directory at teacher.path (models/hf.py), loaded tensor by
             tensor into its shardings; the teacher.* model keys must describe it
@@ -16,7 +17,7 @@ also gets static FP8 scales, calibrated on a few training batches each run
 
 import copy
 import os
-from typing import Any, Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -66,15 +67,17 @@ def final_params_dir(path: str) -> str:
   return inner if os.path.isdir(inner) else path
 
 
-def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None, train_fn: Callable):
+def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
   """Teacher params by ``teacher.source``: (params, shardings, path or None).
 
   Args:
     cfg: the run's config.
     teacher: the teacher module.
     mesh: the device mesh.
-    workdir: the run's workdir (pretrain trains into WORKDIR/teacher).
-    train_fn: ``loop.train``, to pretrain the teacher.
+    workdir: the run's workdir (a pretrained teacher lives in WORKDIR/teacher).
+
+  Raises:
+    JaxdistillError: teacher.source='pretrain' and its stage has not run yet.
   """
   seq_len = cfg.data.seq_len
   if cfg.teacher.source == "hf":
@@ -84,10 +87,10 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None, train_fn: Call
     return params, shardings, None
   path = params_path(cfg, workdir)
   if cfg.teacher.source == "pretrain" and not os.path.isdir(path):
-    run_dir = os.path.dirname(path)
-    if jax.process_index() == 0:
-      print(f"Pretraining the teacher for {cfg.teacher.pretrain_steps} steps in {run_dir}")
-    train_fn(pretrain_config(cfg), run_dir, devices=list(mesh.devices.flat))
+    raise JaxdistillError(
+      f"teacher.source='pretrain': no pretrained teacher at {path}; run the pretraining stage "
+      "first (loop.pretrain_teacher; `jaxdistill train` and `precompute` do it themselves)"
+    )
   target = train_lib.abstract_params(teacher, mesh, seq_len)
   shardings = jax.tree.map(lambda a: a.sharding, target)
   return checkpoint.load_params(path, target), shardings, path

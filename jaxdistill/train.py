@@ -1,11 +1,13 @@
-"""TrainState, the optimizer, and THE step: ``distill_step(state, teacher_params, batch)``.
+"""TrainState, the optimizer, and THE step: ``distill_step(state, teacher_vars, batch)``.
 
 The step is a pure function built once per run by ``make_distill_step`` and
 jitted exactly once by ``jit_distill_step`` with in/out shardings and donation
 of the old state. Inside it the teacher runs forward under ``stop_gradient``
 (its params are an input, never differentiated, never in the state); the
 student runs forward and backward; the objective combines the losses; optax
-updates the student and its projection heads.
+updates the student and its projection heads. ``teacher_vars`` is ONE pytree, the
+teacher's Flax variables: ``{"params": ...}`` plus any frozen state (a c=fp8 teacher's
+calibrated scales), read and never updated.
 
 With no teacher (``Objective.uses_teacher`` False) the same step trains the
 student from scratch on CE: that is how teachers are made here.
@@ -25,6 +27,7 @@ import optax
 from jaxdistill import objective as objective_lib
 from jaxdistill import precision
 from jaxdistill import sharding as sharding_lib
+from jaxdistill.errors import JaxdistillError
 
 
 @flax.struct.dataclass
@@ -128,9 +131,8 @@ def make_distill_step(
       used when ``state.loss_scale`` is not None.
 
   Returns:
-    ``distill_step(state, teacher_params, batch, teacher_state=None) -> (state, metrics)``;
-    ``teacher_state``: a c=fp8 teacher's frozen FP8 scales
-    (``precision.calibrate_fp8``), read and never updated.
+    ``distill_step(state, teacher_vars, batch) -> (state, metrics)``; ``teacher_vars``: the
+    teacher's variables ``{"params": ..., **frozen collections}`` (None without a teacher).
   """
 
   def loss_fn(params, model_state, teacher_vars, batch, step, denom, scale):
@@ -140,7 +142,8 @@ def make_distill_step(
       # The teacher is an input, not a parameter: no gradient is ever formed
       # for it (nor for its FP8 state: static scales), and stop_gradient keeps
       # its outputs constant for the losses.
-      teacher_params, teacher_state = teacher_vars
+      teacher_params = teacher_vars["params"]
+      teacher_state = {k: v for k, v in teacher_vars.items() if k != "params"} or None
       teacher_out = jax.lax.stop_gradient(
         _apply(teacher, teacher_params, batch, obj.teacher_request(), teacher_state)
       )
@@ -184,12 +187,12 @@ def make_distill_step(
     ((grads, metrics), model_state), _ = jax.lax.scan(body, (zeros, state.model_state), micro)
     return metrics, grads, model_state
 
-  def distill_step(state: TrainState, teacher_params: Any, batch: dict, teacher_state: Any = None):
+  def distill_step(state: TrainState, teacher_vars: Any, batch: dict):
     ls = state.loss_scale
     # Normalise every term by the valid tokens of the WHOLE global batch, so
     # micro-batch gradients simply add up to the full-batch gradient.
     denom = jnp.maximum(batch["weights"].sum(), 1.0)
-    metrics, grads, model_state = gradients(state, (teacher_params, teacher_state), batch, denom)
+    metrics, grads, model_state = gradients(state, teacher_vars, batch, denom)
     if ls is not None:
       # Unscale before anything reads the gradients (norm, clipping, Adam).
       grads = jax.tree.map(lambda g: (g.astype(jnp.float32) / ls.scale).astype(g.dtype), grads)
@@ -241,6 +244,7 @@ def init_state(
   d_teacher: int,
   create: bool = True,
   loss_scale: precision.LossScale | None = None,
+  student_variables: Any = None,
 ) -> tuple[TrainState, Any]:
   """Initialises the TrainState directly into its shardings.
 
@@ -249,16 +253,20 @@ def init_state(
       with their shardings) without allocating anything: the restore target.
     loss_scale: the initial dynamic loss scale (``precision.init_loss_scale``)
       or None; replicated, like ``step``.
+    student_variables: the student's Flax variables (``{"params": ...}`` plus any other
+      collections) to start from instead of a random init; the student's init then only
+      runs abstractly (for shapes and shardings), never as a computation. The projection
+      heads and the optimizer state are initialised as usual.
 
   Returns:
     (state, state_shardings): the shardings come from the models' logical
     axis names through the rules table; the optimizer state mirrors params.
   """
 
-  def init_fn(rng):
+  def init_fn(rng, given=None):
     model_rng, proj_rng, state_rng = jax.random.split(rng, 3)
     tokens_1xT = jnp.zeros((1, seq_len), jnp.int32)
-    variables = student.init(model_rng, tokens_1xT)
+    variables = student.init(model_rng, tokens_1xT) if given is None else given
     params = {
       "student": variables["params"],
       "proj": objective_lib.init_projections(obj, proj_rng, d_student, d_teacher),
@@ -280,8 +288,36 @@ def init_state(
     )
     return shapes, shardings
   with sharding_lib.rules_context(mesh):
-    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    if student_variables is None:
+      state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    else:
+      # The abstract state already traced the student's init: its shapes, no second trace.
+      model_state = nn.unbox(abstract.model_state) or {}
+      _check_given({"params": nn.unbox(abstract.params["student"]), **model_state}, student_variables)
+      state = jax.jit(lambda r, g: nn.unbox(init_fn(r, g)), out_shardings=shardings)(
+        rng, student_variables
+      )
   return state, shardings
+
+
+def _check_given(abstract: Any, given: Any) -> None:
+  """Given variables must have the model's tree, shapes and dtypes (a clear error, not XLA's)."""
+  want = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  got = dict(jax.tree_util.tree_flatten_with_path(given)[0])
+  paths = {p for p, _ in want}
+  if set(got) != paths:
+    missing = sorted(jax.tree_util.keystr(p) for p in paths - set(got))[:3]
+    extra = sorted(jax.tree_util.keystr(p) for p in set(got) - paths)[:3]
+    raise JaxdistillError(
+      f"given student variables do not match the model: missing {missing}, unknown {extra}"
+    )
+  for path, a in want:
+    g = got[path]
+    if tuple(g.shape) != tuple(a.shape) or g.dtype != a.dtype:
+      raise JaxdistillError(
+        f"given student variable {jax.tree_util.keystr(path)} is {g.dtype}{list(g.shape)}, "
+        f"the model's is {a.dtype}{list(a.shape)}"
+      )
 
 
 def init_params(
@@ -316,21 +352,14 @@ def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh, seq_len: int) -> 
 
 
 def jit_distill_step(
-  step_fn: Callable,
-  state_shardings: Any,
-  teacher_shardings: Any,
-  mesh: jax.sharding.Mesh,
-  teacher_state_shardings: Any = None,
+  step_fn: Callable, state_shardings: Any, teacher_shardings: Any, mesh: jax.sharding.Mesh
 ) -> Callable:
   """The ONE jit of the step: explicit shardings, old state donated.
 
-  ``teacher_state_shardings`` (a c=fp8 teacher's FP8 state): the step then
-  takes ``teacher_state`` as a 4th argument, like the teacher's params an
-  input that is never donated nor returned.
+  ``teacher_shardings`` mirror ``teacher_vars`` (None without a teacher); the teacher's
+  variables are an input that is never donated nor returned.
   """
   in_shardings = (state_shardings, teacher_shardings, sharding_lib.batch_sharding(mesh))
-  if teacher_state_shardings is not None:
-    in_shardings += (teacher_state_shardings,)
   return jax.jit(
     step_fn,
     in_shardings=in_shardings,

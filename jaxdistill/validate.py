@@ -1,22 +1,21 @@
 """Config validation: every mistake a user can make becomes a ConfigError naming the key.
 
-``validate(cfg)`` checks what can be checked without devices (called by
-``config.load_config``); ``check_mesh(cfg, mesh)`` checks what depends on the
-device mesh (called when a run starts).
+``validate(cfg)`` is the ONE entry point for every check that needs no devices: the CLI
+calls it after ``config.load_config`` (which only loads), and ``loop.build_run`` calls it
+again (it is cheap) so a library user cannot skip it. ``check_mesh(cfg, mesh)`` checks what
+depends on the device mesh (called when a run starts).
 """
 
 import os
 from typing import Any
 
 from jaxdistill import models, objective, precision
+from jaxdistill.data.sources import DATA_SOURCES
 from jaxdistill.errors import ConfigError
 
 TEACHER_SOURCES = ("none", "random", "pretrain", "workdir", "cache", "hf")
 # Sources with no teacher model to run: its shape keys are not checked against the data/mesh.
 NO_TEACHER_MODEL = ("none", "cache")
-# Text sources are tokenised and packed by jaxdistill/data/pipeline.py.
-TEXT_SOURCES = ("stdlib", "tfds", "array_record", "text")
-DATA_SOURCES = ("synthetic",) + TEXT_SOURCES
 
 
 def _positive(cfg: Any, key: str) -> None:

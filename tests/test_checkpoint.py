@@ -208,7 +208,7 @@ def test_non_finite_updates_are_never_applied(tiny_config, tmp_path, monkeypatch
 
   def poisoned(*args, **kwargs):  # a teacher whose params went NaN
     run = build(*args, **kwargs)
-    run.teacher_params = jax.tree.map(lambda x: x * np.nan, run.teacher_params)
+    run.teacher_vars = jax.tree.map(lambda x: x * np.nan, run.teacher_vars)
     return run
 
   monkeypatch.setattr(loop, "build_run", poisoned)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxdistill import config as config_lib
+from jaxdistill import config as config_lib, validate
 from jaxdistill.errors import ConfigError
 from jaxdistill.sharding import mesh_shape
 
@@ -14,6 +14,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
   cfg = config_lib.load_config(str(path))
+  validate.validate(cfg)
   assert cfg.optim.steps > 0
   text = path.read_text()
   assert "jaxdistill train --config" in text.split('"""')[1], "config must open with its command"
@@ -24,7 +25,9 @@ def _load(tmp_path, overrides=(), body="cfg = default_config()"):
   path.write_text(
     f"from jaxdistill.config import default_config\ndef get_config():\n  {body}\n  return cfg\n"
   )
-  return config_lib.load_config(str(path), list(overrides))
+  cfg = config_lib.load_config(str(path), list(overrides))
+  validate.validate(cfg)  # load_config only loads; every check is validate's
+  return cfg
 
 
 def _error(tmp_path, overrides=(), body="cfg = default_config()") -> ConfigError:

@@ -65,7 +65,7 @@ def test_encoder_run_pieces_hf_teacher_student_init_and_losses():
   policy = precision.parse_policy("p=f32,c=f32,o=f32", "x")
   teacher = transformer.Transformer(models.transformer_config(cfg.teacher, policy, "teacher"))
   student = transformer.Transformer(models.transformer_config(cfg.student, policy, "student"))
-  t_params, _, path = teacher_lib.load(cfg, teacher, mesh, None, None)
+  t_params, _, path = teacher_lib.load(cfg, teacher, mesh, None)
   assert path == BERT
   s_init, _ = train_lib.init_params(student, jax.random.key(0), mesh, 12)
   s_params = teacher_lib.student_from_teacher(cfg, t_params, s_init)
@@ -91,7 +91,7 @@ def test_encoder_run_pieces_hf_teacher_student_init_and_losses():
   # A mismatched teacher config is a ConfigError naming the key.
   cfg.teacher.norm_eps = 1e-6
   with pytest.raises(ConfigError, match="teacher.norm_eps"):
-    teacher_lib.load(cfg, teacher, mesh, None, None)
+    teacher_lib.load(cfg, teacher, mesh, None)
 
 
 def test_embed_and_export_a_workdir(tmp_path):

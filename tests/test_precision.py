@@ -41,7 +41,7 @@ def _step(run, batch):
   """One step on ``batch``; returns (old state host copy, metrics)."""
   old = jax.device_get(run.state)
   with sharding.rules_context(run.mesh):
-    run.state, metrics = run.step_fn(run.state, run.teacher_params, batch)
+    run.state, metrics = run.step_fn(run.state, run.teacher_vars, batch)
   return old, jax.device_get(metrics)
 
 
@@ -109,7 +109,10 @@ def test_injected_overflow_skips_that_update_halves_scale_and_recovers(tiny_conf
 
 
 def test_loss_scaling_is_exact_and_invisible_in_f32(tiny_config):
-  """Power-of-two scaling commutes with f32 arithmetic: same params bit for bit."""
+  """Power-of-two scaling commutes with f32 arithmetic: the same loss and gradient norm bit
+  for bit, and the same params (bitwise on an Intel Xeon; on an AMD EPYC XLA's CPU code for
+  the two programs differs in the last bits of a few Adam updates, <= 6e-6 relative after 3
+  steps, so params are compared to 1e-5)."""
   cfg = _small(tiny_config)
   cfg.mesh.update(data=1, fsdp=1, tensor=1)
   plain = _build(cfg)
@@ -123,7 +126,8 @@ def test_loss_scaling_is_exact_and_invisible_in_f32(tiny_config):
   assert "train/loss_scale" not in m_plain and "train/overflow" not in m_plain
   assert m_scaled["train/loss"] == m_plain["train/loss"]
   assert m_scaled["train/grad_norm"] == m_plain["train/grad_norm"]
-  _tree_equal(scaled.state.params, plain.state.params)
+  for x, y in zip(jax.tree.leaves(scaled.state.params), jax.tree.leaves(plain.state.params)):
+    np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-9)
 
 
 @pytest.mark.parametrize(
@@ -317,7 +321,8 @@ def test_fp8_teacher_is_calibrated_frozen_in_the_step_and_recalibrated_on_resume
   validate.validate(cfg)
   run = loop.build_run(cfg, devices=jax.devices()[:2])
   wo = lambda s: s[FP8_STATE]["block_0"]["mlp"]["wo"]["fp8"]
-  fp8 = jax.device_get(wo(run.teacher_state))
+  teacher_state = {k: v for k, v in run.teacher_vars.items() if k != "params"}
+  fp8 = jax.device_get(wo(teacher_state))
   # Calibration moved the scales off their init (1.0): the input scale is the largest
   # activation amax seen in 3 batches, the kernel scale the weights' own max |w| (exact).
   assert np.count_nonzero(fp8["input_amax_history"]) == 3
@@ -327,28 +332,28 @@ def test_fp8_teacher_is_calibrated_frozen_in_the_step_and_recalibrated_on_resume
   amax = np.abs(kernel.astype(jnp.bfloat16)).max().astype(np.float32)
   assert fp8["kernel_scale"][0] == e4m3_scale(amax) != 1.0
   # Per-tensor scalars: replicated, while the kernel they belong to is sharded.
-  assert wo(run.teacher_state)["kernel_scale"].sharding.is_fully_replicated
+  assert wo(teacher_state)["kernel_scale"].sharding.is_fully_replicated
   assert not run.teacher_params["block_0"]["mlp"]["wo"]["kernel"].sharding.is_fully_replicated
   assert run.state.model_state is None  # the student (f32) has no FP8 state
 
-  before = jax.device_get(run.teacher_state)
+  before = jax.device_get(teacher_state)
   first_batch = next(run.data_iter)  # the run's stream starts where a fresh one does
   batch = sharding.shard_batch(first_batch, run.mesh)
   # The step donates its state: one copy of the initial student state per call.
   s1, s2, s3 = (jax.tree.map(lambda x: x.copy(), run.state) for _ in range(3))
   with sharding.rules_context(run.mesh):
-    _, m1 = run.step_fn(s1, run.teacher_params, batch, run.teacher_state)
-    run.state, _ = run.step_fn(run.state, *run.step_args(_batch(run)))
-    _, m2 = run.step_fn(s2, run.teacher_params, batch, run.teacher_state)
+    _, m1 = run.step_fn(s1, run.teacher_vars, batch)
+    run.state, _ = run.step_fn(run.state, run.teacher_vars, _batch(run))
+    _, m2 = run.step_fn(s2, run.teacher_vars, batch)
     # The step reads the teacher's scales: coarser ones change the distillation loss.
-    coarse = _with_histories_scaled(run.teacher_state, 64.0)
-    _, m3 = run.step_fn(s3, run.teacher_params, batch, coarse)
+    coarse = _with_histories_scaled(run.teacher_vars, 64.0)
+    _, m3 = run.step_fn(s3, coarse, batch)
   m1, m2, m3 = jax.device_get((m1, m2, m3))
   # Same student state and batch after another step ran: bitwise the same teacher
   # targets and loss, and the FP8 state itself is untouched (an input, never an output).
   assert m1["distill/kl"] == m2["distill/kl"] and m1["train/loss"] == m2["train/loss"]
   assert m3["distill/kl"] != m1["distill/kl"]
-  _tree_equal(run.teacher_state, before)
+  _tree_equal({k: v for k, v in run.teacher_vars.items() if k != "params"}, before)
 
   # A resumed run recalibrates (build_run calls this) to identical scales, whatever its
   # data stream's position: calibration reads a fresh iterator, never the run's own.
@@ -363,7 +368,7 @@ def test_fp8_teacher_logits_close_to_bf16_on_the_smoke_config():
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   batch = sharding.shard_batch(next(data_lib.make_iterator(cfg, "validation")), mesh)
   # The same (random, f32) teacher params under both policies.
-  params, _, _ = teacher_lib.load(cfg, loop._model(cfg, "teacher"), mesh, None, None)
+  params, _, _ = teacher_lib.load(cfg, loop._model(cfg, "teacher"), mesh, None)
   logits = {}
   for compute in ("bf16", "fp8"):
     cfg.teacher.policy = f"p=f32,c={compute},o=f32"

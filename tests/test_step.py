@@ -145,7 +145,7 @@ def test_no_gradient_reaches_the_teacher(tiny_config):
     tx,
   )
   teacher_fwd = lambda p, b: run.teacher.apply({"params": p}, b["inputs"])
-  n_distill = _dot_count(distill, run.state, run.teacher_params, batch)
+  n_distill = _dot_count(distill, run.state, run.teacher_vars, batch)
   n_ce = _dot_count(ce_only, run.state, None, batch)
   n_teacher = _dot_count(teacher_fwd, run.teacher_params, batch)
   assert n_teacher > 0 and n_distill == n_ce + n_teacher, (n_distill, n_ce, n_teacher)

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 
 from jaxdistill.data.synthetic import SyntheticData, SyntheticIterator
-from jaxdistill.validate import TEXT_SOURCES
+from jaxdistill.data.sources import DATA_SOURCES, TEXT_SOURCES  # noqa: F401 (re-exported)
 
 
 def check(cfg: Any) -> None:

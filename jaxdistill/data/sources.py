@@ -27,6 +27,10 @@ from typing import Any, Sequence
 
 from jaxdistill.errors import ConfigError
 
+# Text sources are tokenised and packed by pipeline.py; ``synthetic`` needs no tokenizer.
+TEXT_SOURCES = ("stdlib", "tfds", "array_record", "text")
+DATA_SOURCES = ("synthetic",) + TEXT_SOURCES
+
 SPLIT_KEYS = {"train": "train_split", "validation": "eval_split"}
 FILE_KEYS = {"train": "train_files", "validation": "eval_files"}
 
