@@ -293,7 +293,8 @@ def init_state(
     else:
       # The abstract state already traced the student's init: its shapes, no second trace.
       model_state = nn.unbox(abstract.model_state) or {}
-      _check_given({"params": nn.unbox(abstract.params["student"]), **model_state}, student_variables)
+      abstract_student = {"params": nn.unbox(abstract.params["student"]), **model_state}
+      _check_given(abstract_student, student_variables)
       state = jax.jit(lambda r, g: nn.unbox(init_fn(r, g)), out_shardings=shardings)(
         rng, student_variables
       )
