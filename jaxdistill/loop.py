@@ -19,6 +19,7 @@ import time
 import warnings
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import tqdm
 
@@ -26,7 +27,7 @@ from jaxdistill import checkpoint, metrics as metrics_lib, models, objective as 
 from jaxdistill import precision, sharding as sharding_lib, train as train_lib, validate
 from jaxdistill import data as data_lib, distributed, teacher as teacher_lib
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models.transformer import Transformer, count_params, flops_per_token
+from jaxdistill.models import count_params, flops_per_token
 
 
 @dataclasses.dataclass
@@ -36,8 +37,8 @@ class Run:
   cfg: Any
   mesh: jax.sharding.Mesh
   objective: objective_lib.Objective
-  student: Transformer
-  teacher: Transformer | None
+  student: nn.Module  # models.build's: a decoder or an encoder
+  teacher: nn.Module | None
   state: train_lib.TrainState
   teacher_params: Any
   step_fn: Callable  # jitted distill_step
@@ -54,9 +55,9 @@ class Run:
     return (self.teacher_params, batch, *extra)
 
 
-def _model(cfg: Any, side: str) -> Transformer:
+def _model(cfg: Any, side: str) -> nn.Module:
   policy = precision.parse_policy(cfg[side].policy, f"{side}.policy")
-  return Transformer(models.transformer_config(cfg[side], policy, side))
+  return models.build(cfg[side], policy, side)
 
 
 def build_run(cfg: Any, workdir: str | None = None, devices=None, create_state: bool = True) -> Run:

@@ -44,9 +44,10 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for bf16 checkpoi
 import numpy as np
 from safetensors import safe_open
 
+from jaxdistill import sharding as sharding_lib
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models import bert
-from jaxdistill.models import transformer as tfm
+from jaxdistill.models import api, bert
+from jaxdistill.models.config import MODEL_KEYS, TransformerConfig
 
 DECODERS = ("llama", "mistral", "qwen2", "gpt2")
 ENCODERS = ("bert",)
@@ -72,15 +73,15 @@ class HFModel:
   """
 
   model_type: str
-  config: tfm.TransformerConfig
+  config: TransformerConfig
 
   @property
   def is_encoder(self) -> bool:
     return self.config.encoder
 
   def module(self) -> nn.Module:
-    """The Flax module: a ``transformer.Transformer`` (``config.encoder`` for BERT)."""
-    return tfm.Transformer(self.config)
+    """The Flax module: a ``transformer.Transformer``, or a ``bert.Encoder`` for BERT."""
+    return api.module_for(self.config)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,7 +137,7 @@ def read_config(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.floa
     heads = need("num_attention_heads")
     if hf.get("head_dim") not in (None, need("hidden_size") // heads):
       raise JaxdistillError(f"{where}: head_dim != hidden_size / num_attention_heads unsupported")
-    cfg = tfm.TransformerConfig(
+    cfg = TransformerConfig(
       vocab_size=need("vocab_size"),
       d_model=need("hidden_size"),
       num_layers=need("num_hidden_layers"),
@@ -155,7 +156,7 @@ def read_config(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.floa
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
       raise JaxdistillError(f"{where}: activation_function must be gelu_new")
     d = need("n_embd")
-    cfg = tfm.TransformerConfig(
+    cfg = TransformerConfig(
       vocab_size=need("vocab_size"),
       d_model=d,
       num_layers=need("n_layer"),
@@ -193,7 +194,7 @@ def read_config(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.floa
   )
 
 
-def _llama_map(c: tfm.TransformerConfig, bias: bool) -> dict:
+def _llama_map(c: TransformerConfig, bias: bool) -> dict:
   d, f, hk, kvk = c.d_model, c.d_ff, c.num_heads * c.head_dim, c.kv_heads * c.head_dim
   m = {("token_embed", "embedding"): Source("embed_tokens.weight", "copy", (c.vocab_size, d))}
   for i in range(c.num_layers):
@@ -221,7 +222,7 @@ def _llama_map(c: tfm.TransformerConfig, bias: bool) -> dict:
   return m
 
 
-def _gpt2_map(c: tfm.TransformerConfig) -> dict:
+def _gpt2_map(c: TransformerConfig) -> dict:
   d, f = c.d_model, c.d_ff
   m = {
     ("token_embed", "embedding"): Source("wte.weight", "copy", (c.vocab_size, d)),
@@ -248,7 +249,7 @@ def _gpt2_map(c: tfm.TransformerConfig) -> dict:
   return m
 
 
-def _bert_map(c: tfm.TransformerConfig) -> dict:
+def _bert_map(c: TransformerConfig) -> dict:
   d, f, e = c.d_model, c.d_ff, "embeddings."
   m = {
     ("token_embed", "embedding"): Source(e + "word_embeddings.weight", "copy", (c.vocab_size, d)),
@@ -382,9 +383,8 @@ def _prefix(specs: dict, names: set[str], path: str) -> str:
 
 def abstract_params(module: nn.Module, max_len: int) -> Any:
   """``module``'s params as ShapeDtypeStructs, boxed with their logical axis names."""
-  return jax.eval_shape(
-    lambda: module.init(jax.random.key(0), jnp.zeros((1, min(8, max_len)), jnp.int32))["params"]
-  )
+  init = lambda r: api.init_variables(module, r, min(8, max_len))["params"]
+  return jax.eval_shape(init, jax.random.key(0))
 
 
 def load(path: str, hfm: HFModel | None = None, mesh: Any = None) -> tuple[HFModel, Any]:
@@ -399,8 +399,6 @@ def load(path: str, hfm: HFModel | None = None, mesh: Any = None) -> tuple[HFMod
   Raises:
     JaxdistillError: missing files or tensors (named with their file), wrong shapes.
   """
-  from jaxdistill import sharding as sharding_lib
-
   hfm = hfm or read_config(path)
   boxed = abstract_params(hfm.module(), hfm.config.max_len)
   abstract = nn.unbox(boxed)
@@ -446,7 +444,5 @@ def model_keys(path: str) -> dict[str, Any]:
 
   E.g. ``cfg.teacher.update(source="hf", path=path, **hf.model_keys(path))``.
   """
-  from jaxdistill.models import MODEL_KEYS
-
   config = read_config(path).config
   return {key: getattr(config, key) for key in MODEL_KEYS}
