@@ -8,6 +8,7 @@
   fp8.py          static FP8 scales of a frozen model (calibrate)
   surgery.py      students made from a teacher's params (select_layers, init_from_teacher)
   hf.py           Hugging Face checkpoints -> models (load, read_config, param_map)
+  hf_maps.py      which Hugging Face tensor each param comes from, per architecture
   hf_export.py    models -> Hugging Face directories (export)
 
 The names callers need are re-exported here: ``models.build(section, policy, key)``,
