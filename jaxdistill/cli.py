@@ -191,9 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
       if overrides:
         raise JaxdistillError(f"{args.command} takes no --config overrides")
       if args.command == "export":
-        from jaxdistill.models import hf_export
+        from jaxdistill import workdir as workdir_lib
 
-        hfm = hf_export.export_workdir(args.workdir, args.output)
+        hfm = workdir_lib.export_workdir(args.workdir, args.output)
         print(f"done: wrote a {hfm.model_type} model to {args.output}")
         return 0
       return _embed(args)

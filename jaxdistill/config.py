@@ -81,7 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.teacher.pretrain_steps = 0
   cfg.teacher.pretrain_lr = 3e-3
   # c=fp8 teachers: training batches (the first of a fresh iterator) that set their static
-  # FP8 scales before distillation (precision.calibrate_fp8).
+  # FP8 scales before distillation (models.fp8.calibrate).
   cfg.teacher.fp8_calibration_batches = 8
 
   d = cfg.distill = C()

@@ -19,6 +19,7 @@ import numpy as np
 import tokenizers
 
 from jaxdistill.errors import JaxdistillError
+from jaxdistill import models
 from jaxdistill.models import hf
 
 # Padded lengths are rounded up to a multiple of this: one compilation per bucket, not per batch.
@@ -27,13 +28,12 @@ LENGTH_BUCKET = 32
 
 def _load(path: str):
   """(HFModel, params) of an HF directory or a finished run's workdir (final_params/)."""
-  from jaxdistill import checkpoint
-  from jaxdistill.models import hf_export
+  from jaxdistill import checkpoint, workdir as workdir_lib
 
   if not os.path.isdir(path):
     raise JaxdistillError(f"--model {path!r} is not a directory")
   if os.path.isdir(os.path.join(path, checkpoint.FINAL_PARAMS)):
-    return hf_export.load_workdir(path)
+    return workdir_lib.load_workdir(path)
   if not os.path.isfile(os.path.join(path, "config.json")):
     raise JaxdistillError(
       f"--model {path!r} is neither a Hugging Face model directory (config.json) nor the "
@@ -104,9 +104,9 @@ class Embedder:
     self.tokenizer = load_tokenizer(model_dir, self.hfm.config.max_len)
     module = self.hfm.module()
     self._apply = jax.jit(
-      lambda p, tokens, valid: module.apply({"params": p}, tokens, segment_ids_BxT=valid)[
-        "embedding"
-      ]
+      lambda p, tokens, valid: models.apply(
+        module, {"params": p}, {"inputs": tokens, "segment_ids": valid}
+      )["embedding"]
     )
 
   def __call__(self, texts: list[str], batch_size: int = 64, progress: bool = False):

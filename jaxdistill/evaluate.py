@@ -28,7 +28,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdistill import checkpoint, losses, sharding as sharding_lib, train as train_lib
+from jaxdistill import checkpoint, losses, sharding as sharding_lib
+from jaxdistill import models as models_lib  # ``models`` is evaluate()'s argument
 from jaxdistill import data as data_lib
 
 
@@ -46,12 +47,7 @@ def _make_logits_fn(module: nn.Module):
   def logits(params, state, batch):
     # ``state``: the model's non-param collections (an FP8 model's scales) or None; without
     # them an FP8 model would silently fall back to plain matmuls.
-    out = module.apply(
-      {"params": params, **(state or {})},
-      batch["inputs"],
-      segment_ids_BxT=batch["segment_ids"],
-      positions_BxT=batch["positions"],
-    )
+    out = models_lib.apply(module, {"params": params, **(state or {})}, batch)
     return out["logits"].astype(jnp.float32)
 
   return jax.jit(logits)
@@ -144,7 +140,8 @@ def evaluate(
 
 def load_params(module: nn.Module, path: str, mesh: jax.sharding.Mesh, seq_len: int) -> Any:
   """A model's params from a ``final_params`` directory, in the module's shardings."""
-  return checkpoint.load_params(path, train_lib.abstract_params(module, mesh, seq_len))
+  target = models_lib.abstract_variables(module, mesh, seq_len)["params"]
+  return checkpoint.load_params(path, target)
 
 
 def validation_batches(cfg: Any, limit: int = 0) -> Iterable[dict[str, np.ndarray]]:

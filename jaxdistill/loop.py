@@ -23,6 +23,7 @@ import time
 import warnings
 from typing import Any, Callable
 
+import flax.linen as nn
 import jax
 import tqdm
 
@@ -31,7 +32,7 @@ from jaxdistill import precision, sharding as sharding_lib, train as train_lib, 
 from jaxdistill import data as data_lib, distributed, evaluate as evaluate_lib
 from jaxdistill import teacher as teacher_lib
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models.transformer import Transformer, count_params, flops_per_token
+from jaxdistill.models import count_params, flops_per_token
 
 
 @dataclasses.dataclass
@@ -46,8 +47,8 @@ class Run:
   cfg: Any
   mesh: jax.sharding.Mesh
   objective: objective_lib.Objective
-  student: Transformer
-  teacher: Transformer | None
+  student: nn.Module  # models.build's: a decoder or an encoder
+  teacher: nn.Module | None
   state: train_lib.TrainState
   teacher_vars: Any
   step_fn: Callable  # jitted distill_step
@@ -76,9 +77,9 @@ class Run:
       return self.step_fn.lower(self.state, self.teacher_vars, batch).compile()
 
 
-def _model(cfg: Any, side: str) -> Transformer:
+def _model(cfg: Any, side: str) -> nn.Module:
   policy = precision.parse_policy(cfg[side].policy, f"{side}.policy")
-  return Transformer(models.transformer_config(cfg[side], policy, side))
+  return models.build(cfg[side], policy, side)
 
 
 def build_run(
@@ -176,7 +177,7 @@ def _teacher_vars(cfg: Any, teacher, mesh, workdir: str | None, given: Any) -> t
       raise JaxdistillError(
         f"given teacher variables must be {{'params': ...}}, got keys {sorted(given)}"
       )
-    shardings = train_lib.param_shardings(teacher, mesh, cfg.data.seq_len)
+    shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len)["params"]
     params, path = jax.device_put(given["params"], shardings), None
   else:
     params, shardings, path = teacher_lib.load(cfg, teacher, mesh, workdir)

@@ -47,7 +47,6 @@ from jaxdistill import sparse, teacher as teacher_lib, validate
 from jaxdistill.data import cached
 from jaxdistill.data.synthetic import SyntheticData
 from jaxdistill.errors import ConfigError, JaxdistillError
-from jaxdistill.models.transformer import Transformer
 
 ROW_KEYS = ("inputs", "targets", "weights", "segment_ids", "positions")
 
@@ -152,21 +151,15 @@ def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
   mesh = sharding_lib.make_mesh(cfg.mesh, devices or jax.local_devices())
   validate.check_mesh(cfg, dict(mesh.shape))
   policy = precision.parse_policy(cfg.teacher.policy, "teacher.policy")
-  model = Transformer(models.transformer_config(cfg.teacher, policy, "teacher"))
-  from jaxdistill import loop  # the pretraining stage of a teacher.source='pretrain' teacher
+  model = models.build(cfg.teacher, policy, "teacher")
+  from jaxdistill import loop  # the pretraining stage of a teacher.source="pretrain" teacher
 
   loop.pretrain_teacher(cfg, output, devices=list(mesh.devices.flat))
   params, param_shardings, path = teacher_lib.load(cfg, model, mesh, output)
   layout, tau, seed = cached.layout_of(cfg), temperature(cfg), cfg.seed
 
   def targets_fn(params, batch, rows_B):
-    out = model.apply(
-      {"params": params},
-      batch["inputs"],
-      segment_ids_BxT=batch["segment_ids"],
-      positions_BxT=batch["positions"],
-      return_logits=False,
-    )
+    out = models.apply(model, {"params": params}, batch, return_logits=False)
     b, t = batch["inputs"].shape
     tg = sparse.teacher_targets(
       out["final_hidden"].reshape(b * t, -1),

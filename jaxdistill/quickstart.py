@@ -256,11 +256,10 @@ def evaluate_runs(runs: dict, teacher_dir: str, cfg: Any, limit: int) -> dict:
     ``evaluate.evaluate``'s name -> metrics, plus "teacher".
   """
   from jaxdistill import checkpoint, evaluate, models, precision, sharding
-  from jaxdistill.models.transformer import Transformer
 
   def module(side):
     policy = precision.parse_policy(cfg[side].policy, f"{side}.policy")
-    return Transformer(models.transformer_config(cfg[side], policy, side))
+    return models.build(cfg[side], policy, side)
 
   mesh = sharding.make_mesh(cfg.mesh)
   seq_len = cfg.data.seq_len

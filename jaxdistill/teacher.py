@@ -23,7 +23,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import checkpoint, precision, train as train_lib
+from jaxdistill import checkpoint, models, precision
+from jaxdistill.models import fp8, surgery
 from jaxdistill.errors import ConfigError, JaxdistillError
 
 
@@ -83,21 +84,22 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
   if cfg.teacher.source == "hf":
     return _load_hf(cfg, teacher, mesh)
   if cfg.teacher.source == "random":
-    params, shardings = train_lib.init_params(teacher, jax.random.key(cfg.seed + 1), mesh, seq_len)
-    return params, shardings, None
+    rng = jax.random.key(cfg.seed + 1)
+    variables, shardings = models.create_variables(teacher, rng, mesh, seq_len, ("params",))
+    return variables["params"], shardings["params"], None
   path = params_path(cfg, workdir)
   if cfg.teacher.source == "pretrain" and not os.path.isdir(path):
     raise JaxdistillError(
       f"teacher.source='pretrain': no pretrained teacher at {path}; run the pretraining stage "
       "first (loop.pretrain_teacher; `jaxdistill train` and `precompute` do it themselves)"
     )
-  target = train_lib.abstract_params(teacher, mesh, seq_len)
+  target = models.abstract_variables(teacher, mesh, seq_len)["params"]
   shardings = jax.tree.map(lambda a: a.sharding, target)
   return checkpoint.load_params(path, target), shardings, path
 
 
 def calibrate_fp8(cfg: Any, teacher: nn.Module, params: Any, mesh) -> tuple[Any, Any]:
-  """Static FP8 scales of a c=fp8 teacher: (variables, shardings), see precision.calibrate_fp8.
+  """Static FP8 scales of a c=fp8 teacher: (variables, shardings), see ``models.fp8.calibrate``.
 
   Calibrates on the first ``teacher.fp8_calibration_batches`` batches of a FRESH
   training iterator (the run's seed), never the run's own: a resumed run
@@ -109,7 +111,7 @@ def calibrate_fp8(cfg: Any, teacher: nn.Module, params: Any, mesh) -> tuple[Any,
 
   n = cfg.teacher.fp8_calibration_batches
   batches = itertools.islice(data_lib.make_iterator(cfg, "train"), n)
-  return precision.calibrate_fp8(teacher, params, batches, mesh, cfg.data.seq_len)
+  return fp8.calibrate(teacher, params, batches, mesh, cfg.data.seq_len)
 
 
 def _load_hf(cfg: Any, teacher: nn.Module, mesh):
@@ -126,22 +128,20 @@ def _load_hf(cfg: Any, teacher: nn.Module, mesh):
       )
   hfm = hf.HFModel(hf.read_config(path).model_type, teacher.config)
   _, params = hf.load(path, hfm, mesh)
-  return params, train_lib.param_shardings(teacher, mesh, cfg.data.seq_len), path
+  return params, models.variable_shardings(teacher, mesh, cfg.data.seq_len)["params"], path
 
 
 def student_from_teacher(cfg: Any, teacher_params: Any, student_params: Any) -> Any:
   """The student's params made of the teacher's blocks ``student.init_layers``.
 
   Embeddings, norms and head are the teacher's; block j is teacher block layers[j]
-  (``hf_export.select_layers``). Fresh copies in the student's shardings and dtype (the
+  (``surgery.select_layers``). Fresh copies in the student's shardings and dtype (the
   step donates the student's buffers; the teacher's must survive).
   """
-  from jaxdistill.models import hf_export
-
-  layers = hf_export.select_layers(
+  layers = surgery.select_layers(
     cfg.student.init_layers, cfg.teacher.num_layers, cfg.student.num_layers
   )
-  picked = hf_export.init_from_teacher(teacher_params, layers)
+  picked = surgery.init_from_teacher(teacher_params, layers)
   shardings = jax.tree.map(lambda a: a.sharding, student_params)
   dtypes = jax.tree.map(lambda a: a.dtype, student_params)
   copy = jax.jit(

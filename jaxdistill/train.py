@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdistill import objective as objective_lib
+from jaxdistill import models, objective as objective_lib
 from jaxdistill import precision
 from jaxdistill import sharding as sharding_lib
 from jaxdistill.errors import JaxdistillError
@@ -84,18 +84,6 @@ def make_optimizer(optim: Any) -> optax.GradientTransformation:
   )
 
 
-def _apply(
-  model: nn.Module, params: Any, batch: dict, request: dict, model_state: Any = None
-) -> dict:
-  return model.apply(
-    {"params": params, **(model_state or {})},
-    batch["inputs"],
-    segment_ids_BxT=batch.get("segment_ids"),
-    positions_BxT=batch.get("positions"),
-    **request,
-  )
-
-
 def _micro_batches(batch: dict, num: int) -> dict:
   """[B, ...] -> [num, B/num, ...] so every device keeps its own rows.
 
@@ -136,16 +124,15 @@ def make_distill_step(
   """
 
   def loss_fn(params, model_state, teacher_vars, batch, step, denom, scale):
-    student_out = _apply(student, params["student"], batch, obj.student_request(), model_state)
+    student_vars = {"params": params["student"], **(model_state or {})}
+    student_out = models.apply(student, student_vars, batch, **obj.student_request())
     teacher_out = None
     if obj.uses_teacher:
       # The teacher is an input, not a parameter: no gradient is ever formed
       # for it (nor for its FP8 state: static scales), and stop_gradient keeps
       # its outputs constant for the losses.
-      teacher_params = teacher_vars["params"]
-      teacher_state = {k: v for k, v in teacher_vars.items() if k != "params"} or None
       teacher_out = jax.lax.stop_gradient(
-        _apply(teacher, teacher_params, batch, obj.teacher_request(), teacher_state)
+        models.apply(teacher, teacher_vars, batch, **obj.teacher_request())
       )
     loss, metrics = objective_lib.compute_loss(
       obj, step, params["proj"], student_out, teacher_out, batch, denom
@@ -265,8 +252,7 @@ def init_state(
 
   def init_fn(rng, given=None):
     model_rng, proj_rng, state_rng = jax.random.split(rng, 3)
-    tokens_1xT = jnp.zeros((1, seq_len), jnp.int32)
-    variables = student.init(model_rng, tokens_1xT) if given is None else given
+    variables = models.init_variables(student, model_rng, seq_len) if given is None else given
     params = {
       "student": variables["params"],
       "proj": objective_lib.init_projections(obj, proj_rng, d_student, d_teacher),
@@ -319,37 +305,6 @@ def _check_given(abstract: Any, given: Any) -> None:
         f"given student variable {jax.tree_util.keystr(path)} is {g.dtype}{list(g.shape)}, "
         f"the model's is {a.dtype}{list(a.shape)}"
       )
-
-
-def init_params(
-  model: nn.Module, rng: jax.Array, mesh: jax.sharding.Mesh, seq_len: int
-) -> tuple[Any, Any]:
-  """Random params of ``model`` created in their shardings: (params, shardings)."""
-  init_fn = lambda r: model.init(r, jnp.zeros((1, seq_len), jnp.int32))["params"]
-  shardings = sharding_lib.shardings_of(jax.eval_shape(init_fn, rng), mesh)
-  with sharding_lib.rules_context(mesh):
-    params = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
-  return params, shardings
-
-
-def param_shardings(model: nn.Module, mesh: jax.sharding.Mesh, seq_len: int) -> Any:
-  """Shardings of ``model``'s params without creating them."""
-  init_fn = lambda r: model.init(r, jnp.zeros((1, seq_len), jnp.int32))["params"]
-  return sharding_lib.shardings_of(jax.eval_shape(init_fn, jax.random.key(0)), mesh)
-
-
-def abstract_params(model: nn.Module, mesh: jax.sharding.Mesh, seq_len: int) -> Any:
-  """``model``'s params as ShapeDtypeStructs in their shardings: a restore target.
-
-  Nothing is allocated; ``checkpoint.load_params(path, abstract_params(...))`` reads each
-  array straight into its shards.
-  """
-  shardings = param_shardings(model, mesh, seq_len)
-  init_fn = lambda r: model.init(r, jnp.zeros((1, seq_len), jnp.int32))["params"]
-  abstract = jax.eval_shape(init_fn, jax.random.key(0))
-  return jax.tree.map(
-    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
-  )
 
 
 def jit_distill_step(

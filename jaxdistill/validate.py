@@ -11,6 +11,7 @@ from typing import Any
 
 from jaxdistill import models, objective, precision
 from jaxdistill.data.sources import DATA_SOURCES
+from jaxdistill.models import surgery
 from jaxdistill.errors import ConfigError
 
 TEACHER_SOURCES = ("none", "random", "pretrain", "workdir", "cache", "hf")
@@ -35,7 +36,7 @@ def validate(cfg: Any) -> None:
   precision.check_trainable(
     student_policy, "student.policy", loss_scaling=cfg.optim.loss_scale == "dynamic"
   )
-  models.transformer_config(cfg.student, student_policy, "student")
+  models.config_from_section(cfg.student, student_policy, "student")
   t = cfg.teacher
   if t.source not in TEACHER_SOURCES:
     raise ConfigError("teacher.source", f"unknown {t.source!r}; choose from {TEACHER_SOURCES}")
@@ -48,7 +49,7 @@ def validate(cfg: Any) -> None:
         f"must be an int >= 1 with teacher.policy c=fp8 (batches that calibrate the frozen "
         f"teacher's static FP8 scales), got {n!r}",
       )
-    models.transformer_config(t, teacher_policy, "teacher")
+    models.config_from_section(t, teacher_policy, "teacher")
   if t.source == "pretrain" and t.pretrain_steps <= 0:
     raise ConfigError("teacher.pretrain_steps", "must be > 0 when teacher.source='pretrain'")
   if t.source == "cache" and not os.path.isdir(t.path):
@@ -120,10 +121,8 @@ def _check_hf(cfg: Any) -> None:
       raise ConfigError("student.init_layers", f"needs a teacher model, not {t.source!r}")
     if s.init_from:
       raise ConfigError("student.init_layers", "and student.init_from both set; choose one")
-    from jaxdistill.models import hf_export
-
     try:
-      hf_export.select_layers(s.init_layers, t.num_layers, s.num_layers)
+      surgery.select_layers(s.init_layers, t.num_layers, s.num_layers)
     except ValueError as e:
       raise ConfigError("student.init_layers", str(e)) from None
     for key in models.MODEL_KEYS:

@@ -46,12 +46,11 @@ def _smoke_config():
 
 def _student_target(cfg, mesh):
   """ShapeDtypeStructs (with shardings on ``mesh``) of the student's params."""
-  from jaxdistill import models, precision, train
-  from jaxdistill.models.transformer import Transformer
+  from jaxdistill import models, precision
 
   policy = precision.parse_policy(cfg.student.policy, "student.policy")
-  student = Transformer(models.transformer_config(cfg.student, policy, "student"))
-  return train.abstract_params(student, mesh, cfg.data.seq_len)
+  student = models.build(cfg.student, policy, "student")
+  return models.abstract_variables(student, mesh, cfg.data.seq_len)["params"]
 
 
 def _flat_numpy(tree) -> dict[str, np.ndarray]:

@@ -56,18 +56,17 @@ def _encoder_cfg(num_layers: int = 1):
 def test_encoder_run_pieces_hf_teacher_student_init_and_losses():
   """What `jaxdistill train` does with an encoder, piece by piece (no compiled step)."""
   from jaxdistill import objective, precision, sharding as sharding_lib, teacher as teacher_lib
-  from jaxdistill import models, train as train_lib, validate
-  from jaxdistill.models import transformer
+  from jaxdistill import models, validate
 
   cfg = _encoder_cfg()
   validate.validate(cfg)
   mesh = sharding_lib.make_mesh({"data": 1, "fsdp": 4, "tensor": 2})
   policy = precision.parse_policy("p=f32,c=f32,o=f32", "x")
-  teacher = transformer.Transformer(models.transformer_config(cfg.teacher, policy, "teacher"))
-  student = transformer.Transformer(models.transformer_config(cfg.student, policy, "student"))
+  teacher = models.build(cfg.teacher, policy, "teacher")
+  student = models.build(cfg.student, policy, "student")
   t_params, _, path = teacher_lib.load(cfg, teacher, mesh, None)
   assert path == BERT
-  s_init, _ = train_lib.init_params(student, jax.random.key(0), mesh, 12)
+  s_init = models.create_variables(student, jax.random.key(0), mesh, 12, ("params",))[0]["params"]
   s_params = teacher_lib.student_from_teacher(cfg, t_params, s_init)
   kernel = s_params["block_0"]["attn"]["query"]["kernel"]
   np.testing.assert_array_equal(kernel, t_params["block_1"]["attn"]["query"]["kernel"])
@@ -77,10 +76,8 @@ def test_encoder_run_pieces_hf_teacher_student_init_and_losses():
   ref = dict(np.load(os.path.join(FIXTURES, "bert_tiny.npz")))
   batch = {"inputs": ref["tokens"], "segment_ids": ref["mask"], "weights": ref["mask"]}
   batch["targets"] = batch["inputs"]
-  s_out = student.apply({"params": s_params}, ref["tokens"], segment_ids_BxT=ref["mask"],
-                        **obj.student_request())  # fmt: skip
-  t_out = teacher.apply({"params": t_params}, ref["tokens"], segment_ids_BxT=ref["mask"],
-                        **obj.teacher_request())  # fmt: skip
+  s_out = models.apply(student, {"params": s_params}, batch, **obj.student_request())
+  t_out = models.apply(teacher, {"params": t_params}, batch, **obj.teacher_request())
   denom = float(ref["mask"].sum())
   loss, metrics = objective.compute_loss(obj, 0, {}, s_out, t_out, batch, denom)
   for key in ("distill/attention", "distill/value_relation", "distill/hidden", "distill/embedding"):

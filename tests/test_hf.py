@@ -16,7 +16,7 @@ from safetensors.numpy import load_file, save_file
 
 from jaxdistill import sharding as sharding_lib
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models import hf, hf_export
+from jaxdistill.models import hf, hf_export, surgery
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 DECODERS = ("llama_tiny", "qwen2_tiny", "gpt2_tiny")
@@ -148,25 +148,25 @@ def test_sharded_index_missing_tensor_and_bad_config(tmp_path):
 
 
 def test_select_layers():
-  assert hf_export.select_layers("every_other", 6, 3) == (0, 2, 4)
-  assert hf_export.select_layers("last", 6, 2) == (4, 5)
-  assert hf_export.select_layers("uniform", 6, 3) == (0, 2, 5)
-  assert hf_export.select_layers("1,3,5", 6, 3) == (1, 3, 5)
+  assert surgery.select_layers("every_other", 6, 3) == (0, 2, 4)
+  assert surgery.select_layers("last", 6, 2) == (4, 5)
+  assert surgery.select_layers("uniform", 6, 3) == (0, 2, 5)
+  assert surgery.select_layers("1,3,5", 6, 3) == (1, 3, 5)
   for bad in ("1,3", "0,0,1", "0,2,6", "every_third"):
     with pytest.raises(ValueError, match="layer selection"):
-      hf_export.select_layers(bad, 6, 3)
+      surgery.select_layers(bad, 6, 3)
 
 
 def test_student_from_teacher_layers(loaded):
   hfm, teacher = loaded["bert_tiny"]
   ref = _ref("bert_tiny")
   # All layers in order: the student IS the teacher.
-  same = hf_export.init_from_teacher(teacher, (0, 1))
+  same = surgery.init_from_teacher(teacher, (0, 1))
   out_t = hfm.module().apply({"params": teacher}, ref["tokens"])
   out_s = hfm.module().apply({"params": same}, ref["tokens"])
   np.testing.assert_array_equal(out_s["embedding"], out_t["embedding"])
   # One layer: block 0 is the teacher's block 1, embeddings shared, and it runs as a 1-layer model.
-  student = hf_export.init_from_teacher(teacher, (1,))
+  student = surgery.init_from_teacher(teacher, (1,))
   assert student["block_0"] is teacher["block_1"] and "block_1" not in student
   assert student["token_embed"] is teacher["token_embed"]
   one = hfm.module().clone(config=hfm.config.__class__(**{**hfm.config.__dict__, "num_layers": 1}))

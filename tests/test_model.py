@@ -340,3 +340,79 @@ def test_sharded_apply_matches_unsharded(tie):
     got = jax.jit(lambda p, t, s: model.apply(p, t, segment_ids_BxT=s))(params, x, seg)["logits"]
   assert got.sharding.spec == P(("data", "fsdp"), None, "tensor")
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+# --- models.build / apply / variables: the one way callers make and run a model -------------
+
+ENCODER_SECTION = dict(
+  vocab_size=V, d_model=D, num_layers=L, num_heads=H, d_ff=F, max_len=MAXLEN, norm="layernorm",
+  pos="learned", tie_embeddings=True, activation="gelu_erf", num_kv_heads=0, bias="all",
+  norm_eps=1e-12, encoder=True, type_vocab_size=2,
+)  # fmt: skip
+# The encoder's param paths as saved runs and the Hugging Face mapping know them: never renamed.
+ENCODER_BLOCK_PARAMS = [
+  f"{layer}/{leaf}"
+  for layer in ("attn/query", "attn/key", "attn/value", "attn/out", "attn_norm")
+  + ("mlp/wi", "mlp/wo", "mlp_norm")
+  for leaf in (("scale", "bias") if layer.endswith("norm") else ("kernel", "bias"))
+]
+ENCODER_PARAMS = {
+  "token_embed/embedding": (V, D),
+  "pos_embed/embedding": (MAXLEN, D),
+  "type_embed/embedding": (2, D),
+  "embed_norm/scale": (D,),
+  "embed_norm/bias": (D,),
+}
+
+
+def _paths(tree) -> dict[str, tuple]:
+  flat = jax.tree_util.tree_flatten_with_path(nn.unbox(tree))[0]
+  return {"/".join(k.key for k in path): leaf.shape for path, leaf in flat}
+
+
+def test_build_picks_the_encoder_module_with_the_encoder_param_paths():
+  from jaxdistill import models, precision
+  from jaxdistill.models import bert, hf
+
+  policy = precision.parse_policy("p=f32", "student.policy")
+  encoder = models.build(ENCODER_SECTION, policy, "student")
+  assert isinstance(encoder, bert.Encoder) and encoder.config.encoder
+  decoder = models.build(dict(ENCODER_SECTION, encoder=False), policy, "student")
+  assert isinstance(decoder, Transformer)
+  abstract = jax.eval_shape(lambda r: models.init_variables(encoder, r, 8), jax.random.key(0))
+  assert set(abstract) == {"params"}
+  paths = _paths(abstract["params"])
+  block_paths = {p for p in paths if p.startswith("block_")}
+  assert block_paths == {f"block_{i}/{p}" for i in range(L) for p in ENCODER_BLOCK_PARAMS}
+  assert {p: s for p, s in paths.items() if p not in block_paths} == ENCODER_PARAMS
+  assert paths["block_1/attn/query/kernel"] == (D, H, D // H)
+  # The Hugging Face mapping names exactly these params (so BERT checkpoints still load).
+  assert set(hf.param_map(hf.HFModel("bert", encoder.config))) == {
+    tuple(p.split("/")) for p in paths
+  }
+  # The decoder module refuses an encoder config rather than building a different model.
+  with pytest.raises(ValueError, match="bert.Encoder"):
+    Transformer(encoder.config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
+
+
+def test_apply_and_variables_on_a_mesh():
+  """create_variables == unsharded init, in the shardings abstract_variables promises."""
+  from jaxdistill import models, sharding as sharding_lib
+
+  model = Transformer(config(tie_embeddings=False))
+  mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+  rng = jax.random.key(3)
+  variables, shardings = models.create_variables(model, rng, mesh, 8, ("params",))
+  assert set(variables) == set(shardings) == {"params"}
+  target = models.abstract_variables(model, mesh, 8)["params"]
+  assert models.variable_shardings(model, mesh, 8)["params"] == shardings["params"]
+  reference = nn.unbox(jax.jit(lambda r: models.init_variables(model, r, 8))(rng))["params"]
+  kernel = variables["params"]["lm_head"]["kernel"]
+  assert kernel.sharding == target["lm_head"]["kernel"].sharding
+  assert not kernel.sharding.is_fully_replicated  # the rules table did shard it
+  jax.tree.map(np.testing.assert_array_equal, variables["params"], reference)
+  batch = {"inputs": tokens(), "segment_ids": jnp.ones((2, 8), jnp.int32)}
+  out = models.apply(model, {"params": reference}, batch, hidden_layers=(1,))
+  direct = model.apply({"params": reference}, batch["inputs"], segment_ids_BxT=batch["segment_ids"])
+  np.testing.assert_array_equal(out["logits"], direct["logits"])
+  assert set(out) == {"logits", "hidden"}

@@ -1,47 +1,43 @@
-"""Models: the Transformer (transformer.py; a BERT-style encoder mode in bert.py) and Hugging
-Face import / export (hf.py, hf_export.py)."""
+"""Models: the bottom layer that makes and runs every model (it imports nothing above it).
 
-from typing import Any
+  config.py       TransformerConfig (sizes, dtypes) and MODEL_KEYS, the config keys naming them
+  layers.py       norms, RoPE, attention, MLP, blocks, the FP8-capable EinsumDense
+  transformer.py  the decoder-only causal LM (Transformer) and its parameter / FLOP counts
+  bert.py         the BERT-style encoder (Encoder) with mean pooling
+  api.py          build / apply / init_variables / abstract_variables: how callers use a model
+  fp8.py          static FP8 scales of a frozen model (calibrate)
+  surgery.py      students made from a teacher's params (select_layers, init_from_teacher)
+  hf.py           Hugging Face checkpoints -> models (load, read_config, param_map)
+  hf_maps.py      which Hugging Face tensor each param comes from, per architecture
+  hf_export.py    models -> Hugging Face directories (export)
 
-from jaxdistill.errors import ConfigError
-from jaxdistill.precision import Policy
+The names callers need are re-exported here: ``models.build(section, policy, key)``,
+``models.apply(model, variables, batch, **request)``, ``models.abstract_variables(...)``.
+"""
 
-MODEL_KEYS = (
-  "vocab_size",
-  "d_model",
-  "num_layers",
-  "num_heads",
-  "d_ff",
-  "max_len",
-  "norm",
-  "pos",
-  "tie_embeddings",
-  "activation",
-  "num_kv_heads",
-  "bias",
-  "norm_eps",
-  "encoder",
-  "type_vocab_size",
+from jaxdistill.models.api import (
+  abstract_variables,
+  apply,
+  build,
+  create_variables,
+  init_variables,
+  module_for,
+  variable_shardings,
 )
+from jaxdistill.models.config import MODEL_KEYS, TransformerConfig, config_from_section
+from jaxdistill.models.transformer import count_params, flops_per_token
 
-
-def transformer_config(section: Any, policy: Policy, key: str):
-  """TransformerConfig from a ``student`` / ``teacher`` config section.
-
-  Args:
-    section: the config section holding MODEL_KEYS.
-    policy: the model's dtype policy.
-    key: the section's name, used in errors.
-  """
-  from jaxdistill.models.transformer import TransformerConfig
-
-  try:
-    return TransformerConfig(
-      **{k: section[k] for k in MODEL_KEYS},
-      dtype=policy.compute_dtype,
-      param_dtype=policy.param_dtype,
-      output_dtype=policy.output_dtype,
-      fp8=policy.fp8,
-    )
-  except (ValueError, TypeError) as e:
-    raise ConfigError(key, str(e)) from None
+__all__ = [
+  "MODEL_KEYS",
+  "TransformerConfig",
+  "abstract_variables",
+  "apply",
+  "build",
+  "config_from_section",
+  "count_params",
+  "create_variables",
+  "flops_per_token",
+  "init_variables",
+  "module_for",
+  "variable_shardings",
+]

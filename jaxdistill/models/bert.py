@@ -7,12 +7,13 @@ Attention is bidirectional and masked to the valid tokens of the same segment. T
 sentence embedding is the mean of the last hidden states over valid tokens, L2-normalised
 (sentence-transformers' ``Pooling(mean)`` + ``Normalize``).
 
-It is the ``encoder=True`` mode of ``transformer.Transformer`` (``encode`` runs inside its
-call), built from the decoder's blocks (``Attention``, ``Mlp``, ``Norm``) with
-norm="layernorm", pos="learned", activation="gelu_erf", bias="all" (``encoder_config``). It
-returns the same intermediates as the decoder (hidden states, attention probabilities, q/k/v)
-under the same keys, so the MiniLM attention / value-relation and hidden-state losses apply
-unchanged; a run builds, shards, checkpoints and trains it like any student or teacher.
+``Encoder`` is the model of a ``TransformerConfig`` with ``encoder=True`` (``models.build``
+returns it for such a config section), built from the decoder's layers (``Attention``, ``Mlp``,
+``Norm`` of ``layers.py``) with norm="layernorm", pos="learned", activation="gelu_erf",
+bias="all" (``encoder_config``). It takes the decoder's call and returns the same intermediates
+(hidden states, attention probabilities, q/k/v) under the same keys, so the MiniLM attention /
+value-relation and hidden-state losses apply unchanged; a run builds, shards, checkpoints and
+trains it like any student or teacher.
 
 Shape legend: B batch, T sequence length (S keys), D width, H heads, K head dim, L blocks.
 """
@@ -23,14 +24,15 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill.models import layers, transformer as tfm
+from jaxdistill.models import layers
+from jaxdistill.models.config import TransformerConfig, check_layers
 
 # sentence-transformers' clamps: mean-pooling token count and L2 norm.
 _COUNT_EPS = 1e-9
 _NORM_EPS = 1e-12
 
 
-def encoder_config(**kwargs) -> tfm.TransformerConfig:
+def encoder_config(**kwargs) -> TransformerConfig:
   """A ``TransformerConfig`` with BERT's choices (layernorm, learned positions, erf GELU, biases).
 
   Args:
@@ -46,7 +48,7 @@ def encoder_config(**kwargs) -> tfm.TransformerConfig:
     encoder=True,
     type_vocab_size=2,
   )
-  return tfm.TransformerConfig(**{**base, **kwargs})
+  return TransformerConfig(**{**base, **kwargs})
 
 
 def mean_pool(hidden_BxTxD: jax.Array, valid_BxT: jax.Array) -> jax.Array:
@@ -66,7 +68,7 @@ def mean_pool(hidden_BxTxD: jax.Array, valid_BxT: jax.Array) -> jax.Array:
 class EncoderBlock(nn.Module):
   """Post-norm block: x = LN(x + attn(x)); x = LN(x + mlp(x)). Returns as ``layers.Block``."""
 
-  config: tfm.TransformerConfig
+  config: TransformerConfig
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
@@ -80,73 +82,84 @@ class EncoderBlock(nn.Module):
     return nn.with_logical_constraint(x_BxTxD, layers.ACT_RESIDUAL), probs_BxHxTxS, qkv
 
 
-def encode(
-  model: nn.Module,
-  tokens_BxT: jax.Array,
-  segment_ids_BxT: jax.Array | None,
-  positions_BxT: jax.Array | None,
-  token_types_BxT: jax.Array | None,
-  hidden_layers: Sequence[int],
-  attn_layers: Sequence[int],
-  qkv_layers: Sequence[int],
-) -> dict:
-  """The encoder's forward pass, run inside ``model``'s (a ``Transformer``'s) compact call.
+class Encoder(nn.Module):
+  """BERT-style bidirectional encoder with mean pooling.
 
   Params (under "params"): token_embed/embedding [V, D], pos_embed/embedding [max_len, D],
   type_embed/embedding [type_vocab_size, D] (if > 0), embed_norm/{scale, bias} [D]; block_{i}:
   attn/{query,key,value}/{kernel [D, H, K], bias [H, K]}, attn/out/{kernel [H, K, D], bias
   [D]}, attn_norm, mlp/wi/{kernel [D, F], bias [F]}, mlp/wo/{kernel [F, D], bias [D]},
-  mlp_norm. No vocabulary head (sentence encoders drop BERT's MLM head and pooler).
-
-  Args:
-    model: the calling ``Transformer`` (its config has ``encoder=True``); submodules created
-      here become its children.
-    tokens_BxT: token ids, each row one text ([CLS] ... [SEP]), right-padded.
-    segment_ids_BxT: optional; 0 marks padding; tokens attend only within their segment.
-      Default: every token valid.
-    positions_BxT: optional position ids, default arange(T) (BERT's), must be < max_len.
-    token_types_BxT: optional token-type ids (default 0: single-sentence inputs).
-    hidden_layers, attn_layers, qkv_layers: as ``Transformer``.
-  Returns:
-    dict: "embedding" [B, D] float32 (mean over valid tokens, L2-normalised), "final_hidden"
-    [B, T, D] compute dtype, and the requested "hidden" / "attn" / "qkv" as ``Transformer``.
-    There are no logits (``return_logits`` is ignored).
+  mlp_norm. No vocabulary head (sentence encoders drop BERT's MLM head and pooler). These are
+  the paths the Hugging Face mapping (``hf.py``) and saved runs use: never rename them.
   """
-  cfg = model.config
-  b, t = tokens_BxT.shape
-  hidden_layers = tfm._check_layers("hidden_layers", hidden_layers, cfg.num_layers)
-  attn_layers = tfm._check_layers("attn_layers", attn_layers, cfg.num_layers - 1)
-  qkv_layers = tfm._check_layers("qkv_layers", qkv_layers, cfg.num_layers - 1)
-  if t > cfg.max_len:
-    raise ValueError(f"sequence length {t} exceeds max_len {cfg.max_len}")
-  if positions_BxT is None:
-    positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-  if segment_ids_BxT is None:
-    segment_ids_BxT = jnp.ones((b, t), jnp.int32)
-  valid_BxT = segment_ids_BxT != 0
-  # Keys must be valid and in the query's segment. A padding query sees no key: its softmax
-  # is uniform (finite), and nothing downstream reads it.
-  same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
-  mask_Bx1xTxS = (same_BxTxS & valid_BxT[:, None, :])[:, None]
 
-  x_BxTxD = _embed(cfg, tokens_BxT, positions_BxT, token_types_BxT)
-  hidden = {0: x_BxTxD} if 0 in hidden_layers else {}
-  attn, qkv = {}, {}
-  for i in range(cfg.num_layers):
-    x_BxTxD, probs_BxHxTxS, qkv_i = EncoderBlock(cfg, name=f"block_{i}")(
-      x_BxTxD, positions_BxT, mask_Bx1xTxS
-    )
-    if i + 1 in hidden_layers:
-      hidden[i + 1] = x_BxTxD
-    if i in attn_layers:
-      attn[i] = probs_BxHxTxS
-    if i in qkv_layers:
-      qkv[i] = qkv_i
-  out = {"embedding": mean_pool(x_BxTxD, valid_BxT), "final_hidden": x_BxTxD}
-  for key, value in (("hidden", hidden), ("attn", attn), ("qkv", qkv)):
-    if value:
-      out[key] = value
-  return out
+  config: TransformerConfig
+
+  @nn.compact
+  def __call__(
+    self,
+    tokens_BxT: jax.Array,
+    *,
+    segment_ids_BxT: jax.Array | None = None,
+    positions_BxT: jax.Array | None = None,
+    hidden_layers: Sequence[int] = (),
+    attn_layers: Sequence[int] = (),
+    qkv_layers: Sequence[int] = (),
+    return_logits: bool = True,
+    token_types_BxT: jax.Array | None = None,
+  ) -> dict:
+    """The encoder's forward pass.
+
+    Args:
+      tokens_BxT: token ids, each row one text ([CLS] ... [SEP]), right-padded.
+      segment_ids_BxT: optional; 0 marks padding; tokens attend only within their segment.
+        Default: every token valid.
+      positions_BxT: optional position ids, default arange(T) (BERT's), must be < max_len.
+      hidden_layers, attn_layers, qkv_layers: as ``transformer.Transformer``.
+      return_logits: ignored (an encoder has no logits); taken so that one request serves
+        decoders and encoders alike.
+      token_types_BxT: optional token-type ids (default 0: single-sentence inputs).
+    Returns:
+      dict: "embedding" [B, D] float32 (mean over valid tokens, L2-normalised), "final_hidden"
+      [B, T, D] compute dtype, and the requested "hidden" / "attn" / "qkv" as
+      ``transformer.Transformer``.
+    """
+    del return_logits
+    cfg = self.config
+    b, t = tokens_BxT.shape
+    hidden_layers = check_layers("hidden_layers", hidden_layers, cfg.num_layers)
+    attn_layers = check_layers("attn_layers", attn_layers, cfg.num_layers - 1)
+    qkv_layers = check_layers("qkv_layers", qkv_layers, cfg.num_layers - 1)
+    if t > cfg.max_len:
+      raise ValueError(f"sequence length {t} exceeds max_len {cfg.max_len}")
+    if positions_BxT is None:
+      positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids_BxT is None:
+      segment_ids_BxT = jnp.ones((b, t), jnp.int32)
+    valid_BxT = segment_ids_BxT != 0
+    # Keys must be valid and in the query's segment. A padding query sees no key: its softmax
+    # is uniform (finite), and nothing downstream reads it.
+    same_BxTxS = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+    mask_Bx1xTxS = (same_BxTxS & valid_BxT[:, None, :])[:, None]
+
+    x_BxTxD = _embed(cfg, tokens_BxT, positions_BxT, token_types_BxT)
+    hidden = {0: x_BxTxD} if 0 in hidden_layers else {}
+    attn, qkv = {}, {}
+    for i in range(cfg.num_layers):
+      x_BxTxD, probs_BxHxTxS, qkv_i = EncoderBlock(cfg, name=f"block_{i}")(
+        x_BxTxD, positions_BxT, mask_Bx1xTxS
+      )
+      if i + 1 in hidden_layers:
+        hidden[i + 1] = x_BxTxD
+      if i in attn_layers:
+        attn[i] = probs_BxHxTxS
+      if i in qkv_layers:
+        qkv[i] = qkv_i
+    out = {"embedding": mean_pool(x_BxTxD, valid_BxT), "final_hidden": x_BxTxD}
+    for key, value in (("hidden", hidden), ("attn", attn), ("qkv", qkv)):
+      if value:
+        out[key] = value
+    return out
 
 
 def _embed(cfg, tokens_BxT, positions_BxT, token_types_BxT):

@@ -1,4 +1,4 @@
-"""Hugging Face checkpoints <-> jaxdistill models: import, export, student init from a teacher.
+"""Hugging Face checkpoints -> jaxdistill models (export: hf_export.py; tensor table: hf_maps.py).
 
 A Hugging Face model directory holds ``config.json``, the weights as ``model.safetensors`` or
 as shards listed in ``model.safetensors.index.json`` (only safetensors: pickles are never
@@ -44,9 +44,11 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for bf16 checkpoi
 import numpy as np
 from safetensors import safe_open
 
+from jaxdistill import sharding as sharding_lib
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models import bert
-from jaxdistill.models import transformer as tfm
+from jaxdistill.models import api, bert, hf_maps
+from jaxdistill.models.config import MODEL_KEYS, TransformerConfig
+from jaxdistill.models.hf_maps import Source
 
 DECODERS = ("llama", "mistral", "qwen2", "gpt2")
 ENCODERS = ("bert",)
@@ -72,26 +74,15 @@ class HFModel:
   """
 
   model_type: str
-  config: tfm.TransformerConfig
+  config: TransformerConfig
 
   @property
   def is_encoder(self) -> bool:
     return self.config.encoder
 
   def module(self) -> nn.Module:
-    """The Flax module: a ``transformer.Transformer`` (``config.encoder`` for BERT)."""
-    return tfm.Transformer(self.config)
-
-
-@dataclasses.dataclass(frozen=True)
-class Source:
-  """Where one param comes from: HF tensor ``name`` of shape ``shape`` through ``op``."""
-
-  name: str
-  op: str
-  shape: tuple[int, ...]
-  offset: int = 0
-  absolute: bool = False  # the name is not under the base model's prefix (lm_head)
+    """The Flax module: a ``transformer.Transformer``, or a ``bert.Encoder`` for BERT."""
+    return api.module_for(self.config)
 
 
 def _read_json(path: str) -> dict:
@@ -136,7 +127,7 @@ def read_config(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.floa
     heads = need("num_attention_heads")
     if hf.get("head_dim") not in (None, need("hidden_size") // heads):
       raise JaxdistillError(f"{where}: head_dim != hidden_size / num_attention_heads unsupported")
-    cfg = tfm.TransformerConfig(
+    cfg = TransformerConfig(
       vocab_size=need("vocab_size"),
       d_model=need("hidden_size"),
       num_layers=need("num_hidden_layers"),
@@ -155,7 +146,7 @@ def read_config(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.floa
     if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
       raise JaxdistillError(f"{where}: activation_function must be gelu_new")
     d = need("n_embd")
-    cfg = tfm.TransformerConfig(
+    cfg = TransformerConfig(
       vocab_size=need("vocab_size"),
       d_model=d,
       num_layers=need("n_layer"),
@@ -193,104 +184,9 @@ def read_config(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.floa
   )
 
 
-def _llama_map(c: tfm.TransformerConfig, bias: bool) -> dict:
-  d, f, hk, kvk = c.d_model, c.d_ff, c.num_heads * c.head_dim, c.kv_heads * c.head_dim
-  m = {("token_embed", "embedding"): Source("embed_tokens.weight", "copy", (c.vocab_size, d))}
-  for i in range(c.num_layers):
-    p, b = f"layers.{i}.", f"block_{i}"
-    m[(b, "attn_norm", "scale")] = Source(p + "input_layernorm.weight", "copy", (d,))
-    m[(b, "mlp_norm", "scale")] = Source(p + "post_attention_layernorm.weight", "copy", (d,))
-    for mine, theirs, rows in (("query", "q", hk), ("key", "k", kvk), ("value", "v", kvk)):
-      m[(b, "attn", mine, "kernel")] = Source(
-        f"{p}self_attn.{theirs}_proj.weight", "heads_in", (rows, d)
-      )
-      if bias:
-        m[(b, "attn", mine, "bias")] = Source(
-          f"{p}self_attn.{theirs}_proj.bias", "bias_heads", (rows,)
-        )
-    m[(b, "attn", "out", "kernel")] = Source(p + "self_attn.o_proj.weight", "heads_out", (d, hk))
-    for mine, theirs, shape in (
-      ("wi_gate", "gate", (f, d)),
-      ("wi_up", "up", (f, d)),
-      ("wo", "down", (d, f)),
-    ):
-      m[(b, "mlp", mine, "kernel")] = Source(f"{p}mlp.{theirs}_proj.weight", "t", shape)
-  m[("final_norm", "scale")] = Source("norm.weight", "copy", (d,))
-  if not c.tie_embeddings:
-    m[("lm_head", "kernel")] = Source("lm_head.weight", "t", (c.vocab_size, d), absolute=True)
-  return m
-
-
-def _gpt2_map(c: tfm.TransformerConfig) -> dict:
-  d, f = c.d_model, c.d_ff
-  m = {
-    ("token_embed", "embedding"): Source("wte.weight", "copy", (c.vocab_size, d)),
-    ("pos_embed", "embedding"): Source("wpe.weight", "copy", (c.max_len, d)),
-  }
-  for i in range(c.num_layers):
-    p, b = f"h.{i}.", f"block_{i}"
-    for mine, theirs in (("attn_norm", "ln_1"), ("mlp_norm", "ln_2")):
-      m[(b, mine, "scale")] = Source(f"{p}{theirs}.weight", "copy", (d,))
-      m[(b, mine, "bias")] = Source(f"{p}{theirs}.bias", "copy", (d,))
-    for j, mine in enumerate(("query", "key", "value")):
-      m[(b, "attn", mine, "kernel")] = Source(
-        p + "attn.c_attn.weight", "heads_in_c", (d, 3 * d), j * d
-      )
-      m[(b, "attn", mine, "bias")] = Source(p + "attn.c_attn.bias", "bias_heads", (3 * d,), j * d)
-    m[(b, "attn", "out", "kernel")] = Source(p + "attn.c_proj.weight", "heads_out_c", (d, d))
-    m[(b, "attn", "out", "bias")] = Source(p + "attn.c_proj.bias", "copy", (d,))
-    m[(b, "mlp", "wi", "kernel")] = Source(p + "mlp.c_fc.weight", "copy", (d, f))
-    m[(b, "mlp", "wi", "bias")] = Source(p + "mlp.c_fc.bias", "copy", (f,))
-    m[(b, "mlp", "wo", "kernel")] = Source(p + "mlp.c_proj.weight", "copy", (f, d))
-    m[(b, "mlp", "wo", "bias")] = Source(p + "mlp.c_proj.bias", "copy", (d,))
-  m[("final_norm", "scale")] = Source("ln_f.weight", "copy", (d,))
-  m[("final_norm", "bias")] = Source("ln_f.bias", "copy", (d,))
-  return m
-
-
-def _bert_map(c: tfm.TransformerConfig) -> dict:
-  d, f, e = c.d_model, c.d_ff, "embeddings."
-  m = {
-    ("token_embed", "embedding"): Source(e + "word_embeddings.weight", "copy", (c.vocab_size, d)),
-    ("pos_embed", "embedding"): Source(e + "position_embeddings.weight", "copy", (c.max_len, d)),
-    ("embed_norm", "scale"): Source(e + "LayerNorm.weight", "copy", (d,)),
-    ("embed_norm", "bias"): Source(e + "LayerNorm.bias", "copy", (d,)),
-  }
-  if c.type_vocab_size:
-    m[("type_embed", "embedding")] = Source(
-      e + "token_type_embeddings.weight", "copy", (c.type_vocab_size, d)
-    )
-  for i in range(c.num_layers):
-    p, b = f"encoder.layer.{i}.", f"block_{i}"
-    for mine in ("query", "key", "value"):
-      m[(b, "attn", mine, "kernel")] = Source(
-        f"{p}attention.self.{mine}.weight", "heads_in", (d, d)
-      )
-      m[(b, "attn", mine, "bias")] = Source(f"{p}attention.self.{mine}.bias", "bias_heads", (d,))
-    m[(b, "attn", "out", "kernel")] = Source(
-      p + "attention.output.dense.weight", "heads_out", (d, d)
-    )
-    m[(b, "attn", "out", "bias")] = Source(p + "attention.output.dense.bias", "copy", (d,))
-    m[(b, "mlp", "wi", "kernel")] = Source(p + "intermediate.dense.weight", "t", (f, d))
-    m[(b, "mlp", "wi", "bias")] = Source(p + "intermediate.dense.bias", "copy", (f,))
-    m[(b, "mlp", "wo", "kernel")] = Source(p + "output.dense.weight", "t", (d, f))
-    m[(b, "mlp", "wo", "bias")] = Source(p + "output.dense.bias", "copy", (d,))
-    for mine, theirs in (
-      ("attn_norm", "attention.output.LayerNorm"),
-      ("mlp_norm", "output.LayerNorm"),
-    ):
-      m[(b, mine, "scale")] = Source(f"{p}{theirs}.weight", "copy", (d,))
-      m[(b, mine, "bias")] = Source(f"{p}{theirs}.bias", "copy", (d,))
-  return m
-
-
 def param_map(hfm: HFModel) -> dict[tuple[str, ...], Source]:
-  """jaxdistill param path (tuple of names under "params") -> its HF ``Source``."""
-  if hfm.model_type == "bert":
-    return _bert_map(hfm.config)
-  if hfm.model_type == "gpt2":
-    return _gpt2_map(hfm.config)
-  return _llama_map(hfm.config, bias=hfm.config.bias == "qkv")
+  """jaxdistill param path (tuple of names under "params") -> its HF ``Source`` (hf_maps.py)."""
+  return hf_maps.tensor_map(hfm.model_type, hfm.config)
 
 
 def _bounds(index: tuple, shape: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
@@ -382,9 +278,8 @@ def _prefix(specs: dict, names: set[str], path: str) -> str:
 
 def abstract_params(module: nn.Module, max_len: int) -> Any:
   """``module``'s params as ShapeDtypeStructs, boxed with their logical axis names."""
-  return jax.eval_shape(
-    lambda: module.init(jax.random.key(0), jnp.zeros((1, min(8, max_len)), jnp.int32))["params"]
-  )
+  init = lambda r: api.init_variables(module, r, min(8, max_len))["params"]
+  return jax.eval_shape(init, jax.random.key(0))
 
 
 def load(path: str, hfm: HFModel | None = None, mesh: Any = None) -> tuple[HFModel, Any]:
@@ -399,8 +294,6 @@ def load(path: str, hfm: HFModel | None = None, mesh: Any = None) -> tuple[HFMod
   Raises:
     JaxdistillError: missing files or tensors (named with their file), wrong shapes.
   """
-  from jaxdistill import sharding as sharding_lib
-
   hfm = hfm or read_config(path)
   boxed = abstract_params(hfm.module(), hfm.config.max_len)
   abstract = nn.unbox(boxed)
@@ -446,7 +339,5 @@ def model_keys(path: str) -> dict[str, Any]:
 
   E.g. ``cfg.teacher.update(source="hf", path=path, **hf.model_keys(path))``.
   """
-  from jaxdistill.models import MODEL_KEYS
-
   config = read_config(path).config
   return {key: getattr(config, key) for key in MODEL_KEYS}

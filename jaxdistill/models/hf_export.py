@@ -1,4 +1,4 @@
-"""jaxdistill models -> Hugging Face layout, and student initialisation from a teacher.
+"""jaxdistill models -> Hugging Face layout.
 
 ``export`` writes config.json + model.safetensors (+ the tokenizer files, + the
 sentence-transformers pooling files for an encoder) that ``transformers`` loads as
@@ -6,16 +6,12 @@ sentence-transformers pooling files for an encoder) that ``transformers`` loads 
 ``hf.param_map``: the same table drives import and export, so they cannot drift apart. Only
 the model's params are written; a distillation run's projection heads (``TrainState.params
 ["proj"]``) are not model params and are never passed here.
-
-``init_from_teacher`` builds a shallower student from a teacher of the same width: embeddings,
-final norm and head copied, block j of the student = block ``layers[j]`` of the teacher
-(DistilBERT: every other layer).
 """
 
 import json
 import os
 import shutil
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -24,10 +20,10 @@ from safetensors.numpy import save_file
 
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import hf
-from jaxdistill.models import transformer as tfm
+from jaxdistill.models.config import TransformerConfig
 
 
-def hf_model_for(config: tfm.TransformerConfig):
+def hf_model_for(config: TransformerConfig):
   """The HF architecture a jaxdistill model exports as (an ``hf.HFModel``).
 
   Args:
@@ -193,87 +189,3 @@ def _write_json(path: str, obj: Any) -> None:
   with open(path, "w") as f:
     json.dump(obj, f, indent=2)
     f.write("\n")
-
-
-def select_layers(spec: str | Sequence[int], teacher_layers: int, student_layers: int):
-  """Teacher block indices (0-based) that initialise the student's blocks.
-
-  Args:
-    spec: "every_other" (0, 2, 4, ... as DistilBERT), "last" (the last ``student_layers``),
-      "uniform" (evenly spread, first and last included), or explicit "0,2,5" / a sequence.
-    teacher_layers, student_layers: block counts.
-  Returns:
-    A tuple of ``student_layers`` increasing teacher block indices.
-  Raises:
-    ValueError: a spec that does not give exactly ``student_layers`` valid indices.
-  """
-  lt, ls = teacher_layers, student_layers
-  if spec == "every_other":
-    layers = tuple(range(0, lt, 2))[:ls]
-  elif spec == "last":
-    layers = tuple(range(lt - ls, lt))
-  elif spec == "uniform":
-    layers = tuple(round(j * (lt - 1) / max(ls - 1, 1)) for j in range(ls))
-  else:
-    try:
-      items = spec.split(",") if isinstance(spec, str) else spec
-      layers = tuple(int(x) for x in items)
-    except ValueError:
-      raise ValueError(
-        f"layer selection {spec!r} must be every_other, last, uniform or a list like 0,2,4"
-      ) from None
-  if len(layers) != ls or any(not 0 <= i < lt for i in layers) or len(set(layers)) != ls:
-    raise ValueError(
-      f"layer selection {spec!r} gives teacher blocks {layers}; need {ls} distinct blocks "
-      f"in [0, {lt - 1}]"
-    )
-  return layers
-
-
-def init_from_teacher(teacher_params: dict, layers: Sequence[int]) -> dict:
-  """Student params: the teacher's non-block params and blocks ``layers`` renumbered 0..n-1.
-
-  Args:
-    teacher_params: the teacher's params (same width, heads and vocabulary as the student).
-    layers: teacher block indices, e.g. from ``select_layers``.
-  Returns:
-    The student's params (the teacher's arrays themselves: no copy, same shardings).
-  """
-  out = {k: v for k, v in teacher_params.items() if not k.startswith("block_")}
-  for j, i in enumerate(layers):
-    out[f"block_{j}"] = teacher_params[f"block_{i}"]
-  return out
-
-
-def load_workdir(workdir: str) -> tuple[hf.HFModel, Any]:
-  """The student of a finished ``jaxdistill train`` run: (its HF architecture, params).
-
-  Reads WORKDIR/config.json (the run's resolved config) and WORKDIR/final_params (float32,
-  one device).
-  """
-  from jaxdistill import checkpoint, config, models, precision
-
-  cfg_path = os.path.join(workdir, "config.json")
-  params_dir = os.path.join(workdir, checkpoint.FINAL_PARAMS)
-  if not os.path.isfile(cfg_path) or not os.path.isdir(params_dir):
-    raise JaxdistillError(
-      f"{workdir!r} is not a finished jaxdistill run (config.json and {checkpoint.FINAL_PARAMS}/)"
-    )
-  with open(cfg_path) as f:
-    # Keys added since that run was made take their defaults.
-    section = dict(config.default_config().student.to_dict(), **json.load(f)["student"])
-  policy = precision.parse_policy("p=f32,c=f32,o=f32", "student.policy")
-  hfm = hf_model_for(models.transformer_config(section, policy, "student"))
-  one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(
-    lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one),
-    nn.unbox(hf.abstract_params(hfm.module(), hfm.config.max_len)),
-  )
-  return hfm, checkpoint.load_params(params_dir, target)
-
-
-def export_workdir(workdir: str, out_dir: str) -> hf.HFModel:
-  """``export`` of a finished run's student, with the run's tokenizer.json."""
-  hfm, params = load_workdir(workdir)
-  export(params, hfm, out_dir, tokenizer_dir=workdir)
-  return hfm

@@ -1,5 +1,5 @@
 """Transformer layers (Flax Linen): norms, RoPE, attention, MLP and the block, shared by the
-decoder (``transformer.Transformer``) and the encoder (``bert``).
+decoder (``transformer.Transformer``) and the encoder (``bert.Encoder``).
 
 Every param carries logical axis names and the main activations carry logical constraints
 (``ACT_*``; the sharding module maps them onto the mesh). ``EinsumDense`` is the one home of
@@ -10,18 +10,15 @@ Shape letters as in ``transformer``: B batch, T / S query / key length, D width,
 K head dim, F MLP width, V vocabulary.
 """
 
-from __future__ import annotations
-
 import math
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.linen import fp8_ops
 
-if TYPE_CHECKING:  # annotations only: transformer imports this module
-  from jaxdistill.models.transformer import TransformerConfig
+from jaxdistill.models.config import TransformerConfig
 
 _INIT_STDDEV = 0.02
 

@@ -6,7 +6,8 @@ attention probabilities and q/k/v). Every param carries logical axis names and t
 activations carry logical constraints; without an active ``nn.logical_axis_rules`` context those
 are no-ops, so the model runs unchanged on one device. The layers (norms, RoPE, attention,
 MLP, block, the FP8-capable ``EinsumDense``) live in ``layers.py``, shared with ``bert.py``;
-this module holds the config, the model and its parameter / FLOP counts.
+the config (``TransformerConfig``) in ``config.py``; this module holds the model and its
+parameter / FLOP counts.
 
 Shape-letter legend:
   B: batch size
@@ -19,15 +20,14 @@ Shape-letter legend:
   L: number of blocks (num_layers)
 """
 
-import dataclasses
 import math
-import numbers
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdistill.models.config import TransformerConfig, check_layers
 from jaxdistill.models.layers import (
   ACT_LOGITS,
   ACT_RESIDUAL,
@@ -38,100 +38,6 @@ from jaxdistill.models.layers import (
   embed_lookup,
   make_attention_mask,
 )
-
-_NORMS = ("rmsnorm", "layernorm")
-_POSITIONS = ("rope", "learned")
-_ACTIVATIONS = ("swiglu", "gelu", "gelu_erf")  # gelu: tanh approximation (GPT-2); gelu_erf: BERT
-_BIASES = ("none", "qkv", "all")  # which projections carry a bias (qkv: Qwen2; all: GPT-2, BERT)
-
-
-def _is_int(value: Any) -> bool:
-  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-@dataclasses.dataclass(frozen=True)
-class TransformerConfig:
-  """Hyper-parameters and precision policy of a ``Transformer``.
-
-  ``dtype`` is the compute dtype (activations, matmuls), ``param_dtype`` the storage dtype of
-  params, ``output_dtype`` the dtype of returned logits. ``fp8``: the ``EinsumDense`` projections
-  run through Flax's ``Fp8Einsum`` (e4m3 forward, e5m2 gradients, delayed scaling from
-  ``fp8_history``-long amax histories in the ``_overwrite_with_gradient`` collection); the
-  vocabulary head stays in ``dtype``. ``head_dim`` (K) = d_model // num_heads. ``num_kv_heads``
-  (0 = num_heads) < num_heads is grouped-query attention (key/value heads shared by
-  num_heads // num_kv_heads query heads). ``bias``: "none", "qkv" (query/key/value) or "all"
-  (every projection but the vocabulary head). ``encoder``: the model is the post-norm,
-  bidirectional, mean-pooling encoder of ``models/bert.py`` (same call and outputs, plus
-  "embedding"). Invalid values raise ValueError naming the field.
-  """
-
-  vocab_size: int
-  d_model: int
-  num_layers: int
-  num_heads: int
-  d_ff: int
-  max_len: int
-  norm: str = "rmsnorm"
-  pos: str = "rope"
-  tie_embeddings: bool = True
-  activation: str = "swiglu"
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
-  output_dtype: Any = jnp.float32
-  fp8: bool = False
-  fp8_history: int = 1024
-  norm_eps: float = 1e-6
-  rope_base: float = 10000.0
-  num_kv_heads: int = 0
-  bias: str = "none"
-  # A bidirectional BERT-style encoder (models/bert.py) instead of a causal LM.
-  encoder: bool = False
-  type_vocab_size: int = 0  # encoder only: token-type embedding rows (0 = none)
-
-  def __post_init__(self):
-    for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
-      value = getattr(self, name)
-      if not _is_int(value) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if self.d_model % self.num_heads:
-      raise ValueError(
-        f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
-      )
-    if not _is_int(self.num_kv_heads) or self.num_kv_heads < 0 or (self.num_heads % self.kv_heads):
-      raise ValueError(
-        f"num_kv_heads must be 0 or divide num_heads ({self.num_heads}), got {self.num_kv_heads!r}"
-      )
-    choices = (("norm", _NORMS), ("pos", _POSITIONS), ("activation", _ACTIVATIONS))
-    for name, allowed in choices + (("bias", _BIASES),):
-      if getattr(self, name) not in allowed:
-        raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-    if self.pos == "rope" and self.head_dim % 2:
-      raise ValueError(
-        f"pos='rope' needs an even head_dim (d_model // num_heads), got {self.head_dim}"
-      )
-    if not self.norm_eps > 0:
-      raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
-    if not self.rope_base > 0:
-      raise ValueError(f"rope_base must be > 0, got {self.rope_base!r}")
-    if not _is_int(self.type_vocab_size) or self.type_vocab_size < 0:
-      raise ValueError(f"type_vocab_size must be an int >= 0, got {self.type_vocab_size!r}")
-
-  @property
-  def head_dim(self) -> int:
-    return self.d_model // self.num_heads
-
-  @property
-  def kv_heads(self) -> int:
-    """Number of key/value heads (num_kv_heads, or num_heads when it is 0)."""
-    return self.num_kv_heads or self.num_heads
-
-
-def _check_layers(name: str, layers: Sequence[int], upper: int) -> tuple[int, ...]:
-  layers = tuple(layers)
-  for i in layers:
-    if not _is_int(i) or not 0 <= i <= upper:
-      raise ValueError(f"{name} index {i!r} out of range [0, {upper}]")
-  return layers
 
 
 class Transformer(nn.Module):
@@ -158,9 +64,8 @@ class Transformer(nn.Module):
     attn_layers: Sequence[int] = (),
     qkv_layers: Sequence[int] = (),
     return_logits: bool = True,
-    token_types_BxT: jax.Array | None = None,
   ) -> dict:
-    """Runs the model (``config.encoder``: the encoder of ``models/bert.py``, see there).
+    """Runs the model.
 
     Args:
       tokens_BxT: int token ids; T <= max_len.
@@ -173,7 +78,6 @@ class Transformer(nn.Module):
       qkv_layers: block indices in [0, L-1] whose q, k (after RoPE) and v to return.
       return_logits: if False, return "final_hidden" and "head" instead of "logits" (for
         fused losses that never materialize [B, T, V]).
-      token_types_BxT: encoder only: token-type ids (default 0).
     Returns:
       dict with only the requested keys: "logits" [B, T, V] output_dtype, or "final_hidden"
       [B, T, D] and "head" [D, V] (compute dtype; logits = final_hidden @ head); "hidden"
@@ -181,17 +85,12 @@ class Transformer(nn.Module):
       each [B, T, H, K]}.
     """
     cfg = self.config
-    if cfg.encoder:
-      from jaxdistill.models import bert
-
-      return bert.encode(
-        self, tokens_BxT, segment_ids_BxT, positions_BxT, token_types_BxT, hidden_layers,
-        attn_layers, qkv_layers,
-      )  # fmt: skip
+    if cfg.encoder:  # a decoder's params would not load as the encoder's: refuse, loudly
+      raise ValueError("config.encoder is set: the model is bert.Encoder (models.module_for)")
     b, t = tokens_BxT.shape
-    hidden_layers = _check_layers("hidden_layers", hidden_layers, cfg.num_layers)
-    attn_layers = _check_layers("attn_layers", attn_layers, cfg.num_layers - 1)
-    qkv_layers = _check_layers("qkv_layers", qkv_layers, cfg.num_layers - 1)
+    hidden_layers = check_layers("hidden_layers", hidden_layers, cfg.num_layers)
+    attn_layers = check_layers("attn_layers", attn_layers, cfg.num_layers - 1)
+    qkv_layers = check_layers("qkv_layers", qkv_layers, cfg.num_layers - 1)
     if t > cfg.max_len:
       raise ValueError(f"sequence length {t} exceeds max_len {cfg.max_len}")
     if positions_BxT is None:
