@@ -273,14 +273,15 @@ def init_state(
       lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
     )
     return shapes, shardings
+  if student_variables is not None:
+    # The abstract state already traced the student's init: its shapes, no second trace.
+    # (Unboxed here, outside the rules context, where unboxing adds no sharding constraint.)
+    model_state = nn.unbox(abstract.model_state) or {}
+    _check_given({"params": nn.unbox(abstract.params["student"]), **model_state}, student_variables)
   with sharding_lib.rules_context(mesh):
     if student_variables is None:
       state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
     else:
-      # The abstract state already traced the student's init: its shapes, no second trace.
-      model_state = nn.unbox(abstract.model_state) or {}
-      abstract_student = {"params": nn.unbox(abstract.params["student"]), **model_state}
-      _check_given(abstract_student, student_variables)
       state = jax.jit(lambda r, g: nn.unbox(init_fn(r, g)), out_shardings=shardings)(
         rng, student_variables
       )

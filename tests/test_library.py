@@ -118,3 +118,25 @@ def test_pretrained_teacher_is_an_explicit_stage(tiny_config, tmp_path):
   assert path == str(tmp_path / "teacher" / "final_params")
   run = loop.build_run(cfg, str(tmp_path), devices=jax.devices()[:2], data=False)
   assert run.teacher_path == path
+
+
+@pytest.mark.slow
+def test_the_pairing_example_runs():
+  import os
+  import subprocess
+  import sys
+
+  from conftest import ROOT
+
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  out = subprocess.run(
+    [sys.executable, str(ROOT / "examples" / "pair_step.py")],
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
+  assert out.returncode == 0, out.stderr[-2000:]
+  losses = [float(line.split()[1]) for line in out.stdout.splitlines() if line.startswith("loss")]
+  assert len(losses) == 3 and losses[2] < losses[0], out.stdout
+  assert (ROOT / "examples" / "pair_step.py").read_text().count("\n") < 40
