@@ -366,7 +366,8 @@ def load_params(path: str, target: Any) -> Any:
     JaxdistillError: missing checkpoint, or one whose names or shapes differ
       from the model's (the message names the first differing param).
   """
-  if not os.path.isdir(path):
+  # Orbax writes one of these metadata files: without them it is no params directory.
+  if not any(os.path.isfile(os.path.join(path, m)) for m in ("_CHECKPOINT_METADATA", "_METADATA")):
     raise JaxdistillError(
       f"no params at {path!r}: expected a directory written at the "
       "end of `jaxdistill train` (WORKDIR/final_params)"

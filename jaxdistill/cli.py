@@ -1,12 +1,10 @@
-"""The ``jaxdistill`` command. Thin: parse arguments, load the config, call the library.
+"""The ``jaxdistill`` command line (developer notes; users read ``DESCRIPTION`` via --help).
 
-  jaxdistill train --config FILE [--config.KEY=VALUE ...] --workdir DIR
-  jaxdistill quickstart [--workdir DIR]   the main job on the built-in corpus
-  jaxdistill embed --model DIR --input FILE --output FILE.npy   sentence embeddings
-  jaxdistill export --workdir DIR --output DIR   a run's student in Hugging Face layout
-  jaxdistill precompute --config FILE --output DIR [--verify]   teacher targets to disk
-
-Errors a user can cause print one line ``error: ...`` and exit with status 2.
+Thin: parse arguments, load and validate the config, call the library (``loop``,
+``precompute``, ``quickstart``, ``embed``, ``models.hf_export``). JAX is imported only
+after the config is known good (a multi-process run initialises it first). Errors a user
+can cause (``JaxdistillError``, and argparse's usage errors) print one line ``error: ...``
+and exit with status 2; anything else is a bug and keeps its traceback.
 """
 
 import argparse
@@ -18,6 +16,29 @@ from jaxdistill import distributed
 from jaxdistill.errors import JaxdistillError
 
 EXIT_USAGE = 2
+
+DESCRIPTION = """\
+Knowledge distillation for JAX: train a small student model to imitate a large frozen
+teacher (its logits, attention and hidden states), on one CPU or a TPU / GPU cluster.
+A run is described by a config file (Python, see configs/); any key can be overridden
+with --config.SECTION.KEY=VALUE, and rerunning the same command resumes a stopped run.
+
+examples:
+  jaxdistill quickstart --size test        the whole job, small, on a built-in corpus
+  jaxdistill train --config configs/smoke.py --workdir runs/smoke
+  jaxdistill precompute --config FILE --output DIR    teacher targets stored on disk
+  jaxdistill embed --model DIR --input FILE --output FILE.npy
+  jaxdistill export --workdir runs/smoke --output DIR"""
+
+EPILOG = "Mistakes print one line 'error: ...' and exit with status 2."
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse with its usage errors as one ``error: ...`` line (exit 2), like ours."""
+
+  def error(self, message: str):
+    print(f"error: {message} (see {self.prog} --help)", file=sys.stderr)
+    sys.exit(EXIT_USAGE)
 
 
 def _split_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
@@ -40,8 +61,13 @@ def _split_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
 
 
 def _parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog="jaxdistill", description=__doc__.split("\n")[0])
-  sub = parser.add_subparsers(dest="command", required=True)
+  parser = _Parser(
+    prog="jaxdistill",
+    description=DESCRIPTION,
+    epilog=EPILOG,
+    formatter_class=argparse.RawDescriptionHelpFormatter,
+  )
+  sub = parser.add_subparsers(dest="command", required=True, title="commands", metavar="COMMAND")
   train = sub.add_parser(
     "train",
     help="train or distil a model from a config file",
@@ -83,11 +109,33 @@ def _parser() -> argparse.ArgumentParser:
   return parser
 
 
+def _check_dir_flag(flag: str, path: str) -> None:
+  """A directory flag whose path (or the ancestor it would be made in) is a file: an error."""
+  existing = os.path.abspath(path)
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise JaxdistillError(f"{flag} {path!r} is no directory ({existing!r} is a file)")
+
+
 def _embed(args) -> int:
   from jaxdistill import embed
 
   emb_NxD = embed.run(args.model, args.input, args.output, batch_size=args.batch_size)
   print(f"done: {emb_NxD.shape[0]} embeddings of width {emb_NxD.shape[1]}; wrote {args.output}")
+  return 0
+
+
+def _export(args) -> int:
+  from jaxdistill import embed, workdir as workdir_lib
+  from jaxdistill.models import hf_export
+
+  _check_dir_flag("--output", args.output)
+  hfm, params = workdir_lib.load_workdir(args.workdir)
+  # An encoder keeps the sentence length its workdir embeds with (``jaxdistill embed``).
+  seq_len = embed.max_seq_length(args.workdir, hfm.config.max_len) if hfm.is_encoder else 0
+  hf_export.export(params, hfm, args.output, tokenizer_dir=args.workdir, seq_len=seq_len)
+  print(f"done: wrote a {hfm.model_type} model to {args.output}")
   return 0
 
 
@@ -97,6 +145,9 @@ def _quickstart(args) -> int:
   from jaxdistill import quickstart
 
   workdir = args.workdir or os.path.join("workdirs", time.strftime("quickstart-%Y%m%d-%H%M%S"))
+  _check_dir_flag("--workdir", workdir)
+  if args.cache_dir:
+    _check_dir_flag("--cache_dir", args.cache_dir)
   try:
     quickstart.run(workdir, size=args.size, cache_dir=args.cache_dir)
   except quickstart.Interrupted as e:
@@ -190,13 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command in ("embed", "export"):
       if overrides:
         raise JaxdistillError(f"{args.command} takes no --config overrides")
-      if args.command == "export":
-        from jaxdistill import workdir as workdir_lib
-
-        hfm = workdir_lib.export_workdir(args.workdir, args.output)
-        print(f"done: wrote a {hfm.model_type} model to {args.output}")
-        return 0
-      return _embed(args)
+      return _export(args) if args.command == "export" else _embed(args)
     if args.command == "precompute":
       return _precompute(args, overrides)
   except JaxdistillError as e:

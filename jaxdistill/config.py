@@ -114,6 +114,7 @@ def default_config() -> ml_collections.ConfigDict:
   o.min_lr_ratio = 0.1
   o.b1 = 0.9
   o.b2 = 0.95
+  o.eps = 1e-8  # Adam's epsilon (added to the second-moment root; optax's default), > 0
   o.weight_decay = 0.01
   o.clip_norm = 1.0
   o.grad_accum = 1  # micro-batches per step; losses normalised globally
@@ -269,6 +270,8 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_coll
       "--config", f"no such file {path!r}; pass a config file such as configs/smoke.py"
     )
   spec = importlib.util.spec_from_file_location("_jaxdistill_config", path)
+  if spec is None:  # no loader for the file name: not a .py file
+    raise ConfigError("--config", f"{path!r} is not a Python file (.py) defining get_config()")
   module = importlib.util.module_from_spec(spec)
   try:
     spec.loader.exec_module(module)

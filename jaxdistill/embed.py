@@ -5,7 +5,8 @@ tokenizer.json; e.g. all-MiniLM-L6-v2 or a jaxdistill export) or the workdir of 
 ``jaxdistill train`` run whose student is an encoder (config.json, final_params/,
 tokenizer.json). Sentences are
 tokenized with the model's tokenizer.json (no padding, truncated to sentence-transformers'
-``max_seq_length`` when declared, else the model's max_len), batched, padded to a bucketed
+``max_seq_length`` when declared, by the model or, for a workdir, by the Hugging Face
+teacher it was distilled from; else the model's max_len), batched, padded to a bucketed
 length (few compilations), and pooled as the encoder does (``models/bert.py``): mean over valid
 tokens, L2-normalised. The output is float32 [n, D], row i for line i of the input.
 """
@@ -42,24 +43,60 @@ def _load(path: str):
   return hf.load(path)
 
 
-def load_tokenizer(model_dir: str, max_len: int) -> tokenizers.Tokenizer:
-  """The model's tokenizer.json, unpadded, truncated to the sentence length the model declares.
+def _sentence_config_dirs(model_dir: str) -> list[str]:
+  """Where a sentence_bert_config.json may be: the model's dir, then for a run's workdir the
+  Hugging Face teacher it was distilled from (teacher.source='hf': same tokenizer)."""
+  dirs = [model_dir]
+  try:
+    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
+      teacher = json.load(f).get("teacher", {})
+  except (OSError, ValueError, AttributeError):  # no file, not JSON, not an object
+    return dirs
+  if isinstance(teacher, dict) and teacher.get("source") == "hf" and teacher.get("path"):
+    dirs.append(teacher["path"])
+  return dirs
+
+
+def max_seq_length(model_dir: str, max_len: int) -> int:
+  """The tokens per sentence sentence-transformers keeps for this model.
+
+  That is ``max_seq_length`` of the model's sentence_bert_config.json (256 for
+  all-MiniLM-L6-v2, whose tokenizer.json alone says 128), also for a run's workdir
+  distilled from such a model (its teacher's file), capped at the model's position limit.
 
   Args:
-    model_dir: an HF model directory.
+    model_dir: an HF model directory or a finished run's workdir.
+    max_len: the model's position limit.
+  Returns:
+    The truncation length: ``max_len`` when no file declares one.
+  """
+  for directory in _sentence_config_dirs(model_dir):
+    path = os.path.join(directory, "sentence_bert_config.json")
+    if not os.path.isfile(path):
+      continue
+    try:
+      with open(path, encoding="utf-8") as f:
+        declared = json.load(f).get("max_seq_length") or max_len
+      return min(max_len, int(declared))
+    except (ValueError, TypeError, AttributeError) as e:
+      raise JaxdistillError(f"{path!r} is not a valid sentence_bert_config.json: {e}") from None
+  return max_len
+
+
+def load_tokenizer(model_dir: str, max_len: int) -> tokenizers.Tokenizer:
+  """The model's tokenizer.json, unpadded, truncated to ``max_seq_length(model_dir, max_len)``.
+
+  Args:
+    model_dir: an HF model directory or a finished run's workdir.
     max_len: the model's position limit (cap on the truncation length).
   """
   path = os.path.join(model_dir, "tokenizer.json")
   if not os.path.isfile(path):
     raise JaxdistillError(f"no tokenizer.json in {model_dir!r}")
   tok = tokenizers.Tokenizer.from_file(path)
-  limit = max_len
-  st_cfg = os.path.join(model_dir, "sentence_bert_config.json")
-  if os.path.isfile(st_cfg):
-    with open(st_cfg) as f:
-      limit = min(max_len, int(json.load(f).get("max_seq_length", max_len)))
   tok.no_padding()
-  tok.enable_truncation(limit)
+  # Overrides the truncation tokenizer.json may carry (128 in all-MiniLM-L6-v2's).
+  tok.enable_truncation(max_seq_length(model_dir, max_len))
   return tok
 
 

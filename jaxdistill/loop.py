@@ -295,8 +295,39 @@ class _PreemptionHandlers:
 # --- the driver ----------------------------------------------------------------
 
 
+def _is_run_config(path: str) -> bool:
+  """Whether ``path`` is a config.json that ``_prepare_workdir`` wrote (a run's, not a user's)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(saved, dict) and {"student", "optim", "distill"} <= set(saved)
+
+
 def _prepare_workdir(cfg: Any, workdir: str) -> None:
-  has_checkpoints = bool(checkpoint.complete_steps(os.path.join(workdir, checkpoint.CHECKPOINTS)))
+  """Checks ``workdir`` is new, empty or an earlier run's (to resume), then writes config.json.
+
+  Never writes into a directory a user filled: only one holding checkpoints/ or the
+  config.json of a run (an earlier run stopped before its first checkpoint) is resumed.
+  """
+  existing = os.path.abspath(workdir)  # the workdir, or the ancestor it would be made in
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise JaxdistillError(f"--workdir {workdir!r} is no directory ({existing!r} is a file)")
+  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINTS)
+  if (
+    os.path.isdir(workdir)
+    and os.listdir(workdir)
+    and not os.path.isdir(ckpt_dir)
+    and not _is_run_config(os.path.join(workdir, "config.json"))
+  ):
+    raise JaxdistillError(
+      f"workdir {workdir!r} is not empty and holds no jaxdistill run (checkpoints/ or its "
+      "config.json); pass a new or empty --workdir"
+    )
+  has_checkpoints = bool(checkpoint.complete_steps(ckpt_dir))
   if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and not has_checkpoints:
     raise JaxdistillError(
       f"workdir {workdir!r} already holds a run (metrics.jsonl) with no checkpoint to resume; "

@@ -33,6 +33,7 @@ import itertools
 import json
 import os
 import queue
+import re
 import threading
 from typing import Any, Iterator
 
@@ -61,6 +62,35 @@ def check_config(cfg: Any) -> None:
   if cfg.precompute.k > cfg.teacher.vocab_size:
     raise ConfigError(
       "precompute.k", f"{cfg.precompute.k} exceeds teacher.vocab_size={cfg.teacher.vocab_size}"
+    )
+
+
+# Names precompute writes into --output (a teacher.source=pretrain teacher trains in teacher/).
+_OUR_NAME_RE = re.compile(
+  r"^(shard-\d+\.(arrayrecord(\.partial)?|json(\.tmp)?)|(settings|manifest)\.json\.tmp|teacher)$"
+)
+
+
+def check_output(output: str) -> None:
+  """Refuses an ``output`` that is a file or a non-empty directory that is not a cache of ours.
+
+  Ours (resumed): a directory holding settings.json or manifest.json, or only names
+  precompute writes (shards, sidecars, teacher/): a run stopped before its settings.
+  """
+  existing = os.path.abspath(output)  # the output, or the ancestor it would be made in
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise JaxdistillError(f"--output {output!r} is no directory ({existing!r} is a file)")
+  names = os.listdir(output) if os.path.isdir(output) else []
+  if cached.SETTINGS in names or cached.MANIFEST in names:
+    return
+  foreign = sorted(n for n in names if not _OUR_NAME_RE.match(n))
+  if foreign:
+    raise JaxdistillError(
+      f"--output {output!r} is not empty and holds no precompute cache ({cached.SETTINGS}; "
+      f"found {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); pass a new or "
+      "empty directory"
     )
 
 
@@ -288,6 +318,7 @@ def run(
   import time
 
   check_config(cfg)
+  check_output(output)  # before anything (a pretrained teacher, settings) is written there
   cached.data_identity(cfg)  # bad data or tokenizer fail here, before the teacher loads
   teacher = teacher or build_teacher(cfg, output, devices)
   current = settings(cfg, teacher.identity)

@@ -16,7 +16,9 @@ base) and tends to min; ``min`` defaults to 0.
 
 Specs are parsed with regular expressions (never ``eval``); any unknown name,
 unknown/duplicate/missing argument or non-numeric value raises ValueError quoting
-the spec and listing the valid forms.
+the spec and listing the valid forms. ``value_range`` gives a schedule's smallest and
+largest value over a run's steps, so a config can be checked before training (a
+temperature must stay > 0, a loss weight >= 0, at every step).
 """
 
 from __future__ import annotations
@@ -27,8 +29,7 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
-
-F32 = jnp.float32
+import numpy as np
 
 VALID_FORMS = (
   "constant",
@@ -91,6 +92,45 @@ def _resolve_args(spec: str, name: str, args: dict[str, float], total_steps: int
   return resolved
 
 
+def _parse(spec: str, total_steps: int) -> tuple[str, dict]:
+  """(schedule name, resolved arguments) of a spec string; raises ValueError."""
+  match = _SPEC_RE.match(spec) if isinstance(spec, str) else None
+  if not match:
+    raise _error(str(spec), "cannot parse")
+  name, body = match.group(1), match.group(2)
+  if name not in _SIGNATURES:
+    raise _error(spec, f"unknown schedule {name!r}")
+  return name, _resolve_args(spec, name, _parse_args(spec, body), total_steps)
+
+
+def _formula(name: str, args: dict, base: float, xp) -> Callable:
+  """The schedule as a function of the step, in float32 of the array module ``xp``.
+
+  ``xp`` is ``jax.numpy`` for training and ``numpy`` for ``value_range`` (config validation
+  must not start a JAX backend before ``jax.distributed.initialize``); both evaluate the
+  same float32 operations.
+  """
+  f32 = xp.float32
+  if name == "constant":
+    return lambda step: xp.full((), base, f32)
+
+  if name == "exp":
+    decay, floor = args["decay"], args["min"]
+    return lambda step: (base * xp.exp(-decay * xp.asarray(step, f32)) + floor).astype(f32)
+
+  end, steps = args["end"], args["steps"]
+
+  def progress(step):
+    return xp.clip(xp.asarray(step, f32) / steps, 0.0, 1.0)
+
+  if name == "linear":
+    return lambda step: (base + (end - base) * progress(step)).astype(f32)
+  # cosine: weight on base falls from 1 to 0 along half a cosine period.
+  return lambda step: (end + (base - end) * 0.5 * (1.0 + xp.cos(math.pi * progress(step)))).astype(
+    f32
+  )
+
+
 def parse_schedule(spec: str, base: float, total_steps: int) -> Callable[[jax.Array], jax.Array]:
   """Build a jit-friendly schedule ``step -> float32 scalar`` from a spec string.
 
@@ -106,30 +146,46 @@ def parse_schedule(spec: str, base: float, total_steps: int) -> Callable[[jax.Ar
   Raises:
     ValueError quoting the spec and listing the valid forms.
   """
-  match = _SPEC_RE.match(spec) if isinstance(spec, str) else None
-  if not match:
-    raise _error(str(spec), "cannot parse")
-  name, body = match.group(1), match.group(2)
-  if name not in _SIGNATURES:
-    raise _error(spec, f"unknown schedule {name!r}")
-  args = _resolve_args(spec, name, _parse_args(spec, body), total_steps)
-  base = float(base)
+  name, args = _parse(spec, total_steps)
+  return _formula(name, args, float(base), jnp)
 
-  if name == "constant":
-    return lambda step: jnp.full((), base, F32)
 
-  if name == "exp":
-    decay, floor = args["decay"], args["min"]
-    return lambda step: (base * jnp.exp(-decay * jnp.asarray(step, F32)) + floor).astype(F32)
+# Steps evaluated by value_range: every step up to this many, else this many evenly spread
+# (every form is monotone in the step, so its extremes are at the ends either way).
+_MAX_EVALUATED_STEPS = 1 << 22
 
-  end, steps = args["end"], args["steps"]
 
-  def progress(step) -> jax.Array:
-    return jnp.clip(jnp.asarray(step, F32) / steps, 0.0, 1.0)
+def value_range(spec: str, base: float, total_steps: int) -> tuple[float, float, int, int]:
+  """The smallest and largest value a schedule takes over steps 0..total_steps.
 
-  if name == "linear":
-    return lambda step: (base + (end - base) * progress(step)).astype(F32)
-  # cosine: weight on base falls from 1 to 0 along half a cosine period.
-  return lambda step: (end + (base - end) * 0.5 * (1.0 + jnp.cos(math.pi * progress(step)))).astype(
-    F32
-  )
+  Evaluated in float32 as training computes it (so ``linear(end=1e-9)`` from 1.0, which
+  rounds to exactly 0 at its end, reports 0), at every step (over ``_MAX_EVALUATED_STEPS``
+  steps: an even spread including both ends). With NumPy: no JAX backend is started.
+
+  Args:
+    spec: one of `VALID_FORMS`.
+    base: the schedule's base value (see ``parse_schedule``).
+    total_steps: the run's steps (``optim.steps``), >= 0.
+
+  Returns:
+    (min, max, step of the min, step of the max) as Python floats / ints; a non-finite
+    value (``exp`` with a negative decay overflows) shows as inf or nan in them.
+
+  Raises:
+    ValueError quoting the spec and listing the valid forms.
+  """
+  name, args = _parse(spec, total_steps)
+  fn = _formula(name, args, float(base), np)
+  last = max(int(total_steps), 0)
+  if last + 1 <= _MAX_EVALUATED_STEPS:
+    steps_S = np.arange(last + 1)
+  else:
+    steps_S = np.unique(np.linspace(0, last, _MAX_EVALUATED_STEPS).round().astype(np.int64))
+  with np.errstate(over="ignore", invalid="ignore"):
+    values_S = np.broadcast_to(fn(steps_S), steps_S.shape)
+  # nan compares false everywhere: report it as both extremes so no check passes it.
+  if np.isnan(values_S).any():
+    at = int(steps_S[np.isnan(values_S).argmax()])
+    return math.nan, math.nan, at, at
+  lo, hi = int(values_S.argmin()), int(values_S.argmax())
+  return float(values_S[lo]), float(values_S[hi]), int(steps_S[lo]), int(steps_S[hi])

@@ -55,7 +55,14 @@ class TrainState:
 
 
 def lr_schedule(optim: Any) -> optax.Schedule:
-  """Linear warmup to ``optim.lr``, then cosine (or constant) to lr * min_lr_ratio."""
+  """Linear warmup to ``optim.lr``, then cosine (or constant) to lr * min_lr_ratio.
+
+  With ``warmup_steps=0`` step 0 already trains at ``optim.lr`` (both kinds); with N > 0
+  warmup steps, step 0 trains at 0 and step N at ``optim.lr``.
+  """
+  if optim.lr_schedule == "constant" and optim.warmup_steps == 0:
+    # No warmup: a plain constant. (The joined schedule below would start at 0 for one step.)
+    return optax.constant_schedule(optim.lr)
   if optim.lr_schedule == "constant":
     return optax.join_schedules(
       [
@@ -74,12 +81,18 @@ def lr_schedule(optim: Any) -> optax.Schedule:
 
 
 def make_optimizer(optim: Any) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping; no weight decay on vectors (norms)."""
+  """AdamW (``optim.eps``: Adam's denominator epsilon) with global-norm clipping; no weight
+  decay on vectors (norms)."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
   return optax.chain(
     optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
     optax.adamw(
-      lr_schedule(optim), b1=optim.b1, b2=optim.b2, weight_decay=optim.weight_decay, mask=decay_mask
+      lr_schedule(optim),
+      b1=optim.b1,
+      b2=optim.b2,
+      eps=optim.eps,
+      weight_decay=optim.weight_decay,
+      mask=decay_mask,
     ),
   )
 

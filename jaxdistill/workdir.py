@@ -2,9 +2,9 @@
 
 A ``jaxdistill train`` workdir holds ``config.json`` (the run's resolved config),
 ``final_params/`` (the student's params) and usually ``tokenizer.json``. ``load_workdir`` reads
-the student back onto one device; ``export_workdir`` writes it as a Hugging Face model directory
-(``models.hf_export.export``) with the run's tokenizer. This sits above ``models/`` because it
-needs the config defaults (keys added since the run was made) and the checkpoint reader.
+the student back onto one device, for ``jaxdistill embed`` and ``jaxdistill export`` (which
+writes it with ``models.hf_export.export``). This sits above ``models/`` because it needs the
+config defaults (keys added since the run was made) and the checkpoint reader.
 """
 
 import json
@@ -47,17 +47,3 @@ def load_workdir(workdir: str) -> tuple[hf.HFModel, Any]:
     nn.unbox(hf.abstract_params(hfm.module(), hfm.config.max_len)),
   )
   return hfm, checkpoint.load_params(params_dir, target)
-
-
-def export_workdir(workdir: str, out_dir: str) -> hf.HFModel:
-  """``hf_export.export`` of a finished run's student, with the run's tokenizer.json.
-
-  Args:
-    workdir: the run's directory.
-    out_dir: the Hugging Face directory to write (new or empty).
-  Returns:
-    The architecture written.
-  """
-  hfm, params = load_workdir(workdir)
-  hf_export.export(params, hfm, out_dir, tokenizer_dir=workdir)
-  return hfm

@@ -90,3 +90,139 @@ def test_mesh_that_does_not_fit_the_devices(tmp_path):
   )
   _assert_usage_error(proc, "mesh")
   assert not (tmp_path / "w").exists()
+
+
+# --- issue 14: bad inputs a new user tries, in-process (one `error:` line, exit 2) -----------
+
+
+def _main_error(capsys, argv, *words):
+  """cli.main(argv) returns (or exits with) 2 and prints one `error: ...` line naming words."""
+  from jaxdistill import cli
+
+  try:
+    rc = cli.main(argv)
+  except SystemExit as e:  # argparse's usage errors
+    rc = e.code
+  err = capsys.readouterr().err
+  lines = [line for line in err.splitlines() if line.strip()]
+  assert rc == 2, err
+  assert len(lines) == 1 and lines[0].startswith("error: "), err
+  for word in words:
+    assert word in lines[0], err
+
+
+TINY_CONFIG = """
+from jaxdistill.config import default_config
+
+def get_config():
+  cfg = default_config()
+  cfg.student.update(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=8)
+  cfg.teacher.source = "none"
+  cfg.distill.logit.weight = 0.0
+  cfg.data.update(batch_size=8, seq_len=8)
+  cfg.optim.steps = 1
+  cfg.log.progress = False
+  return cfg
+"""
+
+
+def _tiny_config(tmp_path) -> str:
+  """A CE-only run of one step of a tiny model: the cheapest run `train` accepts."""
+  path = tmp_path / "tiny.py"
+  path.write_text(TINY_CONFIG)
+  return str(path)
+
+
+def _snapshot(path):
+  return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_help_is_for_users(capsys):
+  import pytest
+
+  from jaxdistill import cli
+
+  with pytest.raises(SystemExit) as info:
+    cli.main(["--help"])
+  out = capsys.readouterr().out
+  assert info.value.code == 0
+  assert "Thin" not in out and "distillation" in out.lower()
+  for command in ("train", "quickstart", "precompute", "embed", "export"):
+    assert f"jaxdistill {command}" in out, command
+  # The developers' notes stay in the module docstring.
+  assert "Thin" in cli.__doc__
+
+
+def test_usage_errors_are_one_line(capsys):
+  _main_error(capsys, ["train", "--config", "configs/smoke.py"], "--workdir")
+  _main_error(capsys, [], "COMMAND")
+  _main_error(capsys, ["quickstart", "--size", "huge"], "huge")
+
+
+def test_train_workdir_that_is_a_file(tmp_path, capsys):
+  path = tmp_path / "taken"
+  path.write_text("mine\n")
+  argv = ["train", "--config", str(ROOT / "configs/smoke.py"), "--config.optim.steps=2"]
+  _main_error(capsys, argv + ["--workdir", str(path)], str(path), "is a file")
+  _main_error(capsys, argv + ["--workdir", str(path / "sub")], "is a file")
+  assert path.read_text() == "mine\n"
+
+
+def test_train_refuses_a_non_empty_directory_that_is_not_a_run(tmp_path, capsys):
+  workdir = tmp_path / "mine"
+  workdir.mkdir()
+  (workdir / "config.json").write_text('{"my": "own file"}\n')
+  (workdir / "notes.txt").write_text("precious\n")
+  before = _snapshot(workdir)
+  argv = ["train", "--config", str(ROOT / "configs/smoke.py"), "--config.optim.steps=2"]
+  _main_error(capsys, argv + ["--workdir", str(workdir)], str(workdir), "not empty")
+  assert _snapshot(workdir) == before
+
+
+def test_train_resumes_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
+  """A workdir holding only the config.json a run wrote (killed while compiling) is ours."""
+  from jaxdistill import cli, config as config_lib
+
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(config_lib.default_config().to_json(indent=2))
+  assert cli.main(["train", "--config", _tiny_config(tmp_path), "--workdir", str(workdir)]) == 0
+  assert (workdir / "metrics.jsonl").is_file() and (workdir / "final_params").is_dir()
+
+
+def test_precompute_output_that_is_a_file_or_not_ours(tmp_path, capsys):
+  argv = ["precompute", "--config", str(ROOT / "configs/smoke.py")]
+  path = tmp_path / "taken"
+  path.write_text("mine\n")
+  _main_error(capsys, argv + ["--output", str(path)], "is a file")
+  folder = tmp_path / "folder"
+  folder.mkdir()
+  (folder / "holiday.jpg").write_bytes(b"\xff\xd8")
+  before = _snapshot(folder)
+  _main_error(capsys, argv + ["--output", str(folder)], str(folder), "holiday.jpg")
+  assert _snapshot(folder) == before and path.read_text() == "mine\n"
+
+
+def test_config_that_is_not_a_python_file(tmp_path, capsys):
+  path = tmp_path / "config.txt"
+  path.write_text("steps = 3\n")
+  argv = ["train", "--config", str(path), "--workdir", str(tmp_path / "w")]
+  _main_error(capsys, argv, "config.txt", "Python file")
+
+
+def test_params_directory_that_holds_no_params(tmp_path, capsys):
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  argv = ["train", "--config", _tiny_config(tmp_path), "--workdir", str(tmp_path / "w")]
+  _main_error(capsys, argv + [f"--config.student.init_from={empty}"], "no params", str(empty))
+
+
+def test_quickstart_and_export_dirs_that_are_files(tmp_path, capsys):
+  path = tmp_path / "taken"
+  path.write_text("mine\n")
+  _main_error(capsys, ["quickstart", "--size", "test", "--workdir", str(path)], "is a file")
+  _main_error(capsys, ["quickstart", "--size", "test", "--cache_dir", str(path)], "--cache_dir")
+  workdir = tmp_path / "run"  # never read: --output is checked first
+  argv = ["export", "--workdir", str(workdir), "--output", str(path / "hf")]
+  _main_error(capsys, argv, "--output", "is a file")
+  assert path.read_text() == "mine\n"

@@ -137,3 +137,110 @@ def test_mesh_that_does_not_fit_is_an_error(sizes, devices, key):
   with pytest.raises(ConfigError) as info:
     mesh_shape(sizes, devices)
   assert info.value.key == key, str(info.value)
+
+
+# --- issue 14: every schedule's whole range, optim.eps, the lr at step 0 ---------------------
+
+
+def _validate(**changes):
+  """validate.validate of default_config() with dotted-key changes."""
+  from jaxdistill import validate
+
+  cfg = config_lib.default_config()
+  for key, value in changes.items():
+    section, leaf = key.replace("__", ".").rsplit(".", 1)
+    node = cfg
+    for part in section.split("."):
+      node = node[part]
+    node[leaf] = value
+  validate.validate(cfg)
+  return cfg
+
+
+@pytest.mark.parametrize(
+  "changes,key,words",
+  [
+    # The issue's example: accepted before, the run died mid-way with a non-finite loss.
+    ({"distill__temperature_schedule": "linear(end=-1)"}, "distill.temperature_schedule", "-1"),
+    ({"distill__temperature_schedule": "cosine(end=0)"}, "distill.temperature_schedule", "> 0"),
+    ({"distill__ce__schedule": "linear(end=-0.5)"}, "distill.ce.schedule", ">= 0"),
+    ({"distill__logit__schedule": "exp(decay=-100)"}, "distill.logit.schedule", "finite"),
+    (
+      {"distill__hidden__weight": 1.0, "distill__hidden__schedule": "linear(end=-1, steps=50)"},
+      "distill.hidden.schedule",
+      "step 50",
+    ),
+    ({"distill__attention__value_weight": -1.0}, "distill.attention.value_weight", ">= 0"),
+    ({"optim__eps": 0.0}, "optim.eps", "> 0"),
+  ],
+)
+def test_schedules_are_checked_over_the_whole_run(changes, key, words):
+  with pytest.raises(ConfigError) as info:
+    _validate(**changes)
+  assert info.value.key == key and words in str(info.value), str(info.value)
+
+
+def test_schedules_that_stay_in_range_are_accepted():
+  _validate(
+    distill__temperature_schedule="linear(end=0.5)",
+    distill__ce__schedule="linear(end=0)",  # reaching 0 is fine for a weight
+    distill__hidden__schedule="cosine(end=1)",  # from weight 0 up to 1
+  )
+
+
+def test_eps_default_is_optax_default_and_reaches_adam():
+  import inspect
+
+  import jax.numpy as jnp
+  import optax
+
+  from jaxdistill import train as train_lib
+
+  optim = config_lib.default_config().optim
+  assert optim.eps == inspect.signature(optax.adamw).parameters["eps"].default
+  optim.update(lr_schedule="constant", warmup_steps=0, clip_norm=0.0, weight_decay=0.0, lr=1.0)
+  grads = {"w": jnp.full((2, 2), 1e-3)}
+
+  def first_update(eps):
+    optim.eps = eps
+    tx = train_lib.make_optimizer(optim)
+    return float(tx.update(grads, tx.init(grads), grads)[0]["w"][0, 0])
+
+  # Adam's first step is -lr * g / (|g| + eps): -1 with a tiny eps, about -1e-3 with eps=1.
+  assert first_update(1e-8) == pytest.approx(-1.0, rel=1e-4)
+  assert first_update(1.0) == pytest.approx(-1e-3, rel=1e-2)
+
+
+@pytest.mark.parametrize("kind", ["constant", "cosine"])
+def test_lr_at_step_0_without_warmup_is_the_configured_lr(kind):
+  from jaxdistill import train as train_lib
+
+  optim = config_lib.default_config().optim
+  optim.update(lr_schedule=kind, warmup_steps=0, lr=3e-3)
+  assert float(train_lib.lr_schedule(optim)(0)) == pytest.approx(3e-3)
+  # With warmup, step 0 still trains at 0 and warmup_steps at lr (unchanged behaviour).
+  optim.warmup_steps = 2
+  schedule = train_lib.lr_schedule(optim)
+  assert [float(schedule(s)) for s in (0, 1, 2)] == pytest.approx([0.0, 1.5e-3, 3e-3])
+
+
+def test_one_constant_lr_step_without_warmup_changes_the_params(tiny_config):
+  """End to end: before the fix step 0 ran at lr 0 and left every param unchanged."""
+  import jax
+  import numpy as np
+
+  from jaxdistill import loop
+
+  cfg = tiny_config
+  cfg.teacher.source = "none"
+  for key in ("logit", "attention", "hidden"):
+    cfg.distill[key].weight = 0.0
+  cfg.distill.attention.value_weight = 0.0
+  cfg.optim.update(steps=1, lr_schedule="constant", warmup_steps=0)
+  run = loop.build_run(cfg, devices=jax.devices()[:1])
+  before = jax.tree.map(np.array, run.state.params)
+  loop.run_steps(run, 1, lambda step, m, s: None)
+  changed = jax.tree.leaves(
+    jax.tree.map(lambda a, b: bool(np.any(a != np.asarray(b))), before, run.state.params)
+  )
+  assert all(changed), f"{changed.count(False)} of {len(changed)} params did not move"

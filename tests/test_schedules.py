@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill.schedules import VALID_FORMS, parse_schedule
+from jaxdistill.schedules import VALID_FORMS, parse_schedule, value_range
 
 TOTAL = 1000
 STEPS = [0, 1, 123, 250, 500, 750, 999, 1000, 1500]
@@ -114,3 +114,35 @@ def test_default_steps_need_positive_total():
     parse_schedule("linear(end=0.0)", 1.0, 0)
   # An explicit steps makes total_steps irrelevant.
   assert float(parse_schedule("linear(end=0.0, steps=4)", 1.0, 0)(2)) == pytest.approx(0.5)
+
+
+# --- value_range: a schedule's extremes over a run, for config validation -------------------
+
+
+@pytest.mark.parametrize("spec,base,closed_form", CASES, ids=[c[0] for c in CASES])
+def test_value_range_equals_the_extremes_of_every_step(spec, base, closed_form):
+  schedule = jax.jit(jax.vmap(parse_schedule(spec, base, TOTAL)))
+  values = np.asarray(schedule(jnp.arange(TOTAL + 1)))
+  lo, hi, at_lo, at_hi = value_range(spec, base, TOTAL)
+  np.testing.assert_allclose([lo, hi], [values.min(), values.max()], rtol=1e-6)
+  np.testing.assert_allclose([values[at_lo], values[at_hi]], [lo, hi], rtol=1e-6)
+
+
+def test_value_range_finds_what_a_run_would_reach():
+  # The example: the temperature crosses zero mid-run and ends at -1.
+  assert value_range("linear(end=-1)", 1.0, 100) == (-1.0, 1.0, 100, 0)
+  # Only the run's steps count: this one would reach -1 only at step 200.
+  lo, hi, _, _ = value_range("linear(end=-1, steps=200)", 1.0, 100)
+  assert lo == pytest.approx(0.0, abs=1e-6) and hi == 1.0
+  # float32 as training computes it: 1 + (1e-9 - 1) * 1 is exactly 0 there.
+  assert value_range("linear(end=1e-9)", 1.0, 10)[0] == 0.0
+  assert value_range("constant", -0.5, 10)[:2] == (-0.5, -0.5)
+  # A growing exp overflows float32: reported, not hidden.
+  assert value_range("exp(decay=-1)", 1.0, 200)[1] == float("inf")
+  # Long runs: an even spread of steps (both ends included) stands in for every step.
+  assert value_range("cosine(end=0.25)", 2.0, 10**8)[:2] == pytest.approx((0.25, 2.0))
+
+
+def test_value_range_rejects_a_bad_spec_like_parse_schedule():
+  with pytest.raises(ValueError, match="valid forms"):
+    value_range("linear(end=x)", 1.0, 10)
