@@ -1,21 +1,16 @@
-"""A training run: build everything from the config, then loop over steps.
+"""The training loop: drive a run step by step, and ``train``: a whole run in a workdir.
 
-``build_run`` turns a config (validated here) into a ``Run``: mesh, models, objective,
-optimizer, initial state, teacher variables, the jitted step and (optionally) the data.
-Student or teacher variables may be given instead of initialised or loaded, which is how a
-library user pairs the step with params of their own (``examples/pair_step.py``).
-``train`` drives a run in a workdir: it dispatches step n, then fetches step n-1's metrics
-while step n runs (the host never blocks the device), evaluates every ``eval.every`` steps,
-checkpoints, shows a progress bar and writes ``WORKDIR/metrics.jsonl``. The teacher is
-loaded each run, never checkpointed; a ``teacher.source='pretrain'`` teacher is trained by
-an explicit stage first (``pretrain_teacher``).
+``run_steps`` dispatches step n, then fetches step n-1's metrics while step n runs (the host
+never blocks the device); every ``eval.every`` steps and at each due checkpoint it stops to
+fetch, evaluate, then save. ``train`` prepares the workdir, runs the teacher's pretraining
+stage if it has one (``pretrain_teacher``), builds the run (``run.build_run``), restores or
+initialises the state, loops with a progress bar and writes ``WORKDIR/metrics.jsonl``,
+checkpoints, ``summary.json`` and ``final_params/``. The teacher is loaded each run, never
+checkpointed. ``Run`` and ``build_run`` are re-exported from ``run.py``.
 """
 
-import dataclasses
-import functools
 import json
 import os
-import shutil
 import signal
 import statistics
 import threading
@@ -23,170 +18,15 @@ import time
 import warnings
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import tqdm
 
-from jaxdistill import checkpoint, metrics as metrics_lib, models, objective as objective_lib
-from jaxdistill import precision, sharding as sharding_lib, train as train_lib, validate
-from jaxdistill import data as data_lib, distributed, evaluate as evaluate_lib
-from jaxdistill import teacher as teacher_lib
+from jaxdistill import checkpoint, data as data_lib, evaluate as evaluate_lib
+from jaxdistill import metrics as metrics_lib, sharding as sharding_lib, teacher as teacher_lib
+from jaxdistill import validate, workdir as workdir_lib
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models import count_params, flops_per_token
-
-
-@dataclasses.dataclass
-class Run:
-  """Everything a training run needs, built once from the config.
-
-  ``step_fn(state, teacher_vars, batch) -> (state, metrics)`` is the jitted
-  ``train.distill_step``; ``teacher_vars`` is ``{"params": ...}`` plus a c=fp8 teacher's
-  frozen FP8 scales (None without a teacher model).
-  """
-
-  cfg: Any
-  mesh: jax.sharding.Mesh
-  objective: objective_lib.Objective
-  student: nn.Module  # models.build's: a decoder or an encoder
-  teacher: nn.Module | None
-  state: train_lib.TrainState
-  teacher_vars: Any
-  step_fn: Callable  # jitted distill_step
-  data_iter: Any  # see jaxdistill.data: next() -> local batch; get_state/set_state; or None
-  flops_per_step: float
-  make_state: Callable[[], train_lib.TrainState]  # a fresh initial state
-  teacher_path: str | None = None  # where the teacher's params came from
-
-  @property
-  def teacher_params(self) -> Any:
-    """The teacher's params (None without a teacher model)."""
-    return None if self.teacher_vars is None else self.teacher_vars["params"]
-
-  def step(self, batch: dict) -> dict:
-    """Runs one step on a global batch (``sharding.shard_batch``); returns its metrics
-    (on device: fetching them waits for the step)."""
-    with sharding_lib.rules_context(self.mesh):
-      self.state, metrics = self.step_fn(self.state, self.teacher_vars, batch)
-    return metrics
-
-  def compile(self, batch: dict) -> Any:
-    """The compiled step for batches shaped like ``batch`` (a global batch or its
-    ``jax.ShapeDtypeStruct``s): ``.memory_analysis()``, ``.cost_analysis()``, ``.as_text()``.
-    Nothing runs and no buffer is donated."""
-    with sharding_lib.rules_context(self.mesh):
-      return self.step_fn.lower(self.state, self.teacher_vars, batch).compile()
-
-
-def _model(cfg: Any, side: str) -> nn.Module:
-  policy = precision.parse_policy(cfg[side].policy, f"{side}.policy")
-  return models.build(cfg[side], policy, side)
-
-
-def build_run(
-  cfg: Any,
-  workdir: str | None = None,
-  devices=None,
-  create_state: bool = True,
-  *,
-  student_vars: Any = None,
-  teacher_vars: Any = None,
-  data: bool = True,
-) -> Run:
-  """Builds the mesh, models, state, teacher variables and the jitted step.
-
-  Args:
-    cfg: a config (``config.default_config()`` or a loaded file); validated here.
-    workdir: the run's directory (only read for teacher.source='pretrain', whose stage
-      ``pretrain_teacher`` must have run).
-    devices: the devices of the mesh (default: all).
-    create_state: False leaves ``run.state`` abstract (shapes + shardings), to
-      be restored from a checkpoint without first allocating a fresh one.
-    student_vars: the student's Flax variables ``{"params": ...}`` to start from; its
-      random init is then never computed.
-    teacher_vars: the teacher's variables ``{"params": ...}``, used instead of
-      ``teacher.source`` (which must still name a teacher model, e.g. 'random'); placed into
-      the teacher's shardings. A c=fp8 teacher's scales are calibrated as usual.
-    data: False builds no data iterator (``run.data_iter`` is None): feed ``run.step``.
-
-  Returns:
-    The Run. ``run.step(batch)`` trains one step; ``run.compile(batch)`` gives the compiled
-    step; ``run_steps`` drives it from ``run.data_iter``.
-  """
-  validate.validate(cfg)
-  mesh = sharding_lib.make_mesh(cfg.mesh, devices)
-  validate.check_mesh(cfg, dict(mesh.shape))
-  obj = objective_lib.make_objective(cfg)
-  student = _model(cfg, "student")
-  teacher = _model(cfg, "teacher") if obj.uses_teacher else None
-  tx = train_lib.make_optimizer(cfg.optim)
-  make_state = functools.partial(
-    train_lib.init_state,
-    obj,
-    student,
-    tx,
-    jax.random.key(cfg.seed),
-    mesh,
-    cfg.data.seq_len,
-    cfg.student.d_model,
-    cfg.teacher.d_model,
-    loss_scale=precision.init_loss_scale(cfg.optim),
-    student_variables=student_vars,
-  )
-  state, state_shardings = make_state(create=create_state)
-  teacher_vars, teacher_shardings, teacher_path = _teacher_vars(
-    cfg, teacher, mesh, workdir, teacher_vars
-  )
-  step = train_lib.make_distill_step(
-    obj,
-    student,
-    teacher,
-    tx,
-    cfg.optim.grad_accum,
-    lr=train_lib.lr_schedule(cfg.optim),
-    loss_scale_period=cfg.optim.loss_scale_period,
-  )
-  step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
-  tokens = cfg.data.batch_size * cfg.data.seq_len
-  flops = tokens * metrics_lib.distill_flops_per_token(
-    flops_per_token(student.config, cfg.data.seq_len),
-    flops_per_token(teacher.config, cfg.data.seq_len) if teacher else None,
-  )
-  return Run(
-    cfg,
-    mesh,
-    obj,
-    student,
-    teacher,
-    state,
-    teacher_vars,
-    step_fn,
-    data_lib.make_iterator(cfg, "train") if data else None,
-    flops,
-    lambda: make_state(create=True)[0],
-    teacher_path,
-  )
-
-
-def _teacher_vars(cfg: Any, teacher, mesh, workdir: str | None, given: Any) -> tuple:
-  """(teacher_vars, their shardings, path or None): loaded by ``teacher.source`` or given;
-  a c=fp8 teacher's calibrated FP8 scales join its params as further collections."""
-  if teacher is None:
-    return None, None, None
-  if given is not None:
-    if set(given) != {"params"}:
-      raise JaxdistillError(
-        f"given teacher variables must be {{'params': ...}}, got keys {sorted(given)}"
-      )
-    shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len)["params"]
-    params, path = jax.device_put(given["params"], shardings), None
-  else:
-    params, shardings, path = teacher_lib.load(cfg, teacher, mesh, workdir)
-  variables, var_shardings = {"params": params}, {"params": shardings}
-  if getattr(teacher.config, "fp8", False):
-    fp8, fp8_shardings = teacher_lib.calibrate_fp8(cfg, teacher, params, mesh)
-    variables.update(fp8)
-    var_shardings.update(fp8_shardings)
-  return variables, var_shardings, path
+from jaxdistill.models import count_params
+from jaxdistill.run import Run, build_run  # noqa: F401 (the library's entry points, re-exported)
 
 
 def pretrain_teacher(cfg: Any, workdir: str, devices=None) -> str | None:
@@ -295,61 +135,6 @@ class _PreemptionHandlers:
 # --- the driver ----------------------------------------------------------------
 
 
-def _is_run_config(path: str) -> bool:
-  """Whether ``path`` is a config.json that ``_prepare_workdir`` wrote (a run's, not a user's)."""
-  try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-  except (OSError, ValueError):
-    return False
-  return isinstance(saved, dict) and {"student", "optim", "distill"} <= set(saved)
-
-
-def _prepare_workdir(cfg: Any, workdir: str) -> None:
-  """Checks ``workdir`` is new, empty or an earlier run's (to resume), then writes config.json.
-
-  Never writes into a directory a user filled: only one holding checkpoints/ or the
-  config.json of a run (an earlier run stopped before its first checkpoint) is resumed.
-  """
-  existing = os.path.abspath(workdir)  # the workdir, or the ancestor it would be made in
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise JaxdistillError(f"--workdir {workdir!r} is no directory ({existing!r} is a file)")
-  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINTS)
-  if (
-    os.path.isdir(workdir)
-    and os.listdir(workdir)
-    and not os.path.isdir(ckpt_dir)
-    and not _is_run_config(os.path.join(workdir, "config.json"))
-  ):
-    raise JaxdistillError(
-      f"workdir {workdir!r} is not empty and holds no jaxdistill run (checkpoints/ or its "
-      "config.json); pass a new or empty --workdir"
-    )
-  has_checkpoints = bool(checkpoint.complete_steps(ckpt_dir))
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and not has_checkpoints:
-    raise JaxdistillError(
-      f"workdir {workdir!r} already holds a run (metrics.jsonl) with no checkpoint to resume; "
-      "pass a new --workdir or delete that one"
-    )
-  # Every process judges the workdir as it was, before process 0 writes to it.
-  distributed.barrier("jaxdistill:workdir-checked")
-  os.makedirs(workdir, exist_ok=True)
-  if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-  """Drops rows after ``step``: a resumed run rewrites them identically."""
-  if jax.process_index() == 0 and os.path.exists(path):
-    rows = [r for r in metrics_lib.read_jsonl(path) if r["step"] <= step]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
-
-
 def _start(run: Run, manager, workdir: str, resume_from: str | None) -> str:
   """Restores or initialises ``run.state``; returns how the run started."""
   cfg = run.cfg
@@ -364,7 +149,7 @@ def _start(run: Run, manager, workdir: str, resume_from: str | None) -> str:
     run.state, _ = checkpoint.restore(source_manager, step, run.state, run.data_iter)
     if source_manager is manager:
       checkpoint.set_aside_newer(manager, step)
-    _truncate_metrics(os.path.join(workdir, "metrics.jsonl"), step)
+    workdir_lib.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), step)
     return f"resumed from step {step} ({where})"
   run.state = run.make_state()
   if cfg.student.init_layers:  # blocks of the teacher (e.g. a Hugging Face one)
@@ -384,6 +169,82 @@ def _start(run: Run, manager, workdir: str, resume_from: str | None) -> str:
   return "started from scratch"
 
 
+class _Progress:
+  """Each fetched step's metrics: progress bar, metrics.jsonl rows, the non-finite policy,
+  and what the summary needs (step times, losses, the latest value of every metric)."""
+
+  def __init__(self, run: Run, workdir: str, start: int, manager):
+    cfg = run.cfg
+    self.run, self.manager, self.steps, self.every = run, manager, cfg.optim.steps, cfg.log.every
+    self.tokens = cfg.data.batch_size * cfg.data.seq_len
+    self.writer = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    show = cfg.log.progress and jax.process_index() == 0
+    self.bar = tqdm.tqdm(
+      total=self.steps, initial=start, disable=not show, unit="step", dynamic_ncols=True
+    )
+    self.step_times, self.losses, self.last = [], [], {}
+
+  def __call__(self, step: int, m: dict, seconds: float) -> None:
+    self.step_times.append(seconds)
+    self.losses.append(float(m["train/loss"]))
+    self.last.update(m)
+    perf = {
+      "perf/step_s": seconds,
+      "perf/tokens_per_s": self.tokens / seconds,
+      "perf/tflops_per_s": self.run.flops_per_step / seconds / 1e12,
+    }
+    m = dict(m, **perf)
+    self.bar.update(1)
+    self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", tok_s=f"{self.tokens / seconds:,.0f}")
+    if step % self.every == 0 or step in (1, self.steps) or m["train/nonfinite"]:
+      self.writer.write({"step": step, **m})
+    if m["train/nonfinite"] and self.run.cfg.optim.nan_policy == "stop":
+      last = self.manager.latest_step()
+      raise JaxdistillError(
+        f"non-finite loss or gradient at step {step} (train/loss={m['train/loss']}); the update "
+        f"was not applied and the run stopped. Last good checkpoint: "
+        f"{'none' if last is None else os.path.join(str(self.manager.directory), str(last))}. "
+        "Lower optim.lr, check the data, or set optim.nan_policy=skip"
+      )
+
+  def write(self, step: int, m: dict) -> None:
+    """An extra row (evaluation metrics), also kept as the latest values."""
+    self.last.update(m)
+    self.writer.write({"step": step, **m})
+
+  def close(self) -> None:
+    self.bar.close()
+    self.writer.close()
+
+  def summary(self, start: int, ran: int) -> dict[str, Any]:
+    steady = self.step_times[2:] or self.step_times or [float("nan")]
+    run = self.run
+    return {
+      "steps": self.steps,
+      "start_step": start,
+      "preempted": start + ran < self.steps,
+      "last_step": start + ran,
+      "first_loss": self.losses[0] if self.losses else None,
+      "final_loss": self.losses[-1] if self.losses else None,
+      "median_step_s": statistics.median(steady),
+      "tokens_per_s": self.tokens / statistics.median(steady),
+      "student_params": count_params(run.state.params["student"]),
+      "teacher_params": count_params(run.teacher_params) if run.teacher_params else 0,
+    }
+
+
+def _open(cfg: Any, workdir: str, devices) -> Run:
+  """Everything checked before the disk is touched, then the workdir, the teacher's pretraining
+  stage and the run (its state abstract: restored or initialised by ``_start``)."""
+  validate.validate(cfg)
+  validate.check_mesh(cfg, dict(sharding_lib.make_mesh(cfg.mesh, devices).shape))
+  data_lib.check(cfg)  # data, tokenizer and vocabulary (builds into the cache, not the workdir)
+  workdir_lib.prepare(cfg, workdir)
+  data_lib.save_run_files(cfg, workdir)
+  pretrain_teacher(cfg, workdir, devices)  # its own stage, before this run is built
+  return build_run(cfg, workdir, devices, create_state=False)
+
+
 def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) -> dict[str, Any]:
   """Trains per ``cfg`` in ``workdir`` (resuming if it holds checkpoints).
 
@@ -394,14 +255,7 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
     A summary dict; ``preempted`` is True when a signal ended the run early
     (after saving a checkpoint).
   """
-  # Everything that can be checked before touching the disk is checked first.
-  validate.validate(cfg)
-  validate.check_mesh(cfg, dict(sharding_lib.make_mesh(cfg.mesh, devices).shape))
-  data_lib.check(cfg)  # data, tokenizer and vocabulary (builds into the cache, not the workdir)
-  _prepare_workdir(cfg, workdir)
-  data_lib.save_run_files(cfg, workdir)
-  pretrain_teacher(cfg, workdir, devices)  # its own stage, before this run is built
-  run = build_run(cfg, workdir, devices, create_state=False)
+  run = _open(cfg, workdir, devices)
   manager = checkpoint.make_manager(workdir, cfg.ckpt)
   best = checkpoint.make_best_manager(workdir, cfg.ckpt)
   try:
@@ -414,90 +268,40 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
       best.close()
     raise
   meta = checkpoint.metadata(cfg, run.mesh, run.teacher_path)
-  steps, every, start = cfg.optim.steps, cfg.log.every, int(run.state.step)
-  tokens = cfg.data.batch_size * cfg.data.seq_len
-  writer = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-  show = cfg.log.progress and jax.process_index() == 0
+  steps, start = cfg.optim.steps, int(run.state.step)
   if jax.process_index() == 0:
     print(f"{started}; training steps {start + 1}..{steps}", flush=True)
-  bar = tqdm.tqdm(total=steps, initial=start, disable=not show, unit="step", dynamic_ncols=True)
-  step_times, losses, last_metrics = [], [], {}
-
-  def on_metrics(step, m, seconds):
-    step_times.append(seconds)
-    losses.append(float(m["train/loss"]))
-    last_metrics.update(m)
-    perf = {
-      "perf/step_s": seconds,
-      "perf/tokens_per_s": tokens / seconds,
-      "perf/tflops_per_s": run.flops_per_step / seconds / 1e12,
-    }
-    m = dict(m, **perf)
-    bar.update(1)
-    bar.set_postfix(loss=f"{losses[-1]:.4f}", tok_s=f"{tokens / seconds:,.0f}")
-    if step % every == 0 or step in (1, steps) or m["train/nonfinite"]:
-      writer.write({"step": step, **m})
-    if m["train/nonfinite"] and cfg.optim.nan_policy == "stop":
-      last = manager.latest_step()
-      raise JaxdistillError(
-        f"non-finite loss or gradient at step {step} (train/loss={m['train/loss']}); the update "
-        f"was not applied and the run stopped. Last good checkpoint: "
-        f"{'none' if last is None else os.path.join(str(manager.directory), str(last))}. "
-        "Lower optim.lr, check the data, or set optim.nan_policy=skip"
-      )
+  progress = _Progress(run, workdir, start, manager)
 
   def save_due(step):
-    every_ckpt = cfg.ckpt.every
     preempted = _PREEMPTED["flag"] or manager.reached_preemption(step)
     _PREEMPTED["flag"] = bool(preempted)
-    return preempted or step == steps or (every_ckpt > 0 and step % every_ckpt == 0)
+    every = cfg.ckpt.every
+    return preempted or step == steps or (every > 0 and step % every == 0)
 
   def save(step):
     checkpoint.save(manager, step, run.state, run.data_iter, meta, force=True)
-    if best is not None and cfg.ckpt.best_metric in last_metrics:
-      best.save(
-        step,
-        args=checkpoint.params_args(run.state.params["student"]),
-        metrics={cfg.ckpt.best_metric: float(last_metrics[cfg.ckpt.best_metric])},
-      )
+    if best is not None and cfg.ckpt.best_metric in progress.last:
+      metric = {cfg.ckpt.best_metric: float(progress.last[cfg.ckpt.best_metric])}
+      best.save(step, args=checkpoint.params_args(run.state.params["student"]), metrics=metric)
 
   periodic = evaluate_lib.Periodic(cfg, run.student, run.mesh) if cfg.eval.every else None
 
   def evaluate(step):  # validation of the student; its row precedes that step's checkpoint
-    m = periodic(run.state.params["student"], run.state.model_state)
-    last_metrics.update(m)
-    writer.write({"step": step, **m})
+    progress.write(step, periodic(run.state.params["student"], run.state.model_state))
 
   try:
     with _PreemptionHandlers():
-      ran = run_steps(run, steps - start, on_metrics, save_due, save, evaluate, cfg.eval.every)
+      ran = run_steps(run, steps - start, progress, save_due, save, evaluate, cfg.eval.every)
   finally:
-    bar.close()
-    writer.close()
+    progress.close()
     manager.wait_until_finished()
     if best is not None:
       best.wait_until_finished()
-  preempted = start + ran < steps
-  if cfg.ckpt.save_final and not preempted and start < steps:
-    final = os.path.join(workdir, checkpoint.FINAL_PARAMS)
-    if os.path.isdir(final) and jax.process_index() == 0:  # a finished run resumed
-      shutil.rmtree(final)
-    distributed.barrier("jaxdistill:final-params-removed")  # all save into a clean dir
-    checkpoint.save_params(final, run.state.params["student"])
+  summary = progress.summary(start, ran)
+  if cfg.ckpt.save_final and not summary["preempted"] and start < steps:
+    workdir_lib.save_final_params(workdir, run.state.params["student"])
   manager.close()
-  steady = step_times[2:] or step_times or [float("nan")]
-  summary = {
-    "steps": steps,
-    "start_step": start,
-    "preempted": preempted,
-    "last_step": start + ran,
-    "first_loss": losses[0] if losses else None,
-    "final_loss": losses[-1] if losses else None,
-    "median_step_s": statistics.median(steady),
-    "tokens_per_s": tokens / statistics.median(steady),
-    "student_params": count_params(run.state.params["student"]),
-    "teacher_params": count_params(run.teacher_params) if run.teacher_params else 0,
-  }
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
       json.dump(summary, f, indent=2)

@@ -1,4 +1,8 @@
-"""A finished run's workdir as a model: read its student back, export it to Hugging Face.
+"""A run's workdir: prepared for a run (or its resumption), and read back as a model.
+
+``prepare`` checks a training workdir before anything is written (new, empty, or an earlier
+run's to resume; never a user's own files) and writes its config.json; ``truncate_metrics``
+and ``save_final_params`` keep metrics.jsonl and final_params/ right on resume.
 
 A ``jaxdistill train`` workdir holds ``config.json`` (the run's resolved config),
 ``final_params/`` (the student's params) and usually ``tokenizer.json``. ``load_workdir`` reads
@@ -9,12 +13,13 @@ config defaults (keys added since the run was made) and the checkpoint reader.
 
 import json
 import os
+import shutil
 from typing import Any
 
 import flax.linen as nn
 import jax
 
-from jaxdistill import checkpoint, config, models, precision
+from jaxdistill import checkpoint, config, distributed, metrics as metrics_lib, models, precision
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import hf, hf_export
 
@@ -47,3 +52,74 @@ def load_workdir(workdir: str) -> tuple[hf.HFModel, Any]:
     nn.unbox(hf.abstract_params(hfm.module(), hfm.config.max_len)),
   )
   return hfm, checkpoint.load_params(params_dir, target)
+
+
+# --- a training run's workdir: new, empty or an earlier run's ----------------------------
+
+
+def is_run_config(path: str) -> bool:
+  """Whether ``path`` is a config.json that ``prepare`` wrote (a run's, not a user's)."""
+  try:
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return isinstance(saved, dict) and {"student", "optim", "distill"} <= set(saved)
+
+
+def prepare(cfg: Any, workdir: str) -> None:
+  """Checks ``workdir`` is new, empty or an earlier run's (to resume), then writes config.json.
+
+  Never writes into a directory a user filled: only one holding checkpoints/ or the
+  config.json of a run (an earlier run stopped before its first checkpoint) is resumed.
+
+  Raises:
+    JaxdistillError: a file in the way, a foreign non-empty directory, or a finished-looking
+      run (metrics.jsonl) with no checkpoint to resume.
+  """
+  existing = os.path.abspath(workdir)  # the workdir, or the ancestor it would be made in
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise JaxdistillError(f"--workdir {workdir!r} is no directory ({existing!r} is a file)")
+  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINTS)
+  if (
+    os.path.isdir(workdir)
+    and os.listdir(workdir)
+    and not os.path.isdir(ckpt_dir)
+    and not is_run_config(os.path.join(workdir, "config.json"))
+  ):
+    raise JaxdistillError(
+      f"workdir {workdir!r} is not empty and holds no jaxdistill run (checkpoints/ or its "
+      "config.json); pass a new or empty --workdir"
+    )
+  has_checkpoints = bool(checkpoint.complete_steps(ckpt_dir))
+  if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and not has_checkpoints:
+    raise JaxdistillError(
+      f"workdir {workdir!r} already holds a run (metrics.jsonl) with no checkpoint to resume; "
+      "pass a new --workdir or delete that one"
+    )
+  # Every process judges the workdir as it was, before process 0 writes to it.
+  distributed.barrier("jaxdistill:workdir-checked")
+  os.makedirs(workdir, exist_ok=True)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def truncate_metrics(path: str, step: int) -> None:
+  """Drops metrics.jsonl rows after ``step``: a resumed run rewrites them identically."""
+  if jax.process_index() == 0 and os.path.exists(path):
+    rows = [r for r in metrics_lib.read_jsonl(path) if r["step"] <= step]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
+    os.replace(path + ".tmp", path)
+
+
+def save_final_params(workdir: str, params: Any) -> None:
+  """WORKDIR/final_params: the student's params alone (a finished run resumed replaces it)."""
+  final = os.path.join(workdir, checkpoint.FINAL_PARAMS)
+  if os.path.isdir(final) and jax.process_index() == 0:
+    shutil.rmtree(final)
+  distributed.barrier("jaxdistill:final-params-removed")  # all save into a clean dir
+  checkpoint.save_params(final, params)

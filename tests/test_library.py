@@ -16,6 +16,7 @@ def _cfg(tiny_config):
   cfg.distill.attention.update(weight=0.0, value_weight=0.0)
   cfg.distill.hidden.weight = 0.0
   cfg.mesh.update(data=2, fsdp=1, tensor=1)
+  cfg.optim.warmup_steps = 0  # the first step already moves the params
   return cfg
 
 
@@ -68,7 +69,7 @@ def test_run_from_given_variables_skips_their_init(tiny_config, monkeypatch):
   for got, ref in zip(
     jax.tree.leaves(run.teacher_params), jax.tree.leaves(reference.teacher_params)
   ):
-    assert got.sharding == ref.sharding and float(got.reshape(-1)[0]) == -0.02
+    assert got.sharding == ref.sharding and float(got.reshape(-1)[0]) == np.float32(-0.02)
 
   # One step from a hand-made batch; the compiled step for memory analysis.
   rng = np.random.default_rng(0)
@@ -85,8 +86,8 @@ def test_run_from_given_variables_skips_their_init(tiny_config, monkeypatch):
   assert compiled.memory_analysis().temp_size_in_bytes > 0
   metrics = jax.device_get(run.step(batch))
   assert np.isfinite(metrics["train/loss"]) and int(run.state.step) == 1
-  moved = jax.tree.leaves(run.state.params["student"])[0]
-  assert not np.array_equal(moved, jax.tree.leaves(student)[0])
+  leaves = zip(jax.tree.leaves(run.state.params["student"]), jax.tree.leaves(student))
+  assert any(not np.array_equal(new, old) for new, old in leaves)
 
 
 def test_given_variables_that_do_not_fit_are_named(tiny_config):

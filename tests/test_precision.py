@@ -11,6 +11,7 @@ from conftest import ROOT
 from jaxdistill import checkpoint, config as config_lib, loop, precision, sharding, validate
 from jaxdistill import data as data_lib, teacher as teacher_lib
 from jaxdistill.errors import ConfigError
+from jaxdistill.run import model_of
 from jaxdistill.models.layers import FP8_STATE, EinsumDense
 from jaxdistill.models.transformer import TransformerConfig
 
@@ -368,11 +369,11 @@ def test_fp8_teacher_logits_close_to_bf16_on_the_smoke_config():
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   batch = sharding.shard_batch(next(data_lib.make_iterator(cfg, "validation")), mesh)
   # The same (random, f32) teacher params under both policies.
-  params, _, _ = teacher_lib.load(cfg, loop._model(cfg, "teacher"), mesh, None)
+  params, _, _ = teacher_lib.load(cfg, model_of(cfg, "teacher"), mesh, None)
   logits = {}
   for compute in ("bf16", "fp8"):
     cfg.teacher.policy = f"p=f32,c={compute},o=f32"
-    teacher = loop._model(cfg, "teacher")
+    teacher = model_of(cfg, "teacher")
     variables = {"params": params}
     if compute == "fp8":
       variables.update(teacher_lib.calibrate_fp8(cfg, teacher, params, mesh)[0])

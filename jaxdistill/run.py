@@ -1,0 +1,175 @@
+"""A run built from a config: mesh, models, objective, optimizer, state, teacher, jitted step.
+
+``build_run`` turns a config (validated here: a library user cannot skip it) into a ``Run``.
+Student or teacher variables may be given instead of initialised or loaded, which is how a
+library user pairs the step with params of their own (``examples/pair_step.py``); the data
+iterator is optional. ``loop.py`` drives a run (``run_steps``, ``train``).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from jaxdistill import data as data_lib, metrics as metrics_lib, models
+from jaxdistill import objective as objective_lib, precision, sharding as sharding_lib
+from jaxdistill import teacher as teacher_lib, train as train_lib, validate
+from jaxdistill.errors import JaxdistillError
+from jaxdistill.models import flops_per_token
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run needs, built once from the config.
+
+  ``step_fn(state, teacher_vars, batch) -> (state, metrics)`` is the jitted
+  ``train.distill_step``; ``teacher_vars`` is ``{"params": ...}`` plus a c=fp8 teacher's
+  frozen FP8 scales (None without a teacher model).
+  """
+
+  cfg: Any
+  mesh: jax.sharding.Mesh
+  objective: objective_lib.Objective
+  student: nn.Module  # models.build's: a decoder or an encoder
+  teacher: nn.Module | None
+  state: train_lib.TrainState
+  teacher_vars: Any
+  step_fn: Callable  # jitted distill_step
+  data_iter: Any  # see jaxdistill.data: next() -> local batch; get_state/set_state; or None
+  flops_per_step: float
+  make_state: Callable[[], train_lib.TrainState]  # a fresh initial state
+  teacher_path: str | None = None  # where the teacher's params came from
+
+  @property
+  def teacher_params(self) -> Any:
+    """The teacher's params (None without a teacher model)."""
+    return None if self.teacher_vars is None else self.teacher_vars["params"]
+
+  def step(self, batch: dict) -> dict:
+    """Runs one step on a global batch (``sharding.shard_batch``); returns its metrics
+    (on device: fetching them waits for the step)."""
+    with sharding_lib.rules_context(self.mesh):
+      self.state, metrics = self.step_fn(self.state, self.teacher_vars, batch)
+    return metrics
+
+  def compile(self, batch: dict) -> Any:
+    """The compiled step for batches shaped like ``batch`` (a global batch or its
+    ``jax.ShapeDtypeStruct``s): ``.memory_analysis()``, ``.cost_analysis()``, ``.as_text()``.
+    Nothing runs and no buffer is donated."""
+    with sharding_lib.rules_context(self.mesh):
+      return self.step_fn.lower(self.state, self.teacher_vars, batch).compile()
+
+
+def model_of(cfg: Any, side: str) -> nn.Module:
+  """The ``student`` or ``teacher`` model of ``cfg`` (its section and dtype policy)."""
+  policy = precision.parse_policy(cfg[side].policy, f"{side}.policy")
+  return models.build(cfg[side], policy, side)
+
+
+def build_run(
+  cfg: Any,
+  workdir: str | None = None,
+  devices=None,
+  create_state: bool = True,
+  *,
+  student_vars: Any = None,
+  teacher_vars: Any = None,
+  data: bool = True,
+) -> Run:
+  """Builds the mesh, models, state, teacher variables and the jitted step.
+
+  Args:
+    cfg: a config (``config.default_config()`` or a loaded file); validated here.
+    workdir: the run's directory (only read for teacher.source='pretrain', whose stage
+      ``loop.pretrain_teacher`` must have run).
+    devices: the devices of the mesh (default: all).
+    create_state: False leaves ``run.state`` abstract (shapes + shardings), to
+      be restored from a checkpoint without first allocating a fresh one.
+    student_vars: the student's Flax variables ``{"params": ...}`` to start from; its
+      random init is then never computed.
+    teacher_vars: the teacher's variables ``{"params": ...}``, used instead of
+      ``teacher.source`` (which must still name a teacher model, e.g. 'random'); placed into
+      the teacher's shardings. A c=fp8 teacher's scales are calibrated as usual.
+    data: False builds no data iterator (``run.data_iter`` is None): feed ``run.step``.
+
+  Returns:
+    The Run. ``run.step(batch)`` trains one step; ``run.compile(batch)`` gives the compiled
+    step; ``loop.run_steps`` drives it from ``run.data_iter``.
+  """
+  validate.validate(cfg)
+  mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+  validate.check_mesh(cfg, dict(mesh.shape))
+  obj = objective_lib.make_objective(cfg)
+  student = model_of(cfg, "student")
+  teacher = model_of(cfg, "teacher") if obj.uses_teacher else None
+  tx = train_lib.make_optimizer(cfg.optim)
+  make_state = functools.partial(
+    train_lib.init_state,
+    obj,
+    student,
+    tx,
+    jax.random.key(cfg.seed),
+    mesh,
+    cfg.data.seq_len,
+    cfg.student.d_model,
+    cfg.teacher.d_model,
+    loss_scale=precision.init_loss_scale(cfg.optim),
+    student_variables=student_vars,
+  )
+  state, state_shardings = make_state(create=create_state)
+  teacher_vars, teacher_shardings, teacher_path = _teacher_vars(
+    cfg, teacher, mesh, workdir, teacher_vars
+  )
+  step = train_lib.make_distill_step(
+    obj,
+    student,
+    teacher,
+    tx,
+    cfg.optim.grad_accum,
+    lr=train_lib.lr_schedule(cfg.optim),
+    loss_scale_period=cfg.optim.loss_scale_period,
+  )
+  step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+  flops = tokens * metrics_lib.distill_flops_per_token(
+    flops_per_token(student.config, cfg.data.seq_len),
+    flops_per_token(teacher.config, cfg.data.seq_len) if teacher else None,
+  )
+  return Run(
+    cfg,
+    mesh,
+    obj,
+    student,
+    teacher,
+    state,
+    teacher_vars,
+    step_fn,
+    data_lib.make_iterator(cfg, "train") if data else None,
+    flops,
+    lambda: make_state(create=True)[0],
+    teacher_path,
+  )
+
+
+def _teacher_vars(cfg: Any, teacher, mesh, workdir: str | None, given: Any) -> tuple:
+  """(teacher_vars, their shardings, path or None): loaded by ``teacher.source`` or given;
+  a c=fp8 teacher's calibrated FP8 scales join its params as further collections."""
+  if teacher is None:
+    return None, None, None
+  if given is not None:
+    if set(given) != {"params"}:
+      raise JaxdistillError(
+        f"given teacher variables must be {{'params': ...}}, got keys {sorted(given)}"
+      )
+    shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len)["params"]
+    params, path = jax.device_put(given["params"], shardings), None
+  else:
+    params, shardings, path = teacher_lib.load(cfg, teacher, mesh, workdir)
+  variables, var_shardings = {"params": params}, {"params": shardings}
+  if getattr(teacher.config, "fp8", False):
+    fp8, fp8_shardings = teacher_lib.calibrate_fp8(cfg, teacher, params, mesh)
+    variables.update(fp8)
+    var_shardings.update(fp8_shardings)
+  return variables, var_shardings, path
