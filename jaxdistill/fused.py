@@ -14,8 +14,9 @@ logits only ever exist one chunk at a time, inside a ``jax.custom_vjp``:
   full-vocabulary logits is too large: pass 1 streams over vocab chunks keeping per-chunk maxima
   and exp-sums of the student (at tau and at 1) and teacher, the teacher-weighted logit gap and
   the target logit, then combines them into logsumexps and KL = a / s_t - lse_t + lse_s
-  (REFERENCE.md section 3); pass 2 recomputes each chunk's logits to form dZ, dH and dW. That is
-  6 head matmuls (+50% head FLOPs); it composes with token chunks (one pass pair per chunk).
+  (derived in docs/fused_head.md); pass 2 recomputes each chunk's logits to form dZ, dH and
+  dW. That is 6 head matmuls (+50% head FLOPs); it composes with token chunks (one pass pair
+  per chunk).
 
 Sharding: rows are split per batch shard and vocabulary columns per vocab shard (logical axes
 ``act_batch`` and ``vocab`` of ``sharding.LOGICAL_RULES``), so every chunk holds rows of every
@@ -37,14 +38,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import losses
+from jaxdistill import chunking, losses, sharding
 
 F32 = jnp.float32
 # Kinds the vocab-chunked (streaming) path implements; token chunks take any LOGIT_DIVERGENCES.
@@ -83,52 +82,7 @@ class _Static:
   head_dtype: Any
 
 
-# --- Layout: chunks that keep every shard busy ---
-
-
-def _mesh_shards(logical_name: str, size: int) -> int:
-  """Devices the active rules split ``logical_name`` over (1 without a mesh or if uneven)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not nn.get_logical_axis_rules():
-    return 1
-  axes = nn.logical_to_mesh_axes((logical_name,))[0]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  shards = math.prod(mesh.shape[a] for a in axes)
-  return shards if size % shards == 0 else 1
-
-
-def _constrain(x: jax.Array, names: tuple) -> jax.Array:
-  return nn.with_logical_constraint(x, names)
-
-
-def _split(x_MxF: jax.Array, shards: int, chunk: int, fill, name: str) -> jax.Array:
-  """[M, ...] -> [K, shards * c, ...]: chunk k holds c rows of EACH shard's block.
-
-  Rows of shard s are its contiguous block M/shards (how a sharded array is laid out); each
-  block is padded with ``fill`` on its own, so nothing crosses devices. chunk <= 0: one chunk.
-  """
-  m, rest = x_MxF.shape[0], x_MxF.shape[1:]
-  local = m // shards
-  count = 1 if chunk <= 0 else -(-local // chunk)
-  size = -(-local // count)  # balanced chunks: padding < count rows per shard
-  none = (None,) * len(rest)
-  x = _constrain(x_MxF.reshape(shards, local, *rest), (name, None) + none)
-  x = jnp.pad(x, [(0, 0), (0, count * size - local)] + [(0, 0)] * len(rest), constant_values=fill)
-  x = x.reshape(shards, count, size, *rest).swapaxes(0, 1)
-  return _constrain(x.reshape(count, shards * size, *rest), (None, name) + none)
-
-
-def _merge(x_KxCxF: jax.Array, shards: int, m: int) -> jax.Array:
-  """Inverse of ``_split``: [K, shards * c, ...] -> [m, ...] without the padding."""
-  count, width, rest = x_KxCxF.shape[0], x_KxCxF.shape[1], x_KxCxF.shape[2:]
-  x = x_KxCxF.reshape(count, shards, width // shards, *rest).swapaxes(0, 1)
-  x = x.reshape(shards, count * (width // shards), *rest)[:, : m // shards]
-  return x.reshape(m, *rest)
-
-
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b in b's dtype with float32 accumulation and result (dZ enters in the head's dtype)."""
-  return jnp.matmul(a.astype(b.dtype), b, preferred_element_type=F32)
+# --- Head gradient accumulation per batch shard ---
 
 
 def _per_shard_outer(h_CxD: jax.Array, dz_CxU: jax.Array, shards: int) -> jax.Array:
@@ -137,7 +91,7 @@ def _per_shard_outer(h_CxD: jax.Array, dz_CxU: jax.Array, shards: int) -> jax.Ar
   h_SxCxD = h_CxD.reshape(shards, c, -1)
   dz_SxCxU = dz_CxU.astype(h_CxD.dtype).reshape(shards, c, -1)
   out = jnp.einsum("scd,scu->sdu", h_SxCxD, dz_SxCxU, preferred_element_type=F32)
-  return _constrain(out, ("act_batch", None, "vocab"))
+  return chunking.constrain(out, ("act_batch", None, "vocab"))
 
 
 def _add_outer_block(dw_acc, h_CxD, dz_CxU, j, size: int, shards: int) -> jax.Array:
@@ -209,7 +163,7 @@ def _chunk_stats(zs_CxU, zt_CxU, cols, y_C, tau) -> dict[str, jax.Array]:
 def _finish(st: _Static, stats, tau):
   """Chunk statistics [J, C] -> per-token (divergence, ce, lse_1, lse_t) and (lse_s, lse_t, lse_1).
 
-  KL(p||q) = sum_v p_v (t_v - s_v) - lse_t + lse_s on tempered logits (REFERENCE.md 3),
+  KL(p||q) = sum_v p_v (t_v - s_v) - lse_t + lse_s on tempered logits (docs/fused_head.md),
   summed as (E_p[t - s] - (max_t - max_s)) - (log S_t - log S_s): the large maxima cancel
   first, so a small KL keeps its relative precision.
   """
@@ -241,10 +195,10 @@ def _closed_form_dz(st: _Static, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalar
 
 def _logits(st: _Static, hs_CxDs, ht_CxDt, w_DsxU, wt_DtxU):
   """Student and teacher logits [C, U] in float32 (the teacher's None without a teacher)."""
-  zs_CxU = _constrain(_dot(hs_CxDs, w_DsxU), ("act_batch", "act_vocab"))
+  zs_CxU = chunking.constrain(chunking.dot(hs_CxDs, w_DsxU), ("act_batch", "act_vocab"))
   if not st.has_teacher:
     return zs_CxU, None
-  return zs_CxU, _constrain(_dot(ht_CxDt, wt_DtxU), ("act_batch", "act_vocab"))
+  return zs_CxU, chunking.constrain(chunking.dot(ht_CxDt, wt_DtxU), ("act_batch", "act_vocab"))
 
 
 # --- Token chunks with the whole vocabulary ---
@@ -298,7 +252,7 @@ def _full_vocab_chunk(st: _Static, heads, dw_acc, xs, scalars, with_grad: bool):
 
   count = dz_CxTxV.shape[-1] // size
   dw_acc = jax.lax.scan(add_block, dw_acc, jnp.arange(count))[0]
-  return dw_acc, per_token, _dot(dz_CxU, heads[0].T)
+  return dw_acc, per_token, chunking.dot(dz_CxU, heads[0].T)
 
 
 # --- Token chunks streamed over vocabulary chunks (forward KL) ---
@@ -314,7 +268,7 @@ def _vocab_blocks(w_DxV: jax.Array, shards: int, chunk: int, fill):
   local = v // shards
   count = -(-local // chunk)
   size = -(-local // count)
-  w = _constrain(w_DxV.reshape(d, shards, local), (None, "vocab", None))
+  w = chunking.constrain(w_DxV.reshape(d, shards, local), (None, "vocab", None))
   if count * size != local:
     w = jnp.pad(w, [(0, 0), (0, 0), (0, count * size - local)], constant_values=fill)
   # XLA:CPU copies a slice loop's operand with a unit axis, so drop it when T = 1.
@@ -324,7 +278,7 @@ def _vocab_blocks(w_DxV: jax.Array, shards: int, chunk: int, fill):
 def _vocab_block(w: jax.Array, j, size: int) -> jax.Array:
   """Chunk j of ``_vocab_blocks``: [D, U] with U = T * u columns."""
   block = jax.lax.dynamic_slice_in_dim(w, j * size, size, axis=w.ndim - 1)
-  return _constrain(block.reshape(block.shape[0], -1), (None, "vocab"))
+  return chunking.constrain(block.reshape(block.shape[0], -1), (None, "vocab"))
 
 
 class _Blocks(NamedTuple):
@@ -364,7 +318,7 @@ def _vocab_chunked(st: _Static, blocks: _Blocks, dw_acc, xs, scalars, with_grad:
     zs_CxU, zt_CxU, cols, w_DsxU = logits(j)
     dz_CxU = _closed_form_dz(st, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars)
     dw_acc = _add_outer_block(dw_acc, hs_CxDs, dz_CxU, j, blocks.size, st.row_shards)
-    return (dh_CxDs + _dot(dz_CxU, w_DsxU.T), dw_acc), None
+    return (dh_CxDs + chunking.dot(dz_CxU, w_DsxU.T), dw_acc), None
 
   (dh_CxDs, dw_acc), _ = jax.lax.scan(grads, (jnp.zeros(hs_CxDs.shape, F32), dw_acc), chunk_ids)
   return dw_acc, per_token, dh_CxDs
@@ -390,7 +344,7 @@ def _dw_zeros(st: _Static, ds: int, v: int, blocks: _Blocks | None) -> jax.Array
   if blocks is not None:
     cols = blocks.student.shape[1:]
   names = ("act_batch", None) + (("vocab", None) if t > 1 else (None,))
-  return _constrain(jnp.zeros((st.row_shards, ds) + cols, F32), names)
+  return chunking.constrain(jnp.zeros((st.row_shards, ds) + cols, F32), names)
 
 
 def _dw_total(st: _Static, dw_acc: jax.Array, v: int) -> jax.Array:
@@ -411,10 +365,14 @@ def _run(st: _Static, args, with_grad: bool):
   zero_rows = lambda h: None if h is None else jnp.where(valid_N[:, None], h, 0).astype(h.dtype)
   hs_NxDs, ht_NxDt = zero_rows(hs_NxDs), zero_rows(ht_NxDt)
   y_N = jnp.where(valid_N, y_N, 0).astype(jnp.int32)
-  rows = lambda x: None if x is None else _split(x, st.row_shards, st.token_chunk, 0, "act_batch")
+  rows = lambda x: (
+    None if x is None else chunking.split(x, st.row_shards, st.token_chunk, 0, "act_batch")
+  )
   xs = (rows(hs_NxDs), rows(ht_NxDt), rows(y_N), rows(coef_N))
   # The head is gathered over its width once, outside the loop; its vocab stays sharded.
-  heads = [None if w is None else _constrain(w, (None, "vocab")) for w in (ws_DsxV, wt_DtxV)]
+  heads = [
+    None if w is None else chunking.constrain(w, (None, "vocab")) for w in (ws_DsxV, wt_DtxV)
+  ]
   scalars = (jnp.asarray(tau, F32), jnp.asarray(w_div, F32), jnp.asarray(w_ce, F32))
   blocks = _make_blocks(st, heads, v)
 
@@ -427,7 +385,7 @@ def _run(st: _Static, args, with_grad: bool):
 
   dw0 = _dw_zeros(st, hs_NxDs.shape[1], v, blocks) if with_grad else None
   dw_acc, (per_token, dh) = jax.lax.scan(body, dw0, xs)
-  merge = lambda x: _merge(x, st.row_shards, n)
+  merge = lambda x: chunking.merge(x, st.row_shards, n)
   names = ("divergence", "ce", "student_lse", "teacher_lse")
   per_token = {k: jnp.where(valid_N, merge(x), 0.0) for k, x in zip(names, per_token)}
   div = jnp.sum(coef_N * per_token["divergence"])
@@ -512,8 +470,8 @@ def fused_loss_head(
     beta=float(beta),
     token_chunk=int(token_chunk),
     vocab_chunk=int(vocab_chunk),
-    row_shards=_mesh_shards("act_batch", hs.shape[0]),
-    vocab_shards=_mesh_shards("vocab", ws.shape[1]),
+    row_shards=sharding.logical_shards("act_batch", hs.shape[0]),
+    vocab_shards=sharding.logical_shards("vocab", ws.shape[1]),
     has_teacher=ht is not None,
     hidden_dtype=jnp.dtype(hs.dtype),
     head_dtype=jnp.dtype(ws.dtype),
