@@ -8,8 +8,14 @@ block on its own, so nothing moves between devices and every device works on eve
 ``merge`` undoes it. ``map_chunks`` maps a function over the chunks with ``lax.map`` (a scan:
 one chunk's intermediates live at a time).
 
+Columns of an output head [D, V] are sharded over the vocabulary (logical axis ``vocab``) the
+same way: ``vocab_blocks`` / ``vocab_block`` give chunk j as u columns of EVERY vocab shard.
+The head's gradient h^T dz is accumulated per batch shard (``add_outer_block``), so rows are
+summed across devices once at the end, not once per chunk.
+
 Shape legend: M rows, F trailing feature axes, S row shards, K chunks, C rows of one chunk
-(all shards), N tokens, D hidden width, V vocabulary.
+(all shards), N tokens, D hidden width, V vocabulary, T vocab shards, J vocab chunks, u
+columns of one vocab chunk per shard, U = T * u.
 """
 
 from __future__ import annotations
@@ -90,3 +96,56 @@ def map_chunks(fn: Callable, row_shards: int, token_chunk: int, xs: tuple, n: in
   """
   outs = jax.lax.map(fn, tuple(split(x, row_shards, token_chunk, 0, "act_batch") for x in xs))
   return jax.tree.map(lambda y: merge(y, row_shards, n), outs)
+
+
+# --- Vocabulary columns: chunks of every vocab shard, head gradients per batch shard ---
+
+
+def vocab_blocks(w_DxV: jax.Array, shards: int, chunk: int, fill):
+  """[D, V] -> ([D, T, J * u] (or [D, J * u] for T = 1), J, u): shard t's columns, padded.
+
+  A reshape (a copy only when a shard's columns need padding to J * u), so the head is not
+  duplicated; chunk j is then a dynamic slice of the unsharded last axis (``vocab_block``).
+  """
+  d, v = w_DxV.shape
+  local = v // shards
+  count = -(-local // chunk)
+  size = -(-local // count)
+  w = constrain(w_DxV.reshape(d, shards, local), (None, "vocab", None))
+  if count * size != local:
+    w = jnp.pad(w, [(0, 0), (0, 0), (0, count * size - local)], constant_values=fill)
+  # XLA:CPU copies a slice loop's operand with a unit axis, so drop it when T = 1.
+  return (w[:, 0] if shards == 1 else w), count, size
+
+
+def vocab_block(w: jax.Array, j, size: int) -> jax.Array:
+  """Chunk j of ``vocab_blocks``: [D, U] with U = T * u columns."""
+  block = jax.lax.dynamic_slice_in_dim(w, j * size, size, axis=w.ndim - 1)
+  return constrain(block.reshape(block.shape[0], -1), (None, "vocab"))
+
+
+def per_shard_outer(h_CxD: jax.Array, dz_CxU: jax.Array, shards: int) -> jax.Array:
+  """[S, D, U] per-batch-shard partial sums of h^T dz: summed over rows only within a shard."""
+  c = h_CxD.shape[0] // shards
+  h_SxCxD = h_CxD.reshape(shards, c, -1)
+  dz_SxCxU = dz_CxU.astype(h_CxD.dtype).reshape(shards, c, -1)
+  out = jnp.einsum("scd,scu->sdu", h_SxCxD, dz_SxCxU, preferred_element_type=F32)
+  return constrain(out, ("act_batch", None, "vocab"))
+
+
+def add_outer_block(dw_acc, h_CxD, dz_CxU, j, size: int, shards: int) -> jax.Array:
+  """dw_acc[..., j * size : (j + 1) * size] += per-shard h^T dz, in place (a dynamic slice).
+
+  dw_acc is [S, D, (T,) J * size]: each vocab shard's columns last, so the slice is local.
+  """
+  dw = per_shard_outer(h_CxD, dz_CxU, shards).reshape(dw_acc.shape[:-1] + (size,))
+  old = jax.lax.dynamic_slice_in_dim(dw_acc, j * size, size, axis=-1)
+  return jax.lax.dynamic_update_slice_in_dim(dw_acc, old + dw, j * size, axis=-1)
+
+
+def column_blocks(v_local: int, rows: int, width: int) -> int:
+  """Blocks to split a shard's V columns into when accumulating h^T dz, so that one block of
+  the head's gradient [D, u] is no larger than the chunk's logits [C, V]: the smallest count
+  >= D / C that divides V exactly (1 if none does, rather than tiny blocks)."""
+  target = max(1, -(-width // max(rows, 1)))
+  return next((k for k in range(target, 8 * target + 1) if v_local % k == 0), 1)

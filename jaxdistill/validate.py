@@ -107,7 +107,6 @@ def validate(cfg: Any) -> None:
       "optim.lr_schedule", f"unknown {cfg.optim.lr_schedule!r}; choose cosine or constant"
     )
   _check_distill(cfg)
-  _check_fused(cfg)
 
 
 def _check_hf(cfg: Any) -> None:
@@ -192,8 +191,14 @@ def _check_pairs(cfg: Any, key: str, allow_embeddings: bool) -> None:
 
 
 def _check_distill(cfg: Any) -> None:
-  """The ``distill`` section: kinds, weights, schedules, layer maps, against the models and
-  the teacher source (everything ``objective.make_objective`` reads)."""
+  """The ``distill`` section (everything ``objective.make_objective`` reads): the losses, then
+  the fused head's settings."""
+  _check_losses(cfg)
+  _check_fused(cfg)
+
+
+def _check_losses(cfg: Any) -> None:
+  """Kinds, weights, schedules and layer maps, against the models and the teacher source."""
   d, t = cfg.distill, cfg.teacher
   if t.source == "none":
     for key in ("logit", "attention", "hidden", "embedding"):
