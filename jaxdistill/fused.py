@@ -14,8 +14,9 @@ logits only ever exist one chunk at a time, inside a ``jax.custom_vjp``:
   full-vocabulary logits is too large: pass 1 streams over vocab chunks keeping per-chunk maxima
   and exp-sums of the student (at tau and at 1) and teacher, the teacher-weighted logit gap and
   the target logit, then combines them into logsumexps and KL = a / s_t - lse_t + lse_s
-  (REFERENCE.md section 3); pass 2 recomputes each chunk's logits to form dZ, dH and dW. That is
-  6 head matmuls (+50% head FLOPs); it composes with token chunks (one pass pair per chunk).
+  (derived in docs/fused_head.md); pass 2 recomputes each chunk's logits to form dZ, dH and
+  dW. That is 6 head matmuls (+50% head FLOPs); it composes with token chunks (one pass pair
+  per chunk).
 
 Sharding: rows are split per batch shard and vocabulary columns per vocab shard (logical axes
 ``act_batch`` and ``vocab`` of ``sharding.LOGICAL_RULES``), so every chunk holds rows of every
@@ -37,14 +38,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import losses
+from jaxdistill import chunking, closed_form, losses, sharding
 
 F32 = jnp.float32
 # Kinds the vocab-chunked (streaming) path implements; token chunks take any LOGIT_DIVERGENCES.
@@ -83,168 +82,12 @@ class _Static:
   head_dtype: Any
 
 
-# --- Layout: chunks that keep every shard busy ---
-
-
-def _mesh_shards(logical_name: str, size: int) -> int:
-  """Devices the active rules split ``logical_name`` over (1 without a mesh or if uneven)."""
-  mesh = jax.sharding.get_abstract_mesh()
-  if mesh.empty or not nn.get_logical_axis_rules():
-    return 1
-  axes = nn.logical_to_mesh_axes((logical_name,))[0]
-  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-  shards = math.prod(mesh.shape[a] for a in axes)
-  return shards if size % shards == 0 else 1
-
-
-def _constrain(x: jax.Array, names: tuple) -> jax.Array:
-  return nn.with_logical_constraint(x, names)
-
-
-def _split(x_MxF: jax.Array, shards: int, chunk: int, fill, name: str) -> jax.Array:
-  """[M, ...] -> [K, shards * c, ...]: chunk k holds c rows of EACH shard's block.
-
-  Rows of shard s are its contiguous block M/shards (how a sharded array is laid out); each
-  block is padded with ``fill`` on its own, so nothing crosses devices. chunk <= 0: one chunk.
-  """
-  m, rest = x_MxF.shape[0], x_MxF.shape[1:]
-  local = m // shards
-  count = 1 if chunk <= 0 else -(-local // chunk)
-  size = -(-local // count)  # balanced chunks: padding < count rows per shard
-  none = (None,) * len(rest)
-  x = _constrain(x_MxF.reshape(shards, local, *rest), (name, None) + none)
-  x = jnp.pad(x, [(0, 0), (0, count * size - local)] + [(0, 0)] * len(rest), constant_values=fill)
-  x = x.reshape(shards, count, size, *rest).swapaxes(0, 1)
-  return _constrain(x.reshape(count, shards * size, *rest), (None, name) + none)
-
-
-def _merge(x_KxCxF: jax.Array, shards: int, m: int) -> jax.Array:
-  """Inverse of ``_split``: [K, shards * c, ...] -> [m, ...] without the padding."""
-  count, width, rest = x_KxCxF.shape[0], x_KxCxF.shape[1], x_KxCxF.shape[2:]
-  x = x_KxCxF.reshape(count, shards, width // shards, *rest).swapaxes(0, 1)
-  x = x.reshape(shards, count * (width // shards), *rest)[:, : m // shards]
-  return x.reshape(m, *rest)
-
-
-def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
-  """a @ b in b's dtype with float32 accumulation and result (dZ enters in the head's dtype)."""
-  return jnp.matmul(a.astype(b.dtype), b, preferred_element_type=F32)
-
-
-def _per_shard_outer(h_CxD: jax.Array, dz_CxU: jax.Array, shards: int) -> jax.Array:
-  """[S, D, U] per-batch-shard partial sums of h^T dz: summed over rows only within a shard."""
-  c = h_CxD.shape[0] // shards
-  h_SxCxD = h_CxD.reshape(shards, c, -1)
-  dz_SxCxU = dz_CxU.astype(h_CxD.dtype).reshape(shards, c, -1)
-  out = jnp.einsum("scd,scu->sdu", h_SxCxD, dz_SxCxU, preferred_element_type=F32)
-  return _constrain(out, ("act_batch", None, "vocab"))
-
-
-def _add_outer_block(dw_acc, h_CxD, dz_CxU, j, size: int, shards: int) -> jax.Array:
-  """dw_acc[..., j * size : (j + 1) * size] += per-shard h^T dz, in place (a dynamic slice).
-
-  dw_acc is [S, D, (T,) J * size]: each vocab shard's columns last, so the slice is local.
-  """
-  dw = _per_shard_outer(h_CxD, dz_CxU, shards).reshape(dw_acc.shape[:-1] + (size,))
-  old = jax.lax.dynamic_slice_in_dim(dw_acc, j * size, size, axis=-1)
-  return jax.lax.dynamic_update_slice_in_dim(dw_acc, old + dw, j * size, axis=-1)
-
-
-def _column_blocks(v_local: int, rows: int, width: int) -> int:
-  """Blocks to split a shard's V columns into when accumulating h^T dz, so that one block of
-  the head's gradient [D, u] is no larger than the chunk's logits [C, V]: the smallest count
-  >= D / C that divides V exactly (1 if none does, rather than tiny blocks)."""
-  target = max(1, -(-width // max(rows, 1)))
-  return next((k for k in range(target, 8 * target + 1) if v_local % k == 0), 1)
-
-
-# --- Forward KL + CE in closed form, from one chunk of logits ---
-
-
-def _masked_max(x_CxU: jax.Array, valid_U: jax.Array):
-  """Row max over the valid columns (-inf if none) and a finite stand-in to subtract, [C, 1]."""
-  m_C = jnp.max(jnp.where(valid_U, x_CxU, -jnp.inf), axis=-1)
-  return m_C, jnp.where(jnp.isfinite(m_C), m_C, 0.0)[:, None]
-
-
-def _combine(m_JxC: jax.Array, s_JxC: jax.Array):
-  """Per-chunk (max, exp-sum) -> (rescale factors [J, C], max [C], log exp-sum [C])."""
-  m_C = jnp.max(m_JxC, axis=0)
-  scale_JxC = jnp.exp(m_JxC - m_C)  # a chunk with no valid column has m = -inf: scale 0
-  return scale_JxC, m_C, jnp.log(jnp.sum(s_JxC * scale_JxC, axis=0))
-
-
-def _row_sums(*terms_CxU: jax.Array) -> tuple[jax.Array, ...]:
-  """Row sums of several [C, U] terms in ONE reduction (one pass, no materialised terms)."""
-  zeros = tuple(jnp.zeros((), F32) for _ in terms_CxU)
-  add = lambda a, b: tuple(x + y for x, y in zip(a, b))
-  return jax.lax.reduce(terms_CxU, zeros, add, (1,))
-
-
-def _chunk_stats(zs_CxU, zt_CxU, cols, y_C, tau) -> dict[str, jax.Array]:
-  """Per-token statistics [C] of one vocab chunk: maxima and exp-sums of the student at 1
-  (and, with a teacher, student and teacher at tau), the teacher-weighted gap, the target.
-
-  ``cols`` = (valid_U, ids_U): padded vocab columns are selected out of every sum. max(z / tau)
-  = max(z) / tau (tau > 0 and rounding is monotonic), so z / tau is never stored.
-  """
-  valid_U, ids_U = cols
-  masked = lambda x_CxU: jnp.where(valid_U, x_CxU, 0.0)
-  m1, safe1 = _masked_max(zs_CxU, valid_U)
-  # The target logit by a masked sum, not a gather: it shards over the vocabulary.
-  terms = [masked(jnp.exp(zs_CxU - safe1)), jnp.where(ids_U == y_C[:, None], zs_CxU, 0.0)]
-  if zt_CxU is not None:
-    mt, safe_t = _masked_max(zt_CxU, valid_U)
-    s_CxU, t_CxU = zs_CxU / tau, zt_CxU / tau
-    et = masked(jnp.exp(t_CxU - safe_t / tau))
-    # sum_v exp(t - mt) (t - s); selected, since padded columns would give 0 * inf.
-    terms += [masked(jnp.exp(s_CxU - safe1 / tau)), et, masked(et * (t_CxU - s_CxU))]
-  sums = _row_sums(*terms)
-  stats = dict(m1=m1, s1=sums[0], tgt=sums[1])
-  if zt_CxU is not None:
-    stats.update(ms=m1 / tau, mt=mt / tau, ss=sums[2], st=sums[3], gap=sums[4])
-  return stats
-
-
-def _finish(st: _Static, stats, tau):
-  """Chunk statistics [J, C] -> per-token (divergence, ce, lse_1, lse_t) and (lse_s, lse_t, lse_1).
-
-  KL(p||q) = sum_v p_v (t_v - s_v) - lse_t + lse_s on tempered logits (REFERENCE.md 3),
-  summed as (E_p[t - s] - (max_t - max_s)) - (log S_t - log S_s): the large maxima cancel
-  first, so a small KL keeps its relative precision.
-  """
-  lse_1 = sum(_combine(stats["m1"], stats["s1"])[1:])
-  ce_C = lse_1 - stats["tgt"].sum(0)
-  if not st.has_teacher:
-    zero_C = jnp.zeros_like(ce_C)
-    return (zero_C, ce_C, lse_1, zero_C), (zero_C, zero_C, lse_1)
-  _, m_s, log_s = _combine(stats["ms"], stats["ss"])
-  scale_t, m_t, log_t = _combine(stats["mt"], stats["st"])
-  gap_C = jnp.sum(stats["gap"] * scale_t, 0) / jnp.sum(stats["st"] * scale_t, 0)
-  kl_C = (gap_C - (m_t - m_s)) - (log_t - log_s)
-  lse_s, lse_t = m_s + log_s, m_t + log_t
-  return (kl_C * tau**2, ce_C, lse_1, lse_t), (lse_s, lse_t, lse_1)
-
-
-def _closed_form_dz(st: _Static, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars):
-  """d loss / d student logits: coef (w_kl tau (q - p) + w_ce (softmax(z) - onehot))."""
-  valid_U, ids_U = cols
-  lse_s, lse_t, lse_1 = lses
-  tau, w_div, w_ce = scalars
-  dz_CxU = w_ce * (jnp.exp(zs_CxU - lse_1[:, None]) - (ids_U == y_C[:, None]))
-  if st.has_teacher:
-    q_CxU = jnp.exp(zs_CxU / tau - lse_s[:, None])
-    p_CxU = jnp.exp(zt_CxU / tau - lse_t[:, None])
-    dz_CxU = dz_CxU + w_div * tau * (q_CxU - p_CxU)  # d(tau^2 KL)/dz_s
-  return jnp.where(valid_U, coef_C[:, None] * dz_CxU, 0.0)
-
-
 def _logits(st: _Static, hs_CxDs, ht_CxDt, w_DsxU, wt_DtxU):
   """Student and teacher logits [C, U] in float32 (the teacher's None without a teacher)."""
-  zs_CxU = _constrain(_dot(hs_CxDs, w_DsxU), ("act_batch", "act_vocab"))
+  zs_CxU = chunking.constrain(chunking.dot(hs_CxDs, w_DsxU), ("act_batch", "act_vocab"))
   if not st.has_teacher:
     return zs_CxU, None
-  return zs_CxU, _constrain(_dot(ht_CxDt, wt_DtxU), ("act_batch", "act_vocab"))
+  return zs_CxU, chunking.constrain(chunking.dot(ht_CxDt, wt_DtxU), ("act_batch", "act_vocab"))
 
 
 # --- Token chunks with the whole vocabulary ---
@@ -281,54 +124,33 @@ def _full_vocab_chunk(st: _Static, heads, dw_acc, xs, scalars, with_grad: bool):
   else:
     ids_U = jnp.arange(zs_CxU.shape[1])
     cols = (ids_U >= 0, ids_U)
-    stats_1xC = {k: x[None] for k, x in _chunk_stats(zs_CxU, zt_CxU, cols, y_C, scalars[0]).items()}
-    per_token, lses = _finish(st, stats_1xC, scalars[0])
+    stats_1xC = {
+      k: x[None] for k, x in closed_form.chunk_stats(zs_CxU, zt_CxU, cols, y_C, scalars[0]).items()
+    }
+    per_token, lses = closed_form.finish(st.has_teacher, stats_1xC, scalars[0])
     if with_grad:
-      dz_CxU = _closed_form_dz(st, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars)
+      dz_CxU = closed_form.dz(st.has_teacher, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars)
   if not with_grad:
     return dw_acc, per_token, None
   # dW in column blocks: no [Ds, V] temporary beside the accumulator.
   c, v = dz_CxU.shape
-  size = v // st.vocab_shards // _column_blocks(v // st.vocab_shards, c, hs_CxDs.shape[1])
+  size = v // st.vocab_shards // chunking.column_blocks(v // st.vocab_shards, c, hs_CxDs.shape[1])
   dz_CxTxV = dz_CxU.reshape((c, st.vocab_shards, -1) if st.vocab_shards > 1 else (c, v))
 
   def add_block(dw_acc, j):
     dz_CxU = jax.lax.dynamic_slice_in_dim(dz_CxTxV, j * size, size, axis=-1).reshape(c, -1)
-    return _add_outer_block(dw_acc, hs_CxDs, dz_CxU, j, size, st.row_shards), None
+    return chunking.add_outer_block(dw_acc, hs_CxDs, dz_CxU, j, size, st.row_shards), None
 
   count = dz_CxTxV.shape[-1] // size
   dw_acc = jax.lax.scan(add_block, dw_acc, jnp.arange(count))[0]
-  return dw_acc, per_token, _dot(dz_CxU, heads[0].T)
+  return dw_acc, per_token, chunking.dot(dz_CxU, heads[0].T)
 
 
 # --- Token chunks streamed over vocabulary chunks (forward KL) ---
 
 
-def _vocab_blocks(w_DxV: jax.Array, shards: int, chunk: int, fill):
-  """[D, V] -> ([D, T, J * u] (or [D, J * u] for T = 1), J, u): shard t's columns, padded.
-
-  A reshape (a copy only when a shard's columns need padding to J * u), so the head is not
-  duplicated; chunk j is then a dynamic slice of the unsharded last axis (``_vocab_block``).
-  """
-  d, v = w_DxV.shape
-  local = v // shards
-  count = -(-local // chunk)
-  size = -(-local // count)
-  w = _constrain(w_DxV.reshape(d, shards, local), (None, "vocab", None))
-  if count * size != local:
-    w = jnp.pad(w, [(0, 0), (0, 0), (0, count * size - local)], constant_values=fill)
-  # XLA:CPU copies a slice loop's operand with a unit axis, so drop it when T = 1.
-  return (w[:, 0] if shards == 1 else w), count, size
-
-
-def _vocab_block(w: jax.Array, j, size: int) -> jax.Array:
-  """Chunk j of ``_vocab_blocks``: [D, U] with U = T * u columns."""
-  block = jax.lax.dynamic_slice_in_dim(w, j * size, size, axis=w.ndim - 1)
-  return _constrain(block.reshape(block.shape[0], -1), (None, "vocab"))
-
-
 class _Blocks(NamedTuple):
-  """Heads and column ids in ``_vocab_blocks`` layout; J chunks of u columns per shard."""
+  """Heads and column ids in ``chunking.vocab_blocks`` layout; J chunks of u columns per shard."""
 
   student: jax.Array
   teacher: jax.Array | None
@@ -347,24 +169,26 @@ def _vocab_chunked(st: _Static, blocks: _Blocks, dw_acc, xs, scalars, with_grad:
   chunk_ids = jnp.arange(blocks.count)
 
   def logits(j):
-    heads = [None if b is None else _vocab_block(b, j, blocks.size) for b in blocks[:2]]
-    ids_U = _vocab_block(blocks.ids, j, blocks.size)[0]
+    heads = [None if b is None else chunking.vocab_block(b, j, blocks.size) for b in blocks[:2]]
+    ids_U = chunking.vocab_block(blocks.ids, j, blocks.size)[0]
     return *_logits(st, hs_CxDs, ht_CxDt, *heads), (ids_U >= 0, ids_U), heads[0]
 
   def stats(_, j):
     zs_CxU, zt_CxU, cols, _ = logits(j)
-    return None, _chunk_stats(zs_CxU, zt_CxU, cols, y_C, scalars[0])
+    return None, closed_form.chunk_stats(zs_CxU, zt_CxU, cols, y_C, scalars[0])
 
-  per_token, lses = _finish(st, jax.lax.scan(stats, None, chunk_ids)[1], scalars[0])
+  per_token, lses = closed_form.finish(
+    st.has_teacher, jax.lax.scan(stats, None, chunk_ids)[1], scalars[0]
+  )
   if not with_grad:
     return dw_acc, per_token, None
 
   def grads(carry, j):
     dh_CxDs, dw_acc = carry
     zs_CxU, zt_CxU, cols, w_DsxU = logits(j)
-    dz_CxU = _closed_form_dz(st, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars)
-    dw_acc = _add_outer_block(dw_acc, hs_CxDs, dz_CxU, j, blocks.size, st.row_shards)
-    return (dh_CxDs + _dot(dz_CxU, w_DsxU.T), dw_acc), None
+    dz_CxU = closed_form.dz(st.has_teacher, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars)
+    dw_acc = chunking.add_outer_block(dw_acc, hs_CxDs, dz_CxU, j, blocks.size, st.row_shards)
+    return (dh_CxDs + chunking.dot(dz_CxU, w_DsxU.T), dw_acc), None
 
   (dh_CxDs, dw_acc), _ = jax.lax.scan(grads, (jnp.zeros(hs_CxDs.shape, F32), dw_acc), chunk_ids)
   return dw_acc, per_token, dh_CxDs
@@ -376,7 +200,7 @@ def _vocab_chunked(st: _Static, blocks: _Blocks, dw_acc, xs, scalars, with_grad:
 def _make_blocks(st: _Static, heads, v: int) -> _Blocks | None:
   if st.vocab_chunk <= 0:
     return None
-  block = lambda w, fill: _vocab_blocks(w, st.vocab_shards, st.vocab_chunk, fill)
+  block = lambda w, fill: chunking.vocab_blocks(w, st.vocab_shards, st.vocab_chunk, fill)
   (ws, count, size), (ids, _, _) = block(heads[0], 0), block(jnp.arange(v)[None], -1)
   wt = None if heads[1] is None else block(heads[1], 0)[0]
   return _Blocks(ws, wt, ids, count, size)
@@ -384,13 +208,13 @@ def _make_blocks(st: _Static, heads, v: int) -> _Blocks | None:
 
 def _dw_zeros(st: _Static, ds: int, v: int, blocks: _Blocks | None) -> jax.Array:
   """Per-batch-shard partial head gradients [S, Ds, (T,) V / T (+ padding)]: each vocab
-  shard's columns last, like ``_vocab_blocks``; T is left out when 1."""
+  shard's columns last, like ``chunking.vocab_blocks``; T is left out when 1."""
   t = st.vocab_shards
   cols = (t, v // t) if t > 1 else (v,)
   if blocks is not None:
     cols = blocks.student.shape[1:]
   names = ("act_batch", None) + (("vocab", None) if t > 1 else (None,))
-  return _constrain(jnp.zeros((st.row_shards, ds) + cols, F32), names)
+  return chunking.constrain(jnp.zeros((st.row_shards, ds) + cols, F32), names)
 
 
 def _dw_total(st: _Static, dw_acc: jax.Array, v: int) -> jax.Array:
@@ -411,10 +235,14 @@ def _run(st: _Static, args, with_grad: bool):
   zero_rows = lambda h: None if h is None else jnp.where(valid_N[:, None], h, 0).astype(h.dtype)
   hs_NxDs, ht_NxDt = zero_rows(hs_NxDs), zero_rows(ht_NxDt)
   y_N = jnp.where(valid_N, y_N, 0).astype(jnp.int32)
-  rows = lambda x: None if x is None else _split(x, st.row_shards, st.token_chunk, 0, "act_batch")
+  rows = lambda x: (
+    None if x is None else chunking.split(x, st.row_shards, st.token_chunk, 0, "act_batch")
+  )
   xs = (rows(hs_NxDs), rows(ht_NxDt), rows(y_N), rows(coef_N))
   # The head is gathered over its width once, outside the loop; its vocab stays sharded.
-  heads = [None if w is None else _constrain(w, (None, "vocab")) for w in (ws_DsxV, wt_DtxV)]
+  heads = [
+    None if w is None else chunking.constrain(w, (None, "vocab")) for w in (ws_DsxV, wt_DtxV)
+  ]
   scalars = (jnp.asarray(tau, F32), jnp.asarray(w_div, F32), jnp.asarray(w_ce, F32))
   blocks = _make_blocks(st, heads, v)
 
@@ -427,7 +255,7 @@ def _run(st: _Static, args, with_grad: bool):
 
   dw0 = _dw_zeros(st, hs_NxDs.shape[1], v, blocks) if with_grad else None
   dw_acc, (per_token, dh) = jax.lax.scan(body, dw0, xs)
-  merge = lambda x: _merge(x, st.row_shards, n)
+  merge = lambda x: chunking.merge(x, st.row_shards, n)
   names = ("divergence", "ce", "student_lse", "teacher_lse")
   per_token = {k: jnp.where(valid_N, merge(x), 0.0) for k, x in zip(names, per_token)}
   div = jnp.sum(coef_N * per_token["divergence"])
@@ -512,8 +340,8 @@ def fused_loss_head(
     beta=float(beta),
     token_chunk=int(token_chunk),
     vocab_chunk=int(vocab_chunk),
-    row_shards=_mesh_shards("act_batch", hs.shape[0]),
-    vocab_shards=_mesh_shards("vocab", ws.shape[1]),
+    row_shards=sharding.logical_shards("act_batch", hs.shape[0]),
+    vocab_shards=sharding.logical_shards("vocab", ws.shape[1]),
     has_teacher=ht is not None,
     hidden_dtype=jnp.dtype(hs.dtype),
     head_dtype=jnp.dtype(ws.dtype),

@@ -63,13 +63,13 @@ def _masked_total(per_token_BxT: jax.Array, mask_BxT: jax.Array, denom) -> jax.A
 
 
 def _zero_padded(x_BxTx: jax.Array, mask_BxT: jax.Array) -> jax.Array:
-  """Cast to f32 and replace padded tokens (leading B, T axes) by zeros.
+  """Cast to f32 and replace padded tokens (the mask's leading axes, e.g. B, T) by zeros.
 
   Sanitising the INPUT (not just the output) keeps inf/NaN garbage out of the
   backward pass too: the cotangent reaching a padded position is exactly 0.
   """
   valid_BxT = _valid(mask_BxT)
-  valid = valid_BxT.reshape(valid_BxT.shape + (1,) * (x_BxTx.ndim - 2))
+  valid = valid_BxT.reshape(valid_BxT.shape + (1,) * (x_BxTx.ndim - valid_BxT.ndim))
   return jnp.where(valid, x_BxTx.astype(F32), 0.0)
 
 

@@ -1,20 +1,48 @@
-"""The distillation objective: which losses run, on which layers, with which weights.
+"""The distillation objective: a list of loss terms, built once from the ``distill`` config.
 
-``make_objective(cfg)`` turns the ``distill`` section into a static
-``Objective`` (loss kinds, layer pairs, weight and temperature schedules);
-``compute_loss`` combines the pure losses of ``losses.py`` on the models'
-outputs. A new loss is a function in ``losses.py`` plus a term here, never a
-new trainer.
+``make_objective(cfg)`` turns a VALIDATED config (``validate.validate`` checks every key this
+module reads) into an ``Objective``: a tuple of ``Term`` records, added up in order by
+``compute_loss``. A term is
 
-Layer pairs use hidden-state indices (0 = embeddings, i = output of block i,
-1..L). Attention terms use the attention of the block that produced that
-hidden state, i.e. block i-1 (0-based) for pair index i.
+  name      metrics ``distill/<name>`` (head terms: ``task/ce``, ``distill/<kind>``)
+  fn        pure (student_out, teacher_out, batch, denom, step, proj) -> (value, metrics);
+            static settings (layer pairs, kinds, chunk sizes) are bound when it is built
+  weight    schedule step -> scalar multiplying ``value``; None for head terms, which weigh
+            their two parts (CE and the logit loss) themselves
+  student,  ``Needs``: the outputs ``fn`` reads from each model. The model requests
+  teacher   (``Objective.student_request``) are their union: no unread intermediates
+  reports   schedules ``schedule_metrics`` reports (``weight/<name>``, the temperature)
 
-Every term is a sum over valid tokens divided by the GLOBAL valid-token count
-``denom``, so terms (and their gradients) add up exactly over micro-batches.
+The first term is the ONE head term (at most one; none when CE and the logit loss are both
+off), chosen here, never by looking at the models' outputs:
+
+  dense   CE and the logit divergence from full logits (``losses.py``)
+  fused   the same from final hidden states and heads, one chunk at a time (``fused.py``)
+  sparse  CE and a sparse divergence (``sparse.py``) against top-k / sampled targets that come
+          from the batch (a cache, no teacher model) or from the online teacher's head
+
+Feature terms follow, in the order of ``FEATURES`` (attention KL, value relation, hidden
+states, embedding cosine). A new feature loss is a pure function and one row there.
+
+Batch, mask and normaliser (the same for token models and, later, image classifiers):
+
+* ``batch["weights"]`` has the shape of the grid of loss EXAMPLES: [B, T] for token models (one
+  weight per token, 0 = padding), [B] for a classifier (one per image). ``batch["targets"]``
+  has the same shape.
+* ``denom`` is the GLOBAL sum of ``weights`` (over devices and micro-batches, at least 1).
+  Every term is sum over examples of weight x per-example loss / ``denom``, so terms and their
+  gradients add up exactly over micro-batches.
+* A model output's leading axes are the weights' shape and index examples ([B, T, V] logits or
+  [B, C] class logits; [B, T, D] hidden states or [B, H, W, C] feature maps of one image); the
+  rest are that example's features. Head terms flatten the leading ``weights.ndim`` axes into N
+  rows. Token-only terms (attention, value relation) read [B, T] weights.
+
+Layer pairs use hidden-state indices (0 = embeddings, i = output of block i, 1..L). Attention
+and value terms read the block that produced that hidden state, i.e. block i-1 (0-based).
 """
 
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -22,233 +50,178 @@ import jax.numpy as jnp
 
 from jaxdistill import fused as fused_lib
 from jaxdistill import losses, schedules, sparse
-from jaxdistill.errors import ConfigError
 
 Schedule = Callable[[jax.Array], jax.Array]
+# (student_out, teacher_out, batch, denom, step, proj) -> (value, metrics)
+TermFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Needs:
+  """The outputs one term reads from one model (the model's request keywords follow).
+
+  Attributes:
+    logits: "logits" (dense head).
+    head: "final_hidden" and "head" instead of logits (fused and sparse heads).
+    hidden: hidden-state indices (0 = embeddings, i = block i's output) of "hidden".
+    attn: 0-based block indices of "attn" (attention probabilities).
+    qkv: 0-based block indices of "qkv" (queries, keys, values).
+  """
+
+  logits: bool = False
+  head: bool = False
+  hidden: tuple[int, ...] = ()
+  attn: tuple[int, ...] = ()
+  qkv: tuple[int, ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Term:
+  """One loss term (see the module docstring)."""
+
+  name: str
+  fn: TermFn
+  weight: Schedule | None = None
+  student: Needs = Needs()
+  teacher: Needs = Needs()
+  reports: tuple[tuple[str, Schedule], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
 class Objective:
-  """Static description of the loss; weights are None when a term is off."""
+  """The terms of the loss, in the order they add up.
 
+  Attributes:
+    terms: head term (if any) first, then feature terms.
+    uses_teacher: a teacher model runs (False without one and with a cache).
+    projections: student layers whose hidden states get a learned [Ds, Dt] map.
+  """
+
+  terms: tuple[Term, ...]
   uses_teacher: bool
-  temperature: Schedule
-  ce_weight: Schedule | None
-  logit_kind: str = "kl"
-  logit_weight: Schedule | None = None
-  beta: float = 0.5
-  attn_pairs: tuple[tuple[int, int], ...] = ()
-  attn_weight: Schedule | None = None
-  value_weight: Schedule | None = None
-  hidden_pairs: tuple[tuple[int, int], ...] = ()
-  hidden_kind: str = "mse"
-  hidden_weight: Schedule | None = None
-  projected: bool = False  # hidden widths differ: learned [Ds, Dt] maps
-  embed_weight: Schedule | None = None  # encoders: 1 - cos of pooled sentence embeddings
-  # CE and the logit loss through fused.py from final hidden states and heads (no logits).
-  fused: bool = True
-  token_chunk: int = 256
-  vocab_chunk: int = 0
-  # Sparse kinds (sparse.SPARSE_KINDS): targets come from the batch (teacher.source='cache',
-  # uses_teacher False) or are made from the online teacher's head, top-k of this size.
-  sparse_k: int = 0
-
-  @property
-  def sparse(self) -> bool:
-    """The logit term is a sparse-target one (jaxdistill/sparse.py)."""
-    return bool(self.logit_weight) and self.logit_kind in sparse.SPARSE_KINDS
-
-  @property
-  def fused_head(self) -> bool:
-    """The models return (final hidden, head) instead of logits: a fused term needs them."""
-    return (self.fused or self.sparse) and bool(self.ce_weight or self.logit_weight)
+  projections: tuple[int, ...] = ()
 
   def student_request(self) -> dict:
-    """Keyword arguments asking the student model for what the losses need."""
-    return self._request(0)
+    """Keyword arguments asking the student model for what the terms read."""
+    return _request([t.student for t in self.terms])
 
   def teacher_request(self) -> dict:
-    """Keyword arguments asking the teacher model for what the losses need."""
-    return self._request(1)
+    """Keyword arguments asking the teacher model for what the terms read."""
+    return _request([t.teacher for t in self.terms])
 
-  def _request(self, side: int) -> dict:
-    return dict(
-      hidden_layers=tuple(sorted({p[side] for p in self.hidden_pairs})),
-      attn_layers=tuple(sorted({p[side] - 1 for p in self.attn_pairs})) if self.attn_weight else (),
-      qkv_layers=tuple(sorted({p[side] - 1 for p in self.attn_pairs})) if self.value_weight else (),
-      return_logits=not self.fused_head,
+
+def _request(needs: list[Needs]) -> dict:
+  union = lambda field: tuple(sorted({i for n in needs for i in getattr(n, field)}))
+  return dict(
+    hidden_layers=union("hidden"),
+    attn_layers=union("attn"),
+    qkv_layers=union("qkv"),
+    return_logits=any(n.logits for n in needs),
+  )
+
+
+# --- Head terms ------------------------------------------------------------------------
+
+
+def _rows(x: jax.Array, lead: int) -> jax.Array:
+  """[<weights' shape>, ...] -> [N, ...]: one row per example."""
+  return x.reshape(-1, *x.shape[lead:])
+
+
+def _dense_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, beta):
+  """CE and the logit divergence, weighted, from full logits."""
+  del proj
+  mask, total, metrics = batch["weights"], 0.0, {}
+  if ce:
+    value, m = losses.cross_entropy(s["logits"], batch["targets"], mask, denom)
+    metrics.update(m)
+    total += ce(step) * value
+  if logit:
+    value, m = losses.logit_loss(
+      kind, s["logits"], t["logits"], mask, denom, temperature=temperature(step), beta=beta
     )
+    metrics.update(m)
+    total += logit(step) * value
+  return total, metrics
 
 
-def _weight(section: Any, key: str, total_steps: int) -> Schedule | None:
-  if section.weight == 0 and section.schedule == "constant":
+def _fused_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, beta, chunks):
+  """CE and the logit divergence, weighted, from final hidden states and heads (fused.py)."""
+  del proj
+  rows = functools.partial(_rows, lead=batch["weights"].ndim)
+  teacher = {}
+  if logit:
+    teacher = dict(teacher_hidden_NxDt=rows(t["final_hidden"]), teacher_head_DtxV=t["head"])
+  out = fused_lib.fused_loss_head(
+    rows(s["final_hidden"]),
+    s["head"],
+    rows(batch["targets"]),
+    rows(batch["weights"]),
+    denom,
+    **teacher,
+    kind=kind,
+    temperature=temperature(step),
+    beta=beta,
+    kl_weight=logit(step) if logit else 0.0,
+    ce_weight=ce(step) if ce else 0.0,
+    token_chunk=chunks[0],
+    vocab_chunk=chunks[1],
+  )
+  metrics = {"task/ce": out.ce} if ce else {}
+  if logit:
+    metrics[f"distill/{kind}"] = out.divergence
+  return out.loss, metrics
+
+
+def _sparse_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, k, chunk):
+  """CE and the sparse divergence, weighted: targets from the batch's ``teacher_*`` arrays
+  (a cache; ``t`` is None) or made here from the online teacher's final hidden states and
+  head (top-k of size ``k``)."""
+  del proj
+  rows, tau = functools.partial(_rows, lead=batch["weights"].ndim), temperature(step)
+  if t is None:
+    teacher = {n[len("teacher_") :]: rows(v) for n, v in batch.items() if n.startswith("teacher_")}
+  else:
+    hidden = rows(t["final_hidden"])
+    teacher = sparse.teacher_targets(hidden, t["head"], temperature=tau, k=k, token_chunk=chunk)
+  out = sparse.sparse_loss_head(
+    rows(s["final_hidden"]),
+    s["head"],
+    rows(batch["targets"]),
+    rows(batch["weights"]),
+    denom,
+    teacher,
+    kind=kind,
+    temperature=tau,
+    kl_weight=logit(step),
+    ce_weight=ce(step) if ce else 0.0,
+    token_chunk=chunk,
+  )
+  metrics = {"task/ce": out.ce} if ce else {}
+  metrics[f"distill/{kind}"] = out.divergence
+  return out.loss, metrics
+
+
+def _head_term(d: Any, ce, logit, temperature, uses_teacher: bool, k: int) -> Term | None:
+  """The ONE head term: sparse for a sparse logit kind (it needs a logit weight), else fused or
+  dense (``distill.fused``); None when CE and the logit loss are both off."""
+  if not (ce or logit):
     return None
-  if section.weight < 0:
-    raise ConfigError(f"{key}.weight", f"must be >= 0, got {section.weight}")
-  try:
-    return schedules.parse_schedule(section.schedule, section.weight, total_steps)
-  except ValueError as e:
-    raise ConfigError(f"{key}.schedule", str(e)) from None
+  reports = [("distill/temperature", temperature)] if logit else []
+  reports = tuple(reports + [(f"weight/{n}", w) for n, w in (("ce", ce), ("logit", logit)) if w])
+  common = dict(ce=ce, logit=logit, kind=d.logit.kind, temperature=temperature)
+  if logit and d.logit.kind in sparse.SPARSE_KINDS:
+    fn = functools.partial(_sparse_head, **common, k=k, chunk=d.token_chunk)
+    return Term("sparse", fn, None, Needs(head=True), Needs(head=uses_teacher), reports)
+  beta = float(d.logit.beta)
+  if d.fused:
+    fn = functools.partial(_fused_head, **common, beta=beta, chunks=(d.token_chunk, d.vocab_chunk))
+    return Term("fused", fn, None, Needs(head=True), Needs(head=bool(logit)), reports)
+  fn = functools.partial(_dense_head, **common, beta=beta)
+  return Term("dense", fn, None, Needs(logits=True), Needs(logits=bool(logit)), reports)
 
 
-def _pairs(spec: str, key: str, ls: int, lt: int, allow_embeddings: bool):
-  try:
-    pairs = losses.layer_map(spec, ls, lt)
-  except ValueError as e:
-    raise ConfigError(f"{key}.layer_map", str(e)) from None
-  if not allow_embeddings and any(0 in p for p in pairs):
-    raise ConfigError(
-      f"{key}.layer_map",
-      f"{spec!r} maps layer 0 (the embeddings), which has no attention; use layers 1..L",
-    )
-  return pairs
-
-
-def _fused_fields(d: Any) -> dict:
-  # Types are checked by validate._check_fused.
-  return dict(fused=d.fused, token_chunk=d.token_chunk, vocab_chunk=d.vocab_chunk)
-
-
-def make_objective(cfg: Any) -> Objective:
-  """Builds the Objective from a validated config (raises ConfigError)."""
-  d, steps = cfg.distill, cfg.optim.steps
-  if cfg.teacher.source == "none":
-    for key in ("logit", "attention", "hidden", "embedding"):
-      if d[key].weight != 0:
-        raise ConfigError(
-          f"distill.{key}.weight",
-          "is non-zero but there is no "
-          "teacher (teacher.source='none'); set it to 0 or configure a teacher",
-        )
-    return Objective(
-      uses_teacher=False,
-      temperature=lambda s: jnp.float32(1.0),
-      ce_weight=lambda s: jnp.float32(1.0),
-      **_fused_fields(d),
-    )
-  try:
-    temperature = schedules.parse_schedule(d.temperature_schedule, d.temperature, steps)
-  except ValueError as e:
-    raise ConfigError("distill.temperature_schedule", str(e)) from None
-  if d.temperature <= 0:
-    raise ConfigError("distill.temperature", f"must be > 0, got {d.temperature}")
-  kinds = sorted(losses.LOGIT_DIVERGENCES) + list(sparse.SPARSE_KINDS)
-  if d.logit.kind not in kinds:
-    raise ConfigError("distill.logit.kind", f"unknown {d.logit.kind!r}; choose from {kinds}")
-  if cfg.teacher.source == "cache":
-    return _cache_objective(cfg, temperature)
-  if d.logit.kind == "sampled" and d.logit.weight:
-    raise ConfigError(
-      "distill.logit.kind",
-      "'sampled' reads sampled targets from a cache: set teacher.source='cache' and "
-      "teacher.path to a `jaxdistill precompute` output (or use topk_tail online)",
-    )
-  if d.logit.kind in sparse.TOPK_KINDS and cfg.precompute.k > cfg.teacher.vocab_size:
-    raise ConfigError(
-      "precompute.k", f"{cfg.precompute.k} (the online top-k) exceeds teacher.vocab_size"
-    )
-  if not 0.0 <= d.logit.beta <= 1.0:
-    raise ConfigError("distill.logit.beta", f"must be in [0, 1], got {d.logit.beta}")
-  if d.hidden.kind not in ("mse", "cosine"):
-    raise ConfigError("distill.hidden.kind", f"unknown {d.hidden.kind!r}; choose mse or cosine")
-  s, t = cfg.student, cfg.teacher
-  attn_w = _weight(d.attention, "distill.attention", steps)
-  value_w = (
-    None
-    if d.attention.value_weight == 0
-    else schedules.parse_schedule(d.attention.schedule, d.attention.value_weight, steps)
-  )
-  attn_pairs = ()
-  if attn_w or value_w:
-    attn_pairs = _pairs(
-      d.attention.layer_map, "distill.attention", s.num_layers, t.num_layers, allow_embeddings=False
-    )
-    if s.num_heads != t.num_heads:
-      raise ConfigError(
-        "distill.attention.weight",
-        f"MiniLM attention transfer needs "
-        f"equal head counts, but student.num_heads={s.num_heads} and "
-        f"teacher.num_heads={t.num_heads}",
-      )
-  hidden_w = _weight(d.hidden, "distill.hidden", steps)
-  hidden_pairs, projected = (), False
-  if hidden_w:
-    hidden_pairs = _pairs(
-      d.hidden.layer_map, "distill.hidden", s.num_layers, t.num_layers, allow_embeddings=True
-    )
-    projected = s.d_model != t.d_model
-    if projected and not d.hidden.project:
-      raise ConfigError(
-        "distill.hidden.project",
-        f"student.d_model={s.d_model} and "
-        f"teacher.d_model={t.d_model} differ, so the hidden-state loss "
-        "needs a learned projection; set it to True",
-      )
-  logit_w = _weight(d.logit, "distill.logit", steps)
-  if logit_w and s.vocab_size != t.vocab_size:
-    raise ConfigError(
-      "teacher.vocab_size",
-      f"{t.vocab_size} differs from "
-      f"student.vocab_size={s.vocab_size}; logit losses need one vocabulary",
-    )
-  return Objective(
-    uses_teacher=True,
-    temperature=temperature,
-    ce_weight=_weight(d.ce, "distill.ce", steps),
-    logit_kind=d.logit.kind,
-    logit_weight=logit_w,
-    beta=float(d.logit.beta),
-    attn_pairs=attn_pairs,
-    attn_weight=attn_w,
-    value_weight=value_w,
-    hidden_pairs=hidden_pairs,
-    hidden_kind=d.hidden.kind,
-    hidden_weight=hidden_w,
-    projected=projected,
-    embed_weight=_weight(d.embedding, "distill.embedding", steps),
-    sparse_k=cfg.precompute.k,
-    **_fused_fields(d),
-  )
-
-
-def _cache_objective(cfg: Any, temperature: Schedule) -> Objective:
-  """teacher.source='cache': a sparse logit loss (+ CE) from stored targets, no teacher model."""
-  d = cfg.distill
-  for key in ("attention", "hidden", "embedding"):
-    if key in d and (d[key].weight != 0 or (key == "attention" and d.attention.value_weight)):
-      raise ConfigError(
-        f"distill.{key}.weight",
-        "is non-zero, but a cache (teacher.source='cache') stores only logit targets: "
-        "there are no teacher attentions, hidden states or embeddings; set it to 0",
-      )
-  logit_w = _weight(d.logit, "distill.logit", cfg.optim.steps)
-  if d.logit.kind not in sparse.SPARSE_KINDS or not logit_w:
-    raise ConfigError(
-      "distill.logit.kind",
-      f"a cache needs a sparse kind {sparse.SPARSE_KINDS} with a non-zero weight, "
-      f"not {d.logit.kind!r} (weight {d.logit.weight})",
-    )
-  return Objective(
-    uses_teacher=False,
-    temperature=temperature,
-    ce_weight=_weight(d.ce, "distill.ce", cfg.optim.steps),
-    logit_kind=d.logit.kind,
-    logit_weight=logit_w,
-    **_fused_fields(d),
-  )
-
-
-def init_projections(
-  obj: Objective, rng: jax.Array, d_student: int, d_teacher: int
-) -> dict[str, jax.Array]:
-  """Learned [Ds, Dt] maps, one per student layer of the hidden-state loss."""
-  if not obj.projected:
-    return {}
-  layers = sorted({s for s, _ in obj.hidden_pairs})
-  keys = jax.random.split(rng, len(layers))
-  return {
-    f"layer_{s}": losses.init_projection(k, d_student, d_teacher) for s, k in zip(layers, keys)
-  }
+# --- Feature terms ---------------------------------------------------------------------
 
 
 def _mean_over_pairs(pairs, fn):
@@ -260,69 +233,130 @@ def _mean_over_pairs(pairs, fn):
   return total / len(pairs), metrics
 
 
-def _fused_head_terms(obj: Objective, step, student_out, teacher_out, batch, denom):
-  """CE and the logit divergence, weighted, from final hidden states and heads (fused.py)."""
-  flat = lambda x_BxTxD: x_BxTxD.reshape(-1, x_BxTxD.shape[-1])
-  teacher = {}
-  if obj.logit_weight:
-    teacher = dict(
-      teacher_hidden_NxDt=flat(teacher_out["final_hidden"]), teacher_head_DtxV=teacher_out["head"]
-    )
-  out = fused_lib.fused_loss_head(
-    flat(student_out["final_hidden"]),
-    student_out["head"],
-    batch["targets"].reshape(-1),
-    batch["weights"].reshape(-1),
-    denom,
-    **teacher,
-    kind=obj.logit_kind,
-    temperature=obj.temperature(step),
-    beta=obj.beta,
-    kl_weight=obj.logit_weight(step) if obj.logit_weight else 0.0,
-    ce_weight=obj.ce_weight(step) if obj.ce_weight else 0.0,
-    token_chunk=obj.token_chunk,
-    vocab_chunk=obj.vocab_chunk,
-  )
-  metrics = {"task/ce": out.ce} if obj.ce_weight else {}
-  if obj.logit_weight:
-    metrics[f"distill/{obj.logit_kind}"] = out.divergence
-  return out.loss, metrics
+def _attention(s, t, batch, denom, step, proj, *, pairs, section):
+  """MiniLM attention KL, mean over layer pairs (pair index i reads block i - 1)."""
+  w = batch["weights"]
+  kl = lambda i, j: losses.attention_kl(s["attn"][i - 1], t["attn"][j - 1], w, denom)
+  return _mean_over_pairs(pairs, kl)
 
 
-def _sparse_terms(obj: Objective, step, student_out, teacher_out, batch, denom):
-  """CE and the sparse divergence, weighted: targets from the batch's ``teacher_*`` arrays
-  (a cache) or made here from the online teacher's final hidden states and head."""
-  flat = lambda x: x.reshape(-1, *x.shape[2:])  # [B, T, ...] -> [N, ...]
-  tau = obj.temperature(step)
-  if teacher_out is None:
-    teacher = {k[len("teacher_") :]: flat(v) for k, v in batch.items() if k.startswith("teacher_")}
-  else:
-    b, t = batch["targets"].shape
-    teacher = sparse.teacher_targets(
-      flat(teacher_out["final_hidden"]),
-      teacher_out["head"],
-      jnp.zeros((b * t,), jnp.int32),
-      jnp.zeros((b * t,), jnp.int32),
-      temperature=tau,
-      k=obj.sparse_k,
-      token_chunk=obj.token_chunk,
-    )
-  out = sparse.sparse_loss_head(
-    flat(student_out["final_hidden"]),
-    student_out["head"],
-    flat(batch["targets"]),
-    flat(batch["weights"]),
-    denom,
-    teacher,
-    kind=obj.logit_kind,
-    temperature=tau,
-    kl_weight=obj.logit_weight(step),
-    ce_weight=obj.ce_weight(step) if obj.ce_weight else 0.0,
-    token_chunk=obj.token_chunk,
+def _value_relation(s, t, batch, denom, step, proj, *, pairs, section):
+  """MiniLM value-relation KL, mean over layer pairs (qkv[i - 1][2] are block i - 1's values)."""
+  w = batch["weights"]
+  kl = lambda i, j: losses.value_relation(s["qkv"][i - 1][2], t["qkv"][j - 1][2], w, denom)
+  return _mean_over_pairs(pairs, kl)
+
+
+def _hidden(s, t, batch, denom, step, proj, *, pairs, section):
+  """Hidden-state MSE or cosine, through ``proj["layer_<i>"]`` when the widths differ."""
+  w, kind = batch["weights"], section["kind"]
+  loss = lambda i, j: losses.hidden_loss(
+    kind, s["hidden"][i], t["hidden"][j], w, denom, projection=proj.get(f"layer_{i}")
   )
-  metrics = {"task/ce": out.ce} if obj.ce_weight else {}
-  metrics[f"distill/{obj.logit_kind}"] = out.divergence
-  return out.loss, metrics
+  return _mean_over_pairs(pairs, loss)
+
+
+def _embedding(s, t, batch, denom, step, proj, *, pairs, section):
+  """1 - cosine of the pooled sentence embeddings (encoders always return "embedding")."""
+  return losses.embedding_cosine(s["embedding"], t["embedding"], batch["weights"], denom)
+
+
+@dataclasses.dataclass(frozen=True)
+class Feature:
+  """One row of ``FEATURES``: how the config turns a feature loss into a ``Term``.
+
+  Attributes:
+    name: the term's name (metrics ``distill/<name>``, ``weight/<name>``).
+    section: the ``distill.<section>`` holding its weight, ``schedule`` and ``layer_map``.
+    weight_key: the key of its weight in that section (0 with a constant schedule = off).
+    fn: the pure term function; called with ``pairs`` (layer pairs) and ``section`` (a dict).
+    output: the per-layer model output it reads ("attn" and "qkv" per block, "hidden" per
+      hidden-state index), or None (no layer pairs).
+  """
+
+  name: str
+  section: str
+  weight_key: str
+  fn: Callable
+  output: str | None
+
+
+# Feature terms, in the order their weighted values add to the loss (after the head term).
+FEATURES = (
+  Feature("attention", "attention", "weight", _attention, "attn"),
+  Feature("value_relation", "attention", "value_weight", _value_relation, "qkv"),
+  Feature("hidden", "hidden", "weight", _hidden, "hidden"),
+  Feature("embedding", "embedding", "weight", _embedding, None),
+)
+
+
+def _weight(section: Any, key: str, total_steps: int) -> Schedule | None:
+  """The weight schedule, or None when the term is off: weight 0 under a constant schedule.
+  A secondary weight (attention.value_weight) shares the section's schedule: 0 is off."""
+  if section[key] == 0 and (key != "weight" or section.schedule == "constant"):
+    return None
+  return schedules.parse_schedule(section.schedule, section[key], total_steps)
+
+
+def _feature_term(spec: Feature, cfg: Any) -> Term | None:
+  section = cfg.distill[spec.section]
+  weight = _weight(section, spec.weight_key, cfg.optim.steps)
+  if weight is None:
+    return None
+  pairs, needs = (), (Needs(), Needs())
+  if spec.output is not None:
+    pairs = losses.layer_map(section.layer_map, cfg.student.num_layers, cfg.teacher.num_layers)
+    offset = 1 if spec.output in ("attn", "qkv") else 0  # blocks are 0-based
+    needs = tuple(
+      Needs(**{spec.output: tuple(sorted({p[side] - offset for p in pairs}))}) for side in (0, 1)
+    )
+  fn = functools.partial(spec.fn, pairs=pairs, section=dict(section))
+  return Term(spec.name, fn, weight, *needs, ((f"weight/{spec.name}", weight),))
+
+
+# --- Building and evaluating -----------------------------------------------------------
+
+
+def make_objective(cfg: Any) -> Objective:
+  """Builds the Objective from a config that ``validate.validate`` accepted.
+
+  Args:
+    cfg: the full config (``distill``, ``teacher``, ``student``, ``optim``, ``precompute``).
+
+  Returns:
+    The Objective. Without a teacher (teacher.source='none') it is CE alone at weight 1; with
+    a cache ('cache') the sparse head reads its targets from the batch.
+  """
+  d, t = cfg.distill, cfg.teacher
+  if t.source == "none":
+    one = lambda s: jnp.float32(1.0)
+    head = _head_term(d, one, None, one, uses_teacher=False, k=0)
+    return Objective(terms=(head,), uses_teacher=False)
+  steps = cfg.optim.steps
+  temperature = schedules.parse_schedule(d.temperature_schedule, d.temperature, steps)
+  uses_teacher = t.source != "cache"
+  ce, logit = _weight(d.ce, "weight", steps), _weight(d.logit, "weight", steps)
+  head = _head_term(d, ce, logit, temperature, uses_teacher, cfg.precompute.k)
+  features = [_feature_term(spec, cfg) for spec in FEATURES] if uses_teacher else []
+  terms = tuple(term for term in [head, *features] if term is not None)
+  projections = ()
+  hidden = next((term for term in terms if term.name == "hidden"), None)
+  if hidden is not None and cfg.student.d_model != t.d_model:
+    projections = hidden.student.hidden
+  return Objective(terms=terms, uses_teacher=uses_teacher, projections=projections)
+
+
+def init_projections(
+  obj: Objective, rng: jax.Array, d_student: int, d_teacher: int
+) -> dict[str, jax.Array]:
+  """Learned [Ds, Dt] maps, one per student layer of the hidden-state loss ({} if none)."""
+  if not obj.projections:
+    return {}
+  keys = jax.random.split(rng, len(obj.projections))
+  return {
+    f"layer_{s}": losses.init_projection(k, d_student, d_teacher)
+    for s, k in zip(obj.projections, keys)
+  }
 
 
 def compute_loss(
@@ -334,114 +368,31 @@ def compute_loss(
   batch: dict,
   denom: jax.Array,
 ):
-  """The weighted sum of all active terms for one (micro-)batch.
+  """The weighted sum of the objective's terms for one (micro-)batch.
 
   Args:
     obj: the Objective.
     step: scalar int, for the schedules.
     proj: projection params from ``init_projections``.
-    student_out, teacher_out: model output dicts (teacher_out None without one). With
-      "final_hidden" and "head" instead of "logits" (``obj.student_request()`` when
-      ``obj.fused_head``), CE and the logit loss go through ``fused.fused_loss_head``.
-    batch: has ``targets`` and ``weights`` [B, T].
-    denom: global number of valid tokens.
+    student_out, teacher_out: model output dicts from ``obj.student_request()`` /
+      ``obj.teacher_request()`` (teacher_out None when ``obj.uses_teacher`` is False).
+    batch: has ``targets`` and ``weights`` (the examples' shape: [B, T] for tokens), and a
+      cache's ``teacher_*`` targets.
+    denom: the GLOBAL sum of ``weights``.
 
   Returns:
-    (loss, metrics): unweighted per-term values under ``distill/*``,
-    ``task/ce``, plus ``train/loss``. All are sums over tokens / denom, so
-    they add up over micro-batches.
+    (loss, metrics): unweighted per-term values under ``distill/*``, ``task/ce``, plus
+    ``train/loss``. All are sums over examples / denom, so they add up over micro-batches.
   """
-  mask_BxT, metrics, total = batch["weights"], {}, 0.0
-
-  def add(weight, value_and_metrics):
-    nonlocal total
-    value, m = value_and_metrics
+  metrics, total = {}, 0.0
+  for term in obj.terms:
+    value, m = term.fn(student_out, teacher_out, batch, denom, step, proj)
     metrics.update(m)
-    total += weight(step) * value
-
-  # Models asked for (final hidden, head) instead of logits (obj.fused_head): fused.py.
-  fused_head = "final_hidden" in student_out and "logits" not in student_out
-  if obj.sparse:  # CE and the sparse divergence from the student's head (sparse.py)
-    value, m = _sparse_terms(obj, step, student_out, teacher_out, batch, denom)
-    metrics.update(m)
-    total += value
-  elif fused_head and (obj.ce_weight or obj.logit_weight):
-    value, m = _fused_head_terms(obj, step, student_out, teacher_out, batch, denom)
-    metrics.update(m)
-    total += value
-  if obj.ce_weight and not fused_head and not obj.sparse:
-    add(
-      obj.ce_weight, losses.cross_entropy(student_out["logits"], batch["targets"], mask_BxT, denom)
-    )
-  if obj.logit_weight and not fused_head and not obj.sparse:
-    add(
-      obj.logit_weight,
-      losses.logit_loss(
-        obj.logit_kind,
-        student_out["logits"],
-        teacher_out["logits"],
-        mask_BxT,
-        denom,
-        temperature=obj.temperature(step),
-        beta=obj.beta,
-      ),
-    )
-  if obj.attn_weight:
-    add(
-      obj.attn_weight,
-      _mean_over_pairs(
-        obj.attn_pairs,
-        lambda s, t: losses.attention_kl(
-          student_out["attn"][s - 1], teacher_out["attn"][t - 1], mask_BxT, denom
-        ),
-      ),
-    )
-  if obj.value_weight:
-    add(
-      obj.value_weight,
-      _mean_over_pairs(
-        obj.attn_pairs,
-        lambda s, t: losses.value_relation(
-          student_out["qkv"][s - 1][2], teacher_out["qkv"][t - 1][2], mask_BxT, denom
-        ),
-      ),
-    )
-  if obj.hidden_weight:
-    add(
-      obj.hidden_weight,
-      _mean_over_pairs(
-        obj.hidden_pairs,
-        lambda s, t: losses.hidden_loss(
-          obj.hidden_kind,
-          student_out["hidden"][s],
-          teacher_out["hidden"][t],
-          mask_BxT,
-          denom,
-          projection=proj.get(f"layer_{s}"),
-        ),
-      ),
-    )
-  if obj.embed_weight:
-    e_s, e_t = student_out["embedding"], teacher_out["embedding"]
-    add(obj.embed_weight, losses.embedding_cosine(e_s, e_t, mask_BxT, denom))
+    total += value if term.weight is None else term.weight(step) * value
   metrics["train/loss"] = total
   return total, metrics
 
 
 def schedule_metrics(obj: Objective, step: jax.Array) -> dict[str, jax.Array]:
   """Current temperature and loss weights (not additive: report once per step)."""
-  out = {}
-  if obj.logit_weight:
-    out["distill/temperature"] = obj.temperature(step)
-  names = {
-    "ce": obj.ce_weight,
-    "logit": obj.logit_weight,
-    "attention": obj.attn_weight,
-    "value_relation": obj.value_weight,
-    "hidden": obj.hidden_weight,
-    "embedding": obj.embed_weight,
-  }
-  for name, weight in names.items():
-    if weight:
-      out[f"weight/{name}"] = weight(step)
-  return out
+  return {name: schedule(step) for term in obj.terms for name, schedule in term.reports}

@@ -132,6 +132,28 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local_batch.items()}
 
 
+def logical_shards(logical_name: str, size: int) -> int:
+  """How many shards the active rules split a logical axis into, for an axis of ``size``.
+
+  Reads the mesh and rules in effect while tracing (``rules_context``).
+
+  Args:
+    logical_name: a logical axis name of ``LOGICAL_RULES`` (e.g. ``act_batch``, ``vocab``).
+    size: the length of the axis to split.
+
+  Returns:
+    The product of the mesh axes it maps to; 1 without a mesh or rules, or when ``size`` does
+    not divide evenly (the array then stays unsplit along it).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty or not nn.get_logical_axis_rules():
+    return 1
+  axes = nn.logical_to_mesh_axes((logical_name,))[0]
+  axes = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+  shards = math.prod(mesh.shape[a] for a in axes)
+  return shards if size % shards == 0 else 1
+
+
 def rules_context(mesh: Mesh):
   """Context under which models' logical constraints shard on ``mesh``.
 

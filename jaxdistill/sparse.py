@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import fused as fused_lib
+from jaxdistill import chunking, sharding
 
 F32 = jnp.float32
 SPARSE_KINDS = ("topk_renorm", "topk_tail", "sampled")
@@ -52,13 +52,6 @@ class SparseLoss(NamedTuple):
   loss: jax.Array
   divergence: jax.Array
   ce: jax.Array
-
-
-def _chunked(fn, row_shards: int, token_chunk: int, xs: tuple, n: int):
-  """Maps ``fn`` over token chunks of the [N, ...] arrays ``xs`` (sharding-aware); [N, ...] out."""
-  split = lambda x: fused_lib._split(x, row_shards, token_chunk, 0, "act_batch")
-  outs = jax.lax.map(fn, tuple(split(x) for x in xs))
-  return jax.tree.map(lambda y: fused_lib._merge(y, row_shards, n), outs)
 
 
 # --- teacher side -----------------------------------------------------------------------
@@ -80,7 +73,7 @@ def unique_counts(draws_NxS: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def _targets_of_chunk(h_CxD, w_DxV, row_C, pos_C, tau, k: int, samples: int, seed: int):
-  z_CxV = fused_lib._dot(h_CxD, w_DxV) / tau
+  z_CxV = chunking.dot(h_CxD, w_DxV) / tau
   lse_C = jax.nn.logsumexp(z_CxV, axis=-1)
   out = {}
   if k:
@@ -110,8 +103,8 @@ def _targets_of_chunk(h_CxD, w_DxV, row_C, pos_C, tau, k: int, samples: int, see
 def teacher_targets(
   hidden_NxD: jax.Array,
   head_DxV: jax.Array,
-  row_N: jax.Array,
-  pos_N: jax.Array,
+  row_N: jax.Array | None = None,
+  pos_N: jax.Array | None = None,
   *,
   temperature: float,
   k: int,
@@ -123,7 +116,8 @@ def teacher_targets(
 
   Args:
     hidden_NxD, head_DxV: the teacher's final hidden states and output head.
-    row_N, pos_N: int32 dataset row and position of each token (they key the sampling).
+    row_N, pos_N: int32 dataset row and position of each token (they key the sampling);
+      only needed with samples > 0 (top-k targets of an online teacher pass None).
     temperature: generation temperature tau (static or traced).
     k: top-k size (0 = none); samples: draws per token n (0 = none); seed: sampling seed.
     token_chunk: rows per chunk per batch shard (0 = one chunk).
@@ -134,11 +128,16 @@ def teacher_targets(
     ``sample_counts`` [N, S] int32 (unique ids first, count 0 pads; S = n).
   """
   hidden_NxD = jax.lax.stop_gradient(hidden_NxD)
-  head_DxV = fused_lib._constrain(jax.lax.stop_gradient(head_DxV), (None, "vocab"))
+  head_DxV = chunking.constrain(jax.lax.stop_gradient(head_DxV), (None, "vocab"))
   n, tau = hidden_NxD.shape[0], jnp.asarray(temperature, F32)
-  shards = fused_lib._mesh_shards("act_batch", n)
+  shards = sharding.logical_shards("act_batch", n)
+  if row_N is None or pos_N is None:
+    if samples:
+      raise ValueError("samples > 0 needs row_N and pos_N (they key each token's draws)")
+    fn = lambda x: _targets_of_chunk(x[0], head_DxV, None, None, tau, k, 0, seed)
+    return chunking.map_chunks(fn, shards, token_chunk, (hidden_NxD,), n)
   fn = lambda x: _targets_of_chunk(*x[:1], head_DxV, *x[1:], tau, k, samples, seed)
-  return _chunked(fn, shards, token_chunk, (hidden_NxD, row_N, pos_N), n)
+  return chunking.map_chunks(fn, shards, token_chunk, (hidden_NxD, row_N, pos_N), n)
 
 
 # --- student side -----------------------------------------------------------------------
@@ -157,12 +156,12 @@ def student_logits(hidden_NxD, head_DxV, targets_N, ids_NxK, tau, token_chunk: i
     (lse1_N, lse_tau_N, z_target_N, z_ids_NxK): float32; ``z_*`` are raw logits (at T=1).
   """
   n = hidden_NxD.shape[0]
-  head_DxV = fused_lib._constrain(head_DxV, (None, "vocab"))
+  head_DxV = chunking.constrain(head_DxV, (None, "vocab"))
 
   @jax.checkpoint  # the backward pass recomputes the chunk's logits instead of storing them
   def chunk(x):
     h_CxD, y_C, ids_CxK = x
-    z_CxV = fused_lib._dot(h_CxD, head_DxV)
+    z_CxV = chunking.dot(h_CxD, head_DxV)
     return (
       jax.nn.logsumexp(z_CxV, axis=-1),
       jax.nn.logsumexp(z_CxV / tau, axis=-1),
@@ -172,7 +171,7 @@ def student_logits(hidden_NxD, head_DxV, targets_N, ids_NxK, tau, token_chunk: i
 
   # lax.map is a scan: with the checkpointed body only the hidden chunks are saved.
   xs = (hidden_NxD, targets_N.astype(jnp.int32), ids_NxK.astype(jnp.int32))
-  return _chunked(chunk, fused_lib._mesh_shards("act_batch", n), token_chunk, xs, n)
+  return chunking.map_chunks(chunk, sharding.logical_shards("act_batch", n), token_chunk, xs, n)
 
 
 def divergence_per_token(kind: str, logq_NxK: jax.Array, teacher: dict) -> jax.Array:

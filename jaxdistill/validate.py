@@ -6,11 +6,10 @@ again (it is cheap) so a library user cannot skip it. ``check_mesh(cfg, mesh)`` 
 depends on the device mesh (called when a run starts).
 """
 
-import math
 import os
 from typing import Any
 
-from jaxdistill import models, objective, precision, schedules
+from jaxdistill import models, precision, validate_distill
 from jaxdistill.data.sources import DATA_SOURCES
 from jaxdistill.models import surgery
 from jaxdistill.errors import ConfigError
@@ -107,58 +106,10 @@ def validate(cfg: Any) -> None:
     raise ConfigError(
       "optim.lr_schedule", f"unknown {cfg.optim.lr_schedule!r}; choose cosine or constant"
     )
-  _check_fused(cfg.distill, objective.make_objective(cfg))
-  check_additions(cfg)
-
-
-def check_additions(cfg: Any) -> None:
-  """Checks added for issue 14: ``optim.eps`` and every schedule's whole range."""
+  validate_distill.check_distill(cfg)
   _positive(cfg, "optim.eps")
   if cfg.teacher.source != "none":  # without a teacher the objective uses constants
-    _check_schedule_ranges(cfg)
-
-
-def _check_schedule_range(cfg: Any, base_key: str, spec_key: str, positive: bool) -> None:
-  """One schedule over steps 0..optim.steps: > 0 (``positive``) or >= 0, and finite."""
-  spec, base = _get(cfg, spec_key), _get(cfg, base_key)
-  try:
-    lo, hi, at_lo, at_hi = schedules.value_range(spec, base, cfg.optim.steps)
-  except ValueError as e:
-    raise ConfigError(spec_key, str(e)) from None
-  bound = "> 0" if positive else ">= 0"
-  key = base_key if spec.strip() == "constant" else spec_key
-  if not (lo > 0 if positive else lo >= 0):
-    if key == base_key:
-      raise ConfigError(key, f"must be {bound}, got {base}")
-    raise ConfigError(
-      key,
-      f"{spec!r} from {base_key}={base} reaches {lo:g} at step {at_lo}; it must stay {bound} "
-      f"over all optim.steps={cfg.optim.steps} steps",
-    )
-  if not math.isfinite(hi):
-    raise ConfigError(
-      key, f"{spec!r} from {base_key}={base} overflows to {hi} at step {at_hi}; it must stay finite"
-    )
-
-
-def _check_schedule_ranges(cfg: Any) -> None:
-  """The temperature stays > 0 and every loss weight >= 0 at every step of the run."""
-  d = cfg.distill
-  _check_schedule_range(cfg, "distill.temperature", "distill.temperature_schedule", True)
-  for name in ("logit", "ce", "attention", "hidden", "embedding"):
-    if d[name].weight != 0 or d[name].schedule.strip() != "constant":
-      base, spec = f"distill.{name}.weight", f"distill.{name}.schedule"
-      _check_schedule_range(cfg, base, spec, False)
-  if d.attention.value_weight != 0:  # the value relation shares attention's schedule
-    value = "distill.attention.value_weight"
-    _check_schedule_range(cfg, value, "distill.attention.schedule", False)
-
-
-def _get(cfg: Any, key: str) -> Any:
-  """``cfg["a.b.c"]`` for a dotted key."""
-  for part in key.split("."):
-    cfg = cfg[part]
-  return cfg
+    validate_distill.check_schedule_ranges(cfg)
 
 
 def _check_hf(cfg: Any) -> None:
@@ -184,21 +135,6 @@ def _check_hf(cfg: Any) -> None:
   if cfg.distill.embedding.weight and not (s.encoder and t.encoder):
     raise ConfigError(
       "distill.embedding.weight", "needs encoders (student.encoder and teacher.encoder true)"
-    )
-
-
-def _check_fused(d: Any, obj: objective.Objective) -> None:
-  """distill.fused / token_chunk / vocab_chunk (the fused loss head, jaxdistill/fused.py)."""
-  if not isinstance(d.fused, bool):
-    raise ConfigError("distill.fused", f"must be true or false, got {d.fused!r}")
-  for key in ("token_chunk", "vocab_chunk"):
-    if isinstance(d[key], bool) or not isinstance(d[key], int) or d[key] < 0:
-      raise ConfigError(f"distill.{key}", f"must be an int >= 0 (0 = off), got {d[key]!r}")
-  if obj.fused_head and obj.vocab_chunk and obj.logit_weight and obj.logit_kind != "kl":
-    raise ConfigError(
-      "distill.vocab_chunk",
-      f"vocabulary chunks stream only logit.kind='kl', not {obj.logit_kind!r}; set "
-      "distill.vocab_chunk=0 (token chunks fuse every kind) or distill.fused=False",
     )
 
 

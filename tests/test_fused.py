@@ -170,7 +170,7 @@ def test_sharded_matches_float64_reference(kind, chunks):
   args = (put(hs, rows), put(ws, "fsdp", "tensor"), put(ht, rows), put(wt, "fsdp", "tensor"))
   with sharding.rules_context(mesh):
     # The shard-aware chunk layout is really in use.
-    assert fused._mesh_shards("act_batch", n) == 4 and fused._mesh_shards("vocab", v) == 2
+    assert sharding.logical_shards("act_batch", n) == 4 and sharding.logical_shards("vocab", v) == 2
     value, grads = jax.jit(jax.value_and_grad(fn, (0, 1)))(*args)
   _assert_matches(value, [np.asarray(g) for g in grads], ref_value, ref_grads)
 
@@ -321,10 +321,11 @@ def _config(**distill):
 
 def test_objective_requests_hidden_and_head_when_fused():
   fused_obj = objective.make_objective(_config())
-  assert fused_obj.fused_head
+  assert fused_obj.terms[0].name == "fused"
   assert fused_obj.student_request()["return_logits"] is False
   assert fused_obj.teacher_request()["return_logits"] is False
   dense_obj = objective.make_objective(_config(fused=False))
+  assert dense_obj.terms[0].name == "dense"
   assert dense_obj.student_request()["return_logits"] is True
 
 

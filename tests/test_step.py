@@ -125,9 +125,10 @@ def test_no_gradient_reaches_the_teacher(tiny_config):
 
   # 1. The loss's gradient w.r.t. the teacher params is exactly zero.
   def loss_wrt_teacher(teacher_params):
-    s = run.student.apply({"params": run.state.params["student"]}, batch["inputs"])
-    t = jax.lax.stop_gradient(run.teacher.apply({"params": teacher_params}, batch["inputs"]))
-    return objective_lib.compute_loss(obj, 0, {}, s, t, batch, 100.0)[0]
+    s_params = {"params": run.state.params["student"]}
+    s = run.student.apply(s_params, batch["inputs"], **obj.student_request())
+    t = run.teacher.apply({"params": teacher_params}, batch["inputs"], **obj.teacher_request())
+    return objective_lib.compute_loss(obj, 0, {}, s, jax.lax.stop_gradient(t), batch, 100.0)[0]
 
   grads = jax.grad(loss_wrt_teacher)(run.teacher_params)
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
@@ -136,14 +137,12 @@ def test_no_gradient_reaches_the_teacher(tiny_config):
   #    a CE-only student step's plus one teacher forward.
   tx = train_lib.make_optimizer(cfg.optim)
   distill = train_lib.make_distill_step(obj, run.student, run.teacher, tx)
-  ce_only = train_lib.make_distill_step(
-    objective_lib.Objective(
-      uses_teacher=False, temperature=obj.temperature, ce_weight=obj.ce_weight
-    ),
-    run.student,
-    None,
-    tx,
-  )
+  no_teacher = cfg.copy_and_resolve_references()
+  no_teacher.teacher.source = "none"
+  no_teacher.distill.logit.weight = 0.0
+  ce_only_obj = objective_lib.make_objective(no_teacher)
+  assert [t.name for t in ce_only_obj.terms] == ["fused"] and not ce_only_obj.uses_teacher
+  ce_only = train_lib.make_distill_step(ce_only_obj, run.student, None, tx)
   teacher_fwd = lambda p, b: run.teacher.apply({"params": p}, b["inputs"])
   n_distill = _dot_count(distill, run.state, run.teacher_vars, batch)
   n_ce = _dot_count(ce_only, run.state, None, batch)
