@@ -213,6 +213,8 @@ def _head_term(d: Any, ce, logit, temperature, uses_teacher: bool, k: int) -> Te
   if logit and d.logit.kind in sparse.SPARSE_KINDS:
     fn = functools.partial(_sparse_head, **common, k=k, chunk=d.token_chunk)
     return Term("sparse", fn, None, Needs(head=True), Needs(head=uses_teacher), reports)
+  # Without a logit term the kind is never read; a sparse kind must not reach the dense heads.
+  common["kind"] = d.logit.kind if logit else "kl"
   beta = float(d.logit.beta)
   if d.fused:
     fn = functools.partial(_fused_head, **common, beta=beta, chunks=(d.token_chunk, d.vocab_chunk))

@@ -83,6 +83,11 @@ def _check_losses(cfg: Any) -> None:
           "is non-zero but there is no "
           "teacher (teacher.source='none'); set it to 0 or configure a teacher",
         )
+    if d.attention.value_weight != 0:
+      raise ConfigError(
+        "distill.attention.value_weight",
+        "is non-zero but there is no teacher (teacher.source='none'); set it to 0",
+      )
     return
   try:
     schedules.parse_schedule(d.temperature_schedule, d.temperature, cfg.optim.steps)

@@ -79,6 +79,15 @@ def test_overrides_parse_to_the_field_type(tmp_path):
       "head counts",
     ),
     ([("teacher.source", "none")], "distill.logit.weight", "no teacher"),
+    (
+      [
+        ("teacher.source", "none"),
+        ("distill.logit.weight", "0"),
+        ("distill.attention.value_weight", "0.5"),
+      ],
+      "distill.attention.value_weight",
+      "no teacher",
+    ),
     ([("distill.attention.value_weight", "-0.5")], "distill.attention.value_weight", ">= 0"),
     ([("student.policy", "p=f32,c=fp7")], "student.policy", "unknown dtype"),
     ([("student.policy", "p=f16,c=f16")], "student.policy", "loss scaling"),

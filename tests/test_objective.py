@@ -131,3 +131,23 @@ def test_online_sparse_targets_need_no_ids():
     np.testing.assert_array_equal(got[key], want[key])
   with pytest.raises(ValueError, match="row_N and pos_N"):
     sparse.teacher_targets(h, w, temperature=2.0, k=4, samples=3)
+
+
+def test_sparse_kind_with_its_weight_off_trains_on_ce(tiny_config):
+  """A sparse logit kind whose weight is 0 leaves CE alone in the fused head (it used to reach
+  the dense heads as an unknown kind and crash)."""
+  import jax
+
+  from jaxdistill import loop
+
+  cfg = tiny_config
+  cfg.distill.logit.update(kind="topk_tail", weight=0.0)
+  cfg.distill.attention.update(weight=0.0, value_weight=0.0)
+  cfg.distill.hidden.weight = 0.0
+  cfg.mesh.update(data=1, fsdp=1, tensor=1)
+  run = loop.build_run(cfg, devices=jax.devices()[:1])
+  history = []
+  loop.run_steps(run, 2, lambda step, m, s: history.append(jax.device_get(m)))
+  assert [k for k in history[0] if k.startswith("distill/")] == []
+  m = history[0]
+  assert m["task/ce"] > 0 and m["train/loss"] == cfg.distill.ce.weight * m["task/ce"]
