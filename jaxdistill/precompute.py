@@ -32,20 +32,17 @@ import hashlib
 import itertools
 import json
 import os
-import queue
-import re
-import threading
 from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import tqdm
-from array_record.python import array_record_module
 
 from jaxdistill import checkpoint, distributed, models, precision, sharding as sharding_lib
 from jaxdistill import sparse, teacher as teacher_lib, validate
-from jaxdistill.data import cached
+from jaxdistill.data import cache_writer, cached
+from jaxdistill.data.cache_writer import verify  # noqa: F401 (`jaxdistill precompute --verify`)
 from jaxdistill.data.synthetic import SyntheticData
 from jaxdistill.errors import ConfigError, JaxdistillError
 
@@ -62,35 +59,6 @@ def check_config(cfg: Any) -> None:
   if cfg.precompute.k > cfg.teacher.vocab_size:
     raise ConfigError(
       "precompute.k", f"{cfg.precompute.k} exceeds teacher.vocab_size={cfg.teacher.vocab_size}"
-    )
-
-
-# Names precompute writes into --output (a teacher.source=pretrain teacher trains in teacher/).
-_OUR_NAME_RE = re.compile(
-  r"^(shard-\d+\.(arrayrecord(\.partial)?|json(\.tmp)?)|(settings|manifest)\.json\.tmp|teacher)$"
-)
-
-
-def check_output(output: str) -> None:
-  """Refuses an ``output`` that is a file or a non-empty directory that is not a cache of ours.
-
-  Ours (resumed): a directory holding settings.json or manifest.json, or only names
-  precompute writes (shards, sidecars, teacher/): a run stopped before its settings.
-  """
-  existing = os.path.abspath(output)  # the output, or the ancestor it would be made in
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
-    raise JaxdistillError(f"--output {output!r} is no directory ({existing!r} is a file)")
-  names = os.listdir(output) if os.path.isdir(output) else []
-  if cached.SETTINGS in names or cached.MANIFEST in names:
-    return
-  foreign = sorted(n for n in names if not _OUR_NAME_RE.match(n))
-  if foreign:
-    raise JaxdistillError(
-      f"--output {output!r} is not empty and holds no precompute cache ({cached.SETTINGS}; "
-      f"found {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); pass a new or "
-      "empty directory"
     )
 
 
@@ -212,62 +180,6 @@ def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
   return Teacher(fn, params, mesh, _teacher_identity(cfg, params, path))
 
 
-class _Writer:
-  """A thread that encodes and writes records, and finishes shards (sidecar, then rename)."""
-
-  def __init__(self, output: str, layout: cached.Layout):
-    self.output, self.layout, self.error = output, layout, None
-    self.queue = queue.Queue(maxsize=4)
-    self.thread = threading.Thread(target=self._loop, daemon=True)
-    self.thread.start()
-
-  def put(self, item) -> None:
-    if self.error is not None:
-      raise self.error
-    self.queue.put(item)
-
-  def join(self) -> None:
-    self.queue.put(None)
-    self.thread.join()
-    if self.error is not None:
-      raise self.error
-
-  def _loop(self) -> None:
-    writer, count = None, 0
-    while (item := self.queue.get()) is not None:
-      if self.error is not None:
-        continue
-      try:
-        kind, s, *rest = item
-        partial = cached.shard_path(self.output, s) + ".partial"
-        if kind == "open":
-          writer, count = array_record_module.ArrayRecordWriter(partial, cached.WRITER_OPTIONS), 0
-        elif kind == "rows":
-          rows, targets = rest
-          for i, row in enumerate(rows):
-            writer.write(cached.encode(self.layout, row, {k: v[i] for k, v in targets.items()}))
-          count += len(rows)
-        else:  # "close"
-          writer.close()
-          side = {"index": s, "records": count, "sha256": cached.sha256_file(partial)}
-          _write_json(cached.sidecar_path(self.output, s), side)
-          os.replace(partial, cached.shard_path(self.output, s))
-      except Exception as e:  # reported to the main thread at its next put / join
-        self.error = e
-
-
-def _write_json(path: str, value: dict) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
-
-
-def _finished(output: str, s: int) -> bool:
-  return os.path.exists(cached.shard_path(output, s)) and os.path.exists(
-    cached.sidecar_path(output, s)
-  )
-
-
 def _start(cfg: Any, output: str, current: dict) -> None:
   """Creates ``output`` with settings.json, or checks a rerun uses the same settings."""
   path = os.path.join(output, cached.SETTINGS)
@@ -284,7 +196,7 @@ def _start(cfg: Any, output: str, current: dict) -> None:
   distributed.barrier("jaxdistill:precompute-settings-checked")
   if jax.process_index() == 0:
     os.makedirs(output, exist_ok=True)
-    _write_json(path, current)
+    cache_writer.write_json(path, current)
 
 
 def _host_batch(rows: list[dict], b: int) -> dict[str, np.ndarray]:
@@ -292,6 +204,48 @@ def _host_batch(rows: list[dict], b: int) -> dict[str, np.ndarray]:
   out = {k: np.stack([r[k] for r in rows]) for k in ROW_KEYS}
   pad = b - len(rows)
   return {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in out.items()}
+
+
+def _compute_shards(cfg: Any, teacher: Teacher, output: str, process, writer, bar) -> tuple:
+  """Runs the teacher over this process's unfinished shards, batch n + 1 dispatched before
+  batch n's targets are fetched, the writer thread encoding behind: (rows seen, rows computed)."""
+  r, b, t = cfg.precompute.rows_per_shard, cfg.data.batch_size, cfg.data.seq_len
+  p, count = process
+  pending, rows_seen, computed = collections.deque(), 0, 0
+
+  def flush_one():
+    item = pending.popleft()
+    if item[0] == "rows":
+      _, s, rows, out = item
+      writer.put(("rows", s, rows, {k: v[: len(rows)] for k, v in jax.device_get(out).items()}))
+      bar.update(len(rows) * t)
+    else:
+      writer.put(item)
+
+  stream = row_stream(cfg)
+  with sharding_lib.rules_context(teacher.mesh):
+    for s in itertools.count():
+      shard_rows = list(itertools.islice(stream, r))
+      rows_seen += len(shard_rows)
+      if not shard_rows:
+        break
+      if s % count != p or cache_writer.finished(output, s):
+        bar.update(len(shard_rows) * t if s % count == p else 0)
+        continue
+      pending.append(("open", s))
+      for lo in range(0, len(shard_rows), b):
+        rows = shard_rows[lo : lo + b]
+        batch = sharding_lib.shard_batch(_host_batch(rows, b), teacher.mesh)
+        index_B = np.arange(s * r + lo, s * r + lo + b, dtype=np.int32)
+        index_B = sharding_lib.shard_batch({"i": index_B}, teacher.mesh)["i"]
+        pending.append(("rows", s, rows, teacher.fn(teacher.params, batch, index_B)))
+        computed += len(rows)
+        while sum(item[0] == "rows" for item in pending) > 1:  # keep one batch in flight
+          flush_one()
+      pending.append(("close", s))
+    while pending:
+      flush_one()
+  return rows_seen, computed
 
 
 def run(
@@ -318,52 +272,19 @@ def run(
   import time
 
   check_config(cfg)
-  check_output(output)  # before anything (a pretrained teacher, settings) is written there
+  cache_writer.check_output(output)  # before anything (teacher, settings) is written there
   cached.data_identity(cfg)  # bad data or tokenizer fail here, before the teacher loads
   teacher = teacher or build_teacher(cfg, output, devices)
   current = settings(cfg, teacher.identity)
   _start(cfg, output, current)
-  layout, r, b = cached.layout_of(cfg), cfg.precompute.rows_per_shard, cfg.data.batch_size
+  r, t = cfg.precompute.rows_per_shard, cfg.data.seq_len
   p, count = process or (jax.process_index(), jax.process_count())
-  t = cfg.data.seq_len
-  show = cfg.log.progress and p == 0
   total = num_rows(cfg) * t or None
+  show = cfg.log.progress and p == 0
   bar = tqdm.tqdm(total=total, disable=not show, unit="tok", unit_scale=True, dynamic_ncols=True)
-  writer, pending, rows_seen, computed = _Writer(output, layout), collections.deque(), 0, 0
+  writer = cache_writer.ShardWriter(output, cached.layout_of(cfg))
   start = time.perf_counter()
-
-  def flush_one():
-    item = pending.popleft()
-    if item[0] == "rows":
-      _, s, rows, out = item
-      writer.put(("rows", s, rows, {k: v[: len(rows)] for k, v in jax.device_get(out).items()}))
-      bar.update(len(rows) * t)
-    else:
-      writer.put(item)
-
-  stream = row_stream(cfg)
-  with sharding_lib.rules_context(teacher.mesh):
-    for s in itertools.count():
-      shard_rows = list(itertools.islice(stream, r))
-      rows_seen += len(shard_rows)
-      if not shard_rows:
-        break
-      if s % count != p or _finished(output, s):
-        bar.update(len(shard_rows) * t if s % count == p else 0)
-        continue
-      pending.append(("open", s))
-      for lo in range(0, len(shard_rows), b):
-        rows = shard_rows[lo : lo + b]
-        batch = sharding_lib.shard_batch(_host_batch(rows, b), teacher.mesh)
-        index_B = np.arange(s * r + lo, s * r + lo + b, dtype=np.int32)
-        index_B = sharding_lib.shard_batch({"i": index_B}, teacher.mesh)["i"]
-        pending.append(("rows", s, rows, teacher.fn(teacher.params, batch, index_B)))
-        computed += len(rows)
-        while sum(item[0] == "rows" for item in pending) > 1:  # keep one batch in flight
-          flush_one()
-      pending.append(("close", s))
-    while pending:
-      flush_one()
+  rows_seen, computed = _compute_shards(cfg, teacher, output, (p, count), writer, bar)
   writer.join()
   bar.close()
   seconds = time.perf_counter() - start
@@ -372,9 +293,9 @@ def run(
   shards = -(-rows_seen // r)
   distributed.barrier("jaxdistill:precompute-shards-written")
   # Every shard exists unless a process failed (or, in tests, has not run yet).
-  complete = all(_finished(output, s) for s in range(shards))
+  complete = all(cache_writer.finished(output, s) for s in range(shards))
   if p == 0 and complete:
-    _write_manifest(output, current, rows_seen, shards)
+    cache_writer.write_manifest(output, current, rows_seen, shards)
   return {
     "complete": complete,
     "rows": rows_seen,
@@ -383,51 +304,3 @@ def run(
     "tokens": computed * t,
     "seconds": seconds,
   }
-
-
-def _write_manifest(output: str, current: dict, rows: int, shards: int) -> None:
-  entries = []
-  for s in range(shards):
-    if not _finished(output, s):
-      raise JaxdistillError(f"shard {s} of {output!r} is missing; rerun precompute to finish it")
-    with open(cached.sidecar_path(output, s), encoding="utf-8") as f:
-      side = json.load(f)
-    entries.append({"index": s, "records": side["records"], "sha256": side["sha256"]})
-  _write_json(os.path.join(output, cached.MANIFEST), dict(current, rows=rows, shards=entries))
-
-
-def verify(output: str) -> dict:
-  """Re-reads every shard: its sha256 and record count against the manifest.
-
-  Returns:
-    {"shards", "rows"} when everything matches.
-
-  Raises:
-    JaxdistillError: listing every missing or corrupted shard, and what differs.
-  """
-  try:
-    manifest = cached.read_manifest(output)
-  except ConfigError as e:
-    raise JaxdistillError(str(e).replace("teacher.path: ", "--output: ")) from None
-  problems, total = [], 0
-  for entry in manifest["shards"]:
-    path = cached.shard_path(output, entry["index"])
-    name = os.path.basename(path)
-    if not os.path.isfile(path):
-      problems.append(f"{name} is missing")
-      continue
-    digest = cached.sha256_file(path)
-    if digest != entry["sha256"]:
-      problems.append(f"{name} has sha256 {digest[:12]}..., the manifest {entry['sha256'][:12]}...")
-      continue
-    reader = array_record_module.ArrayRecordReader(path)
-    records = reader.num_records()
-    reader.close()
-    total += records
-    if records != entry["records"]:
-      problems.append(f"{name} has {records} records, the manifest {entry['records']}")
-  if not problems and total != manifest["rows"]:
-    problems.append(f"the shards hold {total} rows, the manifest {manifest['rows']}")
-  if problems:
-    raise JaxdistillError(f"cache {output!r} failed verification: " + "; ".join(problems))
-  return {"shards": len(manifest["shards"]), "rows": total}

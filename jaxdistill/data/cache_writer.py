@@ -1,0 +1,151 @@
+"""Writing a teacher-target cache: the output directory check, the shard writer thread, sidecars,
+the manifest, and ``verify``. The record format and reading are ``cached.py``'s.
+
+A shard is written to ``shard-S.arrayrecord.partial``; its sidecar ``shard-S.json`` (records,
+sha256) is written, then the shard is renamed: a shard with both is finished, anything else is
+redone by a rerun. ``manifest.json`` lists every shard once all exist.
+"""
+
+import json
+import os
+import queue
+import re
+import threading
+
+from array_record.python import array_record_module
+
+from jaxdistill.data import cached
+from jaxdistill.errors import ConfigError, JaxdistillError
+
+
+# Names precompute writes into --output (a teacher.source=pretrain teacher trains in teacher/).
+_OUR_NAME_RE = re.compile(
+  r"^(shard-\d+\.(arrayrecord(\.partial)?|json(\.tmp)?)|(settings|manifest)\.json\.tmp|teacher)$"
+)
+
+
+def check_output(output: str) -> None:
+  """Refuses an ``output`` that is a file or a non-empty directory that is not a cache of ours.
+
+  Ours (resumed): a directory holding settings.json or manifest.json, or only names
+  precompute writes (shards, sidecars, teacher/): a run stopped before its settings.
+  """
+  existing = os.path.abspath(output)  # the output, or the ancestor it would be made in
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    raise JaxdistillError(f"--output {output!r} is no directory ({existing!r} is a file)")
+  names = os.listdir(output) if os.path.isdir(output) else []
+  if cached.SETTINGS in names or cached.MANIFEST in names:
+    return
+  foreign = sorted(n for n in names if not _OUR_NAME_RE.match(n))
+  if foreign:
+    raise JaxdistillError(
+      f"--output {output!r} is not empty and holds no precompute cache ({cached.SETTINGS}; "
+      f"found {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); pass a new or "
+      "empty directory"
+    )
+
+
+class ShardWriter:
+  """A thread that encodes and writes records, and finishes shards (sidecar, then rename)."""
+
+  def __init__(self, output: str, layout: cached.Layout):
+    self.output, self.layout, self.error = output, layout, None
+    self.queue = queue.Queue(maxsize=4)
+    self.thread = threading.Thread(target=self._loop, daemon=True)
+    self.thread.start()
+
+  def put(self, item) -> None:
+    if self.error is not None:
+      raise self.error
+    self.queue.put(item)
+
+  def join(self) -> None:
+    self.queue.put(None)
+    self.thread.join()
+    if self.error is not None:
+      raise self.error
+
+  def _loop(self) -> None:
+    writer, count = None, 0
+    while (item := self.queue.get()) is not None:
+      if self.error is not None:
+        continue
+      try:
+        kind, s, *rest = item
+        partial = cached.shard_path(self.output, s) + ".partial"
+        if kind == "open":
+          writer, count = array_record_module.ArrayRecordWriter(partial, cached.WRITER_OPTIONS), 0
+        elif kind == "rows":
+          rows, targets = rest
+          for i, row in enumerate(rows):
+            writer.write(cached.encode(self.layout, row, {k: v[i] for k, v in targets.items()}))
+          count += len(rows)
+        else:  # "close"
+          writer.close()
+          side = {"index": s, "records": count, "sha256": cached.sha256_file(partial)}
+          write_json(cached.sidecar_path(self.output, s), side)
+          os.replace(partial, cached.shard_path(self.output, s))
+      except Exception as e:  # reported to the main thread at its next put / join
+        self.error = e
+
+
+def write_json(path: str, value: dict) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(value, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def finished(output: str, s: int) -> bool:
+  return os.path.exists(cached.shard_path(output, s)) and os.path.exists(
+    cached.sidecar_path(output, s)
+  )
+
+
+def write_manifest(output: str, current: dict, rows: int, shards: int) -> None:
+  entries = []
+  for s in range(shards):
+    if not finished(output, s):
+      raise JaxdistillError(f"shard {s} of {output!r} is missing; rerun precompute to finish it")
+    with open(cached.sidecar_path(output, s), encoding="utf-8") as f:
+      side = json.load(f)
+    entries.append({"index": s, "records": side["records"], "sha256": side["sha256"]})
+  write_json(os.path.join(output, cached.MANIFEST), dict(current, rows=rows, shards=entries))
+
+
+def verify(output: str) -> dict:
+  """Re-reads every shard: its sha256 and record count against the manifest.
+
+  Returns:
+    {"shards", "rows"} when everything matches.
+
+  Raises:
+    JaxdistillError: listing every missing or corrupted shard, and what differs.
+  """
+  try:
+    manifest = cached.read_manifest(output)
+  except ConfigError as e:
+    raise JaxdistillError(str(e).replace("teacher.path: ", "--output: ")) from None
+  problems, total = [], 0
+  for entry in manifest["shards"]:
+    path = cached.shard_path(output, entry["index"])
+    name = os.path.basename(path)
+    if not os.path.isfile(path):
+      problems.append(f"{name} is missing")
+      continue
+    digest = cached.sha256_file(path)
+    if digest != entry["sha256"]:
+      problems.append(f"{name} has sha256 {digest[:12]}..., the manifest {entry['sha256'][:12]}...")
+      continue
+    reader = array_record_module.ArrayRecordReader(path)
+    records = reader.num_records()
+    reader.close()
+    total += records
+    if records != entry["records"]:
+      problems.append(f"{name} has {records} records, the manifest {entry['records']}")
+  if not problems and total != manifest["rows"]:
+    problems.append(f"the shards hold {total} rows, the manifest {manifest['rows']}")
+  if problems:
+    raise JaxdistillError(f"cache {output!r} failed verification: " + "; ".join(problems))
+  return {"shards": len(manifest["shards"]), "rows": total}
