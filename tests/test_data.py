@@ -252,6 +252,7 @@ def _cli_train(tmp_path, *overrides):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_data_and_writes_nothing(tmp_path):
   assert "matches no file" in _cli_train(tmp_path, f"--config.data.train_files={tmp_path}/no.txt")
   line = _cli_train(

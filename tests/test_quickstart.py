@@ -34,6 +34,7 @@ def finished(tmp_path_factory):
   return workdir, cache, proc
 
 
+@pytest.mark.slow
 def test_quickstart_writes_a_valid_report(finished):
   workdir, _, proc = finished
   report = json.loads((workdir / "report.json").read_text())
@@ -55,6 +56,7 @@ def test_quickstart_writes_a_valid_report(finished):
   assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]  # the periodic evaluation
 
 
+@pytest.mark.slow
 def test_teacher_is_cached_and_reused(finished):
   _, cache, _ = finished
   cfg = quickstart.teacher_config("test")
@@ -67,6 +69,7 @@ def test_teacher_is_cached_and_reused(finished):
   assert quickstart._cache_key(cfg, _prepared(cfg)) != os.path.basename(path)
 
 
+@pytest.mark.slow
 def test_cache_key_follows_a_changed_default(finished, monkeypatch):
   # A teacher trained under an old default must not be reused after the default changes.
   _, cache, _ = finished
@@ -92,6 +95,7 @@ def _prepared(cfg):
   return pipeline.prepare(cfg)
 
 
+@pytest.mark.slow
 def test_existing_report_is_refused(finished):
   workdir, cache, _ = finished
   before = (workdir / "report.json").read_text()
