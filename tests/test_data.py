@@ -103,6 +103,7 @@ def test_batch_contract_and_packing_layout(tmp_path):
         assert pos[r, t] == 0  # positions restart with every document
 
 
+@pytest.mark.slow
 def test_packed_documents_do_not_see_each_other(tmp_path):
   from jaxdistill.models.transformer import Transformer, TransformerConfig
 
