@@ -1,7 +1,8 @@
 # One command each for the two things a new user does first.
 #   make quickstart   set up and run the main job (teacher -> KD vs CE student, report)
 #   make smoke        a one-minute check of the machinery (tiny models, synthetic data)
-#   make test         set up and run the test suite
+#   make test         set up and run the whole test suite (lint + every test; what CI runs)
+#   make test-fast    the unit tests only (no end-to-end / subprocess / multi-process runs)
 #   make examples     the real models the example configs use (all-MiniLM-L6-v2)
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -11,7 +12,7 @@ $(PY):
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
 
-.PHONY: setup quickstart smoke test examples
+.PHONY: setup quickstart smoke test test-fast examples
 setup: $(PY)
 
 # jemalloc (Debian libjemalloc2) roughly halves CPU step times; used when installed.
@@ -30,3 +31,7 @@ examples: $(PY)
 test: $(PY)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -n 2 --dist loadfile tests
+
+# The fast tier while editing: under 2 minutes on 2 CPU cores. `make test` stays the gate.
+test-fast: $(PY)
+	$(PY) -m pytest -n 2 -m "not slow" tests

@@ -2,6 +2,8 @@
 
   jaxdistill train --config configs/lm_distill.py --workdir workdirs/lm_distill
 
+The recipe's ``distill`` variant (``configs/quickstart.py:distill``, where every setting lives).
+
 As it stands it first trains the teacher inside the run (teacher.source=pretrain, 560 steps
 into WORKDIR/teacher, reused if you run again there). To distil from a teacher trained
 before (configs/lm_teacher.py, or the quickstart's cached one under CACHE/teachers/):
@@ -24,8 +26,13 @@ steps (40% of the gap to the teacher closed), but CE given the same wall time re
 it.
 """
 
-from jaxdistill import quickstart
+import os
+
+from jaxdistill.config import config_module
+
+# The recipe lives in one file, shared with `jaxdistill quickstart` (configs import no jobs).
+RECIPE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
 
 
 def get_config():
-  return quickstart.student_config("full", kd=True)
+  return config_module(RECIPE).get_config("distill")

@@ -149,8 +149,8 @@ def default_config() -> ml_collections.ConfigDict:
       tokenizer="",
       packing="pack",
       # Training rows shuffled within windows of this many (0/1 = off). Long documents give
-      # many consecutive rows: a window too small for them makes batches of few documents
-      # (the quickstart's CE student: 5.47 val CE with 1024 rows, 4.71 with its whole split).
+      # many consecutive rows: a window too small for them makes batches of few documents,
+      # and a model trained on them ends worse (measured: BENCHMARKS.md, "The shuffle window").
       shuffle_rows=1024,
       stdlib_max_files=0,  # built-in corpus subset for tests (0 = every file)
       stdlib_max_file_bytes=0,
@@ -252,11 +252,27 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
     node[leaf] = value
 
 
+def config_module(path: str):
+  """Imports a config file as a module: its ``get_config`` and whatever else it defines.
+
+  Config files are leaves (they import only ``jaxdistill.config`` and ``errors``), so
+  one config may build on another by path, e.g. ``configs/lm_teacher.py`` on the
+  quickstart's recipe ``configs/quickstart.py``.
+  """
+  spec = importlib.util.spec_from_file_location("_jaxdistill_config", path)
+  if spec is None:  # no loader for the file name: not a .py file
+    raise ConfigError("--config", f"{path!r} is not a Python file (.py) defining get_config()")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
   """Loads a config file and applies overrides; it does not validate (``validate.validate``).
 
   Args:
-    path: a Python file defining ``get_config()``.
+    path: a Python file defining ``get_config()``; ``FILE:ARG`` calls ``get_config(ARG)``
+      (a variant, as big_vision's configs take one: ``configs/quickstart.py:distill,test``).
     overrides: (dotted key, raw string value) pairs applied in order.
 
   Returns:
@@ -265,19 +281,19 @@ def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_coll
   Raises:
     ConfigError: missing file, no get_config, unknown key, an override of the wrong type.
   """
+  args = ()
+  if not os.path.isfile(path) and ":" in path:
+    path, arg = path.rsplit(":", 1)
+    args = (arg,)
   if not os.path.isfile(path):
     raise ConfigError(
       "--config", f"no such file {path!r}; pass a config file such as configs/smoke.py"
     )
-  spec = importlib.util.spec_from_file_location("_jaxdistill_config", path)
-  if spec is None:  # no loader for the file name: not a .py file
-    raise ConfigError("--config", f"{path!r} is not a Python file (.py) defining get_config()")
-  module = importlib.util.module_from_spec(spec)
   try:
-    spec.loader.exec_module(module)
+    module = config_module(path)
     if not hasattr(module, "get_config"):
       raise ConfigError("--config", f"{path} defines no get_config() function")
-    cfg = module.get_config()
+    cfg = module.get_config(*args)
   except ConfigError:
     raise
   except Exception as e:  # a config file is user code: report, don't trace back

@@ -9,15 +9,22 @@
      + hidden-state losses);
   3. the CE student: the same student on CE alone, run long enough to also say
      what CE reaches in the KD student's wall time;
-  4. evaluation of all three on the validation split, a table, ``DIR/report.json``,
-     ``DIR/report.md`` and ``DIR/val_loss.png``.
+  4. evaluation of all three on the validation split, and the report
+     (``jaxdistill.report``: a table, ``DIR/report.json``, ``DIR/report.md``,
+     ``DIR/val_loss.png``).
 
-The three stages are ordinary configs (``configs/lm_teacher.py``,
-``configs/lm_distill.py``, ``configs/lm_baseline.py``) built by the functions
-below, so each also runs with ``jaxdistill train``. ``size="test"`` shrinks
+This module only orchestrates. Every hyper-parameter is in the recipe, the config file
+``configs/quickstart.py`` (variants ``teacher``, ``distill``, ``baseline``, each also
+``,test``), so each stage also runs with ``jaxdistill train``. ``size="test"`` shrinks
 everything (a few stdlib files, tiny models) for the tests.
+
+The recipe is found next to the package (``<checkout>/configs/quickstart.py``), which holds
+for a source checkout and the editable install ``make setup`` / ``pip install -e .`` makes;
+configs are user-facing files that ``jaxdistill train`` takes by path, so they stay at the
+top of the repository rather than inside the package.
 """
 
+import functools
 import hashlib
 import json
 import os
@@ -25,121 +32,49 @@ import shutil
 import time
 from typing import Any
 
-from jaxdistill.config import default_config
+from jaxdistill.config import config_module
 from jaxdistill.data import corpora
 from jaxdistill.errors import JaxdistillError
 
-# The recipe. Measured on 2 CPU cores (REFERENCE.md section 9 and BENCHMARKS.md): the
-# teacher must be trained well past what the student reaches alone before KD pays.
-FULL = dict(
-  vocab=4096,
-  seq_len=128,
-  batch=16,
-  # Rows shuffled within one window covering the whole training split (29,768 rows of 128
-  # tokens; measured: +0.3 GB RSS, and filling it tokenises the split once, 5.7 s). The default
-  # 1024-row window left each batch drawn from a few long stdlib files: the CE student reached
-  # 5.469 val CE in 150 steps with it, 4.964 with 8192 rows, 4.713 with the whole split.
-  shuffle_rows=32768,
-  teacher=dict(d_model=256, num_layers=4, num_heads=4, d_ff=1024),
-  teacher_steps=560,
-  teacher_lr=3e-3,
-  student=dict(d_model=128, num_layers=2, num_heads=4, d_ff=512),
-  student_steps=150,
-  student_lr=3e-3,
-  eval_every=25,  # the teacher evaluates every 2 * eval_every steps (its forward is dearer)
-  eval_batches=8,
-  final_eval_batches=48,  # ~98k validation tokens for the final table
-  stdlib=dict(stdlib_max_files=0, stdlib_max_file_bytes=0),
+RECIPE = os.path.join(
+  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py"
 )
-TEST = dict(
-  vocab=384,
-  seq_len=32,
-  batch=8,
-  shuffle_rows=1024,
-  teacher=dict(d_model=32, num_layers=2, num_heads=2, d_ff=64),
-  teacher_steps=6,
-  teacher_lr=1e-2,
-  student=dict(d_model=16, num_layers=1, num_heads=2, d_ff=32),
-  student_steps=4,
-  student_lr=1e-2,
-  eval_every=2,
-  eval_batches=2,
-  final_eval_batches=0,
-  stdlib=dict(stdlib_max_files=8, stdlib_max_file_bytes=6000),
-)
-SIZES = {"full": FULL, "test": TEST}
+SIZES = ("full", "test")
 
 
-def _base(size: str) -> Any:
-  r = SIZES[size]
-  cfg = default_config()
-  cfg.data.update(source="stdlib", batch_size=r["batch"], seq_len=r["seq_len"], **r["stdlib"])
-  cfg.data.shuffle_rows = r["shuffle_rows"]
-  cfg.optim.update(b1=0.9, b2=0.95, weight_decay=0.01, clip_norm=1.0)
-  cfg.eval.update(every=r["eval_every"], batches=r["eval_batches"])
-  cfg.log.every = 10
-  return cfg
+@functools.cache
+def recipe():
+  """The recipe module ``configs/quickstart.py`` (``teacher_config``, ``student_config``, ...).
 
-
-def _model(section: Any, r: dict, side: str) -> None:
-  section.update(vocab_size=r["vocab"], max_len=r["seq_len"], **r[side])
-
-
-def _ce_only(cfg: Any) -> None:
-  cfg.teacher.source = "none"
-  cfg.distill.ce.weight = 1.0
-  for key in ("logit", "attention", "hidden"):
-    cfg.distill[key].weight = 0.0
+  Raises:
+    JaxdistillError: the file is missing (an install without the source checkout).
+  """
+  if not os.path.isfile(RECIPE):
+    raise JaxdistillError(
+      f"the quickstart's recipe {RECIPE} is missing: run from a source checkout installed "
+      "with `pip install -e .` (or `make setup`)"
+    )
+  return config_module(RECIPE)
 
 
 def teacher_config(size: str = "full") -> Any:
-  """The teacher, trained from scratch on CE (it is the student of its own run)."""
-  r, cfg = SIZES[size], _base(size)
-  _model(cfg.student, r, "teacher")
-  _ce_only(cfg)
-  cfg.eval.every = 2 * r["eval_every"]
-  steps = r["teacher_steps"]
-  cfg.optim.update(steps=steps, lr=r["teacher_lr"], warmup_steps=max(1, int(0.15 * steps)))
-  return cfg
+  """The recipe's teacher config (``configs/quickstart.py:teacher[,test]``), not validated."""
+  return recipe().teacher_config(size)
 
 
 def student_config(size: str = "full", kd: bool = True, teacher_path: str = "") -> Any:
-  """The student: distilled from a teacher (kd) or trained on CE alone.
+  """The recipe's student config, distilled (kd) or CE alone; not validated.
 
   Args:
     size: "full" or "test".
     kd: distil (True) or CE only (False).
     teacher_path: the teacher run's directory; empty: pretrain it inside the run.
   """
-  r, cfg = SIZES[size], _base(size)
-  _model(cfg.student, r, "student")
-  _model(cfg.teacher, r, "teacher")
-  steps = r["student_steps"]
-  cfg.optim.update(steps=steps, lr=r["student_lr"], warmup_steps=max(1, int(0.15 * steps)))
-  d = cfg.distill
-  if not kd:
-    _ce_only(cfg)
-    return cfg
-  if teacher_path:
-    cfg.teacher.update(source="workdir", path=teacher_path)
-  else:  # standalone: train the teacher first in WORKDIR/teacher (cosine, 10% warmup)
-    cfg.teacher.update(source="pretrain", pretrain_steps=r["teacher_steps"])
-    cfg.teacher.pretrain_lr = r["teacher_lr"]
-  # Low temperature, most weight on the teacher: what worked on this corpus.
-  d.temperature = 1.0
-  d.logit.update(kind="kl", weight=0.9)
-  d.ce.weight = 0.1
-  d.attention.update(weight=0.1, value_weight=0.1, layer_map="last")
-  # Cosine, not MSE: the teacher's residual stream grows to norms where a 0.1-weighted MSE
-  # (~70 here) outweighs every other term and eats the clipped gradient; KD then did no better
-  # than CE at 150 steps (5.34 vs 5.11 val CE), with cosine it reached 4.49.
-  d.hidden.update(kind="cosine", weight=0.1, layer_map="uniform", project=True)
-  return cfg
+  return recipe().student_config(size, kd=kd, teacher_path=teacher_path)
 
 
 # --- the job ---------------------------------------------------------------------------
 
-REPORT_KEYS = ("val_loss", "val_ppl", "agreement", "kl_to_teacher", "params", "tokens_per_s")
 JEMALLOC = "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2"
 
 
@@ -280,11 +215,11 @@ def run(workdir: str, size: str = "full", cache_dir: str = "", log=print) -> dic
     size: "full" (the real job) or "test" (seconds; for tests).
     cache_dir: the cache directory ("" = the default, see corpora.cache_dir).
   """
-  from jaxdistill import data as data_lib
+  from jaxdistill import data as data_lib, report as report_lib
 
   if os.path.exists(os.path.join(workdir, "report.json")):
     raise JaxdistillError(f"{workdir!r} already holds a quickstart report; pass a new --workdir")
-  start, r = time.perf_counter(), SIZES[size]
+  start, r = time.perf_counter(), recipe().SIZES[size]
   if "jemalloc" not in os.environ.get("LD_PRELOAD", ""):
     hint = (
       f"LD_PRELOAD={JEMALLOC} " if os.path.exists(JEMALLOC) else "(apt-get install libjemalloc2) "
@@ -322,128 +257,9 @@ def run(workdir: str, size: str = "full", cache_dir: str = "", log=print) -> dic
   results = evaluate_runs(runs, teacher_dir, kd, r["final_eval_batches"])
   with open(os.path.join(teacher_dir, "summary.json"), encoding="utf-8") as f:
     summaries["teacher"] = json.load(f)
-  report = _report(results, summaries, kd, teacher_dir, cached, time.perf_counter() - start)
-  write_report(report, workdir, {**runs, "teacher": teacher_dir})
-  log(format_table(report))
+  wall_s = time.perf_counter() - start
+  report = report_lib.build(results, summaries, kd, teacher_dir, cached, wall_s)
+  report_lib.write_report(report, workdir, {**runs, "teacher": teacher_dir})
+  log(report_lib.format_table(report))
   log(f"Wrote {os.path.join(workdir, 'report.md')} and report.json")
   return report
-
-
-def _report(results, summaries, cfg, teacher_dir, cached, wall_s) -> dict:
-  report = {}
-  for name, m in results.items():
-    s = summaries[name]
-    row = dict(m, params=s["student_params"], tokens_per_s=s["tokens_per_s"], steps=s["steps"])
-    row.setdefault("agreement", 1.0)  # the teacher against itself
-    row.setdefault("kl_to_teacher", 0.0)
-    if "train_s" in s:
-      row["train_s"] = s["train_s"]
-    report[name] = row
-  t, kd, ce = (report[k]["val_loss"] for k in ("teacher", "kd_student", "ce_student"))
-  report["summary"] = {
-    "teacher_cached": cached,
-    "teacher_dir": teacher_dir,
-    "gap_closed": (ce - kd) / (ce - t) if ce != t else None,  # share of CE->teacher gap
-    "kd_beats_ce_same_steps": kd < ce,
-    "kd_beats_ce_same_time": kd < report["ce_student_equal_time"]["val_loss"],
-    "teacher_beats_ce": t < ce,
-    "validation_tokens": report["teacher"]["tokens"],
-    "wall_s": wall_s,
-    "jemalloc": "jemalloc" in os.environ.get("LD_PRELOAD", ""),
-    "corpus": f"python_stdlib ({cfg.data.stdlib_max_files or 'all'} files)",
-  }
-  return report
-
-
-def verdict(report: dict) -> str:
-  """One honest paragraph on what distillation bought."""
-  s, kd, ce = report["summary"], report["kd_student"], report["ce_student"]
-  eq = report["ce_student_equal_time"]
-  if not s["teacher_beats_ce"]:
-    return (
-      f"The teacher (val CE {report['teacher']['val_loss']:.3f}) is no better than the student "
-      f"trained on CE alone ({ce['val_loss']:.3f}), so there was nothing to distil: the KD "
-      f"student reached {kd['val_loss']:.3f}. Train the teacher longer."
-    )
-  same_steps = (
-    f"closed {100 * s['gap_closed']:.0f}% of the gap between the CE student and the teacher"
-    if s["kd_beats_ce_same_steps"]
-    else "did NOT beat the CE student"
-  )
-  same_time = (
-    "still beat" if s["kd_beats_ce_same_time"] else "lost to"
-  ) + f" CE given the same wall time ({eq['steps']} CE steps reach {eq['val_loss']:.3f})"
-  return (
-    f"At equal steps the KD student ({kd['val_loss']:.3f}) {same_steps} "
-    f"(CE {ce['val_loss']:.3f}, teacher {report['teacher']['val_loss']:.3f}); it "
-    f"{same_time}. A KD step runs the teacher forward too, so it costs "
-    f"{kd['train_s'] / ce['train_s']:.1f}x a CE step here; precomputed teacher targets would "
-    "remove most of that cost."
-  )
-
-
-ROWS = ("teacher", "kd_student", "ce_student", "ce_student_equal_time")
-
-
-def format_table(report: dict) -> str:
-  """The report as a Markdown table (also what the command prints)."""
-  head = "| model | steps | params | val CE | val ppl | agree | KL(T‖S) | train tok/s |"
-  lines = [head, "|---|---|---|---|---|---|---|---|"]
-  for name in ROWS:
-    m = report[name]
-    lines.append(
-      f"| {name} | {m['steps']} | {m['params'] / 1e6:.2f}M | {m['val_loss']:.3f} | "
-      f"{m['val_ppl']:.1f} | {m['agreement']:.3f} | {m['kl_to_teacher']:.3f} | "
-      f"{m['tokens_per_s']:,.0f} |"
-    )
-  return "\n".join(lines)
-
-
-def plot_curves(run_dirs: dict[str, str], path: str) -> None:
-  """PNG of each run's ``eval/loss`` rows from its metrics.jsonl, against the step."""
-  import matplotlib
-
-  matplotlib.use("Agg")  # no display needed
-  import matplotlib.pyplot as plt
-
-  from jaxdistill.metrics import read_jsonl
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name in ROWS:
-    rows = [
-      r for r in read_jsonl(os.path.join(run_dirs[name], "metrics.jsonl")) if "eval/loss" in r
-    ]
-    if rows:
-      ax.plot([r["step"] for r in rows], [r["eval/loss"] for r in rows], marker=".", label=name)
-  ax.set(xlabel="training step", ylabel="validation cross-entropy (nats)", title="Validation loss")
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
-
-
-def write_report(report: dict, workdir: str, run_dirs: dict[str, str]) -> None:
-  """Writes report.json, val_loss.png and report.md into ``workdir``."""
-  os.makedirs(workdir, exist_ok=True)
-  plot_curves(run_dirs, os.path.join(workdir, "val_loss.png"))
-  s = report["summary"]
-  md = [
-    "# jaxdistill quickstart report",
-    "",
-    f"Corpus: {s['corpus']}; {s['validation_tokens']:,} validation tokens. "
-    f"Teacher {'loaded from the cache' if s['teacher_cached'] else 'trained in this run'} "
-    f"({s['teacher_dir']}). Wall time {s['wall_s'] / 60:.1f} min"
-    f"{' (jemalloc)' if s['jemalloc'] else ''}.",
-    "",
-    format_table(report),
-    "",
-    verdict(report),
-    "",
-    "![validation loss](val_loss.png)",
-    "",
-  ]
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(md))
-  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, sort_keys=True)

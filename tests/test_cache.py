@@ -59,6 +59,7 @@ def cache(tmp_path_factory):
   return cfg, out, teacher
 
 
+@pytest.mark.slow
 def test_round_trip_is_exact(cache):
   cfg, out, teacher = cache
   manifest = cached.read_manifest(str(out))
@@ -109,6 +110,7 @@ def test_encode_decode_bf16_layout():
   np.testing.assert_array_equal(out["weights"], [1, 1, 1, 0])
 
 
+@pytest.mark.slow
 def test_resume_is_byte_identical_and_skips_finished_shards(cache, tmp_path):
   cfg, out, teacher = cache
   copy = tmp_path / "cache"
@@ -131,6 +133,7 @@ def test_resume_is_byte_identical_and_skips_finished_shards(cache, tmp_path):
     precompute.run(other, str(copy))
 
 
+@pytest.mark.slow
 def test_two_processes_write_the_same_cache(cache, tmp_path):
   """Process 1 of 2 writes shard 1, process 0 shards 0 and 2 and then the manifest: the same
   bytes as one process (here run one after the other, sharing the compiled teacher)."""
@@ -144,6 +147,7 @@ def test_two_processes_write_the_same_cache(cache, tmp_path):
   assert (tmp_path / cached.MANIFEST).read_text() == (out / cached.MANIFEST).read_text()
 
 
+@pytest.mark.slow
 def test_verify_reports_the_tampered_shard(cache, tmp_path, capsys):
   out = cache[1]
   assert cli.main(["precompute", "--output", str(out), "--verify"]) == 0
@@ -160,6 +164,7 @@ def test_verify_reports_the_tampered_shard(cache, tmp_path, capsys):
   assert "shard-00000" not in err
 
 
+@pytest.mark.slow
 def test_mismatches_are_config_errors(cache, tmp_path):
   cfg, out, _ = cache
   c = _cache_config(cfg, out)
@@ -187,6 +192,7 @@ def _losses(run, steps):
   return out
 
 
+@pytest.mark.slow
 def test_cache_training_matches_online_restricted_teacher(cache):
   """Same batches, same student init: stored targets vs targets made in the step from the
   online teacher's head (same k, temperature): the losses agree."""
@@ -204,6 +210,7 @@ def test_cache_training_matches_online_restricted_teacher(cache):
   assert got[0] != got[2]  # it trains
 
 
+@pytest.mark.slow
 def test_cache_iterator_state_resumes_exactly(cache):
   cfg, out, _ = cache
   c = _cache_config(cfg, out)

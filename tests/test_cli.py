@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 
@@ -20,6 +22,7 @@ def _cli(*args, cwd=ROOT):
   )
 
 
+@pytest.mark.slow
 def test_smoke_trains_and_loss_falls(tmp_path):
   workdir = tmp_path / "run"
   proc = _cli("train", "--config", "configs/smoke.py", "--workdir", str(workdir))
@@ -49,6 +52,7 @@ def _assert_usage_error(proc, *words):
     assert word in lines[0]
 
 
+@pytest.mark.slow
 def test_bad_override_is_one_line_error_and_writes_nothing(tmp_path):
   workdir = tmp_path / "run"
   proc = _cli(
@@ -63,11 +67,13 @@ def test_bad_override_is_one_line_error_and_writes_nothing(tmp_path):
   assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_missing_config_file(tmp_path):
   proc = _cli("train", "--config", str(tmp_path / "nope.py"), "--workdir", str(tmp_path / "w"))
   _assert_usage_error(proc, "nope.py")
 
 
+@pytest.mark.slow
 def test_existing_run_is_not_overwritten(tmp_path):
   workdir = tmp_path / "run"
   workdir.mkdir()
@@ -79,6 +85,7 @@ def test_existing_run_is_not_overwritten(tmp_path):
   assert (workdir / "metrics.jsonl").read_text() == "precious\n"
 
 
+@pytest.mark.slow
 def test_mesh_that_does_not_fit_the_devices(tmp_path):
   proc = _cli(
     "train",

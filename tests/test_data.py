@@ -103,6 +103,7 @@ def test_batch_contract_and_packing_layout(tmp_path):
         assert pos[r, t] == 0  # positions restart with every document
 
 
+@pytest.mark.slow
 def test_packed_documents_do_not_see_each_other(tmp_path):
   from jaxdistill.models.transformer import Transformer, TransformerConfig
 
@@ -252,6 +253,7 @@ def _cli_train(tmp_path, *overrides):
   return lines[0]
 
 
+@pytest.mark.slow
 def test_cli_refuses_bad_data_and_writes_nothing(tmp_path):
   assert "matches no file" in _cli_train(tmp_path, f"--config.data.train_files={tmp_path}/no.txt")
   line = _cli_train(

@@ -176,6 +176,7 @@ def test_incomplete_or_bad_settings_name_what_to_set(env, words):
     assert word in str(e.value)
 
 
+@pytest.mark.slow
 def test_cli_rejects_bad_multiprocess_flags_in_one_line(tmp_path):
   proc = subprocess.run(
     [sys.executable, "-m", "jaxdistill.cli", "train", "--config", "configs/smoke.py"]

@@ -21,6 +21,7 @@ def embedder():
   return embed.Embedder(BERT)
 
 
+@pytest.mark.slow
 def test_embed_cli_writes_one_normalised_row_per_line(embedder, tmp_path, capsys):
   (tmp_path / "in.txt").write_text("\n".join(LINES) + "\n")
   out = tmp_path / "emb.npy"
@@ -53,6 +54,7 @@ def _encoder_cfg(num_layers: int = 1):
   return cfg
 
 
+@pytest.mark.slow
 def test_encoder_run_pieces_hf_teacher_student_init_and_losses():
   """What `jaxdistill train` does with an encoder, piece by piece (no compiled step)."""
   from jaxdistill import objective, precision, sharding as sharding_lib, teacher as teacher_lib
@@ -91,6 +93,7 @@ def test_encoder_run_pieces_hf_teacher_student_init_and_losses():
     teacher_lib.load(cfg, teacher, mesh, None)
 
 
+@pytest.mark.slow
 def test_embed_and_export_a_workdir(tmp_path):
   """A finished run's workdir (config.json, final_params/, tokenizer.json) embeds and exports."""
   import json

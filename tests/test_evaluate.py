@@ -14,6 +14,7 @@ def _log_softmax(z):
   return z - np.log(np.exp(z).sum(-1, keepdims=True))
 
 
+@pytest.mark.slow
 def test_metrics_match_numpy_reference():
   student = Transformer(TransformerConfig(48, 16, 1, 2, 32, 16))
   teacher = Transformer(TransformerConfig(48, 32, 2, 2, 64, 16))

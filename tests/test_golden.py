@@ -19,6 +19,7 @@ with open(cases.GOLDEN, encoding="utf-8") as f:
 RESUMED = {3: "2.7929751873016357", 4: "2.777278423309326"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(cases.CASES))
 def test_run_reproduces_golden_metrics_and_params(name):
   got = cases.run_case(name)
@@ -29,6 +30,7 @@ def test_run_reproduces_golden_metrics_and_params(name):
   assert got["params"] == want["params"], f"{name}: final params differ"
 
 
+@pytest.mark.slow
 def test_checkpoint_of_an_earlier_main_restores_and_continues(tmp_path):
   import jax
 

@@ -327,6 +327,7 @@ def test_count_params_and_flops():
 from jaxdistill.sharding import LOGICAL_RULES as RULES  # noqa: E402
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tie", [True, False])
 def test_sharded_apply_matches_unsharded(tie):
   if len(jax.devices()) < 8:

@@ -76,6 +76,7 @@ def test_update_loss_scale_halves_on_overflow_and_doubles_after_period():
   assert float(low.scale) == 1.0
 
 
+@pytest.mark.slow
 def test_injected_overflow_skips_that_update_halves_scale_and_recovers(tiny_config):
   run = _build(_f16_config(tiny_config, scale=2.0**8, period=2))
   assert run.state.loss_scale.scale.dtype == jnp.float32
@@ -109,6 +110,7 @@ def test_injected_overflow_skips_that_update_halves_scale_and_recovers(tiny_conf
   assert _tree_differs(run.state.params, last.params)
 
 
+@pytest.mark.slow
 def test_loss_scaling_is_exact_and_invisible_in_f32(tiny_config):
   """Power-of-two scaling commutes with f32 arithmetic: the same loss and gradient norm bit
   for bit, and the same params (bitwise on an Intel Xeon; on an AMD EPYC XLA's CPU code for
@@ -169,6 +171,7 @@ def _dot_dtypes(fn, *args):
   return found
 
 
+@pytest.mark.slow
 def test_policies_are_honoured_for_teacher_and_student_separately(tiny_config):
   cfg = _f16_config(tiny_config, policy="p=f16,c=f16,o=f32")
   cfg.teacher.policy = "p=bf16,c=bf16,o=f32"
@@ -234,6 +237,7 @@ def _fp8_config(cfg):
   return cfg
 
 
+@pytest.mark.slow
 def test_fp8_state_is_overwritten_not_optimised_and_checkpointed(tiny_config, tmp_path):
   cfg = _fp8_config(tiny_config)
   validate.validate(cfg)
@@ -271,6 +275,7 @@ def test_fp8_state_is_overwritten_not_optimised_and_checkpointed(tiny_config, tm
   assert int(restored.loss_scale.good_steps) == 0
 
 
+@pytest.mark.slow
 def test_fp8_loss_tracks_bf16_on_the_smoke_config():
   cfg = config_lib.load_config(str(ROOT / "configs" / "smoke.py"))
   cfg.optim.steps = 8
@@ -317,6 +322,7 @@ def _with_histories_scaled(state, factor):
   return jax.tree_util.tree_map_with_path(scale, state)
 
 
+@pytest.mark.slow
 def test_fp8_teacher_is_calibrated_frozen_in_the_step_and_recalibrated_on_resume(tiny_config):
   cfg = _fp8_teacher_config(tiny_config)
   validate.validate(cfg)
@@ -363,6 +369,7 @@ def test_fp8_teacher_is_calibrated_frozen_in_the_step_and_recalibrated_on_resume
   assert not _tree_differs(first_batch, next(data_lib.make_iterator(cfg, "train")))
 
 
+@pytest.mark.slow
 def test_fp8_teacher_logits_close_to_bf16_on_the_smoke_config():
   cfg = config_lib.load_config(str(ROOT / "configs" / "smoke.py"))
   cfg.mesh.update(data=1, fsdp=1, tensor=1)

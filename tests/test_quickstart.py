@@ -34,6 +34,7 @@ def finished(tmp_path_factory):
   return workdir, cache, proc
 
 
+@pytest.mark.slow
 def test_quickstart_writes_a_valid_report(finished):
   workdir, _, proc = finished
   report = json.loads((workdir / "report.json").read_text())
@@ -55,6 +56,7 @@ def test_quickstart_writes_a_valid_report(finished):
   assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]  # the periodic evaluation
 
 
+@pytest.mark.slow
 def test_teacher_is_cached_and_reused(finished):
   _, cache, _ = finished
   cfg = quickstart.teacher_config("test")
@@ -67,6 +69,7 @@ def test_teacher_is_cached_and_reused(finished):
   assert quickstart._cache_key(cfg, _prepared(cfg)) != os.path.basename(path)
 
 
+@pytest.mark.slow
 def test_cache_key_follows_a_changed_default(finished, monkeypatch):
   # A teacher trained under an old default must not be reused after the default changes.
   _, cache, _ = finished
@@ -74,14 +77,15 @@ def test_cache_key_follows_a_changed_default(finished, monkeypatch):
   cfg.cache_dir = str(cache)
   prepared = _prepared(cfg)
   key = quickstart._cache_key(cfg, prepared)
-  original = quickstart.default_config
+  recipe = quickstart.recipe()
+  original = recipe.default_config
 
   def changed_default():
     c = original()
     c.optim.min_lr_ratio = 0.5  # the quickstart leaves this at its default
     return c
 
-  monkeypatch.setattr(quickstart, "default_config", changed_default)
+  monkeypatch.setattr(recipe, "default_config", changed_default)
   assert quickstart._cache_key(quickstart.teacher_config("test"), prepared) != key
 
 
@@ -91,6 +95,7 @@ def _prepared(cfg):
   return pipeline.prepare(cfg)
 
 
+@pytest.mark.slow
 def test_existing_report_is_refused(finished):
   workdir, cache, _ = finished
   before = (workdir / "report.json").read_text()
@@ -103,4 +108,38 @@ def test_existing_report_is_refused(finished):
 def test_lm_configs_load_and_use_the_builtin_corpus(name):
   path = str(ROOT / "configs" / f"{name}.py")
   cfg = config_lib.load_config(path)
-  assert cfg.data.source == "stdlib" and cfg.student.vocab_size == quickstart.FULL["vocab"]
+  assert cfg.data.source == "stdlib" and cfg.student.vocab_size == 4096
+
+
+@pytest.mark.parametrize(
+  "name, variant",
+  [("lm_teacher", "teacher"), ("lm_distill", "distill"), ("lm_baseline", "baseline")],
+)
+def test_lm_configs_are_the_recipes_variants(name, variant):
+  # The named configs and `configs/quickstart.py:VARIANT` are one recipe, and the job's own
+  # stage configs are the same (the distilled student pretrains its teacher standalone).
+  named = config_lib.load_config(str(ROOT / "configs" / f"{name}.py"))
+  variant_cfg = config_lib.load_config(str(ROOT / "configs" / "quickstart.py") + f":{variant}")
+  assert named.to_dict() == variant_cfg.to_dict()
+  job = (
+    quickstart.teacher_config()
+    if variant == "teacher"
+    else quickstart.student_config(kd=variant == "distill")
+  )
+  assert job.to_dict() == named.to_dict()
+
+
+@pytest.mark.parametrize("variant", ["teacher,test", "distill,test", "baseline,test"])
+def test_recipe_test_variants_are_small(variant):
+  cfg = config_lib.load_config(str(ROOT / "configs" / "quickstart.py") + f":{variant}")
+  assert cfg.data.stdlib_max_files == 8 and cfg.student.vocab_size == 384
+
+
+def test_unknown_recipe_variant_is_a_config_error():
+  with pytest.raises(JaxdistillError, match="teacher, distill, baseline"):
+    config_lib.load_config(str(ROOT / "configs" / "quickstart.py") + ":student")
+
+
+def test_recipe_is_the_configs_file():
+  assert quickstart.RECIPE == str(ROOT / "configs" / "quickstart.py")
+  assert quickstart.recipe().SIZES.keys() == set(quickstart.SIZES)

@@ -48,6 +48,7 @@ def _assert_close(a, b, what, rtol=1e-5, atol=1e-6):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("grad_accum", [1, 2])
 def test_sharded_step_equals_single_device(tiny_config, grad_accum):
   _, single_params, single_hist = _cached_run(tiny_config, "1x1x1", grad_accum)
@@ -64,6 +65,7 @@ def test_sharded_step_equals_single_device(tiny_config, grad_accum):
   _assert_close(sharded_params, single_params, "params")
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_full_batch(tiny_config):
   _, full_params, full_hist = _cached_run(tiny_config, "2x2x2", 1)
   _, accum_params, accum_hist = _cached_run(tiny_config, "2x2x2", 2)
@@ -81,6 +83,7 @@ def test_grad_accumulation_equals_full_batch(tiny_config):
   _assert_close(accum_params, full_params, "params")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
   "mesh,chunks",
   [("1x1x1", {}), ("2x2x2", dict(token_chunk=8, vocab_chunk=16))],
@@ -114,6 +117,7 @@ def _dot_count(fn, *args) -> int:
   return count
 
 
+@pytest.mark.slow
 def test_no_gradient_reaches_the_teacher(tiny_config):
   cfg = tiny_config
   cfg.distill.attention.update(weight=0.0, value_weight=0.0)
@@ -162,6 +166,7 @@ GOLDEN = {
 }
 
 
+@pytest.mark.slow
 def test_golden_one_step(tiny_config):
   _, params, hist = _cached_run(tiny_config, "1x1x1", 1)
   got = {

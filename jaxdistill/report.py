@@ -1,0 +1,142 @@
+"""The quickstart's report: a table, a verdict, a validation-loss plot, report.json / .md.
+
+Pure formatting of what the quickstart job measured (``jaxdistill.quickstart``): nothing here
+trains or evaluates. Row names are the job's four runs (``ROWS``); each row holds
+``evaluate.evaluate``'s metrics plus the run's params, tokens/s, steps and training time.
+"""
+
+import json
+import os
+
+# The table's rows, in order: the job's four models.
+ROWS = ("teacher", "kd_student", "ce_student", "ce_student_equal_time")
+
+
+def build(results, summaries, cfg, teacher_dir, cached, wall_s) -> dict:
+  """The report dict: one row per model plus a "summary" of what distillation bought.
+
+  Args:
+    results: name -> ``evaluate.evaluate`` metrics (the students and "teacher").
+    summaries: name -> the run's training summary (``loop.train``'s, plus ``train_s``).
+    cfg: the KD student's config (for the corpus line).
+    teacher_dir: the teacher's run directory.
+    cached: whether the teacher came from the cache.
+    wall_s: the job's wall time so far.
+
+  Returns:
+    name -> row dict, and "summary" -> dict (gap closed, who beat whom, corpus, wall time).
+  """
+  report = {}
+  for name, m in results.items():
+    s = summaries[name]
+    row = dict(m, params=s["student_params"], tokens_per_s=s["tokens_per_s"], steps=s["steps"])
+    row.setdefault("agreement", 1.0)  # the teacher against itself
+    row.setdefault("kl_to_teacher", 0.0)
+    if "train_s" in s:
+      row["train_s"] = s["train_s"]
+    report[name] = row
+  t, kd, ce = (report[k]["val_loss"] for k in ("teacher", "kd_student", "ce_student"))
+  report["summary"] = {
+    "teacher_cached": cached,
+    "teacher_dir": teacher_dir,
+    "gap_closed": (ce - kd) / (ce - t) if ce != t else None,  # share of CE->teacher gap
+    "kd_beats_ce_same_steps": kd < ce,
+    "kd_beats_ce_same_time": kd < report["ce_student_equal_time"]["val_loss"],
+    "teacher_beats_ce": t < ce,
+    "validation_tokens": report["teacher"]["tokens"],
+    "wall_s": wall_s,
+    "jemalloc": "jemalloc" in os.environ.get("LD_PRELOAD", ""),
+    "corpus": f"python_stdlib ({cfg.data.stdlib_max_files or 'all'} files)",
+  }
+  return report
+
+
+def verdict(report: dict) -> str:
+  """One honest paragraph on what distillation bought."""
+  s, kd, ce = report["summary"], report["kd_student"], report["ce_student"]
+  eq = report["ce_student_equal_time"]
+  if not s["teacher_beats_ce"]:
+    return (
+      f"The teacher (val CE {report['teacher']['val_loss']:.3f}) is no better than the student "
+      f"trained on CE alone ({ce['val_loss']:.3f}), so there was nothing to distil: the KD "
+      f"student reached {kd['val_loss']:.3f}. Train the teacher longer."
+    )
+  same_steps = (
+    f"closed {100 * s['gap_closed']:.0f}% of the gap between the CE student and the teacher"
+    if s["kd_beats_ce_same_steps"]
+    else "did NOT beat the CE student"
+  )
+  same_time = (
+    "still beat" if s["kd_beats_ce_same_time"] else "lost to"
+  ) + f" CE given the same wall time ({eq['steps']} CE steps reach {eq['val_loss']:.3f})"
+  return (
+    f"At equal steps the KD student ({kd['val_loss']:.3f}) {same_steps} "
+    f"(CE {ce['val_loss']:.3f}, teacher {report['teacher']['val_loss']:.3f}); it "
+    f"{same_time}. A KD step runs the teacher forward too, so it costs "
+    f"{kd['train_s'] / ce['train_s']:.1f}x a CE step here; precomputed teacher targets would "
+    "remove most of that cost."
+  )
+
+
+def format_table(report: dict) -> str:
+  """The report as a Markdown table (also what the command prints)."""
+  head = "| model | steps | params | val CE | val ppl | agree | KL(T‖S) | train tok/s |"
+  lines = [head, "|---|---|---|---|---|---|---|---|"]
+  for name in ROWS:
+    m = report[name]
+    lines.append(
+      f"| {name} | {m['steps']} | {m['params'] / 1e6:.2f}M | {m['val_loss']:.3f} | "
+      f"{m['val_ppl']:.1f} | {m['agreement']:.3f} | {m['kl_to_teacher']:.3f} | "
+      f"{m['tokens_per_s']:,.0f} |"
+    )
+  return "\n".join(lines)
+
+
+def plot_curves(run_dirs: dict[str, str], path: str) -> None:
+  """PNG of each run's ``eval/loss`` rows from its metrics.jsonl, against the step."""
+  import matplotlib
+
+  matplotlib.use("Agg")  # no display needed
+  import matplotlib.pyplot as plt
+
+  from jaxdistill.metrics import read_jsonl
+
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  for name in ROWS:
+    rows = [
+      r for r in read_jsonl(os.path.join(run_dirs[name], "metrics.jsonl")) if "eval/loss" in r
+    ]
+    if rows:
+      ax.plot([r["step"] for r in rows], [r["eval/loss"] for r in rows], marker=".", label=name)
+  ax.set(xlabel="training step", ylabel="validation cross-entropy (nats)", title="Validation loss")
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def write_report(report: dict, workdir: str, run_dirs: dict[str, str]) -> None:
+  """Writes report.json, val_loss.png and report.md into ``workdir``."""
+  os.makedirs(workdir, exist_ok=True)
+  plot_curves(run_dirs, os.path.join(workdir, "val_loss.png"))
+  s = report["summary"]
+  md = [
+    "# jaxdistill quickstart report",
+    "",
+    f"Corpus: {s['corpus']}; {s['validation_tokens']:,} validation tokens. "
+    f"Teacher {'loaded from the cache' if s['teacher_cached'] else 'trained in this run'} "
+    f"({s['teacher_dir']}). Wall time {s['wall_s'] / 60:.1f} min"
+    f"{' (jemalloc)' if s['jemalloc'] else ''}.",
+    "",
+    format_table(report),
+    "",
+    verdict(report),
+    "",
+    "![validation loss](val_loss.png)",
+    "",
+  ]
+  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
+    f.write("\n".join(md))
+  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
+    json.dump(report, f, indent=2, sort_keys=True)

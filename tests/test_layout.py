@@ -1,0 +1,290 @@
+"""The package's shape: no import cycles, layers that import only downwards, size budgets.
+
+Read from the source with ``ast`` (nothing is imported), so the tests see every import,
+including those inside functions (which run late, so a cycle can hide behind them) and those
+under ``if TYPE_CHECKING:`` (a type one module borrows from another is a dependency too).
+
+The layers, bottom to top; a module imports only from its own layer or below (``LAYERS``):
+
+  0  errors
+  1  schedules, losses, sharding, precision, metrics, distributed   arrays, mesh, dtypes
+  2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
+  3  objective and its heads' machinery (fused, sparse, chunking), validate
+  4  train, checkpoint, evaluate, teacher
+  5  loop                            build a run from a validated config, the step loop
+  6  jobs: quickstart, precompute, embed, report
+  7  cli
+"""
+
+import ast
+import pathlib
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PACKAGE = "jaxdistill"
+SRC = ROOT / PACKAGE
+
+# Module (short name; a package covers its submodules) -> layer. A new module gets a line here.
+LAYERS = {
+  "errors": 0,
+  **dict.fromkeys(("schedules", "losses", "sharding", "precision", "metrics", "distributed"), 1),
+  **dict.fromkeys(("models", "data", "config"), 2),
+  **dict.fromkeys(("objective", "fused", "sparse", "chunking", "validate"), 3),
+  **dict.fromkeys(("train", "checkpoint", "evaluate", "teacher"), 4),
+  "loop": 5,
+  **dict.fromkeys(("quickstart", "precompute", "embed", "report"), 6),
+  "cli": 7,
+}
+# The closed bottom: models and the pure layers under them import nothing else of the package
+# (in particular nothing of train, loop, objective, config, validate, the jobs or the CLI).
+BOTTOM = ("models", "losses", "schedules", "sharding", "precision", "errors")
+JOBS = ("quickstart", "precompute", "embed", "report")
+
+MAX_MODULE_LINES = 400
+MAX_FUNCTION_LINES = 80
+# Functions that only build a config (data, not logic) are exempt from the function budget.
+CONFIG_BUILDERS = {
+  "jaxdistill/config.py": {"default_config", "_model_fields"},
+}
+
+
+def _module_name(path: pathlib.Path) -> str:
+  parts = list(path.relative_to(ROOT).with_suffix("").parts)
+  if parts[-1] == "__init__":
+    parts.pop()
+  return ".".join(parts)
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  """Dotted module name -> file, for every module of the package (packages included)."""
+  return {_module_name(p): p for p in sorted(SRC.rglob("*.py"))}
+
+
+def _resolve(target: str, modules) -> str | None:
+  """The package module an imported name lives in: the longest known prefix of ``target``."""
+  parts = target.split(".")
+  while parts:
+    name = ".".join(parts)
+    if name in modules:
+      return name
+    parts.pop()
+  return None
+
+
+def _imports(name: str, path: pathlib.Path, modules) -> set[str]:
+  """The package modules ``name`` imports anywhere in its file (functions included).
+
+  ``from jaxdistill import x`` counts as importing ``jaxdistill.x`` when x is a module and
+  ``jaxdistill`` (the package's ``__init__``) otherwise; ``from jaxdistill.x import y`` as
+  ``jaxdistill.x.y`` when y is a submodule, else ``jaxdistill.x``; relative imports resolve
+  against the importing module's package.
+  """
+  is_package = path.name == "__init__.py"
+  here = name if is_package else name.rpartition(".")[0]
+  found = set()
+  for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+    if isinstance(node, ast.Import):
+      targets = [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      if node.level:  # relative: from . import x / from ..y import z
+        base = here.split(".")
+        base = base[: len(base) - (node.level - 1)]
+        stem = ".".join(base + ([node.module] if node.module else []))
+      else:
+        stem = node.module or ""
+      targets = [f"{stem}.{alias.name}" for alias in node.names] + [stem]
+      # `from pkg import name`: the submodule if name is one, else pkg itself.
+      targets = [t for t in targets[:-1] if t in modules] or [targets[-1]]
+    else:
+      continue
+    for target in targets:
+      if target == PACKAGE or target.startswith(PACKAGE + "."):
+        resolved = _resolve(target, modules)
+        if resolved and resolved != name:
+          found.add(resolved)
+  return found
+
+
+def import_graph() -> dict[str, set[str]]:
+  """Module -> the package modules it imports (edges of the intra-package import graph)."""
+  modules = _modules()
+  return {name: _imports(name, path, modules) for name, path in modules.items()}
+
+
+def _find_cycle(graph) -> list[str] | None:
+  """One import cycle as [a, b, ..., a], or None (iterative depth-first search)."""
+  WHITE, GREY, BLACK = 0, 1, 2
+  color = {n: WHITE for n in graph}
+  for root in sorted(graph):
+    if color[root] != WHITE:
+      continue
+    stack = [(root, iter(sorted(graph[root])))]
+    color[root] = GREY
+    while stack:
+      node, children = stack[-1]
+      child = next(children, None)
+      if child is None:
+        color[node] = BLACK
+        stack.pop()
+      elif color.get(child, BLACK) == GREY:
+        path = [n for n, _ in stack]
+        return path[path.index(child) :] + [child]
+      elif color.get(child) == WHITE:
+        color[child] = GREY
+        stack.append((child, iter(sorted(graph[child]))))
+  return None
+
+
+def _all_cycles(graph) -> list[list[str]]:
+  """Every import cycle found by removing one found cycle's closing edge at a time."""
+  graph = {n: set(e) for n, e in graph.items()}
+  cycles = []
+  while (cycle := _find_cycle(graph)) is not None:
+    cycles.append(cycle)
+    graph[cycle[-2]].discard(cycle[-1])
+  return cycles
+
+
+def _is_in(module: str, names) -> bool:
+  """Whether ``module`` is one of ``names`` (short names; a package covers its submodules)."""
+  short = module.removeprefix(PACKAGE + ".")
+  return any(short == n or short.startswith(n + ".") for n in names)
+
+
+# --- the graph builder itself -------------------------------------------------------------
+
+
+def _graph_of(tmp_path, files: dict[str, str], monkeypatch) -> dict[str, set[str]]:
+  for rel, text in files.items():
+    path = tmp_path / PACKAGE / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+  monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+  monkeypatch.setattr(sys.modules[__name__], "SRC", tmp_path / PACKAGE)
+  return import_graph()
+
+
+def test_graph_sees_every_kind_of_import(tmp_path, monkeypatch):
+  graph = _graph_of(
+    tmp_path,
+    {
+      "__init__.py": "VERSION = 1\n",
+      "a.py": "from jaxdistill import b\nfrom jaxdistill.m.x import f\n",
+      "b.py": "def g():\n  from . import c\n  import jaxdistill.m\n",
+      "c.py": "from jaxdistill import VERSION\nfrom .m import x\n",
+      "m/__init__.py": "from .x import f\n",
+      "m/x.py": "def f():\n  from ..c import VERSION\n  import numpy\n",
+    },
+    monkeypatch,
+  )
+  assert graph == {
+    "jaxdistill": set(),
+    "jaxdistill.a": {"jaxdistill.b", "jaxdistill.m.x"},
+    "jaxdistill.b": {"jaxdistill.c", "jaxdistill.m"},  # imports inside a function count
+    "jaxdistill.c": {"jaxdistill", "jaxdistill.m.x"},
+    "jaxdistill.m": {"jaxdistill.m.x"},
+    "jaxdistill.m.x": {"jaxdistill.c"},
+  }
+  assert _find_cycle(graph) == ["jaxdistill.c", "jaxdistill.m.x", "jaxdistill.c"]
+  graph["jaxdistill.m.x"] = set()
+  assert _find_cycle(graph) is None
+
+
+# --- the package -------------------------------------------------------------------------
+
+
+def test_no_import_cycles():
+  cycles = _all_cycles(import_graph())
+  assert not cycles, "import cycles (a -> b -> ... -> a):\n" + "\n".join(
+    " -> ".join(c) for c in cycles
+  )
+
+
+def test_bottom_layer_imports_nothing_above_it():
+  graph = import_graph()
+  bad = sorted(
+    f"{module} imports {dep}"
+    for module, deps in graph.items()
+    if _is_in(module, BOTTOM)
+    for dep in deps
+    if dep != PACKAGE and not _is_in(dep, BOTTOM)
+  )
+  assert not bad, "the bottom layer (models/ and what it stands on) reaches up:\n" + "\n".join(bad)
+
+
+def _layer(module: str) -> int | None:
+  short = module.removeprefix(PACKAGE + ".")
+  for name, layer in LAYERS.items():
+    if short == name or short.startswith(name + "."):
+      return layer
+  return None
+
+
+def test_every_module_has_a_layer():
+  missing = sorted(m for m in import_graph() if m != PACKAGE and _layer(m) is None)
+  assert not missing, f"add these modules to LAYERS in {__file__}: {missing}"
+
+
+def test_imports_go_down_the_layers():
+  graph = import_graph()
+  bad = sorted(
+    f"{module} (layer {_layer(module)}) imports {dep} (layer {_layer(dep)})"
+    for module, deps in graph.items()
+    for dep in deps
+    if dep != PACKAGE and None not in (_layer(module), _layer(dep)) and _layer(dep) > _layer(module)
+  )
+  assert not bad, "imports that go up a layer:\n" + "\n".join(bad)
+
+
+def test_only_the_cli_imports_jobs_and_nothing_imports_the_cli():
+  graph = import_graph()
+  bad = sorted(
+    f"{module} imports {dep}"
+    for module, deps in graph.items()
+    for dep in deps
+    if (_is_in(dep, JOBS) and not _is_in(module, JOBS + ("cli",))) or _is_in(dep, ("cli",))
+  )
+  assert not bad, "\n".join(bad)
+
+
+def _functions(tree):
+  for node in ast.walk(tree):
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+      yield node
+
+
+@pytest.mark.parametrize("path", sorted(SRC.rglob("*.py")), ids=lambda p: str(p.relative_to(SRC)))
+def test_module_and_function_sizes(path):
+  rel = str(path.relative_to(ROOT))
+  text = path.read_text(encoding="utf-8")
+  problems = []
+  lines = len(text.splitlines())
+  if lines > MAX_MODULE_LINES:
+    problems.append(f"{rel}: {lines} lines (budget {MAX_MODULE_LINES})")
+  exempt = CONFIG_BUILDERS.get(rel, set())
+  for fn in _functions(ast.parse(text, rel)):
+    length = fn.end_lineno - fn.lineno + 1
+    if length > MAX_FUNCTION_LINES and fn.name not in exempt:
+      problems.append(f"{rel}:{fn.lineno} {fn.name}: {length} lines (budget {MAX_FUNCTION_LINES})")
+  assert not problems, "\n".join(problems)
+
+
+def test_config_builder_allow_list_names_real_functions():
+  # The exemption must not outlive the functions it names (nor hide a renamed one).
+  for rel, names in CONFIG_BUILDERS.items():
+    defined = {fn.name for fn in _functions(ast.parse((ROOT / rel).read_text()))}
+    assert names <= defined, (rel, names - defined)
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.py")), ids=lambda p: p.name)
+def test_configs_are_leaves(path):
+  # Config files are data: they may build on the config module (and read a model's shape
+  # keys), never on the jobs, the loop or the step.
+  allowed = ("config", "errors", "models")
+  modules = _modules()
+  imported = _imports("configs." + path.stem, path, modules)
+  bad = sorted(m for m in imported if not _is_in(m, allowed))
+  assert not bad, f"{path.name} imports {bad}"
