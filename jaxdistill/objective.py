@@ -49,7 +49,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdistill import fused as fused_lib
-from jaxdistill import losses, schedules, sparse
+from jaxdistill import layer_maps, losses, schedules, sparse
 
 Schedule = Callable[[jax.Array], jax.Array]
 # (student_out, teacher_out, batch, denom, step, proj) -> (value, metrics)
@@ -307,7 +307,7 @@ def _feature_term(spec: Feature, cfg: Any) -> Term | None:
     return None
   pairs, needs = (), (Needs(), Needs())
   if spec.output is not None:
-    pairs = losses.layer_map(section.layer_map, cfg.student.num_layers, cfg.teacher.num_layers)
+    pairs = layer_maps.layer_map(section.layer_map, cfg.student.num_layers, cfg.teacher.num_layers)
     offset = 1 if spec.output in ("attn", "qkv") else 0  # blocks are 0-based
     needs = tuple(
       Needs(**{spec.output: tuple(sorted({p[side] - offset for p in pairs}))}) for side in (0, 1)

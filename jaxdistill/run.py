@@ -132,11 +132,6 @@ def build_run(
     loss_scale_period=cfg.optim.loss_scale_period,
   )
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
-  tokens = cfg.data.batch_size * cfg.data.seq_len
-  flops = tokens * metrics_lib.distill_flops_per_token(
-    flops_per_token(student.config, cfg.data.seq_len),
-    flops_per_token(teacher.config, cfg.data.seq_len) if teacher else None,
-  )
   return Run(
     cfg,
     mesh,
@@ -147,9 +142,18 @@ def build_run(
     teacher_vars,
     step_fn,
     data_lib.make_iterator(cfg, "train") if data else None,
-    flops,
+    _flops_per_step(cfg, student, teacher),
     lambda: make_state(create=True)[0],
     teacher_path,
+  )
+
+
+def _flops_per_step(cfg: Any, student: nn.Module, teacher: nn.Module | None) -> float:
+  """Model FLOPs of one step: the student's forward + backward, the teacher's forward only."""
+  tokens = cfg.data.batch_size * cfg.data.seq_len
+  return tokens * metrics_lib.distill_flops_per_token(
+    flops_per_token(student.config, cfg.data.seq_len),
+    flops_per_token(teacher.config, cfg.data.seq_len) if teacher else None,
   )
 
 

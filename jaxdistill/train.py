@@ -111,30 +111,9 @@ def _micro_batches(batch: dict, num: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def make_distill_step(
-  obj: objective_lib.Objective,
-  student: nn.Module,
-  teacher: nn.Module | None,
-  tx: optax.GradientTransformation,
-  grad_accum: int = 1,
-  lr: optax.Schedule | None = None,
-  loss_scale_period: int = 2000,
-) -> Callable:
-  """Builds the pure step function (not jitted: see ``jit_distill_step``).
-
-  Args:
-    obj: the objective (which losses, layers, weights).
-    student, teacher: Flax modules (teacher None when obj.uses_teacher is False).
-    tx: the optimizer.
-    grad_accum: micro-batches per step; the batch size must divide by it.
-    lr: the learning-rate schedule, only to report it as ``train/lr``.
-    loss_scale_period: finite steps before a dynamic loss scale doubles; only
-      used when ``state.loss_scale`` is not None.
-
-  Returns:
-    ``distill_step(state, teacher_vars, batch) -> (state, metrics)``; ``teacher_vars``: the
-    teacher's variables ``{"params": ..., **frozen collections}`` (None without a teacher).
-  """
+def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: nn.Module | None):
+  """``loss_fn(params, model_state, teacher_vars, batch, step, denom, scale) -> (loss, metrics)``
+  of one (micro-)batch: both forwards, the objective, the loss scale."""
 
   def loss_fn(params, model_state, teacher_vars, batch, step, denom, scale):
     student_vars = {"params": params["student"], **(model_state or {})}
@@ -154,12 +133,17 @@ def make_distill_step(
     # backward activation, so small float16 gradients stay above underflow.
     return (loss if scale is None else loss * scale), metrics
 
+  return loss_fn
+
+
+def _make_gradients(loss_fn: Callable, grad_accum: int) -> Callable:
+  """``gradients(state, teacher_vars, batch, denom) -> (metrics, param grads, new model
+  state)`` of the whole batch, summed over ``grad_accum`` micro-batches."""
   grad_params = jax.value_and_grad(loss_fn, has_aux=True)
   # With FP8 the model state's "gradients" are its new values (Flax fp8_ops).
   grad_both = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
 
   def gradients(state, teacher_vars, batch, denom):
-    """(metrics, param grads, new model state) of the whole batch."""
     scale = None if state.loss_scale is None else state.loss_scale.scale
 
     def grads_of(model_state, b):
@@ -187,47 +171,84 @@ def make_distill_step(
     ((grads, metrics), model_state), _ = jax.lax.scan(body, (zeros, state.model_state), micro)
     return metrics, grads, model_state
 
+  return gradients
+
+
+def _update(state: TrainState, grads, model_state, metrics: dict, tx, loss_scale_period: int):
+  """The optimizer update of the gradients (unscaled first), dropped when the loss or the
+  gradient is not finite: (new state, metrics + grad norm, non-finite and loss-scale ones)."""
+  ls = state.loss_scale
+  if ls is not None:
+    # Unscale before anything reads the gradients (norm, clipping, Adam).
+    grads = jax.tree.map(lambda g: (g.astype(jnp.float32) / ls.scale).astype(g.dtype), grads)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # A non-finite loss or gradient never reaches the state: the update is
+  # dropped here and the host decides (optim.nan_policy) to stop or go on.
+  finite = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(grad_norm)
+  params, opt_state, model_state = jax.tree.map(
+    lambda new, old: jnp.where(finite, new, old),
+    (params, opt_state, model_state),
+    (state.params, state.opt_state, state.model_state),
+  )
+  metrics = dict(metrics)
+  metrics["train/grad_norm"] = grad_norm
+  metrics["train/nonfinite"] = 1.0 - finite.astype(jnp.float32)
+  if ls is not None:
+    # An overflowing gradient is the loss scale's normal business, not an
+    # error: only a non-finite loss counts as non-finite for optim.nan_policy.
+    metrics["train/nonfinite"] = 1.0 - jnp.isfinite(metrics["train/loss"]).astype(jnp.float32)
+    metrics["train/overflow"] = 1.0 - finite.astype(jnp.float32)
+    metrics["train/loss_scale"] = ls.scale
+    ls = precision.update_loss_scale(ls, finite, loss_scale_period)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    rng=jax.random.fold_in(state.rng, state.step),
+    loss_scale=ls,
+    model_state=model_state,
+  )
+  return new_state, metrics
+
+
+def make_distill_step(
+  obj: objective_lib.Objective,
+  student: nn.Module,
+  teacher: nn.Module | None,
+  tx: optax.GradientTransformation,
+  grad_accum: int = 1,
+  lr: optax.Schedule | None = None,
+  loss_scale_period: int = 2000,
+) -> Callable:
+  """Builds the pure step function (not jitted: see ``jit_distill_step``).
+
+  Args:
+    obj: the objective (which losses, layers, weights).
+    student, teacher: Flax modules (teacher None when obj.uses_teacher is False).
+    tx: the optimizer.
+    grad_accum: micro-batches per step; the batch size must divide by it.
+    lr: the learning-rate schedule, only to report it as ``train/lr``.
+    loss_scale_period: finite steps before a dynamic loss scale doubles; only
+      used when ``state.loss_scale`` is not None.
+
+  Returns:
+    ``distill_step(state, teacher_vars, batch) -> (state, metrics)``; ``teacher_vars``: the
+    teacher's variables ``{"params": ..., **frozen collections}`` (None without a teacher).
+  """
+  gradients = _make_gradients(_make_loss_fn(obj, student, teacher), grad_accum)
+
   def distill_step(state: TrainState, teacher_vars: Any, batch: dict):
-    ls = state.loss_scale
     # Normalise every term by the valid tokens of the WHOLE global batch, so
     # micro-batch gradients simply add up to the full-batch gradient.
     denom = jnp.maximum(batch["weights"].sum(), 1.0)
     metrics, grads, model_state = gradients(state, teacher_vars, batch, denom)
-    if ls is not None:
-      # Unscale before anything reads the gradients (norm, clipping, Adam).
-      grads = jax.tree.map(lambda g: (g.astype(jnp.float32) / ls.scale).astype(g.dtype), grads)
-    grad_norm = optax.tree.norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    # A non-finite loss or gradient never reaches the state: the update is
-    # dropped here and the host decides (optim.nan_policy) to stop or go on.
-    finite = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(grad_norm)
-    params, opt_state, model_state = jax.tree.map(
-      lambda new, old: jnp.where(finite, new, old),
-      (params, opt_state, model_state),
-      (state.params, state.opt_state, state.model_state),
-    )
     metrics = dict(metrics, **objective_lib.schedule_metrics(obj, state.step))
-    metrics["train/grad_norm"] = grad_norm
-    metrics["train/nonfinite"] = 1.0 - finite.astype(jnp.float32)
-    if ls is not None:
-      # An overflowing gradient is the loss scale's normal business, not an
-      # error: only a non-finite loss counts as non-finite for optim.nan_policy.
-      metrics["train/nonfinite"] = 1.0 - jnp.isfinite(metrics["train/loss"]).astype(jnp.float32)
-      metrics["train/overflow"] = 1.0 - finite.astype(jnp.float32)
-      metrics["train/loss_scale"] = ls.scale
-      ls = precision.update_loss_scale(ls, finite, loss_scale_period)
+    new_state, metrics = _update(state, grads, model_state, metrics, tx, loss_scale_period)
     metrics["perf/valid_tokens"] = denom
     if lr is not None:
       metrics["train/lr"] = lr(state.step)
-    new_state = state.replace(
-      step=state.step + 1,
-      params=params,
-      opt_state=opt_state,
-      rng=jax.random.fold_in(state.rng, state.step),
-      loss_scale=ls,
-      model_state=model_state,
-    )
     return new_state, metrics
 
   return distill_step

@@ -37,26 +37,8 @@ def validate(cfg: Any) -> None:
     student_policy, "student.policy", loss_scaling=cfg.optim.loss_scale == "dynamic"
   )
   models.config_from_section(cfg.student, student_policy, "student")
+  _check_teacher(cfg)
   t = cfg.teacher
-  if t.source not in TEACHER_SOURCES:
-    raise ConfigError("teacher.source", f"unknown {t.source!r}; choose from {TEACHER_SOURCES}")
-  if t.source != "none":
-    teacher_policy = precision.parse_policy(t.policy, "teacher.policy")
-    n = t.fp8_calibration_batches
-    if teacher_policy.fp8 and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-      raise ConfigError(
-        "teacher.fp8_calibration_batches",
-        f"must be an int >= 1 with teacher.policy c=fp8 (batches that calibrate the frozen "
-        f"teacher's static FP8 scales), got {n!r}",
-      )
-    models.config_from_section(t, teacher_policy, "teacher")
-  if t.source == "pretrain" and t.pretrain_steps <= 0:
-    raise ConfigError("teacher.pretrain_steps", "must be > 0 when teacher.source='pretrain'")
-  if t.source == "cache" and not os.path.isdir(t.path):
-    raise ConfigError(
-      "teacher.path",
-      f"{t.path!r} is not a directory; point it at the --output of `jaxdistill precompute`",
-    )
   _check_precompute(cfg.precompute)
   if t.source == "workdir" and not os.path.isdir(t.path):
     raise ConfigError(
@@ -110,6 +92,31 @@ def validate(cfg: Any) -> None:
   _positive(cfg, "optim.eps")
   if cfg.teacher.source != "none":  # without a teacher the objective uses constants
     validate_distill.check_schedule_ranges(cfg)
+
+
+def _check_teacher(cfg: Any) -> None:
+  """``teacher``: its source, its model and policy (when it has one), its pretraining steps and
+  its cache directory."""
+  t = cfg.teacher
+  if t.source not in TEACHER_SOURCES:
+    raise ConfigError("teacher.source", f"unknown {t.source!r}; choose from {TEACHER_SOURCES}")
+  if t.source != "none":
+    teacher_policy = precision.parse_policy(t.policy, "teacher.policy")
+    n = t.fp8_calibration_batches
+    if teacher_policy.fp8 and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+      raise ConfigError(
+        "teacher.fp8_calibration_batches",
+        f"must be an int >= 1 with teacher.policy c=fp8 (batches that calibrate the frozen "
+        f"teacher's static FP8 scales), got {n!r}",
+      )
+    models.config_from_section(t, teacher_policy, "teacher")
+  if t.source == "pretrain" and t.pretrain_steps <= 0:
+    raise ConfigError("teacher.pretrain_steps", "must be > 0 when teacher.source='pretrain'")
+  if t.source == "cache" and not os.path.isdir(t.path):
+    raise ConfigError(
+      "teacher.path",
+      f"{t.path!r} is not a directory; point it at the --output of `jaxdistill precompute`",
+    )
 
 
 def _check_hf(cfg: Any) -> None:

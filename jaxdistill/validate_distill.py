@@ -8,7 +8,7 @@ passed these and raises nothing itself.
 import math
 from typing import Any
 
-from jaxdistill import losses, schedules, sparse
+from jaxdistill import layer_maps, losses, schedules, sparse
 from jaxdistill.errors import ConfigError
 
 
@@ -55,7 +55,7 @@ def _check_pairs(cfg: Any, key: str, allow_embeddings: bool) -> None:
   """``distill.<key>.layer_map`` names layers of both models (layer 0 only if allowed)."""
   spec = cfg.distill[key].layer_map
   try:
-    pairs = losses.layer_map(spec, cfg.student.num_layers, cfg.teacher.num_layers)
+    pairs = layer_maps.layer_map(spec, cfg.student.num_layers, cfg.teacher.num_layers)
   except ValueError as e:
     raise ConfigError(f"distill.{key}.layer_map", str(e)) from None
   if not allow_embeddings and any(0 in p for p in pairs):

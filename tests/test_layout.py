@@ -7,11 +7,11 @@ under ``if TYPE_CHECKING:`` (a type one module borrows from another is a depende
 The layers, bottom to top; a module imports only from its own layer or below (``LAYERS``):
 
   0  errors
-  1  schedules, losses, sharding, precision, metrics, distributed   arrays, mesh, dtypes
+  1  schedules, losses, layer_maps, closed_form, sharding, precision, metrics, distributed
   2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
-  3  objective and its heads' machinery (fused, sparse, chunking), validate
+  3  objective and its heads' machinery (fused, sparse, chunking), validate (+ validate_distill)
   4  train, checkpoint, evaluate, teacher
-  5  loop                            build a run from a validated config, the step loop
+  5  run, workdir, loop               build a run, its workdir, the step loop and train
   6  jobs: quickstart, precompute, embed, report
   7  cli
 """
@@ -31,16 +31,17 @@ SRC = ROOT / PACKAGE
 LAYERS = {
   "errors": 0,
   **dict.fromkeys(("schedules", "losses", "sharding", "precision", "metrics", "distributed"), 1),
+  **dict.fromkeys(("layer_maps", "closed_form"), 1),
   **dict.fromkeys(("models", "data", "config"), 2),
-  **dict.fromkeys(("objective", "fused", "sparse", "chunking", "validate"), 3),
+  **dict.fromkeys(("objective", "fused", "sparse", "chunking", "validate", "validate_distill"), 3),
   **dict.fromkeys(("train", "checkpoint", "evaluate", "teacher"), 4),
-  "loop": 5,
+  **dict.fromkeys(("run", "workdir", "loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "embed", "report"), 6),
   "cli": 7,
 }
 # The closed bottom: models and the pure layers under them import nothing else of the package
 # (in particular nothing of train, loop, objective, config, validate, the jobs or the CLI).
-BOTTOM = ("models", "losses", "schedules", "sharding", "precision", "errors")
+BOTTOM = ("models", "losses", "layer_maps", "schedules", "sharding", "precision", "errors")
 JOBS = ("quickstart", "precompute", "embed", "report")
 
 MAX_MODULE_LINES = 400

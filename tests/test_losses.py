@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import losses
+from jaxdistill import layer_maps, losses
 
 B, T, V, H = 2, 5, 11, 3
 RTOL, ATOL = 1e-5, 1e-6
@@ -481,7 +481,7 @@ def test_losses_work_under_jit_with_traced_temperature_and_denom():
   ],
 )
 def test_layer_map(spec, l_s, l_t, expected):
-  assert losses.layer_map(spec, l_s, l_t) == expected
+  assert layer_maps.layer_map(spec, l_s, l_t) == expected
 
 
 @pytest.mark.parametrize(
@@ -500,4 +500,4 @@ def test_layer_map(spec, l_s, l_t, expected):
 )
 def test_layer_map_errors(spec, match):
   with pytest.raises(ValueError, match=match):
-    losses.layer_map(spec, 2, 4)
+    layer_maps.layer_map(spec, 2, 4)

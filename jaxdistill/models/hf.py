@@ -115,72 +115,81 @@ def read_config(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.floa
   kind = hf.get("model_type")
   need = lambda key: _need(hf, key, where)  # noqa: E731
   common = dict(dtype=dtype, param_dtype=param_dtype, output_dtype=jnp.float32)
-  if kind in ("llama", "mistral", "qwen2"):
-    if hf.get("hidden_act", "silu") != "silu":
-      raise JaxdistillError(f"{where}: hidden_act {hf['hidden_act']!r} unsupported (silu only)")
-    # transformers 4 writes rope_theta / rope_scaling, 5 writes rope_parameters.
-    rope = dict(hf.get("rope_scaling") or {}, **(hf.get("rope_parameters") or {}))
-    if rope.get("rope_type", rope.get("type", "default")) != "default":
-      raise JaxdistillError(f"{where}: RoPE scaling {rope!r} is not supported")
-    if hf.get("mlp_bias") or (kind != "qwen2" and hf.get("attention_bias")):
-      raise JaxdistillError(f"{where}: attention_bias / mlp_bias are not supported")
-    heads = need("num_attention_heads")
-    if hf.get("head_dim") not in (None, need("hidden_size") // heads):
-      raise JaxdistillError(f"{where}: head_dim != hidden_size / num_attention_heads unsupported")
-    cfg = TransformerConfig(
-      vocab_size=need("vocab_size"),
-      d_model=need("hidden_size"),
-      num_layers=need("num_hidden_layers"),
-      num_heads=heads,
-      d_ff=need("intermediate_size"),
-      max_len=need("max_position_embeddings"),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", kind == "qwen2")),
-      norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-      rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
-      num_kv_heads=hf.get("num_key_value_heads") or heads,
-      bias="qkv" if kind == "qwen2" else "none",
-      **common,
+  family = {"llama": _llama, "mistral": _llama, "qwen2": _llama, "gpt2": _gpt2, "bert": _bert}
+  if kind not in family:
+    raise JaxdistillError(
+      f"{where}: model_type {kind!r} is not supported; supported: {', '.join(DECODERS + ENCODERS)}"
     )
-    return HFModel(kind, cfg)
-  if kind == "gpt2":
-    if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
-      raise JaxdistillError(f"{where}: activation_function must be gelu_new")
-    d = need("n_embd")
-    cfg = TransformerConfig(
-      vocab_size=need("vocab_size"),
-      d_model=d,
-      num_layers=need("n_layer"),
-      num_heads=need("n_head"),
-      d_ff=hf.get("n_inner") or 4 * d,
-      max_len=need("n_positions"),
-      norm="layernorm",
-      pos="learned",
-      activation="gelu",
-      tie_embeddings=True,
-      norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
-      bias="all",
-      **common,
-    )
-    return HFModel(kind, cfg)
-  if kind == "bert":
-    if hf.get("hidden_act", "gelu") != "gelu":
-      raise JaxdistillError(f"{where}: hidden_act {hf['hidden_act']!r} unsupported (gelu only)")
-    if hf.get("position_embedding_type", "absolute") != "absolute":
-      raise JaxdistillError(f"{where}: only absolute position embeddings are supported")
-    cfg = bert.encoder_config(
-      vocab_size=need("vocab_size"),
-      d_model=need("hidden_size"),
-      num_layers=need("num_hidden_layers"),
-      num_heads=need("num_attention_heads"),
-      d_ff=need("intermediate_size"),
-      max_len=need("max_position_embeddings"),
-      norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
-      type_vocab_size=int(hf.get("type_vocab_size", 2)),
-      **common,
-    )
-    return HFModel(kind, cfg)
-  raise JaxdistillError(
-    f"{where}: model_type {kind!r} is not supported; supported: {', '.join(DECODERS + ENCODERS)}"
+  return HFModel(kind, family[kind](hf, kind, where, need, common))
+
+
+def _llama(hf: dict, kind: str, where: str, need, common: dict) -> TransformerConfig:
+  """Llama, Mistral and Qwen2: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+  if hf.get("hidden_act", "silu") != "silu":
+    raise JaxdistillError(f"{where}: hidden_act {hf['hidden_act']!r} unsupported (silu only)")
+  # transformers 4 writes rope_theta / rope_scaling, 5 writes rope_parameters.
+  rope = dict(hf.get("rope_scaling") or {}, **(hf.get("rope_parameters") or {}))
+  if rope.get("rope_type", rope.get("type", "default")) != "default":
+    raise JaxdistillError(f"{where}: RoPE scaling {rope!r} is not supported")
+  if hf.get("mlp_bias") or (kind != "qwen2" and hf.get("attention_bias")):
+    raise JaxdistillError(f"{where}: attention_bias / mlp_bias are not supported")
+  heads = need("num_attention_heads")
+  if hf.get("head_dim") not in (None, need("hidden_size") // heads):
+    raise JaxdistillError(f"{where}: head_dim != hidden_size / num_attention_heads unsupported")
+  return TransformerConfig(
+    vocab_size=need("vocab_size"),
+    d_model=need("hidden_size"),
+    num_layers=need("num_hidden_layers"),
+    num_heads=heads,
+    d_ff=need("intermediate_size"),
+    max_len=need("max_position_embeddings"),
+    tie_embeddings=bool(hf.get("tie_word_embeddings", kind == "qwen2")),
+    norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+    rope_base=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
+    num_kv_heads=hf.get("num_key_value_heads") or heads,
+    bias="qkv" if kind == "qwen2" else "none",
+    **common,
+  )
+
+
+def _gpt2(hf: dict, kind: str, where: str, need, common: dict) -> TransformerConfig:
+  """GPT-2: LayerNorm, learned positions, tanh GELU, biases everywhere."""
+  if hf.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
+    raise JaxdistillError(f"{where}: activation_function must be gelu_new")
+  d = need("n_embd")
+  return TransformerConfig(
+    vocab_size=need("vocab_size"),
+    d_model=d,
+    num_layers=need("n_layer"),
+    num_heads=need("n_head"),
+    d_ff=hf.get("n_inner") or 4 * d,
+    max_len=need("n_positions"),
+    norm="layernorm",
+    pos="learned",
+    activation="gelu",
+    tie_embeddings=True,
+    norm_eps=float(hf.get("layer_norm_epsilon", 1e-5)),
+    bias="all",
+    **common,
+  )
+
+
+def _bert(hf: dict, kind: str, where: str, need, common: dict) -> TransformerConfig:
+  """BERT: the post-norm encoder (``bert.encoder_config``)."""
+  if hf.get("hidden_act", "gelu") != "gelu":
+    raise JaxdistillError(f"{where}: hidden_act {hf['hidden_act']!r} unsupported (gelu only)")
+  if hf.get("position_embedding_type", "absolute") != "absolute":
+    raise JaxdistillError(f"{where}: only absolute position embeddings are supported")
+  return bert.encoder_config(
+    vocab_size=need("vocab_size"),
+    d_model=need("hidden_size"),
+    num_layers=need("num_hidden_layers"),
+    num_heads=need("num_attention_heads"),
+    d_ff=need("intermediate_size"),
+    max_len=need("max_position_embeddings"),
+    norm_eps=float(hf.get("layer_norm_eps", 1e-12)),
+    type_vocab_size=int(hf.get("type_vocab_size", 2)),
+    **common,
   )
 
 
