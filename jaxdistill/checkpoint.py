@@ -31,6 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import jaxdistill
+from jaxdistill import config as config_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import MODEL_KEYS
 
@@ -285,7 +286,8 @@ def check_compatible(saved_config: dict, config: dict, where: str) -> list[str]:
     where: the checkpoint's path, for messages.
 
   Returns:
-    Keys that differ harmlessly (e.g. log.every), for a warning.
+    Keys that differ harmlessly (e.g. log.every), for a warning; keys the checkpoint's
+    config predates are not differences while they hold their default (e.g. optim.eps).
   """
   old, new = _flat(json.loads(json.dumps(saved_config))), _flat(json.loads(json.dumps(config)))
   matters = [f"student.{k}" for k in MODEL_KEYS]
@@ -298,7 +300,10 @@ def check_compatible(saved_config: dict, config: dict, where: str) -> list[str]:
         f"the checkpoint at {where} was trained with {key}={old.get(key)!r} but the config has "
         f"{new.get(key)!r}; use a new --workdir or restore the old setting"
       )
-  return sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+  # A key added since the checkpoint was written, holding its default, changes nothing.
+  defaults = _flat(json.loads(json.dumps(config_lib.default_config().to_dict())))
+  added = {k for k in set(new) - set(old) if k in defaults and new[k] == defaults[k]}
+  return sorted(k for k in (set(old) | set(new)) - added if old.get(k) != new.get(k))
 
 
 # --- teacher identity and weights-only params -----------------------------------

@@ -43,8 +43,9 @@ def pretrain_config(cfg: Any) -> Any:
     t.optim.loss_scale = "dynamic"
   t.student.init_from = ""
   t.teacher.source = "none"
-  for key in ("logit", "attention", "hidden"):
+  for key in ("logit", "attention", "hidden", "embedding"):
     t.distill[key].weight = 0.0
+  t.distill.attention.value_weight = 0.0
   t.optim.steps = cfg.teacher.pretrain_steps
   t.optim.lr = cfg.teacher.pretrain_lr
   t.optim.warmup_steps = max(1, cfg.teacher.pretrain_steps // 10)

@@ -50,7 +50,8 @@ def test_checkpoint_of_an_earlier_main_restores_and_continues(tmp_path):
   cfg = config_lib.load_config(
     str(ROOT / "configs" / "smoke.py"), [(k.replace("__", "."), v) for k, v in overrides.items()]
   )
-  summary = loop.train(cfg, str(work), devices=jax.devices()[:2])
+  with pytest.warns(UserWarning, match=r"config differs .* in \['optim.steps'\] \(harmless\)"):
+    summary = loop.train(cfg, str(work), devices=jax.devices()[:2])
   assert summary["start_step"] == 2 and summary["last_step"] == 4
   rows = {r["step"]: repr(r["train/loss"]) for r in metrics.read_jsonl(str(work / "metrics.jsonl"))}
   assert {s: rows[s] for s in RESUMED} == RESUMED
