@@ -186,6 +186,7 @@ def test_train_refuses_a_non_empty_directory_that_is_not_a_run(tmp_path, capsys)
   assert _snapshot(workdir) == before
 
 
+@pytest.mark.slow
 def test_train_resumes_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
   """A workdir holding only the config.json a run wrote (killed while compiling) is ours."""
   from jaxdistill import cli, config as config_lib
@@ -217,6 +218,7 @@ def test_config_that_is_not_a_python_file(tmp_path, capsys):
   _main_error(capsys, argv, "config.txt", "Python file")
 
 
+@pytest.mark.slow
 def test_params_directory_that_holds_no_params(tmp_path, capsys):
   empty = tmp_path / "empty"
   empty.mkdir()

@@ -234,6 +234,7 @@ def test_lr_at_step_0_without_warmup_is_the_configured_lr(kind):
   assert [float(schedule(s)) for s in (0, 1, 2)] == pytest.approx([0.0, 1.5e-3, 3e-3])
 
 
+@pytest.mark.slow
 def test_one_constant_lr_step_without_warmup_changes_the_params(tiny_config):
   """End to end: before the fix step 0 ran at lr 0 and left every param unchanged."""
   import jax

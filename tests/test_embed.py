@@ -192,6 +192,7 @@ def _embed_ids(hf_dir: str, length: int, text: str = LONG) -> np.ndarray:
   return np.asarray(out["embedding"], np.float32)
 
 
+@pytest.mark.slow
 def test_embed_cuts_sentences_where_sentence_transformers_does(tmp_path):
   """sentence_bert_config.json's max_seq_length decides, for an HF dir, a workdir distilled
   from it, and that workdir's export (before: the workdir used the model's max_len)."""
@@ -221,6 +222,7 @@ def test_embed_cuts_sentences_where_sentence_transformers_does(tmp_path):
   np.testing.assert_allclose(embed.Embedder(str(tmp_path / "out"))([LONG]), want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_real_minilm_keeps_256_tokens_of_a_long_sentence():
   """all-MiniLM-L6-v2: tokenizer.json says 128, sentence_bert_config.json 256 (what
   sentence-transformers uses); the two embeddings of a long sentence differ a lot."""

@@ -50,6 +50,7 @@ def test_metrics_match_numpy_reference():
   assert t["val_loss"] == pytest.approx(sums["t_loss"] / sums["n"], rel=1e-5)
 
 
+@pytest.mark.slow
 def test_a_model_agrees_with_itself():
   model = Transformer(TransformerConfig(32, 16, 1, 2, 32, 16))
   params = model.init(jax.random.key(0), np.zeros((1, 16), np.int32))["params"]

@@ -37,6 +37,7 @@ def _hand_made(abstract, value):
   return jax.tree.map(lambda a: jnp.full(a.shape, value, a.dtype), abstract)
 
 
+@pytest.mark.slow
 def test_run_from_given_variables_skips_their_init(tiny_config, monkeypatch):
   cfg = _cfg(tiny_config)
   devices = jax.devices()[:2]
@@ -90,6 +91,7 @@ def test_run_from_given_variables_skips_their_init(tiny_config, monkeypatch):
   assert any(not np.array_equal(new, old) for new, old in leaves)
 
 
+@pytest.mark.slow
 def test_given_variables_that_do_not_fit_are_named(tiny_config):
   cfg = _cfg(tiny_config)
   ref = loop.build_run(cfg, devices=jax.devices()[:2], data=False)
@@ -110,6 +112,7 @@ def test_build_run_validates(tiny_config):
     loop.build_run(cfg, devices=jax.devices()[:2], data=False)
 
 
+@pytest.mark.slow
 def test_pretrained_teacher_is_an_explicit_stage(tiny_config, tmp_path):
   cfg = _cfg(tiny_config)
   cfg.teacher.update(source="pretrain", pretrain_steps=2)

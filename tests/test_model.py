@@ -147,6 +147,7 @@ def test_final_hidden_times_head_equals_logits(tie):
   np.testing.assert_allclose(out["final_hidden"] @ out["head"], logits, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pos", ["rope", "learned"])
 def test_packed_segments_are_isolated(pos):
   _, model, params = make(pos=pos)
@@ -396,6 +397,7 @@ def test_build_picks_the_encoder_module_with_the_encoder_param_paths():
     Transformer(encoder.config).init(jax.random.key(0), jnp.zeros((1, 4), jnp.int32))
 
 
+@pytest.mark.slow
 def test_apply_and_variables_on_a_mesh():
   """create_variables == unsharded init, in the shardings abstract_variables promises."""
   from jaxdistill import models, sharding as sharding_lib

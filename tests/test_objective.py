@@ -133,6 +133,7 @@ def test_online_sparse_targets_need_no_ids():
     sparse.teacher_targets(h, w, temperature=2.0, k=4, samples=3)
 
 
+@pytest.mark.slow
 def test_sparse_kind_with_its_weight_off_trains_on_ce(tiny_config):
   """A sparse logit kind whose weight is 0 leaves CE alone in the fused head (it used to reach
   the dense heads as an unknown kind and crash)."""

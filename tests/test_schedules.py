@@ -128,6 +128,7 @@ def test_value_range_equals_the_extremes_of_every_step(spec, base, closed_form):
   np.testing.assert_allclose([values[at_lo], values[at_hi]], [lo, hi], rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_value_range_finds_what_a_run_would_reach():
   # The example: the temperature crosses zero mid-run and ends at -1.
   assert value_range("linear(end=-1)", 1.0, 100) == (-1.0, 1.0, 100, 0)
