@@ -26,6 +26,8 @@ BERT = os.path.join(ROOT, "tests", "fixtures", "hf", "bert_tiny")
 
 
 def _tiny():
+  # A frozen copy of conftest's ``tiny_config`` (and test_cache's): the golden records must not
+  # move when someone edits a shared fixture, so this one is never shared.
   from jaxdistill.config import default_config
 
   cfg = default_config()
