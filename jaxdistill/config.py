@@ -55,6 +55,19 @@ def _model_fields(**overrides) -> dict:
     norm_eps=1e-6,
     encoder=False,
     type_vocab_size=0,
+    # Image classifiers (jaxdistill/models/cnn.py, resnet.py): arch picks the model; the
+    # transformer keys above are then unused. cnn: conv3x3 + ReLU + maxpool2 stages of
+    # cnn_channels, then fc cnn_fc, then fc num_classes. resnet: CIFAR ResNet-depth (6n+2:
+    # 20, 32, 56); wrn: WRN-depth-widen (6n+4: 16, 28, 40). Inputs [B, image_size,
+    # image_size, image_channels].
+    arch="transformer",  # transformer | cnn | resnet | wrn
+    num_classes=10,
+    image_size=32,
+    image_channels=3,
+    cnn_channels="32,64",
+    cnn_fc=512,
+    depth=20,
+    widen=1,
     policy="p=f32,c=f32,o=f32",
   )
   fields.update(overrides)
@@ -98,6 +111,17 @@ def default_config() -> ml_collections.ConfigDict:
   d.hidden = C(dict(kind="mse", weight=0.0, schedule="constant", layer_map="uniform", project=True))
   # Encoders: 1 - cosine between the pooled sentence embeddings of student and teacher.
   d.embedding = C(dict(weight=0.0, schedule="constant"))
+  # Image classifiers: attention transfer (Zagoruyko & Komodakis) between the stage feature
+  # maps of stage_map ("uniform", "last", "last:K", "1:2,2:3"; stages 1..S): kind "paper" is
+  # ||Q_s - Q_t||_2 of the L2-normalised maps Q = sum_c |A_c|^p; "squared" the mean of the
+  # squared differences (the authors' public code). feature_map: FitNets-style MSE or
+  # cosine between stage maps through a learned 1x1 conv when the channels differ.
+  d.attention_transfer = C(
+    dict(kind="paper", weight=0.0, schedule="constant", p=2.0, stage_map="uniform")
+  )
+  d.feature_map = C(
+    dict(kind="mse", weight=0.0, schedule="constant", stage_map="last", project=True)
+  )
   # Fused loss head (jaxdistill/fused.py): CE and the logit loss from final hidden states and
   # heads, never materialising [tokens x vocab] logits. token_chunk: rows per chunk per batch
   # shard (0 = all rows at once); vocab_chunk: columns per chunk per vocab shard (0 = off;
@@ -156,6 +180,20 @@ def default_config() -> ml_collections.ConfigDict:
       stdlib_max_file_bytes=0,
       stdlib_root="",  # "" = this interpreter's standard library
       stdlib_kind="all",  # all | code | docstrings (English prose only)
+      # Images (an image model: student.arch != transformer). source digits: the built-in
+      # 5,000 real MNIST digits; tfds: data.tfds_name with image_key / label_key. Pixels
+      # are scaled to [0, 1], then (x - image_mean) / image_std (one value or one per
+      # channel, comma-separated). Training augmentation on the host, deterministic per
+      # (seed, example, epoch): random crop after zero-padding by crop_padding, horizontal
+      # flip, mixup / cutmix with Beta(alpha, alpha) (0 = off).
+      image_key="image",
+      label_key="label",
+      image_mean="0.5",
+      image_std="0.5",
+      crop_padding=0,
+      flip=False,
+      mixup=0.0,
+      cutmix=0.0,
       num_threads=2,  # grain threads reading and tokenising documents
       prefetch=2,  # batches prepared ahead in a background thread (0 = none)
     )
