@@ -138,6 +138,27 @@ def evaluate(
   return {name: _finish(jax.device_get(totals[name]), seconds[name]) for name in names}
 
 
+def load_variables(
+  module: nn.Module, path: str, mesh: jax.sharding.Mesh, seq_len: int
+) -> tuple[dict, dict]:
+  """A model's variables from a ``final_params`` directory, in the module's shardings.
+
+  A final_params directory holds the params tree; a BatchNorm model's holds its variables
+  ``{"params", "batch_stats"}`` (``workdir.save_final_params``): which one is decided by the
+  module. Frozen FP8 state is never saved (a c=fp8 teacher calibrates its own).
+
+  Returns:
+    (variables, shardings): ``{"params": ...}`` plus ``"batch_stats"`` for a BatchNorm model.
+  """
+  abstract = models_lib.abstract_variables(module, mesh, seq_len)
+  target = {k: abstract[k] for k in ("params", "batch_stats") if k in abstract}
+  if "batch_stats" in target:
+    variables = checkpoint.load_params(path, target)
+  else:
+    variables = {"params": checkpoint.load_params(path, target["params"])}
+  return variables, jax.tree.map(lambda a: a.sharding, target)
+
+
 def load_params(module: nn.Module, path: str, mesh: jax.sharding.Mesh, seq_len: int) -> Any:
   """A model's params from a ``final_params`` directory, in the module's shardings."""
   target = models_lib.abstract_variables(module, mesh, seq_len)["params"]

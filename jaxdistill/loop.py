@@ -158,13 +158,12 @@ def _start(run: Run, manager, workdir: str, resume_from: str | None) -> str:
     return f"initialised the student from teacher blocks {cfg.student.init_layers!r}"
   if cfg.student.init_from:
     path = teacher_lib.final_params_dir(cfg.student.init_from)
-    target = jax.tree.map(
-      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=a.sharding),
-      run.state.params["student"],
-    )
-    run.state = run.state.replace(
-      params=dict(run.state.params, student=checkpoint.load_params(path, target))
-    )
+    variables, _ = evaluate_lib.load_variables(run.student, path, run.mesh, cfg.data.seq_len)
+    model_state = run.state.model_state
+    if "batch_stats" in variables:  # a BatchNorm model's running averages come with it
+      model_state = {**model_state, "batch_stats": variables["batch_stats"]}
+    params = dict(run.state.params, student=variables["params"])
+    run.state = run.state.replace(params=params, model_state=model_state)
     return f"initialised the student from {path} (weights only)"
   return "started from scratch"
 
@@ -300,7 +299,7 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
       best.wait_until_finished()
   summary = progress.summary(start, ran)
   if cfg.ckpt.save_final and not summary["preempted"] and start < steps:
-    workdir_lib.save_final_params(workdir, run.state.params["student"])
+    workdir_lib.save_final_params(workdir, run.state.params["student"], run.state.model_state)
   manager.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:

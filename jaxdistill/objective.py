@@ -14,15 +14,12 @@ module reads) into an ``Objective``: a tuple of ``Term`` records, added up in or
   reports   schedules ``schedule_metrics`` reports (``weight/<name>``, the temperature)
 
 The first term is the ONE head term (at most one; none when CE and the logit loss are both
-off), chosen here, never by looking at the models' outputs:
+off), chosen by ``heads.head_term`` when the objective is built, never by looking at the
+models' outputs: dense, fused or sparse (``heads.py``, which also defines ``Needs`` / ``Term``).
 
-  dense   CE and the logit divergence from full logits (``losses.py``)
-  fused   the same from final hidden states and heads, one chunk at a time (``fused.py``)
-  sparse  CE and a sparse divergence (``sparse.py``) against top-k / sampled targets that come
-          from the batch (a cache, no teacher model) or from the online teacher's head
-
-Feature terms follow, in the order of ``FEATURES`` (attention KL, value relation, hidden
-states, embedding cosine). A new feature loss is a pure function and one row there.
+Feature terms follow, in the order of ``FEATURES``: for language models attention KL, value
+relation, hidden states, embedding cosine; for image classifiers attention transfer and
+feature maps (``vision_losses.py``). A new feature loss is a pure function and one row there.
 
 Batch, mask and normaliser (the same for token models and, later, image classifiers):
 
@@ -39,6 +36,7 @@ Batch, mask and normaliser (the same for token models and, later, image classifi
 
 Layer pairs use hidden-state indices (0 = embeddings, i = output of block i, 1..L). Attention
 and value terms read the block that produced that hidden state, i.e. block i-1 (0-based).
+Stage pairs of image models use stage indices 1..S (stage s's output feature map).
 """
 
 import dataclasses
@@ -48,43 +46,24 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import fused as fused_lib
-from jaxdistill import layer_maps, losses, schedules, sparse
-
-Schedule = Callable[[jax.Array], jax.Array]
-# (student_out, teacher_out, batch, denom, step, proj) -> (value, metrics)
-TermFn = Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
+from jaxdistill import heads, layer_maps, losses, models, precision, schedules, vision_losses
+from jaxdistill.heads import Needs, Schedule, Term, TermFn  # noqa: F401 (the term records)
 
 
 @dataclasses.dataclass(frozen=True)
-class Needs:
-  """The outputs one term reads from one model (the model's request keywords follow).
+class Projection:
+  """A learned map from a student output to its teacher's width, trained with the student.
 
   Attributes:
-    logits: "logits" (dense head).
-    head: "final_hidden" and "head" instead of logits (fused and sparse heads).
-    hidden: hidden-state indices (0 = embeddings, i = block i's output) of "hidden".
-    attn: 0-based block indices of "attn" (attention probabilities).
-    qkv: 0-based block indices of "qkv" (queries, keys, values).
+    name: its key in ``params["proj"]`` ("layer_<i>" hidden states, "stage_<s>" feature maps).
+    d_in, d_out: student and teacher widths (hidden size, or channels).
+    conv: a 1x1 convolution ({"kernel": [Cs, Ct], "bias": [Ct]}) instead of a [Ds, Dt] matrix.
   """
 
-  logits: bool = False
-  head: bool = False
-  hidden: tuple[int, ...] = ()
-  attn: tuple[int, ...] = ()
-  qkv: tuple[int, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Term:
-  """One loss term (see the module docstring)."""
-
   name: str
-  fn: TermFn
-  weight: Schedule | None = None
-  student: Needs = Needs()
-  teacher: Needs = Needs()
-  reports: tuple[tuple[str, Schedule], ...] = ()
+  d_in: int
+  d_out: int
+  conv: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,12 +73,12 @@ class Objective:
   Attributes:
     terms: head term (if any) first, then feature terms.
     uses_teacher: a teacher model runs (False without one and with a cache).
-    projections: student layers whose hidden states get a learned [Ds, Dt] map.
+    projections: the learned maps of student outputs whose widths differ from the teacher's.
   """
 
   terms: tuple[Term, ...]
   uses_teacher: bool
-  projections: tuple[int, ...] = ()
+  projections: tuple[Projection, ...] = ()
 
   def student_request(self) -> dict:
     """Keyword arguments asking the student model for what the terms read."""
@@ -112,115 +91,15 @@ class Objective:
 
 def _request(needs: list[Needs]) -> dict:
   union = lambda field: tuple(sorted({i for n in needs for i in getattr(n, field)}))
-  return dict(
+  request = dict(
     hidden_layers=union("hidden"),
     attn_layers=union("attn"),
     qkv_layers=union("qkv"),
     return_logits=any(n.logits for n in needs),
   )
-
-
-# --- Head terms ------------------------------------------------------------------------
-
-
-def _rows(x: jax.Array, lead: int) -> jax.Array:
-  """[<weights' shape>, ...] -> [N, ...]: one row per example."""
-  return x.reshape(-1, *x.shape[lead:])
-
-
-def _dense_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, beta):
-  """CE and the logit divergence, weighted, from full logits."""
-  del proj
-  mask, total, metrics = batch["weights"], 0.0, {}
-  if ce:
-    value, m = losses.cross_entropy(s["logits"], batch["targets"], mask, denom)
-    metrics.update(m)
-    total += ce(step) * value
-  if logit:
-    value, m = losses.logit_loss(
-      kind, s["logits"], t["logits"], mask, denom, temperature=temperature(step), beta=beta
-    )
-    metrics.update(m)
-    total += logit(step) * value
-  return total, metrics
-
-
-def _fused_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, beta, chunks):
-  """CE and the logit divergence, weighted, from final hidden states and heads (fused.py)."""
-  del proj
-  rows = functools.partial(_rows, lead=batch["weights"].ndim)
-  teacher = {}
-  if logit:
-    teacher = dict(teacher_hidden_NxDt=rows(t["final_hidden"]), teacher_head_DtxV=t["head"])
-  out = fused_lib.fused_loss_head(
-    rows(s["final_hidden"]),
-    s["head"],
-    rows(batch["targets"]),
-    rows(batch["weights"]),
-    denom,
-    **teacher,
-    kind=kind,
-    temperature=temperature(step),
-    beta=beta,
-    kl_weight=logit(step) if logit else 0.0,
-    ce_weight=ce(step) if ce else 0.0,
-    token_chunk=chunks[0],
-    vocab_chunk=chunks[1],
-  )
-  metrics = {"task/ce": out.ce} if ce else {}
-  if logit:
-    metrics[f"distill/{kind}"] = out.divergence
-  return out.loss, metrics
-
-
-def _sparse_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, k, chunk):
-  """CE and the sparse divergence, weighted: targets from the batch's ``teacher_*`` arrays
-  (a cache; ``t`` is None) or made here from the online teacher's final hidden states and
-  head (top-k of size ``k``)."""
-  del proj
-  rows, tau = functools.partial(_rows, lead=batch["weights"].ndim), temperature(step)
-  if t is None:
-    teacher = {n[len("teacher_") :]: rows(v) for n, v in batch.items() if n.startswith("teacher_")}
-  else:
-    hidden = rows(t["final_hidden"])
-    teacher = sparse.teacher_targets(hidden, t["head"], temperature=tau, k=k, token_chunk=chunk)
-  out = sparse.sparse_loss_head(
-    rows(s["final_hidden"]),
-    s["head"],
-    rows(batch["targets"]),
-    rows(batch["weights"]),
-    denom,
-    teacher,
-    kind=kind,
-    temperature=tau,
-    kl_weight=logit(step),
-    ce_weight=ce(step) if ce else 0.0,
-    token_chunk=chunk,
-  )
-  metrics = {"task/ce": out.ce} if ce else {}
-  metrics[f"distill/{kind}"] = out.divergence
-  return out.loss, metrics
-
-
-def _head_term(d: Any, ce, logit, temperature, uses_teacher: bool, k: int) -> Term | None:
-  """The ONE head term: sparse for a sparse logit kind (it needs a logit weight), else fused or
-  dense (``distill.fused``); None when CE and the logit loss are both off."""
-  if not (ce or logit):
-    return None
-  reports = [("distill/temperature", temperature)] if logit else []
-  reports = tuple(reports + [(f"weight/{n}", w) for n, w in (("ce", ce), ("logit", logit)) if w])
-  common = dict(ce=ce, logit=logit, kind=d.logit.kind, temperature=temperature)
-  if logit and d.logit.kind in sparse.SPARSE_KINDS:
-    fn = functools.partial(_sparse_head, **common, k=k, chunk=d.token_chunk)
-    return Term("sparse", fn, None, Needs(head=True), Needs(head=uses_teacher), reports)
-  # Without a logit term the kind is never read; a sparse kind must not reach the dense heads.
-  common["kind"] = d.logit.kind if logit else "kl"
-  beta = float(d.logit.beta)
-  if d.fused:
-    fn = functools.partial(_fused_head, **common, beta=beta, chunks=(d.token_chunk, d.vocab_chunk))
-    return Term("fused", fn, None, Needs(head=True), Needs(head=bool(logit)), reports)
-  fn = functools.partial(_dense_head, **common, beta=beta)
-  return Term("dense", fn, None, Needs(logits=True), Needs(logits=bool(logit)), reports)
+  if union("features"):  # only image models have stages: a transformer never sees the key
+    request["feature_stages"] = union("features")
+  return request
 
 
 # --- Feature terms ---------------------------------------------------------------------
@@ -263,17 +142,37 @@ def _embedding(s, t, batch, denom, step, proj, *, pairs, section):
   return losses.embedding_cosine(s["embedding"], t["embedding"], batch["weights"], denom)
 
 
+def _attention_transfer(s, t, batch, denom, step, proj, *, pairs, section):
+  """Attention transfer between stage feature maps, mean over stage pairs."""
+  w, kind, p = batch["weights"], section["kind"], float(section["p"])
+  loss = lambda i, j: vision_losses.attention_transfer(
+    s["features"][i], t["features"][j], w, denom, p=p, kind=kind
+  )
+  return _mean_over_pairs(pairs, loss)
+
+
+def _feature_map(s, t, batch, denom, step, proj, *, pairs, section):
+  """Feature-map MSE or cosine, through the 1x1 conv ``proj["stage_<i>_to_<j>"]`` when the
+  channels of student stage i and teacher stage j differ."""
+  w, kind = batch["weights"], section["kind"]
+  loss = lambda i, j: vision_losses.feature_map_loss(
+    kind, s["features"][i], t["features"][j], w, denom, projection=proj.get(f"stage_{i}_to_{j}")
+  )
+  return _mean_over_pairs(pairs, loss)
+
+
 @dataclasses.dataclass(frozen=True)
 class Feature:
   """One row of ``FEATURES``: how the config turns a feature loss into a ``Term``.
 
   Attributes:
     name: the term's name (metrics ``distill/<name>``, ``weight/<name>``).
-    section: the ``distill.<section>`` holding its weight, ``schedule`` and ``layer_map``.
+    section: the ``distill.<section>`` holding its weight, ``schedule`` and its map (a
+      ``layer_map``, or an image model's ``stage_map``).
     weight_key: the key of its weight in that section (0 with a constant schedule = off).
     fn: the pure term function; called with ``pairs`` (layer pairs) and ``section`` (a dict).
     output: the per-layer model output it reads ("attn" and "qkv" per block, "hidden" per
-      hidden-state index), or None (no layer pairs).
+      hidden-state index, "features" per stage of an image model), or None (no layer pairs).
   """
 
   name: str
@@ -289,7 +188,28 @@ FEATURES = (
   Feature("value_relation", "attention", "value_weight", _value_relation, "qkv"),
   Feature("hidden", "hidden", "weight", _hidden, "hidden"),
   Feature("embedding", "embedding", "weight", _embedding, None),
+  Feature("attention_transfer", "attention_transfer", "weight", _attention_transfer, "features"),
+  Feature("feature_map", "feature_map", "weight", _feature_map, "features"),
 )
+
+
+def _policy(section: Any) -> precision.Policy:
+  return precision.parse_policy(section.policy, "policy")
+
+
+def depth(section: Any) -> int:
+  """What a layer / stage map counts on one side: a transformer's layers, an image model's
+  stages."""
+  if section.arch == "transformer":
+    return section.num_layers
+  return models.vision_config_from_section(section, _policy(section), "").num_stages
+
+
+def pairs_of(cfg: Any, section_name: str) -> tuple[tuple[int, int], ...]:
+  """The (student, teacher) pairs of ``distill.<section_name>``'s layer or stage map."""
+  section = cfg.distill[section_name]
+  spec = section.stage_map if "stage_map" in section else section.layer_map
+  return layer_maps.layer_map(spec, depth(cfg.student), depth(cfg.teacher))
 
 
 def _weight(section: Any, key: str, total_steps: int) -> Schedule | None:
@@ -307,7 +227,7 @@ def _feature_term(spec: Feature, cfg: Any) -> Term | None:
     return None
   pairs, needs = (), (Needs(), Needs())
   if spec.output is not None:
-    pairs = layer_maps.layer_map(section.layer_map, cfg.student.num_layers, cfg.teacher.num_layers)
+    pairs = pairs_of(cfg, spec.section)
     offset = 1 if spec.output in ("attn", "qkv") else 0  # blocks are 0-based
     needs = tuple(
       Needs(**{spec.output: tuple(sorted({p[side] - offset for p in pairs}))}) for side in (0, 1)
@@ -330,35 +250,49 @@ def make_objective(cfg: Any) -> Objective:
     a cache ('cache') the sparse head reads its targets from the batch.
   """
   d, t = cfg.distill, cfg.teacher
+  classifier = cfg.student.arch != "transformer"
   if t.source == "none":
     one = lambda s: jnp.float32(1.0)
-    head = _head_term(d, one, None, one, uses_teacher=False, k=0)
+    head = heads.head_term(d, one, None, one, uses_teacher=False, k=0, classifier=classifier)
     return Objective(terms=(head,), uses_teacher=False)
   steps = cfg.optim.steps
   temperature = schedules.parse_schedule(d.temperature_schedule, d.temperature, steps)
   uses_teacher = t.source != "cache"
   ce, logit = _weight(d.ce, "weight", steps), _weight(d.logit, "weight", steps)
-  head = _head_term(d, ce, logit, temperature, uses_teacher, cfg.precompute.k)
+  head = heads.head_term(d, ce, logit, temperature, uses_teacher, cfg.precompute.k, classifier)
   features = [_feature_term(spec, cfg) for spec in FEATURES] if uses_teacher else []
   terms = tuple(term for term in [head, *features] if term is not None)
-  projections = ()
-  hidden = next((term for term in terms if term.name == "hidden"), None)
-  if hidden is not None and cfg.student.d_model != t.d_model:
-    projections = hidden.student.hidden
-  return Objective(terms=terms, uses_teacher=uses_teacher, projections=projections)
+  return Objective(terms, uses_teacher, _projections(cfg, {term.name: term for term in terms}))
 
 
-def init_projections(
-  obj: Objective, rng: jax.Array, d_student: int, d_teacher: int
-) -> dict[str, jax.Array]:
-  """Learned [Ds, Dt] maps, one per student layer of the hidden-state loss ({} if none)."""
+def _projections(cfg: Any, terms: dict[str, Term]) -> tuple[Projection, ...]:
+  """The learned maps the terms need: per student layer of the hidden-state loss when the
+  hidden sizes differ; per stage pair of the feature-map loss whose channels differ."""
+  s, t = cfg.student, cfg.teacher
+  if "hidden" in terms and s.d_model != t.d_model:
+    layers = terms["hidden"].student.hidden
+    return tuple(Projection(f"layer_{i}", s.d_model, t.d_model) for i in layers)
+  if "feature_map" not in terms or not cfg.distill.feature_map.project:
+    return ()
+  s_shapes = models.vision_config_from_section(s, _policy(s), "student").stage_shapes
+  t_shapes = models.vision_config_from_section(t, _policy(t), "teacher").stage_shapes
+  return tuple(
+    Projection(f"stage_{i}_to_{j}", s_shapes[i - 1][-1], t_shapes[j - 1][-1], conv=True)
+    for i, j in pairs_of(cfg, "feature_map")
+    if s_shapes[i - 1][-1] != t_shapes[j - 1][-1]
+  )
+
+
+def init_projections(obj: Objective, rng: jax.Array) -> dict[str, Any]:
+  """The projections' initial params ({} if none): [Ds, Dt] matrices, or 1x1 convolutions
+  {"kernel": [Cs, Ct], "bias": [Ct]}."""
   if not obj.projections:
     return {}
   keys = jax.random.split(rng, len(obj.projections))
-  return {
-    f"layer_{s}": losses.init_projection(k, d_student, d_teacher)
-    for s, k in zip(obj.projections, keys)
-  }
+  init = lambda p, k: (vision_losses.init_conv_projection if p.conv else losses.init_projection)(
+    k, p.d_in, p.d_out
+  )
+  return {p.name: init(p, k) for p, k in zip(obj.projections, keys)}
 
 
 def compute_loss(

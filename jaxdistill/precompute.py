@@ -153,7 +153,8 @@ def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
   from jaxdistill import loop  # the pretraining stage of a teacher.source="pretrain" teacher
 
   loop.pretrain_teacher(cfg, output, devices=list(mesh.devices.flat))
-  params, param_shardings, path = teacher_lib.load(cfg, model, mesh, output)
+  variables, var_shardings, path = teacher_lib.load(cfg, model, mesh, output)
+  params, param_shardings = variables["params"], var_shardings["params"]
   layout, tau, seed = cached.layout_of(cfg), temperature(cfg), cfg.seed
 
   def targets_fn(params, batch, rows_B):

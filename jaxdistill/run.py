@@ -113,8 +113,6 @@ def build_run(
     jax.random.key(cfg.seed),
     mesh,
     cfg.data.seq_len,
-    cfg.student.d_model,
-    cfg.teacher.d_model,
     loss_scale=precision.init_loss_scale(cfg.optim),
     student_variables=student_vars,
   )
@@ -150,6 +148,11 @@ def build_run(
 
 def _flops_per_step(cfg: Any, student: nn.Module, teacher: nn.Module | None) -> float:
   """Model FLOPs of one step: the student's forward + backward, the teacher's forward only."""
+  if models.is_vision(student):  # per image
+    per_image = lambda m: models.flops_per_example(m.config)
+    return cfg.data.batch_size * metrics_lib.distill_flops_per_token(
+      per_image(student), per_image(teacher) if teacher else None
+    )
   tokens = cfg.data.batch_size * cfg.data.seq_len
   return tokens * metrics_lib.distill_flops_per_token(
     flops_per_token(student.config, cfg.data.seq_len),
@@ -163,17 +166,18 @@ def _teacher_vars(cfg: Any, teacher, mesh, workdir: str | None, given: Any) -> t
   if teacher is None:
     return None, None, None
   if given is not None:
-    if set(given) != {"params"}:
+    all_shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len)
+    want = {k for k in ("params", "batch_stats") if k in all_shardings}
+    if set(given) != want:
       raise JaxdistillError(
-        f"given teacher variables must be {{'params': ...}}, got keys {sorted(given)}"
+        f"given teacher variables must have the keys {sorted(want)}, got {sorted(given)}"
       )
-    shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len)["params"]
-    params, path = jax.device_put(given["params"], shardings), None
+    var_shardings = {k: all_shardings[k] for k in want}
+    variables, path = jax.device_put(dict(given), var_shardings), None
   else:
-    params, shardings, path = teacher_lib.load(cfg, teacher, mesh, workdir)
-  variables, var_shardings = {"params": params}, {"params": shardings}
+    variables, var_shardings, path = teacher_lib.load(cfg, teacher, mesh, workdir)
   if getattr(teacher.config, "fp8", False):
-    fp8, fp8_shardings = teacher_lib.calibrate_fp8(cfg, teacher, params, mesh)
+    fp8, fp8_shardings = teacher_lib.calibrate_fp8(cfg, teacher, variables["params"], mesh)
     variables.update(fp8)
     var_shardings.update(fp8_shardings)
   return variables, var_shardings, path

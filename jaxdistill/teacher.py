@@ -23,7 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import checkpoint, models, precision
+from jaxdistill import checkpoint, evaluate, models, precision
 from jaxdistill.models import fp8, surgery
 from jaxdistill.errors import ConfigError, JaxdistillError
 
@@ -43,7 +43,7 @@ def pretrain_config(cfg: Any) -> Any:
     t.optim.loss_scale = "dynamic"
   t.student.init_from = ""
   t.teacher.source = "none"
-  for key in ("logit", "attention", "hidden", "embedding"):
+  for key in ("logit", "attention", "hidden", "embedding", "attention_transfer", "feature_map"):
     t.distill[key].weight = 0.0
   t.distill.attention.value_weight = 0.0
   t.optim.steps = cfg.teacher.pretrain_steps
@@ -70,7 +70,10 @@ def final_params_dir(path: str) -> str:
 
 
 def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
-  """Teacher params by ``teacher.source``: (params, shardings, path or None).
+  """Teacher variables by ``teacher.source``: (variables, shardings, path or None).
+
+  ``variables`` is ``{"params": ...}``, plus a BatchNorm teacher's running averages
+  ``"batch_stats"`` (it always runs in inference mode on them); ``shardings`` mirrors it.
 
   Args:
     cfg: the run's config.
@@ -83,20 +86,22 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
   """
   seq_len = cfg.data.seq_len
   if cfg.teacher.source == "hf":
-    return _load_hf(cfg, teacher, mesh)
+    params, shardings, path = _load_hf(cfg, teacher, mesh)
+    return {"params": params}, {"params": shardings}, path
   if cfg.teacher.source == "random":
     rng = jax.random.key(cfg.seed + 1)
-    variables, shardings = models.create_variables(teacher, rng, mesh, seq_len, ("params",))
-    return variables["params"], shardings["params"], None
+    abstract = jax.eval_shape(lambda r: models.init_variables(teacher, r, seq_len), rng)
+    kept = tuple(k for k in ("params", "batch_stats") if k in abstract)
+    variables, shardings = models.create_variables(teacher, rng, mesh, seq_len, kept)
+    return variables, shardings, None
   path = params_path(cfg, workdir)
   if cfg.teacher.source == "pretrain" and not os.path.isdir(path):
     raise JaxdistillError(
       f"teacher.source='pretrain': no pretrained teacher at {path}; run the pretraining stage "
       "first (loop.pretrain_teacher; `jaxdistill train` and `precompute` do it themselves)"
     )
-  target = models.abstract_variables(teacher, mesh, seq_len)["params"]
-  shardings = jax.tree.map(lambda a: a.sharding, target)
-  return checkpoint.load_params(path, target), shardings, path
+  variables, shardings = evaluate.load_variables(teacher, path, mesh, seq_len)
+  return variables, shardings, path
 
 
 def calibrate_fp8(cfg: Any, teacher: nn.Module, params: Any, mesh) -> tuple[Any, Any]:

@@ -42,8 +42,9 @@ class TrainState:
     loss_scale: ``precision.LossScale`` for float16 students, else None (no
       leaves: f32 / bf16 states and checkpoints are unchanged).
     model_state: the student's non-param variables, e.g. FP8 scales and amax
-      histories ``{"_overwrite_with_gradient": ...}`` (c=fp8), else None. Their
-      "gradients" are their new values: replaced each step, never optimised.
+      histories ``{"_overwrite_with_gradient": ...}`` (c=fp8; their "gradients" are their
+      new values) or BatchNorm's running averages ``{"batch_stats": ...}`` (returned by
+      the student's training forward), else None: replaced each step, never optimised.
   """
 
   step: jax.Array
@@ -112,12 +113,16 @@ def _micro_batches(batch: dict, num: int) -> dict:
 
 
 def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: nn.Module | None):
-  """``loss_fn(params, model_state, teacher_vars, batch, step, denom, scale) -> (loss, metrics)``
-  of one (micro-)batch: both forwards, the objective, the loss scale."""
+  """``loss_fn(params, model_state, teacher_vars, batch, step, denom, scale) -> (loss, (metrics,
+  new batch_stats or None))`` of one (micro-)batch: both forwards, the objective, the loss
+  scale."""
 
   def loss_fn(params, model_state, teacher_vars, batch, step, denom, scale):
     student_vars = {"params": params["student"], **(model_state or {})}
-    student_out = models.apply(student, student_vars, batch, **obj.student_request())
+    # train=True: a BatchNorm student normalises by this batch's statistics and returns its
+    # updated running averages ("batch_stats"); the teacher below runs in inference mode.
+    student_out = models.apply(student, student_vars, batch, train=True, **obj.student_request())
+    new_stats = student_out.pop("batch_stats", None)
     teacher_out = None
     if obj.uses_teacher:
       # The teacher is an input, not a parameter: no gradient is ever formed
@@ -131,7 +136,7 @@ def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: nn.
     )
     # The loss is float32; multiplying it by the loss scale scales every
     # backward activation, so small float16 gradients stay above underflow.
-    return (loss if scale is None else loss * scale), metrics
+    return (loss if scale is None else loss * scale), (metrics, new_stats)
 
   return loss_fn
 
@@ -149,9 +154,14 @@ def _make_gradients(loss_fn: Callable, grad_accum: int) -> Callable:
     def grads_of(model_state, b):
       args = (teacher_vars, b, state.step, denom, scale)
       if state.model_state is None:  # exactly the plain step's program
-        (_, m), g = grad_params(state.params, None, *args)
+        (_, (m, _)), g = grad_params(state.params, None, *args)
         return m, g, None
-      (_, m), (g, model_state) = grad_both(state.params, model_state, *args)
+      if "_overwrite_with_gradient" not in model_state:  # BatchNorm statistics alone
+        (_, (m, stats)), g = grad_params(state.params, model_state, *args)
+        return m, g, {**model_state, "batch_stats": stats}
+      (_, (m, stats)), (g, model_state) = grad_both(state.params, model_state, *args)
+      if stats is not None:
+        model_state = {**model_state, "batch_stats": stats}
       return m, g, model_state
 
     if grad_accum == 1:
@@ -161,7 +171,8 @@ def _make_gradients(loss_fn: Callable, grad_accum: int) -> Callable:
       acc, model_state = carry
       m, g, model_state = grads_of(model_state, micro)
       # Param gradients add up; the FP8 state passes on from micro-batch to
-      # micro-batch, so its amax histories see every one.
+      # micro-batch, so its amax histories see every one; so do BatchNorm's running
+      # averages (each micro-batch is normalised by its own statistics).
       return (jax.tree.map(jnp.add, acc, (g, m)), model_state), None
 
     micro = _micro_batches(batch, grad_accum)
@@ -261,8 +272,6 @@ def init_state(
   rng: jax.Array,
   mesh: jax.sharding.Mesh,
   seq_len: int,
-  d_student: int,
-  d_teacher: int,
   create: bool = True,
   loss_scale: precision.LossScale | None = None,
   student_variables: Any = None,
@@ -289,7 +298,7 @@ def init_state(
     variables = models.init_variables(student, model_rng, seq_len) if given is None else given
     params = {
       "student": variables["params"],
-      "proj": objective_lib.init_projections(obj, proj_rng, d_student, d_teacher),
+      "proj": objective_lib.init_projections(obj, proj_rng),
     }
     return TrainState(
       step=jnp.zeros((), jnp.int32),

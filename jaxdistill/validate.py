@@ -36,7 +36,7 @@ def validate(cfg: Any) -> None:
   precision.check_trainable(
     student_policy, "student.policy", loss_scaling=cfg.optim.loss_scale == "dynamic"
   )
-  models.config_from_section(cfg.student, student_policy, "student")
+  models.build(cfg.student, student_policy, "student")  # a bad model key fails here
   _check_teacher(cfg)
   t = cfg.teacher
   _check_precompute(cfg.precompute)
@@ -109,7 +109,7 @@ def _check_teacher(cfg: Any) -> None:
         f"must be an int >= 1 with teacher.policy c=fp8 (batches that calibrate the frozen "
         f"teacher's static FP8 scales), got {n!r}",
       )
-    models.config_from_section(t, teacher_policy, "teacher")
+    models.build(t, teacher_policy, "teacher")
   if t.source == "pretrain" and t.pretrain_steps <= 0:
     raise ConfigError("teacher.pretrain_steps", "must be > 0 when teacher.source='pretrain'")
   if t.source == "cache" and not os.path.isdir(t.path):

@@ -8,7 +8,7 @@ passed these and raises nothing itself.
 import math
 from typing import Any
 
-from jaxdistill import layer_maps, losses, schedules, sparse
+from jaxdistill import layer_maps, losses, schedules, sparse, validate_vision
 from jaxdistill.errors import ConfigError
 
 
@@ -75,8 +75,12 @@ def check_distill(cfg: Any) -> None:
 def _check_losses(cfg: Any) -> None:
   """Kinds, weights, schedules and layer maps, against the models and the teacher source."""
   d, t = cfg.distill, cfg.teacher
+  if validate_vision.is_image(cfg):
+    validate_vision.check_image_model(cfg)
+  else:
+    validate_vision.check_token_model(cfg)
   if t.source == "none":
-    for key in ("logit", "attention", "hidden", "embedding"):
+    for key in ("logit", "attention", "hidden", "embedding") + validate_vision.IMAGE_LOSSES:
       if d[key].weight != 0:
         raise ConfigError(
           f"distill.{key}.weight",
@@ -166,7 +170,9 @@ def _check_online_distill(cfg: Any) -> None:
         "needs a learned projection; set it to True",
       )
   _check_weight(d.logit, "distill.logit", steps)
-  if not _off(d.logit, "weight") and s.vocab_size != t.vocab_size:
+  if validate_vision.is_image(cfg):  # the classes match (checked there): no vocabulary
+    pass
+  elif not _off(d.logit, "weight") and s.vocab_size != t.vocab_size:
     raise ConfigError(
       "teacher.vocab_size",
       f"{t.vocab_size} differs from "
@@ -203,7 +209,7 @@ def check_schedule_ranges(cfg: Any) -> None:
   """The temperature stays > 0 and every loss weight >= 0 at every step of the run."""
   d = cfg.distill
   _check_schedule_range(cfg, "distill.temperature", "distill.temperature_schedule", True)
-  for name in ("logit", "ce", "attention", "hidden", "embedding"):
+  for name in ("logit", "ce", "attention", "hidden", "embedding") + validate_vision.IMAGE_LOSSES:
     if d[name].weight != 0 or d[name].schedule.strip() != "constant":
       base, spec = f"distill.{name}.weight", f"distill.{name}.schedule"
       _check_schedule_range(cfg, base, spec, False)

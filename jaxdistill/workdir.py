@@ -116,8 +116,12 @@ def truncate_metrics(path: str, step: int) -> None:
     os.replace(path + ".tmp", path)
 
 
-def save_final_params(workdir: str, params: Any) -> None:
-  """WORKDIR/final_params: the student's params alone (a finished run resumed replaces it)."""
+def save_final_params(workdir: str, params: Any, model_state: Any = None) -> None:
+  """WORKDIR/final_params: the student's params alone, or a BatchNorm student's variables
+  ``{"params", "batch_stats"}`` (its running averages are part of the model; ``model_state``
+  is ``TrainState.model_state``). A finished run resumed replaces it."""
+  if model_state and "batch_stats" in model_state:
+    params = {"params": params, "batch_stats": model_state["batch_stats"]}
   final = os.path.join(workdir, checkpoint.FINAL_PARAMS)
   if os.path.isdir(final) and jax.process_index() == 0:
     shutil.rmtree(final)

@@ -66,7 +66,8 @@ def test_encoder_run_pieces_hf_teacher_student_init_and_losses():
   policy = precision.parse_policy("p=f32,c=f32,o=f32", "x")
   teacher = models.build(cfg.teacher, policy, "teacher")
   student = models.build(cfg.student, policy, "student")
-  t_params, _, path = teacher_lib.load(cfg, teacher, mesh, None)
+  t_vars, _, path = teacher_lib.load(cfg, teacher, mesh, None)
+  t_params = t_vars["params"]
   assert path == BERT
   s_init = models.create_variables(student, jax.random.key(0), mesh, 12, ("params",))[0]["params"]
   s_params = teacher_lib.student_from_teacher(cfg, t_params, s_init)

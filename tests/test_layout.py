@@ -34,6 +34,7 @@ LAYERS = {
   **dict.fromkeys(("layer_maps", "closed_form"), 1),
   **dict.fromkeys(("models", "data", "config"), 2),
   **dict.fromkeys(("objective", "fused", "sparse", "chunking", "validate", "validate_distill"), 3),
+  **dict.fromkeys(("heads", "validate_vision"), 3),
   **dict.fromkeys(("train", "checkpoint", "evaluate", "teacher"), 4),
   **dict.fromkeys(("run", "workdir", "loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "embed", "report"), 6),

@@ -376,7 +376,7 @@ def test_fp8_teacher_logits_close_to_bf16_on_the_smoke_config():
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   batch = sharding.shard_batch(next(data_lib.make_iterator(cfg, "validation")), mesh)
   # The same (random, f32) teacher params under both policies.
-  params, _, _ = teacher_lib.load(cfg, model_of(cfg, "teacher"), mesh, None)
+  params = teacher_lib.load(cfg, model_of(cfg, "teacher"), mesh, None)[0]["params"]
   logits = {}
   for compute in ("bf16", "fp8"):
     cfg.teacher.policy = f"p=f32,c={compute},o=f32"

@@ -1,0 +1,211 @@
+"""The distill step with image classifiers: BatchNorm state in the pure step, the sharded step
+== one device (params AND batch_stats), gradient accumulation's per-micro-batch statistics, no
+teacher gradient, a frozen teacher, function matching, exact resume after SIGKILL."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from jaxdistill import loop, models, objective as objective_lib, sharding, validate
+from jaxdistill import train as train_lib
+from jaxdistill.config import default_config
+from jaxdistill.errors import ConfigError
+
+IMAGE = dict(num_classes=10, image_size=8, image_channels=3)
+
+
+def _config(student="resnet", teacher="resnet"):
+  """ResNet-8 (BatchNorm) student <- ResNet-14 teacher (random), on 8x8 synthetic images,
+  every vision loss on; or the classic CNN pair (no BatchNorm) with a feature-map projection."""
+  cfg = default_config()
+  shapes = {"resnet": dict(arch="resnet", depth=8), "cnn": dict(arch="cnn", cnn_channels="4,8",
+                                                                 cnn_fc=16)}
+  cfg.student.update(**shapes[student], **IMAGE)
+  t_shape = dict(shapes[teacher], depth=14) if teacher == "resnet" else dict(
+    arch="cnn", cnn_channels="8,16", cnn_fc=32)
+  cfg.teacher.update(source="random", **t_shape, **IMAGE)
+  d = cfg.distill
+  d.temperature = 2.0
+  d.logit.weight = 0.5
+  d.ce.weight = 0.5
+  d.attention_transfer.update(weight=1.0, stage_map="uniform")
+  d.feature_map.update(weight=0.1, stage_map="last")
+  cfg.optim.update(steps=3, lr=1e-2, warmup_steps=1)
+  cfg.data.update(batch_size=8)
+  cfg.log.progress = False
+  return cfg
+
+
+def _run(cfg, n_devices, steps=3):
+  validate.validate(cfg)
+  run = loop.build_run(cfg, devices=jax.devices()[:n_devices])
+  history = []
+  loop.run_steps(run, steps, lambda step, m, s: history.append(jax.device_get(m)))
+  return run, history
+
+
+def _close(a, b, what, rtol=1e-5, atol=1e-6):
+  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
+    np.testing.assert_allclose(
+      np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=f"{what} {jax.tree_util.keystr(path)}"
+    )
+
+
+def test_objective_of_an_image_model_reads_stage_maps():
+  cfg = _config("cnn", "cnn")
+  validate.validate(cfg)
+  obj = objective_lib.make_objective(cfg)
+  assert [t.name for t in obj.terms] == ["dense", "attention_transfer", "feature_map"]
+  assert obj.student_request()["feature_stages"] == (1, 2)
+  # Student stage 2 has 8 channels, the teacher's 16: a learned 1x1 conv maps them.
+  assert [(p.name, p.d_in, p.d_out, p.conv) for p in obj.projections] == [
+    ("stage_2_to_2", 8, 16, True)
+  ]
+
+
+@pytest.mark.slow
+def test_sharded_step_equals_single_device_with_batch_stats():
+  cfg = _config()
+  single, h1 = _run(cfg.copy_and_resolve_references(), 1)
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  sharded, h8 = _run(cfg, 8)
+  assert "batch_stats" in single.state.model_state
+  for step, (m1, m8) in enumerate(zip(h1, h8)):
+    for key in m1:
+      np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, atol=1e-6, err_msg=f"{step} {key}")
+  _close(jax.device_get(sharded.state.params), jax.device_get(single.state.params), "params")
+  _close(
+    jax.device_get(sharded.state.model_state), jax.device_get(single.state.model_state), "stats"
+  )
+
+
+@pytest.mark.slow
+def test_teacher_is_frozen_and_gets_no_gradient():
+  cfg = _config()
+  validate.validate(cfg)
+  run = loop.build_run(cfg, devices=jax.devices()[:1])
+  before = jax.device_get(run.teacher_vars)
+  assert set(before) == {"params", "batch_stats"}
+  batch = sharding.shard_batch(next(run.data_iter), run.mesh)
+  obj = run.objective
+  s_vars = {"params": run.state.params["student"], **run.state.model_state}
+
+  def loss_wrt_teacher(teacher_vars):
+    s = models.apply(run.student, s_vars, batch, train=True, **obj.student_request())
+    s.pop("batch_stats")
+    t = models.apply(run.teacher, teacher_vars, batch, **obj.teacher_request())
+    proj = run.state.params["proj"]
+    return objective_lib.compute_loss(obj, 0, proj, s, jax.lax.stop_gradient(t), batch, 8.0)[0]
+
+  grads = jax.grad(loss_wrt_teacher)(run.teacher_vars)
+  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
+  loop.run_steps(run, 3, lambda *a: None)
+  # The teacher runs in inference mode: its running statistics never move.
+  _close(jax.device_get(run.teacher_vars), before, "teacher", rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_grad_accumulation_normalises_each_micro_batch_by_its_own_statistics():
+  """With grad_accum=2 the step's new batch_stats are the running averages updated by micro-batch
+  0 then micro-batch 1 (rows 0, 2, 4.. and 1, 3, 5..), each normalised by its own statistics."""
+  cfg = _config("resnet", "resnet")
+  cfg.optim.grad_accum = 2
+  validate.validate(cfg)
+  run = loop.build_run(cfg, devices=jax.devices()[:1])
+  local = next(run.data_iter)
+  stats = run.state.model_state["batch_stats"]
+  params = run.state.params["student"]
+  for a in range(2):
+    micro = {k: jnp.asarray(v[a::2]) for k, v in local.items()}
+    out = models.apply(run.student, {"params": params, "batch_stats": stats}, micro, train=True)
+    stats = out["batch_stats"]
+  expected = jax.device_get(stats)
+  with sharding.rules_context(run.mesh):
+    state, _ = run.step_fn(run.state, run.teacher_vars, sharding.shard_batch(local, run.mesh))
+  _close(jax.device_get(state.model_state["batch_stats"]), expected, "batch_stats", atol=1e-6)
+
+
+def test_function_matching_teacher_and_student_see_the_same_array(monkeypatch):
+  cfg = _config("cnn", "cnn")
+  cfg.data.update(crop_padding=2, flip=True, mixup=0.5)
+  validate.validate(cfg)
+  seen = []
+  apply = models.apply
+
+  def recording(model, variables, batch, **kw):
+    seen.append(batch["inputs"])
+    return apply(model, variables, batch, **kw)
+
+  monkeypatch.setattr(models, "apply", recording)
+  run = loop.build_run(cfg, devices=jax.devices()[:1])
+  run.step(sharding.shard_batch(next(run.data_iter), run.mesh))
+  assert len(seen) == 2 and seen[0] is seen[1]  # one traced array feeds both models
+
+
+@pytest.mark.parametrize(
+  "change, key",
+  [
+    (lambda c: c.teacher.update(arch="transformer"), "teacher.arch"),
+    (lambda c: c.teacher.update(num_classes=100), "teacher.num_classes"),
+    (lambda c: c.distill.hidden.update(weight=0.1), "distill.hidden.weight"),
+    (lambda c: c.distill.logit.update(kind="topk_renorm"), "distill.logit.kind"),
+    (lambda c: c.distill.attention_transfer.update(kind="l1"), "distill.attention_transfer.kind"),
+    (lambda c: c.distill.attention_transfer.update(stage_map="0:1"), "attention_transfer.stage_map"),
+    (lambda c: c.distill.feature_map.update(project=False), "distill.feature_map.project"),
+    (lambda c: c.student.update(depth=9), "student.depth"),
+    (lambda c: c.data.update(source="stdlib"), "data.source"),
+  ],
+)
+def test_bad_image_configs_name_the_key(change, key):
+  cfg = _config("cnn", "cnn")
+  change(cfg)
+  with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+    validate.validate(cfg)
+
+
+def _cli(workdir, *extra):
+  cmd = [sys.executable, "-m", "jaxdistill.cli", "train", "--config", "configs/smoke_vision.py",
+         "--config.log.progress=false", "--workdir", str(workdir), *extra]
+  return cmd
+
+
+@pytest.mark.slow
+def test_resume_of_a_cnn_run_after_sigkill_is_bitwise(tmp_path):
+  import os
+  import time
+
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  ref = tmp_path / "reference"
+  done = subprocess.run(_cli(ref), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr[-3000:]
+  run = tmp_path / "run"
+  proc = subprocess.Popen(_cli(run), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  start = time.time()
+  while not (run / "checkpoints" / "10").is_dir():
+    assert proc.poll() is None and time.time() - start < 300
+    time.sleep(0.01)
+  proc.kill()
+  proc.wait()
+  resumed = subprocess.run(_cli(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from step" in resumed.stdout + resumed.stderr
+  rows = lambda w: [
+    {k: v for k, v in json.loads(x).items() if not k.startswith("perf/")}
+    for x in (w / "metrics.jsonl").read_text().splitlines()
+  ]
+  assert rows(run) == rows(ref) and len(rows(ref)) == 30
+  import orbax.checkpoint as ocp
+
+  with ocp.StandardCheckpointer() as ckptr:
+    a = ckptr.restore(str(run / "final_params"))
+    b = ckptr.restore(str(ref / "final_params"))
+  assert set(a) == {"params", "batch_stats"}  # a BatchNorm student's final variables
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
