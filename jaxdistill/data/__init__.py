@@ -10,6 +10,12 @@ no tokenizer) or a text source (``stdlib``, the built-in corpus; ``tfds``;
 ``array_record``; ``text``) tokenised and packed by the grain pipeline
 (``pipeline.py``). With ``teacher.source='cache'`` the training split is the
 precomputed cache's rows with their teacher targets (``cached.py``).
+
+An image model (``student.arch`` cnn / resnet / wrn) reads labelled images instead
+(``images.py``): ``digits`` (the built-in 5,000 MNIST digits), ``tfds`` (an image dataset
+by name) or ``synthetic`` (class-conditional images), as numpy batches ``inputs``
+[B_local, H, W, C] float32, ``targets`` / ``weights`` [B_local] (and ``mix_targets`` /
+``mix_lambda`` with mixup or cutmix), with the same iterator interface.
 """
 
 from typing import Any
@@ -17,13 +23,28 @@ from typing import Any
 import jax
 
 from jaxdistill.data.synthetic import SyntheticData, SyntheticIterator
-from jaxdistill.data.sources import DATA_SOURCES, TEXT_SOURCES  # noqa: F401 (re-exported)
+from jaxdistill.data.sources import (  # noqa: F401 (re-exported)
+  DATA_SOURCES,
+  IMAGE_SOURCES,
+  TEXT_SOURCES,
+)
+
+
+def is_image_model(cfg: Any) -> bool:
+  """Whether the student classifies images (its data is images, not token rows)."""
+  return cfg.student.arch != "transformer"
 
 
 def check(cfg: Any) -> None:
   """Opens the data and tokenizer once (building the built-in corpus and training a BPE
-  into the cache if needed), so bad data fails before a run writes anything."""
-  if cfg.data.source in TEXT_SOURCES:
+  into the cache if needed; for an image model, building the built-in digits and checking
+  the images' shape and labels against the models), so bad data fails before a run writes
+  anything."""
+  if is_image_model(cfg):
+    from jaxdistill.data import images
+
+    images.check(cfg, jax.process_count())
+  elif cfg.data.source in TEXT_SOURCES:
     from jaxdistill.data import pipeline
 
     pipeline.prepare(cfg)
@@ -35,6 +56,8 @@ def check(cfg: Any) -> None:
 
 def save_run_files(cfg: Any, workdir: str) -> None:
   """Writes what a later run needs to read the data the same way: WORKDIR/tokenizer.json."""
+  if is_image_model(cfg):  # images need no tokenizer
+    return
   if cfg.data.source in TEXT_SOURCES and jax.process_index() == 0:
     from jaxdistill.data import pipeline
 
@@ -49,7 +72,8 @@ def make_iterator(
   Args:
     cfg: the full config (``data`` section, ``seed``, ``student.vocab_size``).
     split: "train" (endless, shuffled) or "validation" (for text sources one ordered pass
-      over the split, then StopIteration; synthetic streams are endless).
+      over the split, then StopIteration; synthetic token streams are endless). For an
+      image model any split but "train" is the evaluation split, one padded pass.
     process_index, process_count: default to this JAX process's.
   """
   process_index = jax.process_index() if process_index is None else process_index
@@ -59,6 +83,10 @@ def make_iterator(
     from jaxdistill.data import cached
 
     return cached.make_iterator(cfg, process_index, process_count)
+  if is_image_model(cfg):
+    from jaxdistill.data import images
+
+    return images.make_iterator(cfg, split, process_index, process_count)
   if d.source in TEXT_SOURCES:
     from jaxdistill.data import pipeline
 

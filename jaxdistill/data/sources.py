@@ -17,6 +17,10 @@ Each source is a random-access sequence of documents (``len`` and
 
 ``fingerprint`` identifies a split's contents cheaply, to key cached
 tokenizers and teachers.
+
+An image model (``student.arch`` != transformer) reads ``IMAGE_SOURCES`` instead:
+``digits`` (the built-in MNIST digits), ``tfds`` (an image dataset) or ``synthetic``;
+see ``image_sources.py``.
 """
 
 import glob
@@ -29,7 +33,10 @@ from jaxdistill.errors import ConfigError
 
 # Text sources are tokenised and packed by pipeline.py; ``synthetic`` needs no tokenizer.
 TEXT_SOURCES = ("stdlib", "tfds", "array_record", "text")
-DATA_SOURCES = ("synthetic",) + TEXT_SOURCES
+# An image model (student.arch != "transformer") reads these (image_sources.py): ``tfds`` is
+# then an image dataset, ``synthetic`` a stream of class-conditional images.
+IMAGE_SOURCES = ("digits", "tfds", "synthetic")
+DATA_SOURCES = ("synthetic", "digits") + TEXT_SOURCES
 
 SPLIT_KEYS = {"train": "train_split", "validation": "eval_split"}
 FILE_KEYS = {"train": "train_files", "validation": "eval_files"}
