@@ -7,7 +7,8 @@ under ``if TYPE_CHECKING:`` (a type one module borrows from another is a depende
 The layers, bottom to top; a module imports only from its own layer or below (``LAYERS``):
 
   0  errors
-  1  schedules, losses, layer_maps, closed_form, sharding, precision, metrics, distributed
+  1  schedules, losses, layer_maps, closed_form, sharding, precision, metrics, distributed,
+     vision_losses, classify_metrics
   2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
   3  objective and its heads' machinery (fused, sparse, chunking), validate (+ validate_distill)
   4  train, checkpoint, evaluate, teacher
@@ -32,6 +33,7 @@ LAYERS = {
   "errors": 0,
   **dict.fromkeys(("schedules", "losses", "sharding", "precision", "metrics", "distributed"), 1),
   **dict.fromkeys(("layer_maps", "closed_form"), 1),
+  **dict.fromkeys(("vision_losses", "classify_metrics"), 1),
   **dict.fromkeys(("models", "data", "config"), 2),
   **dict.fromkeys(("objective", "fused", "sparse", "chunking", "validate", "validate_distill"), 3),
   **dict.fromkeys(("heads", "validate_vision"), 3),
@@ -43,6 +45,7 @@ LAYERS = {
 # The closed bottom: models and the pure layers under them import nothing else of the package
 # (in particular nothing of train, loop, objective, config, validate, the jobs or the CLI).
 BOTTOM = ("models", "losses", "layer_maps", "schedules", "sharding", "precision", "errors")
+BOTTOM += ("vision_losses", "classify_metrics")
 JOBS = ("quickstart", "precompute", "embed", "report")
 
 MAX_MODULE_LINES = 400
