@@ -28,6 +28,7 @@ FULL = dict(
   kd_weight=0.9,
   eval_every=50,
   eval_batches=0,  # the whole test split (1,000 digits): the curve and the table agree
+  final_eval_batches=0,
   crop_padding=2,
 )
 TEST = dict(FULL, batch=16, teacher_steps=8, student_steps=4, eval_every=2, eval_batches=2)

@@ -25,6 +25,7 @@ with --config.SECTION.KEY=VALUE, and rerunning the same command resumes a stoppe
 
 examples:
   jaxdistill quickstart --size test        the whole job, small, on a built-in corpus
+  jaxdistill quickstart --task vision      the same with CNNs on the built-in digits
   jaxdistill train --config configs/smoke.py --workdir runs/smoke
   jaxdistill precompute --config FILE --output DIR    teacher targets stored on disk
   jaxdistill embed --model DIR --input FILE --output FILE.npy
@@ -97,6 +98,12 @@ def _parser() -> argparse.ArgumentParser:
   )
   quick.add_argument("--workdir", default=None, help="default: workdirs/quickstart-TIMESTAMP")
   quick.add_argument("--size", choices=("full", "test"), default="full", help="test: seconds")
+  quick.add_argument(
+    "--task",
+    choices=("text", "vision"),
+    default="text",
+    help="text: LMs on the built-in corpus; vision: CNNs on the built-in digits",
+  )
   quick.add_argument("--cache_dir", default="", help="default: $JAXDISTILL_CACHE_DIR or ~/.cache")
   emb = sub.add_parser("embed", help="sentence embeddings (one per input line) from an encoder")
   emb.add_argument("--model", required=True, help="HF encoder dir or a distilled encoder workdir")
@@ -149,7 +156,7 @@ def _quickstart(args) -> int:
   if args.cache_dir:
     _check_dir_flag("--cache_dir", args.cache_dir)
   try:
-    quickstart.run(workdir, size=args.size, cache_dir=args.cache_dir)
+    quickstart.run(workdir, size=args.size, cache_dir=args.cache_dir, task=args.task)
   except quickstart.Interrupted as e:
     print(
       f"interrupted: a checkpoint is saved in {e}; run the same command with "

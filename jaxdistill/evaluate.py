@@ -1,4 +1,4 @@
-"""Evaluation of language models on the validation split.
+"""Evaluation of language models and image classifiers on the validation split.
 
 ``evaluate(models, batches, mesh, teacher=...)`` runs every model (and the
 teacher once per batch) over the same batches and returns, per model:
@@ -8,6 +8,9 @@ teacher once per batch) over the same batches and returns, per model:
   agreement      share of tokens where the model's top-1 equals the teacher's
   kl_to_teacher  KL(teacher || model) per token at temperature 1
   tokens, eval_tokens_per_s
+  classifiers ([B, C] logits) instead of tokens / ppl: images, eval_images_per_s, and
+  top5_accuracy, ece (expected calibration error against the labels, 15 equal-width
+  confidence bins), ece_to_teacher (against the teacher's top-1)
 
 Sums are accumulated on device over the global (sharded) batches, so several
 processes agree without extra communication. The losses are ``losses.py``'s,
@@ -28,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdistill import checkpoint, losses, sharding as sharding_lib
+from jaxdistill import checkpoint, classify_metrics, losses, sharding as sharding_lib
 from jaxdistill import models as models_lib  # ``models`` is evaluate()'s argument
 from jaxdistill import data as data_lib
 
@@ -53,9 +56,25 @@ def _make_logits_fn(module: nn.Module):
   return jax.jit(logits)
 
 
+def _classifier_sums(logits_BxC, teacher_logits_BxC, batch) -> dict[str, Any]:
+  """A classifier's extra sums: top-5 hits and calibration bins against the labels (and the
+  teacher's top-1)."""
+  weights_B, labels_B = batch["weights"], batch["targets"]
+  k = min(5, logits_BxC.shape[-1])
+  out = {
+    "top5": classify_metrics.topk_correct(logits_BxC, labels_B, weights_B, k),
+    "bins": classify_metrics.calibration_bins(logits_BxC, labels_B, weights_B),
+  }
+  if teacher_logits_BxC is not None:
+    teacher_top_B = jnp.argmax(teacher_logits_BxC, axis=-1)
+    out["bins_teacher"] = classify_metrics.calibration_bins(logits_BxC, teacher_top_B, weights_B)
+  return out
+
+
 @jax.jit
 def _sums(logits_BxTxV, teacher_logits_BxTxV, batch) -> dict[str, jax.Array]:
-  """Per-batch sums over valid tokens (the teacher's terms only when it is given)."""
+  """Per-batch sums over valid tokens / images (the teacher's terms only when it is given);
+  [B, C] logits are a classifier's and add its metrics."""
   mask_BxT, targets_BxT = batch["weights"], batch["targets"]
   ce, _ = losses.cross_entropy(logits_BxTxV, targets_BxT, mask_BxT, 1.0)
   top_BxT = jnp.argmax(logits_BxTxV, axis=-1)
@@ -70,6 +89,8 @@ def _sums(logits_BxTxV, teacher_logits_BxTxV, batch) -> dict[str, jax.Array]:
     )
     out["kl"] = kl
     out["agree"] = jnp.sum(mask_BxT * (top_BxT == jnp.argmax(teacher_logits_BxTxV, axis=-1)))
+  if logits_BxTxV.ndim == 2:
+    out.update(_classifier_sums(logits_BxTxV, teacher_logits_BxTxV, batch))
   return out
 
 
@@ -85,6 +106,14 @@ def _finish(sums: dict, seconds: float) -> dict[str, float]:
   if "kl" in sums:
     out["kl_to_teacher"] = float(sums["kl"]) / n
     out["agreement"] = float(sums["agree"]) / n
+  if "bins" in sums:  # a classifier: images, not tokens
+    out["images"] = out.pop("tokens")
+    out["eval_images_per_s"] = out.pop("eval_tokens_per_s")
+    del out["val_ppl"]
+    out["top5_accuracy"] = float(sums["top5"]) / n
+    out["ece"] = float(classify_metrics.ece(sums["bins"]))
+    if "bins_teacher" in sums:
+      out["ece_to_teacher"] = float(classify_metrics.ece(sums["bins_teacher"]))
   return out
 
 
@@ -180,4 +209,6 @@ class Periodic:
   def __call__(self, params: Any, state: Any = None) -> dict[str, float]:
     batches = validation_batches(self.cfg, self.cfg.eval.batches)
     m = evaluate({"student": (self.student, params, state)}, batches, self.mesh)["student"]
+    if "val_ppl" not in m:  # a classifier
+      return {"eval/loss": m["val_loss"], "eval/accuracy": m["accuracy"], "eval/top5": m["top5_accuracy"]}
     return {"eval/loss": m["val_loss"], "eval/ppl": m["val_ppl"], "eval/accuracy": m["accuracy"]}

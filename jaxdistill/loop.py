@@ -175,7 +175,9 @@ class _Progress:
   def __init__(self, run: Run, workdir: str, start: int, manager):
     cfg = run.cfg
     self.run, self.manager, self.steps, self.every = run, manager, cfg.optim.steps, cfg.log.every
-    self.tokens = cfg.data.batch_size * cfg.data.seq_len
+    # Throughput in images for an image model, else in tokens.
+    self.unit = "tokens" if cfg.student.arch == "transformer" else "images"
+    self.tokens = cfg.data.batch_size * (cfg.data.seq_len if self.unit == "tokens" else 1)
     self.writer = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
     show = cfg.log.progress and jax.process_index() == 0
     self.bar = tqdm.tqdm(
@@ -189,12 +191,13 @@ class _Progress:
     self.last.update(m)
     perf = {
       "perf/step_s": seconds,
-      "perf/tokens_per_s": self.tokens / seconds,
+      f"perf/{self.unit}_per_s": self.tokens / seconds,
       "perf/tflops_per_s": self.run.flops_per_step / seconds / 1e12,
     }
     m = dict(m, **perf)
     self.bar.update(1)
-    self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", tok_s=f"{self.tokens / seconds:,.0f}")
+    rate = {f"{self.unit[:3]}_s": f"{self.tokens / seconds:,.0f}"}
+    self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **rate)
     if step % self.every == 0 or step in (1, self.steps) or m["train/nonfinite"]:
       self.writer.write({"step": step, **m})
     if m["train/nonfinite"] and self.run.cfg.optim.nan_policy == "stop":
@@ -226,7 +229,7 @@ class _Progress:
       "first_loss": self.losses[0] if self.losses else None,
       "final_loss": self.losses[-1] if self.losses else None,
       "median_step_s": statistics.median(steady),
-      "tokens_per_s": self.tokens / statistics.median(steady),
+      f"{self.unit}_per_s": self.tokens / statistics.median(steady),
       "student_params": count_params(run.state.params["student"]),
       "teacher_params": count_params(run.teacher_params) if run.teacher_params else 0,
     }

@@ -1,6 +1,7 @@
-"""The quickstart: a real teacher distils into a real student on the built-in corpus.
+"""The quickstart: a real teacher distils into a real student on built-in real data.
 
-``jaxdistill quickstart [--workdir DIR]`` runs, on the Python-stdlib corpus:
+``jaxdistill quickstart [--workdir DIR]`` (``--task text``, the default) runs, on the
+Python-stdlib corpus:
 
   1. the teacher: a 4-layer LM trained on CE, cached under ``CACHE/teachers/<key>``
      (key = teacher config + corpus fingerprint + tokenizer hash), so the next
@@ -12,6 +13,11 @@
   4. evaluation of all three on the validation split, and the report
      (``jaxdistill.report``: a table, ``DIR/report.json``, ``DIR/report.md``,
      ``DIR/val_loss.png``).
+
+``--task vision`` runs the same four stages with the classic CNN pair on the built-in digits
+(5,000 real MNIST digits; recipe ``configs/cnn_digits.py``): the teacher is keyed by its config
+and the digits file's hash, and the report gives test accuracy, top-5, agreement, KL and
+calibration error instead of CE / perplexity.
 
 This module only orchestrates. Every hyper-parameter is in the recipe, the config file
 ``configs/quickstart.py`` (variants ``teacher``, ``distill``, ``baseline``, each also
@@ -36,41 +42,51 @@ from jaxdistill.config import config_module
 from jaxdistill.data import corpora
 from jaxdistill.errors import JaxdistillError
 
-RECIPE = os.path.join(
-  os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py"
-)
+_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+# The recipe of each task: the text LM pair (the default) and the vision CNN pair.
+RECIPES = {
+  "text": os.path.join(_CONFIGS, "quickstart.py"),
+  "vision": os.path.join(_CONFIGS, "cnn_digits.py"),
+}
+RECIPE = RECIPES["text"]
 SIZES = ("full", "test")
+TASKS = tuple(RECIPES)
 
 
 @functools.cache
-def recipe():
-  """The recipe module ``configs/quickstart.py`` (``teacher_config``, ``student_config``, ...).
+def recipe(task: str = "text"):
+  """The recipe module of ``task`` (``teacher_config``, ``student_config``, ``SIZES``):
+  ``configs/quickstart.py`` (text) or ``configs/cnn_digits.py`` (vision).
 
   Raises:
     JaxdistillError: the file is missing (an install without the source checkout).
   """
-  if not os.path.isfile(RECIPE):
+  path = RECIPES[task]
+  if not os.path.isfile(path):
     raise JaxdistillError(
-      f"the quickstart's recipe {RECIPE} is missing: run from a source checkout installed "
+      f"the quickstart's recipe {path} is missing: run from a source checkout installed "
       "with `pip install -e .` (or `make setup`)"
     )
-  return config_module(RECIPE)
+  return config_module(path)
 
 
-def teacher_config(size: str = "full") -> Any:
+def teacher_config(size: str = "full", task: str = "text") -> Any:
   """The recipe's teacher config (``configs/quickstart.py:teacher[,test]``), not validated."""
-  return recipe().teacher_config(size)
+  return recipe(task).teacher_config(size)
 
 
-def student_config(size: str = "full", kd: bool = True, teacher_path: str = "") -> Any:
+def student_config(
+  size: str = "full", kd: bool = True, teacher_path: str = "", task: str = "text"
+) -> Any:
   """The recipe's student config, distilled (kd) or CE alone; not validated.
 
   Args:
     size: "full" or "test".
     kd: distil (True) or CE only (False).
     teacher_path: the teacher run's directory; empty: pretrain it inside the run.
+    task: "text" or "vision".
   """
-  return recipe().student_config(size, kd=kd, teacher_path=teacher_path)
+  return recipe(task).student_config(size, kd=kd, teacher_path=teacher_path)
 
 
 # --- the job ---------------------------------------------------------------------------
@@ -95,17 +111,29 @@ _KEY_SECTIONS = ("seed", "student", "optim", "data", "distill")
 _RUNTIME_ONLY = ("data.num_threads", "data.prefetch")
 
 
-def _cache_key(cfg: Any, prepared: Any) -> str:
-  """Teacher cache key: its training settings, the corpus and the tokenizer."""
+def _cache_key(cfg: Any, data_identity: list) -> str:
+  """Teacher cache key: its training settings and the data (corpus and tokenizer, or images)."""
   settings = {
     k: v
     for k, v in _flat(cfg).items()
     if k.split(".")[0] in _KEY_SECTIONS and k not in _RUNTIME_ONLY
   }
-  blob = json.dumps(
-    [settings, prepared.train_fingerprint, prepared.tokenizer_hash], sort_keys=True, default=str
-  )
+  blob = json.dumps([settings, *data_identity], sort_keys=True, default=str)
   return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _data_identity(cfg: Any) -> list:
+  """What identifies the teacher's training data: the corpus and tokenizer hashes (text), the
+  built-in digits file's hash (vision)."""
+  if cfg.student.arch == "transformer":
+    from jaxdistill.data import pipeline
+
+    prepared = pipeline.prepare(cfg)
+    return [prepared.train_fingerprint, prepared.tokenizer_hash]
+  from jaxdistill.data import digits
+
+  with open(digits.csv_path(), "rb") as f:
+    return [cfg.data.source, hashlib.sha256(f.read()).hexdigest()]
 
 
 def get_teacher(cfg: Any, log=print) -> tuple[str, bool]:
@@ -118,10 +146,9 @@ def get_teacher(cfg: Any, log=print) -> tuple[str, bool]:
     (directory holding final_params, metrics.jsonl and summary.json; True if it was cached).
   """
   from jaxdistill import checkpoint, loop
-  from jaxdistill.data import pipeline
 
-  prepared = pipeline.prepare(cfg)
-  path = os.path.join(corpora.cache_dir(cfg.cache_dir), "teachers", _cache_key(cfg, prepared))
+  key = _cache_key(cfg, _data_identity(cfg))
+  path = os.path.join(corpora.cache_dir(cfg.cache_dir), "teachers", key)
   if os.path.isdir(os.path.join(path, checkpoint.FINAL_PARAMS)):
     log(f"Using the cached teacher {path}")
     return path, True
@@ -199,27 +226,33 @@ def evaluate_runs(runs: dict, teacher_dir: str, cfg: Any, limit: int) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   seq_len = cfg.data.seq_len
   teacher, student = module("teacher"), module("student")
-  load = lambda module, d: evaluate.load_params(
-    module, os.path.join(d, checkpoint.FINAL_PARAMS), mesh, seq_len
-  )
-  students = {name: (student, load(student, d)) for name, d in runs.items()}
+
+  def load(module, d):  # (module, params, other collections such as BatchNorm statistics)
+    path = os.path.join(d, checkpoint.FINAL_PARAMS)
+    variables = evaluate.load_variables(module, path, mesh, seq_len)[0]
+    return module, variables.pop("params"), variables or None
+
+  students = {name: load(student, d) for name, d in runs.items()}
   batches = evaluate.validation_batches(cfg, limit)
-  return evaluate.evaluate(students, batches, mesh, teacher=(teacher, load(teacher, teacher_dir)))
+  return evaluate.evaluate(students, batches, mesh, teacher=load(teacher, teacher_dir))
 
 
-def run(workdir: str, size: str = "full", cache_dir: str = "", log=print) -> dict:
+def run(
+  workdir: str, size: str = "full", cache_dir: str = "", log=print, task: str = "text"
+) -> dict:
   """The quickstart job (see the module docstring). Returns the report dict.
 
   Args:
     workdir: where the students' runs and the report go (must not hold a report).
     size: "full" (the real job) or "test" (seconds; for tests).
     cache_dir: the cache directory ("" = the default, see corpora.cache_dir).
+    task: "text" (LMs on the built-in corpus) or "vision" (CNNs on the built-in digits).
   """
   from jaxdistill import data as data_lib, report as report_lib
 
   if os.path.exists(os.path.join(workdir, "report.json")):
     raise JaxdistillError(f"{workdir!r} already holds a quickstart report; pass a new --workdir")
-  start, r = time.perf_counter(), recipe().SIZES[size]
+  start, r = time.perf_counter(), recipe(task).SIZES[size]
   if "jemalloc" not in os.environ.get("LD_PRELOAD", ""):
     hint = (
       f"LD_PRELOAD={JEMALLOC} " if os.path.exists(JEMALLOC) else "(apt-get install libjemalloc2) "
@@ -228,12 +261,12 @@ def run(workdir: str, size: str = "full", cache_dir: str = "", log=print) -> dic
       "Note: on some CPUs runs are up to 2x faster with jemalloc (measured on an AMD EPYC, no "
       f"difference on an Intel Xeon): {hint}jaxdistill quickstart ..."
     )
-  t_cfg = teacher_config(size)
+  t_cfg = teacher_config(size, task)
   t_cfg.cache_dir = cache_dir
   data_lib.check(t_cfg)  # builds the corpus and the tokenizer into the cache (once)
   teacher_dir, cached = get_teacher(t_cfg, log)
-  kd = student_config(size, kd=True, teacher_path=teacher_dir)
-  ce = student_config(size, kd=False)
+  kd = student_config(size, kd=True, teacher_path=teacher_dir, task=task)
+  ce = student_config(size, kd=False, task=task)
   for cfg in (kd, ce):
     cfg.cache_dir = cache_dir
   runs = {"kd_student": os.path.join(workdir, "kd_student")}
@@ -245,7 +278,7 @@ def run(workdir: str, size: str = "full", cache_dir: str = "", log=print) -> dic
   # to a plausible range.
   ratio = summaries["kd_student"]["train_s"] / summaries["ce_student"]["train_s"]
   ratio = min(max(ratio, 1.0), 4.0)
-  eq = student_config(size, kd=False)
+  eq = student_config(size, kd=False, task=task)
   eq.cache_dir = cache_dir
   eq.optim.steps = max(1, round(ce.optim.steps * ratio))
   eq.optim.warmup_steps = max(1, int(0.15 * eq.optim.steps))

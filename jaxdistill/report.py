@@ -1,4 +1,5 @@
-"""The quickstart's report: a table, a verdict, a validation-loss plot, report.json / .md.
+"""The quickstart's report: a table, a verdict, a curve (validation loss, or test accuracy for
+the vision task), report.json / .md.
 
 Pure formatting of what the quickstart job measured (``jaxdistill.quickstart``): nothing here
 trains or evaluates. Row names are the job's four runs (``ROWS``); each row holds
@@ -26,15 +27,19 @@ def build(results, summaries, cfg, teacher_dir, cached, wall_s) -> dict:
   Returns:
     name -> row dict, and "summary" -> dict (gap closed, who beat whom, corpus, wall time).
   """
-  report = {}
+  report, vision = {}, _is_vision(results)
+  rate = "images_per_s" if vision else "tokens_per_s"
   for name, m in results.items():
     s = summaries[name]
-    row = dict(m, params=s["student_params"], tokens_per_s=s["tokens_per_s"], steps=s["steps"])
+    row = dict(m, params=s["student_params"], steps=s["steps"], **{rate: s[rate]})
     row.setdefault("agreement", 1.0)  # the teacher against itself
     row.setdefault("kl_to_teacher", 0.0)
     if "train_s" in s:
       row["train_s"] = s["train_s"]
     report[name] = row
+  if vision:
+    report["summary"] = _vision_summary(report, teacher_dir, cached, wall_s)
+    return report
   t, kd, ce = (report[k]["val_loss"] for k in ("teacher", "kd_student", "ce_student"))
   report["summary"] = {
     "teacher_cached": cached,
@@ -51,8 +56,54 @@ def build(results, summaries, cfg, teacher_dir, cached, wall_s) -> dict:
   return report
 
 
+def _is_vision(results: dict) -> bool:
+  return "images" in next(iter(results.values()))
+
+
+def _vision_summary(report: dict, teacher_dir: str, cached: bool, wall_s: float) -> dict:
+  t, kd, ce = (report[k]["accuracy"] for k in ("teacher", "kd_student", "ce_student"))
+  return {
+    "task": "vision",
+    "teacher_cached": cached,
+    "teacher_dir": teacher_dir,
+    "gap_closed": (kd - ce) / (t - ce) if t != ce else None,  # share of CE->teacher gap
+    "kd_beats_ce_same_steps": kd > ce,
+    "kd_beats_ce_same_time": kd > report["ce_student_equal_time"]["accuracy"],
+    "teacher_beats_ce": t > ce,
+    "test_images": report["teacher"]["images"],
+    "wall_s": wall_s,
+    "jemalloc": "jemalloc" in os.environ.get("LD_PRELOAD", ""),
+    "corpus": "built-in digits (5,000 real MNIST digits: 4,000 train, 1,000 test)",
+  }
+
+
+def _vision_verdict(report: dict) -> str:
+  s, kd, ce = report["summary"], report["kd_student"], report["ce_student"]
+  eq, t = report["ce_student_equal_time"], report["teacher"]
+  pct = lambda m: f"{100 * m['accuracy']:.1f}%"
+  if not s["teacher_beats_ce"]:
+    return (
+      f"The teacher ({pct(t)} test accuracy) is no better than the student trained on CE alone "
+      f"({pct(ce)}), so there was nothing to distil; the KD student reached {pct(kd)}."
+    )
+  same_steps = (
+    f"closed {100 * s['gap_closed']:.0f}% of the accuracy gap between the CE student and the "
+    "teacher" if s["kd_beats_ce_same_steps"] else "did NOT beat the CE student"
+  )
+  same_time = ("still beat" if s["kd_beats_ce_same_time"] else "lost to") + (
+    f" CE given the same wall time ({eq['steps']} CE steps reach {pct(eq)})"
+  )
+  return (
+    f"At equal steps the KD student ({pct(kd)}) {same_steps} (CE {pct(ce)}, teacher {pct(t)}); "
+    f"it {same_time}. A KD step also runs the teacher forward: it costs "
+    f"{kd['train_s'] / ce['train_s']:.1f}x a CE step here."
+  )
+
+
 def verdict(report: dict) -> str:
   """One honest paragraph on what distillation bought."""
+  if report["summary"].get("task") == "vision":
+    return _vision_verdict(report)
   s, kd, ce = report["summary"], report["kd_student"], report["ce_student"]
   eq = report["ce_student_equal_time"]
   if not s["teacher_beats_ce"]:
@@ -78,8 +129,23 @@ def verdict(report: dict) -> str:
   )
 
 
+def _vision_table(report: dict) -> str:
+  head = "| model | steps | params | test acc | top-5 | agree | KL(T‖S) | ECE | train img/s |"
+  lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+  for name in ROWS:
+    m = report[name]
+    lines.append(
+      f"| {name} | {m['steps']} | {m['params'] / 1e6:.3f}M | {100 * m['accuracy']:.1f}% | "
+      f"{100 * m['top5_accuracy']:.1f}% | {m['agreement']:.3f} | {m['kl_to_teacher']:.3f} | "
+      f"{m['ece']:.3f} | {m['images_per_s']:,.0f} |"
+    )
+  return "\n".join(lines)
+
+
 def format_table(report: dict) -> str:
   """The report as a Markdown table (also what the command prints)."""
+  if report["summary"].get("task") == "vision":
+    return _vision_table(report)
   head = "| model | steps | params | val CE | val ppl | agree | KL(T‖S) | train tok/s |"
   lines = [head, "|---|---|---|---|---|---|---|---|"]
   for name in ROWS:
@@ -92,8 +158,9 @@ def format_table(report: dict) -> str:
   return "\n".join(lines)
 
 
-def plot_curves(run_dirs: dict[str, str], path: str) -> None:
-  """PNG of each run's ``eval/loss`` rows from its metrics.jsonl, against the step."""
+def plot_curves(run_dirs: dict[str, str], path: str, metric: str = "eval/loss") -> None:
+  """PNG of each run's ``metric`` rows (``eval/loss``, or ``eval/accuracy``) from its
+  metrics.jsonl, against the step."""
   import matplotlib
 
   matplotlib.use("Agg")  # no display needed
@@ -104,11 +171,14 @@ def plot_curves(run_dirs: dict[str, str], path: str) -> None:
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for name in ROWS:
     rows = [
-      r for r in read_jsonl(os.path.join(run_dirs[name], "metrics.jsonl")) if "eval/loss" in r
+      r for r in read_jsonl(os.path.join(run_dirs[name], "metrics.jsonl")) if metric in r
     ]
     if rows:
-      ax.plot([r["step"] for r in rows], [r["eval/loss"] for r in rows], marker=".", label=name)
-  ax.set(xlabel="training step", ylabel="validation cross-entropy (nats)", title="Validation loss")
+      ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker=".", label=name)
+  if metric == "eval/accuracy":
+    ax.set(xlabel="training step", ylabel="test accuracy", title="Test accuracy")
+  else:
+    ax.set(xlabel="training step", ylabel="validation cross-entropy (nats)", title="Validation loss")
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -119,12 +189,17 @@ def plot_curves(run_dirs: dict[str, str], path: str) -> None:
 def write_report(report: dict, workdir: str, run_dirs: dict[str, str]) -> None:
   """Writes report.json, val_loss.png and report.md into ``workdir``."""
   os.makedirs(workdir, exist_ok=True)
-  plot_curves(run_dirs, os.path.join(workdir, "val_loss.png"))
   s = report["summary"]
+  vision = s.get("task") == "vision"
+  png = "test_accuracy.png" if vision else "val_loss.png"
+  plot_curves(run_dirs, os.path.join(workdir, png), "eval/accuracy" if vision else "eval/loss")
+  amount = f"{s['test_images']:,} test images" if vision else (
+    f"{s['validation_tokens']:,} validation tokens"
+  )
   md = [
     "# jaxdistill quickstart report",
     "",
-    f"Corpus: {s['corpus']}; {s['validation_tokens']:,} validation tokens. "
+    f"Data: {s['corpus']}; {amount}. "
     f"Teacher {'loaded from the cache' if s['teacher_cached'] else 'trained in this run'} "
     f"({s['teacher_dir']}). Wall time {s['wall_s'] / 60:.1f} min"
     f"{' (jemalloc)' if s['jemalloc'] else ''}.",
@@ -133,7 +208,7 @@ def write_report(report: dict, workdir: str, run_dirs: dict[str, str]) -> None:
     "",
     verdict(report),
     "",
-    "![validation loss](val_loss.png)",
+    f"![the periodic evaluation over training: the same split as the table]({png})",
     "",
   ]
   with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
