@@ -33,13 +33,14 @@ from etils import epath
 import jaxdistill
 from jaxdistill import config as config_lib
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models import MODEL_KEYS
+from jaxdistill.models import MODEL_KEYS, shape_keys  # noqa: F401 (MODEL_KEYS: re-exported)
 
 FINAL_PARAMS = "final_params"
 CHECKPOINTS = "checkpoints"
 
-# The model-shape keys (jaxdistill.models.MODEL_KEYS): a change makes a
-# checkpoint unusable; any other difference is harmless and only warned about.
+# The model-shape keys (jaxdistill.models.MODEL_KEYS, or VISION_KEYS for an image
+# classifier: models.shape_keys): a change makes a checkpoint unusable; any other
+# difference is harmless and only warned about.
 
 
 # --- the data iterator's state: one JSON file per process --------------------
@@ -290,7 +291,8 @@ def check_compatible(saved_config: dict, config: dict, where: str) -> list[str]:
     config predates are not differences while they hold their default (e.g. optim.eps).
   """
   old, new = _flat(json.loads(json.dumps(saved_config))), _flat(json.loads(json.dumps(config)))
-  matters = [f"student.{k}" for k in MODEL_KEYS]
+  # The keys of the student's kind of model (transformer or image classifier), and its arch.
+  matters = [f"student.{k}" for k in dict.fromkeys(("arch", *shape_keys(config["student"])))]
   if new.get("teacher.source") != "none":
     matters += ["teacher.d_model", "distill.hidden.layer_map"]  # projection shapes
   matters += [k for k in new if k.startswith("data.") and ("tokenizer" in k or "vocab" in k)]

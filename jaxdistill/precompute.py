@@ -70,7 +70,7 @@ def temperature(cfg: Any) -> float:
 def _teacher_identity(cfg: Any, params: Any, path: str | None) -> dict:
   ident = {
     "source": cfg.teacher.source,
-    "config": {k: cfg.teacher[k] for k in (*checkpoint.MODEL_KEYS, "policy")},
+    "config": {k: cfg.teacher[k] for k in (*models.shape_keys(cfg.teacher), "policy")},
   }
   if path:
     ident.update(path=path, sha256=checkpoint.content_hash(path))

@@ -40,6 +40,17 @@ LOGICAL_RULES = (
   ("act_kv", None),
   ("act_mlp", "tensor"),
   ("act_vocab", "tensor"),
+  # image classifiers (models/cnn.py, resnet.py): channels split like MLP width, classes whole
+  ("conv_in", None),
+  ("conv_out", "tensor"),
+  ("fc_in", None),
+  ("fc_out", "tensor"),
+  ("classes", None),
+  ("act_height", None),
+  ("act_width", None),
+  ("act_channels", "tensor"),
+  ("act_features", "tensor"),
+  ("act_classes", None),
 )
 
 

@@ -31,7 +31,7 @@ from jaxdistill.errors import ConfigError, JaxdistillError
 def pretrain_config(cfg: Any) -> Any:
   """The config that trains the teacher itself on CE (teacher.source='pretrain')."""
   t = copy.deepcopy(cfg)
-  for key in checkpoint.MODEL_KEYS:
+  for key in (*models.MODEL_KEYS, *models.VISION_KEYS):  # whatever kind of model the teacher is
     t.student[key] = cfg.teacher[key]
   # The teacher trains in f32 params whatever its inference policy stores. A
   # c=fp8 teacher trains in bf16 (its non-matmul dtype): its saved params carry

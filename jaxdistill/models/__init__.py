@@ -4,6 +4,9 @@
   layers.py       norms, RoPE, attention, MLP, blocks, the FP8-capable EinsumDense
   transformer.py  the decoder-only causal LM (Transformer) and its parameter / FLOP counts
   bert.py         the BERT-style encoder (Encoder) with mean pooling
+  vision_config.py  VisionConfig (image classifiers' shape, dtypes) and VISION_KEYS
+  cnn.py          the classic CIFAR CNN (SimpleCNN) and the conv / dense / BatchNorm layers
+  resnet.py       CIFAR ResNet-depth (ResNet) and WRN-depth-k (WideResNet), with BatchNorm
   api.py          build / apply / init_variables / abstract_variables: how callers use a model
   fp8.py          static FP8 scales of a frozen model (calibrate)
   surgery.py      students made from a teacher's params (select_layers, init_from_teacher)
@@ -12,7 +15,9 @@
   hf_export.py    models -> Hugging Face directories (export)
 
 The names callers need are re-exported here: ``models.build(section, policy, key)``,
-``models.apply(model, variables, batch, **request)``, ``models.abstract_variables(...)``.
+``models.apply(model, variables, batch, train=False, **request)``,
+``models.abstract_variables(...)``. ``count_params`` counts any param tree (transformer or image
+classifier).
 """
 
 from jaxdistill.models.api import (
@@ -20,24 +25,38 @@ from jaxdistill.models.api import (
   apply,
   build,
   create_variables,
+  flops_per_example,
   init_variables,
+  is_vision,
   module_for,
+  shape_keys,
   variable_shardings,
 )
 from jaxdistill.models.config import MODEL_KEYS, TransformerConfig, config_from_section
 from jaxdistill.models.transformer import count_params, flops_per_token
+from jaxdistill.models.vision_config import (
+  VISION_KEYS,
+  VisionConfig,
+  vision_config_from_section,
+)
 
 __all__ = [
   "MODEL_KEYS",
   "TransformerConfig",
+  "VISION_KEYS",
+  "VisionConfig",
   "abstract_variables",
   "apply",
   "build",
   "config_from_section",
   "count_params",
   "create_variables",
+  "flops_per_example",
   "flops_per_token",
   "init_variables",
+  "is_vision",
   "module_for",
+  "shape_keys",
   "variable_shardings",
+  "vision_config_from_section",
 ]

@@ -1,10 +1,14 @@
 """The one way callers make and run a model: build it, apply it to a batch, create its variables.
 
-  build(section, policy, key)          a config section -> the Linen module (decoder or encoder)
+  build(section, policy, key)          a config section -> the Linen module (decoder, encoder or,
+                                       when ``arch`` is not "transformer", an image classifier)
   apply(model, variables, batch, ...)  one forward pass on a batch -> the requested outputs
   init_variables(model, rng, seq_len)  random variables, boxed with logical axis names (traceable)
   variable_shardings / abstract_variables / create_variables
                                        the same on a mesh: shardings, restore targets, arrays
+  is_vision / shape_keys / flops_per_example
+                                       image classifiers: which models are, the config keys that
+                                       describe a section's model, forward FLOPs per image
 
 ``variables`` is Flax's dict of collections: {"params": ..., plus any other collection the model
 keeps, e.g. an FP8 model's scales and amax histories under "_overwrite_with_gradient"}. The
@@ -12,7 +16,9 @@ shardings come from the params' logical axis names through ``sharding``'s one ru
 model never names a mesh axis.
 
 Batch: a dict of [B, T] arrays; a model reads ``inputs`` (token ids) and, when present,
-``segment_ids`` (document ids of packed rows, 0 = padding) and ``positions``.
+``segment_ids`` (document ids of packed rows, 0 = padding) and ``positions``. An image classifier
+reads only ``inputs`` [B, H, W, C] (normalised float images) and keeps its BatchNorm statistics
+in the "batch_stats" collection.
 """
 
 from typing import Any, Sequence
@@ -22,44 +28,106 @@ import jax
 import jax.numpy as jnp
 
 from jaxdistill import sharding as sharding_lib
-from jaxdistill.models import bert, transformer
-from jaxdistill.models.config import TransformerConfig, config_from_section
+from jaxdistill.errors import ConfigError
+from jaxdistill.models import bert, cnn, resnet, transformer
+from jaxdistill.models.config import MODEL_KEYS, TransformerConfig, config_from_section
+from jaxdistill.models.vision_config import (
+  ARCHS,
+  VISION_KEYS,
+  VisionConfig,
+  vision_config_from_section,
+)
 from jaxdistill.precision import Policy
 
+_VISION_MODULES = {"cnn": cnn.SimpleCNN, "resnet": resnet.ResNet, "wrn": resnet.WideResNet}
+# Transformer request keywords and the values a vision model accepts for them (the defaults).
+_TRANSFORMER_REQUEST = {
+  "hidden_layers": (),
+  "attn_layers": (),
+  "qkv_layers": (),
+  "return_logits": True,
+}
 
-def module_for(config: TransformerConfig) -> nn.Module:
-  """The Linen module of ``config``: ``bert.Encoder`` if ``config.encoder``, else the decoder."""
+
+def module_for(config: TransformerConfig | VisionConfig) -> nn.Module:
+  """The Linen module of ``config``.
+
+  A ``TransformerConfig`` gives ``bert.Encoder`` if ``config.encoder``, else the decoder; a
+  ``VisionConfig`` gives ``cnn.SimpleCNN``, ``resnet.ResNet`` or ``resnet.WideResNet`` by arch.
+  """
+  if isinstance(config, VisionConfig):
+    return _VISION_MODULES[config.arch](config)
   return bert.Encoder(config) if config.encoder else transformer.Transformer(config)
+
+
+def _arch(section: Any) -> str:
+  """``section``'s arch; a section without the key (older configs, plain dicts) is a transformer."""
+  return section["arch"] if "arch" in section else "transformer"
+
+
+def is_vision(model_or_config: Any) -> bool:
+  """Whether a module, config or config section is an image classifier."""
+  if isinstance(model_or_config, nn.Module):
+    return isinstance(getattr(model_or_config, "config", None), VisionConfig)
+  if isinstance(model_or_config, (VisionConfig, TransformerConfig)):
+    return isinstance(model_or_config, VisionConfig)
+  return _arch(model_or_config) != "transformer"
+
+
+def shape_keys(section: Any) -> tuple[str, ...]:
+  """The keys of ``section`` that describe its model: VISION_KEYS or the transformer MODEL_KEYS."""
+  return VISION_KEYS if is_vision(section) else MODEL_KEYS
 
 
 def build(section: Any, policy: Policy, key: str) -> nn.Module:
   """The model of a ``student`` / ``teacher`` config section (no variables are created).
 
   Args:
-    section: the config section holding ``MODEL_KEYS``.
+    section: the config section holding ``MODEL_KEYS`` (arch "transformer" or absent) or
+      ``VISION_KEYS`` (arch "cnn", "resnet" or "wrn").
     policy: the model's dtype policy (``precision.parse_policy`` of ``section.policy``).
     key: the section's name ("student" / "teacher"), used in errors.
   Returns:
-    The Linen module (``transformer.Transformer`` or ``bert.Encoder``).
+    The Linen module (``transformer.Transformer``, ``bert.Encoder``, ``cnn.SimpleCNN``,
+    ``resnet.ResNet`` or ``resnet.WideResNet``).
   Raises:
-    ConfigError: an invalid model key.
+    ConfigError: an invalid model key, named "{key}.<field>" for an image classifier;
+      "{key}.policy" for c=fp8 with an image classifier.
   """
-  return module_for(config_from_section(section, policy, key))
+  arch = _arch(section)
+  if arch == "transformer":
+    return module_for(config_from_section(section, policy, key))
+  if arch not in ARCHS:
+    raise ConfigError(f"{key}.arch", f"unknown {arch!r}; choose from {('transformer',) + ARCHS}")
+  return module_for(vision_config_from_section(section, policy, key))
 
 
-def apply(model: nn.Module, variables: dict, batch: dict, **request: Any) -> dict:
+def apply(
+  model: nn.Module, variables: dict, batch: dict, train: bool = False, **request: Any
+) -> dict:
   """One forward pass of ``model`` on ``batch``.
 
   Args:
     model: a module from ``build`` / ``module_for``.
-    variables: {"params": ..., other collections}, unboxed (sharded or not).
-    batch: "inputs" [B, T] int token ids; optional "segment_ids" [B, T] and "positions" [B, T].
-    **request: what to return besides the output: hidden_layers, attn_layers, qkv_layers,
-      return_logits (see ``transformer.Transformer.__call__``).
+    variables: {"params": ..., other collections (an image classifier's "batch_stats")},
+      unboxed (sharded or not).
+    batch: "inputs" [B, T] int token ids, optional "segment_ids" [B, T] and "positions" [B, T];
+      for an image classifier "inputs" [B, H, W, C] float images (nothing else is read).
+    train: image classifiers: BatchNorm by the batch's statistics, returning the updated ones
+      (when ``variables`` holds "batch_stats"); False: by the stored ones. Transformers have no
+      train mode: the flag is ignored.
+    **request: what to return besides the output. Transformers: hidden_layers, attn_layers,
+      qkv_layers, return_logits (see ``transformer.Transformer.__call__``). Image classifiers:
+      feature_stages, return_pre_logits (see ``resnet.ResNet.__call__``); the transformer
+      keywords are accepted only empty / at their defaults.
   Returns:
     The model's output dict: "logits" [B, T, V] (or "final_hidden" [B, T, D] and "head"
-    [D, V]), an encoder's "embedding" [B, D], and the requested intermediates.
+    [D, V]), an encoder's "embedding" [B, D], and the requested intermediates. An image
+    classifier's: "logits" [B, N], "features" {stage: [B, H_s, W_s, C_s]} and "pre_logits"
+    [B, D] when requested, and with ``train`` and BatchNorm "batch_stats": the updated statistics.
   """
+  if is_vision(model):
+    return _apply_vision(model, variables, batch, train, request)
   return model.apply(
     variables,
     batch["inputs"],
@@ -69,16 +137,53 @@ def apply(model: nn.Module, variables: dict, batch: dict, **request: Any) -> dic
   )
 
 
+def _apply_vision(model: nn.Module, variables: dict, batch: dict, train: bool, request: dict):
+  """``apply`` of an image classifier (see there)."""
+  request = dict(request)
+  for name, default in _TRANSFORMER_REQUEST.items():
+    value = request.pop(name, default)
+    if (tuple(value) if name != "return_logits" else value) != default:
+      raise ValueError(f"{name}={value!r} is a transformer request; an image classifier has none")
+  if train and "batch_stats" in variables:
+    out, updates = model.apply(
+      variables, batch["inputs"], train=True, mutable=["batch_stats"], **request
+    )
+    return dict(out, batch_stats=updates["batch_stats"])
+  return model.apply(variables, batch["inputs"], train=train, **request)
+
+
+def flops_per_example(config: VisionConfig) -> float:
+  """Forward FLOPs per image of an image classifier: 2 x the multiply-adds of its convs and fcs.
+
+  Each conv counts H_out * W_out * k * k * C_in * C_out multiply-adds (taps on the zero padding
+  included, the usual convention: XLA's cost analysis, which skips them, reports 5-15% less on
+  small maps), each fc D_in * D_out; biases, BatchNorm, ReLU, pooling and option-A shortcuts are
+  ignored. ResNet-20 at 32x32x3: 40.55M multiply-adds, 81.1 MFLOPs.
+
+  Args:
+    config: the model config.
+  Returns:
+    Forward FLOPs per example (about 3x for forward + backward).
+  """
+  macs = cnn.multiply_adds(config) if config.arch == "cnn" else resnet.multiply_adds(config)
+  return float(2 * macs)
+
+
 def init_variables(model: nn.Module, rng: jax.Array, seq_len: int) -> dict:
   """Random variables of ``model``, boxed with their logical axis names; pure and traceable.
 
   Args:
     model: the module.
     rng: PRNG key.
-    seq_len: T of the dummy [1, T] input the shapes are traced with (<= max_len).
+    seq_len: T of the dummy [1, T] input the shapes are traced with (<= max_len); an image
+      classifier ignores it (its dummy input is [1, image_size, image_size, image_channels]).
   Returns:
     {"params": ..., other collections}; ``nn.unbox`` gives the arrays.
   """
+  if is_vision(model):
+    cfg = model.config
+    images = jnp.zeros((1, cfg.image_size, cfg.image_size, cfg.image_channels), cfg.dtype)
+    return model.init(rng, images)
   return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
 
 
