@@ -79,7 +79,11 @@ def test_sharded_step_equals_single_device_with_batch_stats():
   for step, (m1, m8) in enumerate(zip(h1, h8)):
     for key in m1:
       np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, atol=1e-6, err_msg=f"{step} {key}")
-  _close(jax.device_get(sharded.state.params), jax.device_get(single.state.params), "params")
+  # Adam turns a float-reordering difference in a near-zero gradient into up to ~lr * 1e-3:
+  # the params agree to 2e-5 after 3 steps at lr 1e-2 (the metrics above to 2e-5 relative).
+  _close(
+    jax.device_get(sharded.state.params), jax.device_get(single.state.params), "params", atol=2e-5
+  )
   _close(
     jax.device_get(sharded.state.model_state), jax.device_get(single.state.model_state), "stats"
   )
@@ -158,7 +162,8 @@ def test_function_matching_teacher_and_student_see_the_same_array(monkeypatch):
     (lambda c: c.distill.attention_transfer.update(kind="l1"), "distill.attention_transfer.kind"),
     (lambda c: c.distill.attention_transfer.update(stage_map="0:1"), "attention_transfer.stage_map"),
     (lambda c: c.distill.feature_map.update(project=False), "distill.feature_map.project"),
-    (lambda c: c.student.update(depth=9), "student.depth"),
+    (lambda c: c.student.update(cnn_channels="4,x"), "student.cnn_channels"),
+    (lambda c: c.student.update(arch="resnet", depth=9), "student.depth"),
     (lambda c: c.data.update(source="stdlib"), "data.source"),
   ],
 )
