@@ -31,7 +31,7 @@ FULL = dict(
   final_eval_batches=0,
   crop_padding=2,
 )
-TEST = dict(FULL, batch=16, teacher_steps=8, student_steps=4, eval_every=2, eval_batches=2)
+TEST = dict(FULL, batch=16, teacher_steps=8, student_steps=4, eval_every=2)
 SIZES = {"full": FULL, "test": TEST}
 VARIANTS = ("teacher", "distill", "baseline")
 
@@ -39,8 +39,13 @@ VARIANTS = ("teacher", "distill", "baseline")
 def _base(size: str):
   r, cfg = SIZES[size], default_config()
   cfg.data.update(
-    source="digits", eval_split="test", batch_size=r["batch"], image_mean="0.1307",
-    image_std="0.3081", crop_padding=r["crop_padding"], flip=False,
+    source="digits",
+    eval_split="test",
+    batch_size=r["batch"],
+    image_mean="0.1307",
+    image_std="0.3081",
+    crop_padding=r["crop_padding"],
+    flip=False,
   )
   cfg.eval.update(every=r["eval_every"], batches=r["eval_batches"])
   cfg.log.every = 50
@@ -54,8 +59,13 @@ def _model(section, r: dict, side: str) -> None:
 def _optim(cfg, steps: int, lr: float) -> None:
   # Adam at a constant rate after a short warmup, no weight decay: the classic example.
   cfg.optim.update(
-    steps=steps, lr=lr, lr_schedule="constant", warmup_steps=max(1, steps // 20), b2=0.999,
-    weight_decay=0.0, clip_norm=0.0,
+    steps=steps,
+    lr=lr,
+    lr_schedule="constant",
+    warmup_steps=max(1, steps // 20),
+    b2=0.999,
+    weight_decay=0.0,
+    clip_norm=0.0,
   )
 
 
@@ -101,7 +111,8 @@ def get_config(arg: str = "distill"):
   size = size or "full"
   if variant not in VARIANTS or size not in SIZES:
     raise ConfigError(
-      "--config", f"configs/cnn_digits.py:{arg}: use one of {', '.join(VARIANTS)}, optionally "
+      "--config",
+      f"configs/cnn_digits.py:{arg}: use one of {', '.join(VARIANTS)}, optionally "
       "followed by ',test'",
     )
   if variant == "teacher":

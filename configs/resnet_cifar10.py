@@ -33,9 +33,15 @@ def get_config(arg: str = "distill"):
     raise ConfigError("--config", f"configs/resnet_cifar10.py:{arg}: use one of {VARIANTS}")
   cfg = default_config()
   cfg.data.update(
-    source="tfds", tfds_name="cifar10", train_split="train", eval_split="test",
-    batch_size=BATCH, image_mean="0.4914,0.4822,0.4465", image_std="0.2470,0.2435,0.2616",
-    crop_padding=4, flip=True,
+    source="tfds",
+    tfds_name="cifar10",
+    train_split="train",
+    eval_split="test",
+    batch_size=BATCH,
+    image_mean="0.4914,0.4822,0.4465",
+    image_std="0.2470,0.2435,0.2616",
+    crop_padding=4,
+    flip=True,
   )
   steps = EPOCHS * TRAIN_IMAGES // BATCH
   cfg.optim.update(

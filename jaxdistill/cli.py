@@ -196,10 +196,11 @@ def _train(args, overrides) -> int:
   if summary["first_loss"] is None:
     print(f"nothing to do: {args.workdir} is already at step {summary['last_step']}")
     return 0
+  unit = "images" if "images_per_s" in summary else "tokens"
   print(
     f"done: {summary['steps']} steps, loss {summary['first_loss']:.4f} -> "
     f"{summary['final_loss']:.4f}, {summary['median_step_s'] * 1e3:.1f} ms/step, "
-    f"{summary['tokens_per_s']:,.0f} tokens/s; wrote "
+    f"{summary[unit + '_per_s']:,.0f} {unit}/s; wrote "
     f"{os.path.join(args.workdir, 'metrics.jsonl')}"
   )
   return 0

@@ -210,5 +210,9 @@ class Periodic:
     batches = validation_batches(self.cfg, self.cfg.eval.batches)
     m = evaluate({"student": (self.student, params, state)}, batches, self.mesh)["student"]
     if "val_ppl" not in m:  # a classifier
-      return {"eval/loss": m["val_loss"], "eval/accuracy": m["accuracy"], "eval/top5": m["top5_accuracy"]}
+      return {
+        "eval/loss": m["val_loss"],
+        "eval/accuracy": m["accuracy"],
+        "eval/top5": m["top5_accuracy"],
+      }
     return {"eval/loss": m["val_loss"], "eval/ppl": m["val_ppl"], "eval/accuracy": m["accuracy"]}

@@ -60,7 +60,6 @@ class Term:
   reports: tuple[tuple[str, Schedule], ...] = ()
 
 
-
 def _rows(x: jax.Array, lead: int) -> jax.Array:
   """[<weights' shape>, ...] -> [N, ...]: one row per example."""
   return x.reshape(-1, *x.shape[lead:])

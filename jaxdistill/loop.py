@@ -196,7 +196,7 @@ class _Progress:
     }
     m = dict(m, **perf)
     self.bar.update(1)
-    rate = {f"{self.unit[:3]}_s": f"{self.tokens / seconds:,.0f}"}
+    rate = {"tok_s" if self.unit == "tokens" else "img_s": f"{self.tokens / seconds:,.0f}"}
     self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **rate)
     if step % self.every == 0 or step in (1, self.steps) or m["train/nonfinite"]:
       self.writer.write({"step": step, **m})

@@ -88,7 +88,9 @@ def _vision_verdict(report: dict) -> str:
     )
   same_steps = (
     f"closed {100 * s['gap_closed']:.0f}% of the accuracy gap between the CE student and the "
-    "teacher" if s["kd_beats_ce_same_steps"] else "did NOT beat the CE student"
+    "teacher"
+    if s["kd_beats_ce_same_steps"]
+    else "did NOT beat the CE student"
   )
   same_time = ("still beat" if s["kd_beats_ce_same_time"] else "lost to") + (
     f" CE given the same wall time ({eq['steps']} CE steps reach {pct(eq)})"
@@ -170,15 +172,15 @@ def plot_curves(run_dirs: dict[str, str], path: str, metric: str = "eval/loss") 
 
   fig, ax = plt.subplots(figsize=(7, 4.5))
   for name in ROWS:
-    rows = [
-      r for r in read_jsonl(os.path.join(run_dirs[name], "metrics.jsonl")) if metric in r
-    ]
+    rows = [r for r in read_jsonl(os.path.join(run_dirs[name], "metrics.jsonl")) if metric in r]
     if rows:
       ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker=".", label=name)
   if metric == "eval/accuracy":
     ax.set(xlabel="training step", ylabel="test accuracy", title="Test accuracy")
   else:
-    ax.set(xlabel="training step", ylabel="validation cross-entropy (nats)", title="Validation loss")
+    ax.set(
+      xlabel="training step", ylabel="validation cross-entropy (nats)", title="Validation loss"
+    )
   ax.grid(alpha=0.3)
   ax.legend()
   fig.tight_layout()
@@ -193,8 +195,10 @@ def write_report(report: dict, workdir: str, run_dirs: dict[str, str]) -> None:
   vision = s.get("task") == "vision"
   png = "test_accuracy.png" if vision else "val_loss.png"
   plot_curves(run_dirs, os.path.join(workdir, png), "eval/accuracy" if vision else "eval/loss")
-  amount = f"{s['test_images']:,} test images" if vision else (
-    f"{s['validation_tokens']:,} validation tokens"
+  amount = (
+    f"{s['test_images']:,} test images"
+    if vision
+    else (f"{s['validation_tokens']:,} validation tokens")
   )
   md = [
     "# jaxdistill quickstart report",

@@ -50,8 +50,10 @@ def check_image_model(cfg: Any) -> None:
     if s[key]:
       raise ConfigError(f"student.{key}", "selects transformer layers; unset it for image models")
   if t.source == "hf":
-    raise ConfigError("teacher.source", "'hf' loads language models; image teachers come from "
-                      "'pretrain', 'workdir' or 'random'")
+    raise ConfigError(
+      "teacher.source",
+      "'hf' loads language models; image teachers come from 'pretrain', 'workdir' or 'random'",
+    )
   for key in TOKEN_LOSSES:
     if d[key].weight != 0 or (key == "attention" and d.attention.value_weight != 0):
       raise ConfigError(
@@ -68,8 +70,10 @@ def check_image_model(cfg: Any) -> None:
         )
     return
   if t.arch == "transformer":
-    raise ConfigError("teacher.arch", "is 'transformer' but the student is an image model; "
-                      "set teacher.arch to cnn, resnet or wrn")
+    raise ConfigError(
+      "teacher.arch",
+      "is 'transformer' but the student is an image model; set teacher.arch to cnn, resnet or wrn",
+    )
   teacher = _vision_config(t, "teacher")
   for key in ("num_classes", "image_size", "image_channels"):
     if s[key] != t[key]:

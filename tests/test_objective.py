@@ -40,7 +40,10 @@ def test_requests_hold_only_what_the_active_terms_read():
   assert obj.teacher_request() == dict(
     hidden_layers=(0, 4), attn_layers=(1, 3), qkv_layers=(), return_logits=True
   )
-  assert [(p.name, p.d_in, p.d_out) for p in obj.projections] == [("layer_0", 8, 12), ("layer_2", 8, 12)]
+  assert [(p.name, p.d_in, p.d_out) for p in obj.projections] == [
+    ("layer_0", 8, 12),
+    ("layer_2", 8, 12),
+  ]
 
   # Without a logit loss the teacher is asked for nothing of its head.
   cfg.distill.update(logit=dict(weight=0.0), ce=dict(weight=1.0))

@@ -13,7 +13,6 @@ import pytest
 
 from conftest import ROOT
 from jaxdistill import loop, models, objective as objective_lib, sharding, validate
-from jaxdistill import train as train_lib
 from jaxdistill.config import default_config
 from jaxdistill.errors import ConfigError
 
@@ -24,11 +23,16 @@ def _config(student="resnet", teacher="resnet"):
   """ResNet-8 (BatchNorm) student <- ResNet-14 teacher (random), on 8x8 synthetic images,
   every vision loss on; or the classic CNN pair (no BatchNorm) with a feature-map projection."""
   cfg = default_config()
-  shapes = {"resnet": dict(arch="resnet", depth=8), "cnn": dict(arch="cnn", cnn_channels="4,8",
-                                                                 cnn_fc=16)}
+  shapes = {
+    "resnet": dict(arch="resnet", depth=8),
+    "cnn": dict(arch="cnn", cnn_channels="4,8", cnn_fc=16),
+  }
   cfg.student.update(**shapes[student], **IMAGE)
-  t_shape = dict(shapes[teacher], depth=14) if teacher == "resnet" else dict(
-    arch="cnn", cnn_channels="8,16", cnn_fc=32)
+  t_shape = (
+    dict(shapes[teacher], depth=14)
+    if teacher == "resnet"
+    else dict(arch="cnn", cnn_channels="8,16", cnn_fc=32)
+  )
   cfg.teacher.update(source="random", **t_shape, **IMAGE)
   d = cfg.distill
   d.temperature = 2.0
@@ -53,7 +57,11 @@ def _run(cfg, n_devices, steps=3):
 def _close(a, b, what, rtol=1e-5, atol=1e-6):
   for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
     np.testing.assert_allclose(
-      np.asarray(x), np.asarray(y), rtol=rtol, atol=atol, err_msg=f"{what} {jax.tree_util.keystr(path)}"
+      np.asarray(x),
+      np.asarray(y),
+      rtol=rtol,
+      atol=atol,
+      err_msg=f"{what} {jax.tree_util.keystr(path)}",
     )
 
 
@@ -160,7 +168,10 @@ def test_function_matching_teacher_and_student_see_the_same_array(monkeypatch):
     (lambda c: c.distill.hidden.update(weight=0.1), "distill.hidden.weight"),
     (lambda c: c.distill.logit.update(kind="topk_renorm"), "distill.logit.kind"),
     (lambda c: c.distill.attention_transfer.update(kind="l1"), "distill.attention_transfer.kind"),
-    (lambda c: c.distill.attention_transfer.update(stage_map="0:1"), "attention_transfer.stage_map"),
+    (
+      lambda c: c.distill.attention_transfer.update(stage_map="0:1"),
+      "attention_transfer.stage_map",
+    ),
     (lambda c: c.distill.feature_map.update(project=False), "distill.feature_map.project"),
     (lambda c: c.student.update(cnn_channels="4,x"), "student.cnn_channels"),
     (lambda c: c.student.update(arch="resnet", depth=9), "student.depth"),
@@ -175,8 +186,18 @@ def test_bad_image_configs_name_the_key(change, key):
 
 
 def _cli(workdir, *extra):
-  cmd = [sys.executable, "-m", "jaxdistill.cli", "train", "--config", "configs/smoke_vision.py",
-         "--config.log.progress=false", "--workdir", str(workdir), *extra]
+  cmd = [
+    sys.executable,
+    "-m",
+    "jaxdistill.cli",
+    "train",
+    "--config",
+    "configs/smoke_vision.py",
+    "--config.log.progress=false",
+    "--workdir",
+    str(workdir),
+    *extra,
+  ]
   return cmd
 
 
@@ -190,15 +211,18 @@ def test_resume_of_a_cnn_run_after_sigkill_is_bitwise(tmp_path):
   done = subprocess.run(_cli(ref), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
   run = tmp_path / "run"
-  proc = subprocess.Popen(_cli(run), cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(
+    _cli(run), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+  )
   start = time.time()
   while not (run / "checkpoints" / "10").is_dir():
     assert proc.poll() is None and time.time() - start < 300
     time.sleep(0.01)
   proc.kill()
   proc.wait()
-  resumed = subprocess.run(_cli(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  resumed = subprocess.run(
+    _cli(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step" in resumed.stdout + resumed.stderr
   rows = lambda w: [
