@@ -226,10 +226,16 @@ def _precompute(args, overrides) -> int:
     raise JaxdistillError(
       f"{args.output} is missing shards another process should have written; rerun to finish"
     )
-  if distributed.is_primary():
+  if distributed.is_primary() and result["computed_rows"] == 0:
+    print(
+      f"nothing to compute: {args.output} already holds its {result['rows']} rows in "
+      f"{result['shards']} shard(s) (manifest.json)"
+    )
+  elif distributed.is_primary():
+    unit = "images" if "images" in result else "tokens"  # an image classifier's cache
     print(
       f"done: {result['rows']} rows in {result['shards']} shard(s) ({result['computed_rows']} "
-      f"computed here, {result['tokens'] / max(result['seconds'], 1e-9):,.0f} tokens/s); "
+      f"computed here, {result[unit] / max(result['seconds'], 1e-9):,.0f} {unit}/s); "
       f"wrote {args.output}/manifest.json"
     )
   return 0

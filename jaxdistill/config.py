@@ -217,6 +217,8 @@ def default_config() -> ml_collections.ConfigDict:
   # topk_*); samples: draws per token; temperature: generation temperature (0 =
   # distill.temperature); logprob_dtype: bf16 | f16 | f32; rows: rows to precompute (0 = the
   # whole training split; synthetic: optim.steps x data.batch_size); rows_per_shard: per shard.
+  # An image model stores whole raw class logits per example in logprob_dtype (f32 exact;
+  # targets / k / samples unused, temperature and rows must be 0): precompute_images.py.
   cfg.precompute = C(
     dict(
       targets="topk",

@@ -23,15 +23,15 @@ directory must be shared by all processes).
 Overlap: batch n + 1 is dispatched before batch n's targets are fetched, and a writer thread
 encodes and writes records while the device computes.
 
+An image classifier (``student.arch`` not "transformer") stores its teacher's whole class
+logits per training example instead: ``precompute_images.py``, which ``run`` dispatches to.
+
 Shape legend: B rows per batch (this process), T sequence length, N = B * T tokens.
 """
 
 import collections
 import dataclasses
-import hashlib
 import itertools
-import json
-import os
 from typing import Any, Iterator
 
 import jax
@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from jaxdistill import checkpoint, distributed, models, precision, sharding as sharding_lib
+from jaxdistill import distributed, models, precision, sharding as sharding_lib
 from jaxdistill import sparse, teacher as teacher_lib, validate
 from jaxdistill.data import cache_writer, cached
 from jaxdistill.data.cache_writer import verify  # noqa: F401 (`jaxdistill precompute --verify`)
@@ -65,21 +65,6 @@ def check_config(cfg: Any) -> None:
 def temperature(cfg: Any) -> float:
   """The generation temperature: ``precompute.temperature``, or distill.temperature if 0."""
   return float(cfg.precompute.temperature or cfg.distill.temperature)
-
-
-def _teacher_identity(cfg: Any, params: Any, path: str | None) -> dict:
-  ident = {
-    "source": cfg.teacher.source,
-    "config": {k: cfg.teacher[k] for k in (*models.shape_keys(cfg.teacher), "policy")},
-  }
-  if path:
-    ident.update(path=path, sha256=checkpoint.content_hash(path))
-    return ident
-  digest = hashlib.sha256()  # a random teacher: hash the params themselves (small)
-  for key_path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]:
-    digest.update(jax.tree_util.keystr(key_path).encode())
-    digest.update(np.ascontiguousarray(leaf).tobytes())
-  return dict(ident, seed=cfg.seed + 1, sha256=digest.hexdigest())
 
 
 def settings(cfg: Any, teacher_identity: dict) -> dict:
@@ -178,26 +163,7 @@ def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
 
   rows = sharding_lib.batch_sharding(mesh)
   fn = jax.jit(targets_fn, in_shardings=(param_shardings, rows, rows), out_shardings=rows)
-  return Teacher(fn, params, mesh, _teacher_identity(cfg, params, path))
-
-
-def _start(cfg: Any, output: str, current: dict) -> None:
-  """Creates ``output`` with settings.json, or checks a rerun uses the same settings."""
-  path = os.path.join(output, cached.SETTINGS)
-  current = json.loads(json.dumps(current))
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
-    if saved != current:
-      diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
-      raise JaxdistillError(
-        f"{output!r} holds a cache made with other settings (they differ in {diff}); "
-        "pass a new --output or the same config"
-      )
-  distributed.barrier("jaxdistill:precompute-settings-checked")
-  if jax.process_index() == 0:
-    os.makedirs(output, exist_ok=True)
-    cache_writer.write_json(path, current)
+  return Teacher(fn, params, mesh, teacher_lib.identity(cfg, params, path))
 
 
 def _host_batch(rows: list[dict], b: int) -> dict[str, np.ndarray]:
@@ -272,12 +238,16 @@ def run(
   """
   import time
 
+  if cfg.student.arch != "transformer":  # an image classifier: whole class logits
+    from jaxdistill import precompute_images
+
+    return precompute_images.run(cfg, output, devices, teacher, process)
   check_config(cfg)
   cache_writer.check_output(output)  # before anything (teacher, settings) is written there
   cached.data_identity(cfg)  # bad data or tokenizer fail here, before the teacher loads
   teacher = teacher or build_teacher(cfg, output, devices)
   current = settings(cfg, teacher.identity)
-  _start(cfg, output, current)
+  cache_writer.start(output, current)
   r, t = cfg.precompute.rows_per_shard, cfg.data.seq_len
   p, count = process or (jax.process_index(), jax.process_count())
   total = num_rows(cfg) * t or None

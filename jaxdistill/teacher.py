@@ -16,12 +16,14 @@ also gets static FP8 scales, calibrated on a few training batches each run
 """
 
 import copy
+import hashlib
 import os
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdistill import checkpoint, evaluate, models, precision
 from jaxdistill.models import fp8, surgery
@@ -102,6 +104,23 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
     )
   variables, shardings = evaluate.load_variables(teacher, path, mesh, seq_len)
   return variables, shardings, path
+
+
+def identity(cfg: Any, variables: Any, path: str | None) -> dict:
+  """What a precomputed cache records of its teacher: source and model keys, and the sha256
+  of its final_params directory (``path``) or, for a random teacher, of its variables."""
+  ident = {
+    "source": cfg.teacher.source,
+    "config": {k: cfg.teacher[k] for k in (*models.shape_keys(cfg.teacher), "policy")},
+  }
+  if path:
+    ident.update(path=path, sha256=checkpoint.content_hash(path))
+    return ident
+  digest = hashlib.sha256()  # a random teacher: hash the variables themselves (small)
+  for key_path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(variables))[0]:
+    digest.update(jax.tree_util.keystr(key_path).encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return dict(ident, seed=cfg.seed + 1, sha256=digest.hexdigest())
 
 
 def calibrate_fp8(cfg: Any, teacher: nn.Module, params: Any, mesh) -> tuple[Any, Any]:

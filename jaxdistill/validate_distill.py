@@ -11,6 +11,9 @@ from typing import Any
 from jaxdistill import layer_maps, losses, schedules, sparse, validate_vision
 from jaxdistill.errors import ConfigError
 
+# The divergences a student trains with from an image cache's whole class logits.
+IMAGE_CACHE_KINDS = ("kl", "reverse_kl", "jsd")
+
 
 def _check_fused(cfg: Any) -> None:
   """distill.fused / token_chunk / vocab_chunk (the fused loss head, jaxdistill/fused.py)."""
@@ -109,7 +112,9 @@ def _check_losses(cfg: Any) -> None:
 
 
 def _check_cache_distill(cfg: Any) -> None:
-  """teacher.source='cache': a sparse logit loss (+ CE) from stored targets, no teacher model."""
+  """teacher.source='cache': a logit loss (+ CE) from stored targets, no teacher model. A
+  language model's cache holds sparse targets (a sparse kind); an image model's holds whole
+  class logits (a dense kind: kl, reverse_kl, jsd)."""
   d = cfg.distill
   for key in ("attention", "hidden", "embedding"):
     if key in d and (d[key].weight != 0 or (key == "attention" and d.attention.value_weight)):
@@ -119,12 +124,16 @@ def _check_cache_distill(cfg: Any) -> None:
         "there are no teacher attentions, hidden states or embeddings; set it to 0",
       )
   _check_weight(d.logit, "distill.logit", cfg.optim.steps)
-  if d.logit.kind not in sparse.SPARSE_KINDS or _off(d.logit, "weight"):
+  image = validate_vision.is_image(cfg)
+  kinds = IMAGE_CACHE_KINDS if image else sparse.SPARSE_KINDS
+  if d.logit.kind not in kinds or _off(d.logit, "weight"):
+    what = "an image model's cache of class logits needs" if image else "a cache needs a sparse"
     raise ConfigError(
       "distill.logit.kind",
-      f"a cache needs a sparse kind {sparse.SPARSE_KINDS} with a non-zero weight, "
-      f"not {d.logit.kind!r} (weight {d.logit.weight})",
+      f"{what} kind {kinds} with a non-zero weight, not {d.logit.kind!r} (weight {d.logit.weight})",
     )
+  if image and not 0.0 <= d.logit.beta <= 1.0:
+    raise ConfigError("distill.logit.beta", f"must be in [0, 1], got {d.logit.beta}")
   _check_weight(d.ce, "distill.ce", cfg.optim.steps)
 
 

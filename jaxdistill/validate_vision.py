@@ -3,7 +3,8 @@
 Part of ``validate.validate`` (the one entry point), run when ``student.arch`` is an image
 model. What an image model cannot do is refused here with the key to change: transformer-only
 losses (MiniLM attention, hidden states, embeddings), sparse logit kinds (class logits are
-small: dense), teacher sources that only exist for language models, layer surgery.
+small: dense), teacher sources that only exist for language models, layer surgery, and
+augmentation with a cache of teacher logits (stored for the un-augmented images).
 """
 
 from typing import Any
@@ -68,6 +69,8 @@ def check_image_model(cfg: Any) -> None:
           f"distill.{key}.weight",
           f"is non-zero but teacher.source={t.source!r} has no teacher feature maps; set it to 0",
         )
+    if t.source == "cache":
+      _check_no_augmentation(cfg)
     return
   if t.arch == "transformer":
     raise ConfigError(
@@ -79,6 +82,19 @@ def check_image_model(cfg: Any) -> None:
     if s[key] != t[key]:
       raise ConfigError(f"teacher.{key}", f"{t[key]} differs from student.{key}={s[key]}")
   _check_image_losses(cfg, student, teacher)
+
+
+def _check_no_augmentation(cfg: Any) -> None:
+  """A cache stores the teacher's logits of the un-augmented images: an augmented view (or a
+  mix of two images) would be trained towards logits of another image."""
+  data = cfg.data
+  for key, off in (("crop_padding", 0), ("flip", False), ("mixup", 0), ("cutmix", 0)):
+    if data[key] != off:
+      raise ConfigError(
+        f"data.{key}",
+        f"is {data[key]!r}, but a cache (teacher.source='cache') holds the teacher's logits of "
+        f"the un-augmented images; set it to {off!r} or use an online teacher",
+      )
 
 
 def _check_image_losses(cfg: Any, student: Any, teacher: Any) -> None:

@@ -15,7 +15,8 @@ An image model (``student.arch`` cnn / resnet / wrn) reads labelled images inste
 (``images.py``): ``digits`` (the built-in 5,000 MNIST digits), ``tfds`` (an image dataset
 by name) or ``synthetic`` (class-conditional images), as numpy batches ``inputs``
 [B_local, H, W, C] float32, ``targets`` / ``weights`` [B_local] (and ``mix_targets`` /
-``mix_lambda`` with mixup or cutmix), with the same iterator interface.
+``mix_lambda`` with mixup or cutmix; ``teacher_logits`` [B_local, C] from a cache of class
+logits, ``cached_images.py``), with the same iterator interface.
 """
 
 from typing import Any
@@ -48,7 +49,7 @@ def check(cfg: Any) -> None:
     from jaxdistill.data import pipeline
 
     pipeline.prepare(cfg)
-  if cfg.teacher.source == "cache":
+  if cfg.teacher.source == "cache" and not is_image_model(cfg):  # images: checked above
     from jaxdistill.data import cached
 
     cached.check(cfg)
@@ -79,14 +80,14 @@ def make_iterator(
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   d = cfg.data
+  if is_image_model(cfg):  # a cache's class logits join the image batches there
+    from jaxdistill.data import images
+
+    return images.make_iterator(cfg, split, process_index, process_count)
   if split == "train" and cfg.teacher.source == "cache":
     from jaxdistill.data import cached
 
     return cached.make_iterator(cfg, process_index, process_count)
-  if is_image_model(cfg):
-    from jaxdistill.data import images
-
-    return images.make_iterator(cfg, split, process_index, process_count)
   if d.source in TEXT_SOURCES:
     from jaxdistill.data import pipeline
 

@@ -136,4 +136,6 @@ class Finalize(grain.transforms.Map):
     if "mix_label" in batch:
       out["mix_targets"] = batch["mix_label"].astype(np.int32)
       out["mix_lambda"] = batch["mix_lambda"].astype(np.float32)
+    if "teacher_logits" in batch:  # a cache's stored class logits [B, C]
+      out["teacher_logits"] = batch["teacher_logits"].astype(np.float32)
     return out

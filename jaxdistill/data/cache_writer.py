@@ -1,5 +1,6 @@
-"""Writing a teacher-target cache: the output directory check, the shard writer thread, sidecars,
-the manifest, and ``verify``. The record format and reading are ``cached.py``'s.
+"""Writing a teacher-target cache: the output directory check, the settings check (``start``),
+the shard writer thread, sidecars, the manifest, and ``verify``. The record format and reading
+are ``cached.py``'s (an image classifier's whole class logits: ``cached_images.py``).
 
 A shard is written to ``shard-S.arrayrecord.partial``; its sidecar ``shard-S.json`` (records,
 sha256) is written, then the shard is renamed: a shard with both is finished, anything else is
@@ -12,15 +13,18 @@ import queue
 import re
 import threading
 
+import jax
 from array_record.python import array_record_module
 
-from jaxdistill.data import cached
+from jaxdistill import distributed
+from jaxdistill.data import cached, cached_images
 from jaxdistill.errors import ConfigError, JaxdistillError
 
 
 # Names precompute writes into --output (a teacher.source=pretrain teacher trains in teacher/).
 _OUR_NAME_RE = re.compile(
-  r"^(shard-\d+\.(arrayrecord(\.partial)?|json(\.tmp)?)|(settings|manifest)\.json\.tmp|teacher)$"
+  r"^(shard-\d+\.(arrayrecord(\.partial)?|logits(\.partial)?|json(\.tmp)?)"
+  r"|(settings|manifest)\.json\.tmp|teacher)$"
 )
 
 
@@ -45,6 +49,29 @@ def check_output(output: str) -> None:
       f"found {', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); pass a new or "
       "empty directory"
     )
+
+
+def start(output: str, current: dict) -> None:
+  """Creates ``output`` with settings.json, or checks a rerun uses the same settings.
+
+  Raises:
+    JaxdistillError: ``output`` holds a cache made with other settings (naming the keys).
+  """
+  path = os.path.join(output, cached.SETTINGS)
+  current = json.loads(json.dumps(current))
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      saved = json.load(f)
+    if saved != current:
+      diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+      raise JaxdistillError(
+        f"{output!r} holds a cache made with other settings (they differ in {diff}); "
+        "pass a new --output or the same config"
+      )
+  distributed.barrier("jaxdistill:precompute-settings-checked")
+  if jax.process_index() == 0:
+    os.makedirs(output, exist_ok=True)
+    write_json(path, current)
 
 
 class ShardWriter:
@@ -97,16 +124,19 @@ def write_json(path: str, value: dict) -> None:
   os.replace(path + ".tmp", path)
 
 
-def finished(output: str, s: int) -> bool:
-  return os.path.exists(cached.shard_path(output, s)) and os.path.exists(
-    cached.sidecar_path(output, s)
-  )
+def finished(output: str, s: int, shard_path=cached.shard_path) -> bool:
+  """Shard ``s`` exists with its sidecar (``shard_path``: an image cache's
+  ``cached_images.shard_path``)."""
+  return os.path.exists(shard_path(output, s)) and os.path.exists(cached.sidecar_path(output, s))
 
 
-def write_manifest(output: str, current: dict, rows: int, shards: int) -> None:
+def write_manifest(
+  output: str, current: dict, rows: int, shards: int, shard_path=cached.shard_path
+) -> None:
+  """``manifest.json``: the settings, the rows and every shard's sidecar (all must exist)."""
   entries = []
   for s in range(shards):
-    if not finished(output, s):
+    if not finished(output, s, shard_path):
       raise JaxdistillError(f"shard {s} of {output!r} is missing; rerun precompute to finish it")
     with open(cached.sidecar_path(output, s), encoding="utf-8") as f:
       side = json.load(f)
@@ -115,7 +145,8 @@ def write_manifest(output: str, current: dict, rows: int, shards: int) -> None:
 
 
 def verify(output: str) -> dict:
-  """Re-reads every shard: its sha256 and record count against the manifest.
+  """Re-reads every shard: its sha256 and record count against the manifest (a language
+  model's ArrayRecord shards, or an image cache's raw logits, by the manifest's kind).
 
   Returns:
     {"shards", "rows"} when everything matches.
@@ -124,12 +155,14 @@ def verify(output: str) -> dict:
     JaxdistillError: listing every missing or corrupted shard, and what differs.
   """
   try:
-    manifest = cached.read_manifest(output)
+    manifest = cached.read_manifest(output, version=None)
+    image = manifest.get("kind") == cached.IMAGE_KIND
+    manifest = cached_images.read_manifest(output) if image else cached.read_manifest(output)
   except ConfigError as e:
     raise JaxdistillError(str(e).replace("teacher.path: ", "--output: ")) from None
   problems, total = [], 0
   for entry in manifest["shards"]:
-    path = cached.shard_path(output, entry["index"])
+    path = (cached_images.shard_path if image else cached.shard_path)(output, entry["index"])
     name = os.path.basename(path)
     if not os.path.isfile(path):
       problems.append(f"{name} is missing")
@@ -138,9 +171,10 @@ def verify(output: str) -> dict:
     if digest != entry["sha256"]:
       problems.append(f"{name} has sha256 {digest[:12]}..., the manifest {entry['sha256'][:12]}...")
       continue
-    reader = array_record_module.ArrayRecordReader(path)
-    records = reader.num_records()
-    reader.close()
+    records = cached_images.count_records(path, manifest) if image else _records(path)
+    if records is None:
+      problems.append(f"{name} holds {os.path.getsize(path)} bytes: no whole number of rows")
+      continue
     total += records
     if records != entry["records"]:
       problems.append(f"{name} has {records} records, the manifest {entry['records']}")
@@ -149,3 +183,10 @@ def verify(output: str) -> dict:
   if problems:
     raise JaxdistillError(f"cache {output!r} failed verification: " + "; ".join(problems))
   return {"shards": len(manifest["shards"]), "rows": total}
+
+
+def _records(path: str) -> int:
+  reader = array_record_module.ArrayRecordReader(path)
+  records = reader.num_records()
+  reader.close()
+  return records

@@ -52,6 +52,9 @@ MANIFEST = "manifest.json"
 SETTINGS = "settings.json"
 LOGPROB_DTYPES = {"bf16": ml_dtypes.bfloat16, "f16": np.float16, "f32": np.float32}
 TARGET_KINDS = ("topk", "sampled", "both")
+# The manifest "kind" of an image classifier's cache of whole class logits (cached_images.py);
+# a language model's cache has no "kind".
+IMAGE_KIND = "image_logits"
 # Per-record ArrayRecord options: one record per chunk for random access (zstd by default).
 WRITER_OPTIONS = "group_size:1"
 
@@ -164,7 +167,12 @@ def sha256_file(path: str) -> str:
   return digest.hexdigest()
 
 
-def read_manifest(directory: str) -> dict:
+def read_manifest(directory: str, version: int | None = FORMAT_VERSION) -> dict:
+  """The manifest at ``directory``; its format version must be ``version`` (None: unchecked).
+
+  Raises:
+    ConfigError (teacher.path): no manifest, another format version.
+  """
   path = os.path.join(directory, MANIFEST)
   if not os.path.isfile(path):
     raise ConfigError(
@@ -174,11 +182,11 @@ def read_manifest(directory: str) -> dict:
     )
   with open(path, encoding="utf-8") as f:
     manifest = json.load(f)
-  if manifest.get("format_version") != FORMAT_VERSION:
+  if version is not None and manifest.get("format_version") != version:
     raise ConfigError(
       "teacher.path",
       f"{path} has format version {manifest.get('format_version')!r}; this jaxdistill reads "
-      f"{FORMAT_VERSION}: precompute the cache again",
+      f"{version}: precompute the cache again",
     )
   return manifest
 
@@ -208,6 +216,13 @@ def check(cfg: Any) -> dict:
     ConfigError: no manifest, or a tokenizer / seq_len / packing / vocabulary / temperature /
       target-kind mismatch, naming both values.
   """
+  manifest = read_manifest(cfg.teacher.path, version=None)
+  if manifest.get("kind") == IMAGE_KIND:
+    raise ConfigError(
+      "teacher.path",
+      f"{cfg.teacher.path!r} holds an image classifier's class logits, not token targets for "
+      f"student.arch={cfg.student.arch!r}; precompute a cache with this config",
+    )
   manifest = read_manifest(cfg.teacher.path)
   ident, kind = data_identity(cfg), cfg.distill.logit.kind
   where = os.path.join(cfg.teacher.path, MANIFEST)

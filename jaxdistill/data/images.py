@@ -8,7 +8,9 @@ and process p holds its rows [p B / P, (p + 1) B / P)::
   MapDataset.range(endless)            global batch indices b
     .map(TrainBatch)                   read this process's rows of batch b, augment them
                                        (augment.py: crop / flip / mixup / cutmix, drawn per
-                                       (seed, b) for all B rows), read mixing partners
+                                       (seed, b) for all B rows), read mixing partners; with
+                                       a cache (teacher.source='cache') gather the stored
+                                       class logits of the same example indices
     .map(Finalize)                     (x / 255 - mean) / std and the batch contract
     .to_iter_dataset(read threads)     + thread prefetch
 
@@ -24,7 +26,9 @@ label 0), each process taking its rows; then StopIteration.
 Batches (numpy, this process's B rows):
   inputs [B, H, W, C] float32 normalised; targets [B] int32; weights [B] float32;
   training with data.mixup or data.cutmix > 0 also: mix_targets [B] int32 (the partner's
-  label) and mix_lambda [B] float32 (the share of ``targets``).
+  label) and mix_lambda [B] float32 (the share of ``targets``); training from a cache
+  (``cached_images.py``; no augmentation) also: teacher_logits [B, C] float32, the teacher's
+  stored logits of each row's (un-augmented) example.
 
 The iterator state is ``{"version", "pipeline": "images", "grain": {"next_index": b}}``
 (grain's state over the batch indices): JSON-able; after ``set_state`` the next batches are
@@ -42,7 +46,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_exp
 
-from jaxdistill.data import augment, image_sources
+from jaxdistill.data import augment, cached_images, image_sources
 from jaxdistill.data.corpora import cache_dir
 from jaxdistill.data.pipeline import _close_quietly
 from jaxdistill.errors import ConfigError, JaxdistillError
@@ -83,35 +87,40 @@ class TrainBatch(grain.transforms.Map):
   flip: bool
   mixup: float
   cutmix: float
+  teacher: cached_images.TeacherLogits | None = None  # a cache's logits (no augmentation)
 
   def map(self, batch_index: int) -> dict:
     rows = self.batch_size // self.process_count
     lo = self.process_index * rows
     own_R = lo + np.arange(rows)
     d = augment.draws(self.seed, batch_index, self.batch_size, self.mixup, self.cutmix)
-    images, labels = self._read(batch_index, own_R, d)
+    images, labels, indices_R = self._read(batch_index, own_R, d)
     if self.mixup <= 0 and self.cutmix <= 0:
-      return {"image": images, "label": labels}
+      out = {"image": images, "label": labels}
+      if self.teacher is not None:
+        out["teacher_logits"] = self.teacher.gather(indices_R)
+      return out
     partner_R = d["partner_B"][own_R]
     inside_R = (partner_R >= lo) & (partner_R < lo + rows)  # already read and augmented here
     images2, labels2 = images[(partner_R - lo) % rows], labels[(partner_R - lo) % rows]
     if not inside_R.all():
       outside = ~inside_R
-      images2[outside], labels2[outside] = self._read(batch_index, partner_R[outside], d)
+      images2[outside], labels2[outside], _ = self._read(batch_index, partner_R[outside], d)
     mixed, lam_R = augment.mix(
       images, images2, d["cut_B"][own_R], d["lam_B"][own_R], d["centre_Bx2"][own_R]
     )
     return {"image": mixed, "label": labels, "mix_label": labels2, "mix_lambda": lam_R}
 
   def _read(self, batch_index: int, rows_R: np.ndarray, d: dict):
-    """Rows ``rows_R`` of global batch ``batch_index``, cropped and flipped."""
+    """Rows ``rows_R`` of global batch ``batch_index``, cropped and flipped: (images, labels,
+    their example indices)."""
     positions_R = batch_index * self.batch_size + rows_R
     indices_R = shuffled(self.seed, len(self.examples), positions_R)
     images, labels = image_sources.gather(self.examples, indices_R)
     if self.padding or self.flip:
       offsets, flips = d["offset_Bx2"][rows_R], d["flip_B"][rows_R]
       images = augment.crop_flip(images, offsets, flips, self.padding, self.flip)
-    return images, labels
+    return images, labels, indices_R
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -161,10 +170,28 @@ def _iterable(cfg: Any, batches: grain.MapDataset) -> grain.IterDataset:
   return it
 
 
+def ordered_batch(cfg: Any, examples: Sequence[dict], indices_R: np.ndarray, rows: int) -> dict:
+  """Examples ``indices_R`` as one batch of ``rows`` rows, un-augmented and normalised as for
+  training (rows past ``indices_R``: zero images of weight 0): what precompute's teacher reads."""
+  images, labels = image_sources.gather(examples, indices_R)
+  pad = rows - len(indices_R)
+  batch = {
+    "image": np.concatenate([images, np.zeros((pad, *images.shape[1:]), images.dtype)]),
+    "label": np.concatenate([labels, np.zeros(pad, labels.dtype)]),
+    "weight": (np.arange(rows) < len(indices_R)).astype(np.float32),
+  }
+  return _finalize(cfg).map(batch)
+
+
 def train_dataset(
-  cfg: Any, examples: Sequence[dict], process_index: int, process_count: int
+  cfg: Any,
+  examples: Sequence[dict],
+  process_index: int,
+  process_count: int,
+  teacher: cached_images.TeacherLogits | None = None,
 ) -> grain.IterDataset:
-  """The endless, shuffled, augmented stream of this process's batches (module docstring)."""
+  """The endless, shuffled, augmented stream of this process's batches (module docstring);
+  ``teacher``: a cache's logits to attach as ``teacher_logits``."""
   d = cfg.data
   _local_rows(cfg, process_count)
   if len(examples) == 0:
@@ -179,6 +206,7 @@ def train_dataset(
     bool(d.flip),
     float(d.mixup),
     float(d.cutmix),
+    teacher,
   )
   return _iterable(cfg, grain.MapDataset.range(sys.maxsize).map(make).map(_finalize(cfg)))
 
@@ -250,7 +278,10 @@ def make_iterator(cfg: Any, split: str, process_index: int, process_count: int) 
   (one padded pass)."""
   examples, info = image_sources.open_images(cfg, split, cache_dir(cfg.cache_dir))
   if split == "train":
-    dataset = train_dataset(cfg, examples, process_index, process_count)
+    teacher = None
+    if cfg.teacher.source == "cache":
+      teacher = cached_images.open_logits(cfg, examples, info)
+    dataset = train_dataset(cfg, examples, process_index, process_count, teacher)
   else:
     dataset = eval_dataset(cfg, examples, info.shape, process_index, process_count)
   return ImageIterator(dataset, len(examples), info)
@@ -258,10 +289,12 @@ def make_iterator(cfg: Any, split: str, process_index: int, process_count: int) 
 
 def check(cfg: Any, process_count: int = 1) -> None:
   """Opens the training split (building the built-in digits if needed) and, when
-  ``eval.every`` > 0, the evaluation split, and checks them against the models.
+  ``eval.every`` > 0, the evaluation split, and checks them against the models (and a cache
+  of teacher logits against the training split).
 
   Raises:
-    ConfigError: naming the key (see ``image_sources.check_keys`` / ``check_fit``).
+    ConfigError: naming the key (see ``image_sources.check_keys`` / ``check_fit`` /
+      ``cached_images.check``).
   """
   image_sources.check_keys(cfg)
   _local_rows(cfg, process_count)
@@ -271,3 +304,5 @@ def check(cfg: Any, process_count: int = 1) -> None:
     if len(examples) == 0:
       raise ConfigError("data.source", f"the {split} split of {cfg.data.source!r} is empty")
     image_sources.check_fit(cfg, info, examples)
+    if split == "train" and cfg.teacher.source == "cache":
+      cached_images.check(cfg, examples, info)
