@@ -26,7 +26,7 @@ def _model(section, channels: str, fc: int) -> None:
   )
 
 
-def get_config(arg: str = "distill"):
+def get_config(arg: str = "teacher"):
   """``teacher`` (CE from scratch), ``distill`` (KD from teacher.path, a teacher run's
   workdir) or ``baseline`` (the student on CE alone)."""
   if arg not in VARIANTS:

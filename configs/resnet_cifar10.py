@@ -26,7 +26,7 @@ def _model(section, depth: int) -> None:
   section.update(arch="resnet", depth=depth, num_classes=10, image_size=32, image_channels=3)
 
 
-def get_config(arg: str = "distill"):
+def get_config(arg: str = "teacher"):
   """``teacher`` (ResNet-56 on CE), ``distill`` (ResNet-20 from teacher.path with KD and
   attention transfer) or ``baseline`` (ResNet-20 on CE alone)."""
   if arg not in VARIANTS:
