@@ -72,7 +72,9 @@ def main() -> None:
     }
   gain = [k["accuracy"] - c["accuracy"] for k, c in zip(rows["kd"], rows["ce"])]
   out["kd_minus_ce"] = _spread(gain)
-  print(f"teacher test accuracy {100 * teacher['accuracy']:.1f}%; {args.steps} steps, {args.seeds} seeds")
+  print(
+    f"teacher test accuracy {100 * teacher['accuracy']:.1f}%; {args.steps} steps, {args.seeds} seeds"
+  )
   print("| student | test acc (mean, min..max) | agree | KL(T‖S) | ECE | median step |")
   print("|---|---|---|---|---|---|")
   for kind in ("kd", "ce"):
