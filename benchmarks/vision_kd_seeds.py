@@ -72,9 +72,8 @@ def main() -> None:
     }
   gain = [k["accuracy"] - c["accuracy"] for k, c in zip(rows["kd"], rows["ce"])]
   out["kd_minus_ce"] = _spread(gain)
-  print(
-    f"teacher test accuracy {100 * teacher['accuracy']:.1f}%; {args.steps} steps, {args.seeds} seeds"
-  )
+  acc = 100 * teacher["accuracy"]
+  print(f"teacher test accuracy {acc:.1f}%; {args.steps} steps, {args.seeds} seeds")
   print("| student | test acc (mean, min..max) | agree | KL(T‖S) | ECE | median step |")
   print("|---|---|---|---|---|---|")
   for kind in ("kd", "ce"):
@@ -87,7 +86,8 @@ def main() -> None:
     )
   g = out["kd_minus_ce"]
   print(
-    f"KD - CE: {100 * g['mean']:+.2f} points (per seed {', '.join(f'{100 * x:+.1f}' for x in g['all'])}); "
+    f"KD - CE: {100 * g['mean']:+.2f} points "
+    f"(per seed {', '.join(f'{100 * x:+.1f}' for x in g['all'])}); "
     f"a KD step costs {out['kd']['step_s']['mean'] / out['ce']['step_s']['mean']:.2f}x a CE step"
   )
   if args.output:
