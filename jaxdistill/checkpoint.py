@@ -295,6 +295,9 @@ def check_compatible(saved_config: dict, config: dict, where: str) -> list[str]:
   matters = [f"student.{k}" for k in dict.fromkeys(("arch", *shape_keys(config["student"])))]
   if new.get("teacher.source") != "none":
     matters += ["teacher.d_model", "distill.hidden.layer_map"]  # projection shapes
+    # An image model's projections: the teacher's stage channels and the stage pairs.
+    matters += [f"teacher.{k}" for k in ("arch", "cnn_channels", "depth", "widen")]
+    matters += ["distill.feature_map.stage_map"]
   matters += [k for k in new if k.startswith("data.") and ("tokenizer" in k or "vocab" in k)]
   for key in matters:
     if key in old and old.get(key) != new.get(key):

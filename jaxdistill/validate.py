@@ -201,6 +201,9 @@ def check_mesh(cfg: Any, mesh_shape: dict[str, int]) -> None:
   tensor = mesh_shape["tensor"]
   sides = ("student",) if cfg.teacher.source in NO_TEACHER_MODEL else ("student", "teacher")
   for side in sides:
+    if cfg[side].arch != "transformer":
+      _check_image_mesh(cfg, side, tensor)
+      continue
     for key in ("vocab_size", "num_heads", "d_ff"):
       if cfg[side][key] % tensor:
         raise ConfigError(
@@ -211,4 +214,18 @@ def check_mesh(cfg: Any, mesh_shape: dict[str, int]) -> None:
       raise ConfigError(
         "mesh.fsdp",
         f"{side}.d_model={cfg[side].d_model} does not split over fsdp={mesh_shape['fsdp']} devices",
+      )
+
+
+def _check_image_mesh(cfg: Any, side: str, tensor: int) -> None:
+  """An image model's channels (and a CNN's fc width) split over the tensor axis."""
+  policy = precision.parse_policy(cfg[side].policy, f"{side}.policy")
+  vc = models.vision_config_from_section(cfg[side], policy, side)
+  widths = list(vc.stage_channels) + ([vc.cnn_fc] if vc.arch == "cnn" else [])
+  for width in widths:
+    if width % tensor:
+      raise ConfigError(
+        "mesh.tensor",
+        f"{side} ({vc.arch}) has a layer of {width} channels, which does not split over "
+        f"tensor={tensor} devices",
       )

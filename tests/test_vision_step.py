@@ -238,3 +238,10 @@ def test_resume_of_a_cnn_run_after_sigkill_is_bitwise(tmp_path):
   assert set(a) == {"params", "batch_stats"}  # a BatchNorm student's final variables
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def test_image_channels_must_split_over_the_tensor_axis():
+  cfg = _config("cnn", "cnn")  # student channels 4, 8, fc 16
+  validate.check_mesh(cfg, dict(data=1, fsdp=1, tensor=4))
+  with pytest.raises(ConfigError, match="mesh.tensor.*student .cnn. has a layer of 4"):
+    validate.check_mesh(cfg, dict(data=1, fsdp=1, tensor=8))
