@@ -13,7 +13,15 @@ With no teacher (``Objective.uses_teacher`` False) the same step trains the
 student from scratch on CE: that is how teachers are made here.
 
 Batch: dict of [B, T] arrays ``inputs``, ``targets``, ``weights``,
-``segment_ids``, ``positions`` (see data/synthetic.py), sharded over data x fsdp.
+``segment_ids``, ``positions`` (see data/synthetic.py), sharded over data x fsdp; for an
+image classifier ``inputs`` [B, H, W, C], ``targets`` / ``weights`` [B] (data/images.py).
+
+A BatchNorm student's running averages are ``state.model_state["batch_stats"]``: the
+student's training forward normalises by the batch's own statistics (the global batch's, as
+one jitted program over the mesh) and returns new averages, which replace the old ones like
+FP8 state (never through optax; kept when a non-finite update is dropped). With gradient
+accumulation each micro-batch is normalised by its own statistics and updates the averages in
+turn. The teacher runs in inference mode on its stored statistics (in ``teacher_vars``).
 """
 
 from typing import Any, Callable
