@@ -202,6 +202,7 @@ def test_cli_precompute_then_train_from_the_cache(tmp_path, capsys):
   assert len(err) == 1 and err[0].startswith("error: data.flip") and not os.path.exists(bad)
 
 
+@pytest.mark.slow  # builds and compiles a whole run
 def test_student_from_the_cache_matches_the_online_teacher(cache):
   cfg, out, teacher = cache
   online, from_cache = cfg.copy_and_resolve_references(), _from_cache(cfg, out)

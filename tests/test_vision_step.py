@@ -143,6 +143,7 @@ def test_grad_accumulation_normalises_each_micro_batch_by_its_own_statistics():
   _close(jax.device_get(state.model_state["batch_stats"]), expected, "batch_stats", atol=1e-6)
 
 
+@pytest.mark.slow  # builds and compiles a whole run
 def test_function_matching_teacher_and_student_see_the_same_array(monkeypatch):
   cfg = _config("cnn", "cnn")
   cfg.data.update(crop_padding=2, flip=True, mixup=0.5)
