@@ -24,8 +24,8 @@ FULL = dict(
   student=dict(cnn_channels="16,32", cnn_fc=256),
   student_steps=300,
   student_lr=1e-3,
-  temperature=4.0,
-  kd_weight=0.9,
+  temperature=2.0,
+  kd_weight=0.5,
   eval_every=50,
   eval_batches=0,  # the whole test split (1,000 digits): the curve and the table agree
   final_eval_batches=0,
