@@ -11,6 +11,11 @@ Student: the same at 16 / 32 channels and fc 256, distilled (KL at temperature T
 the teacher, or trained on CE alone for the same steps. ``,test`` shrinks the runs to seconds.
 ``distill`` trains its teacher inside the run unless ``--config.teacher.source=workdir
 --config.teacher.path=DIR``.
+
+Hardware: 2 idle CPU cores (AMD EPYC): the quickstart's first run 3 min 44 s, 84 s with the
+teacher cached. Expected results (test accuracy, BENCHMARKS.md "Vision distillation"): teacher
+97.9%, KD student 96.9% and CE student 96.7% at 300 steps (means of 3 seeds; the KD gain is
+within the seed spread); KL(teacher || student) 0.06 (KD) vs 0.09 (CE).
 """
 
 from jaxdistill.config import default_config
