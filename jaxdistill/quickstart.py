@@ -53,14 +53,19 @@ SIZES = ("full", "test")
 TASKS = tuple(RECIPES)
 
 
-@functools.cache
 def recipe(task: str = "text"):
   """The recipe module of ``task`` (``teacher_config``, ``student_config``, ``SIZES``):
-  ``configs/quickstart.py`` (text) or ``configs/cnn_digits.py`` (vision).
+  ``configs/quickstart.py`` (text) or ``configs/cnn_digits.py`` (vision); loaded once, so
+  ``recipe()`` and ``recipe("text")`` are the same module.
 
   Raises:
     JaxdistillError: the file is missing (an install without the source checkout).
   """
+  return _load_recipe(task)
+
+
+@functools.cache
+def _load_recipe(task: str):
   path = RECIPES[task]
   if not os.path.isfile(path):
     raise JaxdistillError(

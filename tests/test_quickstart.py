@@ -90,9 +90,8 @@ def test_cache_key_follows_a_changed_default(finished, monkeypatch):
 
 
 def _prepared(cfg):
-  from jaxdistill.data import pipeline
-
-  return pipeline.prepare(cfg)
+  """What keys the teacher's data: the corpus and tokenizer hashes."""
+  return quickstart._data_identity(cfg)
 
 
 @pytest.mark.slow
