@@ -71,9 +71,9 @@ def make_config(preset: dict, objective: str, fused: bool, teacher: bool = True)
   return cfg
 
 
-def interleaved_medians(programs: dict, warmup: int, repeats: int) -> dict[str, float]:
-  """Median seconds of each zero-argument program, timed round-robin so that load changes on
-  a shared machine hit all of them alike."""
+def interleaved_times(programs: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
+  """Seconds of each call of each zero-argument program, timed round-robin so that load
+  changes on a shared machine hit all of them alike (call i of every program: round i)."""
   for fn in programs.values():
     for _ in range(warmup):
       fn()
@@ -83,6 +83,12 @@ def interleaved_medians(programs: dict, warmup: int, repeats: int) -> dict[str, 
       start = time.perf_counter()
       fn()
       times[name].append(time.perf_counter() - start)
+  return times
+
+
+def interleaved_medians(programs: dict, warmup: int, repeats: int) -> dict[str, float]:
+  """Median seconds of each zero-argument program (``interleaved_times``)."""
+  times = interleaved_times(programs, warmup, repeats)
   return {name: statistics.median(t) for name, t in times.items()}
 
 

@@ -47,6 +47,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from jaxdistill import config as config_lib, data as data_lib, loop, models, sharding  # noqa: E402
+from step_overhead import interleaved_times  # noqa: E402 (the same round-robin timer)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # Attention transfer as configs/resnet_cifar10.py sets it (every stage: uniform pairs 1:1..S:S).
@@ -82,21 +83,6 @@ def make_config(pair: str, variant: str, batch: int, policy: str):
     cfg.teacher.source = "random"
     cfg.distill.attention_transfer.update(AT if variant == "kl+ce+at" else dict(weight=0.0))
   return cfg
-
-
-def interleaved_times(programs: dict, warmup: int, repeats: int) -> dict[str, list[float]]:
-  """Seconds of each call of each zero-argument program, timed round-robin so that load
-  changes on a shared machine hit all of them alike (call i of every program: round i)."""
-  for fn in programs.values():
-    for _ in range(warmup):
-      fn()
-  times = {name: [] for name in programs}
-  for _ in range(repeats):
-    for name, fn in programs.items():
-      start = time.perf_counter()
-      fn()
-      times[name].append(time.perf_counter() - start)
-  return times
 
 
 def fixed_batch(cfg, mesh) -> dict:

@@ -39,7 +39,6 @@ import dataclasses
 import functools
 import math
 import sys
-import weakref
 from typing import Any, Sequence
 
 import grain
@@ -48,7 +47,7 @@ from grain import experimental as grain_exp
 
 from jaxdistill.data import augment, cached_images, image_sources
 from jaxdistill.data.corpora import cache_dir
-from jaxdistill.data.pipeline import _close_quietly
+from jaxdistill.data.pipeline import GrainIterator
 from jaxdistill.errors import ConfigError, JaxdistillError
 
 # Bump when a change to the stages changes what a saved grain state means (see LMIterator).
@@ -226,7 +225,7 @@ def eval_dataset(
   return _iterable(cfg, batches.map(make).map(_finalize(cfg)))
 
 
-class ImageIterator:
+class ImageIterator(GrainIterator):
   """The data-iterator interface over the image pipeline.
 
   ``next()`` gives a dict of numpy arrays (module docstring); ``get_state()`` /
@@ -239,15 +238,8 @@ class ImageIterator:
   """
 
   def __init__(self, dataset: grain.IterDataset, num_examples: int, info: Any):
+    super().__init__(dataset)
     self.num_examples, self.info = num_examples, info
-    self._it = iter(dataset)
-    weakref.finalize(self, _close_quietly, self._it)
-
-  def __iter__(self):
-    return self
-
-  def __next__(self) -> dict[str, np.ndarray]:
-    return next(self._it)
 
   def get_state(self) -> dict:
     return {"version": STATE_VERSION, "pipeline": PIPELINE, "grain": self._it.get_state()}
@@ -264,13 +256,7 @@ class ImageIterator:
         f"this is version {STATE_VERSION}: the stream cannot continue exactly; resume with the "
         "jaxdistill that saved it, or start a new run from its final_params"
       )
-    try:
-      self._it.set_state(state["grain"])
-    except (KeyError, ValueError, TypeError, IndexError) as e:
-      raise JaxdistillError(
-        f"the data iterator state does not fit this pipeline ({type(e).__name__}: {e}); was "
-        "data.* changed since the checkpoint? restore the data settings, or start a new run"
-      ) from None
+    self._restore(state["grain"])
 
 
 def make_iterator(cfg: Any, split: str, process_index: int, process_count: int) -> ImageIterator:

@@ -274,16 +274,12 @@ def _close_quietly(it) -> None:
 STATE_VERSION = 1
 
 
-class LMIterator:
-  """The data-iterator interface over a grain dataset.
+class GrainIterator:
+  """``next()`` over a grain dataset, its prefetch thread stopped quietly when dropped, and
+  ``_restore`` of a saved grain state with a clear error; the text (``LMIterator``) and image
+  (``images.ImageIterator``) iterators add their ``get_state`` / ``set_state`` checks."""
 
-  ``next()`` gives a dict of numpy [B_local, T] arrays; ``get_state()`` /
-  ``set_state()`` give and take grain's JSON-able state, so a checkpoint
-  resumes the stream exactly. The validation iterator ends after one pass.
-  """
-
-  def __init__(self, dataset: grain.IterDataset, prepared: Prepared):
-    self.prepared = prepared
+  def __init__(self, dataset: grain.IterDataset):
     self._it = iter(dataset)
     weakref.finalize(self, _close_quietly, self._it)
 
@@ -292,6 +288,28 @@ class LMIterator:
 
   def __next__(self) -> dict[str, np.ndarray]:
     return next(self._it)
+
+  def _restore(self, grain_state: Any) -> None:
+    try:
+      self._it.set_state(grain_state)
+    except (KeyError, ValueError, TypeError, IndexError) as e:
+      raise JaxdistillError(
+        f"the data iterator state does not fit this pipeline ({type(e).__name__}: {e}); was "
+        "data.* changed since the checkpoint? restore the data settings, or start a new run"
+      ) from None
+
+
+class LMIterator(GrainIterator):
+  """The data-iterator interface over a grain dataset.
+
+  ``next()`` gives a dict of numpy [B_local, T] arrays; ``get_state()`` /
+  ``set_state()`` give and take grain's JSON-able state, so a checkpoint
+  resumes the stream exactly. The validation iterator ends after one pass.
+  """
+
+  def __init__(self, dataset: grain.IterDataset, prepared: Prepared):
+    super().__init__(dataset)
+    self.prepared = prepared
 
   def get_state(self) -> dict:
     return {"version": STATE_VERSION, "grain": self._it.get_state()}
@@ -304,13 +322,7 @@ class LMIterator:
         f"version {STATE_VERSION}: the stream cannot continue exactly; resume with the "
         "jaxdistill that saved it, or start a new run from its final_params"
       )
-    try:
-      self._it.set_state(_tuples_restored(state["grain"]))
-    except (KeyError, ValueError, TypeError, IndexError) as e:
-      raise JaxdistillError(
-        f"the data iterator state does not fit this pipeline ({type(e).__name__}: {e}); was "
-        "data.* changed since the checkpoint? restore the data settings, or start a new run"
-      ) from None
+    self._restore(_tuples_restored(state["grain"]))
 
 
 def _tuples_restored(state: Any) -> Any:
