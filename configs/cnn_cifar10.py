@@ -26,23 +26,36 @@ def _model(section, channels: str, fc: int) -> None:
   )
 
 
+def cifar10_data(cfg, batch: int) -> None:
+  """TFDS cifar10 (train / test), its channel means and deviations, crops (pad 4) and flips;
+  shared with configs/resnet_cifar10.py."""
+  cfg.data.update(
+    source="tfds",
+    tfds_name="cifar10",
+    train_split="train",
+    eval_split="test",
+    batch_size=batch,
+    image_mean="0.4914,0.4822,0.4465",
+    image_std="0.2470,0.2435,0.2616",
+    crop_padding=4,
+    flip=True,
+  )
+
+
+def ce_only(cfg) -> None:
+  """No teacher: the student on CE alone (how teachers and baselines are trained)."""
+  cfg.teacher.source = "none"
+  cfg.distill.ce.weight = 1.0
+  cfg.distill.logit.weight = 0.0
+
+
 def get_config(arg: str = "teacher"):
   """``teacher`` (CE from scratch), ``distill`` (KD from teacher.path, a teacher run's
   workdir) or ``baseline`` (the student on CE alone)."""
   if arg not in VARIANTS:
     raise ConfigError("--config", f"configs/cnn_cifar10.py:{arg}: use one of {VARIANTS}")
   cfg = default_config()
-  cfg.data.update(
-    source="tfds",
-    tfds_name="cifar10",
-    train_split="train",
-    eval_split="test",
-    batch_size=BATCH,
-    image_mean="0.4914,0.4822,0.4465",
-    image_std="0.2470,0.2435,0.2616",
-    crop_padding=4,
-    flip=True,
-  )
+  cifar10_data(cfg, BATCH)
   steps = EPOCHS * TRAIN_IMAGES // BATCH
   cfg.optim.update(
     steps=steps,
@@ -58,9 +71,7 @@ def get_config(arg: str = "teacher"):
   _model(cfg.student, "32,64" if arg == "teacher" else "16,32", 512 if arg == "teacher" else 256)
   _model(cfg.teacher, "32,64", 512)
   if arg != "distill":
-    cfg.teacher.source = "none"
-    cfg.distill.ce.weight = 1.0
-    cfg.distill.logit.weight = 0.0
+    ce_only(cfg)
     return cfg
   cfg.teacher.source = "workdir"  # --config.teacher.path=<the teacher run's workdir>
   cfg.distill.temperature = 2.0

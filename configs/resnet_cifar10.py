@@ -15,8 +15,13 @@ flips. Use ``--config.teacher.arch=wrn --config.teacher.depth=40 --config.teache
 for a WRN-40-2 teacher. Needs TFDS ``cifar10`` prepared (``tfds build cifar10``).
 """
 
-from jaxdistill.config import default_config
+import os
+
+from jaxdistill.config import config_module, default_config
 from jaxdistill.errors import ConfigError
+
+# The CIFAR-10 data settings and the CE-only variant are the classic example's.
+CIFAR = config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "cnn_cifar10.py"))
 
 EPOCHS, TRAIN_IMAGES, BATCH = 200, 50_000, 128
 VARIANTS = ("teacher", "distill", "baseline")
@@ -32,17 +37,7 @@ def get_config(arg: str = "teacher"):
   if arg not in VARIANTS:
     raise ConfigError("--config", f"configs/resnet_cifar10.py:{arg}: use one of {VARIANTS}")
   cfg = default_config()
-  cfg.data.update(
-    source="tfds",
-    tfds_name="cifar10",
-    train_split="train",
-    eval_split="test",
-    batch_size=BATCH,
-    image_mean="0.4914,0.4822,0.4465",
-    image_std="0.2470,0.2435,0.2616",
-    crop_padding=4,
-    flip=True,
-  )
+  CIFAR.cifar10_data(cfg, BATCH)
   steps = EPOCHS * TRAIN_IMAGES // BATCH
   cfg.optim.update(
     steps=steps, lr=2e-3, warmup_steps=steps // 100, weight_decay=5e-4, clip_norm=0.0
@@ -53,9 +48,7 @@ def get_config(arg: str = "teacher"):
   _model(cfg.student, 56 if arg == "teacher" else 20)
   _model(cfg.teacher, 56)
   if arg != "distill":
-    cfg.teacher.source = "none"
-    cfg.distill.ce.weight = 1.0
-    cfg.distill.logit.weight = 0.0
+    CIFAR.ce_only(cfg)
     return cfg
   cfg.teacher.source = "workdir"  # --config.teacher.path=<the teacher run's workdir>
   cfg.distill.temperature = 4.0
