@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT
+from test_step import _assert_close  # the same leaf-by-leaf comparison
 from jaxdistill import loop, models, objective as objective_lib, sharding, validate
 from jaxdistill.config import default_config
 from jaxdistill.errors import ConfigError
@@ -54,17 +55,6 @@ def _run(cfg, n_devices, steps=3):
   return run, history
 
 
-def _close(a, b, what, rtol=1e-5, atol=1e-6):
-  for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree.leaves(b)):
-    np.testing.assert_allclose(
-      np.asarray(x),
-      np.asarray(y),
-      rtol=rtol,
-      atol=atol,
-      err_msg=f"{what} {jax.tree_util.keystr(path)}",
-    )
-
-
 def test_objective_of_an_image_model_reads_stage_maps():
   cfg = _config("cnn", "cnn")
   validate.validate(cfg)
@@ -89,10 +79,10 @@ def test_sharded_step_equals_single_device_with_batch_stats():
       np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, atol=1e-6, err_msg=f"{step} {key}")
   # Adam turns a float-reordering difference in a near-zero gradient into up to ~lr * 1e-3:
   # the params agree to 2e-5 after 3 steps at lr 1e-2 (the metrics above to 2e-5 relative).
-  _close(
+  _assert_close(
     jax.device_get(sharded.state.params), jax.device_get(single.state.params), "params", atol=2e-5
   )
-  _close(
+  _assert_close(
     jax.device_get(sharded.state.model_state), jax.device_get(single.state.model_state), "stats"
   )
 
@@ -119,7 +109,7 @@ def test_teacher_is_frozen_and_gets_no_gradient():
   assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
   loop.run_steps(run, 3, lambda *a: None)
   # The teacher runs in inference mode: its running statistics never move.
-  _close(jax.device_get(run.teacher_vars), before, "teacher", rtol=0, atol=0)
+  _assert_close(jax.device_get(run.teacher_vars), before, "teacher", rtol=0, atol=0)
 
 
 @pytest.mark.slow
@@ -140,7 +130,9 @@ def test_grad_accumulation_normalises_each_micro_batch_by_its_own_statistics():
   expected = jax.device_get(stats)
   with sharding.rules_context(run.mesh):
     state, _ = run.step_fn(run.state, run.teacher_vars, sharding.shard_batch(local, run.mesh))
-  _close(jax.device_get(state.model_state["batch_stats"]), expected, "batch_stats", atol=1e-6)
+  _assert_close(
+    jax.device_get(state.model_state["batch_stats"]), expected, "batch_stats", atol=1e-6
+  )
 
 
 @pytest.mark.slow  # builds and compiles a whole run
