@@ -230,7 +230,8 @@ def save(
 def restore(
   manager: ocp.CheckpointManager, step: int, abstract_state: Any, data_iter: Any
 ) -> tuple[Any, dict]:
-  """Restores step ``step`` into ``abstract_state``'s shardings; sets ``data_iter``.
+  """Restores step ``step`` into ``abstract_state``'s shardings; sets ``data_iter`` (None:
+  the state alone, e.g. to evaluate that step's params).
 
   Raises:
     JaxdistillError: the checkpoint is unreadable (names its step and path).
@@ -241,8 +242,8 @@ def restore(
       step,
       args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
-        data=DataRestore(data_iter),
         meta=ocp.args.JsonRestore(),
+        **({} if data_iter is None else {"data": DataRestore(data_iter)}),
       ),
     )
   except JaxdistillError:

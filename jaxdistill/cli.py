@@ -1,7 +1,7 @@
 """The ``jaxdistill`` command line (developer notes; users read ``DESCRIPTION`` via --help).
 
 Thin: parse arguments, load and validate the config, call the library (``loop``,
-``precompute``, ``quickstart``, ``embed``, ``models.hf_export``). JAX is imported only
+``precompute``, ``quickstart``, ``eval_run``, ``embed``, ``models.hf_export``). JAX is imported only
 after the config is known good (a multi-process run initialises it first). Errors a user
 can cause (``JaxdistillError``, and argparse's usage errors) print one line ``error: ...``
 and exit with status 2; anything else is a bug and keeps its traceback.
@@ -29,6 +29,7 @@ examples:
   jaxdistill train --config configs/smoke.py --workdir runs/smoke
   jaxdistill precompute --config FILE --output DIR    teacher targets stored on disk
   jaxdistill embed --model DIR --input FILE --output FILE.npy
+  jaxdistill eval --workdir runs/smoke --latency     student and teacher metrics, latency
   jaxdistill export --workdir runs/smoke --output DIR"""
 
 EPILOG = "Mistakes print one line 'error: ...' and exit with status 2."
@@ -110,6 +111,19 @@ def _parser() -> argparse.ArgumentParser:
   emb.add_argument("--input", required=True, help="text file, one sentence per line")
   emb.add_argument("--output", required=True, help="float32 [n, d] array written with numpy.save")
   emb.add_argument("--batch_size", type=int, default=64, help="sentences per forward pass")
+  ev = sub.add_parser(
+    "eval",
+    help="measure a finished run's student (and teacher) on its validation split or other data",
+    epilog="Evaluate on other data with --config.data.KEY=VALUE (data.*, mesh.*, cache_dir).",
+  )
+  ev.add_argument("--workdir", required=True, help="the run's workdir")
+  ev.add_argument("--step", type=int, default=None, help="a checkpointed step (default: final)")
+  ev.add_argument("--name", default="", help="result name: WORKDIR/eval/NAME.json")
+  ev.add_argument("--batches", type=int, default=0, help="validation batches (0 = whole split)")
+  ev.add_argument("--latency", action="store_true", help="also time the compiled forward")
+  ev.add_argument(
+    "--batch_sizes", default="1,32", help="latency batch sizes: batch 1 and a serving batch"
+  )
   exp = sub.add_parser("export", help="a finished run's student as a Hugging Face model dir")
   exp.add_argument("--workdir", required=True, help="the run's workdir (final_params/)")
   exp.add_argument("--output", required=True, help="new directory: config.json, safetensors")
@@ -143,6 +157,31 @@ def _export(args) -> int:
   seq_len = embed.max_seq_length(args.workdir, hfm.config.max_len) if hfm.is_encoder else 0
   hf_export.export(params, hfm, args.output, tokenizer_dir=args.workdir, seq_len=seq_len)
   print(f"done: wrote a {hfm.model_type} model to {args.output}")
+  return 0
+
+
+def _eval(args, overrides) -> int:
+  try:
+    sizes = tuple(int(b) for b in args.batch_sizes.split(","))
+  except ValueError:
+    sizes = ()
+  if not sizes or min(sizes) < 1:
+    raise JaxdistillError(f"--batch_sizes {args.batch_sizes!r}: give positive integers, e.g. 1,32")
+  if args.batches < 0:
+    raise JaxdistillError(f"--batches {args.batches}: give 0 (the whole split) or more")
+  from jaxdistill import eval_run
+
+  result = eval_run.evaluate_workdir(
+    args.workdir,
+    step=args.step,
+    overrides=overrides,
+    name=args.name,
+    batches=args.batches,
+    with_latency=args.latency,
+    batch_sizes=sizes,
+  )
+  print(eval_run.format_table(result))
+  print(f"wrote {os.path.join(args.workdir, 'eval', result['name'] + '.json')}")
   return 0
 
 
@@ -252,6 +291,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _quickstart(args)
     if args.command == "train":
       return _train(args, overrides)
+    if args.command == "eval":
+      return _eval(args, overrides)
     if args.command in ("embed", "export"):
       if overrides:
         raise JaxdistillError(f"{args.command} takes no --config overrides")

@@ -7,10 +7,15 @@ teacher once per batch) over the same batches and returns, per model:
   accuracy       top-1 next-token accuracy
   agreement      share of tokens where the model's top-1 equals the teacher's
   kl_to_teacher  KL(teacher || model) per token at temperature 1
+  top5_accuracy  share of tokens whose target is among the model's 5 highest logits
+  ece            expected calibration error of the top-1 against the labels (15 equal-width
+                 confidence bins); ``ece_to_teacher`` against the teacher's top-1
   tokens, eval_tokens_per_s
-  classifiers ([B, C] logits) instead of tokens / ppl: images, eval_images_per_s, and
-  top5_accuracy, ece (expected calibration error against the labels, 15 equal-width
-  confidence bins), ece_to_teacher (against the teacher's top-1)
+  classifiers ([B, C] logits): the same per image, with images / eval_images_per_s instead of
+  tokens and no perplexity
+  encoders (no logits: a sentence ``embedding`` [B, D]): cosine_to_teacher (mean over
+  sentences of cos(student, teacher embedding); only when both have the same width D),
+  sentences, eval_sentences_per_s
 
 Sums are accumulated on device over the global (sharded) batches, so several
 processes agree without extra communication. The losses are ``losses.py``'s,
@@ -21,6 +26,7 @@ validation batches (always the same ones, so the curve is comparable).
 Shape legend: B batch rows, T sequence length, V vocabulary.
 """
 
+import functools
 import itertools
 import math
 import time
@@ -47,34 +53,63 @@ def _logits_fn(module: nn.Module):
 
 
 def _make_logits_fn(module: nn.Module):
+  encoder = getattr(module.config, "encoder", False)
+
   def logits(params, state, batch):
     # ``state``: the model's non-param collections (an FP8 model's scales) or None; without
     # them an FP8 model would silently fall back to plain matmuls.
     out = models_lib.apply(module, {"params": params, **(state or {})}, batch)
-    return out["logits"].astype(jnp.float32)
+    # An encoder has no logits: its output is the sentence embedding [B, D].
+    return (out["embedding"] if encoder else out["logits"]).astype(jnp.float32)
 
   return jax.jit(logits)
 
 
-def _classifier_sums(logits_BxC, teacher_logits_BxC, batch) -> dict[str, Any]:
-  """A classifier's extra sums: top-5 hits and calibration bins against the labels (and the
-  teacher's top-1)."""
-  weights_B, labels_B = batch["weights"], batch["targets"]
-  k = min(5, logits_BxC.shape[-1])
+def _rows(logits_BxTxV, batch) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(logits [N, C], targets [N], weights [N]): tokens (or images) as rows for the
+  classification metrics."""
+  c = logits_BxTxV.shape[-1]
+  return (
+    logits_BxTxV.reshape(-1, c),
+    batch["targets"].reshape(-1),
+    batch["weights"].reshape(-1),
+  )
+
+
+def _top_sums(logits_BxTxV, teacher_logits_BxTxV, batch) -> dict[str, Any]:
+  """Top-5 hits and calibration bins against the targets (and the teacher's top-1), per token
+  of a language model or per image of a classifier."""
+  logits_NxC, targets_N, weights_N = _rows(logits_BxTxV, batch)
+  k = min(5, logits_NxC.shape[-1])
   out = {
-    "top5": classify_metrics.topk_correct(logits_BxC, labels_B, weights_B, k),
-    "bins": classify_metrics.calibration_bins(logits_BxC, labels_B, weights_B),
+    "top5": classify_metrics.topk_correct(logits_NxC, targets_N, weights_N, k),
+    "bins": classify_metrics.calibration_bins(logits_NxC, targets_N, weights_N),
   }
-  if teacher_logits_BxC is not None:
-    teacher_top_B = jnp.argmax(teacher_logits_BxC, axis=-1)
-    out["bins_teacher"] = classify_metrics.calibration_bins(logits_BxC, teacher_top_B, weights_B)
+  if teacher_logits_BxTxV is not None:
+    teacher_top_N = jnp.argmax(teacher_logits_BxTxV, axis=-1).reshape(-1)
+    out["bins_teacher"] = classify_metrics.calibration_bins(logits_NxC, teacher_top_N, weights_N)
   return out
 
 
-@jax.jit
-def _sums(logits_BxTxV, teacher_logits_BxTxV, batch) -> dict[str, jax.Array]:
+def _encoder_sums(emb_BxD, teacher_emb_BxD, batch) -> dict[str, jax.Array]:
+  """An encoder's sums: cosine of each sentence's embedding to the teacher's (rows with no
+  valid token are padding and count 0)."""
+  valid_B = jnp.sum(batch["weights"], axis=-1) > 0
+  out = {"sentences": jnp.sum(valid_B.astype(jnp.float32))}
+  # Embeddings of different widths live in different spaces: no cosine between them.
+  if teacher_emb_BxD is not None and teacher_emb_BxD.shape == emb_BxD.shape:
+    unit = lambda e: e / jnp.maximum(jnp.linalg.norm(e, axis=-1, keepdims=True), 1e-12)
+    cos_B = jnp.sum(unit(emb_BxD) * unit(teacher_emb_BxD), axis=-1)
+    out["cosine"] = jnp.sum(jnp.where(valid_B, cos_B, 0.0))
+  return out
+
+
+@functools.partial(jax.jit, static_argnames="encoder")
+def _sums(logits_BxTxV, teacher_logits_BxTxV, batch, encoder=False) -> dict[str, Any]:
   """Per-batch sums over valid tokens / images (the teacher's terms only when it is given);
-  [B, C] logits are a classifier's and add its metrics."""
+  [B, C] logits are a classifier's; an encoder's outputs are embeddings [B, D]."""
+  if encoder:
+    return _encoder_sums(logits_BxTxV, teacher_logits_BxTxV, batch)
   mask_BxT, targets_BxT = batch["weights"], batch["targets"]
   ce, _ = losses.cross_entropy(logits_BxTxV, targets_BxT, mask_BxT, 1.0)
   top_BxT = jnp.argmax(logits_BxTxV, axis=-1)
@@ -89,16 +124,27 @@ def _sums(logits_BxTxV, teacher_logits_BxTxV, batch) -> dict[str, jax.Array]:
     )
     out["kl"] = kl
     out["agree"] = jnp.sum(mask_BxT * (top_BxT == jnp.argmax(teacher_logits_BxTxV, axis=-1)))
-  if logits_BxTxV.ndim == 2:
-    out.update(_classifier_sums(logits_BxTxV, teacher_logits_BxTxV, batch))
+  out.update(_top_sums(logits_BxTxV, teacher_logits_BxTxV, batch))
   return out
 
 
-def _finish(sums: dict, seconds: float) -> dict[str, float]:
+def _finish_encoder(sums: dict, seconds: float) -> dict[str, float]:
+  n = max(float(sums["sentences"]), 1.0)
+  out = {"sentences": int(sums["sentences"]), "eval_sentences_per_s": n / max(seconds, 1e-9)}
+  if "cosine" in sums:
+    out["cosine_to_teacher"] = float(sums["cosine"]) / n
+  return out
+
+
+def _finish(sums: dict, seconds: float, classifier: bool) -> dict[str, float]:
+  if "sentences" in sums:
+    return _finish_encoder(sums, seconds)
   n = max(float(sums["tokens"]), 1.0)
   out = {
     "val_loss": float(sums["loss"]) / n,
     "accuracy": float(sums["correct"]) / n,
+    "top5_accuracy": float(sums["top5"]) / n,
+    "ece": float(classify_metrics.ece(sums["bins"])),
     "tokens": int(sums["tokens"]),
     "eval_tokens_per_s": n / max(seconds, 1e-9),
   }
@@ -106,14 +152,11 @@ def _finish(sums: dict, seconds: float) -> dict[str, float]:
   if "kl" in sums:
     out["kl_to_teacher"] = float(sums["kl"]) / n
     out["agreement"] = float(sums["agree"]) / n
-  if "bins" in sums:  # a classifier: images, not tokens
+    out["ece_to_teacher"] = float(classify_metrics.ece(sums["bins_teacher"]))
+  if classifier:  # images, not tokens
     out["images"] = out.pop("tokens")
     out["eval_images_per_s"] = out.pop("eval_tokens_per_s")
     del out["val_ppl"]
-    out["top5_accuracy"] = float(sums["top5"]) / n
-    out["ece"] = float(classify_metrics.ece(sums["bins"]))
-    if "bins_teacher" in sums:
-      out["ece_to_teacher"] = float(classify_metrics.ece(sums["bins_teacher"]))
   return out
 
 
@@ -148,6 +191,9 @@ def evaluate(
   totals = {name: None for name in names}
   seconds = dict.fromkeys(names, 0.0)
   add = lambda a, b: b if a is None else jax.tree.map(jnp.add, a, b)
+  first = next(iter(models.values()))[0]
+  encoder = bool(getattr(first.config, "encoder", False))
+  classifier = models_lib.is_vision(first)
   with sharding_lib.rules_context(mesh):
     for local in batches:
       batch = sharding_lib.shard_batch(local, mesh)
@@ -156,15 +202,15 @@ def evaluate(
         start = time.perf_counter()
         teacher_logits = jax.block_until_ready(teacher_fn(*_variables(teacher), batch))
         seconds["teacher"] += time.perf_counter() - start
-        totals["teacher"] = add(totals["teacher"], _sums(teacher_logits, None, batch))
+        totals["teacher"] = add(totals["teacher"], _sums(teacher_logits, None, batch, encoder))
       for name in models:
         start = time.perf_counter()
         logits = jax.block_until_ready(fns[name](*_variables(models[name]), batch))
         seconds[name] += time.perf_counter() - start
-        totals[name] = add(totals[name], _sums(logits, teacher_logits, batch))
+        totals[name] = add(totals[name], _sums(logits, teacher_logits, batch, encoder))
   if any(t is None for t in totals.values()):
     raise ValueError("evaluate() got no batches")
-  return {name: _finish(jax.device_get(totals[name]), seconds[name]) for name in names}
+  return {name: _finish(jax.device_get(totals[name]), seconds[name], classifier) for name in names}
 
 
 def load_variables(
@@ -209,6 +255,8 @@ class Periodic:
   def __call__(self, params: Any, state: Any = None) -> dict[str, float]:
     batches = validation_batches(self.cfg, self.cfg.eval.batches)
     m = evaluate({"student": (self.student, params, state)}, batches, self.mesh)["student"]
+    if "val_loss" not in m:  # an encoder: nothing to measure without its teacher
+      return {}
     if "val_ppl" not in m:  # a classifier
       return {
         "eval/loss": m["val_loss"],

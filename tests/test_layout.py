@@ -13,7 +13,7 @@ The layers, bottom to top; a module imports only from its own layer or below (``
   3  objective and its heads' machinery (fused, sparse, chunking), validate (+ validate_distill)
   4  train, checkpoint, evaluate, teacher
   5  run, workdir, loop               build a run, its workdir, the step loop and train
-  6  jobs: quickstart, precompute (+ precompute_images), embed, report
+  6  jobs: quickstart, precompute (+ precompute_images), embed, report, eval_run
   7  cli
 """
 
@@ -40,6 +40,7 @@ LAYERS = {
   **dict.fromkeys(("train", "checkpoint", "evaluate", "teacher"), 4),
   **dict.fromkeys(("run", "workdir", "loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "precompute_images", "embed", "report"), 6),
+  "eval_run": 6,
   "cli": 7,
 }
 # The closed bottom: models and the pure layers under them import nothing else of the package
