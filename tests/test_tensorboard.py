@@ -116,6 +116,21 @@ def test_writer_scalars_and_image(tmp_path):
     assert image.encoded_image_string == f.read()
 
 
+def test_resumed_writer_purges_the_steps_it_rewrites(tmp_path):
+  # A run resumed from step 4: TensorBoard drops the older files' events from step 5 on (a
+  # SessionLog START at the purge step), as truncate_metrics drops metrics.jsonl's rows.
+  from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+  logdir = str(tmp_path / "tb")
+  writer = metrics_lib.TensorBoardWriter(logdir, purge_step=5)
+  writer.write({"step": 5, "a": 1.0})
+  writer.close()
+  (path,) = glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+  events = [Event.FromString(r) for r in _records(path)]
+  starts = [e.step for e in events if e.session_log.status == SessionLog.START]
+  assert starts == [5]
+
+
 def test_png_size_reads_the_header(tmp_path):
   with open(_png(tmp_path, 50, 20), "rb") as f:
     assert metrics_lib.png_size(f.read()) == (50, 20, 4)
