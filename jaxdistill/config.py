@@ -17,7 +17,7 @@ and changes what it needs. The sections are fixed; every key exists in
   mesh      ``data`` / ``fsdp`` / ``tensor`` sizes, -1 = the rest
   ckpt      checkpointing
   eval      evaluation
-  log       ``every`` (steps between metric lines), ``progress`` bar
+  log       ``every`` (steps between metric lines), ``progress`` bar, ``tensorboard``
   precompute  sparse teacher targets written by ``jaxdistill precompute``
 
 Overrides come from the command line as ``--config.distill.temperature=2.0``.
@@ -211,7 +211,9 @@ def default_config() -> ml_collections.ConfigDict:
   # Built corpora, trained tokenizers and cached teachers ("" = $JAXDISTILL_CACHE_DIR,
   # else $XDG_CACHE_HOME/jaxdistill, else ~/.cache/jaxdistill).
   cfg.cache_dir = ""
-  cfg.log = C(dict(every=10, progress=True))
+  # tensorboard: also write metrics.jsonl's scalars (and the loss curve at the end) as
+  # TensorBoard event files in WORKDIR/tensorboard/ (process 0; tensorboardX, no TensorFlow).
+  cfg.log = C(dict(every=10, progress=True, tensorboard=True))
   # `jaxdistill precompute` (jaxdistill/precompute.py): sparse teacher targets per token.
   # targets: topk | sampled | both; k: top-k size (also the online k of distill.logit.kind
   # topk_*); samples: draws per token; temperature: generation temperature (0 =

@@ -4,7 +4,8 @@
 never blocks the device); every ``eval.every`` steps and at each due checkpoint it stops to
 fetch, evaluate, then save. ``train`` prepares the workdir, runs the teacher's pretraining
 stage if it has one (``pretrain_teacher``), builds the run (``run.build_run``), restores or
-initialises the state, loops with a progress bar and writes ``WORKDIR/metrics.jsonl``,
+initialises the state, loops with a progress bar and writes ``WORKDIR/metrics.jsonl`` (and
+its scalars as TensorBoard events in ``WORKDIR/tensorboard/``, ``log.tensorboard``),
 checkpoints, ``summary.json`` and ``final_params/``. The teacher is loaded each run, never
 checkpointed. ``Run`` and ``build_run`` are re-exported from ``run.py``.
 """
@@ -13,6 +14,7 @@ import json
 import os
 import signal
 import statistics
+import tempfile
 import threading
 import time
 import warnings
@@ -178,7 +180,16 @@ class _Progress:
     # Throughput in images for an image model, else in tokens.
     self.unit = "tokens" if cfg.student.arch == "transformer" else "images"
     self.tokens = cfg.data.batch_size * (cfg.data.seq_len if self.unit == "tokens" else 1)
-    self.writer = metrics_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    self.jsonl = os.path.join(workdir, "metrics.jsonl")
+    # The same rows as TensorBoard scalars; a resumed run's events from its first step on
+    # replace the earlier files' (as metrics.jsonl's rows after the resumed step are dropped).
+    self.tensorboard = None
+    if cfg.log.tensorboard:
+      logdir = os.path.join(workdir, "tensorboard")
+      self.tensorboard = metrics_lib.TensorBoardWriter(
+        logdir, purge_step=start + 1 if start else None
+      )
+    self.writer = metrics_lib.MultiWriter(metrics_lib.JsonlWriter(self.jsonl), self.tensorboard)
     show = cfg.log.progress and jax.process_index() == 0
     self.bar = tqdm.tqdm(
       total=self.steps, initial=start, disable=not show, unit="step", dynamic_ncols=True
@@ -213,6 +224,15 @@ class _Progress:
     """An extra row (evaluation metrics), also kept as the latest values."""
     self.last.update(m)
     self.writer.write({"step": step, **m})
+
+  def add_curve(self, step: int) -> None:
+    """The loss curve of metrics.jsonl as an image in the TensorBoard events (at ``step``)."""
+    if self.tensorboard is None or not self.tensorboard.enabled:
+      return
+    with tempfile.TemporaryDirectory() as tmp:
+      png = os.path.join(tmp, "loss.png")
+      if metrics_lib.plot_loss_curve(metrics_lib.read_jsonl(self.jsonl), png):
+        self.tensorboard.add_image("curves/loss", png, step)
 
   def close(self) -> None:
     self.bar.close()
@@ -295,6 +315,8 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
   try:
     with _PreemptionHandlers():
       ran = run_steps(run, steps - start, progress, save_due, save, evaluate, cfg.eval.every)
+    if ran:
+      progress.add_curve(start + ran)
   finally:
     progress.close()
     manager.wait_until_finished()

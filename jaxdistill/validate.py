@@ -78,6 +78,8 @@ def validate(cfg: Any) -> None:
     raise ConfigError("ckpt.every", "ckpt.every and ckpt.max_to_keep must be >= 0")
   if cfg.ckpt.best_mode not in ("min", "max"):
     raise ConfigError("ckpt.best_mode", f"unknown {cfg.ckpt.best_mode!r}; choose min or max")
+  if not isinstance(cfg.log.tensorboard, bool):
+    raise ConfigError("log.tensorboard", f"must be true or false, got {cfg.log.tensorboard!r}")
   _check_hf(cfg)
   if cfg.student.init_from and not os.path.isdir(cfg.student.init_from):
     raise ConfigError(

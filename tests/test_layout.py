@@ -11,7 +11,7 @@ The layers, bottom to top; a module imports only from its own layer or below (``
      vision_losses, classify_metrics
   2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
   3  objective and its heads' machinery (fused, sparse, chunking), validate (+ validate_distill)
-  4  train, checkpoint, evaluate, teacher
+  4  train, checkpoint, evaluate, teacher, latency
   5  run, workdir, loop               build a run, its workdir, the step loop and train
   6  jobs: quickstart, precompute (+ precompute_images), embed, report, eval_run
   7  cli
@@ -37,7 +37,7 @@ LAYERS = {
   **dict.fromkeys(("models", "data", "config"), 2),
   **dict.fromkeys(("objective", "fused", "sparse", "chunking", "validate", "validate_distill"), 3),
   **dict.fromkeys(("heads", "validate_vision"), 3),
-  **dict.fromkeys(("train", "checkpoint", "evaluate", "teacher"), 4),
+  **dict.fromkeys(("train", "checkpoint", "evaluate", "teacher", "latency"), 4),
   **dict.fromkeys(("run", "workdir", "loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "precompute_images", "embed", "report"), 6),
   "eval_run": 6,

@@ -1,0 +1,222 @@
+"""Latency and size (jaxdistill/latency.py): timing against models of known duration, the
+statistics against NumPy on a scripted clock, compiled memory against known array sizes, and
+the eval JSON's "latency" block for a tiny transformer, encoder and CNN."""
+
+import time
+import types
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdistill import latency, models, sharding
+from jaxdistill.config import default_config
+from jaxdistill.precision import parse_policy
+
+# --- measure ----------------------------------------------------------------------------------
+
+
+def _sleeper(seconds: float):
+  """A compiled forward that sleeps ``seconds`` on the host (a pure_callback) and returns x."""
+
+  def host(x):
+    time.sleep(seconds)
+    return x
+
+  shape = jax.ShapeDtypeStruct((4,), jnp.float32)
+  forward = jax.jit(lambda x: jax.pure_callback(host, shape, x) + 1.0)
+  x = jnp.zeros((4,), jnp.float32)
+  return lambda: forward(x)
+
+
+def test_measure_reads_known_sleeps_within_ten_percent():
+  # 50 and 100 ms: a call's own overhead (dispatch, the callback's thread hop) is ~0.5 ms here
+  # and reached 4 ms with the machine's two cores shared four ways; 10% of 50 ms covers that.
+  stats = latency.measure({"a": _sleeper(0.05), "b": _sleeper(0.1)}, repeats=7, warmup=1)
+  assert stats["a"]["median_s"] == pytest.approx(0.05, rel=0.1)
+  assert stats["b"]["median_s"] == pytest.approx(0.1, rel=0.1)
+  for s in stats.values():
+    assert s["repeats"] == 7
+    assert s["min_s"] <= s["median_s"] <= s["p90_s"]
+
+
+def test_measure_waits_for_the_result():
+  # A jitted call returns before the device finishes; without block_until_ready the host's
+  # sleep (which the result waits on) would not be in the time.
+  def host(x):
+    time.sleep(0.03)
+    return x
+
+  shape = jax.ShapeDtypeStruct((), jnp.float32)
+  forward = jax.jit(lambda x: jax.pure_callback(host, shape, x) * 2)
+  stats = latency.measure({"f": lambda: forward(jnp.float32(1))}, repeats=3, warmup=1)
+  assert stats["f"]["min_s"] >= 0.03
+
+
+def test_measure_interleaves_after_warming_each():
+  calls = []
+  fns = {name: (lambda n=name: calls.append(n) or jnp.zeros(())) for name in ("a", "b", "c")}
+  latency.measure(fns, repeats=4, warmup=2)
+  assert calls == ["a", "a", "b", "b", "c", "c"] + ["a", "b", "c"] * 4
+
+
+def test_measure_statistics_on_a_scripted_clock(monkeypatch):
+  # Each call advances a fake clock by the next scripted duration: the times are known exactly.
+  durations = {"a": [5.0, 1.0, 3.0, 2.0, 4.0, 10.0, 6.0], "b": [0.5] * 7}
+  now = [0.0]
+
+  def fn(name):
+    def call():
+      now[0] += durations[name].pop(0) if durations[name] else 0.0
+      return np.zeros(())
+
+    return call
+
+  expected = {k: v[1:] for k, v in durations.items()}  # the first call of each is the warmup
+  monkeypatch.setattr(latency, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+  stats = latency.measure({"a": fn("a"), "b": fn("b")}, repeats=6, warmup=1)
+  for name, times in expected.items():
+    assert stats[name] == {
+      "median_s": float(np.median(times)),
+      "p90_s": float(np.percentile(times, 90)),
+      "min_s": min(times),
+      "repeats": 6,
+    }
+  assert stats["a"]["p90_s"] == pytest.approx(8.0)  # [1, 2, 3, 4, 6, 10]: 6 + 0.5 * (10 - 6)
+
+
+def test_measure_needs_a_repeat():
+  with pytest.raises(ValueError, match="repeats"):
+    latency.measure({"a": lambda: None}, repeats=0)
+
+
+# --- memory and size --------------------------------------------------------------------------
+
+
+def test_compiled_memory_counts_the_arguments():
+  x = jnp.ones((256, 256), jnp.float32)
+  y = jnp.ones((256,), jnp.float32)
+  mem = latency.compiled_memory(jax.jit(lambda x, y: x @ y), x, y)
+  assert mem["argument_bytes"] >= 256 * 256 * 4 + 256 * 4
+  assert mem["output_bytes"] >= 256 * 4
+  assert mem["temp_bytes"] >= 0
+  parts = mem["argument_bytes"] + mem["output_bytes"] + mem["temp_bytes"]
+  assert mem["total_bytes"] == parts - mem["alias_bytes"]
+  # Abstract arguments compile the same program: nothing needs to be allocated.
+  abstract = (
+    jax.ShapeDtypeStruct((256, 256), jnp.float32),
+    jax.ShapeDtypeStruct((256,), jnp.float32),
+  )
+  assert latency.compiled_memory(jax.jit(lambda x, y: x @ y), *abstract) == mem
+
+
+def test_compiled_memory_without_an_analysis():
+  compiled = types.SimpleNamespace(memory_analysis=lambda: None)
+  jitted = types.SimpleNamespace(lower=lambda *a: types.SimpleNamespace(compile=lambda: compiled))
+  mem = latency.compiled_memory(jitted, 1)
+  assert set(mem) >= {"temp_bytes", "argument_bytes", "output_bytes", "total_bytes"}
+  assert all(v is None for v in mem.values())
+
+
+def test_size_counts_params_and_bytes_by_dtype():
+  variables = {
+    "params": {
+      "dense": {"kernel": np.zeros((3, 4), np.float32), "bias": jnp.zeros((4,), jnp.bfloat16)},
+      "embed": nn.Partitioned(jnp.zeros((5, 2), jnp.bfloat16), names=("vocab", "embed")),
+    },
+    "batch_stats": {"mean": jax.ShapeDtypeStruct((4,), jnp.float32)},
+  }
+  assert latency.size(variables) == {
+    "params": 12 + 4 + 10,  # the params collection only
+    "bytes": 12 * 4 + 4 * 2 + 10 * 2 + 4 * 4,  # every collection
+    "bytes_by_dtype": {"bfloat16": 28, "float32": 64},
+  }
+  bare = latency.size(variables["params"])  # a bare param tree
+  assert bare == {"params": 26, "bytes": 76, "bytes_by_dtype": {"bfloat16": 28, "float32": 48}}
+
+
+# --- model_latency ----------------------------------------------------------------------------
+
+
+def _model(**fields):
+  section = default_config().student
+  section.update(fields)
+  module = models.build(section, parse_policy(section.policy), "student")
+  # Random values made on the host from the variables' shapes: no init program to compile (the
+  # timings do not depend on the values).
+  shapes = jax.eval_shape(
+    lambda r: nn.unbox(models.init_variables(module, r, 8)), jax.random.key(0)
+  )
+  rng = np.random.default_rng(0)
+  return module, jax.tree.map(
+    lambda a: (0.1 * rng.standard_normal(a.shape)).astype(a.dtype), shapes
+  )
+
+
+def _check_block(block, names, batch_sizes, repeats):
+  assert block["batch_sizes"] == list(batch_sizes)
+  assert set(block) == {"batch_sizes", *names}
+  for name in names:
+    assert set(block[name]) == {f"batch_{b}" for b in batch_sizes} | {"memory"}
+    for b in batch_sizes:
+      s = block[name][f"batch_{b}"]
+      assert s["repeats"] == repeats
+      assert 0 < s["min_s"] <= s["median_s"] <= s["p90_s"]
+
+
+TRANSFORMER = dict(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=8)
+
+
+def test_model_latency_transformer_and_encoder():
+  decoder = _model(**TRANSFORMER)
+  encoder = _model(**TRANSFORMER, encoder=True, norm="layernorm", pos="learned", bias="all")
+  block = latency.model_latency(
+    {"student": decoder, "teacher": encoder},
+    lambda b: latency.example_batch(decoder[0], b, 8),
+    batch_sizes=(1, 4),
+    repeats=3,
+    warmup=1,
+  )
+  _check_block(block, ["student", "teacher"], (1, 4), 3)
+  batch_bytes = 4 * 8 * 4  # [4, 8] int32 ids at the serving batch
+  for name, (_, variables), out_bytes in (
+    ("student", decoder, 4 * 8 * 64 * 4),  # logits [4, 8, 64] float32
+    ("teacher", encoder, 4 * 16 * 4),  # the embedding [4, 16] float32
+  ):
+    mem = block[name]["memory"]
+    # Exactly the variables and the batch (XLA's CPU buffers are unpadded).
+    assert mem["argument_bytes"] == latency.size(variables)["bytes"] + batch_bytes
+    assert mem["output_bytes"] == out_bytes
+    assert mem["total_bytes"] > mem["argument_bytes"]
+
+
+def test_model_latency_cnn_on_a_mesh():
+  cnn = _model(arch="cnn", image_size=8, image_channels=1, cnn_channels="4", cnn_fc=8)
+  images = latency.example_batch(cnn[0], 2)["inputs"]
+  assert images.shape == (2, 8, 8, 1) and images.dtype == np.float32
+  mesh = sharding.make_mesh(dict(data=2, fsdp=1, tensor=1), jax.devices()[:2])
+  variables = jax.device_put(cnn[1], jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  block = latency.model_latency(
+    {"student": (cnn[0], variables)},
+    lambda b: latency.example_batch(cnn[0], b),
+    batch_sizes=(1, 4),  # 1: replicated, 4: split over the data axis
+    repeats=2,
+    warmup=1,
+    mesh=mesh,
+  )
+  _check_block(block, ["student"], (1, 4), 2)
+  assert block["student"]["memory"]["output_bytes"] == 2 * 10 * 4  # per device: [2 of 4, 10]
+
+
+def test_example_batch():
+  section = default_config().student
+  section.update(TRANSFORMER)
+  batch = latency.example_batch(section, 3, 5)
+  assert set(batch) == {"inputs"}
+  assert batch["inputs"].shape == (3, 5) and batch["inputs"].dtype == np.int32
+  assert 0 <= batch["inputs"].min() and batch["inputs"].max() < 64
+  assert latency.example_batch(section, 2)["inputs"].shape == (2, 8)  # default: max_len
+  with pytest.raises(ValueError, match="exceeds the model's max_len 8"):
+    latency.example_batch(section, 1, 9)
