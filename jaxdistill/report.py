@@ -149,34 +149,43 @@ def loss_keys(runs: list[Run]) -> list[str]:
   return sorted(terms, key=lambda k: (k != "train/loss", not k.startswith("task/"), k))
 
 
-def _final_step(run: Run) -> int:
-  return int(run.evaluation.get("step", run.summary.get("last_step", 0)))
-
-
 def _validation_caption(runs: list[Run], metric: str) -> str:
-  periodic = {r.name: r.config.get("eval", {}).get("batches") for r in runs}
-  every = {r.name: r.config.get("eval", {}).get("every", 0) for r in runs}
+  """Says which batches the curves and the markers measure, and whether they differ."""
+  evals = {r.name: r.config.get("eval", {}) for r in runs}
+  periodic = {name: e.get("batches") for name, e in evals.items() if e.get("every")}
   data = runs[0].evaluation.get("data", {})
-  n = data.get("batches", 0)
-  table = "the whole split" if not n else f"the first {n} batches"
-  counts = sorted({b for name, b in periodic.items() if every[name]})
-  lines = (
-    f"the first {counts[0]} validation batches" if len(counts) == 1 else "per run: " + ", ".join(
-      f"{name} {b}" for name, b in periodic.items() if every[name]
-    ) + " validation batches"
-  )  # fmt: skip
-  overrides = data.get("overrides") or []
+  n, overrides = data.get("batches", 0), data.get("overrides") or []
+  counts = sorted(set(periodic.values()))
+  if len(counts) == 1:
+    lines = f"the first {counts[0]} validation batches"
+  else:
+    each = ", ".join(f"{k}: {v}" for k, v in periodic.items())
+    lines = f"the first N validation batches ({each})"
+  table = f"the first {n} batches" if n else "the whole split"
   where = f"{data.get('source', '?')} {data.get('split', 'validation')}"
+  where += f" with {', '.join(overrides)}" if overrides else ""
   caption = (
     f"Lines: the periodic `{metric}` during training on {lines} (config.json eval.batches). "
-    f"Markers (◆): the table's measurement (eval JSON) on {table} of {where}"
-    f"{' with ' + ', '.join(overrides) if overrides else ''}, at the run's last step."
+    f"Markers (◆): the table's measurement (eval JSON) on {table} of {where}, at the run's "
+    "last step; dashed: a teacher's table value."
   )
   if not counts:
     return "No run logged a periodic evaluation (eval.every = 0). " + caption
   if n == 0 or counts != [n] or overrides:
     caption += " They measure different batches, so a line's end need not meet its marker."
   return caption
+
+
+def _data_note(runs: list[Run]) -> str:
+  """A warning when the runs' evaluations read different data (their rows don't compare)."""
+  seen = {json.dumps(r.evaluation.get("data", {}), sort_keys=True) for r in runs}
+  if len(seen) == 1:
+    return ""
+  each = "; ".join(f"{r.name}: {json.dumps(r.evaluation.get('data', {}))}" for r in runs)
+  return (
+    f"**Warning**: the runs' evaluations read different data, so their rows do not compare "
+    f"({each})."
+  )
 
 
 def _plots(runs: list[Run], rows: list[dict], axis: dict, output: str) -> dict[str, str]:
@@ -229,6 +238,7 @@ def _markdown(report: dict, captions: dict, extra_md: str) -> str:
     "",
     runs,
     "",
+    *([report["data_note"], ""] if report["data_note"] else []),
     report["table"],
     "",
     report["pareto_note"],
@@ -260,6 +270,7 @@ def build(runs: dict[str, str], eval_name: str = "validation") -> tuple[dict, li
     "rows": rows,
     "pareto": {k: axis[k] for k in ("x", "quality", "higher_is_better")},
     "pareto_note": axis["note"],
+    "data_note": _data_note(loaded),
     "table": report_table.format_table(rows, loaded[0].task),
   }
   return report, loaded, axis

@@ -98,7 +98,16 @@ def _latency(ms_1, ms_32):
 
 
 def make_run(
-  root, name, quality, params, latency=None, teacher=None, vision=False, terms=None, **cfg_kw
+  root,
+  name,
+  quality,
+  params,
+  latency=None,
+  teacher=None,
+  vision=False,
+  terms=None,
+  data_batches=0,
+  **cfg_kw,
 ):
   """A finished run's files. latency: (ms at batch 1, ms at 32) or None; teacher: (quality,
   params, latency) of its eval JSON's teacher entry, or None."""
@@ -121,9 +130,9 @@ def make_run(
     "data": {
       "source": "digits" if vision else "stdlib",
       "split": "validation",
-      "batches": 0,
+      "batches": data_batches,
       "overrides": [],
-    },  # fmt: skip
+    },
     "models": {"student": _student(quality, vision)},
     "size": {"student": {"params": params, "bytes": 4 * params}},
     "device": "cpu",
@@ -285,6 +294,16 @@ def test_vision_report(tmp_path):
   # task/ce, distill/kl and the total: 3 panels in one row.
   assert_real_image(tmp_path / "out" / "training_curves.png", (1200, 300))
   assert_real_image(tmp_path / "out" / "validation.png", (700, 450))
+
+
+def test_captions_say_when_curve_and_table_measure_the_same_batches(tmp_path):
+  same = {n: make_run(tmp_path, n, 3.5, 1000, data_batches=4) for n in ("a", "b")}
+  rep = report.write(same, str(tmp_path / "same"))
+  assert "the first 4 batches" in rep["captions"]["validation"]
+  assert "different batches" not in rep["captions"]["validation"] and not rep["data_note"]
+  mixed = {"a": same["a"], "c": make_run(tmp_path, "c", 3.4, 1000, data_batches=8)}
+  rep = report.write(mixed, str(tmp_path / "mixed"))
+  assert "read different data" in (tmp_path / "mixed" / "report.md").read_text()
 
 
 # --- bad input ------------------------------------------------------------------------------
