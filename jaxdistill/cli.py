@@ -1,7 +1,7 @@
 """The ``jaxdistill`` command line (developer notes; users read ``DESCRIPTION`` via --help).
 
 Thin: parse arguments, load and validate the config, call the library (``loop``,
-``precompute``, ``quickstart``, ``eval_run``, ``embed``, ``models.hf_export``). JAX is imported only
+``precompute``, ``quickstart``, ``eval_run``, ``embed``, ``report``, ``models.hf_export``). JAX is imported only
 after the config is known good (a multi-process run initialises it first). Errors a user
 can cause (``JaxdistillError``, and argparse's usage errors) print one line ``error: ...``
 and exit with status 2; anything else is a bug and keeps its traceback.
@@ -30,7 +30,8 @@ examples:
   jaxdistill precompute --config FILE --output DIR    teacher targets stored on disk
   jaxdistill embed --model DIR --input FILE --output FILE.npy
   jaxdistill eval --workdir runs/smoke --latency     student and teacher metrics, latency
-  jaxdistill export --workdir runs/smoke --output DIR"""
+  jaxdistill export --workdir runs/smoke --output DIR
+  jaxdistill report runs/kd runs/ce --output reports/kd   table + curves of evaluated runs"""
 
 EPILOG = "Mistakes print one line 'error: ...' and exit with status 2."
 
@@ -127,6 +128,15 @@ def _parser() -> argparse.ArgumentParser:
   exp = sub.add_parser("export", help="a finished run's student as a Hugging Face model dir")
   exp.add_argument("--workdir", required=True, help="the run's workdir (final_params/)")
   exp.add_argument("--output", required=True, help="new directory: config.json, safetensors")
+  rep = sub.add_parser(
+    "report",
+    help="a Markdown report with curves and a table comparing evaluated runs",
+    epilog="Each run needs eval/NAME.json (jaxdistill eval --workdir W; --latency for latency).",
+  )
+  rep.add_argument("workdirs", nargs="+", metavar="WORKDIR", help="run workdirs, in table order")
+  rep.add_argument("--output", required=True, help="new directory for report.md, .json and PNGs")
+  rep.add_argument("--eval_name", default="validation", help="which W/eval/NAME.json to read")
+  rep.add_argument("--names", default="", help="display names a,b,... (default: directory names)")
   return parser
 
 
@@ -182,6 +192,33 @@ def _eval(args, overrides) -> int:
   )
   print(eval_run.format_table(result))
   print(f"wrote {os.path.join(args.workdir, 'eval', result['name'] + '.json')}")
+  return 0
+
+
+def _run_names(workdirs: list[str], names: str) -> dict[str, str]:
+  """Display name -> workdir: --names, or each workdir's last path component."""
+  if names:
+    given = [n.strip() for n in names.split(",")]
+    if len(given) != len(workdirs) or not all(given):
+      raise JaxdistillError(
+        f"--names gives {len(given)} name(s) for {len(workdirs)} workdir(s); pass one per run"
+      )
+  else:
+    given = [os.path.basename(os.path.normpath(w)) for w in workdirs]
+  if len(set(given)) != len(given):
+    twice = sorted({n for n in given if given.count(n) > 1})
+    raise JaxdistillError(f"two runs are named {twice[0]!r}; pass --names a,b,...")
+  return dict(zip(given, workdirs))
+
+
+def _report(args) -> int:
+  from jaxdistill import report
+
+  _check_dir_flag("--output", args.output)
+  result = report.write(_run_names(args.workdirs, args.names), args.output, args.eval_name)
+  print(result["table"])
+  print(result["pareto_note"])
+  print("wrote " + ", ".join(result["files"].values()))
   return 0
 
 
@@ -293,6 +330,10 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _train(args, overrides)
     if args.command == "eval":
       return _eval(args, overrides)
+    if args.command == "report":
+      if overrides:
+        raise JaxdistillError("report takes no --config overrides")
+      return _report(args)
     if args.command in ("embed", "export"):
       if overrides:
         raise JaxdistillError(f"{args.command} takes no --config overrides")

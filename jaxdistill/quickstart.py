@@ -11,7 +11,7 @@ Python-stdlib corpus:
   3. the CE student: the same student on CE alone, run long enough to also say
      what CE reaches in the KD student's wall time;
   4. evaluation of all three on the validation split, and the report
-     (``jaxdistill.report``: a table, ``DIR/report.json``, ``DIR/report.md``,
+     (``jaxdistill.quickstart_report``: a table, ``DIR/report.json``, ``DIR/report.md``,
      ``DIR/val_loss.png``).
 
 ``--task vision`` runs the same four stages with the classic CNN pair on the built-in digits
@@ -253,7 +253,7 @@ def run(
     cache_dir: the cache directory ("" = the default, see corpora.cache_dir).
     task: "text" (LMs on the built-in corpus) or "vision" (CNNs on the built-in digits).
   """
-  from jaxdistill import data as data_lib, report as report_lib
+  from jaxdistill import data as data_lib, quickstart_report as report_lib
 
   if os.path.exists(os.path.join(workdir, "report.json")):
     raise JaxdistillError(f"{workdir!r} already holds a quickstart report; pass a new --workdir")

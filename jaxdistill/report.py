@@ -1,221 +1,317 @@
-"""The quickstart's report: a table, a verdict, a curve (validation loss, or test accuracy for
-the vision task), report.json / .md.
+"""Reports over finished runs: ``jaxdistill report W1 W2 ... --output DIR`` (``write``).
 
-Pure formatting of what the quickstart job measured (``jaxdistill.quickstart``): nothing here
-trains or evaluates. Row names are the job's four runs (``ROWS``); each row holds
-``evaluate.evaluate``'s metrics plus the run's params, tokens/s, steps and training time.
+Reads each run's workdir: ``config.json``, ``metrics.jsonl``, ``summary.json`` and the
+evaluation ``eval/<name>.json`` that ``jaxdistill eval`` writes (default name "validation").
+Writes into DIR:
+
+  report.md, report.json   a table of the teacher(s) and the students: params, bytes, the
+                           quality (val CE / perplexity for language models, accuracy for
+                           classifiers, cosine to the teacher for encoders), agreement,
+                           KL(T||S), training throughput, latency at batch 1 and at the serving
+                           batch and compiled memory (with ``eval --latency``), and whether the
+                           model is on the Pareto front of quality against serving latency
+  training_curves.png      a panel per loss term logged in metrics.jsonl, a line per run
+  validation.png           each run's periodic evaluation and, marked, the table's measurement
+                           (they may use different batches; the caption says which)
+  quality_latency.png      quality against latency at both batch sizes (against params when no
+                           run has a latency block), the Pareto front ringed
+
+Nothing here trains or evaluates. The teacher's row comes from the runs' evaluations (its
+``teacher`` entry), once per distinct teacher; a run that is another run's teacher
+(``teacher.path``) is that teacher's row.
 """
 
+import dataclasses
 import json
+import math
 import os
+from typing import Any
 
-# The table's rows, in order: the job's four models.
-ROWS = ("teacher", "kd_student", "ce_student", "ce_student_equal_time")
+from jaxdistill import report_plots, report_table
+from jaxdistill.errors import JaxdistillError
+
+pareto_front = report_table.pareto_front  # (the table's; also reachable from here)
+
+FILES = {
+  "md": "report.md",
+  "json": "report.json",
+  "training": "training_curves.png",
+  "validation": "validation.png",
+  "scatter": "quality_latency.png",
+}
+# The periodic evaluation's metric (metrics.jsonl) and its label, per task.
+CURVE = {
+  "text": ("eval/loss", "validation cross-entropy (nats)"),
+  "vision": ("eval/accuracy", "validation accuracy"),
+  "encoder": ("eval/loss", "validation loss"),
+}
+# metrics.jsonl keys that are not loss terms.
+NOT_LOSSES = ("train/lr", "train/grad_norm", "train/nonfinite", "train/overflow")
+NOT_LOSSES += ("train/loss_scale", "distill/temperature")
 
 
-def build(results, summaries, cfg, teacher_dir, cached, wall_s) -> dict:
-  """The report dict: one row per model plus a "summary" of what distillation bought.
+@dataclasses.dataclass
+class Run:
+  """One run's files, read."""
 
-  Args:
-    results: name -> ``evaluate.evaluate`` metrics (the students and "teacher").
-    summaries: name -> the run's training summary (``loop.train``'s, plus ``train_s``).
-    cfg: the KD student's config (for the corpus line).
-    teacher_dir: the teacher's run directory.
-    cached: whether the teacher came from the cache.
-    wall_s: the job's wall time so far.
+  name: str
+  workdir: str
+  config: dict
+  summary: dict
+  evaluation: dict
+  metrics: list[dict]
 
-  Returns:
-    name -> row dict, and "summary" -> dict (gap closed, who beat whom, corpus, wall time).
+  @property
+  def task(self) -> str:
+    return self.evaluation.get("task") or (
+      "text" if self.config["student"].get("arch", "transformer") == "transformer" else "vision"
+    )
+
+
+def _read_json(path: str, what: str) -> dict:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise JaxdistillError(f"{path} is not valid JSON ({e}); {what}") from None
+
+
+def _metrics(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path, encoding="utf-8") as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def load_run(name: str, workdir: str, eval_name: str = "validation") -> Run:
+  """A run's config, summary, metrics and evaluation.
+
+  Raises:
+    JaxdistillError: ``workdir`` is not a run (no config.json) or has no eval/<eval_name>.json.
   """
-  report, vision = {}, _is_vision(results)
-  rate = "images_per_s" if vision else "tokens_per_s"
-  for name, m in results.items():
-    s = summaries[name]
-    row = dict(m, params=s["student_params"], steps=s["steps"], **{rate: s[rate]})
-    row.setdefault("agreement", 1.0)  # the teacher against itself
-    row.setdefault("kl_to_teacher", 0.0)
-    if "train_s" in s:
-      row["train_s"] = s["train_s"]
-    report[name] = row
-  if vision:
-    report["summary"] = _vision_summary(report, teacher_dir, cached, wall_s)
-    return report
-  t, kd, ce = (report[k]["val_loss"] for k in ("teacher", "kd_student", "ce_student"))
-  report["summary"] = {
-    "teacher_cached": cached,
-    "teacher_dir": teacher_dir,
-    "gap_closed": (ce - kd) / (ce - t) if ce != t else None,  # share of CE->teacher gap
-    "kd_beats_ce_same_steps": kd < ce,
-    "kd_beats_ce_same_time": kd < report["ce_student_equal_time"]["val_loss"],
-    "teacher_beats_ce": t < ce,
-    "validation_tokens": report["teacher"]["tokens"],
-    "wall_s": wall_s,
-    "jemalloc": "jemalloc" in os.environ.get("LD_PRELOAD", ""),
-    "corpus": f"python_stdlib ({cfg.data.stdlib_max_files or 'all'} files)",
-  }
-  return report
-
-
-def _is_vision(results: dict) -> bool:
-  return "images" in next(iter(results.values()))
-
-
-def _vision_summary(report: dict, teacher_dir: str, cached: bool, wall_s: float) -> dict:
-  t, kd, ce = (report[k]["accuracy"] for k in ("teacher", "kd_student", "ce_student"))
-  return {
-    "task": "vision",
-    "teacher_cached": cached,
-    "teacher_dir": teacher_dir,
-    "gap_closed": (kd - ce) / (t - ce) if t != ce else None,  # share of CE->teacher gap
-    "kd_beats_ce_same_steps": kd > ce,
-    "kd_beats_ce_same_time": kd > report["ce_student_equal_time"]["accuracy"],
-    "teacher_beats_ce": t > ce,
-    "test_images": report["teacher"]["images"],
-    "wall_s": wall_s,
-    "jemalloc": "jemalloc" in os.environ.get("LD_PRELOAD", ""),
-    "corpus": "built-in digits (5,000 real MNIST digits: 4,000 train, 1,000 test)",
-  }
-
-
-def _vision_verdict(report: dict) -> str:
-  s, kd, ce = report["summary"], report["kd_student"], report["ce_student"]
-  eq, t = report["ce_student_equal_time"], report["teacher"]
-  pct = lambda m: f"{100 * m['accuracy']:.1f}%"
-  if not s["teacher_beats_ce"]:
-    return (
-      f"The teacher ({pct(t)} test accuracy) is no better than the student trained on CE alone "
-      f"({pct(ce)}), so there was nothing to distil; the KD student reached {pct(kd)}."
+  config_path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(config_path):
+    raise JaxdistillError(f"{workdir!r} is not a run directory (no config.json)")
+  eval_path = os.path.join(workdir, "eval", f"{eval_name}.json")
+  if not os.path.isfile(eval_path):
+    raise JaxdistillError(
+      f"{workdir!r} has no eval/{eval_name}.json: run `jaxdistill eval --workdir {workdir}` "
+      "first, or pass --eval_name"
     )
-  same_steps = (
-    f"closed {100 * s['gap_closed']:.0f}% of the accuracy gap between the CE student and the "
-    "teacher"
-    if s["kd_beats_ce_same_steps"]
-    else "did NOT beat the CE student"
-  )
-  same_time = ("still beat" if s["kd_beats_ce_same_time"] else "lost to") + (
-    f" CE given the same wall time ({eq['steps']} CE steps reach {pct(eq)})"
-  )
-  return (
-    f"At equal steps the KD student ({pct(kd)}) {same_steps} (CE {pct(ce)}, teacher {pct(t)}); "
-    f"it {same_time}. A KD step also runs the teacher forward: it costs "
-    f"{kd['train_s'] / ce['train_s']:.1f}x a CE step here."
+  summary_path = os.path.join(workdir, "summary.json")
+  summary = _read_json(summary_path, "rerun the training") if os.path.isfile(summary_path) else {}
+  return Run(
+    name=name,
+    workdir=workdir,
+    config=_read_json(config_path, "is it a jaxdistill run?"),
+    summary=summary,
+    evaluation=_read_json(eval_path, f"rerun `jaxdistill eval --workdir {workdir}`"),
+    metrics=_metrics(os.path.join(workdir, "metrics.jsonl")),
   )
 
 
-def verdict(report: dict) -> str:
-  """One honest paragraph on what distillation bought."""
-  if report["summary"].get("task") == "vision":
-    return _vision_verdict(report)
-  s, kd, ce = report["summary"], report["kd_student"], report["ce_student"]
-  eq = report["ce_student_equal_time"]
-  if not s["teacher_beats_ce"]:
-    return (
-      f"The teacher (val CE {report['teacher']['val_loss']:.3f}) is no better than the student "
-      f"trained on CE alone ({ce['val_loss']:.3f}), so there was nothing to distil: the KD "
-      f"student reached {kd['val_loss']:.3f}. Train the teacher longer."
-    )
-  same_steps = (
-    f"closed {100 * s['gap_closed']:.0f}% of the gap between the CE student and the teacher"
-    if s["kd_beats_ce_same_steps"]
-    else "did NOT beat the CE student"
+def load_runs(runs: dict[str, str], eval_name: str = "validation") -> list[Run]:
+  """Every run, checked to be of one task (language model, classifier or encoder)."""
+  if not runs:
+    raise JaxdistillError("report needs at least one run workdir")
+  loaded = [load_run(name, workdir, eval_name) for name, workdir in runs.items()]
+  tasks = {r.task for r in loaded}
+  if len(tasks) > 1:
+    kinds = ", ".join(f"{r.name}: {r.task}" for r in loaded)
+    raise JaxdistillError(f"cannot compare runs of different tasks in one report ({kinds})")
+  return loaded
+
+
+def check_output(output: str) -> None:
+  """``output`` must be (or become) a directory without a report in it."""
+  if os.path.exists(output) and not os.path.isdir(output):
+    raise JaxdistillError(f"--output {output!r} is a file; pass a directory")
+  if os.path.exists(os.path.join(output, FILES["md"])):
+    raise JaxdistillError(f"{output!r} already holds a report.md; pass a new --output")
+
+
+def _number(value) -> float:
+  """A metrics.jsonl value as a float (non-finite values are stored as strings)."""
+  return float(value)
+
+
+def _series(rows: list[dict], key: str) -> report_plots.Curve:
+  rows = [r for r in rows if key in r]
+  return [r["step"] for r in rows], [_number(r[key]) for r in rows]
+
+
+def loss_keys(runs: list[Run]) -> list[str]:
+  """The loss terms logged by any run: train/loss first, then task/* and distill/*."""
+  keys = {k for r in runs for row in r.metrics for k in row}
+  terms = sorted(
+    k for k in keys if k.split("/")[0] in ("task", "distill", "train") and k not in NOT_LOSSES
   )
-  same_time = (
-    "still beat" if s["kd_beats_ce_same_time"] else "lost to"
-  ) + f" CE given the same wall time ({eq['steps']} CE steps reach {eq['val_loss']:.3f})"
-  return (
-    f"At equal steps the KD student ({kd['val_loss']:.3f}) {same_steps} "
-    f"(CE {ce['val_loss']:.3f}, teacher {report['teacher']['val_loss']:.3f}); it "
-    f"{same_time}. A KD step runs the teacher forward too, so it costs "
-    f"{kd['train_s'] / ce['train_s']:.1f}x a CE step here; precomputed teacher targets would "
-    "remove most of that cost."
-  )
+  return sorted(terms, key=lambda k: (k != "train/loss", not k.startswith("task/"), k))
 
 
-def _vision_table(report: dict) -> str:
-  head = "| model | steps | params | test acc | top-5 | agree | KL(T‖S) | ECE | train img/s |"
-  lines = [head, "|---|---|---|---|---|---|---|---|---|"]
-  for name in ROWS:
-    m = report[name]
-    lines.append(
-      f"| {name} | {m['steps']} | {m['params'] / 1e6:.3f}M | {100 * m['accuracy']:.1f}% | "
-      f"{100 * m['top5_accuracy']:.1f}% | {m['agreement']:.3f} | {m['kl_to_teacher']:.3f} | "
-      f"{m['ece']:.3f} | {m['images_per_s']:,.0f} |"
-    )
-  return "\n".join(lines)
-
-
-def format_table(report: dict) -> str:
-  """The report as a Markdown table (also what the command prints)."""
-  if report["summary"].get("task") == "vision":
-    return _vision_table(report)
-  head = "| model | steps | params | val CE | val ppl | agree | KL(T‖S) | train tok/s |"
-  lines = [head, "|---|---|---|---|---|---|---|---|"]
-  for name in ROWS:
-    m = report[name]
-    lines.append(
-      f"| {name} | {m['steps']} | {m['params'] / 1e6:.2f}M | {m['val_loss']:.3f} | "
-      f"{m['val_ppl']:.1f} | {m['agreement']:.3f} | {m['kl_to_teacher']:.3f} | "
-      f"{m['tokens_per_s']:,.0f} |"
-    )
-  return "\n".join(lines)
-
-
-def plot_curves(run_dirs: dict[str, str], path: str, metric: str = "eval/loss") -> None:
-  """PNG of each run's ``metric`` rows (``eval/loss``, or ``eval/accuracy``) from its
-  metrics.jsonl, against the step."""
-  import matplotlib
-
-  matplotlib.use("Agg")  # no display needed
-  import matplotlib.pyplot as plt
-
-  from jaxdistill.metrics import read_jsonl
-
-  fig, ax = plt.subplots(figsize=(7, 4.5))
-  for name in ROWS:
-    rows = [r for r in read_jsonl(os.path.join(run_dirs[name], "metrics.jsonl")) if metric in r]
-    if rows:
-      ax.plot([r["step"] for r in rows], [r[metric] for r in rows], marker=".", label=name)
-  if metric == "eval/accuracy":
-    ax.set(xlabel="training step", ylabel="test accuracy", title="Test accuracy")
+def _validation_caption(runs: list[Run], metric: str) -> str:
+  """Says which batches the curves and the markers measure, and whether they differ."""
+  evals = {r.name: r.config.get("eval", {}) for r in runs}
+  periodic = {name: e.get("batches") for name, e in evals.items() if e.get("every")}
+  data = runs[0].evaluation.get("data", {})
+  n, overrides = data.get("batches", 0), data.get("overrides") or []
+  counts = sorted(set(periodic.values()))
+  if len(counts) == 1:
+    lines = f"the first {counts[0]} validation batches"
   else:
-    ax.set(
-      xlabel="training step", ylabel="validation cross-entropy (nats)", title="Validation loss"
-    )
-  ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path, dpi=110)
-  plt.close(fig)
+    each = ", ".join(f"{k}: {v}" for k, v in periodic.items())
+    lines = f"the first N validation batches ({each})"
+  table = f"the first {n} batches" if n else "the whole split"
+  where = f"{data.get('source', '?')} {data.get('split', 'validation')}"
+  where += f" with {', '.join(overrides)}" if overrides else ""
+  caption = (
+    f"Lines: the periodic `{metric}` during training on {lines} (config.json eval.batches). "
+    f"Markers (◆): the table's measurement (eval JSON) on {table} of {where}, at the run's "
+    "last step; dashed: a teacher's table value."
+  )
+  if not counts:
+    return "No run logged a periodic evaluation (eval.every = 0). " + caption
+  if n == 0 or counts != [n] or overrides:
+    caption += " They measure different batches, so a line's end need not meet its marker."
+  return caption
 
 
-def write_report(report: dict, workdir: str, run_dirs: dict[str, str]) -> None:
-  """Writes report.json, val_loss.png and report.md into ``workdir``."""
-  os.makedirs(workdir, exist_ok=True)
-  s = report["summary"]
-  vision = s.get("task") == "vision"
-  png = "test_accuracy.png" if vision else "val_loss.png"
-  plot_curves(run_dirs, os.path.join(workdir, png), "eval/accuracy" if vision else "eval/loss")
-  amount = (
-    f"{s['test_images']:,} test images"
-    if vision
-    else (f"{s['validation_tokens']:,} validation tokens")
+def _data_note(runs: list[Run]) -> str:
+  """A warning when the runs' evaluations read different data (their rows don't compare)."""
+  seen = {json.dumps(r.evaluation.get("data", {}), sort_keys=True) for r in runs}
+  if len(seen) == 1:
+    return ""
+  each = "; ".join(f"{r.name}: {json.dumps(r.evaluation.get('data', {}))}" for r in runs)
+  return (
+    f"**Warning**: the runs' evaluations read different data, so their rows do not compare "
+    f"({each})."
+  )
+
+
+def _plots(runs: list[Run], rows: list[dict], axis: dict, output: str) -> dict[str, str]:
+  """Draws the three PNGs; returns {kind: caption}."""
+  task, color = runs[0].task, report_plots.colors([r["name"] for r in rows])
+  keys = loss_keys(runs)
+  series = {k: {r.name: _series(r.metrics, k) for r in runs if any(k in m for m in r.metrics)}
+            for k in keys}  # fmt: skip
+  path = os.path.join(output, FILES["training"])
+  report_plots.training_curves(series, path, "Training losses", color)
+  metric, label = CURVE[task]
+  curves = {r.name: _series(r.metrics, metric) for r in runs}
+  quality = axis["quality"] if axis["quality"] != "cosine_to_teacher" else "val_loss"
+  measured = [r for r in rows if r.get(quality) is not None]
+  # A teacher from the evaluations has no training step here: a horizontal reference line.
+  finals = {r["name"]: (r["step"], r[quality]) for r in measured if r["step"] is not None}
+  levels = {r["name"]: r[quality] for r in measured if r["step"] is None}
+  path = os.path.join(output, FILES["validation"])
+  report_plots.validation_curves(curves, finals, label, path, levels, color)
+  path = os.path.join(output, FILES["scatter"])
+  report_plots.quality_scatter(
+    axis["panels"], axis["ylabel"], axis["higher_is_better"], path, color
+  )
+  return {
+    "training": (
+      "Training losses as logged in metrics.jsonl (every log.every steps): train/loss is the "
+      "weighted total; the other panels are the unweighted terms (their weights are the "
+      "weight/* keys)."
+    ),
+    "validation": _validation_caption(runs, metric),
+    "scatter": axis["caption"],
+  }
+
+
+def _markdown(report: dict, captions: dict, extra_md: str) -> str:
+  data = report["data"]
+  batches = data.get("batches", 0)
+  runs = "\n".join(
+    f"- **{r['name']}**: `{r['workdir']}` (step {r['step']}, {r['params_source']})"
+    if r["step"] is not None
+    else f"- **{r['name']}**: `{r['workdir'] or '?'}`, measured in the students' evaluations"
+    for r in report["rows"]
   )
   md = [
-    "# jaxdistill quickstart report",
+    "# jaxdistill report",
     "",
-    f"Data: {s['corpus']}; {amount}. "
-    f"Teacher {'loaded from the cache' if s['teacher_cached'] else 'trained in this run'} "
-    f"({s['teacher_dir']}). Wall time {s['wall_s'] / 60:.1f} min"
-    f"{' (jemalloc)' if s['jemalloc'] else ''}.",
+    f"Evaluation `eval/{report['eval_name']}.json`: {data.get('source', '?')} "
+    f"{data.get('split', 'validation')}, {f'{batches} batches' if batches else 'the whole split'}"
+    f"; device {report.get('device', '?')}.",
     "",
-    format_table(report),
+    runs,
     "",
-    verdict(report),
+    *([report["data_note"], ""] if report["data_note"] else []),
+    report["table"],
     "",
-    f"![the periodic evaluation over training: the same split as the table]({png})",
+    report["pareto_note"],
     "",
   ]
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(md))
-  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
+  if extra_md:
+    md += [extra_md.strip(), ""]
+  for kind, title in (("training", "Training"), ("validation", "Validation"), ("scatter", "")):
+    title = title or ("Quality and latency" if report["pareto"]["x"] != "params" else "Quality")
+    md += [f"## {title}", "", f"![{kind}]({FILES[kind]})", "", captions[kind], ""]
+  return "\n".join(md)
+
+
+def build(runs: dict[str, str], eval_name: str = "validation") -> tuple[dict, list[Run], dict]:
+  """The report dict (no files written), the runs read, and the quality plot's axes.
+
+  Returns:
+    ({"eval_name", "task", "data", "device", "rows": [row dicts, teachers first],
+      "pareto": {"x", "quality", "higher_is_better"}, "pareto_note", "table"}, runs, axis).
+  """
+  loaded = load_runs(runs, eval_name)
+  rows, axis = report_table.rows_for(loaded)
+  first = loaded[0].evaluation
+  report = {
+    "eval_name": eval_name,
+    "task": loaded[0].task,
+    "data": first.get("data", {}),
+    "device": first.get("device_kind") or first.get("device", "?"),
+    "rows": rows,
+    "pareto": {k: axis[k] for k in ("x", "quality", "higher_is_better")},
+    "pareto_note": axis["note"],
+    "data_note": _data_note(loaded),
+    "table": report_table.format_table(rows, loaded[0].task),
+  }
+  return report, loaded, axis
+
+
+def write(
+  runs: dict[str, str], output: str, eval_name: str = "validation", extra_md: str = ""
+) -> dict:
+  """Writes the report of ``runs`` into ``output`` (see the module docstring).
+
+  Args:
+    runs: display name -> run workdir, in the table's order.
+    output: a new directory, or an existing one without a report.md.
+    eval_name: which evaluation to read (``W/eval/<eval_name>.json``).
+    extra_md: Markdown put under the table (e.g. the quickstart's verdict).
+
+  Returns:
+    The report dict (also in report.json), with "files": kind -> path written.
+
+  Raises:
+    JaxdistillError: a bad workdir, a missing evaluation, mixed tasks, or a bad ``output``.
+  """
+  check_output(output)
+  report, loaded, axis = build(runs, eval_name)
+  os.makedirs(output, exist_ok=True)
+  captions = _plots(loaded, report["rows"], axis, output)
+  report["captions"] = captions
+  report["files"] = {kind: os.path.join(output, name) for kind, name in FILES.items()}
+  with open(report["files"]["json"], "w", encoding="utf-8") as f:
+    json.dump(_finite(report), f, indent=2)
+  with open(report["files"]["md"], "w", encoding="utf-8") as f:
+    f.write(_markdown(report, captions, extra_md))
+  return _finite(report)
+
+
+def _finite(node: Any) -> Any:
+  """NaN / inf -> None, so report.json is strict JSON and reads back equal."""
+  if isinstance(node, dict):
+    return {k: _finite(v) for k, v in node.items()}
+  if isinstance(node, list):
+    return [_finite(v) for v in node]
+  if isinstance(node, float) and not math.isfinite(node):
+    return None
+  return node

@@ -154,7 +154,7 @@ def test_help_is_for_users(capsys):
   out = capsys.readouterr().out
   assert info.value.code == 0
   assert "Thin" not in out and "distillation" in out.lower()
-  for command in ("train", "quickstart", "precompute", "embed", "export"):
+  for command in ("train", "quickstart", "precompute", "embed", "export", "report"):
     assert f"jaxdistill {command}" in out, command
   # The developers' notes stay in the module docstring.
   assert "Thin" in cli.__doc__

@@ -13,7 +13,8 @@ The layers, bottom to top; a module imports only from its own layer or below (``
   3  objective and its heads' machinery (fused, sparse, chunking), validate (+ validate_distill)
   4  train, checkpoint, evaluate, teacher, latency
   5  run, workdir, loop               build a run, its workdir, the step loop and train
-  6  jobs: quickstart, precompute (+ precompute_images), embed, report, eval_run
+  6  jobs: quickstart (+ quickstart_report), precompute (+ precompute_images), embed, report
+     (+ report_table, report_plots), eval_run
   7  cli
 """
 
@@ -41,13 +42,15 @@ LAYERS = {
   **dict.fromkeys(("run", "workdir", "loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "precompute_images", "embed", "report"), 6),
   "eval_run": 6,
+  **dict.fromkeys(("quickstart_report", "report_table", "report_plots"), 6),
   "cli": 7,
 }
 # The closed bottom: models and the pure layers under them import nothing else of the package
 # (in particular nothing of train, loop, objective, config, validate, the jobs or the CLI).
 BOTTOM = ("models", "losses", "layer_maps", "schedules", "sharding", "precision", "errors")
 BOTTOM += ("vision_losses", "classify_metrics")
-JOBS = ("quickstart", "precompute", "precompute_images", "embed", "report")
+JOBS = ("quickstart", "precompute", "precompute_images", "embed", "report", "quickstart_report")
+JOBS += ("report_table", "report_plots")
 
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
