@@ -1,10 +1,10 @@
 """The ``jaxdistill`` command line (developer notes; users read ``DESCRIPTION`` via --help).
 
 Thin: parse arguments, load and validate the config, call the library (``loop``,
-``precompute``, ``quickstart``, ``eval_run``, ``embed``, ``report``, ``models.hf_export``). JAX is imported only
-after the config is known good (a multi-process run initialises it first). Errors a user
-can cause (``JaxdistillError``, and argparse's usage errors) print one line ``error: ...``
-and exit with status 2; anything else is a bug and keeps its traceback.
+``precompute``, ``quickstart``, ``eval_run``, ``embed``, ``report``, ``models.hf_export``).
+JAX is imported only after the config is known good (a multi-process run initialises it
+first). Errors a user can cause (``JaxdistillError``, and argparse's usage errors) print one
+line ``error: ...`` and exit with status 2; anything else is a bug and keeps its traceback.
 """
 
 import argparse
