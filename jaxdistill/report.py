@@ -170,7 +170,11 @@ def _validation_caption(runs: list[Run], metric: str) -> str:
     "last step; dashed: a teacher's table value."
   )
   if not counts:
-    return "No run logged a periodic evaluation (eval.every = 0). " + caption
+    return (
+      "No run logged a periodic evaluation (eval.every = 0). Markers (◆): the table's "
+      f"measurement (eval JSON) on {table} of {where}, at the run's last step; dashed: a "
+      "teacher's table value."
+    )
   if n == 0 or counts != [n] or overrides:
     caption += " They measure different batches, so a line's end need not meet its marker."
   return caption

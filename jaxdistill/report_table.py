@@ -126,7 +126,8 @@ def _teacher_rows(runs) -> list[dict]:
   for r in found.values():
     name = "teacher" if len(found) == 1 and "teacher" not in names else f"teacher of {r.name}"
     row = _row(name, "teacher", r.evaluation, "teacher")
-    path = r.config.get("teacher", {}).get("path", "")
+    teacher = r.config.get("teacher", {})
+    path = teacher.get("path", "") or f"teacher.source={teacher.get('source', '?')}"
     row.update(workdir=path, step=None, params_source="", train_rate=None)
     row.update(agreement=None, kl_to_teacher=None)  # against itself: not a measurement
     rows.append(row)
