@@ -123,6 +123,9 @@ def _parser() -> argparse.ArgumentParser:
   ev.add_argument("--batches", type=int, default=0, help="validation batches (0 = whole split)")
   ev.add_argument("--latency", action="store_true", help="also time the compiled forward")
   ev.add_argument(
+    "--teacher", default="", help="compare with this run's student instead of the run's teacher"
+  )
+  ev.add_argument(
     "--batch_sizes", default="1,32", help="latency batch sizes: batch 1 and a serving batch"
   )
   exp = sub.add_parser("export", help="a finished run's student as a Hugging Face model dir")
@@ -189,6 +192,7 @@ def _eval(args, overrides) -> int:
     batches=args.batches,
     with_latency=args.latency,
     batch_sizes=sizes,
+    teacher_dir=args.teacher,
   )
   print(eval_run.format_table(result))
   print(f"wrote {os.path.join(args.workdir, 'eval', result['name'] + '.json')}")

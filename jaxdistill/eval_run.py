@@ -15,6 +15,7 @@ The result is written to ``W/eval/<name>.json`` (the schema in ``docs/eval.md``)
 silent mismatch between token ids and embeddings.
 """
 
+import copy
 import datetime
 import hashlib
 import json
@@ -24,7 +25,7 @@ from typing import Any, Sequence
 import jax
 
 from jaxdistill import checkpoint, config as config_lib, data as data_lib, evaluate, latency
-from jaxdistill import run as run_lib, workdir as workdir_lib
+from jaxdistill import models, run as run_lib, teacher as teacher_lib, workdir as workdir_lib
 from jaxdistill.errors import JaxdistillError
 
 # Override sections ``eval`` accepts: the data to measure on, the mesh and the cache. The
@@ -128,6 +129,32 @@ def _final_step(workdir: str, cfg: Any) -> int:
     return int(cfg.optim.steps)
 
 
+def _teacher(cfg: Any, built: Any, workdir: str, teacher_dir: str) -> tuple | None:
+  """(module, variables, where from) of the teacher to compare with, or None: the run's own
+  teacher, or the student of the run ``teacher_dir`` (e.g. to give a CE baseline, which has
+  no teacher, agreement and KL against the teacher its KD twin distilled from)."""
+  if not teacher_dir:
+    if built.teacher is None:
+      return None
+    return built.teacher, built.teacher_vars, built.teacher_path or f"{cfg.teacher.source} init"
+  other = run_config(teacher_dir)
+  mine, theirs = (os.path.join(d, "tokenizer.json") for d in (workdir, teacher_dir))
+  if os.path.isfile(mine) and os.path.isfile(theirs):
+    with open(mine, "rb") as a, open(theirs, "rb") as b:
+      if a.read() != b.read():
+        raise JaxdistillError(
+          f"--teacher {teacher_dir!r} was trained with another tokenizer than {workdir!r}; "
+          "compare runs that share one"
+        )
+  t_cfg = copy.deepcopy(cfg)
+  for key in (*models.MODEL_KEYS, *models.VISION_KEYS):
+    t_cfg.teacher[key] = other.student[key]
+  t_cfg.teacher.update(source="workdir", path=teacher_dir)
+  module = run_lib.model_of(t_cfg, "teacher")
+  variables, _, path = teacher_lib.load(t_cfg, module, built.mesh, workdir)
+  return module, variables, path
+
+
 def _entry(module, variables: dict) -> tuple:
   """``evaluate``'s (module, params, other collections or None)."""
   rest = {k: v for k, v in variables.items() if k != "params"}
@@ -159,6 +186,7 @@ def evaluate_workdir(
   with_latency: bool = False,
   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
   repeats: int = 20,
+  teacher_dir: str = "",
 ) -> dict:
   """Evaluates a run's student (and teacher) and writes ``W/eval/<name>.json``.
 
@@ -172,6 +200,7 @@ def evaluate_workdir(
     with_latency: also measure forward latency and compiled memory.
     batch_sizes: the latency batch sizes (batch 1 and a serving batch).
     repeats: timed repeats per model and batch size.
+    teacher_dir: compare with the student of this run instead of the run's own teacher.
 
   Returns:
     The result dict (also written): name, workdir, step, params_source, task, data, models,
@@ -183,7 +212,8 @@ def evaluate_workdir(
   built = run_lib.build_run(cfg, workdir, create_state=False, data=False)
   variables, source, trained_step = _student_variables(built, workdir, step)
   entries = {"student": _entry(built.student, variables)}
-  teacher = _entry(built.teacher, built.teacher_vars) if built.teacher is not None else None
+  found = _teacher(cfg, built, workdir, teacher_dir)
+  teacher = _entry(*found[:2]) if found else None
   if not batches and cfg.data.source == "synthetic" and not data_lib.is_image_model(cfg):
     batches = cfg.eval.batches or 8  # a synthetic token stream never ends
   results = evaluate.evaluate(
@@ -191,7 +221,7 @@ def evaluate_workdir(
   )
   sizes = {"student": latency.size(variables)}
   if teacher is not None:
-    sizes["teacher"] = latency.size(built.teacher_vars)
+    sizes["teacher"] = latency.size(found[1])
   device = jax.devices()[0]
   out = {
     "name": name or default_name(overrides, step),
@@ -206,6 +236,7 @@ def evaluate_workdir(
       "overrides": [f"{k}={v}" for k, v in overrides],
     },
     "models": results,
+    "teacher": {"from": found[2]} if found else None,
     "size": sizes,
     "device": device.platform,
     "device_kind": device.device_kind,
@@ -213,8 +244,8 @@ def evaluate_workdir(
   }
   if with_latency:
     models = {"student": (built.student, variables)}
-    if teacher is not None:
-      models["teacher"] = (built.teacher, built.teacher_vars)
+    if found:
+      models["teacher"] = found[:2]
     batch_fn = lambda b: latency.example_batch(built.student, b, cfg.data.seq_len)
     out["latency"] = latency.model_latency(models, batch_fn, tuple(batch_sizes), repeats=repeats)
   if jax.process_index() == 0:

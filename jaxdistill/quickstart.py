@@ -10,9 +10,10 @@ Python-stdlib corpus:
      + hidden-state losses);
   3. the CE student: the same student on CE alone, run long enough to also say
      what CE reaches in the KD student's wall time;
-  4. evaluation of all three on the validation split, and the report
-     (``jaxdistill.quickstart_report``: a table, ``DIR/report.json``, ``DIR/report.md``,
-     ``DIR/val_loss.png``).
+  4. ``jaxdistill eval --latency`` of all three against the teacher on the validation split,
+     and ``jaxdistill report`` of them with the quickstart's verdict
+     (``jaxdistill.quickstart_report``: ``DIR/report.md`` and ``report.json``, the table,
+     training, validation and accuracy-latency PNGs).
 
 ``--task vision`` runs the same four stages with the classic CNN pair on the built-in digits
 (5,000 real MNIST digits; recipe ``configs/cnn_digits.py``): the teacher is keyed by its config
@@ -210,36 +211,27 @@ def train_stage(cfg: Any, workdir: str, what: str, log) -> dict:
   return summary
 
 
-def evaluate_runs(runs: dict, teacher_dir: str, cfg: Any, limit: int) -> dict:
-  """Loads every run's final params and evaluates them (and the teacher) together.
+def evaluate_runs(runs: dict, teacher_dir: str, limit: int) -> dict:
+  """``jaxdistill eval --latency --teacher TEACHER`` of every run: each writes its
+  ``eval/validation.json`` (what ``jaxdistill report`` reads) against the same teacher, so
+  the CE students also get agreement and KL.
 
   Args:
-    runs: name -> run directory holding final_params (students of ``cfg.student``'s shape).
+    runs: name -> run directory holding final_params.
     teacher_dir: the teacher's run directory.
-    cfg: a student config (model shapes, policies, data, mesh).
     limit: validation batches (0 = the whole split).
 
   Returns:
     ``evaluate.evaluate``'s name -> metrics, plus "teacher".
   """
-  from jaxdistill import checkpoint, evaluate, models, precision, sharding
+  from jaxdistill import eval_run
 
-  def module(side):
-    policy = precision.parse_policy(cfg[side].policy, f"{side}.policy")
-    return models.build(cfg[side], policy, side)
-
-  mesh = sharding.make_mesh(cfg.mesh)
-  seq_len = cfg.data.seq_len
-  teacher, student = module("teacher"), module("student")
-
-  def load(module, d):  # (module, params, other collections such as BatchNorm statistics)
-    path = os.path.join(d, checkpoint.FINAL_PARAMS)
-    variables = evaluate.load_variables(module, path, mesh, seq_len)[0]
-    return module, variables.pop("params"), variables or None
-
-  students = {name: load(student, d) for name, d in runs.items()}
-  batches = evaluate.validation_batches(cfg, limit)
-  return evaluate.evaluate(students, batches, mesh, teacher=load(teacher, teacher_dir))
+  results = {}
+  for name, d in runs.items():
+    out = eval_run.evaluate_workdir(d, batches=limit, with_latency=True, teacher_dir=teacher_dir)
+    results[name] = out["models"]["student"]
+    results["teacher"] = out["models"]["teacher"]
+  return results
 
 
 def run(
@@ -253,7 +245,7 @@ def run(
     cache_dir: the cache directory ("" = the default, see corpora.cache_dir).
     task: "text" (LMs on the built-in corpus) or "vision" (CNNs on the built-in digits).
   """
-  from jaxdistill import data as data_lib, quickstart_report as report_lib
+  from jaxdistill import data as data_lib, quickstart_report
 
   if os.path.exists(os.path.join(workdir, "report.json")):
     raise JaxdistillError(f"{workdir!r} already holds a quickstart report; pass a new --workdir")
@@ -292,12 +284,12 @@ def run(
     eq, runs["ce_student_equal_time"], "CE student (same wall time as KD)", log
   )
   log("Evaluating on the validation split")
-  results = evaluate_runs(runs, teacher_dir, kd, r["final_eval_batches"])
+  results = evaluate_runs(runs, teacher_dir, r["final_eval_batches"])
   with open(os.path.join(teacher_dir, "summary.json"), encoding="utf-8") as f:
     summaries["teacher"] = json.load(f)
   wall_s = time.perf_counter() - start
-  report = report_lib.build(results, summaries, kd, teacher_dir, cached, wall_s)
-  report_lib.write_report(report, workdir, {**runs, "teacher": teacher_dir})
-  log(report_lib.format_table(report))
+  summary = quickstart_report.build(results, summaries, kd, teacher_dir, cached, wall_s)
+  written = quickstart_report.write(summary, workdir, runs)
+  log(written["table"])
   log(f"Wrote {os.path.join(workdir, 'report.md')} and report.json")
-  return report
+  return summary

@@ -1,12 +1,10 @@
-"""The quickstart's report: its summary of what distillation bought, the verdict paragraph,
-its four-row table and report.json / .md with the validation curve (validation loss, or test
-accuracy for the vision task).
+"""The quickstart's report: its summary of what distillation bought and the verdict paragraph,
+on top of the general ``jaxdistill report`` (``report.write``: the table, curves, the
+accuracy-latency plot and its Pareto front), which draws the periodic evaluation's curve with
+the table's measurement marked and says which batches each uses.
 
-The quickstart-specific layer: the rows are the job's four runs (``ROWS``), each holding
+The quickstart-specific layer: its rows are the job's four runs (``ROWS``), each holding
 ``evaluate.evaluate``'s metrics plus the run's params, tokens/s, steps and training time.
-The general multi-run report (any runs, their ``eval/<name>.json``, latency, Pareto front) is
-``jaxdistill.report``; its plotting (``report_plots``) draws this curve too, so both mark the
-table's measurement on the periodic evaluation's curve and say which batches each uses.
 Nothing here trains or evaluates.
 """
 
@@ -135,102 +133,35 @@ def verdict(report: dict) -> str:
   )
 
 
-def _vision_table(report: dict) -> str:
-  head = "| model | steps | params | test acc | top-5 | agree | KL(T‖S) | ECE | train img/s |"
-  lines = [head, "|---|---|---|---|---|---|---|---|---|"]
-  for name in ROWS:
-    m = report[name]
-    lines.append(
-      f"| {name} | {m['steps']} | {m['params'] / 1e6:.3f}M | {100 * m['accuracy']:.1f}% | "
-      f"{100 * m['top5_accuracy']:.1f}% | {m['agreement']:.3f} | {m['kl_to_teacher']:.3f} | "
-      f"{m['ece']:.3f} | {m['images_per_s']:,.0f} |"
-    )
-  return "\n".join(lines)
+def write(summary: dict, workdir: str, runs: dict[str, str]) -> dict:
+  """The quickstart's report, made by ``jaxdistill report`` (``report.write``) of its three
+  student runs (their ``eval/validation.json``, teacher included) with the data line and the
+  verdict under the table; report.json holds the general report plus this job's rows
+  (``build``'s name -> metrics) and its "summary".
 
+  Args:
+    summary: ``build``'s dict.
+    workdir: the quickstart's directory (report.md, report.json and the PNGs go there).
+    runs: name -> the student runs' directories, in the table's order.
 
-def format_table(report: dict) -> str:
-  """The report as a Markdown table (also what the command prints)."""
-  if report["summary"].get("task") == "vision":
-    return _vision_table(report)
-  head = "| model | steps | params | val CE | val ppl | agree | KL(T‖S) | train tok/s |"
-  lines = [head, "|---|---|---|---|---|---|---|---|"]
-  for name in ROWS:
-    m = report[name]
-    lines.append(
-      f"| {name} | {m['steps']} | {m['params'] / 1e6:.2f}M | {m['val_loss']:.3f} | "
-      f"{m['val_ppl']:.1f} | {m['agreement']:.3f} | {m['kl_to_teacher']:.3f} | "
-      f"{m['tokens_per_s']:,.0f} |"
-    )
-  return "\n".join(lines)
+  Returns:
+    ``report.write``'s dict (its "table" is what the command prints).
+  """
+  from jaxdistill import report
 
-
-def _curve_caption(report: dict, run_dirs: dict[str, str], vision: bool) -> str:
-  """Which batches the curves and the table's markers measure (they may differ)."""
-  batches = set()
-  for d in run_dirs.values():
-    path = os.path.join(d, "config.json")
-    if os.path.exists(path):
-      with open(path, encoding="utf-8") as f:
-        cfg = json.load(f)
-      if cfg.get("eval", {}).get("every"):
-        batches.add(cfg["eval"]["batches"])
-  s = report["summary"]
-  table = f"{s['test_images']:,} test images" if vision else f"{s['validation_tokens']:,} tokens"
-  periodic = "/".join(str(b) for b in sorted(batches)) or "no"
-  return (
-    f"Lines: the periodic evaluation during training on the first {periodic} validation "
-    f"batches (eval.batches). Markers: the table's measurement on {table}. When these differ "
-    "a line's end need not meet its marker."
-  )
-
-
-def plot_curves(report: dict, run_dirs: dict[str, str], path: str, metric: str) -> None:
-  """PNG of each run's ``metric`` rows (``eval/loss``, or ``eval/accuracy``) from its
-  metrics.jsonl against the step, with the table's value marked at the run's last step."""
-  from jaxdistill import report_plots
-  from jaxdistill.metrics import read_jsonl
-
-  curves, finals = {}, {}
-  key = "accuracy" if metric == "eval/accuracy" else "val_loss"
-  for name in ROWS:
-    rows = [r for r in read_jsonl(os.path.join(run_dirs[name], "metrics.jsonl")) if metric in r]
-    curves[name] = ([r["step"] for r in rows], [float(r[metric]) for r in rows])
-    finals[name] = (report[name]["steps"], report[name][key])
-  label = "test accuracy" if key == "accuracy" else "validation cross-entropy (nats)"
-  report_plots.validation_curves(curves, finals, label, path)
-
-
-def write_report(report: dict, workdir: str, run_dirs: dict[str, str]) -> None:
-  """Writes report.json, val_loss.png and report.md into ``workdir``."""
-  os.makedirs(workdir, exist_ok=True)
-  s = report["summary"]
+  s = summary["summary"]
   vision = s.get("task") == "vision"
-  png = "test_accuracy.png" if vision else "val_loss.png"
-  metric = "eval/accuracy" if vision else "eval/loss"
-  plot_curves(report, run_dirs, os.path.join(workdir, png), metric)
-  amount = (
-    f"{s['test_images']:,} test images"
-    if vision
-    else (f"{s['validation_tokens']:,} validation tokens")
-  )
-  md = [
-    "# jaxdistill quickstart report",
-    "",
-    f"Data: {s['corpus']}; {amount}. "
-    f"Teacher {'loaded from the cache' if s['teacher_cached'] else 'trained in this run'} "
+  amount = f"{s['test_images']:,} test images" if vision else f"{s['validation_tokens']:,} tokens"
+  intro = (
+    f"Quickstart. Data: {s['corpus']}; {amount}. Teacher "
+    f"{'loaded from the cache' if s['teacher_cached'] else 'trained in this run'} "
     f"({s['teacher_dir']}). Wall time {s['wall_s'] / 60:.1f} min"
-    f"{' (jemalloc)' if s['jemalloc'] else ''}.",
-    "",
-    format_table(report),
-    "",
-    verdict(report),
-    "",
-    f"![the periodic evaluation over training and the table's measurement]({png})",
-    "",
-    _curve_caption(report, run_dirs, vision),
-    "",
-  ]
-  with open(os.path.join(workdir, "report.md"), "w", encoding="utf-8") as f:
-    f.write("\n".join(md))
-  with open(os.path.join(workdir, "report.json"), "w", encoding="utf-8") as f:
-    json.dump(report, f, indent=2, sort_keys=True)
+    f"{' (jemalloc)' if s['jemalloc'] else ''}."
+  )
+  written = report.write(runs, workdir, extra_md=f"{intro}\n\n{verdict(summary)}")
+  with open(written["files"]["json"], encoding="utf-8") as f:
+    merged = json.load(f)
+  merged.update(summary)
+  with open(written["files"]["json"], "w", encoding="utf-8") as f:
+    json.dump(merged, f, indent=2, sort_keys=True)
+  return written

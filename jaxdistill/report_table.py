@@ -93,7 +93,10 @@ def _teacher_identity(run) -> str:
   """What makes two runs' teachers the same model measured the same way."""
   t = run.config.get("teacher", {})
   source = t.get("source", "")
-  if source == "pretrain":  # trained inside this run
+  given = (run.evaluation.get("teacher") or {}).get("from", "")
+  if given and os.path.exists(given):  # the teacher the evaluation used (`eval --teacher`)
+    where = os.path.realpath(given)
+  elif source == "pretrain":  # trained inside this run
     where = os.path.realpath(os.path.join(run.workdir, "teacher"))
   elif t.get("path"):
     where = os.path.realpath(t["path"])
@@ -127,7 +130,8 @@ def _teacher_rows(runs) -> list[dict]:
     name = "teacher" if len(found) == 1 and "teacher" not in names else f"teacher of {r.name}"
     row = _row(name, "teacher", r.evaluation, "teacher")
     teacher = r.config.get("teacher", {})
-    path = teacher.get("path", "") or f"teacher.source={teacher.get('source', '?')}"
+    path = (r.evaluation.get("teacher") or {}).get("from", "") or teacher.get("path", "")
+    path = path or f"teacher.source={teacher.get('source', '?')}"
     row.update(workdir=path, step=None, params_source="", train_rate=None)
     row.update(agreement=None, kl_to_teacher=None)  # against itself: not a measurement
     rows.append(row)
