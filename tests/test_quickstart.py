@@ -47,8 +47,8 @@ def test_quickstart_writes_a_valid_report(finished):
   assert report["kd_student"]["params"] == report["ce_student"]["params"]
   assert report["summary"]["teacher_cached"] is False
   md = (workdir / "report.md").read_text()
-  assert "| kd_student |" in md and "val_loss.png" in md
-  assert (workdir / "val_loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "| kd_student |" in md and "validation.png" in md and "quality_latency.png" in md
+  assert (workdir / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "| ce_student |" in proc.stdout  # the table is printed too
   rows = [
     json.loads(x) for x in (workdir / "kd_student" / "metrics.jsonl").read_text().splitlines()

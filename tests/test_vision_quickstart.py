@@ -40,8 +40,8 @@ def test_vision_quickstart_reports_and_caches_its_teacher(tmp_path):
   assert report["teacher"]["params"] > report["kd_student"]["params"]
   assert report["summary"]["task"] == "vision" and report["summary"]["teacher_cached"] is False
   md = (tmp_path / "run" / "report.md").read_text()
-  assert "| kd_student |" in md and "test_accuracy.png" in md
-  png = (tmp_path / "run" / "test_accuracy.png").read_bytes()
+  assert "| kd_student |" in md and "validation.png" in md
+  png = (tmp_path / "run" / "validation.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
   # The plotted curve is the table's measurement: the last periodic evaluation of the KD
   # student (whole test split) equals its row.
