@@ -211,7 +211,7 @@ class _Progress:
     }
     if self.peak_total:
       perf.update(throughput.mfu(self.run.flops.as_dict(), seconds, self.peak_total))
-    m = dict(m, **perf, **self.goodput.shares())
+    m = dict(m, **perf, **self.goodput.row())
     self.bar.update(1)
     rate = {"tok_s" if self.unit == "tokens" else "img_s": f"{self.tokens / seconds:,.0f}"}
     if self.peak_total:

@@ -249,8 +249,13 @@ class Goodput:
     return {**spent, "other": max(wall - sum(spent.values()), 0.0), "wall": wall}
 
   def shares(self) -> dict[str, float]:
-    """{"goodput/<phase>": share of the wall time} for every phase and "other"; sum 1."""
+    """{phase: share of the wall time} for every phase and "other"; they sum to 1."""
     seconds = self.seconds()
     del seconds["wall"]
     total = sum(seconds.values()) or 1.0  # the wall time (other is the rest of it)
-    return {f"goodput/{k}": v / total for k, v in seconds.items()}
+    return {k: v / total for k, v in seconds.items()}
+
+  def row(self) -> dict[str, float]:
+    """The shares as metrics.jsonl keys: {"perf/goodput_<phase>": share} (``perf/`` like every
+    timing-dependent value, so comparisons of runs' metrics leave them out)."""
+    return {f"perf/goodput_{k}": v for k, v in self.shares().items()}

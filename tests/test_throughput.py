@@ -310,21 +310,15 @@ def test_goodput_shares_sum_to_one():
     now[0] += 3.0
     with g.phase("eval"):  # nested: the outer phase keeps counting
       now[0] += 1.0
-    assert g.shares()["goodput/compute"] == pytest.approx(4.0 / 6.0)  # open: counted to now
+    assert g.shares()["compute"] == pytest.approx(4.0 / 6.0)  # open: counted to now
   now[0] += 2.0  # bookkeeping between phases
   with g.phase("checkpoint"):
     now[0] += 2.0
   shares = g.shares()
   assert shares == pytest.approx(
-    {
-      "goodput/input": 0.2,
-      "goodput/compile": 0.0,
-      "goodput/compute": 0.4,
-      "goodput/checkpoint": 0.2,
-      "goodput/eval": 0.0,
-      "goodput/other": 0.2,
-    }
+    dict(input=0.2, compile=0.0, compute=0.4, checkpoint=0.2, eval=0.0, other=0.2)
   )
+  assert g.row()["perf/goodput_input"] == pytest.approx(0.2) and len(g.row()) == 6
   assert sum(shares.values()) == pytest.approx(1.0)
   with pytest.raises(ValueError, match="unknown goodput phase"):
     with g.phase("lunch"):
@@ -360,7 +354,7 @@ def test_train_writes_mfu_and_goodput(tmp_path, monkeypatch):
   rows = metrics.read_jsonl(str(tmp_path / "w" / "metrics.jsonl"))
   assert len(rows) == 6
   for row in rows:
-    shares = {k: v for k, v in row.items() if k.startswith("goodput/")}
+    shares = {k: v for k, v in row.items() if k.startswith("perf/goodput_")}
     assert len(shares) == 6 and sum(shares.values()) == pytest.approx(1.0)
     parts = sum(row[f"perf/mfu_{p}"] for p in ("student", "teacher", "loss"))
     assert row["perf/mfu"] == pytest.approx(parts) and row["perf/mfu_teacher"] == 0
@@ -370,7 +364,7 @@ def test_train_writes_mfu_and_goodput(tmp_path, monkeypatch):
   # The sleeps are input wait: at least 6 x delay of it, and more than the compute.
   seconds = summary["goodput_s"]
   assert seconds["input"] >= 6 * delay
-  assert summary["goodput"]["goodput/input"] > summary["goodput"]["goodput/compute"]
+  assert summary["goodput"]["input"] > summary["goodput"]["compute"]
   assert sum(summary["goodput"].values()) == pytest.approx(1.0)
   assert summary["peak"].startswith("cpu probe f32")
   assert summary["flops_per_step"]["teacher"] == 0
