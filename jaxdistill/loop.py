@@ -4,9 +4,9 @@
 never blocks the device); every ``eval.every`` steps and at each due checkpoint it stops to
 fetch, evaluate, then save. ``train`` prepares the workdir, runs the teacher's pretraining
 stage if it has one (``pretrain_teacher``), builds the run (``run.build_run``), restores or
-initialises the state, loops with a progress bar and writes ``WORKDIR/metrics.jsonl`` (and
-its scalars as TensorBoard events in ``WORKDIR/tensorboard/``, ``log.tensorboard``),
-checkpoints, ``summary.json`` and ``final_params/``. The teacher is loaded each run, never
+initialises the state, loops with a progress bar and writes ``WORKDIR/metrics.jsonl`` (with
+MFU and goodput: ``throughput.py``; and its scalars as TensorBoard events in
+``WORKDIR/tensorboard/``, ``log.tensorboard``), checkpoints, ``summary.json`` and ``final_params/``. The teacher is loaded each run, never
 checkpointed. ``Run`` and ``build_run`` are re-exported from ``run.py``.
 """
 
@@ -25,7 +25,8 @@ import tqdm
 
 from jaxdistill import checkpoint, data as data_lib, evaluate as evaluate_lib
 from jaxdistill import metrics as metrics_lib, sharding as sharding_lib, teacher as teacher_lib
-from jaxdistill import validate, workdir as workdir_lib
+from jaxdistill import throughput, validate, workdir as workdir_lib
+from jaxdistill.data import corpora
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import count_params
 from jaxdistill.run import Run, build_run  # noqa: F401 (the library's entry points, re-exported)
@@ -54,6 +55,7 @@ def run_steps(
   save: Callable[[int], None] = lambda step: None,
   evaluate: Callable[[int], None] | None = None,
   eval_every: int = 0,
+  goodput: throughput.Goodput | None = None,
 ) -> int:
   """Runs up to ``num_steps`` steps; returns how many ran.
 
@@ -65,9 +67,12 @@ def run_steps(
   ``run.state`` is exactly that step's: then ``evaluate(step)`` runs (if due),
   then ``save(step)`` (if due: after the evaluation, so an eval metric can pick
   the best checkpoint; never for a non-finite step, which ``on_metrics`` stops).
-  A save due because of preemption ends the loop.
+  A save due because of preemption ends the loop. ``goodput`` (default: a fresh one) times
+  the phases: input (next batch + sharding), compile (the first dispatch), compute (dispatch
+  and fetching metrics, ``on_metrics`` included), eval, checkpoint (``save``).
   """
   pending, last = None, time.perf_counter()
+  timer = goodput or throughput.Goodput()
 
   def flush():
     nonlocal pending, last
@@ -81,22 +86,29 @@ def run_steps(
   with sharding_lib.rules_context(run.mesh):
     step = int(run.state.step)
     for done in range(1, num_steps + 1):
-      batch = sharding_lib.shard_batch(next(run.data_iter), run.mesh)
-      run.state, step_metrics = run.step_fn(run.state, run.teacher_vars, batch)
-      flush()
+      with timer.phase("input"):
+        batch = sharding_lib.shard_batch(next(run.data_iter), run.mesh)
+      with timer.phase("compile" if done == 1 else "compute"):
+        run.state, step_metrics = run.step_fn(run.state, run.teacher_vars, batch)
+      with timer.phase("compute"):
+        flush()
       step += 1
       pending = (step, step_metrics)
       eval_now = bool(evaluate and eval_every and step % eval_every == 0)
       save_now = save_due(step)  # always asked: it also notices preemption
       if eval_now or save_now:
-        flush()
+        with timer.phase("compute"):
+          flush()
         if eval_now:
-          evaluate(step)
+          with timer.phase("eval"):
+            evaluate(step)
       if save_now:
-        save(step)
+        with timer.phase("checkpoint"):
+          save(step)
         if _PREEMPTED["flag"]:
           return done
-    flush()
+    with timer.phase("compute"):
+      flush()
   return num_steps
 
 
@@ -195,6 +207,8 @@ class _Progress:
       total=self.steps, initial=start, disable=not show, unit="step", dynamic_ncols=True
     )
     self.step_times, self.losses, self.last = [], [], {}
+    self.goodput = throughput.Goodput()  # restarted by train() when the loop starts
+    self.peak, self.peak_total = _peak(run)
 
   def __call__(self, step: int, m: dict, seconds: float) -> None:
     self.step_times.append(seconds)
@@ -205,9 +219,13 @@ class _Progress:
       f"perf/{self.unit}_per_s": self.tokens / seconds,
       "perf/tflops_per_s": self.run.flops_per_step / seconds / 1e12,
     }
-    m = dict(m, **perf)
+    if self.peak_total:
+      perf.update(throughput.mfu(self.run.flops.as_dict(), seconds, self.peak_total))
+    m = dict(m, **perf, **self.goodput.row())
     self.bar.update(1)
     rate = {"tok_s" if self.unit == "tokens" else "img_s": f"{self.tokens / seconds:,.0f}"}
+    if self.peak_total:
+      rate["mfu"] = f"{perf['perf/mfu']:.1%}"
     self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **rate)
     if step % self.every == 0 or step in (1, self.steps) or m["train/nonfinite"]:
       self.writer.write({"step": step, **m})
@@ -252,7 +270,32 @@ class _Progress:
       f"{self.unit}_per_s": self.tokens / statistics.median(steady),
       "student_params": count_params(run.state.params["student"]),
       "teacher_params": count_params(run.teacher_params) if run.teacher_params else 0,
+      **self.throughput(statistics.median(steady)),
     }
+
+  def throughput(self, step_s: float) -> dict[str, Any]:
+    """The summary's FLOPs, peak, MFU at the median step time and the goodput shares."""
+    out = {"flops_per_step": self.run.flops.as_dict(), "goodput": self.goodput.shares()}
+    out["goodput_s"] = self.goodput.seconds()  # the phases' seconds and the loop's "wall"
+    if self.peak_total:
+      mfu = throughput.mfu(self.run.flops.as_dict(), step_s, self.peak_total)
+      out.update({k.removeprefix("perf/"): v for k, v in mfu.items()})
+      out.update(peak_flops_per_s=self.peak_total, peak=self.peak.source)
+    return out
+
+
+def _peak(run: Run) -> tuple[throughput.Peak | None, float]:
+  """The peak of one of the run's devices for the student's compute dtype, and the total the
+  MFU divides by (0 for an accelerator not in the table: no MFU then)."""
+  config = run.student.config
+  dtype = throughput.peak_dtype(config.dtype, getattr(config, "fp8", False))
+  device = run.mesh.devices.flat[0]
+  cache = os.path.join(corpora.cache_dir(run.cfg.cache_dir), "peak_flops.json")
+  peak = throughput.device_peak(device, dtype, cache)
+  # A CPU probe measures the whole host (its matmul uses every core), whatever the number of
+  # (virtual) CPU devices on it: one peak per process.
+  count = jax.process_count() if device.platform == "cpu" else run.mesh.devices.size
+  return peak, peak.flops_per_s * count if peak else 0.0
 
 
 def _open(cfg: Any, workdir: str, devices) -> Run:
@@ -277,6 +320,7 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
     A summary dict; ``preempted`` is True when a signal ended the run early
     (after saving a checkpoint).
   """
+  entered = time.perf_counter()
   run = _open(cfg, workdir, devices)
   manager = checkpoint.make_manager(workdir, cfg.ckpt)
   best = checkpoint.make_best_manager(workdir, cfg.ckpt)
@@ -312,17 +356,22 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
   def evaluate(step):  # validation of the student; its row precedes that step's checkpoint
     progress.write(step, periodic(run.state.params["student"], run.state.model_state))
 
+  startup_s = time.perf_counter() - entered
+  progress.goodput = goodput = throughput.Goodput()
   try:
     with _PreemptionHandlers():
-      ran = run_steps(run, steps - start, progress, save_due, save, evaluate, cfg.eval.every)
+      ran = run_steps(
+        run, steps - start, progress, save_due, save, evaluate, cfg.eval.every, goodput
+      )
     if ran:
       progress.add_curve(start + ran)
   finally:
     progress.close()
-    manager.wait_until_finished()
+    with goodput.phase("checkpoint"):  # the async saves' last writes
+      manager.wait_until_finished()
     if best is not None:
       best.wait_until_finished()
-  summary = progress.summary(start, ran)
+  summary = dict(progress.summary(start, ran), startup_s=startup_s)
   if cfg.ckpt.save_final and not summary["preempted"] and start < steps:
     workdir_lib.save_final_params(workdir, run.state.params["student"], run.state.model_state)
   manager.close()

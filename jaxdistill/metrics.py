@@ -1,13 +1,9 @@
-"""Metric writers and FLOP accounting.
+"""Metric writers.
 
 Metrics are written once (by process 0) as one JSON object per logged step to
 ``WORKDIR/metrics.jsonl`` and, with ``log.tensorboard``, the same scalars to TensorBoard event
 files in ``WORKDIR/tensorboard/`` (``TensorBoardWriter``: tensorboardX, imported only when one
-is opened, so importing this module stays light; no TensorFlow).
-
-FLOPs follow the distillation convention: the student trains (6 * forward params * tokens,
-forward + backward) and the teacher only runs forward (2 * params * tokens); no teacher backward
-is counted.
+is opened, so importing this module stays light; no TensorFlow). (Model FLOPs: ``models/flops.py``; MFU and goodput: ``throughput.py``.)
 """
 
 import json
@@ -179,16 +175,3 @@ def read_jsonl(path: str) -> list[dict[str, Any]]:
     return []
   with open(path, encoding="utf-8") as f:
     return [json.loads(line) for line in f if line.strip()]
-
-
-def distill_flops_per_token(student_fwd: float, teacher_fwd: float | None) -> float:
-  """Model FLOPs per token of one distill step.
-
-  Args:
-    student_fwd: student forward FLOPs per token.
-    teacher_fwd: teacher forward FLOPs per token (None without a teacher).
-
-  Returns:
-    3 * student_fwd (forward + backward) + teacher_fwd (forward only).
-  """
-  return 3.0 * student_fwd + (teacher_fwd or 0.0)

@@ -13,11 +13,11 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 
-from jaxdistill import data as data_lib, metrics as metrics_lib, models
+from jaxdistill import data as data_lib, models
 from jaxdistill import objective as objective_lib, precision, sharding as sharding_lib
 from jaxdistill import teacher as teacher_lib, train as train_lib, validate
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models import flops_per_token
+from jaxdistill.models import flops as flops_lib
 
 
 @dataclasses.dataclass
@@ -38,9 +38,14 @@ class Run:
   teacher_vars: Any
   step_fn: Callable  # jitted distill_step
   data_iter: Any  # see jaxdistill.data: next() -> local batch; get_state/set_state; or None
-  flops_per_step: float
+  flops: models.StepFlops  # model FLOPs of one optimizer step: student / teacher / loss
   make_state: Callable[[], train_lib.TrainState]  # a fresh initial state
   teacher_path: str | None = None  # where the teacher's params came from
+
+  @property
+  def flops_per_step(self) -> float:
+    """Model FLOPs of one optimizer step, all parts together (``flops.total``)."""
+    return self.flops.total
 
   @property
   def teacher_params(self) -> Any:
@@ -140,23 +145,45 @@ def build_run(
     teacher_vars,
     step_fn,
     data_lib.make_iterator(cfg, "train") if data else None,
-    _flops_per_step(cfg, student, teacher),
+    _flops_per_step(cfg, obj, student, teacher),
     lambda: make_state(create=True)[0],
     teacher_path,
   )
 
 
-def _flops_per_step(cfg: Any, student: nn.Module, teacher: nn.Module | None) -> float:
-  """Model FLOPs of one step: the student's forward + backward, the teacher's forward only."""
-  if models.is_vision(student):  # per image
-    per_image = lambda m: models.flops_per_example(m.config)
-    return cfg.data.batch_size * metrics_lib.distill_flops_per_token(
-      per_image(student), per_image(teacher) if teacher else None
-    )
-  tokens = cfg.data.batch_size * cfg.data.seq_len
-  return tokens * metrics_lib.distill_flops_per_token(
-    flops_per_token(student.config, cfg.data.seq_len),
-    flops_per_token(teacher.config, cfg.data.seq_len) if teacher else None,
+def _flops_per_step(
+  cfg: Any, obj: objective_lib.Objective, student: nn.Module, teacher: nn.Module | None
+) -> models.StepFlops:
+  """Model FLOPs of one step (``models.step_flops``): the student's forward + backward, the
+  teacher's forward only (none from a cache), the heads, projections and loss the objective
+  runs. ``data.batch_size`` rows per step whatever ``optim.grad_accum`` (it splits them)."""
+  s, seq_len = student.config, cfg.data.seq_len
+  head = next((t for t in obj.terms if t.name in ("dense", "fused", "sparse")), None)
+  student_head = head is not None
+  divergence = 0  # entries per example a logit divergence runs over
+  if head is not None and head.name == "sparse":
+    per_token = cfg.precompute.samples if cfg.distill.logit.kind == "sampled" else cfg.precompute.k
+    divergence = seq_len * per_token
+  elif head is not None and (head.teacher.logits or head.teacher.head):
+    divergence = flops_lib.logits_per_example(s, seq_len)
+  projections = []
+  for p in obj.projections:
+    if p.conv:  # "stage_<i>_to_<j>": the maps are pooled to the smaller one, then projected
+      i, j = (int(x) for x in p.name.removeprefix("stage_").split("_to_"))
+      hs, ws, _ = s.stage_shapes[i - 1]
+      ht, wt, _ = teacher.config.stage_shapes[j - 1]
+      projections.append((min(hs, ht) * min(ws, wt), p.d_in, p.d_out))
+    else:  # a hidden-state map, every token
+      projections.append((seq_len, p.d_in, p.d_out))
+  return models.step_flops(
+    s,
+    teacher.config if teacher is not None else None,
+    batch_size=cfg.data.batch_size,
+    seq_len=seq_len,
+    student_head=student_head,
+    teacher_head=teacher is not None and bool(head and (head.teacher.logits or head.teacher.head)),
+    divergence_entries=divergence,
+    projections=projections,
   )
 
 

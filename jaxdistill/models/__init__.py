@@ -2,12 +2,13 @@
 
   config.py       TransformerConfig (sizes, dtypes) and MODEL_KEYS, the config keys naming them
   layers.py       norms, RoPE, attention, MLP, blocks, the FP8-capable EinsumDense
-  transformer.py  the decoder-only causal LM (Transformer) and its parameter / FLOP counts
+  transformer.py  the decoder-only causal LM (Transformer) and its parameter count
   bert.py         the BERT-style encoder (Encoder) with mean pooling
   vision_config.py  VisionConfig (image classifiers' shape, dtypes) and VISION_KEYS
   cnn.py          the classic CIFAR CNN (SimpleCNN) and the conv / dense / BatchNorm layers
   resnet.py       CIFAR ResNet-depth (ResNet) and WRN-depth-k (WideResNet), with BatchNorm
   api.py          build / apply / init_variables / abstract_variables: how callers use a model
+  flops.py        model FLOPs per token / image / distillation step (StepFlops, step_flops)
   fp8.py          static FP8 scales of a frozen model (calibrate)
   surgery.py      students made from a teacher's params (select_layers, init_from_teacher)
   hf.py           Hugging Face checkpoints -> models (load, read_config, param_map)
@@ -25,7 +26,6 @@ from jaxdistill.models.api import (
   apply,
   build,
   create_variables,
-  flops_per_example,
   init_variables,
   is_vision,
   module_for,
@@ -33,7 +33,8 @@ from jaxdistill.models.api import (
   variable_shardings,
 )
 from jaxdistill.models.config import MODEL_KEYS, TransformerConfig, config_from_section
-from jaxdistill.models.transformer import count_params, flops_per_token
+from jaxdistill.models.flops import StepFlops, flops_per_example, flops_per_token, step_flops
+from jaxdistill.models.transformer import count_params
 from jaxdistill.models.vision_config import (
   VISION_KEYS,
   VisionConfig,
@@ -42,6 +43,7 @@ from jaxdistill.models.vision_config import (
 
 __all__ = [
   "MODEL_KEYS",
+  "StepFlops",
   "TransformerConfig",
   "VISION_KEYS",
   "VisionConfig",
@@ -57,6 +59,7 @@ __all__ = [
   "is_vision",
   "module_for",
   "shape_keys",
+  "step_flops",
   "variable_shardings",
   "vision_config_from_section",
 ]

@@ -6,9 +6,8 @@
   init_variables(model, rng, seq_len)  random variables, boxed with logical axis names (traceable)
   variable_shardings / abstract_variables / create_variables
                                        the same on a mesh: shardings, restore targets, arrays
-  is_vision / shape_keys / flops_per_example
-                                       image classifiers: which models are, the config keys that
-                                       describe a section's model, forward FLOPs per image
+  is_vision / shape_keys              image classifiers: which models are, the config keys that
+                                       describe a section's model (FLOPs: ``flops.py``)
 
 ``variables`` is Flax's dict of collections: {"params": ..., plus any other collection the model
 keeps, e.g. an FP8 model's scales and amax histories under "_overwrite_with_gradient"}. The
@@ -150,23 +149,6 @@ def _apply_vision(model: nn.Module, variables: dict, batch: dict, train: bool, r
     )
     return dict(out, batch_stats=updates["batch_stats"])
   return model.apply(variables, batch["inputs"], train=train, **request)
-
-
-def flops_per_example(config: VisionConfig) -> float:
-  """Forward FLOPs per image of an image classifier: 2 x the multiply-adds of its convs and fcs.
-
-  Each conv counts H_out * W_out * k * k * C_in * C_out multiply-adds (taps on the zero padding
-  included, the usual convention: XLA's cost analysis, which skips them, reports 5-15% less on
-  small maps), each fc D_in * D_out; biases, BatchNorm, ReLU, pooling and option-A shortcuts are
-  ignored. ResNet-20 at 32x32x3: 40.55M multiply-adds, 81.1 MFLOPs.
-
-  Args:
-    config: the model config.
-  Returns:
-    Forward FLOPs per example (about 3x for forward + backward).
-  """
-  macs = cnn.multiply_adds(config) if config.arch == "cnn" else resnet.multiply_adds(config)
-  return float(2 * macs)
 
 
 def init_variables(model: nn.Module, rng: jax.Array, seq_len: int) -> dict:

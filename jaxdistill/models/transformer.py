@@ -7,7 +7,7 @@ activations carry logical constraints; without an active ``nn.logical_axis_rules
 are no-ops, so the model runs unchanged on one device. The layers (norms, RoPE, attention,
 MLP, block, the FP8-capable ``EinsumDense``) live in ``layers.py``, shared with ``bert.py``;
 the config (``TransformerConfig``) in ``config.py``; this module holds the model and its
-parameter / FLOP counts.
+parameter count (FLOPs: ``flops.py``).
 
 Shape-letter legend:
   B: batch size
@@ -173,23 +173,3 @@ def count_params(params: Any) -> int:
     Sum of the leaves' sizes.
   """
   return sum(math.prod(leaf.shape) for leaf in jax.tree_util.tree_leaves(nn.unbox(params)))
-
-
-def flops_per_token(config: TransformerConfig, seq_len: int) -> float:
-  """Approximate forward FLOPs per token: 2 * N_matmul + 4 * L * T * D.
-
-  N_matmul = L * (4 * D^2 + n_mlp * D * F) + D * V: the weights used in matmuls (q, k, v, out
-  with H * K == D; n_mlp = 3 for SwiGLU, 2 for GELU; the head, tied or not; lookups are free).
-  4 * L * T * D: q.k scores and probs.v (2 * T * D each per layer) over the full T x T matrix,
-  which the einsums compute despite the causal mask. Norms, softmax, activations are ignored.
-
-  Args:
-    config: the model config.
-    seq_len: T, the length attended over.
-  Returns:
-    Forward FLOPs per token (about 3x for forward + backward).
-  """
-  d, f, layers = config.d_model, config.d_ff, config.num_layers
-  n_mlp = 3 if config.activation == "swiglu" else 2
-  matmul_params = layers * (4 * d * d + n_mlp * d * f) + d * config.vocab_size
-  return float(2 * matmul_params + 4 * layers * seq_len * d)
