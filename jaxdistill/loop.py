@@ -6,8 +6,9 @@ fetch, evaluate, then save. ``train`` prepares the workdir, runs the teacher's p
 stage if it has one (``pretrain_teacher``), builds the run (``run.build_run``), restores or
 initialises the state, loops with a progress bar and writes ``WORKDIR/metrics.jsonl`` (with
 MFU and goodput: ``throughput.py``; and its scalars as TensorBoard events in
-``WORKDIR/tensorboard/``, ``log.tensorboard``), checkpoints, ``summary.json`` and ``final_params/``. The teacher is loaded each run, never
-checkpointed. ``Run`` and ``build_run`` are re-exported from ``run.py``.
+``WORKDIR/tensorboard/``, ``log.tensorboard``), checkpoints, ``summary.json`` and
+``final_params/``. The teacher is loaded each run, never checkpointed. ``Run`` and
+``build_run`` are re-exported from ``run.py``.
 """
 
 import json

@@ -3,7 +3,8 @@
 Metrics are written once (by process 0) as one JSON object per logged step to
 ``WORKDIR/metrics.jsonl`` and, with ``log.tensorboard``, the same scalars to TensorBoard event
 files in ``WORKDIR/tensorboard/`` (``TensorBoardWriter``: tensorboardX, imported only when one
-is opened, so importing this module stays light; no TensorFlow). (Model FLOPs: ``models/flops.py``; MFU and goodput: ``throughput.py``.)
+is opened, so importing this module stays light; no TensorFlow). Model FLOPs are counted in
+``models/flops.py``, MFU and goodput in ``throughput.py``.
 """
 
 import json
