@@ -34,7 +34,7 @@ examples: $(PY)
 
 test: $(PY)
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -n 2 --dist loadfile tests
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25 tests
 
 # The fast tier while editing: under 2 minutes on 2 CPU cores. `make test` stays the gate.
 test-fast: $(PY)
