@@ -418,3 +418,23 @@ def test_a_pruned_workdir_starts_a_distillation_and_teaches_one(tmp_path, capsys
   assert cli.main(["export", "--workdir", dst, "--output", str(tmp_path / "hf")]) == 0
   exported = json.loads((tmp_path / "hf" / "config.json").read_text())
   assert (exported["num_attention_heads"], exported["head_dim"]) == (3, 8)
+
+
+def test_a_pruned_encoder_workdir_loads_for_embed(tmp_path):
+  from jaxdistill.models import bert
+
+  enc = dict(encoder=True, norm="layernorm", pos="learned", activation="gelu_erf", bias="all")
+  cfg, src, module, p = _source_run(tmp_path, dict(enc, type_vocab_size=2))
+  assert module.config == bert.encoder_config(
+    **{
+      k: getattr(module.config, k)
+      for k in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len")
+    }
+  )
+  dst = str(tmp_path / "dst")
+  assert "encoder has none" in _message(prune_run.prune_workdir, src, dst, {}, 1, "gradient")
+  prune_run.prune_workdir(src, dst, {"num_heads": 3, "d_ff": 46}, calibration_batches=1)
+  hfm, params = workdir.load_workdir(dst)  # what `jaxdistill embed` / `export` read
+  assert (hfm.model_type, hfm.config.num_heads, hfm.config.head_dim) == ("bert", 3, 8)
+  batch = _batch(module.config)
+  np.testing.assert_allclose(_out(hfm.module(), params, batch), _out(module, p, batch), atol=1e-5)

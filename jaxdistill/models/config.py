@@ -34,6 +34,8 @@ MODEL_KEYS = (
   "head_size",
 )
 
+# Keys newer than hand-written sections (plain dicts, older runs' config.json): their default.
+_OPTIONAL_KEYS = ("head_size",)
 _NORMS = ("rmsnorm", "layernorm")
 _POSITIONS = ("rope", "learned")
 _ACTIVATIONS = ("swiglu", "gelu", "gelu_erf")  # gelu: tanh approximation (GPT-2); gelu_erf: BERT
@@ -161,7 +163,7 @@ def config_from_section(section: Any, policy: Policy, key: str) -> TransformerCo
   """
   try:
     return TransformerConfig(
-      **{k: section[k] for k in MODEL_KEYS},
+      **{k: section[k] for k in MODEL_KEYS if k in section or k not in _OPTIONAL_KEYS},
       dtype=policy.compute_dtype,
       param_dtype=policy.param_dtype,
       output_dtype=policy.output_dtype,
