@@ -55,6 +55,9 @@ def _model_fields(**overrides) -> dict:
     norm_eps=1e-6,
     encoder=False,
     type_vocab_size=0,
+    # Per-head width (0 = d_model // num_heads); set when heads * head_size != d_model, as a
+    # head-pruned model (jaxdistill/models/prune.py) has.
+    head_size=0,
     # Image classifiers (jaxdistill/models/cnn.py, resnet.py): arch picks the model; the
     # transformer keys above are then unused. cnn: conv3x3 + ReLU + maxpool2 stages of
     # cnn_channels, then fc cnn_fc, then fc num_classes. resnet: CIFAR ResNet-depth (6n+2:

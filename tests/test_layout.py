@@ -14,7 +14,7 @@ The layers, bottom to top; a module imports only from its own layer or below (``
   4  train, checkpoint, evaluate, teacher, latency
   5  run, workdir, loop               build a run, its workdir, the step loop and train
   6  jobs: quickstart (+ quickstart_report), precompute (+ precompute_images), embed, report
-     (+ report_table, report_plots), eval_run
+     (+ report_table, report_plots), eval_run, prune_run
   7  cli
 """
 
@@ -41,7 +41,7 @@ LAYERS = {
   **dict.fromkeys(("train", "checkpoint", "evaluate", "teacher", "latency"), 4),
   **dict.fromkeys(("run", "workdir", "loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "precompute_images", "embed", "report"), 6),
-  "eval_run": 6,
+  **dict.fromkeys(("eval_run", "prune_run"), 6),
   **dict.fromkeys(("quickstart_report", "report_table", "report_plots"), 6),
   "cli": 7,
 }

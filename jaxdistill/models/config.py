@@ -31,8 +31,11 @@ MODEL_KEYS = (
   "norm_eps",
   "encoder",
   "type_vocab_size",
+  "head_size",
 )
 
+# Keys newer than hand-written sections (plain dicts, older runs' config.json): their default.
+_OPTIONAL_KEYS = ("head_size",)
 _NORMS = ("rmsnorm", "layernorm")
 _POSITIONS = ("rope", "learned")
 _ACTIVATIONS = ("swiglu", "gelu", "gelu_erf")  # gelu: tanh approximation (GPT-2); gelu_erf: BERT
@@ -51,7 +54,9 @@ class TransformerConfig:
   params, ``output_dtype`` the dtype of returned logits. ``fp8``: the ``EinsumDense`` projections
   run through Flax's ``Fp8Einsum`` (e4m3 forward, e5m2 gradients, delayed scaling from
   ``fp8_history``-long amax histories in the ``_overwrite_with_gradient`` collection); the
-  vocabulary head stays in ``dtype``. ``head_dim`` (K) = d_model // num_heads. ``num_kv_heads``
+  vocabulary head stays in ``dtype``. ``head_dim`` (K) = ``head_size``, or d_model // num_heads
+  when it is 0 (the usual); an explicit ``head_size`` lets H * K differ from D (a head-pruned
+  model keeps its K and its RoPE frequencies). ``num_kv_heads``
   (0 = num_heads) < num_heads is grouped-query attention (key/value heads shared by
   num_heads // num_kv_heads query heads). ``bias``: "none", "qkv" (query/key/value) or "all"
   (every projection but the vocabulary head). ``encoder``: the model is the post-norm,
@@ -82,15 +87,21 @@ class TransformerConfig:
   # A bidirectional BERT-style encoder (bert.Encoder) instead of a causal LM.
   encoder: bool = False
   type_vocab_size: int = 0  # encoder only: token-type embedding rows (0 = none)
+  head_size: int = 0  # per-head width K; 0 = d_model // num_heads
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
       value = getattr(self, name)
       if not _is_int(value) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if self.d_model % self.num_heads:
+    if not _is_int(self.head_size) or self.head_size < 0:
       raise ValueError(
-        f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads})"
+        f"head_size must be an int >= 0 (0 = d_model // num_heads), got {self.head_size!r}"
+      )
+    if not self.head_size and self.d_model % self.num_heads:
+      raise ValueError(
+        f"d_model ({self.d_model}) must be divisible by num_heads ({self.num_heads}) "
+        "unless head_size is set"
       )
     if not _is_int(self.num_kv_heads) or self.num_kv_heads < 0 or (self.num_heads % self.kv_heads):
       raise ValueError(
@@ -102,7 +113,8 @@ class TransformerConfig:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
     if self.pos == "rope" and self.head_dim % 2:
       raise ValueError(
-        f"pos='rope' needs an even head_dim (d_model // num_heads), got {self.head_dim}"
+        f"pos='rope' needs an even head_dim (head_size or d_model // num_heads), "
+        f"got {self.head_dim}"
       )
     if not self.norm_eps > 0:
       raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
@@ -113,7 +125,8 @@ class TransformerConfig:
 
   @property
   def head_dim(self) -> int:
-    return self.d_model // self.num_heads
+    """K: ``head_size``, or d_model // num_heads when it is 0."""
+    return self.head_size or self.d_model // self.num_heads
 
   @property
   def kv_heads(self) -> int:
@@ -150,7 +163,7 @@ def config_from_section(section: Any, policy: Policy, key: str) -> TransformerCo
   """
   try:
     return TransformerConfig(
-      **{k: section[k] for k in MODEL_KEYS},
+      **{k: section[k] for k in MODEL_KEYS if k in section or k not in _OPTIONAL_KEYS},
       dtype=policy.compute_dtype,
       param_dtype=policy.param_dtype,
       output_dtype=policy.output_dtype,

@@ -54,6 +54,12 @@ def hf_model_for(config: TransformerConfig):
 def hf_config(hfm: hf.HFModel) -> dict:
   """The config.json dict of ``hfm`` (float32 weights)."""
   c = hfm.config
+  if hfm.model_type in ("gpt2", "bert") and c.num_heads * c.head_dim != c.d_model:
+    # Their HF configs derive the head width from hidden_size: a head-pruned model has none.
+    raise JaxdistillError(
+      f"{hfm.model_type} export needs num_heads * head_dim == d_model, got {c.num_heads} * "
+      f"{c.head_dim} != {c.d_model} (a head-pruned model); only Llama / Qwen2 store head_dim"
+    )
   if hfm.model_type == "gpt2":
     return dict(
       architectures=["GPT2LMHeadModel"],
