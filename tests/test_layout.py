@@ -42,6 +42,7 @@ LAYERS = {
   **dict.fromkeys(("run", "workdir", "loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "precompute_images", "embed", "report"), 6),
   "eval_run": 6,
+  "quantize": 6,
   **dict.fromkeys(("quickstart_report", "report_table", "report_plots"), 6),
   "cli": 7,
 }
