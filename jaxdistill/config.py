@@ -87,6 +87,9 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.student.init_from = ""
   # Start from blocks of the teacher (same width): every_other | last | uniform | "0,2,4".
   cfg.student.init_layers = ""
+  # c=int8 students: training batches (the first of a fresh iterator) that set their static
+  # activation scales before step 1 (models.quant.calibrate).
+  cfg.student.quant_calibration_batches = 8
   cfg.teacher = C(_model_fields(d_model=128, num_layers=4, d_ff=512, policy="p=f32,c=f32,o=f32"))
   # none: plain CE training (how teachers are made); random: random init
   # (tests); pretrain: train it in-process on CE for `pretrain_steps` first;

@@ -29,7 +29,7 @@ from jaxdistill import metrics as metrics_lib, sharding as sharding_lib, teacher
 from jaxdistill import throughput, validate, workdir as workdir_lib
 from jaxdistill.data import corpora
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models import count_params
+from jaxdistill.models import count_params, quant
 from jaxdistill.run import Run, build_run  # noqa: F401 (the library's entry points, re-exported)
 
 
@@ -166,6 +166,16 @@ def _start(run: Run, manager, workdir: str, resume_from: str | None) -> str:
       checkpoint.set_aside_newer(manager, step)
     workdir_lib.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), step)
     return f"resumed from step {step} ({where})"
+  how = _fresh_state(run)
+  if run.state.model_state and quant.COLLECTION in run.state.model_state:
+    run.state = teacher_lib.calibrate_int8(run.cfg, run.student, run.state, run.mesh)
+    how += f"; int8 activation scales from {cfg.student.quant_calibration_batches} batches"
+  return how
+
+
+def _fresh_state(run: Run) -> str:
+  """A fresh ``run.state`` (random, teacher blocks or ``student.init_from``); returns how."""
+  cfg = run.cfg
   run.state = run.make_state()
   if cfg.student.init_layers:  # blocks of the teacher (e.g. a Hugging Face one)
     student = teacher_lib.student_from_teacher(cfg, run.teacher_params, run.state.params["student"])
@@ -375,6 +385,7 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
   summary = dict(progress.summary(start, ran), startup_s=startup_s)
   if cfg.ckpt.save_final and not summary["preempted"] and start < steps:
     workdir_lib.save_final_params(workdir, run.state.params["student"], run.state.model_state)
+    workdir_lib.save_int8(workdir, run.cfg, run.student, run.state)
   manager.close()
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:

@@ -21,6 +21,12 @@ runs it forward on a few training batches, updating that state with Flax's own
 rule, then ``freeze_fp8_scales`` (here) fixes every scale to its history's maximum
 (static scaling: the kernel scales are then exact, the weights never change).
 The teacher runs with these scales unchanged for the whole distillation.
+
+An int8 student (``c=int8``, optionally ``a=asymmetric``) is distilled with its projection
+matmuls fake-quantised by qwix (``models.quant``): weights per output channel, symmetric;
+activations per tensor, symmetric or asymmetric, with static scales calibrated before step 1.
+Everything else computes in the param dtype. FP8 and int8 are two matmul modes of one ``c=``
+part: a spec naming both is an error.
 """
 
 import dataclasses
@@ -53,11 +59,20 @@ class Policy:
   # c=fp8: projection matmuls quantised (e4m3 forward, e5m2 gradients, delayed
   # scaling); compute_dtype (bf16) is everything else.
   fp8: bool = False
+  # c=int8: projection matmuls fake-quantised to int8 while training (qwix QAT); "" = off,
+  # else the activation scheme, "symmetric" or "asymmetric" (the a= part).
+  int8: str = ""
 
   def __str__(self) -> str:
     name = lambda d: jnp.dtype(d).name
-    compute = "fp8" if self.fp8 else name(self.compute_dtype)
-    return f"p={name(self.param_dtype)},c={compute},o={name(self.output_dtype)}"
+    compute = "fp8" if self.fp8 else "int8" if self.int8 else name(self.compute_dtype)
+    out = f"p={name(self.param_dtype)},c={compute},o={name(self.output_dtype)}"
+    return out + (f",a={self.int8}" if self.int8 else "")
+
+
+# int8 activation schemes (the a= part of a c=int8 policy), with their short names.
+INT8_ACTS = {"symmetric": "symmetric", "sym": "symmetric", "asymmetric": "asymmetric"}
+INT8_ACTS["asym"] = "asymmetric"
 
 
 def parse_policy(spec: str, key: str = "policy") -> Policy:
@@ -66,38 +81,53 @@ def parse_policy(spec: str, key: str = "policy") -> Policy:
   Args:
     spec: comma-separated ``p=``, ``c=``, ``o=`` parts with dtypes from
       ``f32``, ``bf16``, ``f16`` (long names accepted); ``c`` may also be
-      ``fp8``: FP8 projection matmuls, everything else in bf16.
+      ``fp8``: FP8 projection matmuls, everything else in bf16; or ``int8``:
+      int8 fake-quantised projection matmuls (QAT), everything else in the param
+      dtype, with ``a=symmetric`` (default) or ``a=asymmetric`` activations.
     key: the config key the spec came from, named in errors.
 
   Returns:
     The Policy.
 
   Raises:
-    ConfigError: unknown part or dtype.
+    ConfigError: unknown or repeated part, unknown dtype, fp8 and int8 together, a= without
+      c=int8.
   """
-  parts, fp8 = {}, False
+  parts, modes, act = {}, [], None
   for item in filter(None, (s.strip() for s in spec.split(","))):
     name, sep, value = item.partition("=")
-    if not sep or name not in ("p", "c", "o"):
+    if not sep or name not in ("p", "c", "o", "a"):
       raise ConfigError(
         key,
         f"bad part {item!r} in {spec!r}; write e.g. "
         "'p=f32,c=bf16,o=f32' (p=params, c=compute, o=output)",
       )
-    if value == "fp8":
+    if name == "a":
+      if value not in INT8_ACTS:
+        raise ConfigError(key, f"a={value} in {spec!r}: choose a=symmetric or a=asymmetric")
+      act = INT8_ACTS[value]
+      continue
+    if value in ("fp8", "int8"):
       if name != "c":
         raise ConfigError(
-          key, f"fp8 in {spec!r} is a matmul mode, not a storage dtype: write it as c=fp8"
+          key, f"{value} in {spec!r} is a matmul mode, not a storage dtype: write it as c={value}"
         )
-      fp8, value = True, "bf16"
+      modes.append(value)
+      if len(set(modes)) > 1:
+        raise ConfigError(key, f"c=fp8 and c=int8 in {spec!r}: one model quantises one way")
+      continue
     if value not in DTYPES:
       raise ConfigError(
         key, f"unknown dtype {value!r} in {spec!r}; choose from {sorted(set(DTYPES))}"
       )
     parts[name] = DTYPES[value]
+  if act is not None and "int8" not in modes:
+    raise ConfigError(key, f"a={act} in {spec!r} is int8's activation scheme: add c=int8")
   param = parts.get("p", jnp.float32)
-  compute = parts.get("c", param)
-  return Policy(param, compute, parts.get("o", compute), fp8)
+  compute = jnp.bfloat16 if "fp8" in modes else param
+  compute = parts.get("c", compute)
+  int8 = (act or "symmetric") if "int8" in modes else ""
+  return Policy(param, compute, parts.get("o", compute), "fp8" in modes, int8)
 
 
 def check_trainable(policy: Policy, key: str, loss_scaling: bool = False) -> None:

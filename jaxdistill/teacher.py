@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill import checkpoint, evaluate, models, precision
-from jaxdistill.models import fp8, surgery
+from jaxdistill.models import fp8, quant, surgery
 from jaxdistill.errors import ConfigError, JaxdistillError
 
 
@@ -137,6 +137,24 @@ def calibrate_fp8(cfg: Any, teacher: nn.Module, params: Any, mesh) -> tuple[Any,
   n = cfg.teacher.fp8_calibration_batches
   batches = itertools.islice(data_lib.make_iterator(cfg, "train"), n)
   return fp8.calibrate(teacher, params, batches, mesh, cfg.data.seq_len)
+
+
+def calibrate_int8(cfg: Any, student: nn.Module, state: Any, mesh) -> Any:
+  """``state`` with a c=int8 student's static activation scales (``models.quant.calibrate``).
+
+  Like ``calibrate_fp8``: the first ``student.quant_calibration_batches`` batches of a FRESH
+  training iterator, so the run's data stream is untouched; called before step 1 only (the
+  scales are then part of the checkpointed state).
+  """
+  import itertools
+
+  from jaxdistill import data as data_lib
+
+  n = cfg.student.quant_calibration_batches
+  batches = itertools.islice(data_lib.make_iterator(cfg, "train"), n)
+  variables = {"params": state.params["student"], **state.model_state}
+  stats = quant.calibrate(student, variables, batches, mesh)
+  return state.replace(model_state={**state.model_state, quant.COLLECTION: stats})
 
 
 def _load_hf(cfg: Any, teacher: nn.Module, mesh):

@@ -52,7 +52,9 @@ class TrainState:
     model_state: the student's non-param variables, e.g. FP8 scales and amax
       histories ``{"_overwrite_with_gradient": ...}`` (c=fp8; their "gradients" are their
       new values) or BatchNorm's running averages ``{"batch_stats": ...}`` (returned by
-      the student's training forward), else None: replaced each step, never optimised.
+      the student's training forward), or a c=int8 student's static activation statistics
+      ``{"quant_stats": ...}`` (``models.quant.calibrate``, before step 1; constant after),
+      else None: replaced each step, never optimised.
   """
 
   step: jax.Array
@@ -164,9 +166,10 @@ def _make_gradients(loss_fn: Callable, grad_accum: int) -> Callable:
       if state.model_state is None:  # exactly the plain step's program
         (_, (m, _)), g = grad_params(state.params, None, *args)
         return m, g, None
-      if "_overwrite_with_gradient" not in model_state:  # BatchNorm statistics alone
+      if "_overwrite_with_gradient" not in model_state:  # BatchNorm / int8 statistics
         (_, (m, stats)), g = grad_params(state.params, model_state, *args)
-        return m, g, {**model_state, "batch_stats": stats}
+        # An int8 student's static "quant_stats" pass through unchanged (read, not mutable).
+        return m, g, model_state if stats is None else {**model_state, "batch_stats": stats}
       (_, (m, stats)), (g, model_state) = grad_both(state.params, model_state, *args)
       if stats is not None:
         model_state = {**model_state, "batch_stats": stats}

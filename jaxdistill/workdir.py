@@ -21,7 +21,7 @@ import jax
 
 from jaxdistill import checkpoint, config, distributed, metrics as metrics_lib, models, precision
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models import hf, hf_export
+from jaxdistill.models import hf, hf_export, quant
 
 
 def load_workdir(workdir: str) -> tuple[hf.HFModel, Any]:
@@ -127,3 +127,20 @@ def save_final_params(workdir: str, params: Any, model_state: Any = None) -> Non
     shutil.rmtree(final)
   distributed.barrier("jaxdistill:final-params-removed")  # all save into a clean dir
   checkpoint.save_params(final, params)
+
+
+INT8_DIR = "int8"
+
+
+def save_int8(workdir: str, cfg: Any, student: nn.Module, state: Any) -> str | None:
+  """WORKDIR/int8: a c=int8 student's int8 weights + scales (``models.quant.save``); None
+  (nothing written) for any other student."""
+  if not state.model_state or quant.COLLECTION not in state.model_state:
+    return None
+  variables = {"params": state.params["student"], **state.model_state}
+  _, int8_vars = quant.quantize(student, variables, quant.act_of(student), cfg.data.seq_len)
+  section = {k: cfg.student[k] for k in models.shape_keys(cfg.student)}
+  path = os.path.join(workdir, INT8_DIR)
+  if jax.process_index() == 0:
+    quant.save(path, int8_vars, section, quant.act_of(student))
+  return path

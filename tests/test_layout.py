@@ -41,7 +41,7 @@ LAYERS = {
   **dict.fromkeys(("train", "checkpoint", "evaluate", "teacher", "latency"), 4),
   **dict.fromkeys(("run", "workdir", "loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "precompute_images", "embed", "report"), 6),
-  **dict.fromkeys(("eval_run", "prune_run"), 6),
+  **dict.fromkeys(("eval_run", "prune_run", "quantize"), 6),
   **dict.fromkeys(("quickstart_report", "report_table", "report_plots"), 6),
   "cli": 7,
 }

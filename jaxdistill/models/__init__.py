@@ -10,6 +10,7 @@
   api.py          build / apply / init_variables / abstract_variables: how callers use a model
   flops.py        model FLOPs per token / image / distillation step (StepFlops, step_flops)
   fp8.py          static FP8 scales of a frozen model (calibrate)
+  quant.py        int8 through qwix: QAT modules, static activation scales, PTQ, int8 files
   surgery.py      students made from a teacher's params (select_layers, init_from_teacher)
   hf.py           Hugging Face checkpoints -> models (load, read_config, param_map)
   hf_maps.py      which Hugging Face tensor each param comes from, per architecture

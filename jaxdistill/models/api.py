@@ -20,6 +20,7 @@ reads only ``inputs`` [B, H, W, C] (normalised float images) and keeps its Batch
 in the "batch_stats" collection.
 """
 
+import dataclasses
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -91,8 +92,17 @@ def build(section: Any, policy: Policy, key: str) -> nn.Module:
     ``resnet.ResNet`` or ``resnet.WideResNet``).
   Raises:
     ConfigError: an invalid model key, named "{key}.<field>" for an image classifier;
-      "{key}.policy" for c=fp8 with an image classifier.
+      "{key}.policy" for c=fp8 with an image classifier, or c=int8 for a teacher.
   """
+  if policy.int8:  # the float module, rewritten by qwix (models.quant)
+    from jaxdistill.models import quant
+
+    if key == "teacher":
+      raise ConfigError(
+        "teacher.policy",
+        "c=int8 trains a student quantisation-aware; a frozen teacher runs in float (or c=fp8)",
+      )
+    return quant.qat_model(build(section, dataclasses.replace(policy, int8=""), key), policy.int8)
   arch = _arch(section)
   if arch == "transformer":
     return module_for(config_from_section(section, policy, key))

@@ -155,7 +155,10 @@ class EinsumDense(nn.Module):
 
   def _matmul(self, x: jax.Array) -> jax.Array:
     dtype = self.config.dtype
-    x, kernel = x.astype(dtype), self.kernel.astype(dtype)
+    # No cast when the dtype matches: an int8 model's kernel is qwix's int8 array + scales,
+    # whose astype qwix 0.1.8 cannot do (the same program for a float kernel).
+    kernel = self.kernel if self.kernel.dtype == dtype else self.kernel.astype(dtype)
+    x = x.astype(dtype)
     # Without its FP8 state (e.g. evaluating params saved alone) an fp8 model
     # falls back to plain matmuls in the compute dtype.
     if (
