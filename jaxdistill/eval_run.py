@@ -133,10 +133,12 @@ def _teacher(cfg: Any, built: Any, workdir: str, teacher_dir: str) -> tuple | No
   """(module, variables, where from) of the teacher to compare with, or None: the run's own
   teacher, or the student of the run ``teacher_dir`` (e.g. to give a CE baseline, which has
   no teacher, agreement and KL against the teacher its KD twin distilled from)."""
+  own = (built.teacher, built.teacher_vars, built.teacher_path or f"{cfg.teacher.source} init")
   if not teacher_dir:
-    if built.teacher is None:
-      return None
-    return built.teacher, built.teacher_vars, built.teacher_path or f"{cfg.teacher.source} init"
+    return own if built.teacher is not None else None
+  wanted = os.path.realpath(teacher_lib.final_params_dir(teacher_dir))
+  if built.teacher_path and os.path.realpath(built.teacher_path) == wanted:
+    return own  # the run's own teacher: already loaded by build_run, not read twice
   other = run_config(teacher_dir)
   mine, theirs = (os.path.join(d, "tokenizer.json") for d in (workdir, teacher_dir))
   if os.path.isfile(mine) and os.path.isfile(theirs):

@@ -218,8 +218,8 @@ class _Progress:
       total=self.steps, initial=start, disable=not show, unit="step", dynamic_ncols=True
     )
     self.step_times, self.losses, self.last = [], [], {}
-    self.goodput = throughput.Goodput()  # restarted by train() when the loop starts
-    self.peak, self.peak_total = _peak(run)
+    self.peak, self.peak_total = _peak(run)  # a CPU's probe runs here, before the clock starts
+    self.goodput = throughput.Goodput()  # train() hands it to run_steps
 
   def __call__(self, step: int, m: dict, seconds: float) -> None:
     self.step_times.append(seconds)
@@ -368,7 +368,7 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
     progress.write(step, periodic(run.state.params["student"], run.state.model_state))
 
   startup_s = time.perf_counter() - entered
-  progress.goodput = goodput = throughput.Goodput()
+  goodput = progress.goodput
   try:
     with _PreemptionHandlers():
       ran = run_steps(

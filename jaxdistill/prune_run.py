@@ -30,7 +30,7 @@ from typing import Any, Iterable
 import jax
 import numpy as np
 
-from jaxdistill import data as data_lib, evaluate, eval_run, models, precision, sharding
+from jaxdistill import data as data_lib, evaluate, eval_run, models, run as run_lib, sharding
 from jaxdistill import workdir as workdir_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import prune, prune_scores
@@ -54,8 +54,7 @@ def load_student(src_workdir: str) -> tuple[Any, Any, dict]:
   path = os.path.join(src_workdir, "final_params")
   if not os.path.isdir(path):
     raise JaxdistillError(f"{src_workdir!r} has no final_params/ (the run has not finished)")
-  policy = precision.parse_policy(cfg.student.policy, "student.policy")
-  module = models.build(cfg.student, policy, "student")
+  module = run_lib.model_of(cfg, "student")
   variables, _ = evaluate.load_variables(module, path, _one_device_mesh(), cfg.data.seq_len)
   return cfg, module, variables
 
@@ -132,8 +131,7 @@ def prune_workdir(
     raise JaxdistillError(f"pruning {src_workdir!r}: {e}") from None
   params, changed, kept = _surgery(module, variables["params"], scores, dict(targets))
   new_cfg = _new_config(cfg, changed)
-  policy = precision.parse_policy(new_cfg.student.policy, "student.policy")
-  new_module = models.build(new_cfg.student, policy, "student")
+  new_module = run_lib.model_of(new_cfg, "student")
   abstract = models.abstract_variables(new_module, _one_device_mesh(), cfg.data.seq_len)
   want_shapes = jax.tree.map(lambda a: a.shape, abstract["params"])
   if jax.tree.map(np.shape, params) != want_shapes:  # a bug here, never a user's error
