@@ -27,6 +27,7 @@ import jax
 from jaxdistill import checkpoint, config as config_lib, data as data_lib, evaluate, latency
 from jaxdistill import models, run as run_lib, teacher as teacher_lib, workdir as workdir_lib
 from jaxdistill.errors import JaxdistillError
+from jaxdistill.models import quant
 
 # Override sections ``eval`` accepts: the data to measure on, the mesh and the cache. The
 # model, losses and optimizer are the run's.
@@ -94,11 +95,24 @@ def _pin_tokenizer(cfg: Any, workdir: str) -> None:
     cfg.data.train_files = cfg.data.train_files or cfg.data.eval_files
 
 
-def _student_variables(run: Any, workdir: str, step: int | None) -> tuple[dict, str, int]:
-  """(the student's variables, where they came from, their training step)."""
+def _student(run: Any, workdir: str, step: int | None) -> tuple[Any, dict, str, int]:
+  """(the student module, its variables, where they came from, their training step).
+
+  An int8 run's final student (``c=int8``: QAT, or ``jaxdistill quantize``'s PTQ) is the int8
+  model of ``W/int8``, run with integer matmuls; its checkpoints are the fake-quantised
+  training model with the checkpointed activation scales."""
   cfg = run.cfg
   ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINTS)
   steps = checkpoint.complete_steps(ckpt_dir)
+  if step is None and quant.is_int8(run.student):
+    path = os.path.join(workdir, workdir_lib.INT8_DIR)
+    if not os.path.isfile(os.path.join(path, quant.CONFIG_FILE)):
+      raise JaxdistillError(
+        f"{workdir!r} is an int8 (c=int8) run without {workdir_lib.INT8_DIR}/ (written when "
+        "it finishes); finish it, or pass --step N for one of its checkpoints"
+      )
+    module, variables, _ = workdir_lib.load_int8(path, run.mesh)
+    return module, variables, workdir_lib.INT8_DIR, _final_step(workdir, cfg)
   if step is None:
     path = os.path.join(workdir, checkpoint.FINAL_PARAMS)
     if not os.path.isdir(path):
@@ -107,7 +121,7 @@ def _student_variables(run: Any, workdir: str, step: int | None) -> tuple[dict, 
         f"{workdir!r} has no {checkpoint.FINAL_PARAMS}/ (the run has not finished); {hint}"
       )
     variables, _ = evaluate.load_variables(run.student, path, run.mesh, cfg.data.seq_len)
-    return variables, checkpoint.FINAL_PARAMS, _final_step(workdir, cfg)
+    return run.student, variables, checkpoint.FINAL_PARAMS, _final_step(workdir, cfg)
   if step not in steps:
     raise JaxdistillError(
       f"--step {step}: {ckpt_dir} has no checkpoint of that step; it holds {steps or 'none'}"
@@ -118,7 +132,7 @@ def _student_variables(run: Any, workdir: str, step: int | None) -> tuple[dict, 
   finally:
     manager.close()
   variables = {"params": state.params["student"], **(state.model_state or {})}
-  return variables, f"{checkpoint.CHECKPOINTS}/{step}", step
+  return run.student, variables, f"{checkpoint.CHECKPOINTS}/{step}", step
 
 
 def _final_step(workdir: str, cfg: Any) -> int:
@@ -212,8 +226,8 @@ def evaluate_workdir(
   _pin_tokenizer(cfg, workdir)
   data_lib.check(cfg)
   built = run_lib.build_run(cfg, workdir, create_state=False, data=False)
-  variables, source, trained_step = _student_variables(built, workdir, step)
-  entries = {"student": _entry(built.student, variables)}
+  student, variables, source, trained_step = _student(built, workdir, step)
+  entries = {"student": _entry(student, variables)}
   found = _teacher(cfg, built, workdir, teacher_dir)
   teacher = _entry(*found[:2]) if found else None
   if not batches and cfg.data.source == "synthetic" and not data_lib.is_image_model(cfg):
@@ -245,7 +259,7 @@ def evaluate_workdir(
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   if with_latency:
-    models = {"student": (built.student, variables)}
+    models = {"student": (student, variables)}
     if found:
       models["teacher"] = found[:2]
     batch_fn = lambda b: latency.example_batch(built.student, b, cfg.data.seq_len)

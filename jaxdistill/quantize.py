@@ -6,6 +6,11 @@ calibrated on the first batches of a fresh training iterator (``models.quant.cal
 projections converted to int8 weights + scales (``models.quant.quantize``), written like a QAT
 run's ``W/int8``: ``model.safetensors`` + ``int8.json`` (``models.quant.save``).
 
+``ptq_workdir(src, dst)`` makes that a workdir of its own (``jaxdistill quantize``): ``dst`` holds
+the source's config with ``c=int8`` in the student's policy, its tokenizer, ``int8/`` and
+``quantize.json``, so ``jaxdistill eval`` / ``report`` treat it like a QAT run (both are
+evaluated through their ``int8/`` directory).
+
 ``load_int8(dir, mesh)`` reads either back as a module + variables that ``models.apply`` and
 ``evaluate.evaluate`` run with ``int8 x int8 -> int32`` matmuls.
 """
@@ -14,12 +19,13 @@ import dataclasses
 import itertools
 import json
 import os
+import shutil
 
-import flax.linen as nn
 import jax
 
 from jaxdistill import checkpoint, data as data_lib, eval_run, evaluate, models, precision
-from jaxdistill import sharding as sharding_lib
+from jaxdistill import sharding as sharding_lib, workdir as workdir_lib
+from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import quant
 
 PTQ_DIR = "int8_ptq"
@@ -65,23 +71,63 @@ def ptq(
   return out
 
 
-def load_int8(directory: str, mesh: jax.sharding.Mesh) -> tuple[nn.Module, dict, dict]:
-  """An int8 directory (a c=int8 run's ``W/int8`` or ``ptq``'s) as (module, variables
-  replicated on ``mesh``, its int8.json): ``evaluate.evaluate({name: (module,
-  variables["params"], rest)}, ...)`` measures it like any model."""
-  from safetensors.numpy import load_file
+# Reading int8 files back lives with the workdir code, which ``eval_run`` (below this job) uses.
+load_int8 = workdir_lib.load_int8
 
-  with open(os.path.join(directory, quant.CONFIG_FILE)) as f:
-    meta = json.load(f)
-  module = quant.int8_model(
-    models.build(meta["section"], precision.Policy(), "student"), meta["act"]
-  )
-  init = lambda r: quant.init_variables(module, r, 1)  # noqa: E731 (shapes only)
-  abstract = {k: v for k, v in nn.unbox(jax.eval_shape(init, jax.random.key(0))).items()}
-  tensors = load_file(os.path.join(directory, quant.TENSORS_FILE))
-  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
-  variables = jax.tree_util.tree_unflatten(
-    treedef, [tensors[quant.tensor_name(p)] for p, _ in leaves]
-  )
-  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  return module, jax.device_put(variables, replicated), meta
+
+def ptq_workdir(
+  src_workdir: str,
+  dst_workdir: str,
+  calibration_batches: int = 8,
+  act: str = "symmetric",
+  devices=None,
+) -> dict:
+  """PTQ of ``src_workdir``'s student as a new workdir (see the module docstring).
+
+  Written into ``dst_workdir + ".partial"`` and renamed when complete, so a killed call leaves
+  no half workdir behind (a rerun starts over).
+
+  Args:
+    src_workdir: a finished float run (config.json, final_params/).
+    dst_workdir: a new directory (an existing non-empty one is an error).
+    calibration_batches: training batches that set the static activation scales.
+    act: "symmetric" or "asymmetric" activations.
+    devices: the devices of the run's mesh (default: all).
+  Returns:
+    The record written to ``dst_workdir/quantize.json``.
+  """
+  if os.path.exists(dst_workdir) and os.listdir(dst_workdir):
+    raise JaxdistillError(f"{dst_workdir!r} exists and is not empty; pass a new directory")
+  if calibration_batches < 1:
+    raise JaxdistillError(f"calibration_batches must be >= 1, got {calibration_batches}")
+  cfg = eval_run.run_config(src_workdir)
+  policy = precision.parse_policy(cfg.student.policy, "student.policy")
+  if policy.int8:
+    raise JaxdistillError(
+      f"{src_workdir!r} is already an int8 (c=int8) run: its int8 model is in its int8/"
+    )
+  if policy.fp8:
+    raise JaxdistillError(f"{src_workdir!r} trains with c=fp8; quantise a float student")
+  tmp = dst_workdir.rstrip("/") + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  ptq(src_workdir, os.path.join(tmp, workdir_lib.INT8_DIR), calibration_batches, act, devices)
+  cfg.student.policy = str(dataclasses.replace(policy, int8=precision.INT8_ACTS.get(act, act)))
+  cfg.student.init_from, cfg.student.init_layers = "", ""
+  with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  tokenizer = os.path.join(src_workdir, "tokenizer.json")
+  if os.path.isfile(tokenizer):
+    shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
+  record = {
+    "source": os.path.abspath(src_workdir),
+    "method": "ptq",
+    "act": precision.INT8_ACTS.get(act, act),
+    "calibration_batches": calibration_batches,
+  }
+  with open(os.path.join(tmp, "quantize.json"), "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  if os.path.isdir(dst_workdir):
+    os.rmdir(dst_workdir)  # empty (checked above)
+  os.replace(tmp, dst_workdir)
+  return record

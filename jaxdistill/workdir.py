@@ -144,3 +144,25 @@ def save_int8(workdir: str, cfg: Any, student: nn.Module, state: Any) -> str | N
   if jax.process_index() == 0:
     quant.save(path, int8_vars, section, quant.act_of(student))
   return path
+
+
+def load_int8(directory: str, mesh: jax.sharding.Mesh) -> tuple[nn.Module, dict, dict]:
+  """An int8 directory (a c=int8 run's ``W/int8``, or ``quantize.ptq``'s) as (module, variables
+  replicated on ``mesh``, its int8.json): ``evaluate.evaluate({name: (module,
+  variables["params"], rest)}, ...)`` measures it like any model."""
+  from safetensors.numpy import load_file
+
+  with open(os.path.join(directory, quant.CONFIG_FILE)) as f:
+    meta = json.load(f)
+  module = quant.int8_model(
+    models.build(meta["section"], precision.Policy(), "student"), meta["act"]
+  )
+  init = lambda r: quant.init_variables(module, r, 1)  # noqa: E731 (shapes only)
+  abstract = {k: v for k, v in nn.unbox(jax.eval_shape(init, jax.random.key(0))).items()}
+  tensors = load_file(os.path.join(directory, quant.TENSORS_FILE))
+  leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
+  variables = jax.tree_util.tree_unflatten(
+    treedef, [tensors[quant.tensor_name(p)] for p, _ in leaves]
+  )
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  return module, jax.device_put(variables, replicated), meta

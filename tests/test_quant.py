@@ -11,6 +11,10 @@ import numpy as np
 import pytest
 
 
+# The 8 fake devices of the test session as one data-parallel mesh for `eval`.
+ONE_MESH = [("mesh.data", "-1")]
+
+
 def _quantise_np(x, scale, zero_point=0):
   """NumPy int8: round half to even (np.rint, as jnp.round), then saturate to [-128, 127]
   (jax's float -> int8 conversion clamps); in float32, as qwix computes it (in float64 a
@@ -187,12 +191,18 @@ def test_qat_scales_survive_a_checkpoint_and_int8_export(tiny_config, tmp_path):
   want = np.asarray(logits(run.student)(qat_vars, batch))
   got = np.asarray(logits(module)(variables, batch))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+  # `jaxdistill eval` of a c=int8 run measures that int8 model.
+  from jaxdistill import eval_run
+
+  result = eval_run.evaluate_workdir(workdir, overrides=ONE_MESH, name="v", batches=2)
+  assert result["params_source"] == "int8" and np.isfinite(result["models"]["student"]["val_loss"])
 
 
 def test_qat_cnn_steps_and_ptq_of_a_float_student(tiny_config, tmp_path):
   """A CNN student distils under c=int8 (asymmetric) with finite losses; PTQ of a float CNN
   run writes int8 files whose model evaluates close to the float one with int32 convs."""
-  from jaxdistill import evaluate, loop, quantize, teacher as teacher_lib
+  from jaxdistill import eval_run, evaluate, loop, quantize, teacher as teacher_lib
+  from jaxdistill.errors import JaxdistillError
   from jaxdistill.models import quant
 
   image = dict(arch="cnn", cnn_channels="4,8", cnn_fc=16, num_classes=10, image_size=8)
@@ -234,3 +244,16 @@ def test_qat_cnn_steps_and_ptq_of_a_float_student(tiny_config, tmp_path):
     .as_text()
   )
   assert "s32[1,8,8,4]" in hlo and "convolution(" in hlo  # int8 conv, int32 accumulation
+
+  # `jaxdistill quantize` makes the PTQ a workdir that `jaxdistill eval` runs through int8/.
+  dst = str(tmp_path / "ptq")
+  record = quantize.ptq_workdir(workdir, dst, 2, "asymmetric", devices=jax.devices()[:1])
+  assert record["act"] == "asymmetric" and not os.path.exists(dst + ".partial")
+  result = eval_run.evaluate_workdir(dst, overrides=ONE_MESH, name="v", batches=2)
+  assert result["params_source"] == "int8"
+  assert result["models"]["student"]["val_loss"] == pytest.approx(res["int8"]["val_loss"], 1e-4)
+  assert set(result["size"]["student"]["bytes_by_dtype"]) >= {"int8"}
+  with pytest.raises(JaxdistillError, match="not empty"):
+    quantize.ptq_workdir(workdir, dst)
+  with pytest.raises(JaxdistillError, match="already an int8"):
+    quantize.ptq_workdir(dst, str(tmp_path / "again"))
