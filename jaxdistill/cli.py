@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any, Sequence
 
-from jaxdistill import distributed
+from jaxdistill import cli_compress, distributed
 from jaxdistill.errors import JaxdistillError
 
 EXIT_USAGE = 2
@@ -31,7 +31,10 @@ examples:
   jaxdistill embed --model DIR --input FILE --output FILE.npy
   jaxdistill eval --workdir runs/smoke --latency     student and teacher metrics, latency
   jaxdistill export --workdir runs/smoke --output DIR
-  jaxdistill report runs/kd runs/ce --output reports/kd   table + curves of evaluated runs"""
+  jaxdistill report runs/kd runs/ce --output reports/kd   table + curves of evaluated runs
+  jaxdistill pipeline --config configs/progressive.py --workdir runs/prog   distil, prune, int8
+  jaxdistill prune --workdir runs/kd --output runs/kd-pruned --targets d_ff=0.5,num_heads=0.75
+  jaxdistill quantize --workdir runs/kd --output runs/kd-int8     post-training int8"""
 
 EPILOG = "Mistakes print one line 'error: ...' and exit with status 2."
 
@@ -140,6 +143,7 @@ def _parser() -> argparse.ArgumentParser:
   rep.add_argument("--output", required=True, help="new directory for report.md, .json and PNGs")
   rep.add_argument("--eval_name", default="validation", help="which W/eval/NAME.json to read")
   rep.add_argument("--names", default="", help="display names a,b,... (default: directory names)")
+  cli_compress.add_parsers(sub)
   return parser
 
 
@@ -344,6 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _export(args) if args.command == "export" else _embed(args)
     if args.command == "precompute":
       return _precompute(args, overrides)
+    if args.command in cli_compress.COMMANDS:
+      return cli_compress.COMMANDS[args.command](args, overrides)
   except JaxdistillError as e:
     print(f"error: {e}", file=sys.stderr)
     return EXIT_USAGE

@@ -135,6 +135,15 @@ def _student(run: Any, workdir: str, step: int | None) -> tuple[Any, dict, str, 
   return run.student, variables, f"{checkpoint.CHECKPOINTS}/{step}", step
 
 
+def load_student(workdir: str, overrides: Sequence[tuple[str, str]] = ()) -> tuple[Any, Any, dict]:
+  """(the run's config, its final student module, variables on the run's mesh): the model
+  ``evaluate_workdir`` measures (an int8 run's: its ``int8/`` model)."""
+  cfg = run_config(workdir, overrides)
+  built = run_lib.build_run(cfg, workdir, create_state=False, data=False)
+  module, variables, _, _ = _student(built, workdir, None)
+  return cfg, module, variables
+
+
 def _final_step(workdir: str, cfg: Any) -> int:
   try:
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:

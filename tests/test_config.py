@@ -13,6 +13,15 @@ CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
+  if hasattr(config_lib.config_module(str(path)), "get_pipeline"):  # jaxdistill pipeline's
+    from jaxdistill import pipeline
+
+    spec = pipeline.load(str(path))
+    for stage in spec["stages"]:
+      if "config" in stage:
+        validate.validate(stage["config"])
+    assert "jaxdistill pipeline --config" in path.read_text().split('"""')[1]
+    return
   cfg = config_lib.load_config(str(path))
   validate.validate(cfg)
   assert cfg.optim.steps > 0

@@ -1,0 +1,176 @@
+"""``jaxdistill pipeline`` (configs/progressive.py), ``prune`` and ``quantize`` commands:
+declaration errors, and the test-size pipeline killed mid-stage and resumed exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT
+from jaxdistill import cli_compress, pipeline, pipeline_spec
+from jaxdistill.config import default_config
+from jaxdistill.errors import ConfigError, JaxdistillError
+
+
+def _cli(*args):
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  cmd = [sys.executable, "-m", "jaxdistill.cli", *args]
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def _stages(*extra):
+  return [{"name": "a", "action": "train", "config": default_config()}, *extra]
+
+
+@pytest.mark.parametrize(
+  "stages, words",
+  [
+    (_stages({"name": "a", "action": "train", "config": default_config()}), ["stages[a].name"]),
+    (_stages({"name": "b", "action": "squash"}), ["stages[b].action", "squash"]),
+    (_stages({"name": "b", "action": "prune", "targets": {}, "from": "z"}), ["'z'", "a"]),
+    (_stages({"name": "b", "action": "prune"}), ["stages[b].targets"]),
+    (_stages({"name": "b", "action": "distil", "config": {}}), ["stages[b].config"]),
+    (_stages({"name": "b", "action": "quantise", "bits": 4}), ["bits"]),
+    (_stages({"name": "b c", "action": "export"}), ["name"]),
+    ([{"name": "x", "action": "export"}], ["stages[x].from", "previous"]),
+  ],
+)
+def test_bad_declarations_are_one_line_errors(stages, words):
+  with pytest.raises(ConfigError) as e:
+    pipeline_spec.check({"teacher": "", "stages": stages})
+  message = str(e.value)
+  assert "\n" not in message
+  for word in words:
+    assert word in message
+
+
+def test_references_resolve_and_overrides_reach_every_run():
+  spec = pipeline_spec.check(
+    {
+      "teacher": "a",
+      "stages": _stages(
+        {"name": "p", "action": "prune", "targets": {"d_ff": 0.5}},
+        {"name": "d", "action": "distil", "config": default_config(), "init": "previous"},
+        {"name": "ta", "action": "distil", "config": default_config(), "teacher": "previous"},
+      ),
+    },
+    [("optim.steps", "7")],
+  )
+  by = {s["name"]: s for s in spec["stages"]}
+  assert by["p"]["from"] == "a" and by["d"]["init"] == "p" and by["d"]["teacher"] == "a"
+  assert by["ta"]["teacher"] == "d"  # a teacher assistant: the previous stage's student
+  assert by["d"]["dir"] == "02-d" and by["d"]["config"].optim.steps == 7
+  assert by["a"]["config"].optim.steps == 7
+  with pytest.raises(ConfigError, match="optim.nope"):
+    pipeline_spec.check({"stages": _stages()}, [("optim.nope", "1")])
+
+
+def test_target_parsing():
+  assert cli_compress.parse_targets("d_ff=0.5, num_heads=3") == {"d_ff": 0.5, "num_heads": 3}
+  for bad in ("", "d_ff", "d_ff=half", "=3"):
+    with pytest.raises(JaxdistillError, match="--targets"):
+      cli_compress.parse_targets(bad)
+
+
+def test_a_used_workdir_or_a_changed_pipeline_is_refused(tmp_path):
+  (tmp_path / "mine.txt").write_text("a user's file")
+  spec = pipeline.load("configs/progressive.py:test")
+  with pytest.raises(JaxdistillError, match="not empty"):
+    pipeline._read_state(str(tmp_path), spec)
+  state = pipeline._read_state(str(tmp_path / "new"), spec)
+  state["stages"] = state["stages"][:-1]
+  os.makedirs(tmp_path / "new")
+  pipeline._write_state(str(tmp_path / "new"), state)
+  with pytest.raises(JaxdistillError, match="other stages"):
+    pipeline._read_state(str(tmp_path / "new"), spec)
+  assert (tmp_path / "mine.txt").read_text() == "a user's file"
+
+
+@pytest.mark.slow
+def test_cli_errors(tmp_path):
+  cases = [
+    (("pipeline", "--config", "configs/nope.py", "--workdir", str(tmp_path / "p")), "nope.py"),
+    (
+      ("pipeline", "--config", "configs/smoke.py", "--workdir", str(tmp_path / "p")),
+      "get_pipeline",
+    ),
+    (
+      ("prune", "--workdir", str(tmp_path), "--output", str(tmp_path / "o"), "--targets", "x"),
+      "--targets",
+    ),
+    (
+      ("quantize", "--workdir", str(tmp_path / "none"), "--output", str(tmp_path / "q")),
+      "not a jaxdistill run",
+    ),
+  ]
+  for args, word in cases:
+    proc = _cli(*args)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert word in lines[0], lines[0]
+  assert not (tmp_path / "p").exists() and not (tmp_path / "q").exists()
+
+
+def _losses(workdir):
+  rows = [json.loads(r) for r in open(os.path.join(workdir, "metrics.jsonl"))]
+  return [{k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows]
+
+
+@pytest.mark.slow
+def test_killed_pipeline_resumes_exactly_and_skips_finished_stages(tmp_path):
+  """SIGKILL during the `recover` distil stage (after its first checkpoint); the rerun skips
+  teacher / blocks / prune, resumes recover bitwise, finishes, reports every stage."""
+  import jax
+
+  from jaxdistill import loop
+
+  w = tmp_path / "p"
+  args = ["pipeline", "--config", "configs/progressive.py:test", "--workdir", str(w)]
+  env = dict(os.environ, PYTHONPATH=str(ROOT))
+  cmd = [sys.executable, "-m", "jaxdistill.cli", *args]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  started = time.time()
+  while not (w / "03-recover" / "checkpoints" / "2").is_dir():
+    assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+    assert time.time() - started < 600
+    time.sleep(0.01)
+  os.kill(proc.pid, signal.SIGKILL)
+  proc.wait()
+  assert not (w / "03-recover" / "final_params").exists(), "killed too late to test a resume"
+  state = json.loads((w / "pipeline.json").read_text())
+  assert [s["status"] for s in state["stages"]][:4] == ["done", "done", "done", "pending"]
+  before = {
+    p: os.stat(w / p).st_mtime_ns for p in ("00-teacher/final_params", "02-prune/prune.json")
+  }
+
+  proc = _cli(*args)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  for name in ("teacher", "blocks", "prune"):
+    assert f"stage {name}: done before, skipped" in proc.stdout
+  assert {p: os.stat(w / p).st_mtime_ns for p in before} == before
+  state = json.loads((w / "pipeline.json").read_text())
+  assert state["complete"] and all(s["status"] == "done" for s in state["stages"])
+  assert "final student qat" in proc.stdout
+  for s in state["stages"][:-1]:  # all but the export: evaluated and timed
+    assert s["metrics"]["val_loss"] > 0 and s["size"]["params"] > 0
+    assert set(s["latency_ms"]) == {"batch_1", "batch_32"}
+  by = {s["name"]: s for s in state["stages"]}
+  assert by["prune"]["size"]["params"] < by["blocks"]["size"]["params"]
+  assert by["qat"]["size"]["bytes"] < by["recover"]["size"]["bytes"]  # int8 weights
+  assert (w / "06-export" / "model.safetensors").is_file()
+  report = (w / "report.md").read_text()
+  assert all(f"| {n} |" in report for n in ("teacher", "blocks", "recover", "qat", "ptq"))
+
+  # The resumed stage equals the same stage run uninterrupted, step for step, bitwise.
+  spec = pipeline.load("configs/progressive.py:test")
+  stage = next(s for s in spec["stages"] if s["name"] == "recover")
+  ref = tmp_path / "recover-uninterrupted"
+  # One device, as the pipeline's process had (the test session has 8 fake ones).
+  loop.train(pipeline._stage_config(stage, str(w), spec), str(ref), devices=jax.devices()[:1])
+  resumed = _losses(w / "03-recover")
+  assert [r["step"] for r in resumed if "train/loss" in r] == list(range(1, 25))
+  assert resumed == _losses(ref)
