@@ -193,7 +193,8 @@ def _teacher_vars(cfg: Any, teacher, mesh, workdir: str | None, given: Any) -> t
   if teacher is None:
     return None, None, None
   if given is not None:
-    all_shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len)
+    table = teacher_lib.rules(cfg, teacher, mesh)
+    all_shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len, table)
     want = {k for k in ("params", "batch_stats") if k in all_shardings}
     if set(given) != want:
       raise JaxdistillError(
