@@ -109,6 +109,8 @@ def build_run(
   obj = objective_lib.make_objective(cfg)
   student = model_of(cfg, "student")
   teacher = model_of(cfg, "teacher") if obj.uses_teacher else None
+  if teacher is not None:
+    teacher_lib.rules(cfg, teacher, mesh)  # teacher.rules that do not fit fail before any init
   tx = train_lib.make_optimizer(cfg.optim)
   make_state = functools.partial(
     train_lib.init_state,
