@@ -5,8 +5,9 @@
 A teacher 8x the student (params), KL + CE through the fused head, [16, 64] token batches,
 float32. For each mesh and each ``teacher.rules`` preset: the compiled step's per-device
 memory (``memory_analysis``: temp, arguments, outputs and their total, donated buffers
-counted once; the teacher's own bytes per device beside them) and its step time (median of ``--repeats`` steps after 2 warm-ups, the presets
-interleaved step by step so load on a shared machine hits them alike). Meshes: data=8 (the
+counted once; the teacher's own bytes per device beside them) and its step time (median of
+``--repeats`` steps after 2 warm-ups, the presets interleaved step by step so load on a
+shared machine hits them alike). Meshes: data=8 (the
 default, pure data parallelism: the student's rules replicate everything) and data=2 x fsdp=2
 x tensor=2. One run is built per mesh (the student's rules); every preset places that run's
 teacher by its rules (what ``build_run`` does with ``teacher.rules``) and jits the same step
@@ -153,8 +154,9 @@ def main() -> None:
   s, t = sizes["student_params"], sizes["teacher_params"]
   print(f"student {s / 1e6:.2f}M params, teacher {t / 1e6:.2f}M ({t / s:.1f}x); MB per device")
   print(
-    "| mesh | teacher.rules | teacher MB | temp MB | arguments MB | outputs MB | total MB | step ms |"
+    "| mesh | teacher.rules | teacher MB | temp MB | arguments MB | outputs MB | total MB", end=""
   )
+  print(" | step ms |")
   print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     print(
