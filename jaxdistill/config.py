@@ -102,6 +102,9 @@ def default_config() -> ml_collections.ConfigDict:
   # c=fp8 teachers: training batches (the first of a fresh iterator) that set their static
   # FP8 scales before distillation (models.fp8.calibrate).
   cfg.teacher.fp8_calibration_batches = 8
+  # Where the teacher's params live (jaxdistill/placement.py): a preset student (the
+  # student's rules) | tensor | fsdp | replicated, then optional overrides "name=axes".
+  cfg.teacher.rules = "student"
 
   d = cfg.distill = C()
   d.temperature = 1.0

@@ -214,9 +214,10 @@ def evaluate(
 
 
 def load_variables(
-  module: nn.Module, path: str, mesh: jax.sharding.Mesh, seq_len: int
+  module: nn.Module, path: str, mesh: jax.sharding.Mesh, seq_len: int, rules: Any = None
 ) -> tuple[dict, dict]:
-  """A model's variables from a ``final_params`` directory, in the module's shardings.
+  """A model's variables from a ``final_params`` directory, in the module's shardings (by
+  ``rules``, None: ``sharding.LOGICAL_RULES``).
 
   A final_params directory holds the params tree; a BatchNorm model's holds its variables
   ``{"params", "batch_stats"}`` (``workdir.save_final_params``): which one is decided by the
@@ -225,7 +226,7 @@ def load_variables(
   Returns:
     (variables, shardings): ``{"params": ...}`` plus ``"batch_stats"`` for a BatchNorm model.
   """
-  abstract = models_lib.abstract_variables(module, mesh, seq_len)
+  abstract = models_lib.abstract_variables(module, mesh, seq_len, rules)
   target = {k: abstract[k] for k in ("params", "batch_stats") if k in abstract}
   if "batch_stats" in target:
     variables = checkpoint.load_params(path, target)

@@ -109,6 +109,8 @@ def build_run(
   obj = objective_lib.make_objective(cfg)
   student = model_of(cfg, "student")
   teacher = model_of(cfg, "teacher") if obj.uses_teacher else None
+  if teacher is not None:
+    teacher_lib.rules(cfg, teacher, mesh)  # teacher.rules that do not fit fail before any init
   tx = train_lib.make_optimizer(cfg.optim)
   make_state = functools.partial(
     train_lib.init_state,
@@ -193,7 +195,8 @@ def _teacher_vars(cfg: Any, teacher, mesh, workdir: str | None, given: Any) -> t
   if teacher is None:
     return None, None, None
   if given is not None:
-    all_shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len)
+    table = teacher_lib.rules(cfg, teacher, mesh)
+    all_shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len, table)
     want = {k for k in ("params", "batch_stats") if k in all_shardings}
     if set(given) != want:
       raise JaxdistillError(

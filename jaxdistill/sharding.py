@@ -7,8 +7,9 @@ module decides where they live. Mesh axes:
   fsdp    data parallelism with params, grads and optimizer state sharded
   tensor  tensor parallelism (heads, MLP width and vocabulary split)
 
-Batches are split over ``data`` x ``fsdp``. Teacher and student use the same
-rules, so a teacher's layers are sharded like a student's of the same shape.
+Batches are split over ``data`` x ``fsdp``. By default teacher and student use the same
+rules, so a teacher's layers are sharded like a student's of the same shape; ``teacher.rules``
+gives the teacher's params a table of their own (``placement``), passed as ``rules`` below.
 """
 
 import math
@@ -22,6 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jaxdistill.errors import ConfigError
 
 MESH_AXES = ("data", "fsdp", "tensor")
+# A rules table: (logical name, mesh axis | tuple of mesh axes | None) pairs.
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
 BATCH_AXES = ("data", "fsdp")
 
 # logical name -> mesh axis (or axes, or None for replicated).
@@ -101,23 +104,26 @@ def make_mesh(mesh_cfg: Any, devices: Sequence[jax.Device] | None = None) -> Mes
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
-def logical_to_sharding(specs: Any, mesh: Mesh) -> Any:
-  """Maps a tree of logical PartitionSpecs onto NamedShardings of ``mesh``."""
-  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES)
+def logical_to_sharding(specs: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
+  """Maps a tree of logical PartitionSpecs onto NamedShardings of ``mesh`` by ``rules``
+  (None: ``LOGICAL_RULES``)."""
+  return nn.logical_to_mesh_sharding(specs, mesh, LOGICAL_RULES if rules is None else rules)
 
 
-def shardings_of(abstract_boxed_tree: Any, mesh: Mesh) -> Any:
+def shardings_of(abstract_boxed_tree: Any, mesh: Mesh, rules: Rules | None = None) -> Any:
   """NamedShardings for a tree whose leaves may be ``nn.Partitioned`` boxes.
 
   Args:
     abstract_boxed_tree: e.g. ``jax.eval_shape(model.init, ...)``; unboxed
       leaves are replicated.
     mesh: the mesh.
+    rules: a rules table like ``LOGICAL_RULES`` (None: that one), e.g. a teacher's own
+      (``placement.parse_rules``).
 
   Returns:
     The tree of NamedSharding, with the boxes removed (matches ``nn.unbox``).
   """
-  return logical_to_sharding(nn.get_partition_spec(abstract_boxed_tree), mesh)
+  return logical_to_sharding(nn.get_partition_spec(abstract_boxed_tree), mesh, rules)
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -165,8 +171,9 @@ def logical_shards(logical_name: str, size: int) -> int:
   return shards if size % shards == 0 else 1
 
 
-def rules_context(mesh: Mesh):
-  """Context under which models' logical constraints shard on ``mesh``.
+def rules_context(mesh: Mesh, rules: Rules | None = None):
+  """Context under which models' logical constraints shard on ``mesh`` by ``rules`` (None:
+  ``LOGICAL_RULES``).
 
   Must be active while a jitted function is traced (its first call).
   """
@@ -174,5 +181,5 @@ def rules_context(mesh: Mesh):
 
   stack = contextlib.ExitStack()
   stack.enter_context(jax.set_mesh(mesh))
-  stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES))
+  stack.enter_context(nn.logical_axis_rules(LOGICAL_RULES if rules is None else rules))
   return stack

@@ -8,8 +8,9 @@
   hf        a Hugging Face model directory at teacher.path (models/hf.py), loaded tensor by
             tensor into its shardings; the teacher.* model keys must describe it
 
-Whatever the source, the params arrive sharded by the same logical rules as the
-student's, in the teacher policy's param dtype, and are never checkpointed:
+Whatever the source, the params arrive sharded by the teacher's logical rules
+(``teacher.rules``, see ``placement``: the student's by default; ``rules``), in the teacher
+policy's param dtype, and are never checkpointed:
 checkpoints record only the teacher's identity (``identity``). A c=fp8 teacher
 also gets static FP8 scales, calibrated on a few training batches each run
 (``calibrate_fp8``) and likewise never checkpointed.
@@ -25,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdistill import checkpoint, evaluate, models, precision
+from jaxdistill import checkpoint, evaluate, models, placement, precision
 from jaxdistill.models import fp8, quant, surgery
 from jaxdistill.errors import ConfigError, JaxdistillError
 
@@ -71,6 +72,21 @@ def final_params_dir(path: str) -> str:
   return inner if os.path.isdir(inner) else path
 
 
+def rules(cfg: Any, teacher: nn.Module, mesh) -> Any:
+  """The teacher's rules table (``placement.parse_rules`` of ``teacher.rules``; None: the
+  student's), checked against ``mesh``: every param dimension it splits must divide.
+
+  Raises:
+    ConfigError: a bad ``teacher.rules`` or one that does not split the teacher on ``mesh``.
+  """
+  table = placement.parse_rules(cfg.teacher.rules)
+  if table is not None:
+    init = lambda r: models.init_variables(teacher, r, cfg.data.seq_len)  # noqa: E731
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    placement.check_divisible(table, abstract, dict(mesh.shape))
+  return table
+
+
 def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
   """Teacher variables by ``teacher.source``: (variables, shardings, path or None).
 
@@ -86,15 +102,15 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
   Raises:
     JaxdistillError: teacher.source='pretrain' and its stage has not run yet.
   """
-  seq_len = cfg.data.seq_len
+  seq_len, table = cfg.data.seq_len, rules(cfg, teacher, mesh)
   if cfg.teacher.source == "hf":
-    params, shardings, path = _load_hf(cfg, teacher, mesh)
+    params, shardings, path = _load_hf(cfg, teacher, mesh, table)
     return {"params": params}, {"params": shardings}, path
   if cfg.teacher.source == "random":
     rng = jax.random.key(cfg.seed + 1)
     abstract = jax.eval_shape(lambda r: models.init_variables(teacher, r, seq_len), rng)
     kept = tuple(k for k in ("params", "batch_stats") if k in abstract)
-    variables, shardings = models.create_variables(teacher, rng, mesh, seq_len, kept)
+    variables, shardings = models.create_variables(teacher, rng, mesh, seq_len, kept, table)
     return variables, shardings, None
   path = params_path(cfg, workdir)
   if cfg.teacher.source == "pretrain" and not os.path.isdir(path):
@@ -102,7 +118,7 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
       f"teacher.source='pretrain': no pretrained teacher at {path}; run the pretraining stage "
       "first (loop.pretrain_teacher; `jaxdistill train` and `precompute` do it themselves)"
     )
-  variables, shardings = evaluate.load_variables(teacher, path, mesh, seq_len)
+  variables, shardings = evaluate.load_variables(teacher, path, mesh, seq_len, table)
   return variables, shardings, path
 
 
@@ -157,7 +173,7 @@ def calibrate_int8(cfg: Any, student: nn.Module, state: Any, mesh) -> Any:
   return state.replace(model_state={**state.model_state, quant.COLLECTION: stats})
 
 
-def _load_hf(cfg: Any, teacher: nn.Module, mesh):
+def _load_hf(cfg: Any, teacher: nn.Module, mesh, table: Any):
   """(params, shardings, path) of a Hugging Face teacher; its config.json must match."""
   from jaxdistill.models import hf
 
@@ -170,8 +186,9 @@ def _load_hf(cfg: Any, teacher: nn.Module, mesh):
         f"teacher.{key}", f"is {cfg.teacher[key]!r} but {path}/config.json says {want!r}"
       )
   hfm = hf.HFModel(hf.read_config(path).model_type, teacher.config)
-  _, params = hf.load(path, hfm, mesh)
-  return params, models.variable_shardings(teacher, mesh, cfg.data.seq_len)["params"], path
+  _, params = hf.load(path, hfm, mesh, table)
+  shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len, table)["params"]
+  return params, shardings, path
 
 
 def student_from_teacher(cfg: Any, teacher_params: Any, student_params: Any) -> Any:

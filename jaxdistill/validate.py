@@ -9,7 +9,7 @@ depends on the device mesh (called when a run starts).
 import os
 from typing import Any
 
-from jaxdistill import models, precision, validate_distill
+from jaxdistill import models, placement, precision, validate_distill
 from jaxdistill.data import image_sources
 from jaxdistill.data.sources import DATA_SOURCES
 from jaxdistill.models import surgery
@@ -113,6 +113,8 @@ def _check_teacher(cfg: Any) -> None:
         f"teacher's static FP8 scales), got {n!r}",
       )
     models.build(t, teacher_policy, "teacher")
+  if t.source not in NO_TEACHER_MODEL:
+    placement.parse_rules(t.rules)  # its syntax; whether it splits the teacher: teacher.rules()
   if t.source == "pretrain" and t.pretrain_steps <= 0:
     raise ConfigError("teacher.pretrain_steps", "must be > 0 when teacher.source='pretrain'")
   if t.source == "cache" and not os.path.isdir(t.path):

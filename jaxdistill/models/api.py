@@ -179,33 +179,38 @@ def init_variables(model: nn.Module, rng: jax.Array, seq_len: int) -> dict:
   return model.init(rng, jnp.zeros((1, seq_len), jnp.int32))
 
 
-def variable_shardings(model: nn.Module, mesh: jax.sharding.Mesh, seq_len: int) -> dict:
+def variable_shardings(
+  model: nn.Module, mesh: jax.sharding.Mesh, seq_len: int, rules: Any = None
+) -> dict:
   """The NamedShardings of all of ``model``'s variables on ``mesh``, without creating them.
 
   Args:
     model: the module.
     mesh: the device mesh.
     seq_len: T of the dummy input (shapes do not depend on it).
+    rules: the rules table (None: ``sharding.LOGICAL_RULES``; a teacher's own: ``placement``).
   Returns:
     {"params": ..., other collections}, unboxed: the logical names mapped by the rules table.
   """
   abstract = jax.eval_shape(lambda r: init_variables(model, r, seq_len), jax.random.key(0))
-  return sharding_lib.shardings_of(abstract, mesh)
+  return sharding_lib.shardings_of(abstract, mesh, rules)
 
 
-def abstract_variables(model: nn.Module, mesh: jax.sharding.Mesh, seq_len: int) -> dict:
+def abstract_variables(
+  model: nn.Module, mesh: jax.sharding.Mesh, seq_len: int, rules: Any = None
+) -> dict:
   """``model``'s variables as ShapeDtypeStructs in their shardings: a restore target.
 
   Nothing is allocated; ``checkpoint.load_params(path, abstract_variables(...)["params"])``
   reads each array straight into its shards.
 
   Args:
-    model, mesh, seq_len: as ``variable_shardings``.
+    model, mesh, seq_len, rules: as ``variable_shardings``.
   Returns:
     {"params": ..., other collections} of unboxed ``jax.ShapeDtypeStruct`` with ``sharding``.
   """
   abstract = jax.eval_shape(lambda r: init_variables(model, r, seq_len), jax.random.key(0))
-  shardings = sharding_lib.shardings_of(abstract, mesh)
+  shardings = sharding_lib.shardings_of(abstract, mesh, rules)
   return jax.tree.map(
     lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
   )
@@ -217,6 +222,7 @@ def create_variables(
   mesh: jax.sharding.Mesh,
   seq_len: int,
   collections: Sequence[str] | None = None,
+  rules: Any = None,
 ) -> tuple[dict, dict]:
   """Random variables of ``model`` created directly in their shardings (no host copy).
 
@@ -226,6 +232,7 @@ def create_variables(
     mesh: the device mesh.
     seq_len: T of the dummy input.
     collections: only these collections (e.g. ("params",)); None: all.
+    rules: the rules table (None: ``sharding.LOGICAL_RULES``; a teacher's own: ``placement``).
   Returns:
     (variables, shardings): unboxed arrays and their NamedShardings, both {collection: tree}.
   """
@@ -234,7 +241,7 @@ def create_variables(
     variables = init_variables(model, r, seq_len)
     return {c: variables[c] for c in collections} if collections is not None else variables
 
-  shardings = sharding_lib.shardings_of(jax.eval_shape(init_fn, rng), mesh)
-  with sharding_lib.rules_context(mesh):
+  shardings = sharding_lib.shardings_of(jax.eval_shape(init_fn, rng), mesh, rules)
+  with sharding_lib.rules_context(mesh, rules):
     variables = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
   return variables, shardings

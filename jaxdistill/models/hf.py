@@ -291,13 +291,16 @@ def abstract_params(module: nn.Module, max_len: int) -> Any:
   return jax.eval_shape(init, jax.random.key(0))
 
 
-def load(path: str, hfm: HFModel | None = None, mesh: Any = None) -> tuple[HFModel, Any]:
+def load(
+  path: str, hfm: HFModel | None = None, mesh: Any = None, rules: Any = None
+) -> tuple[HFModel, Any]:
   """Loads an HF directory's weights, tensor by tensor, into their shardings.
 
   Args:
     path: the HF model directory.
     hfm: the model to load into (default ``read_config(path)``, float32).
     mesh: a jaxdistill mesh; params are sharded by its logical rules. None: one device.
+    rules: the rules table (None: ``sharding.LOGICAL_RULES``; a teacher's own: ``placement``).
   Returns:
     (hfm, params): params is a pytree of jax.Arrays in ``hfm.config.param_dtype``.
   Raises:
@@ -307,7 +310,7 @@ def load(path: str, hfm: HFModel | None = None, mesh: Any = None) -> tuple[HFMod
   boxed = abstract_params(hfm.module(), hfm.config.max_len)
   abstract = nn.unbox(boxed)
   if mesh is not None:
-    shardings = sharding_lib.shardings_of(boxed, mesh)
+    shardings = sharding_lib.shardings_of(boxed, mesh, rules)
   else:
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: one, abstract)
