@@ -158,6 +158,7 @@ def test_teacher_int8_is_a_config_error(tiny_config):
     loop.build_run(tiny_config, devices=jax.devices()[:1])
 
 
+@pytest.mark.slow
 def test_qat_scales_survive_a_checkpoint_and_int8_export(tiny_config, tmp_path):
   """A QAT distillation: calibrated scales in model_state, finite losses, unchanged by the
   steps, restored bitwise from the checkpoint; W/int8 computes what the QAT student does."""
@@ -198,6 +199,7 @@ def test_qat_scales_survive_a_checkpoint_and_int8_export(tiny_config, tmp_path):
   assert result["params_source"] == "int8" and np.isfinite(result["models"]["student"]["val_loss"])
 
 
+@pytest.mark.slow
 def test_qat_cnn_steps_and_ptq_of_a_float_student(tiny_config, tmp_path):
   """A CNN student distils under c=int8 (asymmetric) with finite losses; PTQ of a float CNN
   run writes int8 files whose model evaluates close to the float one with int32 convs."""
