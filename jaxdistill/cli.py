@@ -310,7 +310,8 @@ def _precompute(args, overrides) -> int:
     raise JaxdistillError(
       f"{args.output} is missing shards another process should have written; rerun to finish"
     )
-  if distributed.is_primary() and result["computed_rows"] == 0:
+  # Every process's rows: process 0 may have had nothing left while another had (a rerun).
+  if distributed.is_primary() and result.get("job_computed_rows", result["computed_rows"]) == 0:
     print(
       f"nothing to compute: {args.output} already holds its {result['rows']} rows in "
       f"{result['shards']} shard(s) (manifest.json)"

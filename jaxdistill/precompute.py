@@ -234,7 +234,8 @@ def run(
 
   Returns:
     {"complete" (all shards exist; process 0 then wrote the manifest), "rows", "shards",
-    "computed_rows", "tokens", "seconds"} for this process.
+    "computed_rows", "tokens", "seconds"} for this process, and "job_computed_rows": rows
+    computed by all of the job's processes together.
   """
   import time
 
@@ -267,11 +268,17 @@ def run(
   complete = all(cache_writer.finished(output, s) for s in range(shards))
   if p == 0 and complete:
     cache_writer.write_manifest(output, current, rows_seen, shards)
+  job_computed = computed
+  if jax.process_count() > 1:  # so process 0 knows whether a rerun computed anything at all
+    from jax.experimental import multihost_utils
+
+    job_computed = int(np.sum(multihost_utils.process_allgather(np.int64(computed))))
   return {
     "complete": complete,
     "rows": rows_seen,
     "shards": shards,
     "computed_rows": computed,
+    "job_computed_rows": job_computed,
     "tokens": computed * t,
     "seconds": seconds,
   }

@@ -68,9 +68,11 @@ def start(output: str, current: dict) -> None:
         f"{output!r} holds a cache made with other settings (they differ in {diff}); "
         "pass a new --output or the same config"
       )
+  # Every process makes the directory: past the barrier, another may open its first shard
+  # there before process 0 gets to it.
+  os.makedirs(output, exist_ok=True)
   distributed.barrier("jaxdistill:precompute-settings-checked")
   if jax.process_index() == 0:
-    os.makedirs(output, exist_ok=True)
     write_json(path, current)
 
 
