@@ -20,8 +20,8 @@ written into their evaluations; ``W/report.md`` (+ ``report.json`` and PNGs:
 
 ``W/pipeline.json``: {"config", "arg", "stages": [{"name", "action", "dir", "status"
 ("pending" | "done"), "seconds", "from" / "teacher" / "init", "metrics" (the student's
-evaluation), "size" (params, bytes), "latency_ms" {"batch_B": median}}], "complete",
-"report"}.
+evaluation), "size" (params, bytes), "latency_ms" {"batch_B": median}, "pareto"
+{"bytes" / "batch_B": on the front of quality against that cost}}], "complete", "report"}.
 """
 
 import json
@@ -30,7 +30,8 @@ import shutil
 import time
 from typing import Any, Sequence
 
-from jaxdistill import eval_run, latency, loop, models, prune_run, quantize, report, validate
+from jaxdistill import eval_run, latency, loop, models, prune_run, quantize, report, report_table
+from jaxdistill import validate
 from jaxdistill import pipeline_spec, run as run_lib, workdir as workdir_lib
 from jaxdistill.config import config_module
 from jaxdistill.errors import ConfigError, JaxdistillError
@@ -228,19 +229,55 @@ def _report(workdir: str, spec: dict, state: dict) -> str:
   return os.path.join(workdir, "report.md")
 
 
+def _quality(metrics: dict) -> tuple[str, bool]:
+  """The headline metric of a stage's evaluation and whether higher is better."""
+  return ("accuracy", True) if "val_loss" not in metrics else ("val_loss", False)
+
+
+def pareto_flags(state: dict) -> dict[str, dict[str, bool]]:
+  """Per evaluated stage: on the Pareto front of quality against bytes, and against the
+  median latency at each batch size (``report_table.pareto_front``)."""
+  rows = [s for s in state["stages"] if s.get("metrics")]
+  if not rows:
+    return {}
+  key, higher = _quality(rows[0]["metrics"])
+  costs = {"bytes": [s["size"]["bytes"] for s in rows]}
+  for b in rows[0].get("latency_ms", {}):
+    costs[b] = [s.get("latency_ms", {}).get(b) for s in rows]
+  flags = {s["name"]: {} for s in rows}
+  for cost, values in costs.items():
+    front = report_table.pareto_front(list(zip(values, [s["metrics"][key] for s in rows])), higher)
+    for s, on in zip(rows, front):
+      flags[s["name"]][cost] = on
+  return flags
+
+
 def _stage_table(state: dict) -> str:
-  lines = [
-    "## Stages",
-    "",
-    "| stage | action | from | teacher | seconds |",
-    "|---|---|---|---|---|",
-  ]
+  """The stages in order (Markdown): what each did, its size, quality, latency, Pareto."""
+  flags = pareto_flags(state)
+  timed = [s for s in state["stages"] if s.get("metrics")]
+  key = _quality(timed[0]["metrics"])[0] if timed else "val_loss"
+  sizes = list(timed[0].get("latency_ms", {})) if timed else []
+  head = ["stage", "action", "from", "teacher", "params", "bytes", key]
+  head += [f"ms {b.replace('batch_', 'b=')}" for b in sizes]
+  head += ["Pareto (bytes / " + " / ".join(b.replace("batch_", "b=") for b in sizes) + ")"]
+  lines = ["## Stages", "", "| " + " | ".join(head + ["seconds"]) + " |"]
+  lines.append("|" + "---|" * (len(head) + 1))
   for s in state["stages"]:
-    lines.append(
-      f"| {s['name']} | {s['action']} | {s.get('from') or s.get('init') or ''} | "
-      f"{s.get('teacher') or ''} | {s.get('seconds', 0):.0f} |"
-    )
-  return "\n".join(lines) + "\n"
+    cells = [s["name"], s["action"], s.get("from") or s.get("init") or "", s.get("teacher") or ""]
+    if s.get("metrics"):
+      cells += [f"{s['size']['params']:,}", f"{s['size']['bytes']:,}", f"{s['metrics'][key]:.4f}"]
+      cells += [f"{s['latency_ms'].get(b, float('nan')):.3g}" for b in sizes]
+      on = flags.get(s["name"], {})
+      cells.append(" / ".join("yes" if on.get(c) else "no" for c in ["bytes", *sizes]))
+    else:
+      cells += [""] * (4 + len(sizes))
+    lines.append("| " + " | ".join(cells + [f"{s.get('seconds', 0):.0f}"]) + " |")
+  note = (
+    "\nPareto: no other stage is as good or better at a cost as low or lower, and strictly "
+    "better in one; costs: bytes of the weights (and scales), and median forward latency.\n"
+  )
+  return "\n".join(lines) + "\n" + note
 
 
 def run(
@@ -282,6 +319,8 @@ def run(
     _write_state(workdir, state)
   log("timing every stage's forward, interleaved")
   _measure_latency(workdir, spec, state, repeats)
+  for s in state["stages"]:
+    s["pareto"] = pareto_flags(state).get(s["name"])
   state["report"] = _report(workdir, spec, state)
   state["complete"] = True
   _write_state(workdir, state)
