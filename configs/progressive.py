@@ -57,6 +57,8 @@ def get_pipeline(arg: str = "full"):
   blocks.student.init_layers = "uniform"
   recover = _distil(arg, s["recover"], s["lr"], s["ckpt_every"])
   qat = _distil(arg, s["qat"], s["lr"], s["ckpt_every"])
+  for pruned in (recover, qat):  # fewer heads than the teacher: no MiniLM attention transfer
+    pruned.distill.attention.update(weight=0.0, value_weight=0.0)
   qat.student.policy = "p=f32,c=int8"
   qat.student.quant_calibration_batches = s["calibration"]
   return {
