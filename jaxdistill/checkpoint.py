@@ -113,11 +113,23 @@ def make_manager(workdir: str, ckpt_cfg: Any) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=options)
 
 
+# On an object store Orbax writes a step in place and marks it complete with this file last
+# (no atomic directory rename there); a local step is complete once renamed from its tmp name.
+COMMITTED = "commit_success.txt"
+
+
+def _partial(directory: str, name: str) -> bool:
+  if ".orbax-checkpoint-tmp" in name:
+    return True
+  remote = paths.is_remote(directory) and name.isdigit()
+  return remote and not paths.exists(paths.join(directory, name, COMMITTED))
+
+
 def _warn_partial(directory: str) -> None:
   """Names leftovers of interrupted saves (Orbax never restores them)."""
   if paths.isdir(directory):
     for name in paths.listdir(directory):
-      if ".orbax-checkpoint-tmp" in name:
+      if _partial(directory, name):
         warnings.warn(
           f"skipping partial checkpoint {paths.join(directory, name)} "
           "(a save was interrupted); the previous complete one is used"
@@ -128,7 +140,8 @@ def complete_steps(directory: str) -> list[int]:
   """Steps with a complete checkpoint under ``directory`` (no manager needed)."""
   if not paths.isdir(directory):
     return []
-  return sorted(int(n) for n in paths.listdir(directory) if n.isdigit())
+  names = paths.listdir(directory)
+  return sorted(int(n) for n in names if n.isdigit() and not _partial(directory, n))
 
 
 def make_best_manager(workdir: str, ckpt_cfg: Any) -> ocp.CheckpointManager | None:

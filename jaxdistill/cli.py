@@ -149,7 +149,7 @@ def _check_dir_flag(flag: str, path: str) -> None:
   from jaxdistill import paths
 
   existing = paths.nearest_existing(path)
-  if not paths.isdir(existing):
+  if paths.exists(existing) and not paths.isdir(existing):
     raise JaxdistillError(f"{flag} {path!r} is no directory ({existing!r} is a file)")
 
 

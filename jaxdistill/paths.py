@@ -112,7 +112,8 @@ def copy(src, dst) -> None:
 
 
 def nearest_existing(p) -> str:
-  """``p`` if it exists, else its nearest existing ancestor (where it would be made)."""
+  """``p`` if it exists, else its nearest existing ancestor (where it would be made); for a
+  URL at most its bucket (which may not exist: writing there then fails, naming it)."""
   existing = abspath(p)
   while not exists(existing):
     parent = str(path(existing).parent)

@@ -89,7 +89,9 @@ def _smoke(steps):
   return cfg
 
 
+@pytest.mark.slow
 def test_train_and_resume_in_a_gs_workdir(fake_gcs):
+  """configs/smoke.py for 2 steps in gs://, then resumed to 4 (two compilations: ~60 s)."""
   from jaxdistill import loop
 
   workdir = f"{BUCKET}/runs/smoke"
@@ -106,3 +108,146 @@ def test_train_and_resume_in_a_gs_workdir(fake_gcs):
   assert json.loads((local / "config.json").read_text())["optim"]["steps"] == 4
   assert any(n.startswith("events.out.tfevents") for n in os.listdir(local / "tensorboard"))
   assert sorted(os.listdir(local / "checkpoints")) == ["2", "4"]
+
+
+class _Iterator:
+  """A data iterator's checkpointed position (``checkpoint.DataStateHandler``)."""
+
+  def __init__(self, position=0):
+    self.position = position
+
+  def get_state(self):
+    return {"position": self.position}
+
+  def set_state(self, state):
+    self.position = state["position"]
+
+
+def test_checkpoints_and_params_in_gs(fake_gcs):
+  """Orbax's managers and params directories at gs:// (epath for its files, TensorStore for
+  the arrays), and jaxdistill's own listing, metadata reads and set-aside of newer steps."""
+  import jax
+  import jax.numpy as jnp
+  import ml_collections
+  import numpy as np
+
+  from jaxdistill import checkpoint
+
+  ckpt_cfg = ml_collections.ConfigDict(
+    dict(max_to_keep=0, async_save=False, best_metric="", best_mode="min")
+  )
+  workdir = f"{BUCKET}/run"
+  state = {"w": jnp.arange(6.0).reshape(2, 3), "step": jnp.int32(3)}
+  manager = checkpoint.make_manager(workdir, ckpt_cfg)
+  for step in (2, 4):
+    checkpoint.save(manager, step, state, _Iterator(step), {"config": {"x": step}})
+  manager.wait_until_finished()
+  assert checkpoint.complete_steps(f"{workdir}/checkpoints") == [2, 4]
+  stored = fake_gcs / "bucket" / "run" / "checkpoints"
+  assert sorted(os.listdir(stored)) == ["2", "4"]
+  # Orbax wrote the steps in place (no rename on an object store), marked complete last: a
+  # step without the mark is an interrupted save, skipped with a warning.
+  assert (stored / "2" / checkpoint.COMMITTED).exists()
+  (stored / "6" / "state").mkdir(parents=True)
+  assert checkpoint.complete_steps(f"{workdir}/checkpoints") == [2, 4]
+  with pytest.warns(UserWarning, match="partial checkpoint gs://bucket/run/checkpoints/6"):
+    checkpoint.make_manager(workdir, ckpt_cfg).close()
+  paths.rmtree(f"{workdir}/checkpoints/6")
+  assert checkpoint.read_meta(manager, 4) == {"config": {"x": 4}}
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+  it = _Iterator()
+  restored, meta = checkpoint.restore(manager, 2, abstract, it)
+  assert it.position == 2 and meta == {"config": {"x": 2}}
+  np.testing.assert_array_equal(restored["w"], state["w"])
+  assert checkpoint.set_aside_newer(manager, 2) == [f"{workdir}/checkpoints/4"]
+  assert checkpoint.complete_steps(f"{workdir}/checkpoints") == [2]
+  manager.close()
+  # --resume_from another run's gs:// workdir
+  other, step = checkpoint.resolve_resume(
+    checkpoint.make_manager(f"{BUCKET}/fresh", ckpt_cfg), workdir
+  )
+  assert step == 2 and str(other.directory) == f"{workdir}/checkpoints"
+  checkpoint.save_params(f"{workdir}/final_params", {"w": state["w"]})
+  loaded = checkpoint.load_params(f"{workdir}/final_params", {"w": abstract["w"]})
+  np.testing.assert_array_equal(loaded["w"], state["w"])
+  assert len(checkpoint.content_hash(f"{workdir}/final_params")) == 64
+
+
+def test_content_hash_is_the_same_local_and_remote(fake_gcs, tmp_path):
+  for root in (tmp_path / "local", fake_gcs / "bucket" / "tree"):
+    (root / "a" / "b").mkdir(parents=True)
+    (root / "a" / "b" / "x").write_bytes(b"1")
+    (root / "a-c").write_bytes(b"2")
+    (root / "z").write_bytes(b"3")
+  assert paths.content_hash(str(tmp_path / "local")) == paths.content_hash(f"{BUCKET}/tree")
+
+
+def test_metrics_and_workdir_files_in_gs(fake_gcs):
+  """metrics.jsonl without append (rewritten whole), its truncation on resume, TensorBoard
+  events, config.json, and the workdir checks of ``prepare`` and the CLI."""
+  from jaxdistill import cli, metrics, workdir as workdir_lib
+  from jaxdistill.errors import JaxdistillError
+
+  workdir, local = f"{BUCKET}/run", fake_gcs / "bucket" / "run"
+  cfg = config.default_config()
+  workdir_lib.prepare(cfg, workdir)
+  assert json.loads((local / "config.json").read_text())["seed"] == cfg.seed
+  jsonl = f"{workdir}/metrics.jsonl"
+  writer = metrics.JsonlWriter(jsonl)
+  writer.write({"step": 1, "loss": 1.0})
+  writer.flush()
+  assert (local / "metrics.jsonl").read_text() == '{"loss": 1.0, "step": 1}\n'
+  writer.write({"step": 2, "loss": float("nan")})
+  writer.close()
+  writer = metrics.JsonlWriter(jsonl)  # a resumed run appends to the rows there
+  writer.write({"step": 3, "loss": 0.5})
+  writer.close()
+  assert [r["step"] for r in metrics.read_jsonl(jsonl)] == [1, 2, 3]
+  workdir_lib.truncate_metrics(jsonl, 2)
+  assert [r["step"] for r in metrics.read_jsonl(jsonl)] == [1, 2]
+  tb = metrics.TensorBoardWriter(f"{workdir}/tensorboard")
+  tb.write({"step": 1, "loss": 1.0})
+  tb.close()
+  (events,) = os.listdir(local / "tensorboard")
+  assert (
+    events.startswith("events.out.tfevents") and (local / "tensorboard" / events).stat().st_size
+  )
+  # A workdir with a user's files is refused; so is a gs:// "directory" that is a file.
+  paths.write_text(f"{BUCKET}/mine/notes.txt", "x")
+  with pytest.raises(JaxdistillError, match="not empty"):
+    workdir_lib.prepare(cfg, f"{BUCKET}/mine")
+  with pytest.raises(JaxdistillError, match="is no directory"):
+    cli._check_dir_flag("--output", f"{BUCKET}/mine/notes.txt/report")
+  cli._check_dir_flag("--output", f"{BUCKET}/new/report")  # accepted: made when written
+
+
+@pytest.mark.slow
+def test_precompute_to_gs_is_byte_identical_and_trains(fake_gcs, tmp_path):
+  """A precompute into gs:// (ArrayRecord shards staged locally, then uploaded) writes the
+  same bytes as one into a local directory; ``--verify`` and the training reader (shards
+  downloaded once into the cache directory) read it back."""
+  import jax
+  import numpy as np
+
+  from jaxdistill import precompute
+  from jaxdistill.data import cache_writer, cached
+  from test_cache import _cache_config, _config
+
+  cfg = _config()
+  cfg.cache_dir = str(tmp_path / "cache")
+  local, remote = tmp_path / "local", f"{BUCKET}/cache"
+  teacher = precompute.build_teacher(cfg, str(local), devices=jax.devices()[:2])
+  precompute.run(cfg, str(local), teacher=teacher)
+  assert precompute.run(cfg, remote, teacher=teacher)["complete"]
+  stored = fake_gcs / "bucket" / "cache"
+  assert sorted(os.listdir(stored)) == sorted(os.listdir(local))
+  for name in os.listdir(local):
+    assert (stored / name).read_bytes() == (local / name).read_bytes(), name
+  assert cache_writer.verify(remote) == {"shards": 3, "rows": 40}
+  batches = []
+  for path in (str(local), remote):
+    c = _cache_config(cfg, path, kind="topk_tail")
+    batches.append(next(iter(cached.make_iterator(c, 0, 1))))
+  for key in batches[0]:
+    np.testing.assert_array_equal(batches[0][key], batches[1][key])
+  assert os.listdir(tmp_path / "cache" / "remote_caches")  # the downloaded shards

@@ -41,7 +41,7 @@ def check_output(output: str) -> None:
   precompute writes (shards, sidecars, teacher/): a run stopped before its settings.
   """
   existing = paths.nearest_existing(output)  # the output, or the ancestor it would be made in
-  if not paths.isdir(existing):
+  if paths.exists(existing) and not paths.isdir(existing):
     raise JaxdistillError(f"--output {output!r} is no directory ({existing!r} is a file)")
   names = paths.listdir(output) if paths.isdir(output) else []
   if cached.SETTINGS in names or cached.MANIFEST in names:
