@@ -96,9 +96,15 @@ def write_text(p, text: str) -> None:
 
 
 def replace(src, dst) -> None:
-  """Renames ``src`` to ``dst`` (replacing it): atomic locally, copy + delete remotely."""
-  if is_remote(src) or is_remote(dst):
+  """Renames ``src`` to ``dst`` (replacing it): atomic locally, copy + delete remotely (a local
+  file moved to a URL is uploaded, then deleted)."""
+  if is_remote(src) and is_remote(dst):
     path(src).replace(path(dst))
+  elif is_remote(dst):
+    copy(src, dst)
+    os.remove(src)
+  elif is_remote(src):
+    raise ValueError(f"cannot move {src} to the local {dst}")
   else:
     os.replace(src, dst)
 
@@ -107,8 +113,10 @@ def copy(src, dst) -> None:
   """Copies file ``src`` to ``dst`` (either may be remote), replacing ``dst``."""
   if not is_remote(src) and not is_remote(dst):
     shutil.copyfile(src, dst)
-  else:
-    path(src).copy(path(dst), overwrite=True)
+    return
+  # Streamed, each side through its own backend (epath's copy uses the source's for both).
+  with path(src).open("rb") as r, path(dst).open("wb") as w:
+    shutil.copyfileobj(r, w, 1 << 20)
 
 
 def nearest_existing(p) -> str:

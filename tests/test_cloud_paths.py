@@ -80,8 +80,17 @@ def test_the_fake_refuses_a_plain_os_call(fake_gcs):
 
 
 def _smoke(steps):
-  """configs/smoke.py for ``steps`` steps, a checkpoint every 2, TensorBoard events on."""
+  """configs/smoke.py for ``steps`` steps, a checkpoint every 2, TensorBoard events on; CE
+  alone without a teacher, so each run compiles as little as possible (no file is the
+  teacher's: a random one lives in memory)."""
   cfg = config.load_config(str(ROOT / "configs" / "smoke.py"))
+  cfg.teacher.source = "none"
+  cfg.distill.update(temperature=1.0)
+  cfg.distill.logit.weight = 0.0
+  cfg.distill.ce.weight = 1.0
+  cfg.distill.attention.update(weight=0.0, value_weight=0.0)
+  cfg.distill.hidden.weight = 0.0
+  cfg.student.update(num_layers=1, d_model=32, d_ff=64)
   cfg.optim.steps = steps
   cfg.ckpt.every = 2
   cfg.log.progress = False
@@ -91,7 +100,7 @@ def _smoke(steps):
 
 @pytest.mark.slow
 def test_train_and_resume_in_a_gs_workdir(fake_gcs):
-  """configs/smoke.py for 2 steps in gs://, then resumed to 4 (two compilations: ~60 s)."""
+  """A smoke run for 2 steps in gs://, then resumed to 4 (two compilations: ~30-60 s)."""
   from jaxdistill import loop
 
   workdir = f"{BUCKET}/runs/smoke"
@@ -251,3 +260,15 @@ def test_precompute_to_gs_is_byte_identical_and_trains(fake_gcs, tmp_path):
   for key in batches[0]:
     np.testing.assert_array_equal(batches[0][key], batches[1][key])
   assert os.listdir(tmp_path / "cache" / "remote_caches")  # the downloaded shards
+
+
+def test_copy_and_move_between_local_and_gs(fake_gcs, tmp_path):
+  local = tmp_path / "a.bin"
+  local.write_bytes(b"abc")
+  paths.copy(str(local), f"{BUCKET}/x/a.bin")
+  paths.replace(str(local), f"{BUCKET}/x/b.bin")  # uploaded, then removed here
+  assert not local.exists() and (fake_gcs / "bucket" / "x" / "b.bin").read_bytes() == b"abc"
+  paths.replace(f"{BUCKET}/x/b.bin", f"{BUCKET}/x/c.bin")
+  assert paths.listdir(f"{BUCKET}/x") == ["a.bin", "c.bin"]
+  assert paths.download(f"{BUCKET}/x/c.bin", str(tmp_path / "dl")) == str(tmp_path / "dl" / "c.bin")
+  assert (tmp_path / "dl" / "c.bin").read_bytes() == b"abc" and paths.size(f"{BUCKET}/x/c.bin") == 3
