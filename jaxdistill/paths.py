@@ -18,10 +18,13 @@ local file: ``local_copy`` downloads a remote one, ``upload`` sends a local one 
 """
 
 import hashlib
+import importlib.util
 import os
 import shutil
 
 from etils import epath
+
+from jaxdistill.errors import JaxdistillError
 
 # The URL schemes epath reads and writes itself; anything else is a local path.
 REMOTE_SCHEMES = ("gs://", "s3://", "az://", "hf://")
@@ -33,8 +36,34 @@ def is_remote(p: "str | os.PathLike") -> bool:
 
 
 def path(p: "str | os.PathLike") -> epath.Path:
-  """``p`` as an ``epath.Path`` (a local path stays relative to the cwd, as given)."""
+  """``p`` as an ``epath.Path`` (a local path stays relative to the cwd, as given).
+
+  Raises:
+    JaxdistillError: a URL whose file system is not installed (``gs://`` without gcsfs).
+  """
+  if is_remote(p):
+    _check_backend(os.fspath(p).split("://", 1)[0])
   return epath.Path(p)
+
+
+def _check_backend(scheme: str) -> None:
+  """epath reads a URL through TensorFlow's gfile when installed, else through fsspec."""
+  if scheme in _CHECKED or importlib.util.find_spec("tensorflow") is not None:
+    return
+  import fsspec
+
+  try:
+    fsspec.get_filesystem_class("gcs" if scheme == "gs" else scheme)
+  except ImportError:
+    package = {"gs": "gcsfs", "s3": "s3fs", "az": "adlfs", "hf": "huggingface_hub"}[scheme]
+    raise JaxdistillError(
+      f"{scheme}:// paths need the {package} package: pip install {package}"
+      + (" (or pip install -e '.[gcs]')" if scheme == "gs" else "")
+    ) from None
+  _CHECKED.add(scheme)
+
+
+_CHECKED: set[str] = set()
 
 
 def abspath(p: "str | os.PathLike") -> str:

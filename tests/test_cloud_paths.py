@@ -272,3 +272,15 @@ def test_copy_and_move_between_local_and_gs(fake_gcs, tmp_path):
   assert paths.listdir(f"{BUCKET}/x") == ["a.bin", "c.bin"]
   assert paths.download(f"{BUCKET}/x/c.bin", str(tmp_path / "dl")) == str(tmp_path / "dl" / "c.bin")
   assert (tmp_path / "dl" / "c.bin").read_bytes() == b"abc" and paths.size(f"{BUCKET}/x/c.bin") == 3
+
+
+def test_a_url_without_its_file_system_package_is_one_line_error(monkeypatch):
+  import importlib.util
+
+  from jaxdistill.errors import JaxdistillError
+
+  if importlib.util.find_spec("gcsfs") or importlib.util.find_spec("tensorflow"):
+    pytest.skip("gcsfs (or TensorFlow) is installed here")
+  monkeypatch.setattr(paths, "_CHECKED", set())
+  with pytest.raises(JaxdistillError, match="gs:// paths need the gcsfs package"):
+    paths.exists(f"{BUCKET}/run")
