@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from etils import epath
 
 import jaxdistill
-from jaxdistill import config as config_lib
+from jaxdistill import config as config_lib, paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import MODEL_KEYS, shape_keys  # noqa: F401 (MODEL_KEYS: re-exported)
 
@@ -103,7 +103,7 @@ class DataRestore(ocp.args.CheckpointArgs):
 
 def make_manager(workdir: str, ckpt_cfg: Any) -> ocp.CheckpointManager:
   """The CheckpointManager of ``WORKDIR/checkpoints`` per the ``ckpt`` config section."""
-  directory = os.path.abspath(os.path.join(workdir, CHECKPOINTS))
+  directory = paths.abspath(paths.join(workdir, CHECKPOINTS))
   options = ocp.CheckpointManagerOptions(
     max_to_keep=ckpt_cfg.max_to_keep or None,
     enable_async_checkpointing=bool(ckpt_cfg.async_save),
@@ -113,22 +113,35 @@ def make_manager(workdir: str, ckpt_cfg: Any) -> ocp.CheckpointManager:
   return ocp.CheckpointManager(directory, options=options)
 
 
+# On an object store Orbax writes a step in place and marks it complete with this file last
+# (no atomic directory rename there); a local step is complete once renamed from its tmp name.
+COMMITTED = "commit_success.txt"
+
+
+def _partial(directory: str, name: str) -> bool:
+  if ".orbax-checkpoint-tmp" in name:
+    return True
+  remote = paths.is_remote(directory) and name.isdigit()
+  return remote and not paths.exists(paths.join(directory, name, COMMITTED))
+
+
 def _warn_partial(directory: str) -> None:
   """Names leftovers of interrupted saves (Orbax never restores them)."""
-  if os.path.isdir(directory):
-    for name in sorted(os.listdir(directory)):
-      if ".orbax-checkpoint-tmp" in name:
+  if paths.isdir(directory):
+    for name in paths.listdir(directory):
+      if _partial(directory, name):
         warnings.warn(
-          f"skipping partial checkpoint {os.path.join(directory, name)} "
+          f"skipping partial checkpoint {paths.join(directory, name)} "
           "(a save was interrupted); the previous complete one is used"
         )
 
 
 def complete_steps(directory: str) -> list[int]:
   """Steps with a complete checkpoint under ``directory`` (no manager needed)."""
-  if not os.path.isdir(directory):
+  if not paths.isdir(directory):
     return []
-  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+  names = paths.listdir(directory)
+  return sorted(int(n) for n in names if n.isdigit() and not _partial(directory, n))
 
 
 def make_best_manager(workdir: str, ckpt_cfg: Any) -> ocp.CheckpointManager | None:
@@ -143,7 +156,7 @@ def make_best_manager(workdir: str, ckpt_cfg: Any) -> ocp.CheckpointManager | No
     keep_checkpoints_without_metrics=False,
     enable_async_checkpointing=bool(ckpt_cfg.async_save),
   )
-  return ocp.CheckpointManager(os.path.abspath(os.path.join(workdir, "best")), options=options)
+  return ocp.CheckpointManager(paths.abspath(paths.join(workdir, "best")), options=options)
 
 
 def params_args(params: Any) -> ocp.args.CheckpointArgs:
@@ -169,11 +182,11 @@ def resolve_resume(manager: ocp.CheckpointManager, resume_from: str | None):
     return manager, max(steps)
   if not resume_from:
     return None
-  path = os.path.abspath(resume_from)
-  if os.path.isdir(os.path.join(path, CHECKPOINTS)):
-    path = os.path.join(path, CHECKPOINTS)
-  if os.path.basename(path).isdigit() and os.path.isdir(path):
-    directory, step = os.path.dirname(path), int(os.path.basename(path))
+  path = paths.abspath(resume_from).rstrip("/")
+  if paths.isdir(paths.join(path, CHECKPOINTS)):
+    path = paths.join(path, CHECKPOINTS)
+  if paths.path(path).name.isdigit() and paths.isdir(path):
+    directory, step = str(paths.path(path).parent), int(paths.path(path).name)
   else:
     found = complete_steps(path)
     if not found:
@@ -194,10 +207,10 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[str]:
   """
   moved = []
   for newer in (s for s in manager.all_steps() if s > step):
-    old = os.path.join(str(manager.directory), str(newer))
+    old = paths.join(str(manager.directory), str(newer))
     new = f"{old}.superseded"
     if jax.process_index() == 0:
-      os.replace(old, new if not os.path.exists(new) else f"{new}-{os.getpid()}")
+      paths.replace(old, new if not paths.exists(new) else f"{new}-{os.getpid()}")
     moved.append(old)
   if moved:
     if jax.process_count() > 1:
@@ -236,7 +249,7 @@ def restore(
   Raises:
     JaxdistillError: the checkpoint is unreadable (names its step and path).
   """
-  path = os.path.join(str(manager.directory), str(step))
+  path = paths.join(str(manager.directory), str(step))
   try:
     restored = manager.restore(
       step,
@@ -259,11 +272,10 @@ def restore(
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   """Only the ``meta`` item of a checkpoint (cheap: no arrays are read)."""
-  path = os.path.join(str(manager.directory), str(step), "meta", "metadata")
-  if not os.path.exists(path):
+  path = paths.join(str(manager.directory), str(step), "meta", "metadata")
+  if not paths.exists(path):
     raise JaxdistillError(f"checkpoint step {step} has no metadata at {path}")
-  with open(path, encoding="utf-8") as f:
-    return json.load(f)
+  return json.loads(paths.read_text(path))
 
 
 # --- compatibility of a checkpoint with the current config ----------------------
@@ -315,35 +327,23 @@ def check_compatible(saved_config: dict, config: dict, where: str) -> list[str]:
 # --- teacher identity and weights-only params -----------------------------------
 
 
-def content_hash(path: str) -> str:
-  """sha256 over the relative names and bytes of every file under ``path``."""
-  digest = hashlib.sha256()
-  for root, dirs, files in sorted(os.walk(path)):
-    dirs.sort()
-    for name in sorted(files):
-      full = os.path.join(root, name)
-      digest.update(os.path.relpath(full, path).encode())
-      with open(full, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-          digest.update(block)
-  return digest.hexdigest()
+content_hash = paths.content_hash  # sha256 over a directory's file names and bytes
 
 
 def metadata(cfg: Any, mesh: jax.sharding.Mesh, teacher_path: str | None) -> dict:
   """What a checkpoint records besides the state."""
   teacher = {"source": cfg.teacher.source}
   if teacher_path:
-    teacher.update(path=os.path.abspath(teacher_path), sha256=content_hash(teacher_path))
+    teacher.update(path=paths.abspath(teacher_path), sha256=content_hash(teacher_path))
   elif cfg.teacher.source == "random":
     teacher["seed"] = cfg.seed + 1
   elif cfg.teacher.source == "cache":
     # The manifest holds every shard's sha256: its own hash names the cache's content
     # without re-reading the (possibly huge) shards at every save.
-    manifest = os.path.join(cfg.teacher.path, "manifest.json")
-    with open(manifest, "rb") as f:
-      teacher.update(
-        path=os.path.abspath(cfg.teacher.path), sha256=hashlib.sha256(f.read()).hexdigest()
-      )
+    manifest = paths.read_bytes(paths.join(cfg.teacher.path, "manifest.json"))
+    teacher.update(
+      path=paths.abspath(cfg.teacher.path), sha256=hashlib.sha256(manifest).hexdigest()
+    )
   return {
     "jaxdistill_version": jaxdistill.__version__,
     "config": cfg.to_dict(),
@@ -357,7 +357,7 @@ def metadata(cfg: Any, mesh: jax.sharding.Mesh, teacher_path: str | None) -> dic
 def save_params(path: str, params: Any) -> None:
   """Writes ``params`` (a sharded pytree) to directory ``path`` (must not exist)."""
   with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.abspath(path), params)
+    ckptr.save(paths.abspath(path), params)
     ckptr.wait_until_finished()
 
 
@@ -378,12 +378,12 @@ def load_params(path: str, target: Any) -> Any:
       from the model's (the message names the first differing param).
   """
   # Orbax writes one of these metadata files: without them it is no params directory.
-  if not any(os.path.isfile(os.path.join(path, m)) for m in ("_CHECKPOINT_METADATA", "_METADATA")):
+  if not any(paths.isfile(paths.join(path, m)) for m in ("_CHECKPOINT_METADATA", "_METADATA")):
     raise JaxdistillError(
       f"no params at {path!r}: expected a directory written at the "
       "end of `jaxdistill train` (WORKDIR/final_params)"
     )
-  path = os.path.abspath(path)
+  path = paths.abspath(path)
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(path)
     stored = dict(jax.tree_util.tree_flatten_with_path(getattr(meta, "item_metadata", meta))[0])

@@ -148,11 +148,12 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _check_dir_flag(flag: str, path: str) -> None:
-  """A directory flag whose path (or the ancestor it would be made in) is a file: an error."""
-  existing = os.path.abspath(path)
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
+  """A directory flag whose path (or the ancestor it would be made in) is a file: an error.
+  ``gs://`` paths are looked at through epath (``paths``)."""
+  from jaxdistill import paths
+
+  existing = paths.nearest_existing(path)
+  if paths.exists(existing) and not paths.isdir(existing):
     raise JaxdistillError(f"{flag} {path!r} is no directory ({existing!r} is a file)")
 
 

@@ -20,12 +20,13 @@ import datetime
 import hashlib
 import json
 import os
+import tempfile
 from typing import Any, Sequence
 
 import jax
 
 from jaxdistill import checkpoint, config as config_lib, data as data_lib, evaluate, latency
-from jaxdistill import models, run as run_lib, teacher as teacher_lib, workdir as workdir_lib
+from jaxdistill import models, paths, run as run_lib, teacher as teacher_lib, workdir as workdir_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import quant
 
@@ -41,14 +42,13 @@ def run_config(workdir: str, overrides: Sequence[tuple[str, str]] = ()) -> Any:
   Raises:
     JaxdistillError: ``workdir`` is no jaxdistill run, or an override outside ``OVERRIDABLE``.
   """
-  path = os.path.join(workdir, "config.json")
+  path = paths.join(workdir, "config.json")
   if not workdir_lib.is_run_config(path):
     raise JaxdistillError(
       f"--workdir {workdir!r} is not a jaxdistill run (no config.json written by `jaxdistill "
       "train`)"
     )
-  with open(path, encoding="utf-8") as f:
-    saved = json.load(f)
+  saved = json.loads(paths.read_text(path))
   cfg = config_lib.default_config()
   _update(cfg, saved)
   for key, raw in overrides:
@@ -77,9 +77,11 @@ def _update(cfg: Any, saved: dict) -> None:
 
 def _pin_tokenizer(cfg: Any, workdir: str) -> None:
   """Text data is tokenised with the run's own tokenizer (``W/tokenizer.json``)."""
-  own = os.path.join(workdir, "tokenizer.json")
-  if data_lib.is_image_model(cfg) or not os.path.isfile(own):
+  own = paths.join(workdir, "tokenizer.json")
+  if data_lib.is_image_model(cfg) or not paths.isfile(own):
     return
+  if paths.is_remote(own):  # the tokenizers library opens local files only
+    own = paths.download(own, tempfile.mkdtemp(prefix="jaxdistill-tokenizer-"))
   from jaxdistill.data import tokenizer as tok_lib
 
   if cfg.data.tokenizer and os.path.abspath(cfg.data.tokenizer) != os.path.abspath(own):
@@ -102,7 +104,7 @@ def _student(run: Any, workdir: str, step: int | None) -> tuple[Any, dict, str, 
   model of ``W/int8``, run with integer matmuls; its checkpoints are the fake-quantised
   training model with the checkpointed activation scales."""
   cfg = run.cfg
-  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINTS)
+  ckpt_dir = paths.join(workdir, checkpoint.CHECKPOINTS)
   steps = checkpoint.complete_steps(ckpt_dir)
   if step is None and quant.is_int8(run.student):
     path = os.path.join(workdir, workdir_lib.INT8_DIR)
@@ -114,8 +116,8 @@ def _student(run: Any, workdir: str, step: int | None) -> tuple[Any, dict, str, 
     module, variables, _ = workdir_lib.load_int8(path, run.mesh)
     return module, variables, workdir_lib.INT8_DIR, _final_step(workdir, cfg)
   if step is None:
-    path = os.path.join(workdir, checkpoint.FINAL_PARAMS)
-    if not os.path.isdir(path):
+    path = paths.join(workdir, checkpoint.FINAL_PARAMS)
+    if not paths.isdir(path):
       hint = f"pass --step N for one of its checkpoints {steps}" if steps else "train it first"
       raise JaxdistillError(
         f"{workdir!r} has no {checkpoint.FINAL_PARAMS}/ (the run has not finished); {hint}"
@@ -146,8 +148,7 @@ def load_student(workdir: str, overrides: Sequence[tuple[str, str]] = ()) -> tup
 
 def _final_step(workdir: str, cfg: Any) -> int:
   try:
-    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
-      return int(json.load(f)["last_step"])
+    return int(json.loads(paths.read_text(paths.join(workdir, "summary.json")))["last_step"])
   except (OSError, ValueError, KeyError):
     return int(cfg.optim.steps)
 
@@ -163,14 +164,13 @@ def _teacher(cfg: Any, built: Any, workdir: str, teacher_dir: str) -> tuple | No
   if built.teacher_path and os.path.realpath(built.teacher_path) == wanted:
     return own  # the run's own teacher: already loaded by build_run, not read twice
   other = run_config(teacher_dir)
-  mine, theirs = (os.path.join(d, "tokenizer.json") for d in (workdir, teacher_dir))
-  if os.path.isfile(mine) and os.path.isfile(theirs):
-    with open(mine, "rb") as a, open(theirs, "rb") as b:
-      if a.read() != b.read():
-        raise JaxdistillError(
-          f"--teacher {teacher_dir!r} was trained with another tokenizer than {workdir!r}; "
-          "compare runs that share one"
-        )
+  mine, theirs = (paths.join(d, "tokenizer.json") for d in (workdir, teacher_dir))
+  if paths.isfile(mine) and paths.isfile(theirs):
+    if paths.read_bytes(mine) != paths.read_bytes(theirs):
+      raise JaxdistillError(
+        f"--teacher {teacher_dir!r} was trained with another tokenizer than {workdir!r}; "
+        "compare runs that share one"
+      )
   t_cfg = copy.deepcopy(cfg)
   for key in (*models.MODEL_KEYS, *models.VISION_KEYS):
     t_cfg.teacher[key] = other.student[key]
@@ -274,9 +274,11 @@ def evaluate_workdir(
     batch_fn = lambda b: latency.example_batch(built.student, b, cfg.data.seq_len)
     out["latency"] = latency.model_latency(models, batch_fn, tuple(batch_sizes), repeats=repeats)
   if jax.process_index() == 0:
-    os.makedirs(os.path.join(workdir, "eval"), exist_ok=True)
-    with open(os.path.join(workdir, "eval", out["name"] + ".json"), "w", encoding="utf-8") as f:
-      json.dump(out, f, indent=2, sort_keys=True)
+    paths.makedirs(paths.join(workdir, "eval"))
+    text = json.dumps(out, indent=2, sort_keys=True)
+    paths.path(paths.join(workdir, "eval", out["name"] + ".json")).write_text(
+      text, encoding="utf-8"
+    )
   return out
 
 

@@ -26,7 +26,7 @@ import tqdm
 
 from jaxdistill import checkpoint, data as data_lib, evaluate as evaluate_lib
 from jaxdistill import metrics as metrics_lib, sharding as sharding_lib, teacher as teacher_lib
-from jaxdistill import throughput, validate, workdir as workdir_lib
+from jaxdistill import paths, throughput, validate, workdir as workdir_lib
 from jaxdistill.data import corpora
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import count_params, quant
@@ -40,8 +40,8 @@ def pretrain_teacher(cfg: Any, workdir: str, devices=None) -> str | None:
   if cfg.teacher.source != "pretrain":
     return None
   path = teacher_lib.params_path(cfg, workdir)
-  if not os.path.isdir(path):
-    run_dir = os.path.dirname(path)
+  if not paths.isdir(path):
+    run_dir = str(paths.path(path).parent)
     if jax.process_index() == 0:
       print(f"Pretraining the teacher for {cfg.teacher.pretrain_steps} steps in {run_dir}")
     train(teacher_lib.pretrain_config(cfg), run_dir, devices=devices)
@@ -157,14 +157,14 @@ def _start(run: Run, manager, workdir: str, resume_from: str | None) -> str:
   if source is not None:
     source_manager, step = source
     saved = checkpoint.read_meta(source_manager, step)
-    where = os.path.join(str(source_manager.directory), str(step))
+    where = paths.join(str(source_manager.directory), str(step))
     harmless = checkpoint.check_compatible(saved["config"], cfg.to_dict(), where)
     if harmless:
       warnings.warn(f"config differs from the checkpoint's in {harmless} (harmless)")
     run.state, _ = checkpoint.restore(source_manager, step, run.state, run.data_iter)
     if source_manager is manager:
       checkpoint.set_aside_newer(manager, step)
-    workdir_lib.truncate_metrics(os.path.join(workdir, "metrics.jsonl"), step)
+    workdir_lib.truncate_metrics(paths.join(workdir, "metrics.jsonl"), step)
     return f"resumed from step {step} ({where})"
   how = _fresh_state(run)
   if run.state.model_state and quant.COLLECTION in run.state.model_state:
@@ -203,12 +203,12 @@ class _Progress:
     # Throughput in images for an image model, else in tokens.
     self.unit = "tokens" if cfg.student.arch == "transformer" else "images"
     self.tokens = cfg.data.batch_size * (cfg.data.seq_len if self.unit == "tokens" else 1)
-    self.jsonl = os.path.join(workdir, "metrics.jsonl")
+    self.jsonl = paths.join(workdir, "metrics.jsonl")
     # The same rows as TensorBoard scalars; a resumed run's events from its first step on
     # replace the earlier files' (as metrics.jsonl's rows after the resumed step are dropped).
     self.tensorboard = None
     if cfg.log.tensorboard:
-      logdir = os.path.join(workdir, "tensorboard")
+      logdir = paths.join(workdir, "tensorboard")
       self.tensorboard = metrics_lib.TensorBoardWriter(
         logdir, purge_step=start + 1 if start else None
       )
@@ -245,7 +245,7 @@ class _Progress:
       raise JaxdistillError(
         f"non-finite loss or gradient at step {step} (train/loss={m['train/loss']}); the update "
         f"was not applied and the run stopped. Last good checkpoint: "
-        f"{'none' if last is None else os.path.join(str(self.manager.directory), str(last))}. "
+        f"{'none' if last is None else paths.join(str(self.manager.directory), str(last))}. "
         "Lower optim.lr, check the data, or set optim.nan_policy=skip"
       )
 
@@ -357,6 +357,7 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
     return preempted or step == steps or (every > 0 and step % every == 0)
 
   def save(step):
+    progress.writer.flush()  # a remote metrics.jsonl holds every row up to the checkpoint
     checkpoint.save(manager, step, run.state, run.data_iter, meta, force=True)
     if best is not None and cfg.ckpt.best_metric in progress.last:
       metric = {cfg.ckpt.best_metric: float(progress.last[cfg.ckpt.best_metric])}
@@ -388,6 +389,7 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
     workdir_lib.save_int8(workdir, run.cfg, run.student, run.state)
   manager.close()
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "summary.json"), "w", encoding="utf-8") as f:
-      json.dump(summary, f, indent=2)
+    paths.path(paths.join(workdir, "summary.json")).write_text(
+      json.dumps(summary, indent=2), encoding="utf-8"
+    )
   return summary

@@ -7,30 +7,60 @@ is opened, so importing this module stays light; no TensorFlow). Model FLOPs are
 ``models/flops.py``, MFU and goodput in ``throughput.py``.
 """
 
+import io
 import json
 import math
-import os
 import struct
+import time
 from typing import Any, Sequence
 
 import jax
 import numpy as np
 
+from jaxdistill import paths
+
 
 class JsonlWriter:
-  """Appends one JSON object per call to ``path`` (process 0 only)."""
+  """Appends one JSON object per call to ``path`` (process 0 only).
 
-  def __init__(self, path: str):
-    self.path = path
+  A local file is appended to and flushed at every row. An object store cannot append: a
+  remote ``path`` (``gs://``) is rewritten whole from the rows held in memory, at most every
+  ``flush_secs`` and at ``flush`` (the loop calls it before each checkpoint, so a resumed
+  run finds every row up to its step) and ``close``.
+  """
+
+  def __init__(self, path: str, flush_secs: float = 30.0):
+    self.path, self.flush_secs = path, flush_secs
     self.enabled = jax.process_index() == 0
-    self._file = open(path, "a", encoding="utf-8") if self.enabled else None
+    self.remote = paths.is_remote(path)
+    self._file, self._text, self._dirty, self._flushed = None, None, False, time.monotonic()
+    if self.enabled and self.remote:
+      self._text = io.StringIO()
+      self._text.write(paths.read_text(path) if paths.exists(path) else "")
+    elif self.enabled:
+      self._file = open(path, "a", encoding="utf-8")
 
   def write(self, row: dict[str, Any]) -> None:
-    if self.enabled:
-      self._file.write(json.dumps(to_python(row), sort_keys=True) + "\n")
+    if not self.enabled:
+      return
+    line = json.dumps(to_python(row), sort_keys=True) + "\n"
+    if self._file:
+      self._file.write(line)
       self._file.flush()
+      return
+    self._text.write(line)
+    self._dirty = True
+    if time.monotonic() - self._flushed >= self.flush_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    """Makes every row so far readable at ``path`` (a remote file is uploaded whole)."""
+    if self._text is not None and self._dirty:
+      paths.path(self.path).write_text(self._text.getvalue(), encoding="utf-8")
+      self._dirty, self._flushed = False, time.monotonic()
 
   def close(self) -> None:
+    self.flush()
     if self._file:
       self._file.close()
 
@@ -57,6 +87,8 @@ class TensorBoardWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter  # lazy: only runs that log to TensorBoard need it
 
+      if paths.is_remote(logdir):
+        _register_remote_events()
       self._writer = SummaryWriter(logdir, purge_step=purge_step, flush_secs=flush_secs)
 
   def write(self, row: dict[str, Any]) -> None:
@@ -75,7 +107,7 @@ class TensorBoardWriter:
       return
     from tensorboardX.proto.summary_pb2 import Summary
 
-    with open(png_path, "rb") as f:
+    with open(png_path, "rb") as f:  # a local temporary file (matplotlib writes it)
       png = f.read()
     width, height, colorspace = png_size(png)
     image = Summary.Image(
@@ -104,9 +136,47 @@ class MultiWriter:
     for writer in self.writers:
       writer.write(row)
 
+  def flush(self) -> None:
+    for writer in self.writers:
+      writer.flush()
+
   def close(self) -> None:
     for writer in self.writers:
       writer.close()
+
+
+class _RemoteRecordFile:
+  """tensorboardX's event file on an object store, through epath: the bytes are kept and
+  uploaded whole at each flush (objects cannot be appended to; tensorboardX's own ``gs://``
+  writer does the same through google-cloud-storage, which jaxdistill does not install)."""
+
+  def __init__(self, path: str):
+    self.path, self.buffer = path, io.BytesIO()
+
+  def write(self, data: bytes) -> None:
+    self.buffer.write(data)
+
+  def flush(self) -> None:
+    paths.path(self.path).write_bytes(self.buffer.getvalue())
+
+  def close(self) -> None:
+    self.flush()
+
+
+class _RemoteRecordFactory:
+  def open(self, path: str) -> _RemoteRecordFile:
+    return _RemoteRecordFile(path)
+
+  def directory_check(self, path: str) -> None:
+    pass  # an object store needs no directory before a file
+
+
+def _register_remote_events() -> None:
+  """Routes tensorboardX's event files at ``gs://`` (and the other URL schemes) through epath."""
+  from tensorboardX import record_writer
+
+  for scheme in paths.REMOTE_SCHEMES:
+    record_writer.register_writer_factory(scheme.removesuffix("://"), _RemoteRecordFactory())
 
 
 def _number(value: Any) -> float | None:
@@ -172,7 +242,6 @@ def to_python(row: dict[str, Any]) -> dict[str, Any]:
 
 def read_jsonl(path: str) -> list[dict[str, Any]]:
   """Reads a metrics.jsonl file back (for tests and reports)."""
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]

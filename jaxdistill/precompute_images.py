@@ -26,7 +26,7 @@ Shape legend: B rows per batch, C classes, R rows per shard, N training examples
 """
 
 import dataclasses
-import os
+
 import time
 from typing import Any, Sequence
 
@@ -36,7 +36,7 @@ import numpy as np
 import tqdm
 
 from jaxdistill import distributed, loop, models, precision, sharding as sharding_lib
-from jaxdistill import teacher as teacher_lib, validate
+from jaxdistill import paths, teacher as teacher_lib, validate
 from jaxdistill.data import cache_writer, cached, cached_images, image_sources, images
 from jaxdistill.data.corpora import cache_dir
 from jaxdistill.errors import ConfigError, JaxdistillError
@@ -129,7 +129,7 @@ def _write_shard(output: str, s: int, logits_RxC: np.ndarray) -> None:
   cached_images.write_shard(final + ".partial", logits_RxC)
   side = {"index": s, "records": len(logits_RxC), "sha256": cached.sha256_file(final + ".partial")}
   cache_writer.write_json(cached.sidecar_path(output, s), side)
-  os.replace(final + ".partial", final)
+  paths.replace(final + ".partial", final)
 
 
 def _compute_shards(cfg: Any, teacher: Teacher, examples, output: str, process, bar) -> int:

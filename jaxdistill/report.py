@@ -25,9 +25,10 @@ import dataclasses
 import json
 import math
 import os
+import tempfile
 from typing import Any
 
-from jaxdistill import report_plots, report_table
+from jaxdistill import paths, report_plots, report_table
 from jaxdistill.errors import JaxdistillError
 
 pareto_front = report_table.pareto_front  # (the table's; also reachable from here)
@@ -70,17 +71,15 @@ class Run:
 
 def _read_json(path: str, what: str) -> dict:
   try:
-    with open(path, encoding="utf-8") as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise JaxdistillError(f"{path} is not valid JSON ({e}); {what}") from None
 
 
 def _metrics(path: str) -> list[dict]:
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return []
-  with open(path, encoding="utf-8") as f:
-    return [json.loads(line) for line in f if line.strip()]
+  return [json.loads(line) for line in paths.read_text(path).splitlines() if line.strip()]
 
 
 def load_run(name: str, workdir: str, eval_name: str = "validation") -> Run:
@@ -89,24 +88,24 @@ def load_run(name: str, workdir: str, eval_name: str = "validation") -> Run:
   Raises:
     JaxdistillError: ``workdir`` is not a run (no config.json) or has no eval/<eval_name>.json.
   """
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.isfile(config_path):
+  config_path = paths.join(workdir, "config.json")
+  if not paths.isfile(config_path):
     raise JaxdistillError(f"{workdir!r} is not a run directory (no config.json)")
-  eval_path = os.path.join(workdir, "eval", f"{eval_name}.json")
-  if not os.path.isfile(eval_path):
+  eval_path = paths.join(workdir, "eval", f"{eval_name}.json")
+  if not paths.isfile(eval_path):
     raise JaxdistillError(
       f"{workdir!r} has no eval/{eval_name}.json: run `jaxdistill eval --workdir {workdir}` "
       "first, or pass --eval_name"
     )
-  summary_path = os.path.join(workdir, "summary.json")
-  summary = _read_json(summary_path, "rerun the training") if os.path.isfile(summary_path) else {}
+  summary_path = paths.join(workdir, "summary.json")
+  summary = _read_json(summary_path, "rerun the training") if paths.isfile(summary_path) else {}
   return Run(
     name=name,
     workdir=workdir,
     config=_read_json(config_path, "is it a jaxdistill run?"),
     summary=summary,
     evaluation=_read_json(eval_path, f"rerun `jaxdistill eval --workdir {workdir}`"),
-    metrics=_metrics(os.path.join(workdir, "metrics.jsonl")),
+    metrics=_metrics(paths.join(workdir, "metrics.jsonl")),
   )
 
 
@@ -124,9 +123,9 @@ def load_runs(runs: dict[str, str], eval_name: str = "validation") -> list[Run]:
 
 def check_output(output: str) -> None:
   """``output`` must be (or become) a directory without a report in it."""
-  if os.path.exists(output) and not os.path.isdir(output):
+  if paths.exists(output) and not paths.isdir(output):
     raise JaxdistillError(f"--output {output!r} is a file; pass a directory")
-  if os.path.exists(os.path.join(output, FILES["md"])):
+  if paths.exists(paths.join(output, FILES["md"])):
     raise JaxdistillError(f"{output!r} already holds a report.md; pass a new --output")
 
 
@@ -299,14 +298,21 @@ def write(
   """
   check_output(output)
   report, loaded, axis = build(runs, eval_name)
-  os.makedirs(output, exist_ok=True)
-  captions = _plots(loaded, report["rows"], axis, output)
+  paths.makedirs(output)
+  # matplotlib writes local files: a remote output's PNGs are drawn locally, then uploaded.
+  with tempfile.TemporaryDirectory() as tmp:
+    drawn = tmp if paths.is_remote(output) else output
+    captions = _plots(loaded, report["rows"], axis, drawn)
+    if drawn != output:
+      paths.upload_tree(drawn, output)
   report["captions"] = captions
-  report["files"] = {kind: os.path.join(output, name) for kind, name in FILES.items()}
-  with open(report["files"]["json"], "w", encoding="utf-8") as f:
-    json.dump(_finite(report), f, indent=2)
-  with open(report["files"]["md"], "w", encoding="utf-8") as f:
-    f.write(_markdown(report, captions, extra_md))
+  report["files"] = {kind: paths.join(output, name) for kind, name in FILES.items()}
+  paths.path(report["files"]["json"]).write_text(
+    json.dumps(_finite(report), indent=2), encoding="utf-8"
+  )
+  paths.path(report["files"]["md"]).write_text(
+    _markdown(report, captions, extra_md), encoding="utf-8"
+  )
   return _finite(report)
 
 

@@ -18,7 +18,6 @@ also gets static FP8 scales, calibrated on a few training batches each run
 
 import copy
 import hashlib
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -26,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdistill import checkpoint, evaluate, models, placement, precision
+from jaxdistill import checkpoint, evaluate, models, paths, placement, precision
 from jaxdistill.models import fp8, quant, surgery
 from jaxdistill.errors import ConfigError, JaxdistillError
 
@@ -60,7 +59,7 @@ def params_path(cfg: Any, workdir: str | None) -> str | None:
   if cfg.teacher.source == "pretrain":
     if workdir is None:
       raise JaxdistillError("teacher.source='pretrain' needs a workdir to train the teacher in")
-    return os.path.join(workdir, "teacher", checkpoint.FINAL_PARAMS)
+    return paths.join(workdir, "teacher", checkpoint.FINAL_PARAMS)
   if cfg.teacher.source == "workdir":
     return final_params_dir(cfg.teacher.path)
   return None
@@ -68,8 +67,8 @@ def params_path(cfg: Any, workdir: str | None) -> str | None:
 
 def final_params_dir(path: str) -> str:
   """``path`` itself if it holds params, else ``path/final_params`` (a workdir)."""
-  inner = os.path.join(path, checkpoint.FINAL_PARAMS)
-  return inner if os.path.isdir(inner) else path
+  inner = paths.join(path, checkpoint.FINAL_PARAMS)
+  return inner if paths.isdir(inner) else path
 
 
 def rules(cfg: Any, teacher: nn.Module, mesh) -> Any:
@@ -113,7 +112,7 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
     variables, shardings = models.create_variables(teacher, rng, mesh, seq_len, kept, table)
     return variables, shardings, None
   path = params_path(cfg, workdir)
-  if cfg.teacher.source == "pretrain" and not os.path.isdir(path):
+  if cfg.teacher.source == "pretrain" and not paths.isdir(path):
     raise JaxdistillError(
       f"teacher.source='pretrain': no pretrained teacher at {path}; run the pretraining stage "
       "first (loop.pretrain_teacher; `jaxdistill train` and `precompute` do it themselves)"

@@ -9,7 +9,7 @@ depends on the device mesh (called when a run starts).
 import os
 from typing import Any
 
-from jaxdistill import models, placement, precision, validate_distill
+from jaxdistill import models, paths, placement, precision, validate_distill
 from jaxdistill.data import image_sources
 from jaxdistill.data.sources import DATA_SOURCES
 from jaxdistill.models import surgery
@@ -41,7 +41,7 @@ def validate(cfg: Any) -> None:
   _check_teacher(cfg)
   t = cfg.teacher
   _check_precompute(cfg.precompute)
-  if t.source == "workdir" and not os.path.isdir(t.path):
+  if t.source == "workdir" and not paths.isdir(t.path):
     raise ConfigError(
       "teacher.path",
       f"{t.path!r} is not a directory; point it at the "
@@ -81,7 +81,7 @@ def validate(cfg: Any) -> None:
   if not isinstance(cfg.log.tensorboard, bool):
     raise ConfigError("log.tensorboard", f"must be true or false, got {cfg.log.tensorboard!r}")
   _check_hf(cfg)
-  if cfg.student.init_from and not os.path.isdir(cfg.student.init_from):
+  if cfg.student.init_from and not paths.isdir(cfg.student.init_from):
     raise ConfigError(
       "student.init_from",
       f"{cfg.student.init_from!r} is not a directory; "
@@ -117,7 +117,7 @@ def _check_teacher(cfg: Any) -> None:
     placement.parse_rules(t.rules)  # its syntax; whether it splits the teacher: teacher.rules()
   if t.source == "pretrain" and t.pretrain_steps <= 0:
     raise ConfigError("teacher.pretrain_steps", "must be > 0 when teacher.source='pretrain'")
-  if t.source == "cache" and not os.path.isdir(t.path):
+  if t.source == "cache" and not paths.isdir(t.path):
     raise ConfigError(
       "teacher.path",
       f"{t.path!r} is not a directory; point it at the --output of `jaxdistill precompute`",

@@ -12,14 +12,14 @@ config defaults (keys added since the run was made) and the checkpoint reader.
 """
 
 import json
-import os
-import shutil
+import tempfile
 from typing import Any
 
 import flax.linen as nn
 import jax
 
-from jaxdistill import checkpoint, config, distributed, metrics as metrics_lib, models, precision
+from jaxdistill import checkpoint, config, distributed, metrics as metrics_lib, models, paths
+from jaxdistill import precision
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import hf, hf_export, quant
 
@@ -35,15 +35,15 @@ def load_workdir(workdir: str) -> tuple[hf.HFModel, Any]:
     JaxdistillError: ``workdir`` lacks config.json or final_params/, or no HF architecture
       matches the student.
   """
-  cfg_path = os.path.join(workdir, "config.json")
-  params_dir = os.path.join(workdir, checkpoint.FINAL_PARAMS)
-  if not os.path.isfile(cfg_path) or not os.path.isdir(params_dir):
+  cfg_path = paths.join(workdir, "config.json")
+  params_dir = paths.join(workdir, checkpoint.FINAL_PARAMS)
+  if not paths.isfile(cfg_path) or not paths.isdir(params_dir):
     raise JaxdistillError(
       f"{workdir!r} is not a finished jaxdistill run (config.json and {checkpoint.FINAL_PARAMS}/)"
     )
-  with open(cfg_path) as f:
-    # Keys added since that run was made take their defaults.
-    section = dict(config.default_config().student.to_dict(), **json.load(f)["student"])
+  # Keys added since that run was made take their defaults.
+  saved = json.loads(paths.read_text(cfg_path))["student"]
+  section = dict(config.default_config().student.to_dict(), **saved)
   policy = precision.parse_policy("p=f32,c=f32,o=f32", "student.policy")
   hfm = hf_export.hf_model_for(models.config_from_section(section, policy, "student"))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -60,8 +60,7 @@ def load_workdir(workdir: str) -> tuple[hf.HFModel, Any]:
 def is_run_config(path: str) -> bool:
   """Whether ``path`` is a config.json that ``prepare`` wrote (a run's, not a user's)."""
   try:
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+    saved = json.loads(paths.read_text(path))
   except (OSError, ValueError):
     return False
   return isinstance(saved, dict) and {"student", "optim", "distill"} <= set(saved)
@@ -77,43 +76,40 @@ def prepare(cfg: Any, workdir: str) -> None:
     JaxdistillError: a file in the way, a foreign non-empty directory, or a finished-looking
       run (metrics.jsonl) with no checkpoint to resume.
   """
-  existing = os.path.abspath(workdir)  # the workdir, or the ancestor it would be made in
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
+  existing = paths.nearest_existing(workdir)  # the workdir, or the ancestor it would be made in
+  if paths.exists(existing) and not paths.isdir(existing):
     raise JaxdistillError(f"--workdir {workdir!r} is no directory ({existing!r} is a file)")
-  ckpt_dir = os.path.join(workdir, checkpoint.CHECKPOINTS)
+  ckpt_dir = paths.join(workdir, checkpoint.CHECKPOINTS)
   if (
-    os.path.isdir(workdir)
-    and os.listdir(workdir)
-    and not os.path.isdir(ckpt_dir)
-    and not is_run_config(os.path.join(workdir, "config.json"))
+    paths.isdir(workdir)
+    and paths.listdir(workdir)
+    and not paths.isdir(ckpt_dir)
+    and not is_run_config(paths.join(workdir, "config.json"))
   ):
     raise JaxdistillError(
       f"workdir {workdir!r} is not empty and holds no jaxdistill run (checkpoints/ or its "
       "config.json); pass a new or empty --workdir"
     )
   has_checkpoints = bool(checkpoint.complete_steps(ckpt_dir))
-  if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and not has_checkpoints:
+  if paths.exists(paths.join(workdir, "metrics.jsonl")) and not has_checkpoints:
     raise JaxdistillError(
       f"workdir {workdir!r} already holds a run (metrics.jsonl) with no checkpoint to resume; "
       "pass a new --workdir or delete that one"
     )
   # Every process judges the workdir as it was, before process 0 writes to it.
   distributed.barrier("jaxdistill:workdir-checked")
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+    paths.path(paths.join(workdir, "config.json")).write_text(
+      cfg.to_json_best_effort(indent=2, sort_keys=True), encoding="utf-8"
+    )
 
 
 def truncate_metrics(path: str, step: int) -> None:
   """Drops metrics.jsonl rows after ``step``: a resumed run rewrites them identically."""
-  if jax.process_index() == 0 and os.path.exists(path):
+  if jax.process_index() == 0 and paths.exists(path):
     rows = [r for r in metrics_lib.read_jsonl(path) if r["step"] <= step]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-      f.writelines(json.dumps(r, sort_keys=True) + "\n" for r in rows)
-    os.replace(path + ".tmp", path)
+    paths.write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
 def save_final_params(workdir: str, params: Any, model_state: Any = None) -> None:
@@ -122,9 +118,9 @@ def save_final_params(workdir: str, params: Any, model_state: Any = None) -> Non
   is ``TrainState.model_state``). A finished run resumed replaces it."""
   if model_state and "batch_stats" in model_state:
     params = {"params": params, "batch_stats": model_state["batch_stats"]}
-  final = os.path.join(workdir, checkpoint.FINAL_PARAMS)
-  if os.path.isdir(final) and jax.process_index() == 0:
-    shutil.rmtree(final)
+  final = paths.join(workdir, checkpoint.FINAL_PARAMS)
+  if paths.isdir(final) and jax.process_index() == 0:
+    paths.rmtree(final)
   distributed.barrier("jaxdistill:final-params-removed")  # all save into a clean dir
   checkpoint.save_params(final, params)
 
@@ -140,8 +136,12 @@ def save_int8(workdir: str, cfg: Any, student: nn.Module, state: Any) -> str | N
   variables = {"params": state.params["student"], **state.model_state}
   _, int8_vars = quant.quantize(student, variables, quant.act_of(student), cfg.data.seq_len)
   section = {k: cfg.student[k] for k in models.shape_keys(cfg.student)}
-  path = os.path.join(workdir, INT8_DIR)
-  if jax.process_index() == 0:
+  path = paths.join(workdir, INT8_DIR)
+  if jax.process_index() == 0 and paths.is_remote(path):  # safetensors writes local files
+    with tempfile.TemporaryDirectory() as tmp:
+      quant.save(tmp, int8_vars, section, quant.act_of(student))
+      paths.upload_tree(tmp, path)
+  elif jax.process_index() == 0:
     quant.save(path, int8_vars, section, quant.act_of(student))
   return path
 
@@ -150,16 +150,15 @@ def load_int8(directory: str, mesh: jax.sharding.Mesh) -> tuple[nn.Module, dict,
   """An int8 directory (a c=int8 run's ``W/int8``, or ``quantize.ptq``'s) as (module, variables
   replicated on ``mesh``, its int8.json): ``evaluate.evaluate({name: (module,
   variables["params"], rest)}, ...)`` measures it like any model."""
-  from safetensors.numpy import load_file
+  from safetensors.numpy import load as load_safetensors
 
-  with open(os.path.join(directory, quant.CONFIG_FILE)) as f:
-    meta = json.load(f)
+  meta = json.loads(paths.read_text(paths.join(directory, quant.CONFIG_FILE)))
   module = quant.int8_model(
     models.build(meta["section"], precision.Policy(), "student"), meta["act"]
   )
   init = lambda r: quant.init_variables(module, r, 1)  # noqa: E731 (shapes only)
   abstract = {k: v for k, v in nn.unbox(jax.eval_shape(init, jax.random.key(0))).items()}
-  tensors = load_file(os.path.join(directory, quant.TENSORS_FILE))
+  tensors = load_safetensors(paths.read_bytes(paths.join(directory, quant.TENSORS_FILE)))
   leaves, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   variables = jax.tree_util.tree_unflatten(
     treedef, [tensors[quant.tensor_name(p)] for p, _ in leaves]

@@ -8,7 +8,7 @@ The layers, bottom to top; a module imports only from its own layer or below (``
 
   0  errors
   1  schedules, losses, layer_maps, closed_form, sharding, placement, precision, metrics,
-     distributed, vision_losses, classify_metrics, throughput
+     distributed, vision_losses, classify_metrics, throughput, paths (local or gs:// files)
   2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
   3  objective and its heads' machinery (fused, sparse, chunking), validate (+ validate_distill)
   4  train, checkpoint, evaluate, teacher, latency
@@ -34,7 +34,7 @@ LAYERS = {
   "errors": 0,
   **dict.fromkeys(("schedules", "losses", "sharding", "precision", "metrics", "distributed"), 1),
   **dict.fromkeys(("layer_maps", "closed_form", "placement"), 1),
-  **dict.fromkeys(("vision_losses", "classify_metrics", "throughput"), 1),
+  **dict.fromkeys(("vision_losses", "classify_metrics", "throughput", "paths"), 1),
   **dict.fromkeys(("models", "data", "config"), 2),
   **dict.fromkeys(("objective", "fused", "sparse", "chunking", "validate", "validate_distill"), 3),
   **dict.fromkeys(("heads", "validate_vision"), 3),

@@ -4,7 +4,7 @@
 #   tpu_scripts/resume_loop.sh --name my-tpu --zone us-east5-a --type v5p-32 \
 #       --version v2-alpha-tpuv5 [--spot] [--workers N] [--bucket BUCKET] \
 #       [--max-attempts 50] [--sleep 60] [--logs DIR] [--project P] [--dry-run] \
-#       -- jaxdistill train --config configs/X.py --workdir /mnt/gcs/BUCKET/runs/X
+#       -- jaxdistill train --config configs/X.py --workdir gs://BUCKET/runs/X
 #
 # Each attempt: if the queued resource is not ACTIVE (a spot slice was
 # preempted, or there is none yet) it is deleted, created again (create.sh) and

@@ -2,7 +2,7 @@
 # Runs one command on every worker of the slice at once, with one log per worker.
 #
 #   tpu_scripts/run.sh --name my-tpu --zone us-east5-a [--workers N] [--logs DIR] [--dry-run] \
-#       -- jaxdistill train --config configs/X.py --workdir /mnt/gcs/BUCKET/runs/X
+#       -- jaxdistill train --config configs/X.py --workdir gs://BUCKET/runs/X
 #
 # 1. kills stale processes holding the TPU on all workers (a crashed run keeps
 #    /dev/accel* or /dev/vfio/* busy and the next one fails);

@@ -6,7 +6,7 @@
 # Copies this source tree (without .venv, .git, workdirs) to ~/jaxdistill on all
 # workers and installs it into ~/jaxdistill/.venv. Rerun it after changing code.
 # --bucket BUCKET also mounts gs://BUCKET at /mnt/gcs/BUCKET on every worker
-# (gcsfuse), a path all hosts see, for workdirs (see tpu_scripts/README.md).
+# (gcsfuse), for data files read by path; workdirs can be gs:// URLs (gcsfs is installed).
 source "$(dirname "$0")/common.sh"
 parse_common "$@"
 
@@ -27,7 +27,7 @@ run tar czf "$TARBALL" --exclude=./.venv --exclude=./.git --exclude=./workdirs \
 run gcloud compute tpus tpu-vm scp "$TARBALL" "$NAME:jaxdistill-src.tgz" "${FLAGS[@]}" --worker=all
 tpu_ssh all "set -e; mkdir -p $REMOTE_DIR; tar xzf ~/jaxdistill-src.tgz -C $REMOTE_DIR; \
 cd $REMOTE_DIR; [ -d .venv ] || python3 -m venv .venv; .venv/bin/pip install -q -U pip; \
-.venv/bin/pip install -q -e . 'jax[tpu]>=0.6,<0.11'; \
+.venv/bin/pip install -q -e . 'jax[tpu]>=0.6,<0.11' 'gcsfs>=2024.2'; \
 .venv/bin/python -c 'import jax, jaxdistill; print(\"jax\", jax.__version__)'"
 
 if [[ -n "$BUCKET" ]]; then

@@ -5,18 +5,24 @@ are ``cached.py``'s (an image classifier's whole class logits: ``cached_images.p
 A shard is written to ``shard-S.arrayrecord.partial``; its sidecar ``shard-S.json`` (records,
 sha256) is written, then the shard is renamed: a shard with both is finished, anything else is
 redone by a rerun. ``manifest.json`` lists every shard once all exist.
+
+An ``--output`` on an object store (``gs://``; ``paths``): ArrayRecord's writer needs a local
+file, so the ``.partial`` is written in a local temporary directory and uploaded as the shard
+after its sidecar (an object appears only once its upload completes: the same guarantee).
 """
 
 import json
 import os
 import queue
 import re
+import shutil
+import tempfile
 import threading
 
 import jax
 from array_record.python import array_record_module
 
-from jaxdistill import distributed
+from jaxdistill import distributed, paths
 from jaxdistill.data import cached, cached_images
 from jaxdistill.errors import ConfigError, JaxdistillError
 
@@ -34,12 +40,10 @@ def check_output(output: str) -> None:
   Ours (resumed): a directory holding settings.json or manifest.json, or only names
   precompute writes (shards, sidecars, teacher/): a run stopped before its settings.
   """
-  existing = os.path.abspath(output)  # the output, or the ancestor it would be made in
-  while not os.path.exists(existing):
-    existing = os.path.dirname(existing)
-  if not os.path.isdir(existing):
+  existing = paths.nearest_existing(output)  # the output, or the ancestor it would be made in
+  if paths.exists(existing) and not paths.isdir(existing):
     raise JaxdistillError(f"--output {output!r} is no directory ({existing!r} is a file)")
-  names = os.listdir(output) if os.path.isdir(output) else []
+  names = paths.listdir(output) if paths.isdir(output) else []
   if cached.SETTINGS in names or cached.MANIFEST in names:
     return
   foreign = sorted(n for n in names if not _OUR_NAME_RE.match(n))
@@ -57,11 +61,10 @@ def start(output: str, current: dict) -> None:
   Raises:
     JaxdistillError: ``output`` holds a cache made with other settings (naming the keys).
   """
-  path = os.path.join(output, cached.SETTINGS)
+  path = paths.join(output, cached.SETTINGS)
   current = json.loads(json.dumps(current))
-  if os.path.exists(path):
-    with open(path, encoding="utf-8") as f:
-      saved = json.load(f)
+  if paths.exists(path):
+    saved = json.loads(paths.read_text(path))
     if saved != current:
       diff = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
       raise JaxdistillError(
@@ -70,7 +73,7 @@ def start(output: str, current: dict) -> None:
       )
   # Every process makes the directory: past the barrier, another may open its first shard
   # there before process 0 gets to it.
-  os.makedirs(output, exist_ok=True)
+  paths.makedirs(output)
   distributed.barrier("jaxdistill:precompute-settings-checked")
   if jax.process_index() == 0:
     write_json(path, current)
@@ -81,6 +84,10 @@ class ShardWriter:
 
   def __init__(self, output: str, layout: cached.Layout):
     self.output, self.layout, self.error = output, layout, None
+    # A remote output's partial shards are staged on the local disk (see the module doc).
+    self.staging = (
+      tempfile.mkdtemp(prefix="jaxdistill-shards-") if paths.is_remote(output) else None
+    )
     self.queue = queue.Queue(maxsize=4)
     self.thread = threading.Thread(target=self._loop, daemon=True)
     self.thread.start()
@@ -93,6 +100,8 @@ class ShardWriter:
   def join(self) -> None:
     self.queue.put(None)
     self.thread.join()
+    if self.staging:
+      shutil.rmtree(self.staging, ignore_errors=True)
     if self.error is not None:
       raise self.error
 
@@ -104,6 +113,8 @@ class ShardWriter:
       try:
         kind, s, *rest = item
         partial = cached.shard_path(self.output, s) + ".partial"
+        if self.staging:
+          partial = os.path.join(self.staging, os.path.basename(partial))
         if kind == "open":
           writer, count = array_record_module.ArrayRecordWriter(partial, cached.WRITER_OPTIONS), 0
         elif kind == "rows":
@@ -115,21 +126,19 @@ class ShardWriter:
           writer.close()
           side = {"index": s, "records": count, "sha256": cached.sha256_file(partial)}
           write_json(cached.sidecar_path(self.output, s), side)
-          os.replace(partial, cached.shard_path(self.output, s))
+          paths.replace(partial, cached.shard_path(self.output, s))
       except Exception as e:  # reported to the main thread at its next put / join
         self.error = e
 
 
 def write_json(path: str, value: dict) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  paths.write_text(path, json.dumps(value, indent=2, sort_keys=True))
 
 
 def finished(output: str, s: int, shard_path=cached.shard_path) -> bool:
   """Shard ``s`` exists with its sidecar (``shard_path``: an image cache's
   ``cached_images.shard_path``)."""
-  return os.path.exists(shard_path(output, s)) and os.path.exists(cached.sidecar_path(output, s))
+  return paths.exists(shard_path(output, s)) and paths.exists(cached.sidecar_path(output, s))
 
 
 def write_manifest(
@@ -140,10 +149,9 @@ def write_manifest(
   for s in range(shards):
     if not finished(output, s, shard_path):
       raise JaxdistillError(f"shard {s} of {output!r} is missing; rerun precompute to finish it")
-    with open(cached.sidecar_path(output, s), encoding="utf-8") as f:
-      side = json.load(f)
+    side = json.loads(paths.read_text(cached.sidecar_path(output, s)))
     entries.append({"index": s, "records": side["records"], "sha256": side["sha256"]})
-  write_json(os.path.join(output, cached.MANIFEST), dict(current, rows=rows, shards=entries))
+  write_json(paths.join(output, cached.MANIFEST), dict(current, rows=rows, shards=entries))
 
 
 def verify(output: str) -> dict:
@@ -165,8 +173,8 @@ def verify(output: str) -> dict:
   problems, total = [], 0
   for entry in manifest["shards"]:
     path = (cached_images.shard_path if image else cached.shard_path)(output, entry["index"])
-    name = os.path.basename(path)
-    if not os.path.isfile(path):
+    name = paths.path(path).name
+    if not paths.isfile(path):
       problems.append(f"{name} is missing")
       continue
     digest = cached.sha256_file(path)
@@ -175,7 +183,7 @@ def verify(output: str) -> dict:
       continue
     records = cached_images.count_records(path, manifest) if image else _records(path)
     if records is None:
-      problems.append(f"{name} holds {os.path.getsize(path)} bytes: no whole number of rows")
+      problems.append(f"{name} holds {paths.size(path)} bytes: no whole number of rows")
       continue
     total += records
     if records != entry["records"]:
@@ -188,7 +196,8 @@ def verify(output: str) -> dict:
 
 
 def _records(path: str) -> int:
-  reader = array_record_module.ArrayRecordReader(path)
-  records = reader.num_records()
-  reader.close()
+  with tempfile.TemporaryDirectory() as tmp:  # a remote shard is read from a local copy
+    reader = array_record_module.ArrayRecordReader(paths.download(path, tmp))
+    records = reader.num_records()
+    reader.close()
   return records

@@ -45,6 +45,7 @@ import grain
 import ml_dtypes
 import numpy as np
 
+from jaxdistill import paths
 from jaxdistill.errors import ConfigError, JaxdistillError
 
 FORMAT_VERSION = 1
@@ -152,16 +153,16 @@ def decode(layout: Layout, record: bytes) -> dict[str, np.ndarray]:
 
 
 def shard_path(directory: str, index: int) -> str:
-  return os.path.join(directory, f"shard-{index:05d}.arrayrecord")
+  return paths.join(directory, f"shard-{index:05d}.arrayrecord")
 
 
 def sidecar_path(directory: str, index: int) -> str:
-  return os.path.join(directory, f"shard-{index:05d}.json")
+  return paths.join(directory, f"shard-{index:05d}.json")
 
 
 def sha256_file(path: str) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with paths.path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -173,15 +174,14 @@ def read_manifest(directory: str, version: int | None = FORMAT_VERSION) -> dict:
   Raises:
     ConfigError (teacher.path): no manifest, another format version.
   """
-  path = os.path.join(directory, MANIFEST)
-  if not os.path.isfile(path):
+  path = paths.join(directory, MANIFEST)
+  if not paths.isfile(path):
     raise ConfigError(
       "teacher.path",
       f"{directory!r} holds no {MANIFEST}; point it at the --output of a finished "
       "`jaxdistill precompute` run (an unfinished one: rerun it to complete)",
     )
-  with open(path, encoding="utf-8") as f:
-    manifest = json.load(f)
+  manifest = json.loads(paths.read_text(path))
   if version is not None and manifest.get("format_version") != version:
     raise ConfigError(
       "teacher.path",
@@ -225,7 +225,7 @@ def check(cfg: Any) -> dict:
     )
   manifest = read_manifest(cfg.teacher.path)
   ident, kind = data_identity(cfg), cfg.distill.logit.kind
-  where = os.path.join(cfg.teacher.path, MANIFEST)
+  where = paths.join(cfg.teacher.path, MANIFEST)
   pairs = [
     ("data.tokenizer", manifest["tokenizer_hash"], ident["tokenizer_hash"]),
     ("data.seq_len", manifest["layout"]["seq_len"], cfg.data.seq_len),
@@ -259,8 +259,8 @@ def make_iterator(cfg: Any, process_index: int, process_count: int):
 
   manifest = check(cfg)
   layout = Layout(**manifest["layout"])
-  paths = [shard_path(cfg.teacher.path, s["index"]) for s in manifest["shards"]]
-  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+  shards = local_shards(cfg.teacher.path, manifest, cfg.cache_dir)
+  ds = grain.MapDataset.source(grain.sources.ArrayRecordDataSource(shards))
   ds = ds[process_index::process_count]
   if len(ds) == 0:
     raise ConfigError("teacher.path", f"the cache has too few rows for {process_count} processes")
@@ -268,3 +268,18 @@ def make_iterator(cfg: Any, process_index: int, process_count: int):
   ds = ds.batch(cfg.data.batch_size // process_count, drop_remainder=True)
   options = grain.ReadOptions(num_threads=cfg.data.num_threads, prefetch_buffer_size=16)
   return pipeline.LMIterator(ds.to_iter_dataset(options), None)
+
+
+def local_shards(directory: str, manifest: dict, cache_dir: str = "") -> list[str]:
+  """The shard files of the cache at ``directory`` as local paths, for ArrayRecord's reader
+  (it opens files itself, so it cannot read ``gs://``): a remote cache's shards are
+  downloaded once into ``CACHE/remote_caches/<manifest sha256>/`` (``cache_dir``: the
+  config's ``cache_dir``), keyed by the manifest, which holds every shard's sha256."""
+  shards = [shard_path(directory, s["index"]) for s in manifest["shards"]]
+  if not paths.is_remote(directory):
+    return shards
+  from jaxdistill.data import corpora
+
+  key = hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest()[:16]
+  local_dir = os.path.join(corpora.cache_dir(cache_dir), "remote_caches", key)
+  return [paths.download(s, local_dir) for s in shards]

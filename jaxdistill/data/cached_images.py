@@ -28,11 +28,12 @@ iterator state, shuffling and resume are those of the online pipeline.
 """
 
 import hashlib
-import os
+
 from typing import Any, Sequence
 
 import numpy as np
 
+from jaxdistill import paths
 from jaxdistill.data import cached, image_sources
 from jaxdistill.errors import ConfigError, JaxdistillError
 
@@ -43,7 +44,7 @@ PROBE = 64  # examples whose pixels and labels the dataset identity hashes
 
 
 def shard_path(directory: str, index: int) -> str:
-  return os.path.join(directory, f"shard-{index:05d}{SUFFIX}")
+  return paths.join(directory, f"shard-{index:05d}{SUFFIX}")
 
 
 def logits_dtype(name: str) -> np.dtype:
@@ -100,7 +101,7 @@ def check(cfg: Any, examples: Sequence[dict], info: image_sources.ImageInfo) -> 
       count or image shape or other images (the probe hash), another class count.
   """
   manifest = read_manifest(cfg.teacher.path)
-  where = os.path.join(cfg.teacher.path, cached.MANIFEST)
+  where = paths.join(cfg.teacher.path, cached.MANIFEST)
   saved, ident = manifest["dataset"], data_identity(cfg, examples, info)
   pairs = [
     ("data.source", saved["source"], ident["source"]),
@@ -124,7 +125,7 @@ def check(cfg: Any, examples: Sequence[dict], info: image_sources.ImageInfo) -> 
 def count_records(path: str, manifest: dict) -> int | None:
   """The rows a shard file holds (None: its size is no whole number of rows)."""
   row_bytes = manifest["num_classes"] * logits_dtype(manifest["logits_dtype"]).itemsize
-  size = os.path.getsize(path)
+  size = paths.size(path)
   return None if size % row_bytes else size // row_bytes
 
 
@@ -140,12 +141,16 @@ class TeacherLogits:
     parts = []
     for entry in manifest["shards"]:
       path = shard_path(directory, entry["index"])
-      if not os.path.isfile(path) or count_records(path, manifest) != entry["records"]:
+      if not paths.isfile(path) or count_records(path, manifest) != entry["records"]:
         raise JaxdistillError(
           f"shard {entry['index']} of the cache {directory!r} is missing or of the wrong size; "
           f"check it with `jaxdistill precompute --output {directory} --verify`"
         )
-      parts.append(np.fromfile(path, dtype=dtype).reshape(entry["records"], c))
+      if paths.is_remote(path):
+        logits = np.frombuffer(paths.read_bytes(path), dtype=dtype)
+      else:
+        logits = np.fromfile(path, dtype=dtype)
+      parts.append(logits.reshape(entry["records"], c))
     self.logits_NxC = np.concatenate(parts)
 
   def gather(self, indices_R: np.ndarray) -> np.ndarray:
@@ -165,5 +170,5 @@ def open_logits(cfg: Any, examples: Sequence[dict], info: image_sources.ImageInf
 
 def write_shard(partial: str, logits_RxC: np.ndarray) -> None:
   """Writes one shard's raw logits to ``partial`` (the caller renames it when finished)."""
-  with open(partial, "wb") as f:
+  with paths.path(partial).open("wb") as f:
     f.write(np.ascontiguousarray(logits_RxC).tobytes())

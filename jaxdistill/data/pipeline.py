@@ -27,8 +27,6 @@ Shape legend: B batch rows (this process), T sequence length.
 import dataclasses
 import functools
 import json
-import os
-import shutil
 import weakref
 from typing import Any, Sequence
 
@@ -36,6 +34,7 @@ import grain
 import numpy as np
 from grain import experimental as grain_exp
 
+from jaxdistill import paths
 from jaxdistill.data import sources, tokenizer as tok_lib
 from jaxdistill.data.corpora import cache_dir
 from jaxdistill.errors import ConfigError, JaxdistillError
@@ -109,10 +108,10 @@ def _cached_bpe(key: str, vocab_size: int):
 
 def save_tokenizer(prepared: Prepared, workdir: str) -> str:
   """Copies the run's tokenizer to ``WORKDIR/tokenizer.json`` (once); returns that path."""
-  path = os.path.join(workdir, "tokenizer.json")
-  if not os.path.exists(path):
-    os.makedirs(workdir, exist_ok=True)
-    shutil.copyfile(prepared.tokenizer_path, path)
+  path = paths.join(workdir, "tokenizer.json")
+  if not paths.exists(path):
+    paths.makedirs(workdir)
+    paths.copy(prepared.tokenizer_path, path)  # from the local cache into the workdir
   return path
 
 
