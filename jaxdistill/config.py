@@ -185,6 +185,12 @@ def default_config() -> ml_collections.ConfigDict:
       # many consecutive rows: a window too small for them makes batches of few documents,
       # and a model trained on them ends worse (measured: BENCHMARKS.md, "The shuffle window").
       shuffle_rows=1024,
+      # Long documents: N > 1 packs rows from N document streams (each every N-th document of
+      # the shuffled order) taken in turn, so consecutive rows come from N documents before
+      # the window shuffle and a batch mixes many files at a small window. It does not make
+      # a run far shorter than an epoch cover more files (measured: BENCHMARKS.md, "Long
+      # documents"). 0 / 1 = one stream (the pipeline as before).
+      interleave=0,
       stdlib_max_files=0,  # built-in corpus subset for tests (0 = every file)
       stdlib_max_file_bytes=0,
       stdlib_root="",  # "" = this interpreter's standard library

@@ -18,6 +18,8 @@ from jaxdistill.errors import ConfigError
 TEACHER_SOURCES = ("none", "random", "pretrain", "workdir", "cache", "hf")
 # Sources with no teacher model to run: its shape keys are not checked against the data/mesh.
 NO_TEACHER_MODEL = ("none", "cache")
+# data.interleave: every stream is a live grain iterator holding one open document.
+MAX_INTERLEAVE = 4096
 
 
 def _positive(cfg: Any, key: str) -> None:
@@ -186,6 +188,12 @@ def _check_data(cfg: Any) -> None:
     )
   if min(d.num_threads, d.prefetch, d.shuffle_rows, cfg.eval.every, cfg.eval.batches) < 0:
     raise ConfigError("data", "num_threads, prefetch, shuffle_rows, eval.every, eval.batches: >= 0")
+  if not isinstance(d.interleave, int) or not 0 <= d.interleave <= MAX_INTERLEAVE:
+    raise ConfigError(
+      "data.interleave",
+      f"is {d.interleave!r}; give a whole number of document streams from 0 (one stream) to "
+      f"{MAX_INTERLEAVE}",
+    )
   text = cfg.student.arch == "transformer"  # synthetic images have a finite eval split
   if cfg.eval.every and text and d.source == "synthetic" and cfg.eval.batches == 0:
     raise ConfigError("eval.batches", "must be > 0 for synthetic data (its stream never ends)")

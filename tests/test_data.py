@@ -263,3 +263,80 @@ def test_cli_refuses_bad_data_and_writes_nothing(tmp_path):
     "--config.student.vocab_size=64",
   )
   assert "student.vocab_size" in line and "300 tokens" in line
+
+
+class _DocIdTokenizer:
+  """Every character of document k -> token 10 + k (k: its first character), so a row's tokens
+  name the documents it came from; the end-of-document token is 1."""
+
+  def encode_batch(self, texts):
+    return [type("Encoding", (), {"ids": [10 + int(t[0])] * len(t)}) for t in texts]
+
+  def token_to_id(self, name):
+    return 1 if name == "<|endoftext|>" else None
+
+
+def _long_doc_stream(interleave, shuffle_rows=0, seq_len=8, docs=8, rows_per_doc=12):
+  """The training stream of ``docs`` documents of exactly ``rows_per_doc`` rows each, batches
+  of 4."""
+  from jaxdistill.data import pipeline
+
+  texts = [str(k) * rows_per_doc * seq_len for k in range(docs)]  # inputs: the text's tokens
+  cfg = default_config()
+  cfg.data.update(seq_len=seq_len, batch_size=4, shuffle_rows=shuffle_rows, interleave=interleave)
+  prepared = pipeline.Prepared(texts, "fp", _DocIdTokenizer(), "", "")
+  return pipeline.LMIterator(pipeline.train_dataset(cfg, prepared, 0, 1), prepared)
+
+
+def _doc_ids(batch):
+  """[B] sets of the documents each row holds."""
+  return [set((row[row >= 10] - 10).tolist()) for row in batch["inputs"]]
+
+
+def test_interleaved_streams_mix_long_documents_and_cover_an_epoch():
+  # One stream, no window: a batch of 4 rows is 4 rows of one long document.
+  assert all(len(set().union(*_doc_ids(b))) == 1 for b in _take(_long_doc_stream(0), 5))
+  # Four streams: every batch holds four documents, one row each.
+  batches = _take(_long_doc_stream(4), 24)
+  assert all(sorted(len(r) for r in _doc_ids(b)) == [1] * 4 for b in batches)
+  assert all(len(set().union(*_doc_ids(b))) == 4 for b in batches)
+  # The streams read disjoint documents: the first 96 rows are the 8 documents, 12 rows each.
+  counts = np.bincount(np.concatenate([b["inputs"][b["inputs"] >= 10] for b in batches]) - 10)
+  np.testing.assert_array_equal(counts, [12 * 8] * 8)
+
+
+@pytest.mark.parametrize("shuffle_rows", [0, 8])
+def test_interleaved_streams_resume_exactly(shuffle_rows):
+  first = _take(_long_doc_stream(3, shuffle_rows), 12)
+  assert _same(first, _take(_long_doc_stream(3, shuffle_rows), 12))  # deterministic
+  for skip in (0, 7):  # the start; mid-document, streams at different documents
+    it = _long_doc_stream(3, shuffle_rows)
+    _take(it, skip)
+    state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
+    resumed = _long_doc_stream(3, shuffle_rows)
+    resumed.set_state(state)
+    assert _same(first[skip : skip + 5], _take(resumed, 5)), skip
+  # A state saved with another number of streams does not fit: a clear error, not a new stream.
+  with pytest.raises(JaxdistillError, match="does not fit this pipeline"):
+    _long_doc_stream(0, shuffle_rows).set_state(state)
+
+
+def test_interleave_with_the_real_tokenizer_resumes(tmp_path):
+  cfg = _text_cfg(tmp_path, interleave=3)
+  it = data_lib.make_iterator(cfg, "train", 0, 1)
+  _take(it, 3)
+  state = json.loads(json.dumps(it.get_state()))
+  expected = _take(it, 4)
+  resumed = data_lib.make_iterator(cfg, "train", 0, 1)
+  resumed.set_state(state)
+  assert _same(expected, _take(resumed, 4))
+
+
+@pytest.mark.parametrize("bad", [-1, 5000])
+def test_bad_interleave_is_a_clear_error(bad):
+  from jaxdistill import validate
+
+  cfg = default_config()
+  cfg.data.interleave = bad
+  with pytest.raises(ConfigError, match=r"data.interleave.*is %d" % bad):
+    validate.validate(cfg)

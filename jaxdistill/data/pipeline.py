@@ -4,6 +4,8 @@ Training split, per process::
 
   MapDataset.source(documents)[process_index::process_count]  disjoint, covering shards
     .shuffle(seed).repeat()          a new document order every epoch
+    (data.interleave = N > 1: N streams of every N-th document, each tokenised and packed
+     on its own, one row from each in turn: long documents interleaved before the window)
     .batch(16).map(encode_batch)     ids + <|endoftext|> as (inputs, targets) = (ids[:-1], ids[1:])
     .to_iter_dataset(read threads)   reading and tokenising run ahead (tokenizers' own threads)
     FlatMap                          back to one element per document
@@ -193,6 +195,28 @@ def _rows(ds: grain.IterDataset, cfg: Any) -> grain.IterDataset:
   return grain_exp.ConcatThenSplitIterDataset(ds, length_struct={"inputs": t, "targets": t})
 
 
+def _interleaved_rows(docs: grain.MapDataset, cfg: Any, prepared: Prepared) -> grain.IterDataset:
+  """The shuffled document stream -> rows taken in turn from ``data.interleave`` = N streams.
+
+  Stream j reads documents j, j + N, j + 2N, ... of the shuffled, repeated order (so together
+  the streams read every document of an epoch once), tokenises and packs them on its own, and
+  the streams give one row each in turn (grain's mix, equal proportions). A document of
+  thousands of rows then comes out one row in every N, next to the rows of N - 1 others, and a
+  small shuffle window already holds N documents. Each stream tokenises one document at a time
+  in the consuming thread (no read threads or read-ahead per stream: N of them would hold N
+  buffers of documents); ``data.prefetch`` runs the whole pipeline ahead in its own thread.
+  The state is every stream's grain state plus the mix's position: resumes exactly.
+  """
+  n = cfg.data.interleave
+  tokenize = _Tokenize(prepared.tokenizer, tok_lib.eos_id(prepared.tokenizer))
+  unthreaded = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+  streams = []
+  for j in range(n):
+    one = docs[j::n].batch(1, batch_fn=list).map(tokenize).to_iter_dataset(unthreaded)
+    streams.append(_rows(grain_exp.FlatMapIterDataset(one, _Unbatch()), cfg))
+  return grain.IterDataset.mix(streams)
+
+
 def _read_options(cfg: Any) -> grain.ReadOptions:
   return grain.ReadOptions(num_threads=cfg.data.num_threads, prefetch_buffer_size=64)
 
@@ -210,7 +234,10 @@ def train_dataset(
       f"{process_count} processes",
     )
   ds = ds.shuffle(seed=cfg.seed).repeat()
-  it = _rows(_tokenized(ds, cfg, prepared), cfg)
+  if d.interleave > 1:
+    it = _interleaved_rows(ds, cfg, prepared)
+  else:
+    it = _rows(_tokenized(ds, cfg, prepared), cfg)
   if d.shuffle_rows > 1:
     # Rows of one long document come out consecutively: shuffle rows within windows, so a
     # batch mixes many documents (else a 16 x 256 batch of 5k-token files is one file).
@@ -332,4 +359,6 @@ def _tuples_restored(state: Any) -> Any:
       k: {f: tuple(v) for f, v in val.items()} if k == "remainder_slices" else _tuples_restored(val)
       for k, val in state.items()
     }
+  if isinstance(state, list):  # data.interleave: the mix's list of per-stream states
+    return [_tuples_restored(s) for s in state]
   return state
