@@ -262,6 +262,9 @@ def prune_study(r: dict, tmp: str, cache_dir: str, walls: dict, targets: dict) -
     saved = json.load(f)["student"]
   cfg = student_cfg("text", r, teacher, cache_dir)
   cfg.student.update({k: saved[k] for k in models.MODEL_KEYS})
+  if cfg.student.num_heads != cfg.teacher.num_heads:
+    # MiniLM attention transfer pairs heads one to one: off for both students (same recipe).
+    cfg.distill.attention.update(weight=0.0, value_weight=0.0)
   steps = r["prune_steps"]
   cfg.optim.update(steps=steps, warmup_steps=max(1, int(0.15 * steps)))
   runs = {"pruned_step0": pruned}
