@@ -83,11 +83,19 @@ def _check_dst(dst_workdir: str) -> None:
 
 
 def _new_config(cfg: Any, changed: dict) -> Any:
+  """The source config with the new student shape. Losses the new shape cannot pair with the
+  run's teacher are adjusted so the workdir's config stays valid (``jaxdistill eval`` rebuilds
+  the run from it): MiniLM attention transfer pairs heads one to one, so it is turned off when
+  the head counts now differ; hidden-state losses get a learned projection when widths do."""
   new = copy.deepcopy(cfg)
   for key, value in changed.items():
     new.student[key] = value
   new.student.init_from = ""
   new.student.init_layers = ""
+  if "num_heads" in new.teacher and new.student.get("num_heads") != new.teacher.num_heads:
+    new.distill.attention.update(weight=0.0, value_weight=0.0, schedule="constant")
+  if "d_model" in new.teacher and new.student.get("d_model") != new.teacher.d_model:
+    new.distill.hidden.project = True
   return new
 
 

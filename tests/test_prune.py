@@ -14,7 +14,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistill import config as config_lib, evaluate, models, prune_run, sharding, workdir
+from jaxdistill import config as config_lib, eval_run, evaluate, models, prune_run, sharding
+from jaxdistill import validate, workdir
 from jaxdistill.errors import ConfigError, JaxdistillError
 from jaxdistill.models import prune, prune_scores, surgery
 from jaxdistill.models.config import TransformerConfig
@@ -331,6 +332,11 @@ def _source_run(tmp_path, student):
   cfg.student.update(vocab_size=40, d_model=32, num_layers=2, num_heads=4, d_ff=48, max_len=16)
   cfg.student.update(student)
   cfg.data.update(batch_size=4, seq_len=T)
+  # A distillation run whose losses pair the source's heads and width with the teacher's.
+  cfg.teacher.update(source="random", vocab_size=40, d_model=32, num_layers=2, num_heads=4)
+  cfg.teacher.update(d_ff=48, max_len=16)
+  cfg.distill.attention.update(weight=0.1, value_weight=0.1)
+  cfg.distill.hidden.update(weight=0.1, layer_map="uniform", project=False)
   src = str(tmp_path / "src")
   workdir.prepare(cfg, src)
   policy = models.config_from_section(cfg.student, _f32(), "student")
@@ -367,6 +373,11 @@ def test_prune_workdir_writes_a_run_whose_model_loads_and_computes_the_same(tmp_
     8,
   )
   assert saved["num_kv_heads"] == (1 if student is GQA else 0)
+  # Still a valid run (eval and init_from rebuild it): MiniLM attention transfer, which pairs
+  # heads one to one, is off; the hidden loss projects the narrower width.
+  pruned_cfg = eval_run.run_config(dst)
+  validate.validate(pruned_cfg)
+  assert pruned_cfg.distill.attention.weight == 0 and pruned_cfg.distill.hidden.project
   assert record["kept"]["embed"] == [c for c in range(32) if c not in (0, 5)]
   small = models.build(saved, _f32(), "student")
   mesh = sharding.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
