@@ -31,12 +31,14 @@ def _sleeper(seconds: float):
   return lambda: forward(x)
 
 
-def test_measure_reads_known_sleeps_within_ten_percent():
-  # 50 and 100 ms: a call's own overhead (dispatch, the callback's thread hop) is ~0.5 ms here
-  # and reached 4 ms with the machine's two cores shared four ways; 10% of 50 ms covers that.
+def test_measure_reads_known_sleeps():
+  # 50 and 100 ms. A call's own overhead (dispatch, the callback's thread hop) is additive: ~0.5
+  # ms here, 4-6 ms with the machine's two cores shared by a test suite and a training run; so
+  # a time is never below its sleep, and at most 20 ms above it (a wrong unit or a missed wait
+  # is off by far more).
   stats = latency.measure({"a": _sleeper(0.05), "b": _sleeper(0.1)}, repeats=7, warmup=1)
-  assert stats["a"]["median_s"] == pytest.approx(0.05, rel=0.1)
-  assert stats["b"]["median_s"] == pytest.approx(0.1, rel=0.1)
+  for name, sleep in (("a", 0.05), ("b", 0.1)):
+    assert sleep <= stats[name]["min_s"] <= stats[name]["median_s"] < sleep + 0.02
   for s in stats.values():
     assert s["repeats"] == 7
     assert s["min_s"] <= s["median_s"] <= s["p90_s"]
