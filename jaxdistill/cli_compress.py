@@ -60,11 +60,6 @@ def parse_targets(text: str) -> dict:
   return targets
 
 
-def _new_output(path: str) -> None:
-  if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-    raise JaxdistillError(f"--output {path!r} exists and is not empty; pass a new directory")
-
-
 def _pipeline(args: argparse.Namespace, overrides) -> int:
   from jaxdistill import pipeline
 
@@ -82,7 +77,6 @@ def _prune(args: argparse.Namespace, overrides) -> int:
   if overrides:
     raise JaxdistillError("prune takes no --config overrides")
   targets = parse_targets(args.targets)
-  _new_output(args.output)
   from jaxdistill import prune_run
 
   record = prune_run.prune_workdir(
@@ -98,7 +92,6 @@ def _prune(args: argparse.Namespace, overrides) -> int:
 def _quantize(args: argparse.Namespace, overrides) -> int:
   if overrides:
     raise JaxdistillError("quantize takes no --config overrides")
-  _new_output(args.output)
   from jaxdistill import quantize
 
   quantize.ptq_workdir(args.workdir, args.output, args.calibration_batches, args.act)

@@ -44,15 +44,9 @@ REPORT_FILES = ("report.md", "report.json", "validation.png", "training_curves.p
 
 def load(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> dict:
   """The checked pipeline of a config file (``FILE`` or ``FILE:ARG``; ``pipeline_spec.check``)."""
-  path, _, arg = (
-    config_path.partition(":")
-    if not os.path.isfile(config_path)
-    else (
-      config_path,
-      "",
-      "",
-    )
-  )
+  path, arg = config_path, ""
+  if not os.path.isfile(path) and ":" in path:  # FILE:ARG, as ``config.load_config`` reads it
+    path, arg = path.rsplit(":", 1)
   if not os.path.isfile(path):
     raise ConfigError("--config", f"no such file {path!r}; e.g. configs/progressive.py")
   module = config_module(path)
@@ -185,14 +179,14 @@ def _evaluate(stage: dict, workdir: str, spec: dict) -> dict:
   return {"metrics": result["models"]["student"], "size": result["size"]["student"]}
 
 
-def _timed_stages(spec: dict, state: dict) -> list[dict]:
+def _timed_stages(state: dict) -> list[dict]:
   return [s for s in state["stages"] if s["action"] != "export"]
 
 
 def final_stage(state: dict) -> dict:
   """The pipeline's product: the stage the last export exports, else the last model stage."""
   exports = [s for s in state["stages"] if s["action"] == "export"]
-  name = exports[-1]["from"] if exports else _timed_stages({}, state)[-1]["name"]
+  name = exports[-1]["from"] if exports else _timed_stages(state)[-1]["name"]
   return next(s for s in state["stages"] if s["name"] == name)
 
 
@@ -200,13 +194,13 @@ def _measure_latency(workdir: str, spec: dict, state: dict, repeats: int) -> Non
   """Every evaluated stage's forward, timed in one interleaved pass; written into each
   stage's evaluation (the ``latency`` block ``report`` reads) and into pipeline.json."""
   entries, seq_len, first = {}, None, None
-  for s in _timed_stages(spec, state):
+  for s in _timed_stages(state):
     cfg, module, variables = eval_run.load_student(os.path.join(workdir, s["dir"]))
     entries[s["name"]] = (module, variables)
     seq_len, first = seq_len or cfg.data.seq_len, first or module
   batch_fn = lambda b: latency.example_batch(first, b, seq_len)  # noqa: E731
   timed = latency.model_latency(entries, batch_fn, spec["batch_sizes"], repeats=repeats)
-  for s in _timed_stages(spec, state):
+  for s in _timed_stages(state):
     path = os.path.join(workdir, s["dir"], "eval", EVAL_NAME + ".json")
     with open(path, encoding="utf-8") as f:
       result = json.load(f)
@@ -220,7 +214,7 @@ def _measure_latency(workdir: str, spec: dict, state: dict, repeats: int) -> Non
 
 def _report(workdir: str, spec: dict, state: dict) -> str:
   """W/report.md (+ report.json, PNGs) of every evaluated stage, replacing an older one."""
-  runs = {s["name"]: os.path.join(workdir, s["dir"]) for s in _timed_stages(spec, state)}
+  runs = {s["name"]: os.path.join(workdir, s["dir"]) for s in _timed_stages(state)}
   tmp = _aside(os.path.join(workdir, "report"))
   done = report.write(runs, tmp, EVAL_NAME, extra_md=_stage_table(state))
   for path in done["files"].values():
@@ -319,8 +313,9 @@ def run(
     _write_state(workdir, state)
   log("timing every stage's forward, interleaved")
   _measure_latency(workdir, spec, state, repeats)
+  flags = pareto_flags(state)
   for s in state["stages"]:
-    s["pareto"] = pareto_flags(state).get(s["name"])
+    s["pareto"] = flags.get(s["name"])
   state["report"] = _report(workdir, spec, state)
   state["complete"] = True
   _write_state(workdir, state)
