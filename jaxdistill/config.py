@@ -7,7 +7,8 @@ and changes what it needs. The sections are fixed; every key exists in
   seed      top-level int: init and data seed
   cache_dir top-level str: built corpora, tokenizers, cached teachers
   student   the trained model (shape, ``policy``)
-  teacher   the frozen model: ``source`` none | random | pretrain | workdir | cache
+  teacher   the frozen model: ``source`` none | random | pretrain | workdir | hf | cache
+  teachers  further teachers (a tuple of ``teacher_fields`` dicts): an ensemble
   distill   the losses: temperature, logit (kl / reverse_kl / jsd), ce,
             attention (MiniLM), hidden (mse / cosine), each with a weight
             and a schedule
@@ -77,6 +78,42 @@ def _model_fields(**overrides) -> dict:
   return fields
 
 
+def teacher_fields(**overrides) -> dict:
+  """One teacher's keys with their defaults: the ``teacher`` section, and each entry of
+  ``teachers`` (``cfg.teachers = (config.teacher_fields(source="workdir", path=...),)``)."""
+  fields = _model_fields(d_model=128, num_layers=4, d_ff=512, policy="p=f32,c=f32,o=f32")
+  fields.update(
+    # none: plain CE training (how teachers are made); random: random init (tests); pretrain:
+    # train it in-process on CE for `pretrain_steps` first; workdir: the final params of an
+    # earlier `jaxdistill train` run at `path`; hf: a Hugging Face model directory at `path`;
+    # cache: targets precomputed by `jaxdistill precompute` into `path` (no teacher forward).
+    source="random",
+    path="",
+    pretrain_steps=0,
+    pretrain_lr=3e-3,
+    # c=fp8 teachers: training batches (the first of a fresh iterator) that set their static
+    # FP8 scales before distillation (models.fp8.calibrate).
+    fp8_calibration_batches=8,
+    # Where the teacher's params live (jaxdistill/placement.py): a preset student (the
+    # student's rules) | tensor | fsdp | replicated, then optional overrides "name=axes".
+    rules="student",
+    # Its share of an ensemble (several teachers; weights are normalised to sum to 1).
+    weight=1.0,
+  )
+  unknown = set(overrides) - set(fields)
+  if unknown:
+    raise ConfigError(f"teachers: {sorted(unknown)[0]}", f"unknown key; known: {sorted(fields)}")
+  fields.update(overrides)
+  return fields
+
+
+def teachers_of(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDict, ...]:
+  """Every teacher section: ``teacher`` (teacher 0), then each entry of ``teachers``, the
+  entries completed with ``teacher_fields``'s defaults (a saved config.json holds dicts)."""
+  extra = tuple(ml_collections.ConfigDict(teacher_fields(**dict(t))) for t in cfg.teachers)
+  return (cfg.teacher, *extra)
+
+
 def default_config() -> ml_collections.ConfigDict:
   """Every key jaxdistill knows, with its default."""
   C = ml_collections.ConfigDict
@@ -90,24 +127,18 @@ def default_config() -> ml_collections.ConfigDict:
   # c=int8 students: training batches (the first of a fresh iterator) that set their static
   # activation scales before step 1 (models.quant.calibrate).
   cfg.student.quant_calibration_batches = 8
-  cfg.teacher = C(_model_fields(d_model=128, num_layers=4, d_ff=512, policy="p=f32,c=f32,o=f32"))
-  # none: plain CE training (how teachers are made); random: random init
-  # (tests); pretrain: train it in-process on CE for `pretrain_steps` first;
-  # workdir: the final params of an earlier `jaxdistill train` run at `path`;
-  # cache: targets precomputed by `jaxdistill precompute` into `path` (no teacher forward).
-  cfg.teacher.source = "random"
-  cfg.teacher.path = ""
-  cfg.teacher.pretrain_steps = 0
-  cfg.teacher.pretrain_lr = 3e-3
-  # c=fp8 teachers: training batches (the first of a fresh iterator) that set their static
-  # FP8 scales before distillation (models.fp8.calibrate).
-  cfg.teacher.fp8_calibration_batches = 8
-  # Where the teacher's params live (jaxdistill/placement.py): a preset student (the
-  # student's rules) | tensor | fsdp | replicated, then optional overrides "name=axes".
-  cfg.teacher.rules = "student"
+  cfg.teacher = C(teacher_fields())
+  # Further teachers (README "Several teachers"): a tuple of teacher_fields(...) dicts, teacher
+  # 1, 2, ... (``teacher`` is teacher 0), each with its own source (random | workdir | hf).
+  cfg.teachers = ()
 
   d = cfg.distill = C()
   d.temperature = 1.0
+  # Several teachers (``teachers``): how their logit targets combine (jaxdistill/ensemble.py).
+  # probs: KL to the weighted average of their probabilities at the temperature; logits: to
+  # the softmax of their weighted average logits; losses: the weighted average of the
+  # per-teacher losses (KL to the average is not the average of the KLs).
+  d.ensemble = "probs"
   # constant | linear(end=..) | cosine(end=..) | exp(decay=.., min=..)
   d.temperature_schedule = "constant"
   # kind: kl | reverse_kl | jsd, or sparse (jaxdistill/sparse.py): topk_renorm | topk_tail |
@@ -116,20 +147,25 @@ def default_config() -> ml_collections.ConfigDict:
   d.ce = C(dict(weight=0.0, schedule="constant"))
   # MiniLM: KL between attention distributions (and value relations) of the
   # layer pairs in layer_map ("last", "last:K", "uniform", "1:2,2:4").
-  d.attention = C(dict(weight=0.0, schedule="constant", value_weight=0.0, layer_map="last"))
-  d.hidden = C(dict(kind="mse", weight=0.0, schedule="constant", layer_map="uniform", project=True))
+  # ``teacher``: which teacher a feature term reads (0 = ``teacher``, i = ``teachers[i - 1]``).
+  d.attention = C(
+    dict(weight=0.0, schedule="constant", value_weight=0.0, layer_map="last", teacher=0)
+  )
+  d.hidden = C(
+    dict(kind="mse", weight=0.0, schedule="constant", layer_map="uniform", project=True, teacher=0)
+  )
   # Encoders: 1 - cosine between the pooled sentence embeddings of student and teacher.
-  d.embedding = C(dict(weight=0.0, schedule="constant"))
+  d.embedding = C(dict(weight=0.0, schedule="constant", teacher=0))
   # Image classifiers: attention transfer (Zagoruyko & Komodakis) between the stage feature
   # maps of stage_map ("uniform", "last", "last:K", "1:2,2:3"; stages 1..S): kind "paper" is
   # ||Q_s - Q_t||_2 of the L2-normalised maps Q = sum_c |A_c|^p; "squared" the mean of the
   # squared differences (the authors' public code). feature_map: FitNets-style MSE or
   # cosine between stage maps through a learned 1x1 conv when the channels differ.
   d.attention_transfer = C(
-    dict(kind="paper", weight=0.0, schedule="constant", p=2.0, stage_map="uniform")
+    dict(kind="paper", weight=0.0, schedule="constant", p=2.0, stage_map="uniform", teacher=0)
   )
   d.feature_map = C(
-    dict(kind="mse", weight=0.0, schedule="constant", stage_map="last", project=True)
+    dict(kind="mse", weight=0.0, schedule="constant", stage_map="last", project=True, teacher=0)
   )
   # Fused loss head (jaxdistill/fused.py): CE and the logit loss from final hidden states and
   # heads, never materialising [tokens x vocab] logits. token_chunk: rows per chunk per batch

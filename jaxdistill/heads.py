@@ -10,6 +10,9 @@ head term runs (``head_term`` picks it at build time):
   fused   the same from final hidden states and heads, one chunk at a time (``fused.py``)
   sparse  CE and a sparse divergence (``sparse.py``) against top-k / sampled targets that come
           from the batch (a cache, no teacher model) or from the online teacher's head
+
+With several teachers the head term reads all of them (``Term.teacher_index`` None) and
+combines them as ``distill.ensemble`` says (``ensemble_term``, ``ensemble.py``).
 """
 
 import dataclasses
@@ -19,6 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdistill import ensemble
 from jaxdistill import fused as fused_lib
 from jaxdistill import losses, sparse
 
@@ -58,6 +62,9 @@ class Term:
   student: Needs = Needs()
   teacher: Needs = Needs()
   reports: tuple[tuple[str, Schedule], ...] = ()
+  # Which teacher ``fn`` reads (0 = ``teacher``, i = ``teachers[i - 1]``); None: all of them,
+  # as a tuple of their outputs (the head term of an ensemble). ``teacher`` Needs apply to it.
+  teacher_index: int | None = 0
 
 
 def _rows(x: jax.Array, lead: int) -> jax.Array:
@@ -176,3 +183,60 @@ def head_term(
     return Term("fused", fn, None, Needs(head=True), Needs(head=bool(logit)), reports)
   fn = functools.partial(_dense_head, **common, beta=beta)
   return Term("dense", fn, None, Needs(logits=True), Needs(logits=bool(logit)), reports)
+
+
+# --- Several teachers -------------------------------------------------------------------
+
+
+def _mixed_head(s, ts, batch, denom, step, proj, *, head, how, weights, stacked):
+  """An ensemble's "probs" / "logits" target as one teacher, then the one-teacher head."""
+  if stacked:  # fused / sparse with "logits": one teacher of the stacked widths
+    hidden, head_w = ensemble.stacked_head(
+      [t["final_hidden"] for t in ts], [t["head"] for t in ts], weights
+    )
+    return head(s, {"final_hidden": hidden, "head": head_w}, batch, denom, step, proj)
+  tau = head.keywords["temperature"](step)
+  mixed = ensemble.mix_logits([t["logits"] for t in ts], weights, tau, how)
+  return head(s, {"logits": mixed}, batch, denom, step, proj)
+
+
+def _losses_head(s, ts, batch, denom, step, proj, *, heads_k, weights, kind):
+  """sum_k w_k (head term against teacher k); CE once (in teacher 0's call). Reports the
+  averaged divergence and each teacher's (``distill/<kind>/teacher_<k>``)."""
+  total, metrics, name = 0.0, {}, f"distill/{kind}"
+  for k, (fn, w, t) in enumerate(zip(heads_k, weights, ts)):
+    value, m = fn(s, t, batch, denom, step, proj)
+    total += value
+    metrics.update({key: v for key, v in m.items() if key != name})
+    metrics[f"{name}/teacher_{k}"] = m[name]
+    metrics[name] = metrics.get(name, 0.0) + w * m[name]
+  return total, metrics
+
+
+def ensemble_term(head: Term, how: str, weights: tuple[float, ...]) -> Term:
+  """The head term of several teachers (``weights``: their shares, summing to 1).
+
+  Args:
+    head: the one-teacher head term (``head_term``) with a logit divergence.
+    how: ``distill.ensemble``: "probs" | "logits" | "losses" (``ensemble.py``). The fused and
+      sparse heads take "logits" (stacked heads) and "losses"; "probs" needs the dense head.
+    weights: one share per teacher.
+
+  Returns:
+    A Term reading every teacher (``teacher_index`` None).
+  """
+  fn, kw = head.fn.func, head.fn.keywords
+  if how == "losses":
+    scaled = lambda w: lambda step: w * kw["logit"](step)  # noqa: E731
+    heads_k = tuple(
+      functools.partial(fn, **{**kw, "ce": kw["ce"] if k == 0 else None, "logit": scaled(w)})
+      for k, w in enumerate(weights)
+    )
+    kind = kw["kind"]
+    bound = functools.partial(_losses_head, heads_k=heads_k, weights=weights, kind=kind)
+  else:
+    stacked = head.name in ("fused", "sparse")
+    if stacked and how != "logits":
+      raise ValueError(f"the {head.name} head combines teachers by 'logits' or 'losses'")
+    bound = functools.partial(_mixed_head, head=head.fn, how=how, weights=weights, stacked=stacked)
+  return dataclasses.replace(head, fn=bound, teacher_index=None)

@@ -46,7 +46,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import heads, layer_maps, losses, models, precision, schedules, vision_losses
+from jaxdistill import config as config_lib
+from jaxdistill import ensemble, heads, layer_maps, losses, models, precision, schedules
+from jaxdistill import vision_losses
 from jaxdistill.heads import Needs, Schedule, Term, TermFn  # noqa: F401 (the term records)
 
 
@@ -74,19 +76,21 @@ class Objective:
     terms: head term (if any) first, then feature terms.
     uses_teacher: a teacher model runs (False without one and with a cache).
     projections: the learned maps of student outputs whose widths differ from the teacher's.
+    num_teachers: teacher models that run (``teacher`` and ``teachers``; 1 with a cache).
   """
 
   terms: tuple[Term, ...]
   uses_teacher: bool
   projections: tuple[Projection, ...] = ()
+  num_teachers: int = 1
 
   def student_request(self) -> dict:
     """Keyword arguments asking the student model for what the terms read."""
     return _request([t.student for t in self.terms])
 
-  def teacher_request(self) -> dict:
-    """Keyword arguments asking the teacher model for what the terms read."""
-    return _request([t.teacher for t in self.terms])
+  def teacher_request(self, k: int = 0) -> dict:
+    """Keyword arguments asking teacher ``k`` for what the terms that read it need."""
+    return _request([t.teacher for t in self.terms if t.teacher_index in (k, None)])
 
 
 def _request(needs: list[Needs]) -> dict:
@@ -205,11 +209,16 @@ def depth(section: Any) -> int:
   return models.vision_config_from_section(section, _policy(section), "").num_stages
 
 
+def teacher_of(cfg: Any, section_name: str) -> Any:
+  """The teacher section ``distill.<section_name>`` reads (its ``teacher`` index)."""
+  return config_lib.teachers_of(cfg)[cfg.distill[section_name].teacher]
+
+
 def pairs_of(cfg: Any, section_name: str) -> tuple[tuple[int, int], ...]:
   """The (student, teacher) pairs of ``distill.<section_name>``'s layer or stage map."""
   section = cfg.distill[section_name]
   spec = section.stage_map if "stage_map" in section else section.layer_map
-  return layer_maps.layer_map(spec, depth(cfg.student), depth(cfg.teacher))
+  return layer_maps.layer_map(spec, depth(cfg.student), depth(teacher_of(cfg, section_name)))
 
 
 def _weight(section: Any, key: str, total_steps: int) -> Schedule | None:
@@ -233,7 +242,8 @@ def _feature_term(spec: Feature, cfg: Any) -> Term | None:
       Needs(**{spec.output: tuple(sorted({p[side] - offset for p in pairs}))}) for side in (0, 1)
     )
   fn = functools.partial(spec.fn, pairs=pairs, section=dict(section))
-  return Term(spec.name, fn, weight, *needs, ((f"weight/{spec.name}", weight),))
+  reports = ((f"weight/{spec.name}", weight),)
+  return Term(spec.name, fn, weight, *needs, reports, teacher_index=section.teacher)
 
 
 # --- Building and evaluating -----------------------------------------------------------
@@ -260,21 +270,27 @@ def make_objective(cfg: Any) -> Objective:
   uses_teacher = t.source != "cache"
   ce, logit = _weight(d.ce, "weight", steps), _weight(d.logit, "weight", steps)
   head = heads.head_term(d, ce, logit, temperature, uses_teacher, cfg.precompute.k, classifier)
+  teachers = config_lib.teachers_of(cfg) if uses_teacher else (t,)
+  if len(teachers) > 1 and logit is not None:  # an ensemble's logit target
+    shares = ensemble.normalise([float(x.weight) for x in teachers])
+    head = heads.ensemble_term(head, d.ensemble, shares)
   features = [_feature_term(spec, cfg) for spec in FEATURES] if uses_teacher else []
   terms = tuple(term for term in [head, *features] if term is not None)
-  return Objective(terms, uses_teacher, _projections(cfg, {term.name: term for term in terms}))
+  projections = _projections(cfg, {term.name: term for term in terms})
+  return Objective(terms, uses_teacher, projections, len(teachers))
 
 
 def _projections(cfg: Any, terms: dict[str, Term]) -> tuple[Projection, ...]:
   """The learned maps the terms need: per student layer of the hidden-state loss when the
   hidden sizes differ; per stage pair of the feature-map loss whose channels differ."""
-  s, t = cfg.student, cfg.teacher
+  s, t = cfg.student, teacher_of(cfg, "hidden")
   if "hidden" in terms and s.d_model != t.d_model:
     layers = terms["hidden"].student.hidden
     return tuple(Projection(f"layer_{i}", s.d_model, t.d_model) for i in layers)
   if "feature_map" not in terms or not cfg.distill.feature_map.project:
     return ()
   s_shapes = models.vision_config_from_section(s, _policy(s), "student").stage_shapes
+  t = teacher_of(cfg, "feature_map")
   t_shapes = models.vision_config_from_section(t, _policy(t), "teacher").stage_shapes
   return tuple(
     Projection(f"stage_{i}_to_{j}", s_shapes[i - 1][-1], t_shapes[j - 1][-1], conv=True)
@@ -311,7 +327,8 @@ def compute_loss(
     step: scalar int, for the schedules.
     proj: projection params from ``init_projections``.
     student_out, teacher_out: model output dicts from ``obj.student_request()`` /
-      ``obj.teacher_request()`` (teacher_out None when ``obj.uses_teacher`` is False).
+      ``obj.teacher_request()`` (teacher_out None when ``obj.uses_teacher`` is False); with
+      several teachers a tuple of them, teacher k's from ``obj.teacher_request(k)``.
     batch: has ``targets`` and ``weights`` (the examples' shape: [B, T] for tokens), and a
       cache's ``teacher_*`` targets.
     denom: the GLOBAL sum of ``weights``.
@@ -321,8 +338,10 @@ def compute_loss(
     ``train/loss``. All are sums over examples / denom, so they add up over micro-batches.
   """
   metrics, total = {}, 0.0
+  outs = teacher_out if isinstance(teacher_out, tuple) else (teacher_out,)
   for term in obj.terms:
-    value, m = term.fn(student_out, teacher_out, batch, denom, step, proj)
+    t = outs if term.teacher_index is None else outs[term.teacher_index]
+    value, m = term.fn(student_out, t, batch, denom, step, proj)
     metrics.update(m)
     total += value if term.weight is None else term.weight(step) * value
   metrics["train/loss"] = total

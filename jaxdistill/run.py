@@ -26,14 +26,15 @@ class Run:
 
   ``step_fn(state, teacher_vars, batch) -> (state, metrics)`` is the jitted
   ``train.distill_step``; ``teacher_vars`` is ``{"params": ...}`` plus a c=fp8 teacher's
-  frozen FP8 scales (None without a teacher model).
+  frozen FP8 scales (None without a teacher model). With several teachers (``teachers``)
+  ``teacher`` and ``teacher_vars`` are tuples, teacher 0 (``teacher``) first.
   """
 
   cfg: Any
   mesh: jax.sharding.Mesh
   objective: objective_lib.Objective
   student: nn.Module  # models.build's: a decoder or an encoder
-  teacher: nn.Module | None
+  teacher: nn.Module | tuple[nn.Module, ...] | None
   state: train_lib.TrainState
   teacher_vars: Any
   step_fn: Callable  # jitted distill_step
@@ -48,9 +49,18 @@ class Run:
     return self.flops.total
 
   @property
+  def teachers(self) -> tuple[tuple[nn.Module, Any], ...]:
+    """(module, variables) of every teacher model, teacher 0 first (() without one)."""
+    if self.teacher is None:
+      return ()
+    if isinstance(self.teacher, tuple):
+      return tuple(zip(self.teacher, self.teacher_vars))
+    return ((self.teacher, self.teacher_vars),)
+
+  @property
   def teacher_params(self) -> Any:
-    """The teacher's params (None without a teacher model)."""
-    return None if self.teacher_vars is None else self.teacher_vars["params"]
+    """Teacher 0's params (None without a teacher model)."""
+    return self.teachers[0][1]["params"] if self.teachers else None
 
   def step(self, batch: dict) -> dict:
     """Runs one step on a global batch (``sharding.shard_batch``); returns its metrics
@@ -108,9 +118,11 @@ def build_run(
   validate.check_mesh(cfg, dict(mesh.shape))
   obj = objective_lib.make_objective(cfg)
   student = model_of(cfg, "student")
-  teacher = model_of(cfg, "teacher") if obj.uses_teacher else None
-  if teacher is not None:
-    teacher_lib.rules(cfg, teacher, mesh)  # teacher.rules that do not fit fail before any init
+  views = [teacher_lib.view(cfg, k) for k in range(obj.num_teachers)] if obj.uses_teacher else []
+  modules = tuple(model_of(view, "teacher") for view in views)
+  for view, module in zip(views, modules):  # rules that do not fit fail before any init
+    teacher_lib.rules(view, module, mesh)
+  teacher = None if not modules else modules[0] if len(modules) == 1 else modules
   tx = train_lib.make_optimizer(cfg.optim)
   make_state = functools.partial(
     train_lib.init_state,
@@ -124,8 +136,8 @@ def build_run(
     student_variables=student_vars,
   )
   state, state_shardings = make_state(create=create_state)
-  teacher_vars, teacher_shardings, teacher_path = _teacher_vars(
-    cfg, teacher, mesh, workdir, teacher_vars
+  teacher_vars, teacher_shardings, teacher_path = _all_teacher_vars(
+    views, modules, mesh, workdir, teacher_vars
   )
   step = train_lib.make_distill_step(
     obj,
@@ -147,19 +159,22 @@ def build_run(
     teacher_vars,
     step_fn,
     data_lib.make_iterator(cfg, "train") if data else None,
-    _flops_per_step(cfg, obj, student, teacher),
+    _flops_per_step(cfg, obj, student, modules),
     lambda: make_state(create=True)[0],
     teacher_path,
   )
 
 
 def _flops_per_step(
-  cfg: Any, obj: objective_lib.Objective, student: nn.Module, teacher: nn.Module | None
+  cfg: Any, obj: objective_lib.Objective, student: nn.Module, teachers: tuple[nn.Module, ...]
 ) -> models.StepFlops:
   """Model FLOPs of one step (``models.step_flops``): the student's forward + backward, the
-  teacher's forward only (none from a cache), the heads, projections and loss the objective
-  runs. ``data.batch_size`` rows per step whatever ``optim.grad_accum`` (it splits them)."""
+  teachers' forwards only (none from a cache), the heads, projections and loss the objective
+  runs. ``data.batch_size`` rows per step whatever ``optim.grad_accum`` (it splits them).
+  Each further teacher adds its forward and head (an ensemble's divergence runs once, or
+  once per teacher with ``distill.ensemble='losses'``)."""
   s, seq_len = student.config, cfg.data.seq_len
+  teacher = teachers[0] if teachers else None
   head = next((t for t in obj.terms if t.name in ("dense", "fused", "sparse")), None)
   student_head = head is not None
   divergence = 0  # entries per example a logit divergence runs over
@@ -177,7 +192,7 @@ def _flops_per_step(
       projections.append((min(hs, ht) * min(ws, wt), p.d_in, p.d_out))
     else:  # a hidden-state map, every token
       projections.append((seq_len, p.d_in, p.d_out))
-  return models.step_flops(
+  flops = models.step_flops(
     s,
     teacher.config if teacher is not None else None,
     batch_size=cfg.data.batch_size,
@@ -187,9 +202,42 @@ def _flops_per_step(
     divergence_entries=divergence,
     projections=projections,
   )
+  reads_head = bool(head and (head.teacher.logits or head.teacher.head))
+  for extra in teachers[1:]:
+    more = models.step_flops(
+      s,
+      extra.config,
+      batch_size=cfg.data.batch_size,
+      seq_len=seq_len,
+      student_head=False,
+      teacher_head=reads_head,
+      divergence_entries=divergence if cfg.distill.ensemble == "losses" else 0,
+    )
+    flops = dataclasses.replace(
+      flops, teacher=flops.teacher + more.teacher, loss=flops.loss + more.loss
+    )
+  return flops
 
 
-def _teacher_vars(cfg: Any, teacher, mesh, workdir: str | None, given: Any) -> tuple:
+def _all_teacher_vars(views, modules, mesh, workdir: str | None, given: Any) -> tuple:
+  """``_teacher_vars`` of each teacher: (variables, shardings, teacher 0's path); one
+  teacher's are its pytrees, several teachers' tuples of them."""
+  if not modules:
+    return None, None, None
+  if len(modules) == 1:
+    return _teacher_vars(views[0], modules[0], mesh, workdir, given)
+  if given is not None and (not isinstance(given, tuple) or len(given) != len(modules)):
+    raise JaxdistillError(f"given teacher variables must be a tuple of {len(modules)} (teachers)")
+  got = [
+    _teacher_vars(view, module, mesh, workdir, None if given is None else given[k], index=k)
+    for k, (view, module) in enumerate(zip(views, modules))
+  ]
+  return tuple(g[0] for g in got), tuple(g[1] for g in got), got[0][2]
+
+
+def _teacher_vars(
+  cfg: Any, teacher, mesh, workdir: str | None, given: Any, index: int = 0
+) -> tuple:
   """(teacher_vars, their shardings, path or None): loaded by ``teacher.source`` or given;
   a c=fp8 teacher's calibrated FP8 scales join its params as further collections."""
   if teacher is None:
@@ -205,7 +253,7 @@ def _teacher_vars(cfg: Any, teacher, mesh, workdir: str | None, given: Any) -> t
     var_shardings = {k: all_shardings[k] for k in want}
     variables, path = jax.device_put(dict(given), var_shardings), None
   else:
-    variables, var_shardings, path = teacher_lib.load(cfg, teacher, mesh, workdir)
+    variables, var_shardings, path = teacher_lib.load(cfg, teacher, mesh, workdir, index)
   if getattr(teacher.config, "fp8", False):
     fp8, fp8_shardings = teacher_lib.calibrate_fp8(cfg, teacher, variables["params"], mesh)
     variables.update(fp8)

@@ -26,8 +26,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdistill import checkpoint, evaluate, models, paths, placement, precision
+from jaxdistill import config as config_lib
 from jaxdistill.models import fp8, quant, surgery
 from jaxdistill.errors import ConfigError, JaxdistillError
+
+
+def view(cfg: Any, k: int) -> Any:
+  """``cfg`` as teacher ``k`` sees it: its section (``config.teachers_of``) as ``teacher``, so
+  every one-teacher function here serves each teacher of an ensemble. ``cfg`` itself for 0."""
+  if k == 0:
+    return cfg
+  out = copy.deepcopy(cfg)
+  out.teacher = config_lib.teachers_of(cfg)[k]
+  out.teachers = ()
+  return out
 
 
 def pretrain_config(cfg: Any) -> Any:
@@ -86,7 +98,7 @@ def rules(cfg: Any, teacher: nn.Module, mesh) -> Any:
   return table
 
 
-def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
+def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None, index: int = 0):
   """Teacher variables by ``teacher.source``: (variables, shardings, path or None).
 
   ``variables`` is ``{"params": ...}``, plus a BatchNorm teacher's running averages
@@ -97,6 +109,8 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
     teacher: the teacher module.
     mesh: the device mesh.
     workdir: the run's workdir (a pretrained teacher lives in WORKDIR/teacher).
+    index: which teacher of an ensemble ``cfg`` is the ``view`` of: a random one is
+      initialised from seed + 1 + index.
 
   Raises:
     JaxdistillError: teacher.source='pretrain' and its stage has not run yet.
@@ -106,7 +120,7 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None):
     params, shardings, path = _load_hf(cfg, teacher, mesh, table)
     return {"params": params}, {"params": shardings}, path
   if cfg.teacher.source == "random":
-    rng = jax.random.key(cfg.seed + 1)
+    rng = jax.random.key(cfg.seed + 1 + index)
     abstract = jax.eval_shape(lambda r: models.init_variables(teacher, r, seq_len), rng)
     kept = tuple(k for k in ("params", "batch_stats") if k in abstract)
     variables, shardings = models.create_variables(teacher, rng, mesh, seq_len, kept, table)

@@ -7,7 +7,9 @@ of the old state. Inside it the teacher runs forward under ``stop_gradient``
 student runs forward and backward; the objective combines the losses; optax
 updates the student and its projection heads. ``teacher_vars`` is ONE pytree, the
 teacher's Flax variables: ``{"params": ...}`` plus any frozen state (a c=fp8 teacher's
-calibrated scales), read and never updated.
+calibrated scales), read and never updated. With several teachers (an ensemble: the config's
+``teachers``) it is a tuple of such pytrees, one per teacher, and ``teacher`` a tuple of
+modules; each runs forward once, for what the terms read from it.
 
 With no teacher (``Objective.uses_teacher`` False) the same step trains the
 student from scratch on CE: that is how teachers are made here.
@@ -122,7 +124,7 @@ def _micro_batches(batch: dict, num: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: nn.Module | None):
+def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: Any):
   """``loss_fn(params, model_state, teacher_vars, batch, step, denom, scale) -> (loss, (metrics,
   new batch_stats or None))`` of one (micro-)batch: both forwards, the objective, the loss
   scale."""
@@ -138,9 +140,14 @@ def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: nn.
       # The teacher is an input, not a parameter: no gradient is ever formed
       # for it (nor for its FP8 state: static scales), and stop_gradient keeps
       # its outputs constant for the losses.
-      teacher_out = jax.lax.stop_gradient(
-        models.apply(teacher, teacher_vars, batch, **obj.teacher_request())
-      )
+      if isinstance(teacher, tuple):  # several teachers: one output dict each
+        teacher_out = tuple(
+          models.apply(m, v, batch, **obj.teacher_request(k))
+          for k, (m, v) in enumerate(zip(teacher, teacher_vars))
+        )
+      else:
+        teacher_out = models.apply(teacher, teacher_vars, batch, **obj.teacher_request())
+      teacher_out = jax.lax.stop_gradient(teacher_out)
     loss, metrics = objective_lib.compute_loss(
       obj, step, params["proj"], student_out, teacher_out, batch, denom
     )
@@ -238,7 +245,7 @@ def _update(state: TrainState, grads, model_state, metrics: dict, tx, loss_scale
 def make_distill_step(
   obj: objective_lib.Objective,
   student: nn.Module,
-  teacher: nn.Module | None,
+  teacher: Any,
   tx: optax.GradientTransformation,
   grad_accum: int = 1,
   lr: optax.Schedule | None = None,
@@ -248,7 +255,8 @@ def make_distill_step(
 
   Args:
     obj: the objective (which losses, layers, weights).
-    student, teacher: Flax modules (teacher None when obj.uses_teacher is False).
+    student, teacher: Flax modules (teacher None when obj.uses_teacher is False, a tuple of
+      modules with several teachers).
     tx: the optimizer.
     grad_accum: micro-batches per step; the batch size must divide by it.
     lr: the learning-rate schedule, only to report it as ``train/lr``.
@@ -257,7 +265,8 @@ def make_distill_step(
 
   Returns:
     ``distill_step(state, teacher_vars, batch) -> (state, metrics)``; ``teacher_vars``: the
-    teacher's variables ``{"params": ..., **frozen collections}`` (None without a teacher).
+    teacher's variables ``{"params": ..., **frozen collections}`` (None without a teacher; a
+    tuple of them, in the order of ``teacher``, with several).
   """
   gradients = _make_gradients(_make_loss_fn(obj, student, teacher), grad_accum)
 

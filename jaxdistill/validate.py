@@ -9,7 +9,7 @@ depends on the device mesh (called when a run starts).
 import os
 from typing import Any
 
-from jaxdistill import models, paths, placement, precision, validate_distill
+from jaxdistill import models, paths, placement, precision, validate_distill, validate_teachers
 from jaxdistill.data import image_sources
 from jaxdistill.data.sources import DATA_SOURCES
 from jaxdistill.models import surgery
@@ -30,7 +30,20 @@ def _positive(cfg: Any, key: str) -> None:
 
 
 def validate(cfg: Any) -> None:
-  """Raises ConfigError for the first bad or inconsistent setting."""
+  """Raises ConfigError for the first bad or inconsistent setting.
+
+  With several teachers every check runs on each teacher's view of the config
+  (``validate_teachers.views``), its errors naming that teacher's keys."""
+  validate_teachers.check_ensemble(cfg)
+  for k, view in validate_teachers.views(cfg):
+    try:
+      _validate_one(view)
+    except ConfigError as e:
+      raise (validate_teachers.renamed(e, k) if k else e) from None
+
+
+def _validate_one(cfg: Any) -> None:
+  """``validate`` of one teacher's view of the config."""
   student_policy = precision.parse_policy(cfg.student.policy, "student.policy")
   if cfg.optim.loss_scale not in precision.LOSS_SCALES:
     raise ConfigError(
@@ -202,7 +215,15 @@ def _check_data(cfg: Any) -> None:
 
 
 def check_mesh(cfg: Any, mesh_shape: dict[str, int]) -> None:
-  """Checks that the batch and the models split evenly over the mesh."""
+  """Checks that the batch and the models (every teacher's) split evenly over the mesh."""
+  for k, view in validate_teachers.views(cfg):
+    try:
+      _check_mesh_one(view, mesh_shape)
+    except ConfigError as e:
+      raise (validate_teachers.renamed(e, k) if k else e) from None
+
+
+def _check_mesh_one(cfg: Any, mesh_shape: dict[str, int]) -> None:
   rows = mesh_shape["data"] * mesh_shape["fsdp"]
   micro = cfg.data.batch_size // cfg.optim.grad_accum
   if micro % rows:

@@ -8,9 +8,11 @@ The layers, bottom to top; a module imports only from its own layer or below (``
 
   0  errors
   1  schedules, losses, layer_maps, closed_form, sharding, placement, precision, metrics,
-     distributed, vision_losses, classify_metrics, throughput, paths (local or gs:// files)
+     distributed, vision_losses, classify_metrics, throughput, paths (local or gs:// files),
+     ensemble (several teachers' targets)
   2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
-  3  objective and its heads' machinery (fused, sparse, chunking), validate (+ validate_distill)
+  3  objective and its heads' machinery (fused, sparse, chunking), validate (+ validate_distill,
+     validate_teachers)
   4  train, checkpoint, evaluate, teacher, latency
   5  run, workdir, loop               build a run, its workdir, the step loop and train
   6  jobs: quickstart (+ quickstart_report), precompute (+ precompute_images), embed, report
@@ -34,10 +36,10 @@ LAYERS = {
   "errors": 0,
   **dict.fromkeys(("schedules", "losses", "sharding", "precision", "metrics", "distributed"), 1),
   **dict.fromkeys(("layer_maps", "closed_form", "placement"), 1),
-  **dict.fromkeys(("vision_losses", "classify_metrics", "throughput", "paths"), 1),
+  **dict.fromkeys(("vision_losses", "classify_metrics", "throughput", "paths", "ensemble"), 1),
   **dict.fromkeys(("models", "data", "config"), 2),
   **dict.fromkeys(("objective", "fused", "sparse", "chunking", "validate", "validate_distill"), 3),
-  **dict.fromkeys(("heads", "validate_vision"), 3),
+  **dict.fromkeys(("heads", "validate_vision", "validate_teachers"), 3),
   **dict.fromkeys(("train", "checkpoint", "evaluate", "teacher", "latency"), 4),
   **dict.fromkeys(("run", "workdir", "loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "precompute_images", "embed", "report"), 6),
@@ -50,7 +52,7 @@ LAYERS = {
 # The closed bottom: models and the pure layers under them import nothing else of the package
 # (in particular nothing of train, loop, objective, config, validate, the jobs or the CLI).
 BOTTOM = ("models", "losses", "layer_maps", "schedules", "sharding", "precision", "errors")
-BOTTOM += ("vision_losses", "classify_metrics")
+BOTTOM += ("vision_losses", "classify_metrics", "ensemble")
 JOBS = ("quickstart", "precompute", "precompute_images", "embed", "report", "quickstart_report")
 JOBS += ("report_table", "report_plots", "pipeline")
 # The command line: ``cli`` and the command group it registers from ``cli_compress``.

@@ -1,0 +1,263 @@
+"""Several teachers: the ensemble targets against float64 NumPy references, the head terms that
+use them, two identical teachers equal to one, feature terms naming their teacher, validation."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdistill import config, ensemble, objective, run as run_lib, sharding, validate
+from jaxdistill.errors import ConfigError, JaxdistillError
+
+B, T, V, TAU = 2, 8, 48, 2.0
+
+
+def _softmax(z):
+  z = z - z.max(-1, keepdims=True)
+  e = np.exp(z)
+  return e / e.sum(-1, keepdims=True)
+
+
+def _kl_ref(p, q, w, tau):
+  """tau^2 * sum_tokens w KL(p || q) / sum w, float64."""
+  per = np.sum(p * (np.log(p) - np.log(q)), -1)
+  return tau**2 * np.sum(w * per) / max(w.sum(), 1.0)
+
+
+@pytest.fixture
+def logits():
+  rng = np.random.default_rng(0)
+  return [rng.normal(size=(B, T, V)) * s for s in (1.0, 2.0, 0.5)]
+
+
+# --- ensemble.py ------------------------------------------------------------------------
+
+
+def test_mix_probs_is_the_weighted_average_of_softmaxes(logits):
+  w = ensemble.normalise([1.0, 2.0, 1.0])
+  mixed = ensemble.mix_logits([jnp.asarray(z, jnp.float32) for z in logits], w, TAU, "probs")
+  want = sum(wk * _softmax(z / TAU) for wk, z in zip(w, logits))
+  np.testing.assert_allclose(_softmax(np.asarray(mixed, np.float64) / TAU), want, rtol=1e-5)
+
+
+def test_mix_logits_is_the_weighted_average_of_logits(logits):
+  w = ensemble.normalise([3.0, 1.0, 0.0])
+  mixed = ensemble.mix_logits([jnp.asarray(z, jnp.float32) for z in logits], w, TAU, "logits")
+  np.testing.assert_allclose(mixed, 0.75 * logits[0] + 0.25 * logits[1], rtol=1e-5, atol=1e-5)
+
+
+def test_zero_weight_teacher_drops_out_of_the_mixture(logits):
+  w = ensemble.normalise([1.0, 0.0])
+  mixed = ensemble.mix_logits([jnp.asarray(z, jnp.float32) for z in logits[:2]], w, TAU, "probs")
+  np.testing.assert_allclose(_softmax(np.asarray(mixed) / TAU), _softmax(logits[0] / TAU), 1e-5)
+
+
+def test_stacked_head_gives_the_averaged_logits():
+  rng = np.random.default_rng(1)
+  hs = [rng.normal(size=(6, d)).astype(np.float32) for d in (4, 7)]
+  ws = [rng.normal(size=(d, V)).astype(np.float32) for d in (4, 7)]
+  w = (0.25, 0.75)
+  hidden, head = ensemble.stacked_head(
+    [jnp.asarray(h) for h in hs], [jnp.asarray(x) for x in ws], w
+  )
+  assert hidden.shape == (6, 11) and head.shape == (11, V)
+  want = sum(wk * h.astype(np.float64) @ x for wk, h, x in zip(w, hs, ws))
+  np.testing.assert_allclose(np.asarray(hidden @ head, np.float64), want, rtol=1e-4, atol=1e-5)
+
+
+def test_normalise_rejects_bad_weights():
+  assert ensemble.normalise([2, 2]) == (0.5, 0.5)
+  for bad in ([0.0, 0.0], [1.0, -1.0]):
+    with pytest.raises(ValueError):
+      ensemble.normalise(bad)
+
+
+# --- The head terms against NumPy ---------------------------------------------------------
+
+
+def _cfg(ensemble_kind="probs", fused=False, kind="kl", weights=(1.0, 3.0)):
+  c = config.default_config()
+  c.data.seq_len, c.data.batch_size, c.optim.steps = T, 4, 3
+  c.student.vocab_size = c.teacher.vocab_size = V
+  c.distill.temperature, c.distill.ensemble, c.distill.fused = TAU, ensemble_kind, fused
+  c.distill.logit.kind, c.distill.ce.weight = kind, 0.0
+  c.teacher.weight = weights[0]
+  c.teachers = (config.teacher_fields(vocab_size=V, d_model=96, num_layers=3, weight=weights[1]),)
+  return c
+
+
+def _loss(c, s_logits, t_logits, wts):
+  obj = objective.make_objective(c)
+  s, ts = (
+    {"logits": jnp.asarray(s_logits, jnp.float32)},
+    tuple({"logits": jnp.asarray(z, jnp.float32)} for z in t_logits),
+  )
+  batch = {"targets": jnp.zeros((B, T), jnp.int32), "weights": jnp.asarray(wts, jnp.float32)}
+  denom = jnp.maximum(batch["weights"].sum(), 1.0)
+  return objective.compute_loss(obj, jnp.int32(0), {}, s, ts, batch, denom)
+
+
+def _weights():
+  w = np.ones((B, T))
+  w[1, -3:] = 0.0
+  return w
+
+
+def test_dense_probs_ensemble_is_kl_to_the_mixture(logits):
+  loss, metrics = _loss(_cfg("probs"), logits[2], logits[:2], _weights())
+  p = 0.25 * _softmax(logits[0] / TAU) + 0.75 * _softmax(logits[1] / TAU)
+  want = _kl_ref(p, _softmax(logits[2] / TAU), _weights(), TAU)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["distill/kl"]), want, rtol=1e-5)
+
+
+def test_dense_logits_ensemble_is_kl_to_the_averaged_logits(logits):
+  loss, _ = _loss(_cfg("logits"), logits[2], logits[:2], _weights())
+  z = 0.25 * logits[0] + 0.75 * logits[1]
+  want = _kl_ref(_softmax(z / TAU), _softmax(logits[2] / TAU), _weights(), TAU)
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+
+
+def test_losses_ensemble_is_the_average_of_kls_and_differs_from_the_mixture(logits):
+  loss, metrics = _loss(_cfg("losses"), logits[2], logits[:2], _weights())
+  q = _softmax(logits[2] / TAU)
+  per = [_kl_ref(_softmax(z / TAU), q, _weights(), TAU) for z in logits[:2]]
+  want = 0.25 * per[0] + 0.75 * per[1]
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  np.testing.assert_allclose(float(metrics["distill/kl/teacher_1"]), per[1], rtol=1e-5)
+  mixture, _ = _loss(_cfg("probs"), logits[2], logits[:2], _weights())
+  assert float(mixture) < float(loss) - 1e-3  # KL to the average < average of the KLs (Jensen)
+
+
+def test_forward_kl_gradient_of_mixture_equals_losses_average(logits):
+  """For forward KL the student's gradient is the same (q - sum_k w_k p_k); values differ."""
+  grads = []
+  for kind in ("probs", "losses"):
+    c = _cfg(kind)
+    f = lambda s: _loss(c, s, logits[:2], _weights())[0]  # noqa: E731
+    grads.append(np.asarray(jax.grad(f)(jnp.asarray(logits[2], jnp.float32))))
+  np.testing.assert_allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+def test_fused_heads_match_the_dense_ones():
+  """fused "logits" (stacked heads) and "losses" equal the dense head on the same logits."""
+  rng = np.random.default_rng(2)
+  dims = (64, 96, 128)  # student, teacher 0, teacher 1
+  hidden = [rng.normal(size=(B, T, d)).astype(np.float32) for d in dims]
+  heads = [(rng.normal(size=(d, V)) / np.sqrt(d)).astype(np.float32) for d in dims]
+  wts = _weights()
+  batch = {"targets": jnp.zeros((B, T), jnp.int32), "weights": jnp.asarray(wts, jnp.float32)}
+  denom = jnp.asarray(wts.sum(), jnp.float32)
+  for kind in ("logits", "losses"):
+    values = []
+    for fused in (True, False):
+      obj = objective.make_objective(_cfg(kind, fused=fused))
+      if fused:
+        outs = [
+          {"final_hidden": jnp.asarray(h), "head": jnp.asarray(w)} for h, w in zip(hidden, heads)
+        ]
+      else:
+        outs = [{"logits": jnp.asarray(h) @ jnp.asarray(w)} for h, w in zip(hidden, heads)]
+      loss, _ = objective.compute_loss(
+        obj, jnp.int32(0), {}, outs[0], tuple(outs[1:]), batch, denom
+      )
+      values.append(float(loss))
+    np.testing.assert_allclose(values[0], values[1], rtol=2e-5, err_msg=kind)
+
+
+# --- Runs ---------------------------------------------------------------------------------
+
+
+def _run_cfg(kind, fused, n_teachers):
+  c = config.default_config()
+  c.data.seq_len, c.data.batch_size, c.optim.steps, c.mesh.data = 16, 4, 3, 1
+  c.distill.ensemble, c.distill.fused, c.distill.temperature = kind, fused, 2.0
+  c.distill.hidden.weight = 0.5
+  if n_teachers == 2:
+    c.teacher.weight = 0.3
+    c.teachers = (config.teacher_fields(weight=0.7),)
+  return c
+
+
+@pytest.mark.parametrize("kind,fused", [("probs", False), ("logits", True), ("losses", True)])
+def test_two_identical_teachers_equal_one(kind, fused):
+  one = run_lib.build_run(_run_cfg(kind, fused, 1), devices=jax.devices()[:1])
+  batch = sharding.shard_batch(next(one.data_iter), one.mesh)
+  tv = one.teacher_vars
+  two = run_lib.build_run(
+    _run_cfg(kind, fused, 2), devices=jax.devices()[:1], teacher_vars=(tv, tv), data=False
+  )
+  m1, m2 = one.step(batch), two.step(batch)
+  np.testing.assert_allclose(float(m2["train/loss"]), float(m1["train/loss"]), rtol=1e-5)
+  leaves = lambda r: jax.tree.leaves(jax.device_get(r.state.params))  # noqa: E731
+  for a, b in zip(leaves(one), leaves(two)):
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+  for _, variables in two.teachers:  # the teachers' variables are inputs: never donated
+    assert not any(x.is_deleted() for x in jax.tree.leaves(variables))
+
+
+def test_feature_term_reads_its_teacher():
+  c = _run_cfg("probs", False, 2)
+  c.teachers = (config.teacher_fields(d_model=96, num_heads=4, num_layers=3, weight=0.7),)
+  c.distill.hidden.teacher = 1
+  obj = objective.make_objective(c)
+  assert [p.d_out for p in obj.projections] == [96] * len(obj.projections)
+  hidden = next(t for t in obj.terms if t.name == "hidden")
+  assert hidden.teacher_index == 1
+  assert obj.teacher_request(0)["hidden_layers"] == ()
+  assert obj.teacher_request(1)["hidden_layers"] == hidden.teacher.hidden
+  run = run_lib.build_run(c, devices=jax.devices()[:1])
+  metrics = run.step(sharding.shard_batch(next(run.data_iter), run.mesh))
+  assert np.isfinite(float(metrics["distill/hidden"]))
+  single = run_lib.build_run(_run_cfg("probs", False, 1), devices=jax.devices()[:1], data=False)
+  assert run.flops.teacher > single.flops.teacher
+
+
+@pytest.mark.parametrize(
+  "change,key",
+  [
+    (lambda c: setattr(c.distill, "fused", True), "distill.ensemble"),
+    (lambda c: setattr(c.distill, "ensemble", "median"), "distill.ensemble"),
+    (lambda c: setattr(c.distill.hidden, "teacher", 2), "distill.hidden.teacher"),
+    (
+      lambda c: setattr(c, "teachers", (config.teacher_fields(source="cache"),)),
+      "teachers[0].source",
+    ),
+    (lambda c: setattr(c, "teachers", (dict(d_modle=3),)), "teachers[0].d_modle"),
+    (
+      lambda c: setattr(c, "teachers", (config.teacher_fields(vocab_size=512),)),
+      "teachers[0].vocab_size",
+    ),
+    (lambda c: setattr(c, "teachers", (config.teacher_fields(weight=-1.0),)), "teachers[0].weight"),
+    (lambda c: setattr(c, "teachers", (config.teacher_fields(max_len=8),)), "data.seq_len"),
+    (
+      lambda c: setattr(c, "teachers", (config.teacher_fields(policy="p=f32,c=f99"),)),
+      "teachers[0].policy",
+    ),
+    (lambda c: setattr(c.teacher, "source", "cache"), "teachers"),
+  ],
+)
+def test_bad_ensembles_name_the_key(change, key):
+  c = _run_cfg("probs", False, 2)
+  change(c)
+  with pytest.raises(ConfigError) as e:
+    validate.validate(c)
+  assert e.value.key == key, str(e.value)
+
+
+def test_a_further_teachers_mesh_error_names_it():
+  c = _run_cfg("probs", False, 2)
+  c.teachers = (config.teacher_fields(num_heads=3, d_model=96),)
+  with pytest.raises(ConfigError, match=r"teachers\[0\]\.num_heads"):
+    validate.check_mesh(c, {"data": 1, "fsdp": 1, "tensor": 2})
+
+
+def test_given_teacher_variables_must_be_one_per_teacher():
+  one = run_lib.build_run(_run_cfg("probs", False, 1), devices=jax.devices()[:1], data=False)
+  with pytest.raises(JaxdistillError, match="tuple of 2"):
+    run_lib.build_run(
+      _run_cfg("probs", False, 2),
+      devices=jax.devices()[:1],
+      teacher_vars=one.teacher_vars,
+      data=False,
+    )
