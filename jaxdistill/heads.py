@@ -140,9 +140,12 @@ def _sparse_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature
   rows, tau = functools.partial(_rows, lead=batch["weights"].ndim), temperature(step)
   if t is None:
     teacher = {n[len("teacher_") :]: rows(v) for n, v in batch.items() if n.startswith("teacher_")}
-  else:
-    hidden = rows(t["final_hidden"])
-    teacher = sparse.teacher_targets(hidden, t["head"], temperature=tau, k=k, token_chunk=chunk)
+  else:  # an ensemble's "probs" passes every teacher's hidden states and heads, and its mix
+    mix = t.get("mix")
+    hidden = tuple(map(rows, t["final_hidden"])) if mix else rows(t["final_hidden"])
+    teacher = sparse.teacher_targets(
+      hidden, t["head"], temperature=tau, k=k, token_chunk=chunk, mix=mix
+    )
   out = sparse.sparse_loss_head(
     rows(s["final_hidden"]),
     s["head"],
@@ -190,6 +193,10 @@ def head_term(
 
 def _mixed_head(s, ts, batch, denom, step, proj, *, head, how, weights, stacked):
   """An ensemble's "probs" / "logits" target as one teacher, then the one-teacher head."""
+  if head.func is _sparse_head and how == "probs":  # mixed per token chunk (sparse.py)
+    hidden, head_w = tuple(t["final_hidden"] for t in ts), tuple(t["head"] for t in ts)
+    t = {"final_hidden": hidden, "head": head_w, "mix": (how, weights)}
+    return head(s, t, batch, denom, step, proj)
   if stacked:  # fused / sparse with "logits": one teacher of the stacked widths
     hidden, head_w = ensemble.stacked_head(
       [t["final_hidden"] for t in ts], [t["head"] for t in ts], weights
@@ -218,9 +225,11 @@ def ensemble_term(head: Term, how: str, weights: tuple[float, ...]) -> Term:
 
   Args:
     head: the one-teacher head term (``head_term``) with a logit divergence.
-    how: ``distill.ensemble``: "probs" | "logits" | "losses" (``ensemble.py``). The fused and
-      sparse heads take "logits" (stacked heads) and "losses"; "probs" needs the dense head.
+    how: ``distill.ensemble``: "probs" | "logits" | "losses" (``ensemble.py``).
     weights: one share per teacher.
+
+  The fused head takes "logits" (stacked heads) and "losses"; the sparse head every kind
+  ("probs" mixed per token chunk); the dense head every kind.
 
   Returns:
     A Term reading every teacher (``teacher_index`` None).
@@ -235,8 +244,8 @@ def ensemble_term(head: Term, how: str, weights: tuple[float, ...]) -> Term:
     kind = kw["kind"]
     bound = functools.partial(_losses_head, heads_k=heads_k, weights=weights, kind=kind)
   else:
-    stacked = head.name in ("fused", "sparse")
-    if stacked and how != "logits":
-      raise ValueError(f"the {head.name} head combines teachers by 'logits' or 'losses'")
+    stacked = head.name in ("fused", "sparse") and how == "logits"
+    if head.name == "fused" and how != "logits":
+      raise ValueError("the fused head combines teachers by 'logits' or 'losses'")
     bound = functools.partial(_mixed_head, head=head.fn, how=how, weights=weights, stacked=stacked)
   return dataclasses.replace(head, fn=bound, teacher_index=None)

@@ -23,6 +23,11 @@ directory must be shared by all processes).
 Overlap: batch n + 1 is dispatched before batch n's targets are fetched, and a writer thread
 encodes and writes records while the device computes.
 
+Several teachers (``teachers``) store their ensemble's targets (``distill.ensemble`` "probs"
+or "logits", mixed per token chunk before the top-k and the draws); the manifest records each
+teacher's identity, the kind and the weights. A student then trains on them with
+``teacher.source='cache'`` and no ``teachers``.
+
 An image classifier (``student.arch`` not "transformer") stores its teacher's whole class
 logits per training example instead: ``precompute_images.py``, which ``run`` dispatches to.
 
@@ -39,7 +44,8 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from jaxdistill import distributed, models, precision, sharding as sharding_lib
+from jaxdistill import config as config_lib
+from jaxdistill import distributed, ensemble, models, precision, sharding as sharding_lib
 from jaxdistill import sparse, teacher as teacher_lib, validate
 from jaxdistill.data import cache_writer, cached
 from jaxdistill.data.cache_writer import verify  # noqa: F401 (`jaxdistill precompute --verify`)
@@ -59,6 +65,17 @@ def check_config(cfg: Any) -> None:
   if cfg.precompute.k > cfg.teacher.vocab_size:
     raise ConfigError(
       "precompute.k", f"{cfg.precompute.k} exceeds teacher.vocab_size={cfg.teacher.vocab_size}"
+    )
+  for i, section in enumerate(config_lib.teachers_of(cfg)[1:]):
+    if section.source not in ("random", "workdir"):
+      raise ConfigError(
+        f"teachers[{i}].source",
+        f"precompute runs random or workdir teachers, not {section.source!r}",
+      )
+  if cfg.teachers and cfg.distill.ensemble == "losses":
+    raise ConfigError(
+      "distill.ensemble",
+      "'losses' has one target per teacher; a cache stores one: precompute 'probs' or 'logits'",
     )
 
 
@@ -129,25 +146,48 @@ class Teacher:
   identity: dict
 
 
-def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
-  """Loads the teacher onto a mesh over this process's devices and jits its targets function."""
-  mesh = sharding_lib.make_mesh(cfg.mesh, devices or jax.local_devices())
-  validate.check_mesh(cfg, dict(mesh.shape))
-  policy = precision.parse_policy(cfg.teacher.policy, "teacher.policy")
-  model = models.build(cfg.teacher, policy, "teacher")
+def _load_teachers(cfg: Any, mesh, output: str) -> tuple[list, tuple, tuple, dict]:
+  """(models, params, param shardings, identity) of the teacher or of every ensemble member."""
   from jaxdistill import loop  # the pretraining stage of a teacher.source="pretrain" teacher
 
   loop.pretrain_teacher(cfg, output, devices=list(mesh.devices.flat))
-  variables, var_shardings, path = teacher_lib.load(cfg, model, mesh, output)
-  params, param_shardings = variables["params"], var_shardings["params"]
+  found, idents = [], []
+  for k in range(1 + len(cfg.teachers)):
+    view = teacher_lib.view(cfg, k)
+    policy = precision.parse_policy(view.teacher.policy, "teacher.policy")
+    model = models.build(view.teacher, policy, "teacher")
+    variables, var_shardings, path = teacher_lib.load(view, model, mesh, output, k)
+    found.append((model, variables["params"], var_shardings["params"]))
+    idents.append(teacher_lib.identity(view, variables["params"], path))
+  identity = idents[0]
+  if cfg.teachers:
+    shares = ensemble.normalise([float(t.weight) for t in config_lib.teachers_of(cfg)])
+    identity = {"ensemble": cfg.distill.ensemble, "weights": list(shares), "teachers": idents}
+  return [f[0] for f in found], tuple(f[1] for f in found), tuple(f[2] for f in found), identity
+
+
+def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
+  """Loads the teacher (or every teacher of an ensemble) onto a mesh over this process's
+  devices and jits its targets function."""
+  mesh = sharding_lib.make_mesh(cfg.mesh, devices or jax.local_devices())
+  validate.check_mesh(cfg, dict(mesh.shape))
+  teacher_models, params, param_shardings, identity = _load_teachers(cfg, mesh, output)
   layout, tau, seed = cached.layout_of(cfg), temperature(cfg), cfg.seed
+  mix = None
+  if cfg.teachers:
+    mix = (cfg.distill.ensemble, tuple(identity["weights"]))
 
   def targets_fn(params, batch, rows_B):
-    out = models.apply(model, {"params": params}, batch, return_logits=False)
+    outs = [
+      models.apply(m, {"params": p}, batch, return_logits=False)
+      for m, p in zip(teacher_models, params)
+    ]
     b, t = batch["inputs"].shape
+    hidden = tuple(o["final_hidden"].reshape(b * t, -1) for o in outs)
+    heads = tuple(o["head"] for o in outs)
     tg = sparse.teacher_targets(
-      out["final_hidden"].reshape(b * t, -1),
-      out["head"],
+      hidden if mix else hidden[0],
+      heads if mix else heads[0],
       jnp.repeat(rows_B, t),
       jnp.tile(jnp.arange(t, dtype=jnp.int32), b),
       temperature=tau,
@@ -155,6 +195,7 @@ def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
       samples=layout.samples,
       seed=seed,
       token_chunk=cfg.distill.token_chunk,
+      mix=mix,
     )
     # Narrow on the device: less to copy to the host.
     narrow = {"topk_logp": layout.lp_dtype, "sample_counts": layout.count_dtype}
@@ -163,7 +204,7 @@ def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
 
   rows = sharding_lib.batch_sharding(mesh)
   fn = jax.jit(targets_fn, in_shardings=(param_shardings, rows, rows), out_shardings=rows)
-  return Teacher(fn, params, mesh, teacher_lib.identity(cfg, params, path))
+  return Teacher(fn, params, mesh, identity)
 
 
 def _host_batch(rows: list[dict], b: int) -> dict[str, np.ndarray]:

@@ -37,7 +37,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import chunking, sharding
+from jaxdistill import chunking, ensemble, sharding
 
 F32 = jnp.float32
 SPARSE_KINDS = ("topk_renorm", "topk_tail", "sampled")
@@ -72,8 +72,8 @@ def unique_counts(draws_NxS: jax.Array) -> tuple[jax.Array, jax.Array]:
   return jnp.where(counts_NxS > 0, ids_NxS, 0), counts_NxS
 
 
-def _targets_of_chunk(h_CxD, w_DxV, row_C, pos_C, tau, k: int, samples: int, seed: int):
-  z_CxV = chunking.dot(h_CxD, w_DxV) / tau
+def _targets_of_chunk(z_CxV, row_C, pos_C, k: int, samples: int, seed: int):
+  """Targets of one token chunk from its teacher logits at tau, z_CxV = logits / tau."""
   lse_C = jax.nn.logsumexp(z_CxV, axis=-1)
   out = {}
   if k:
@@ -101,8 +101,8 @@ def _targets_of_chunk(h_CxD, w_DxV, row_C, pos_C, tau, k: int, samples: int, see
 
 
 def teacher_targets(
-  hidden_NxD: jax.Array,
-  head_DxV: jax.Array,
+  hidden_NxD: jax.Array | tuple[jax.Array, ...],
+  head_DxV: jax.Array | tuple[jax.Array, ...],
   row_N: jax.Array | None = None,
   pos_N: jax.Array | None = None,
   *,
@@ -111,11 +111,15 @@ def teacher_targets(
   samples: int = 0,
   seed: int = 0,
   token_chunk: int = 256,
+  mix: tuple[str, tuple[float, ...]] | None = None,
 ) -> dict[str, jax.Array]:
   """The teacher's sparse targets, one chunk of logits at a time.
 
   Args:
-    hidden_NxD, head_DxV: the teacher's final hidden states and output head.
+    hidden_NxD, head_DxV: the teacher's final hidden states and output head; for an
+      ensemble, tuples of each teacher's ([N, D_k] and [D_k, V]).
+    mix: an ensemble's (how, weights) (``ensemble.mix_logits``): each token chunk's
+      teachers' logits are combined before its targets are taken. None: one teacher.
     row_N, pos_N: int32 dataset row and position of each token (they key the sampling);
       only needed with samples > 0 (top-k targets of an online teacher pass None).
     temperature: generation temperature tau (static or traced).
@@ -127,17 +131,26 @@ def teacher_targets(
     descending), ``tail`` [N] f32; (samples > 0) ``sample_ids`` [N, S] int32 and
     ``sample_counts`` [N, S] int32 (unique ids first, count 0 pads; S = n).
   """
-  hidden_NxD = jax.lax.stop_gradient(hidden_NxD)
-  head_DxV = chunking.constrain(jax.lax.stop_gradient(head_DxV), (None, "vocab"))
-  n, tau = hidden_NxD.shape[0], jnp.asarray(temperature, F32)
+  one = not isinstance(hidden_NxD, tuple)
+  hiddens = tuple(jax.lax.stop_gradient(h) for h in ((hidden_NxD,) if one else hidden_NxD))
+  heads = tuple(
+    chunking.constrain(jax.lax.stop_gradient(w), (None, "vocab"))
+    for w in ((head_DxV,) if one else head_DxV)
+  )
+  n, tau, m = hiddens[0].shape[0], jnp.asarray(temperature, F32), len(hiddens)
+
+  def scaled_logits(hs_C):  # [C, V] logits / tau of the teacher or the ensemble
+    zs = [chunking.dot(h, w) for h, w in zip(hs_C, heads)]
+    return zs[0] / tau if mix is None else ensemble.mix_logits(zs, mix[1], tau, mix[0]) / tau
+
   shards = sharding.logical_shards("act_batch", n)
   if row_N is None or pos_N is None:
     if samples:
       raise ValueError("samples > 0 needs row_N and pos_N (they key each token's draws)")
-    fn = lambda x: _targets_of_chunk(x[0], head_DxV, None, None, tau, k, 0, seed)
-    return chunking.map_chunks(fn, shards, token_chunk, (hidden_NxD,), n)
-  fn = lambda x: _targets_of_chunk(*x[:1], head_DxV, *x[1:], tau, k, samples, seed)
-  return chunking.map_chunks(fn, shards, token_chunk, (hidden_NxD, row_N, pos_N), n)
+    fn = lambda x: _targets_of_chunk(scaled_logits(x), None, None, k, 0, seed)
+    return chunking.map_chunks(fn, shards, token_chunk, hiddens, n)
+  fn = lambda x: _targets_of_chunk(scaled_logits(x[:m]), *x[m:], k, samples, seed)
+  return chunking.map_chunks(fn, shards, token_chunk, (*hiddens, row_N, pos_N), n)
 
 
 # --- student side -----------------------------------------------------------------------

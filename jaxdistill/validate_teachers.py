@@ -128,15 +128,14 @@ def _check_weights(sections) -> None:
 
 
 def _check_head(cfg: Any) -> None:
-  """The head term's ensemble: "probs" mixes whole softmaxes, so it needs the dense head."""
+  """The head term's ensemble: "probs" mixes whole softmaxes, which the fused head never
+  forms (the sparse head forms them per token chunk, the dense head whole)."""
   d = cfg.distill
   if d.ensemble != "probs" or (d.logit.weight == 0 and d.logit.schedule == "constant"):
     return
-  image = validate_vision.is_image(cfg)
-  if d.logit.kind in sparse.SPARSE_KINDS or (d.fused and not image):
-    head = "sparse" if d.logit.kind in sparse.SPARSE_KINDS else "fused"
+  if d.fused and not validate_vision.is_image(cfg) and d.logit.kind not in sparse.SPARSE_KINDS:
     raise ConfigError(
       "distill.ensemble",
-      f"'probs' mixes each teacher's whole softmax, which the {head} head never forms; use "
-      "distill.ensemble='logits' or 'losses', or distill.fused=False with a dense logit kind",
+      "'probs' mixes each teacher's whole softmax, which the fused head never forms; use "
+      "distill.ensemble='logits' or 'losses', or distill.fused=False",
     )

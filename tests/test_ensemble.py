@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import config, ensemble, objective, run as run_lib, sharding, validate
+from jaxdistill import config, ensemble, objective, precision, run as run_lib, sharding, validate
 from jaxdistill.errors import ConfigError, JaxdistillError
 
 B, T, V, TAU = 2, 8, 48, 2.0
@@ -168,8 +168,9 @@ def test_fused_heads_match_the_dense_ones():
 # --- Runs ---------------------------------------------------------------------------------
 
 
-def _run_cfg(kind, fused, n_teachers):
+def _run_cfg(kind, fused, n_teachers, logit_kind="kl"):
   c = config.default_config()
+  c.distill.logit.kind, c.precompute.k = logit_kind, 16
   c.data.seq_len, c.data.batch_size, c.optim.steps, c.mesh.data = 16, 4, 3, 1
   c.distill.ensemble, c.distill.fused, c.distill.temperature = kind, fused, 2.0
   c.distill.hidden.weight = 0.5
@@ -179,13 +180,25 @@ def _run_cfg(kind, fused, n_teachers):
   return c
 
 
-@pytest.mark.parametrize("kind,fused", [("probs", False), ("logits", True), ("losses", True)])
-def test_two_identical_teachers_equal_one(kind, fused):
-  one = run_lib.build_run(_run_cfg(kind, fused, 1), devices=jax.devices()[:1])
+@pytest.mark.parametrize(
+  "kind,fused,logit_kind",
+  [
+    ("probs", False, "kl"),
+    ("logits", True, "kl"),
+    ("losses", True, "kl"),
+    ("probs", False, "topk_tail"),  # the sparse head: mixed per token chunk
+    ("logits", False, "topk_renorm"),  # the sparse head: stacked heads
+  ],
+)
+def test_two_identical_teachers_equal_one(kind, fused, logit_kind):
+  one = run_lib.build_run(_run_cfg(kind, fused, 1, logit_kind), devices=jax.devices()[:1])
   batch = sharding.shard_batch(next(one.data_iter), one.mesh)
   tv = one.teacher_vars
   two = run_lib.build_run(
-    _run_cfg(kind, fused, 2), devices=jax.devices()[:1], teacher_vars=(tv, tv), data=False
+    _run_cfg(kind, fused, 2, logit_kind),
+    devices=jax.devices()[:1],
+    teacher_vars=(tv, tv),
+    data=False,
   )
   m1, m2 = one.step(batch), two.step(batch)
   np.testing.assert_allclose(float(m2["train/loss"]), float(m1["train/loss"]), rtol=1e-5)
@@ -261,3 +274,66 @@ def test_given_teacher_variables_must_be_one_per_teacher():
       teacher_vars=one.teacher_vars,
       data=False,
     )
+
+
+# --- Precomputed ensemble targets ---------------------------------------------------------
+
+
+def test_precompute_stores_the_mixtures_top_k(tmp_path):
+  """The cache of two teachers holds the top-k of sum_k w_k softmax(z_k / tau) (float64
+  NumPy from each teacher's logits), records both teachers, and trains a student."""
+  from array_record.python import array_record_module
+
+  from jaxdistill import models, precompute
+  from jaxdistill.data import cached
+
+  c = config.default_config()
+  small = dict(vocab_size=64, num_layers=1, num_heads=2, d_ff=64, max_len=16)
+  c.student.update(d_model=16, **small)
+  c.teacher.update(d_model=32, weight=1.0, **small)
+  c.teachers = (config.teacher_fields(d_model=48, weight=3.0, **small),)
+  c.distill.update(temperature=2.0, ensemble="probs")
+  c.distill.logit.kind = "topk_tail"
+  c.data.update(batch_size=8, seq_len=16)
+  c.precompute.update(targets="topk", k=8, logprob_dtype="f32", rows=8, rows_per_shard=8)
+  c.log.progress = False
+  validate.validate(c)
+  out = tmp_path / "cache"
+  teacher = precompute.build_teacher(c, str(out), devices=jax.devices()[:1])
+  precompute.run(c, str(out), teacher=teacher)
+  manifest = cached.read_manifest(str(out))
+  assert manifest["teacher"]["ensemble"] == "probs"
+  assert manifest["teacher"]["weights"] == [0.25, 0.75]
+  assert len(manifest["teacher"]["teachers"]) == 2
+  reader = array_record_module.ArrayRecordReader(cached.shard_path(str(out), 0))
+  layout = cached.Layout(**manifest["layout"])
+  records = [cached.decode(layout, r) for r in reader.read_all()]
+  reader.close()
+  batch = precompute._host_batch(list(precompute.row_stream(c)), 8)
+  p = 0.0
+  for k, params in enumerate(teacher.params):
+    section = config.teachers_of(c)[k]
+    model = models.build(section, precision.parse_policy(section.policy), "t")
+    z = np.asarray(models.apply(model, {"params": params}, batch)["logits"], np.float64)
+    p = p + (0.25, 0.75)[k] * _softmax(z / 2.0)
+  logp = np.log(p)
+  for i, record in enumerate(records):
+    ids = record["teacher_topk_ids"]
+    want = np.take_along_axis(logp[i], ids, -1)
+    np.testing.assert_allclose(record["teacher_topk_logp"], want, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(want[:, 0], logp[i].max(-1), rtol=1e-6)  # the top entry
+  student = c.copy_and_resolve_references()
+  student.teacher.update(source="cache", path=str(out))
+  student.teachers = ()
+  student.optim.steps = 1
+  run = run_lib.build_run(student, devices=jax.devices()[:1])
+  metrics = run.step(sharding.shard_batch(next(run.data_iter), run.mesh))
+  assert np.isfinite(float(metrics["distill/topk_tail"]))
+
+
+def test_precompute_refuses_a_losses_ensemble():
+  from jaxdistill import precompute
+
+  c = _run_cfg("losses", True, 2)
+  with pytest.raises(ConfigError, match="distill.ensemble"):
+    precompute.check_config(c)
