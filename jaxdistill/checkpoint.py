@@ -307,7 +307,7 @@ def check_compatible(saved_config: dict, config: dict, where: str) -> list[str]:
   # The keys of the student's kind of model (transformer or image classifier), and its arch.
   matters = [f"student.{k}" for k in dict.fromkeys(("arch", *shape_keys(config["student"])))]
   if new.get("teacher.source") != "none":
-    matters += ["teacher.d_model", "distill.hidden.layer_map"]  # projection shapes
+    matters += ["teacher.d_model", "distill.hidden.layer_map", "distill.hidden.teacher"]
     # An image model's projections: the teacher's stage channels and the stage pairs.
     matters += [f"teacher.{k}" for k in ("arch", "cnn_channels", "depth", "widen")]
     matters += ["distill.feature_map.stage_map"]

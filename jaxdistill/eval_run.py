@@ -157,9 +157,11 @@ def _teacher(cfg: Any, built: Any, workdir: str, teacher_dir: str) -> tuple | No
   """(module, variables, where from) of the teacher to compare with, or None: the run's own
   teacher, or the student of the run ``teacher_dir`` (e.g. to give a CE baseline, which has
   no teacher, agreement and KL against the teacher its KD twin distilled from)."""
-  own = (built.teacher, built.teacher_vars, built.teacher_path or f"{cfg.teacher.source} init")
+  # An ensemble's run is compared with its teacher 0 (``teacher``).
+  module, variables = built.teachers[0] if built.teachers else (None, None)
+  own = (module, variables, built.teacher_path or f"{cfg.teacher.source} init")
   if not teacher_dir:
-    return own if built.teacher is not None else None
+    return own if module is not None else None
   wanted = os.path.realpath(teacher_lib.final_params_dir(teacher_dir))
   if built.teacher_path and os.path.realpath(built.teacher_path) == wanted:
     return own  # the run's own teacher: already loaded by build_run, not read twice

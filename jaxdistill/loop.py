@@ -35,17 +35,22 @@ from jaxdistill.run import Run, build_run  # noqa: F401 (the library's entry poi
 
 def pretrain_teacher(cfg: Any, workdir: str, devices=None) -> str | None:
   """The explicit stage before a ``teacher.source='pretrain'`` run is built: trains the
-  teacher on CE into WORKDIR/teacher/ unless it is there already. Returns its final_params
+  teacher on CE into WORKDIR/teacher/ unless it is there already (and each pretrained
+  teacher k of an ensemble into WORKDIR/teacher_<k>/). Returns teacher 0's final_params
   directory (None for other sources); a killed pretraining resumes like any run."""
-  if cfg.teacher.source != "pretrain":
-    return None
-  path = teacher_lib.params_path(cfg, workdir)
-  if not paths.isdir(path):
-    run_dir = str(paths.path(path).parent)
-    if jax.process_index() == 0:
-      print(f"Pretraining the teacher for {cfg.teacher.pretrain_steps} steps in {run_dir}")
-    train(teacher_lib.pretrain_config(cfg), run_dir, devices=devices)
-  return path
+  found = []
+  for k in range(1 + len(cfg.teachers)):
+    view = teacher_lib.view(cfg, k)
+    if view.teacher.source != "pretrain":
+      found.append(None)
+      continue
+    found.append(teacher_lib.params_path(view, workdir, k))
+    if not paths.isdir(found[-1]):
+      run_dir = str(paths.path(found[-1]).parent)
+      if jax.process_index() == 0:
+        print(f"Pretraining teacher {k} for {view.teacher.pretrain_steps} steps in {run_dir}")
+      train(teacher_lib.pretrain_config(view, k), run_dir, devices=devices)
+  return found[0]
 
 
 def run_steps(
@@ -280,7 +285,7 @@ class _Progress:
       "median_step_s": statistics.median(steady),
       f"{self.unit}_per_s": self.tokens / statistics.median(steady),
       "student_params": count_params(run.state.params["student"]),
-      "teacher_params": count_params(run.teacher_params) if run.teacher_params else 0,
+      "teacher_params": sum(count_params(v["params"]) for _, v in run.teachers),
       **self.throughput(statistics.median(steady)),
     }
 

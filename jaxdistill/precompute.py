@@ -67,10 +67,10 @@ def check_config(cfg: Any) -> None:
       "precompute.k", f"{cfg.precompute.k} exceeds teacher.vocab_size={cfg.teacher.vocab_size}"
     )
   for i, section in enumerate(config_lib.teachers_of(cfg)[1:]):
-    if section.source not in ("random", "workdir"):
+    if section.source not in ("random", "pretrain", "workdir"):
       raise ConfigError(
         f"teachers[{i}].source",
-        f"precompute runs random or workdir teachers, not {section.source!r}",
+        f"precompute runs random, pretrain or workdir teachers, not {section.source!r}",
       )
   if cfg.teachers and cfg.distill.ensemble == "losses":
     raise ConfigError(

@@ -49,6 +49,12 @@ def check_config(cfg: Any) -> None:
       "teacher.source",
       f"precompute needs a teacher model (random, pretrain or workdir), not {cfg.teacher.source!r}",
     )
+  if cfg.teachers:  # raw class logits of one model; an ensemble's would need a mixing rule
+    raise ConfigError(
+      "teachers",
+      "an image cache stores one teacher's raw class logits; precompute with one teacher "
+      "(teachers=()) or distil from the ensemble online",
+    )
   p = cfg.precompute
   if p.temperature != 0:
     raise ConfigError(

@@ -42,9 +42,11 @@ def view(cfg: Any, k: int) -> Any:
   return out
 
 
-def pretrain_config(cfg: Any) -> Any:
-  """The config that trains the teacher itself on CE (teacher.source='pretrain')."""
+def pretrain_config(cfg: Any, index: int = 0) -> Any:
+  """The config that trains the teacher itself on CE (teacher.source='pretrain'); teacher
+  ``index`` of an ensemble (``cfg`` its ``view``) trains from seed + index."""
   t = copy.deepcopy(cfg)
+  t.seed = cfg.seed + index
   for key in (*models.MODEL_KEYS, *models.VISION_KEYS):  # whatever kind of model the teacher is
     t.student[key] = cfg.teacher[key]
   # The teacher trains in f32 params whatever its inference policy stores. A
@@ -56,9 +58,11 @@ def pretrain_config(cfg: Any) -> Any:
   if compute == jnp.float16:  # float16 gradients need it (precision.check_trainable)
     t.optim.loss_scale = "dynamic"
   t.student.init_from = ""
-  t.teacher.source = "none"
+  t.teacher.source, t.teachers = "none", ()
   for key in ("logit", "attention", "hidden", "embedding", "attention_transfer", "feature_map"):
     t.distill[key].weight = 0.0
+    if key != "logit":
+      t.distill[key].teacher = 0
   t.distill.attention.value_weight = 0.0
   t.optim.steps = cfg.teacher.pretrain_steps
   t.optim.lr = cfg.teacher.pretrain_lr
@@ -66,12 +70,14 @@ def pretrain_config(cfg: Any) -> Any:
   return t
 
 
-def params_path(cfg: Any, workdir: str | None) -> str | None:
-  """The final_params directory the teacher loads from (None for random/none)."""
+def params_path(cfg: Any, workdir: str | None, index: int = 0) -> str | None:
+  """The final_params directory the teacher loads from (None for random/none); a pretrained
+  teacher ``index`` of an ensemble lives in WORKDIR/teacher_<index> (teacher 0 in teacher)."""
   if cfg.teacher.source == "pretrain":
     if workdir is None:
       raise JaxdistillError("teacher.source='pretrain' needs a workdir to train the teacher in")
-    return paths.join(workdir, "teacher", checkpoint.FINAL_PARAMS)
+    name = f"teacher_{index}" if index else "teacher"
+    return paths.join(workdir, name, checkpoint.FINAL_PARAMS)
   if cfg.teacher.source == "workdir":
     return final_params_dir(cfg.teacher.path)
   return None
@@ -125,7 +131,7 @@ def load(cfg: Any, teacher: nn.Module, mesh, workdir: str | None, index: int = 0
     kept = tuple(k for k in ("params", "batch_stats") if k in abstract)
     variables, shardings = models.create_variables(teacher, rng, mesh, seq_len, kept, table)
     return variables, shardings, None
-  path = params_path(cfg, workdir)
+  path = params_path(cfg, workdir, index)
   if cfg.teacher.source == "pretrain" and not paths.isdir(path):
     raise JaxdistillError(
       f"teacher.source='pretrain': no pretrained teacher at {path}; run the pretraining stage "

@@ -18,8 +18,8 @@ from jaxdistill import config as config_lib
 from jaxdistill import ensemble, paths, sparse, validate_vision
 from jaxdistill.errors import ConfigError
 
-# Sources a further teacher may have: a model that runs (pretraining and caches are teacher 0's).
-EXTRA_SOURCES = ("random", "workdir", "hf")
+# Sources a further teacher may have: a model that runs (a cache is a whole ensemble's).
+EXTRA_SOURCES = ("random", "pretrain", "workdir", "hf")
 # The distill sections of feature terms; each names the teacher it reads (``teacher``).
 FEATURE_SECTIONS = ("attention", "hidden", "embedding", "attention_transfer", "feature_map")
 
@@ -106,8 +106,8 @@ def _check_entry(entry: Any, i: int) -> None:
   if section["source"] not in EXTRA_SOURCES:
     raise ConfigError(
       f"teachers[{i}].source",
-      f"{section['source']!r}; a further teacher is one of {EXTRA_SOURCES} (only teacher 0 "
-      "pretrains)",
+      f"{section['source']!r}; a further teacher is one of {EXTRA_SOURCES} (a cache holds a "
+      "whole ensemble's targets: read it with teacher.source='cache' and no teachers)",
     )
   if section["source"] == "workdir" and not paths.isdir(section["path"]):
     raise ConfigError(
