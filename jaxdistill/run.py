@@ -166,14 +166,17 @@ def build_run(
 
 
 def _flops_per_step(
-  cfg: Any, obj: objective_lib.Objective, student: nn.Module, teachers: tuple[nn.Module, ...]
+  cfg: Any, obj: objective_lib.Objective, student: nn.Module, teachers: Any
 ) -> models.StepFlops:
   """Model FLOPs of one step (``models.step_flops``): the student's forward + backward, the
   teachers' forwards only (none from a cache), the heads, projections and loss the objective
   runs. ``data.batch_size`` rows per step whatever ``optim.grad_accum`` (it splits them).
   Each further teacher adds its forward and head (an ensemble's divergence runs once, or
-  once per teacher with ``distill.ensemble='losses'``)."""
+  once per teacher with ``distill.ensemble='losses'``). ``teachers``: a module, a tuple of
+  them or None."""
   s, seq_len = student.config, cfg.data.seq_len
+  if not isinstance(teachers, tuple):
+    teachers = () if teachers is None else (teachers,)
   teacher = teachers[0] if teachers else None
   head = next((t for t in obj.terms if t.name in ("dense", "fused", "sparse")), None)
   student_head = head is not None
@@ -188,7 +191,7 @@ def _flops_per_step(
     if p.conv:  # "stage_<i>_to_<j>": the maps are pooled to the smaller one, then projected
       i, j = (int(x) for x in p.name.removeprefix("stage_").split("_to_"))
       hs, ws, _ = s.stage_shapes[i - 1]
-      ht, wt, _ = teacher.config.stage_shapes[j - 1]
+      ht, wt, _ = teachers[cfg.distill.feature_map.teacher].config.stage_shapes[j - 1]
       projections.append((min(hs, ht) * min(ws, wt), p.d_in, p.d_out))
     else:  # a hidden-state map, every token
       projections.append((seq_len, p.d_in, p.d_out))

@@ -184,10 +184,11 @@ def _run_cfg(kind, fused, n_teachers, logit_kind="kl"):
   "kind,fused,logit_kind",
   [
     ("probs", False, "kl"),
-    ("logits", True, "kl"),
-    ("losses", True, "kl"),
-    ("probs", False, "topk_tail"),  # the sparse head: mixed per token chunk
-    ("logits", False, "topk_renorm"),  # the sparse head: stacked heads
+    pytest.param("logits", True, "kl", marks=pytest.mark.slow),
+    pytest.param("losses", True, "kl", marks=pytest.mark.slow),
+    # the sparse head: mixed per token chunk, and stacked heads
+    pytest.param("probs", False, "topk_tail", marks=pytest.mark.slow),
+    pytest.param("logits", False, "topk_renorm", marks=pytest.mark.slow),
   ],
 )
 def test_two_identical_teachers_equal_one(kind, fused, logit_kind):
@@ -209,6 +210,7 @@ def test_two_identical_teachers_equal_one(kind, fused, logit_kind):
     assert not any(x.is_deleted() for x in jax.tree.leaves(variables))
 
 
+@pytest.mark.slow
 def test_feature_term_reads_its_teacher():
   c = _run_cfg("probs", False, 2)
   c.teachers = (config.teacher_fields(d_model=96, num_heads=4, num_layers=3, weight=0.7),)
@@ -279,6 +281,7 @@ def test_given_teacher_variables_must_be_one_per_teacher():
 # --- Precomputed ensemble targets ---------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_precompute_stores_the_mixtures_top_k(tmp_path):
   """The cache of two teachers holds the top-k of sum_k w_k softmax(z_k / tau) (float64
   NumPy from each teacher's logits), records both teachers, and trains a student."""
@@ -337,3 +340,50 @@ def test_precompute_refuses_a_losses_ensemble():
   c = _run_cfg("losses", True, 2)
   with pytest.raises(ConfigError, match="distill.ensemble"):
     precompute.check_config(c)
+
+
+@pytest.mark.slow
+def test_ensemble_config_pretrains_both_teachers_and_resumes(tmp_path):
+  """`jaxdistill train --config configs/ensemble.py:test`: teacher 0 in W/teacher, teacher 1
+  in W/teacher_1 (its own seed, so the two differ), the student distilled from both; a rerun
+  trains nothing again."""
+  import json
+
+  from jaxdistill import cli
+  from conftest import ROOT
+
+  workdir = tmp_path / "ensemble"
+  argv = ["train", "--config", f"{ROOT}/configs/ensemble.py:test", "--workdir", str(workdir)]
+  assert cli.main(argv) == 0
+  for name in ("teacher", "teacher_1"):
+    assert (workdir / name / "final_params").is_dir()
+  losses = [
+    json.loads((workdir / name / "summary.json").read_text())["final_loss"]
+    for name in ("teacher", "teacher_1")
+  ]
+  assert losses[0] != losses[1]  # two seeds, two teachers
+  summary = json.loads((workdir / "summary.json").read_text())
+  one = json.loads((workdir / "teacher" / "summary.json").read_text())["student_params"]
+  assert summary["teacher_params"] == 2 * one
+  assert cli.main(argv) == 0  # finished: resumes at the end, retrains neither teacher
+
+
+@pytest.mark.slow
+def test_image_classifier_ensemble_runs_and_names_feature_teachers():
+  """Two ResNet teachers (BatchNorm, inference mode) of different widths: "probs" over class
+  logits, the feature map read from teacher 1 through a projection to its channels."""
+  from jaxdistill.config import load_config
+  from conftest import ROOT
+
+  c = load_config(str(ROOT / "configs" / "smoke_vision.py"))
+  c.optim.steps, c.mesh.data = 2, 1
+  image = dict(num_classes=10, image_size=16, image_channels=3)
+  c.teachers = (config.teacher_fields(source="random", arch="wrn", depth=10, widen=2, **image),)
+  c.distill.feature_map.teacher = 1
+  validate.validate(c)
+  obj = objective.make_objective(c)
+  widths = {p.d_out for p in obj.projections}
+  assert widths == {128}, widths  # teacher 1's last stage: 64 channels x widen 2 (WRN-10-2)
+  run = run_lib.build_run(c, devices=jax.devices()[:1])
+  metrics = run.step(sharding.shard_batch(next(run.data_iter), run.mesh))
+  assert all(np.isfinite(float(metrics[k])) for k in ("distill/kl", "distill/feature_map"))
