@@ -191,13 +191,13 @@ def head_term(
 # --- Several teachers -------------------------------------------------------------------
 
 
-def _mixed_head(s, ts, batch, denom, step, proj, *, head, how, weights, stacked):
+def _mixed_head(s, ts, batch, denom, step, proj, *, head, how, weights):
   """An ensemble's "probs" / "logits" target as one teacher, then the one-teacher head."""
   if head.func is _sparse_head and how == "probs":  # mixed per token chunk (sparse.py)
     hidden, head_w = tuple(t["final_hidden"] for t in ts), tuple(t["head"] for t in ts)
     t = {"final_hidden": hidden, "head": head_w, "mix": (how, weights)}
     return head(s, t, batch, denom, step, proj)
-  if stacked:  # fused / sparse with "logits": one teacher of the stacked widths
+  if head.func is not _dense_head:  # fused / sparse, "logits": one teacher of stacked widths
     hidden, head_w = ensemble.stacked_head(
       [t["final_hidden"] for t in ts], [t["head"] for t in ts], weights
     )
@@ -244,8 +244,7 @@ def ensemble_term(head: Term, how: str, weights: tuple[float, ...]) -> Term:
     kind = kw["kind"]
     bound = functools.partial(_losses_head, heads_k=heads_k, weights=weights, kind=kind)
   else:
-    stacked = head.name in ("fused", "sparse") and how == "logits"
     if head.name == "fused" and how != "logits":
       raise ValueError("the fused head combines teachers by 'logits' or 'losses'")
-    bound = functools.partial(_mixed_head, head=head.fn, how=how, weights=weights, stacked=stacked)
+    bound = functools.partial(_mixed_head, head=head.fn, how=how, weights=weights)
   return dataclasses.replace(head, fn=bound, teacher_index=None)

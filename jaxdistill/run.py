@@ -180,11 +180,12 @@ def _flops_per_step(
   teacher = teachers[0] if teachers else None
   head = next((t for t in obj.terms if t.name in ("dense", "fused", "sparse")), None)
   student_head = head is not None
+  reads_head = bool(head and (head.teacher.logits or head.teacher.head))  # a teacher's logits
   divergence = 0  # entries per example a logit divergence runs over
   if head is not None and head.name == "sparse":
     per_token = cfg.precompute.samples if cfg.distill.logit.kind == "sampled" else cfg.precompute.k
     divergence = seq_len * per_token
-  elif head is not None and (head.teacher.logits or head.teacher.head):
+  elif reads_head:
     divergence = flops_lib.logits_per_example(s, seq_len)
   projections = []
   for p in obj.projections:
@@ -201,11 +202,10 @@ def _flops_per_step(
     batch_size=cfg.data.batch_size,
     seq_len=seq_len,
     student_head=student_head,
-    teacher_head=teacher is not None and bool(head and (head.teacher.logits or head.teacher.head)),
+    teacher_head=teacher is not None and reads_head,
     divergence_entries=divergence,
     projections=projections,
   )
-  reads_head = bool(head and (head.teacher.logits or head.teacher.head))
   for extra in teachers[1:]:
     more = models.step_flops(
       s,
