@@ -15,7 +15,7 @@ On the quickstart's corpus, tokenizer, teacher and student (``jaxdistill.quickst
 
    * ``online_kl``: the teacher runs in the step (dense KL at T = 1);
    * ``cache_topk_renorm`` / ``cache_topk_tail`` / ``cache_sampled``: no teacher in the step,
-     targets streamed from the cache (``distill.logit.kind``, jaxdistill/sparse.py);
+     targets streamed from the cache (``distill.logit.kind``, jaxdistill/distill/sparse.py);
    * ``ce_student``: CE alone, same steps;
    * ``ce_equal_time``: CE alone for the training time of ``cache_topk_tail`` (its step time
      over the CE step time, measured here, times ``--steps``);
@@ -34,7 +34,10 @@ import json
 import os
 import time
 
-from jaxdistill import data as data_lib, precompute, quickstart, validate
+from jaxdistill import data as data_lib
+from jaxdistill import quickstart
+from jaxdistill.config import validate
+from jaxdistill.precompute import text as precompute
 
 CACHE_KINDS = ("topk_renorm", "topk_tail", "sampled")
 

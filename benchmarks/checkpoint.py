@@ -28,7 +28,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
-from jaxdistill import checkpoint, config as config_lib, loop  # noqa: E402
+from jaxdistill import config as config_lib
+from jaxdistill.train import (
+  checkpoint,
+  loop,  # noqa: E402
+)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 

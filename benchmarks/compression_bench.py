@@ -43,9 +43,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
-from jaxdistill import data as data_lib, eval_run, evaluate, latency, loop  # noqa: E402
-from jaxdistill import models, precision, prune_run, quantize, quickstart  # noqa: E402
-from jaxdistill import sharding as sharding_lib  # noqa: E402
+from jaxdistill import data as data_lib
+from jaxdistill import models, quickstart
+from jaxdistill.compress import prune_job as prune_run
+from jaxdistill.compress import ptq as quantize  # noqa: E402
+from jaxdistill.evaluation import evaluate, latency
+from jaxdistill.evaluation import job as eval_run
+from jaxdistill.parallel import precision
+from jaxdistill.parallel import sharding as sharding_lib  # noqa: E402
+from jaxdistill.train import loop  # noqa: E402
 
 F32 = "p=f32,c=f32,o=f32"
 # Per size: the text models (overriding the quickstart recipe's), the steps of each stage, the

@@ -19,7 +19,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
-from jaxdistill import config as config_lib, latency, run as run_lib  # noqa: E402
+from jaxdistill import config as config_lib
+from jaxdistill.evaluation import latency
+from jaxdistill.train import run as run_lib  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 

@@ -36,7 +36,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
-from jaxdistill import config as config_lib, data as data_lib, loop, sharding  # noqa: E402
+from jaxdistill import config as config_lib
+from jaxdistill import data as data_lib
+from jaxdistill.parallel import sharding  # noqa: E402
+from jaxdistill.train import loop
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 DATASETS = {

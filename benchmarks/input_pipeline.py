@@ -23,8 +23,11 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 
-from jaxdistill import config as config_lib, data as data_lib, loop, quickstart  # noqa: E402
-from jaxdistill import sharding  # noqa: E402
+from jaxdistill import config as config_lib
+from jaxdistill import data as data_lib
+from jaxdistill import quickstart
+from jaxdistill.parallel import sharding  # noqa: E402
+from jaxdistill.train import loop  # noqa: E402
 
 
 def pipeline_tokens_per_s(cfg, batches: int) -> float:

@@ -25,8 +25,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from jaxdistill import data as data_lib, quickstart  # noqa: E402
-from jaxdistill.data import pipeline  # noqa: E402
+from jaxdistill import data as data_lib  # noqa: E402
+from jaxdistill import quickstart
+from jaxdistill.data import text as pipeline  # noqa: E402
 
 OFFSET = 1 << 20  # document k's tokens become OFFSET + k (the vocabulary is far below it)
 

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdistill import fused, losses
+from jaxdistill.distill import fused, losses
 
 TAU, KL_WEIGHT, CE_WEIGHT = 2.0, 0.5, 0.5
 

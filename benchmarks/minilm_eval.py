@@ -31,8 +31,8 @@ import jax  # noqa: E402
 import ml_collections  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxdistill import embed  # noqa: E402
 from jaxdistill.data import corpora, sources  # noqa: E402
+from jaxdistill.evaluation import embed  # noqa: E402
 
 
 def held_out_sentences(run_cfg: dict, n: int) -> list[str]:

@@ -15,7 +15,7 @@ look):
    ``loop.run_steps``); the teacher runs under its own policy (c=fp8: static scales
    calibrated on 8 batches, ``teacher.calibrate_fp8``); f16 students use dynamic loss scaling;
 3. both are evaluated on the first ``--eval-batches`` validation batches
-   (``jaxdistill.evaluate``; an FP8 model with its FP8 state).
+   (``jaxdistill.evaluation.evaluate``; an FP8 model with its FP8 state).
 
 Per row: the student's and the teacher's validation CE, the student's agreement with / KL
 from its teacher, the median step time (steps 3..N), and the step's compiled memory per device
@@ -32,8 +32,13 @@ import time
 
 import jax
 
-from jaxdistill import data as data_lib, evaluate, loop, quickstart, sharding, validate
+from jaxdistill import data as data_lib
+from jaxdistill import quickstart
+from jaxdistill.config import validate
+from jaxdistill.evaluation import evaluate
 from jaxdistill.models.layers import FP8_STATE
+from jaxdistill.parallel import sharding
+from jaxdistill.train import loop
 
 POLICIES = {c: f"p=f32,c={c},o=f32" for c in ("f32", "bf16", "f16", "fp8")}
 # The diagonal, then the cross terms the issue asks for, then f16 against an f32 teacher.

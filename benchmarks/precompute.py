@@ -32,9 +32,10 @@ import jax
 import numpy as np
 from array_record.python import array_record_module
 
-from jaxdistill import precompute, sharding as sharding_lib, validate
-from jaxdistill.config import default_config
+from jaxdistill.config import default_config, validate
 from jaxdistill.data import cached
+from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.precompute import text as precompute
 
 ROW_BYTES_PER_TOKEN = 8  # inputs, targets (uint16), segment ids, positions (uint16)
 

@@ -20,8 +20,9 @@ import time
 
 import jax
 
-from jaxdistill import run as run_lib, sharding
 from jaxdistill.config import default_config, teacher_fields
+from jaxdistill.parallel import sharding
+from jaxdistill.train import run as run_lib
 
 MB = 1 << 20
 TEACHER = dict(vocab_size=2048, d_model=256, num_layers=4, num_heads=4, d_ff=1024, max_len=128)

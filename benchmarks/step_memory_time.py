@@ -21,7 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import jax  # noqa: E402
 import step_overhead  # noqa: E402
 
-from jaxdistill import loop, sharding  # noqa: E402
+from jaxdistill.parallel import sharding  # noqa: E402
+from jaxdistill.train import loop
 
 
 def main() -> None:

@@ -28,7 +28,9 @@ import jax
 import jax.numpy as jnp
 
 from jaxdistill import config as config_lib
-from jaxdistill import loop, sharding, validate
+from jaxdistill.config import validate
+from jaxdistill.parallel import sharding
+from jaxdistill.train import loop
 
 OBJECTIVES = ("kl+ce", "all")
 PRESETS = {

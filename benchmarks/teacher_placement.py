@@ -36,8 +36,13 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxdistill import latency, loop, models, sharding, teacher as teacher_lib, train  # noqa: E402
+from jaxdistill import models
 from jaxdistill.config import default_config  # noqa: E402
+from jaxdistill.evaluation import latency
+from jaxdistill.parallel import sharding
+from jaxdistill.train import loop
+from jaxdistill.train import step as train  # noqa: E402
+from jaxdistill.train import teacher as teacher_lib
 
 MESHES = {"8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2)}
 RULES = {"8x1x1": ("student", "fsdp"), "2x2x2": ("student", "tensor", "fsdp", "replicated")}

@@ -19,7 +19,8 @@ import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jaxdistill import loop, quickstart  # noqa: E402
+from jaxdistill import quickstart
+from jaxdistill.train import loop  # noqa: E402
 
 
 def _student(kd: bool, seed: int, args, teacher_dir: str):

@@ -45,9 +45,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-
-from jaxdistill import config as config_lib, data as data_lib, loop, models, sharding  # noqa: E402
 from step_overhead import interleaved_times  # noqa: E402 (the same round-robin timer)
+
+from jaxdistill import config as config_lib
+from jaxdistill import data as data_lib
+from jaxdistill import models
+from jaxdistill.parallel import sharding  # noqa: E402
+from jaxdistill.train import loop
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 # Attention transfer as configs/resnet_cifar10.py sets it (every stage: uniform pairs 1:1..S:S).

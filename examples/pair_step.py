@@ -6,7 +6,9 @@ python examples/pair_step.py   (CPU, under a minute: step memory, then 3 losses)
 import jax
 import numpy as np
 
-from jaxdistill import config, loop, models, precision, sharding
+from jaxdistill import config, models
+from jaxdistill.parallel import precision, sharding
+from jaxdistill.train import loop
 
 cfg = config.default_config()
 cfg.student.update(vocab_size=128, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)

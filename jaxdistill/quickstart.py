@@ -12,7 +12,7 @@ Python-stdlib corpus:
      what CE reaches in the KD student's wall time;
   4. ``jaxdistill eval --latency`` of all three against the teacher on the validation split,
      and ``jaxdistill report`` of them with the quickstart's verdict
-     (``jaxdistill.quickstart_report``: ``DIR/report.md`` and ``report.json``, the table,
+     (``jaxdistill.report.quickstart``: ``DIR/report.md`` and ``report.json``, the table,
      training, validation and accuracy-latency PNGs).
 
 ``--task vision`` runs the same four stages with the classic CNN pair on the built-in digits
@@ -132,7 +132,7 @@ def _data_identity(cfg: Any) -> list:
   """What identifies the teacher's training data: the corpus and tokenizer hashes (text), the
   built-in digits file's hash (vision)."""
   if cfg.student.arch == "transformer":
-    from jaxdistill.data import pipeline
+    from jaxdistill.data import text as pipeline
 
     prepared = pipeline.prepare(cfg)
     return [prepared.train_fingerprint, prepared.tokenizer_hash]
@@ -151,7 +151,7 @@ def get_teacher(cfg: Any, log=print) -> tuple[str, bool]:
   Returns:
     (directory holding final_params, metrics.jsonl and summary.json; True if it was cached).
   """
-  from jaxdistill import checkpoint, loop
+  from jaxdistill.train import checkpoint, loop
 
   key = _cache_key(cfg, _data_identity(cfg))
   path = os.path.join(corpora.cache_dir(cfg.cache_dir), "teachers", key)
@@ -191,7 +191,7 @@ def train_stage(cfg: Any, workdir: str, what: str, log) -> dict:
   Raises:
     Interrupted: the run was stopped by a signal after saving a checkpoint.
   """
-  from jaxdistill import loop
+  from jaxdistill.train import loop
 
   done = os.path.join(workdir, "summary.json")
   if os.path.exists(done):  # a rerun after an interruption: keep the stages that finished
@@ -224,7 +224,7 @@ def evaluate_runs(runs: dict, teacher_dir: str, limit: int) -> dict:
   Returns:
     ``evaluate.evaluate``'s name -> metrics, plus "teacher".
   """
-  from jaxdistill import eval_run
+  from jaxdistill.evaluation import job as eval_run
 
   results = {}
   for name, d in runs.items():
@@ -245,7 +245,8 @@ def run(
     cache_dir: the cache directory ("" = the default, see corpora.cache_dir).
     task: "text" (LMs on the built-in corpus) or "vision" (CNNs on the built-in digits).
   """
-  from jaxdistill import data as data_lib, quickstart_report
+  from jaxdistill import data as data_lib
+  from jaxdistill.report import quickstart as quickstart_report
 
   if os.path.exists(os.path.join(workdir, "report.json")):
     raise JaxdistillError(f"{workdir!r} already holds a quickstart report; pass a new --workdir")

@@ -5,7 +5,7 @@
 
 Each process gets the coordinator (a free local port), the process count and
 its id through the environment jaxdistill reads (``JAX_COORDINATOR_ADDRESS``,
-``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; see jaxdistill/distributed.py), and
+``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``; see jaxdistill/parallel/distributed.py), and
 its devices: ``--platform cpu`` (default) gives it k fake CPU devices, which is
 how multi-host runs are tested on one machine; ``--platform gpu`` gives it k
 local GPUs (``JAX_LOCAL_DEVICE_IDS``). Output lines are prefixed ``[pI]``.

@@ -1,4 +1,4 @@
-"""Precomputed teacher targets (jaxdistill/precompute.py, data/cached.py): exact round trip,
+"""Precomputed teacher targets (jaxdistill/precompute/text.py, data/cached.py): exact round trip,
 byte-identical resume, --verify, config mismatches, and training from the cache matching a run
 with the online teacher restricted to the same top-k targets."""
 
@@ -10,10 +10,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistill import cli, loop, precompute, validate
-from jaxdistill import sharding as sharding_lib
+from jaxdistill.cli import commands as cli
+from jaxdistill.config import validate
 from jaxdistill.data import cached
 from jaxdistill.errors import ConfigError, JaxdistillError
+from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.precompute import text as precompute
+from jaxdistill.train import loop
 
 
 def _config():

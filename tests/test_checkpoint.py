@@ -12,7 +12,6 @@ import time
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 # Slower steps than the plain smoke run so a test can kill the process mid-run.
@@ -179,8 +178,9 @@ def test_config_that_changes_the_model_is_refused(tmp_path, reference):
 
 @pytest.mark.slow
 def test_restore_onto_a_different_mesh(tiny_config):
-  from jaxdistill import checkpoint, loop
   import tempfile
+
+  from jaxdistill.train import checkpoint, loop
 
   cfg = tiny_config
   cfg.mesh.update(data=2, fsdp=4, tensor=1)
@@ -209,8 +209,8 @@ def test_restore_onto_a_different_mesh(tiny_config):
 @pytest.mark.slow
 @pytest.mark.parametrize("policy", ["stop", "skip"])
 def test_non_finite_updates_are_never_applied(tiny_config, tmp_path, monkeypatch, policy):
-  from jaxdistill import loop
   from jaxdistill.errors import JaxdistillError
+  from jaxdistill.train import loop
 
   cfg = tiny_config
   cfg.mesh.update(data=1, fsdp=1, tensor=1)

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
 
 
@@ -104,7 +103,7 @@ def test_mesh_that_does_not_fit_the_devices(tmp_path):
 
 def _main_error(capsys, argv, *words):
   """cli.main(argv) returns (or exits with) 2 and prints one `error: ...` line naming words."""
-  from jaxdistill import cli
+  from jaxdistill.cli import commands as cli
 
   try:
     rc = cli.main(argv)
@@ -147,7 +146,7 @@ def _snapshot(path):
 def test_help_is_for_users(capsys):
   import pytest
 
-  from jaxdistill import cli
+  from jaxdistill.cli import commands as cli
 
   with pytest.raises(SystemExit) as info:
     cli.main(["--help"])
@@ -189,7 +188,8 @@ def test_train_refuses_a_non_empty_directory_that_is_not_a_run(tmp_path, capsys)
 @pytest.mark.slow
 def test_train_resumes_a_run_stopped_before_its_first_checkpoint(tmp_path, capsys):
   """A workdir holding only the config.json a run wrote (killed while compiling) is ours."""
-  from jaxdistill import cli, config as config_lib
+  from jaxdistill import config as config_lib
+  from jaxdistill.cli import commands as cli
 
   workdir = tmp_path / "run"
   workdir.mkdir()

@@ -18,14 +18,14 @@ the files are where the fake put them.
 import json
 import os
 
-from fsspec.registry import _registry as fsspec_registry
 import pytest
+from conftest import ROOT
 from etils.epath import backend as epath_backend
 from fsspec.implementations.dirfs import DirFileSystem
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import _registry as fsspec_registry
 from orbax.checkpoint._src.path import gcs_utils
 
-from conftest import ROOT
 from jaxdistill import config, paths
 
 BUCKET = "gs://bucket"
@@ -101,7 +101,7 @@ def _smoke(steps):
 @pytest.mark.slow
 def test_train_and_resume_in_a_gs_workdir(fake_gcs):
   """A smoke run for 2 steps in gs://, then resumed to 4 (two compilations: ~30-60 s)."""
-  from jaxdistill import loop
+  from jaxdistill.train import loop
 
   workdir = f"{BUCKET}/runs/smoke"
   first = loop.train(_smoke(2), workdir)
@@ -140,7 +140,7 @@ def test_checkpoints_and_params_in_gs(fake_gcs):
   import ml_collections
   import numpy as np
 
-  from jaxdistill import checkpoint
+  from jaxdistill.train import checkpoint
 
   ckpt_cfg = ml_collections.ConfigDict(
     dict(max_to_keep=0, async_save=False, best_metric="", best_mode="min")
@@ -194,8 +194,10 @@ def test_content_hash_is_the_same_local_and_remote(fake_gcs, tmp_path):
 def test_metrics_and_workdir_files_in_gs(fake_gcs):
   """metrics.jsonl without append (rewritten whole), its truncation on resume, TensorBoard
   events, config.json, and the workdir checks of ``prepare`` and the CLI."""
-  from jaxdistill import cli, metrics, workdir as workdir_lib
+  from jaxdistill.cli import commands as cli
   from jaxdistill.errors import JaxdistillError
+  from jaxdistill.train import metrics
+  from jaxdistill.train import workdir as workdir_lib
 
   workdir, local = f"{BUCKET}/run", fake_gcs / "bucket" / "run"
   cfg = config.default_config()
@@ -237,10 +239,10 @@ def test_precompute_to_gs_is_byte_identical_and_trains(fake_gcs, tmp_path):
   downloaded once into the cache directory) read it back."""
   import jax
   import numpy as np
-
-  from jaxdistill import precompute
-  from jaxdistill.data import cache_writer, cached
   from test_cache import _cache_config, _config
+
+  from jaxdistill.data import cache_writer, cached
+  from jaxdistill.precompute import text as precompute
 
   cfg = _config()
   cfg.cache_dir = str(tmp_path / "cache")

@@ -1,12 +1,12 @@
 """Config loading, overrides and every user mistake -> a ConfigError naming the key."""
 
 import pytest
-
-from jaxdistill import config as config_lib, validate
-from jaxdistill.errors import ConfigError
-from jaxdistill.sharding import mesh_shape
-
 from conftest import ROOT
+
+from jaxdistill import config as config_lib
+from jaxdistill.config import validate
+from jaxdistill.errors import ConfigError
+from jaxdistill.parallel.sharding import mesh_shape
 
 CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
@@ -14,7 +14,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
   if hasattr(config_lib.config_module(str(path)), "get_pipeline"):  # jaxdistill pipeline's
-    from jaxdistill import pipeline
+    from jaxdistill.compress import pipeline
 
     spec = pipeline.load(str(path))
     for stage in spec["stages"]:
@@ -163,7 +163,7 @@ def test_mesh_that_does_not_fit_is_an_error(sizes, devices, key):
 
 def _validate(**changes):
   """validate.validate of default_config() with dotted-key changes."""
-  from jaxdistill import validate
+  from jaxdistill.config import validate
 
   cfg = config_lib.default_config()
   for key, value in changes.items():
@@ -213,7 +213,7 @@ def test_eps_default_is_optax_default_and_reaches_adam():
   import jax.numpy as jnp
   import optax
 
-  from jaxdistill import train as train_lib
+  from jaxdistill.train import step as train_lib
 
   optim = config_lib.default_config().optim
   assert optim.eps == inspect.signature(optax.adamw).parameters["eps"].default
@@ -232,7 +232,7 @@ def test_eps_default_is_optax_default_and_reaches_adam():
 
 @pytest.mark.parametrize("kind", ["constant", "cosine"])
 def test_lr_at_step_0_without_warmup_is_the_configured_lr(kind):
-  from jaxdistill import train as train_lib
+  from jaxdistill.train import step as train_lib
 
   optim = config_lib.default_config().optim
   optim.update(lr_schedule=kind, warmup_steps=0, lr=3e-3)
@@ -249,7 +249,7 @@ def test_one_constant_lr_step_without_warmup_changes_the_params(tiny_config):
   import jax
   import numpy as np
 
-  from jaxdistill import loop
+  from jaxdistill.train import loop
 
   cfg = tiny_config
   cfg.teacher.source = "none"

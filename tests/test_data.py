@@ -9,8 +9,8 @@ import sys
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT
+
 from jaxdistill import data as data_lib
 from jaxdistill.config import default_config
 from jaxdistill.data import corpora
@@ -279,7 +279,7 @@ class _DocIdTokenizer:
 def _long_doc_stream(interleave, shuffle_rows=0, seq_len=8, docs=8, rows_per_doc=12):
   """The training stream of ``docs`` documents of exactly ``rows_per_doc`` rows each, batches
   of 4."""
-  from jaxdistill.data import pipeline
+  from jaxdistill.data import text as pipeline
 
   texts = [str(k) * rows_per_doc * seq_len for k in range(docs)]  # inputs: the text's tokens
   cfg = default_config()
@@ -334,7 +334,7 @@ def test_interleave_with_the_real_tokenizer_resumes(tmp_path):
 
 @pytest.mark.parametrize("bad", [-1, 5000])
 def test_bad_interleave_is_a_clear_error(bad):
-  from jaxdistill import validate
+  from jaxdistill.config import validate
 
   cfg = default_config()
   cfg.data.interleave = bad

@@ -46,7 +46,8 @@ def _smoke_config():
 
 def _student_target(cfg, mesh):
   """ShapeDtypeStructs (with shardings on ``mesh``) of the student's params."""
-  from jaxdistill import models, precision
+  from jaxdistill import models
+  from jaxdistill.parallel import precision
 
   policy = precision.parse_policy(cfg.student.policy, "student.policy")
   student = models.build(cfg.student, policy, "student")
@@ -62,7 +63,7 @@ def _flat_numpy(tree) -> dict[str, np.ndarray]:
 
 
 def _train_cli(workdir: str, *extra: str) -> int:
-  from jaxdistill import cli
+  from jaxdistill.cli import commands as cli
 
   return cli.main(
     ["train", "--config", str(ROOT / "configs" / "smoke.py"), "--workdir", workdir]
@@ -83,7 +84,8 @@ def _two_process_job(workdir: str, reference: str, out: str, resume_dir: str) ->
   import jax
   from jax.experimental import multihost_utils
 
-  from jaxdistill import checkpoint, sharding
+  from jaxdistill.parallel import sharding
+  from jaxdistill.train import checkpoint
 
   cfg = _smoke_config()
   params = checkpoint.load_params(reference, _student_target(cfg, sharding.make_mesh(cfg.mesh)))
@@ -105,7 +107,7 @@ def _args(**kw):
 
 
 def test_flags_beat_environment_and_nothing_means_one_process():
-  from jaxdistill import distributed
+  from jaxdistill.parallel import distributed
 
   assert distributed.resolve(_args(), {}).source == "none"
   env = {"JAX_COORDINATOR_ADDRESS": "h:1", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
@@ -126,8 +128,8 @@ def test_flags_beat_environment_and_nothing_means_one_process():
 
 
 def test_clusters_are_detected_from_their_environment():
-  from jaxdistill import distributed
   from jaxdistill.errors import JaxdistillError
+  from jaxdistill.parallel import distributed
 
   slurm = {
     "SLURM_JOB_ID": "7",
@@ -167,8 +169,8 @@ def test_clusters_are_detected_from_their_environment():
   ],
 )
 def test_incomplete_or_bad_settings_name_what_to_set(env, words):
-  from jaxdistill import distributed
   from jaxdistill.errors import JaxdistillError
+  from jaxdistill.parallel import distributed
 
   with pytest.raises(JaxdistillError) as e:
     distributed.resolve(_args(), env)
@@ -225,7 +227,8 @@ def test_data_shards_are_disjoint_cover_the_batch_and_resume():
 def test_two_processes_train_exactly_like_one(tmp_path):
   import jax
 
-  from jaxdistill import checkpoint, loop, metrics, sharding
+  from jaxdistill.parallel import sharding
+  from jaxdistill.train import checkpoint, loop, metrics
 
   assert jax.process_count() == 1 and jax.device_count() == 8
   cfg = _smoke_config()

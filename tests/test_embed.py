@@ -8,8 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import cli, embed, losses
+from jaxdistill.cli import commands as cli
+from jaxdistill.distill import losses
 from jaxdistill.errors import ConfigError
+from jaxdistill.evaluation import embed
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 BERT = os.path.join(FIXTURES, "bert_tiny")
@@ -57,8 +59,12 @@ def _encoder_cfg(num_layers: int = 1):
 @pytest.mark.slow
 def test_encoder_run_pieces_hf_teacher_student_init_and_losses():
   """What `jaxdistill train` does with an encoder, piece by piece (no compiled step)."""
-  from jaxdistill import objective, precision, sharding as sharding_lib, teacher as teacher_lib
-  from jaxdistill import models, validate
+  from jaxdistill import models
+  from jaxdistill.config import validate
+  from jaxdistill.distill import objective
+  from jaxdistill.parallel import precision
+  from jaxdistill.parallel import sharding as sharding_lib
+  from jaxdistill.train import teacher as teacher_lib
 
   cfg = _encoder_cfg()
   validate.validate(cfg)
@@ -99,8 +105,8 @@ def test_embed_and_export_a_workdir(tmp_path):
   """A finished run's workdir (config.json, final_params/, tokenizer.json) embeds and exports."""
   import json
 
-  from jaxdistill import checkpoint
   from jaxdistill.models import hf
+  from jaxdistill.train import checkpoint
 
   cfg = _encoder_cfg(num_layers=2)
   work = tmp_path / "work"
@@ -199,8 +205,8 @@ def test_embed_cuts_sentences_where_sentence_transformers_does(tmp_path):
   from it, and that workdir's export (before: the workdir used the model's max_len)."""
   import json
 
-  from jaxdistill import checkpoint
   from jaxdistill.models import hf
+  from jaxdistill.train import checkpoint
 
   model = tmp_path / "hf"
   shutil.copytree(BERT, model)

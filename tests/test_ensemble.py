@@ -6,8 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import config, ensemble, objective, precision, run as run_lib, sharding, validate
+from jaxdistill import config
+from jaxdistill.config import validate
+from jaxdistill.distill import ensemble, objective
 from jaxdistill.errors import ConfigError, JaxdistillError
+from jaxdistill.parallel import precision, sharding
+from jaxdistill.train import run as run_lib
 
 B, T, V, TAU = 2, 8, 48, 2.0
 
@@ -287,8 +291,9 @@ def test_precompute_stores_the_mixtures_top_k(tmp_path):
   NumPy from each teacher's logits), records both teachers, and trains a student."""
   from array_record.python import array_record_module
 
-  from jaxdistill import models, precompute
+  from jaxdistill import models
   from jaxdistill.data import cached
+  from jaxdistill.precompute import text as precompute
 
   c = config.default_config()
   small = dict(vocab_size=64, num_layers=1, num_heads=2, d_ff=64, max_len=16)
@@ -335,7 +340,7 @@ def test_precompute_stores_the_mixtures_top_k(tmp_path):
 
 
 def test_precompute_refuses_a_losses_ensemble():
-  from jaxdistill import precompute
+  from jaxdistill.precompute import text as precompute
 
   c = _run_cfg("losses", True, 2)
   with pytest.raises(ConfigError, match="distill.ensemble"):
@@ -349,8 +354,9 @@ def test_ensemble_config_pretrains_both_teachers_and_resumes(tmp_path):
   trains nothing again."""
   import json
 
-  from jaxdistill import cli
   from conftest import ROOT
+
+  from jaxdistill.cli import commands as cli
 
   workdir = tmp_path / "ensemble"
   argv = ["train", "--config", f"{ROOT}/configs/ensemble.py:test", "--workdir", str(workdir)]
@@ -372,8 +378,9 @@ def test_ensemble_config_pretrains_both_teachers_and_resumes(tmp_path):
 def test_image_classifier_ensemble_runs_and_names_feature_teachers():
   """Two ResNet teachers (BatchNorm, inference mode) of different widths: "probs" over class
   logits, the feature map read from teacher 1 through a projection to its channels."""
-  from jaxdistill.config import load_config
   from conftest import ROOT
+
+  from jaxdistill.config import load_config
 
   c = load_config(str(ROOT / "configs" / "smoke_vision.py"))
   c.optim.steps, c.mesh.data = 2, 1

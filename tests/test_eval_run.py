@@ -6,11 +6,13 @@ import json
 import jax
 import numpy as np
 import pytest
-
 from conftest import ROOT
-from jaxdistill import cli, evaluate, sharding
+
+from jaxdistill.cli import commands as cli
 from jaxdistill.data.synthetic import SyntheticData
+from jaxdistill.evaluation import evaluate
 from jaxdistill.models.transformer import Transformer, TransformerConfig
+from jaxdistill.parallel import sharding
 
 
 def _log_softmax(z):
@@ -99,7 +101,8 @@ def test_encoder_cosine_to_the_teacher_matches_numpy():
 
 
 def _train_smoke(workdir, steps=4):
-  from jaxdistill import config as config_lib, loop
+  from jaxdistill import config as config_lib
+  from jaxdistill.train import loop
 
   overrides = dict(optim__steps=str(steps), ckpt__every="2", ckpt__async_save="false")
   overrides.update(log__progress="false", eval__batches="2")
@@ -152,7 +155,8 @@ def test_eval_of_a_run_final_and_checkpoint_agree_and_bad_input_is_one_line(tmp_
 
 @pytest.mark.slow
 def test_eval_on_other_text_refuses_a_different_tokenizer(tmp_path, capsys):
-  from jaxdistill import config as config_lib, loop
+  from jaxdistill import config as config_lib
+  from jaxdistill.train import loop
 
   cfg = config_lib.load_config(str(ROOT / "configs" / "quickstart.py") + ":baseline,test")
   cfg.optim.steps, cfg.log.progress, cfg.cache_dir = 2, False, str(tmp_path / "cache")

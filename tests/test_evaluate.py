@@ -4,9 +4,10 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistill import evaluate, sharding
 from jaxdistill.data.synthetic import SyntheticData
+from jaxdistill.evaluation import evaluate
 from jaxdistill.models.transformer import Transformer, TransformerConfig
+from jaxdistill.parallel import sharding
 
 
 def _log_softmax(z):

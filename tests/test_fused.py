@@ -5,11 +5,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxdistill import config as config_lib
-from jaxdistill import fused, objective, sharding, validate
+from jaxdistill.config import validate
+from jaxdistill.distill import fused, objective
 from jaxdistill.errors import ConfigError
+from jaxdistill.parallel import sharding
 
 # --- float64 reference (dense logits, written independently of fused.py and losses.py) ---
 

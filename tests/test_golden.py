@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 from conftest import ROOT
-
 from golden import cases
 
 with open(cases.GOLDEN, encoding="utf-8") as f:
@@ -34,7 +33,8 @@ def test_run_reproduces_golden_metrics_and_params(name):
 def test_checkpoint_of_an_earlier_main_restores_and_continues(tmp_path):
   import jax
 
-  from jaxdistill import config as config_lib, loop, metrics
+  from jaxdistill import config as config_lib
+  from jaxdistill.train import loop, metrics
 
   work = tmp_path / "run"
   shutil.copytree(ROOT / "tests" / "fixtures" / "ckpt_main", work)

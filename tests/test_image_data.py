@@ -9,8 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from jaxdistill import data as data_lib
-from jaxdistill import validate
-from jaxdistill.config import default_config
+from jaxdistill.config import default_config, validate
 from jaxdistill.data import augment, digits, image_sources, images
 from jaxdistill.errors import ConfigError, JaxdistillError
 

@@ -1,4 +1,4 @@
-"""Precomputed class logits of image classifiers (jaxdistill/precompute_images.py,
+"""Precomputed class logits of image classifiers (jaxdistill/precompute/images.py,
 data/cached_images.py): the stored logits are the teacher's inference-mode forward on the
 un-augmented images, a student trained from them matches one trained with the online teacher
 on the same batches, byte-identical resume, --verify, the CLI, and bad input."""
@@ -11,12 +11,18 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistill import cli, evaluate, loop, models, objective, precision, precompute
-from jaxdistill import precompute_images, sharding, validate
 from jaxdistill import data as data_lib
-from jaxdistill.config import default_config
+from jaxdistill import models
+from jaxdistill.cli import commands as cli
+from jaxdistill.config import default_config, validate
 from jaxdistill.data import cache_writer, cached, cached_images, image_sources
+from jaxdistill.distill import objective
 from jaxdistill.errors import ConfigError, JaxdistillError
+from jaxdistill.evaluation import evaluate
+from jaxdistill.parallel import precision, sharding
+from jaxdistill.precompute import images as precompute_images
+from jaxdistill.precompute import text as precompute
+from jaxdistill.train import loop
 
 # 3 synthetic classes: 3,000 training images of 8x8x3; shards of 1024, 1024, 952.
 IMAGE = dict(num_classes=3, image_size=8, image_channels=3)

@@ -1,4 +1,4 @@
-"""Latency and size (jaxdistill/latency.py): timing against models of known duration, the
+"""Latency and size (jaxdistill/evaluation/latency.py): timing against models of known duration, the
 statistics against NumPy on a scripted clock, compiled memory against known array sizes, and
 the eval JSON's "latency" block for a tiny transformer, encoder and CNN."""
 
@@ -11,9 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import latency, models, sharding
+from jaxdistill import models
 from jaxdistill.config import default_config
-from jaxdistill.precision import parse_policy
+from jaxdistill.evaluation import latency
+from jaxdistill.parallel import sharding
+from jaxdistill.parallel.precision import parse_policy
 
 # --- measure ----------------------------------------------------------------------------------
 

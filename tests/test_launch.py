@@ -18,7 +18,6 @@ import threading
 import time
 
 import pytest
-
 from conftest import ROOT
 
 LOCAL = ROOT / "launch" / "local.py"

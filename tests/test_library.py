@@ -7,8 +7,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import loop, sharding, teacher as teacher_lib
 from jaxdistill.errors import ConfigError, JaxdistillError
+from jaxdistill.parallel import sharding
+from jaxdistill.train import loop
+from jaxdistill.train import teacher as teacher_lib
 
 
 def _cfg(tiny_config):

@@ -3,7 +3,7 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # noqa: E702,E501
 
-"""Tests for jaxdistill.losses against independent float64 NumPy references.
+"""Tests for jaxdistill.distill.losses against independent float64 NumPy references.
 
 Shape legend: B batch, T length, V vocab, H heads, K head dim, D width.
 """
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import layer_maps, losses
+from jaxdistill.distill import layer_maps, losses
 
 B, T, V, H = 2, 5, 11, 3
 RTOL, ATOL = 1e-5, 1e-6

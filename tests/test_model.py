@@ -10,10 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
-from jaxdistill.models.layers import Norm, apply_rope
 from jaxdistill.models.flops import flops_per_token
+from jaxdistill.models.layers import Norm, apply_rope
 from jaxdistill.models.transformer import Transformer, TransformerConfig, count_params
 
 V, D, L, H, F, MAXLEN = 64, 16, 2, 2, 32, 16
@@ -322,7 +323,7 @@ def test_count_params_and_flops():
 
 
 # The project's one rules table: the test checks the model against what runs.
-from jaxdistill.sharding import LOGICAL_RULES as RULES  # noqa: E402
+from jaxdistill.parallel.sharding import LOGICAL_RULES as RULES  # noqa: E402
 
 
 @pytest.mark.slow
@@ -370,8 +371,9 @@ def _paths(tree) -> dict[str, tuple]:
 
 
 def test_build_picks_the_encoder_module_with_the_encoder_param_paths():
-  from jaxdistill import models, precision
+  from jaxdistill import models
   from jaxdistill.models import bert, hf
+  from jaxdistill.parallel import precision
 
   policy = precision.parse_policy("p=f32", "student.policy")
   encoder = models.build(ENCODER_SECTION, policy, "student")
@@ -397,7 +399,8 @@ def test_build_picks_the_encoder_module_with_the_encoder_param_paths():
 @pytest.mark.slow
 def test_apply_and_variables_on_a_mesh():
   """create_variables == unsharded init, in the shardings abstract_variables promises."""
-  from jaxdistill import models, sharding as sharding_lib
+  from jaxdistill import models
+  from jaxdistill.parallel import sharding as sharding_lib
 
   model = Transformer(config(tie_embeddings=False))
   mesh = sharding_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})

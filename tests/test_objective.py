@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from jaxdistill import config as config_lib
-from jaxdistill import objective, sparse, validate
+from jaxdistill.config import validate
+from jaxdistill.distill import objective, sparse
 
 
 def _cfg(**distill):
@@ -142,7 +143,7 @@ def test_sparse_kind_with_its_weight_off_trains_on_ce(tiny_config):
   the dense heads as an unknown kind and crash)."""
   import jax
 
-  from jaxdistill import loop
+  from jaxdistill.train import loop
 
   cfg = tiny_config
   cfg.distill.logit.update(kind="topk_tail", weight=0.0)

@@ -9,9 +9,11 @@ import sys
 import time
 
 import pytest
-
 from conftest import ROOT
-from jaxdistill import cli_compress, pipeline, pipeline_spec
+
+from jaxdistill.cli import compress as cli_compress
+from jaxdistill.compress import pipeline
+from jaxdistill.compress import stages as pipeline_spec
 from jaxdistill.config import default_config
 from jaxdistill.errors import ConfigError, JaxdistillError
 
@@ -124,7 +126,7 @@ def _losses(workdir):
 def test_killed_pipeline_resumes_exactly_and_skips_finished_stages(tmp_path):
   """SIGKILL during the `recover` distil stage (after its first checkpoint); the rerun skips
   teacher / blocks / prune, resumes recover bitwise, finishes, reports every stage."""
-  from jaxdistill import loop
+  from jaxdistill.train import loop
 
   w = tmp_path / "p"
   args = ["pipeline", "--config", "configs/progressive.py:test", "--workdir", str(w)]

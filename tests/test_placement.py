@@ -1,4 +1,4 @@
-"""Teacher placement (``teacher.rules``, jaxdistill/placement.py): the rules parse and are
+"""Teacher placement (``teacher.rules``, jaxdistill/parallel/placement.py): the rules parse and are
 validated against the mesh; a step with the teacher's own rules computes what the step with
 the student's rules computes, and its compiled per-device memory moves by exactly the
 teacher's bytes per device."""
@@ -7,8 +7,13 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistill import latency, loop, models, placement, sharding, teacher as teacher_lib, train
+from jaxdistill import models
 from jaxdistill.errors import ConfigError
+from jaxdistill.evaluation import latency
+from jaxdistill.parallel import placement, sharding
+from jaxdistill.train import loop
+from jaxdistill.train import step as train
+from jaxdistill.train import teacher as teacher_lib
 
 _STEPS: dict = {}
 

@@ -8,12 +8,16 @@ import numpy as np
 import pytest
 from conftest import ROOT
 
-from jaxdistill import checkpoint, config as config_lib, loop, precision, sharding, validate
-from jaxdistill import data as data_lib, teacher as teacher_lib
+from jaxdistill import config as config_lib
+from jaxdistill import data as data_lib
+from jaxdistill.config import validate
 from jaxdistill.errors import ConfigError
-from jaxdistill.run import model_of
 from jaxdistill.models.layers import FP8_STATE, EinsumDense
 from jaxdistill.models.transformer import TransformerConfig
+from jaxdistill.parallel import precision, sharding
+from jaxdistill.train import checkpoint, loop
+from jaxdistill.train import teacher as teacher_lib
+from jaxdistill.train.run import model_of
 
 
 def _small(cfg):

@@ -60,7 +60,9 @@ def one_process(tmp_path_factory) -> dict[str, bytes]:
   """The cache 1 process with 1 device writes (here, in the test process), as bytes by name."""
   import jax
 
-  from jaxdistill import config, precompute, validate
+  from jaxdistill import config
+  from jaxdistill.config import validate
+  from jaxdistill.precompute import text as precompute
 
   out = tmp_path_factory.mktemp("one")
   overrides = [tuple(o.removeprefix("--config.").split("=", 1)) for o in OVERRIDES]
@@ -87,7 +89,7 @@ def _dying_job(die_at: int, argv: list[str]) -> int:
   """One process of the killed job: ``jaxdistill precompute``, except that process 1 SIGKILLs
   itself once shard ``die_at``'s rows are queued for writing (its ``.partial`` file open), before
   the shard is finished. A kill at a chosen point, so the test never races the job."""
-  from jaxdistill import cli
+  from jaxdistill.cli import commands as cli
   from jaxdistill.data import cache_writer
 
   if os.environ["JAX_PROCESS_ID"] == "1":

@@ -14,12 +14,18 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistill import config as config_lib, eval_run, evaluate, models, prune_run, sharding
-from jaxdistill import validate, workdir
+from jaxdistill import config as config_lib
+from jaxdistill import models
+from jaxdistill.compress import prune_job as prune_run
+from jaxdistill.config import validate
 from jaxdistill.errors import ConfigError, JaxdistillError
+from jaxdistill.evaluation import evaluate
+from jaxdistill.evaluation import job as eval_run
 from jaxdistill.models import prune, prune_scores, surgery
-from jaxdistill.models.config import TransformerConfig
+from jaxdistill.models.transformer_config import TransformerConfig
 from jaxdistill.models.vision_config import VisionConfig
+from jaxdistill.parallel import sharding
+from jaxdistill.train import workdir
 
 T = 8
 
@@ -351,7 +357,7 @@ def _source_run(tmp_path, student):
 
 
 def _f32():
-  from jaxdistill import precision
+  from jaxdistill.parallel import precision
 
   return precision.parse_policy("p=f32,c=f32,o=f32", "student.policy")
 
@@ -396,7 +402,8 @@ def test_prune_workdir_writes_a_run_whose_model_loads_and_computes_the_same(tmp_
 
 @pytest.mark.slow
 def test_a_pruned_workdir_starts_a_distillation_and_teaches_one(tmp_path, capsys):
-  from jaxdistill import cli, loop
+  from jaxdistill.cli import commands as cli
+  from jaxdistill.train import loop
 
   cfg, src, _, _ = _source_run(tmp_path, TIED)
   dst = str(tmp_path / "dst")

@@ -10,7 +10,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-
 # The 8 fake devices of the test session as one data-parallel mesh for `eval`.
 ONE_MESH = [("mesh.data", "-1")]
 
@@ -124,7 +123,7 @@ def test_int8_dot_general_is_exact_int32_and_equals_dequantised_float():
 
 def test_policy_parsing_and_errors():
   from jaxdistill.errors import ConfigError
-  from jaxdistill.precision import parse_policy
+  from jaxdistill.parallel.precision import parse_policy
 
   p = parse_policy("p=f32,c=int8", "student.policy")
   assert p.int8 == "symmetric" and not p.fp8 and p.compute_dtype == jnp.float32
@@ -150,8 +149,8 @@ def _tiny_qat(tiny_config, act="symmetric"):
 
 
 def test_teacher_int8_is_a_config_error(tiny_config):
-  from jaxdistill import loop
   from jaxdistill.errors import ConfigError
+  from jaxdistill.train import loop
 
   tiny_config.teacher.policy = "p=f32,c=int8"
   with pytest.raises(ConfigError, match="teacher.policy"):
@@ -162,7 +161,9 @@ def test_teacher_int8_is_a_config_error(tiny_config):
 def test_qat_scales_survive_a_checkpoint_and_int8_export(tiny_config, tmp_path):
   """A QAT distillation: calibrated scales in model_state, finite losses, unchanged by the
   steps, restored bitwise from the checkpoint; W/int8 computes what the QAT student does."""
-  from jaxdistill import checkpoint, loop, models, quantize
+  from jaxdistill import models
+  from jaxdistill.compress import ptq as quantize
+  from jaxdistill.train import checkpoint, loop
 
   cfg = _tiny_qat(tiny_config)
   cfg.ckpt.every = 1
@@ -193,7 +194,7 @@ def test_qat_scales_survive_a_checkpoint_and_int8_export(tiny_config, tmp_path):
   got = np.asarray(logits(module)(variables, batch))
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
   # `jaxdistill eval` of a c=int8 run measures that int8 model.
-  from jaxdistill import eval_run
+  from jaxdistill.evaluation import job as eval_run
 
   result = eval_run.evaluate_workdir(workdir, overrides=ONE_MESH, name="v", batches=2)
   assert result["params_source"] == "int8" and np.isfinite(result["models"]["student"]["val_loss"])
@@ -203,9 +204,13 @@ def test_qat_scales_survive_a_checkpoint_and_int8_export(tiny_config, tmp_path):
 def test_qat_cnn_steps_and_ptq_of_a_float_student(tiny_config, tmp_path):
   """A CNN student distils under c=int8 (asymmetric) with finite losses; PTQ of a float CNN
   run writes int8 files whose model evaluates close to the float one with int32 convs."""
-  from jaxdistill import eval_run, evaluate, loop, quantize, teacher as teacher_lib
+  from jaxdistill.compress import ptq as quantize
   from jaxdistill.errors import JaxdistillError
+  from jaxdistill.evaluation import evaluate
+  from jaxdistill.evaluation import job as eval_run
   from jaxdistill.models import quant
+  from jaxdistill.train import loop
+  from jaxdistill.train import teacher as teacher_lib
 
   image = dict(arch="cnn", cnn_channels="4,8", cnn_fc=16, num_classes=10, image_size=8)
   cfg = tiny_config

@@ -7,9 +7,10 @@ import sys
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
-from jaxdistill import config as config_lib, quickstart
+
+from jaxdistill import config as config_lib
+from jaxdistill import quickstart
 from jaxdistill.errors import JaxdistillError
 
 MODELS = ("teacher", "kd_student", "ce_student")

@@ -9,9 +9,11 @@ import struct
 import numpy as np
 import pytest
 
-from jaxdistill import cli, report, report_plots
+from jaxdistill.cli import commands as cli
 from jaxdistill.config import default_config
-from jaxdistill.report_table import pareto_front
+from jaxdistill.report import plots as report_plots
+from jaxdistill.report import write as report
+from jaxdistill.report.table import pareto_front
 
 TEXT_TERMS = {"task/ce": 4.0, "distill/kl": 2.0, "distill/hidden": 1.0}
 VISION_TERMS = {"task/ce": 2.0, "distill/kl": 8.0}

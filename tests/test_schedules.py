@@ -3,14 +3,14 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # noqa: E702,E501
 
-"""Tests for jaxdistill.schedules against closed forms computed in float64 NumPy."""
+"""Tests for jaxdistill.distill.schedules against closed forms computed in float64 NumPy."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill.schedules import VALID_FORMS, parse_schedule, value_range
+from jaxdistill.distill.schedules import VALID_FORMS, parse_schedule, value_range
 
 TOTAL = 1000
 STEPS = [0, 1, 123, 250, 500, 750, 999, 1000, 1500]

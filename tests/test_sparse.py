@@ -1,4 +1,4 @@
-"""Sparse teacher targets (jaxdistill/sparse.py) against float64 NumPy references: top-k with a
+"""Sparse teacher targets (distill/sparse.py) against float64 NumPy references: top-k with a
 tail bucket converges to the dense KL and is exact at k = V; sampled targets are an unbiased
 estimate of the dense soft cross-entropy and of its gradient."""
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import sparse
+from jaxdistill.distill import sparse
 
 V = 32
 

@@ -6,7 +6,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import loop, objective as objective_lib, train as train_lib, validate
+from jaxdistill.config import validate
+from jaxdistill.distill import objective as objective_lib
+from jaxdistill.train import loop
+from jaxdistill.train import step as train_lib
 
 
 def _run(cfg, devices, steps=3):

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdistill import metrics as metrics_lib
+from jaxdistill.train import metrics as metrics_lib
 
 # --- an independent reader ---------------------------------------------------------------
 
@@ -152,7 +152,7 @@ def test_importing_metrics_does_not_import_tensorboardx():
   import subprocess
   import sys
 
-  code = "import sys, jaxdistill.metrics; print('tensorboardX' in sys.modules)"
+  code = "import sys, jaxdistill.train.metrics; print('tensorboardX' in sys.modules)"
   out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
   assert out.stdout.strip() == "False"
 
@@ -161,7 +161,7 @@ def test_importing_metrics_does_not_import_tensorboardx():
 
 
 def _train(cfg, workdir):
-  from jaxdistill import loop
+  from jaxdistill.train import loop
 
   cfg.distill.attention.update(weight=0.0, value_weight=0.0)  # KD + CE: a quicker compile
   cfg.distill.hidden.weight = 0.0
@@ -203,7 +203,8 @@ def test_tensorboard_off_writes_no_event_files(tiny_config, tmp_path):
 
 
 def test_log_tensorboard_is_a_boolean(tiny_config):
-  from jaxdistill import config, validate
+  from jaxdistill import config
+  from jaxdistill.config import validate
   from jaxdistill.errors import ConfigError
 
   assert config.default_config().log.tensorboard is True

@@ -13,12 +13,14 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxdistill import config as config_lib, loop, metrics
-from jaxdistill import objective as objective_lib, run as run_lib, throughput
+from jaxdistill import config as config_lib
+from jaxdistill.distill import objective as objective_lib
 from jaxdistill.models import flops as F
 from jaxdistill.models import module_for
-from jaxdistill.models.config import TransformerConfig
+from jaxdistill.models.transformer_config import TransformerConfig
 from jaxdistill.models.vision_config import VisionConfig
+from jaxdistill.train import loop, metrics, throughput
+from jaxdistill.train import run as run_lib
 
 # A tiny decoder: V=64, D=16, L=2, H=4 (K=4), F=32, SwiGLU; T=8.
 TINY = dict(vocab_size=64, d_model=16, num_layers=2, num_heads=4, d_ff=32, max_len=8)

@@ -1,4 +1,4 @@
-"""Tests for jaxdistill.vision_losses and jaxdistill.classify_metrics against float64 NumPy.
+"""Tests for distill.vision_losses and evaluation.classify against float64 NumPy.
 
 The references below are written independently of the implementation (loops over pooling
 windows, explicit per-example sums; the feature-map reference projects BEFORE pooling, the
@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import classify_metrics as cm
-from jaxdistill import vision_losses as vl
+from jaxdistill.distill import vision_losses as vl
+from jaxdistill.evaluation import classify as cm
 
 RTOL, ATOL = 2e-5, 1e-6
 # Row 2 is padding; denom deliberately differs from weights.sum() so a loss that takes its

@@ -10,10 +10,13 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from jaxdistill import config as config_lib, models, precision, sharding as sharding_lib
+from jaxdistill import config as config_lib
+from jaxdistill import models
 from jaxdistill.errors import ConfigError, JaxdistillError
 from jaxdistill.models import cnn, resnet
 from jaxdistill.models.vision_config import FieldError, VisionConfig
+from jaxdistill.parallel import precision
+from jaxdistill.parallel import sharding as sharding_lib
 
 F32 = precision.parse_policy("p=f32", "student.policy")
 TEACHER = dict(arch="cnn", cnn_channels="32,64", cnn_fc=512)
@@ -327,7 +330,7 @@ def test_vision_config_parses_channels_and_names_bad_fields():
 
 
 def test_pretrained_teacher_config_copies_the_vision_keys():
-  from jaxdistill import teacher
+  from jaxdistill.train import teacher
 
   cfg = config_lib.default_config()
   cfg.student.update(STUDENT)
@@ -342,7 +345,7 @@ def test_pretrained_teacher_config_copies_the_vision_keys():
 
 
 def test_checkpoint_refuses_a_changed_vision_shape():
-  from jaxdistill import checkpoint
+  from jaxdistill.train import checkpoint
 
   old = config_lib.default_config()
   old.student.update(STUDENT)

@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import ROOT
-from jaxdistill import config as config_lib, validate
+
+from jaxdistill import config as config_lib
+from jaxdistill.config import validate
 
 MODELS = ("teacher", "kd_student", "ce_student", "ce_student_equal_time")
 KEYS = ("accuracy", "top5_accuracy", "agreement", "kl_to_teacher", "ece", "images_per_s")
@@ -92,7 +93,7 @@ def test_cifar_configs_train_on_mocked_tfds_cifar10(arg, tmp_path):
   trained one."""
   import tensorflow_datasets as tfds
 
-  from jaxdistill import loop
+  from jaxdistill.train import loop
 
   overrides = [
     ("teacher.source", "random"),

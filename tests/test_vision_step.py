@@ -10,12 +10,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import ROOT
 from test_step import _assert_close  # the same leaf-by-leaf comparison
-from jaxdistill import loop, models, objective as objective_lib, sharding, validate
-from jaxdistill.config import default_config
+
+from jaxdistill import models
+from jaxdistill.config import default_config, validate
+from jaxdistill.distill import objective as objective_lib
 from jaxdistill.errors import ConfigError
+from jaxdistill.parallel import sharding
+from jaxdistill.train import loop
 
 IMAGE = dict(num_classes=10, image_size=8, image_channels=3)
 

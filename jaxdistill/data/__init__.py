@@ -23,12 +23,12 @@ from typing import Any
 
 import jax
 
-from jaxdistill.data.synthetic import SyntheticData, SyntheticIterator
 from jaxdistill.data.sources import (  # noqa: F401 (re-exported)
   DATA_SOURCES,
   IMAGE_SOURCES,
   TEXT_SOURCES,
 )
+from jaxdistill.data.synthetic import SyntheticData, SyntheticIterator
 
 
 def is_image_model(cfg: Any) -> bool:
@@ -46,7 +46,7 @@ def check(cfg: Any) -> None:
 
     images.check(cfg, jax.process_count())
   elif cfg.data.source in TEXT_SOURCES:
-    from jaxdistill.data import pipeline
+    from jaxdistill.data import text as pipeline
 
     pipeline.prepare(cfg)
   if cfg.teacher.source == "cache" and not is_image_model(cfg):  # images: checked above
@@ -60,7 +60,7 @@ def save_run_files(cfg: Any, workdir: str) -> None:
   if is_image_model(cfg):  # images need no tokenizer
     return
   if cfg.data.source in TEXT_SOURCES and jax.process_index() == 0:
-    from jaxdistill.data import pipeline
+    from jaxdistill.data import text as pipeline
 
     pipeline.save_tokenizer(pipeline.prepare(cfg), workdir)
 
@@ -89,7 +89,7 @@ def make_iterator(
 
     return cached.make_iterator(cfg, process_index, process_count)
   if d.source in TEXT_SOURCES:
-    from jaxdistill.data import pipeline
+    from jaxdistill.data import text as pipeline
 
     prepared = pipeline.prepare(cfg)
     build = pipeline.train_dataset if split == "train" else pipeline.eval_dataset

@@ -22,10 +22,10 @@ import threading
 import jax
 from array_record.python import array_record_module
 
-from jaxdistill import distributed, paths
+from jaxdistill import paths
 from jaxdistill.data import cached, cached_images
 from jaxdistill.errors import ConfigError, JaxdistillError
-
+from jaxdistill.parallel import distributed
 
 # Names precompute writes into --output (a teacher.source=pretrain teacher trains in teacher/).
 _OUR_NAME_RE = re.compile(

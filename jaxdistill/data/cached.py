@@ -1,6 +1,6 @@
 """Precomputed teacher targets on disk: the record format, the manifest, and training reads.
 
-A cache directory (written by ``jaxdistill precompute``, jaxdistill/precompute.py) holds::
+A cache directory (written by ``jaxdistill precompute``, jaxdistill/precompute/text.py) holds::
 
   manifest.json                   format version, teacher / tokenizer / dataset identity,
                                   layout (seq_len, packing, k, samples, dtypes), per shard
@@ -199,7 +199,7 @@ def data_identity(cfg: Any) -> dict:
     spec.update(vocab_size=cfg.student.vocab_size, batch_size=d.batch_size)
     fingerprint = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
     return {"tokenizer_hash": "none", "packing": "synthetic", "fingerprint": fingerprint}
-  from jaxdistill.data import pipeline
+  from jaxdistill.data import text as pipeline
 
   prepared = pipeline.prepare(cfg)
   return {
@@ -255,7 +255,7 @@ def check(cfg: Any) -> dict:
 
 def make_iterator(cfg: Any, process_index: int, process_count: int):
   """This process's endless, shuffled stream of [B_local, T(, ...)] batches from the cache."""
-  from jaxdistill.data import pipeline
+  from jaxdistill.data import text as pipeline
 
   manifest = check(cfg)
   layout = Layout(**manifest["layout"])

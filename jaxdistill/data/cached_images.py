@@ -1,6 +1,6 @@
 """Precomputed class logits of an image classifier: the on-disk format, its checks, and reads.
 
-An image model's ``jaxdistill precompute`` (jaxdistill/precompute_images.py) stores the
+An image model's ``jaxdistill precompute`` (jaxdistill/precompute/images.py) stores the
 teacher's FULL class logits of every training example, by example index, for the
 un-augmented image. A cache directory holds::
 
@@ -28,7 +28,6 @@ iterator state, shuffling and resume are those of the online pipeline.
 """
 
 import hashlib
-
 from typing import Any, Sequence
 
 import numpy as np

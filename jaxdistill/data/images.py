@@ -47,7 +47,7 @@ from grain import experimental as grain_exp
 
 from jaxdistill.data import augment, cached_images, image_sources
 from jaxdistill.data.corpora import cache_dir
-from jaxdistill.data.pipeline import GrainIterator
+from jaxdistill.data.text import GrainIterator
 from jaxdistill.errors import ConfigError, JaxdistillError
 
 # Bump when a change to the stages changes what a saved grain state means (see LMIterator).

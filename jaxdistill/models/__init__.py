@@ -33,9 +33,9 @@ from jaxdistill.models.api import (
   shape_keys,
   variable_shardings,
 )
-from jaxdistill.models.config import MODEL_KEYS, TransformerConfig, config_from_section
 from jaxdistill.models.flops import StepFlops, flops_per_example, flops_per_token, step_flops
 from jaxdistill.models.transformer import count_params
+from jaxdistill.models.transformer_config import MODEL_KEYS, TransformerConfig, config_from_section
 from jaxdistill.models.vision_config import (
   VISION_KEYS,
   VisionConfig,

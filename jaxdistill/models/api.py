@@ -27,17 +27,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill import sharding as sharding_lib
 from jaxdistill.errors import ConfigError
 from jaxdistill.models import bert, cnn, resnet, transformer
-from jaxdistill.models.config import MODEL_KEYS, TransformerConfig, config_from_section
+from jaxdistill.models.transformer_config import MODEL_KEYS, TransformerConfig, config_from_section
 from jaxdistill.models.vision_config import (
   ARCHS,
   VISION_KEYS,
   VisionConfig,
   vision_config_from_section,
 )
-from jaxdistill.precision import Policy
+from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.parallel.precision import Policy
 
 _VISION_MODULES = {"cnn": cnn.SimpleCNN, "resnet": resnet.ResNet, "wrn": resnet.WideResNet}
 # Transformer request keywords and the values a vision model accepts for them (the defaults).

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdistill.models import layers
-from jaxdistill.models.config import TransformerConfig, check_layers
+from jaxdistill.models.transformer_config import TransformerConfig, check_layers
 
 # sentence-transformers' clamps: mean-pooling token count and L2 norm.
 _COUNT_EPS = 1e-9

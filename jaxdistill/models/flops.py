@@ -36,7 +36,7 @@ import dataclasses
 from typing import Sequence
 
 from jaxdistill.models import cnn, resnet
-from jaxdistill.models.config import TransformerConfig
+from jaxdistill.models.transformer_config import TransformerConfig
 from jaxdistill.models.vision_config import VisionConfig
 
 # Elementwise work of the loss per entry of a [tokens, V] logit row (model FLOPs convention:

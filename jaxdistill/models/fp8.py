@@ -15,9 +15,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax.linen import fp8_ops
 
-from jaxdistill import sharding as sharding_lib
 from jaxdistill.models import api
-from jaxdistill.precision import freeze_fp8_scales
+from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.parallel.precision import freeze_fp8_scales
 
 
 def _update_fn(model: nn.Module) -> Any:

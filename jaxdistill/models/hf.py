@@ -44,11 +44,11 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for bf16 checkpoi
 import numpy as np
 from safetensors import safe_open
 
-from jaxdistill import sharding as sharding_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import api, bert, hf_maps
-from jaxdistill.models.config import MODEL_KEYS, TransformerConfig
 from jaxdistill.models.hf_maps import Source
+from jaxdistill.models.transformer_config import MODEL_KEYS, TransformerConfig
+from jaxdistill.parallel import sharding as sharding_lib
 
 DECODERS = ("llama", "mistral", "qwen2", "gpt2")
 ENCODERS = ("bert",)

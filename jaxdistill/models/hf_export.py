@@ -20,7 +20,7 @@ from safetensors.numpy import save_file
 
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import hf
-from jaxdistill.models.config import TransformerConfig
+from jaxdistill.models.transformer_config import TransformerConfig
 
 
 def hf_model_for(config: TransformerConfig):

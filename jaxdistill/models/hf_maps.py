@@ -9,7 +9,7 @@ it, so import and export cannot drift apart.
 
 import dataclasses
 
-from jaxdistill.models.config import TransformerConfig
+from jaxdistill.models.transformer_config import TransformerConfig
 
 
 @dataclasses.dataclass(frozen=True)

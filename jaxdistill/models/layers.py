@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax.linen import fp8_ops
 
-from jaxdistill.models.config import TransformerConfig
+from jaxdistill.models.transformer_config import TransformerConfig
 
 _INIT_STDDEV = 0.02
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from jaxdistill.errors import ConfigError
 from jaxdistill.models import api, surgery
-from jaxdistill.models.config import TransformerConfig
+from jaxdistill.models.transformer_config import TransformerConfig
 from jaxdistill.models.vision_config import VisionConfig
 
 # The target keys per model kind (also the config keys they change).

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdistill import losses
+from jaxdistill.distill import losses
 from jaxdistill.models import api, layers
 from jaxdistill.models.vision_config import VisionConfig
 

@@ -38,8 +38,8 @@ from qwix._src import averaging
 from qwix._src.core import qarray
 from qwix._src.utils import flax_util
 
-from jaxdistill import sharding as sharding_lib
 from jaxdistill.models.vision_config import VisionConfig
+from jaxdistill.parallel import sharding as sharding_lib
 
 COLLECTION = "quant_stats"
 ACTS = ("symmetric", "asymmetric")

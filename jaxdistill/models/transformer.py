@@ -27,17 +27,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill.models.config import TransformerConfig, check_layers
 from jaxdistill.models.layers import (
   ACT_LOGITS,
   ACT_RESIDUAL,
   Block,
   EinsumDense,
   Norm,
-  param_init,
   embed_lookup,
   make_attention_mask,
+  param_init,
 )
+from jaxdistill.models.transformer_config import TransformerConfig, check_layers
 
 
 class Transformer(nn.Module):

@@ -22,7 +22,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxdistill.errors import ConfigError
-from jaxdistill.precision import Policy
+from jaxdistill.parallel.precision import Policy
 
 ARCHS = ("cnn", "resnet", "wrn")
 # The config keys that describe an image classifier (a change makes its params unusable).

@@ -128,7 +128,8 @@ def cache_sampled():
 
   import jax
 
-  from jaxdistill import precompute, validate
+  from jaxdistill.config import validate
+  from jaxdistill.precompute import text as precompute
 
   cfg = _tiny()
   cfg.student.update(d_model=16, num_layers=1, d_ff=32)
@@ -208,7 +209,7 @@ def run_case(name: str) -> dict:
   """Runs one case in-process; returns {"steps": [metrics...], "params": sha256}."""
   import jax
 
-  from jaxdistill import loop
+  from jaxdistill.train import loop
 
   cfg, num_devices, steps = CASES[name]()
   # The loop's run builder validates the config itself; workdir-free, no checkpoint.
@@ -230,7 +231,7 @@ if __name__ == "__main__":
   sys.path.insert(0, ROOT)
   if "--write" not in sys.argv:
     sys.exit("usage: python tests/golden/cases.py --write  (re-records tests/golden/golden.json)")
-  from jaxdistill import validate
+  from jaxdistill.config import validate
 
   out = {}
   for case in CASES:

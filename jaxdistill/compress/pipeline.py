@@ -1,0 +1,330 @@
+"""``jaxdistill pipeline``: a progressive compression pipeline, run stage by stage, resumable.
+
+``run(config_path, W)`` loads ``get_pipeline()`` from the config file (the declaration and the
+actions are in ``pipeline_spec``), and runs each stage in its own workdir ``W/NN-name``:
+
+  train / distil   ``loop.train`` (a killed stage resumes from its last checkpoint exactly,
+                   as any ``jaxdistill train`` run does)
+  prune            ``prune_run.prune_workdir`` into ``W/NN-name.partial``, renamed when done
+  quantise         ``quantize.ptq_workdir`` (the same: written aside, then renamed)
+  export           an int8 bundle (int8 weights + scales, int8.json, config.json, tokenizer)
+                   or a Hugging Face directory (``models.hf_export``), written aside, renamed
+
+then evaluates it (``eval_run.evaluate_workdir``, against the original teacher so every stage
+is compared with the same model: ``W/NN-name/eval/pipeline.json``) and marks it done in
+``W/pipeline.json``. A rerun skips done stages, so a killed pipeline picks up where it stopped.
+When every stage is done, all models' forward latency is measured in one interleaved pass
+(``latency.model_latency``: the machine's speed drifts, so models are timed side by side) and
+written into their evaluations; ``W/report.md`` (+ ``report.json`` and PNGs:
+``report.write``) then puts every stage on the accuracy-latency curve with the Pareto front.
+
+``W/pipeline.json``: {"config", "arg", "stages": [{"name", "action", "dir", "status"
+("pending" | "done"), "seconds", "from" / "teacher" / "init", "metrics" (the student's
+evaluation), "size" (params, bytes), "latency_ms" {"batch_B": median}, "pareto"
+{"bytes" / "batch_B": on the front of quality against that cost}}], "complete", "report"}.
+"""
+
+import json
+import os
+import shutil
+import time
+from typing import Any, Sequence
+
+from jaxdistill import models
+from jaxdistill.compress import prune_job as prune_run
+from jaxdistill.compress import ptq as quantize
+from jaxdistill.compress import stages as pipeline_spec
+from jaxdistill.config import config_module, validate
+from jaxdistill.errors import ConfigError, JaxdistillError
+from jaxdistill.evaluation import job as eval_run
+from jaxdistill.evaluation import latency
+from jaxdistill.models import quant
+from jaxdistill.report import table as report_table
+from jaxdistill.report import write as report
+from jaxdistill.train import loop
+from jaxdistill.train import run as run_lib
+from jaxdistill.train import workdir as workdir_lib
+
+STATE_FILE = "pipeline.json"
+EVAL_NAME = "pipeline"
+REPORT_FILES = ("report.md", "report.json", "validation.png", "training_curves.png")
+
+
+def load(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> dict:
+  """The checked pipeline of a config file (``FILE`` or ``FILE:ARG``; ``pipeline_spec.check``)."""
+  path, arg = config_path, ""
+  if not os.path.isfile(path) and ":" in path:  # FILE:ARG, as ``config.load_config`` reads it
+    path, arg = path.rsplit(":", 1)
+  if not os.path.isfile(path):
+    raise ConfigError("--config", f"no such file {path!r}; e.g. configs/progressive.py")
+  module = config_module(path)
+  if not hasattr(module, "get_pipeline"):
+    raise ConfigError("--config", f"{path} defines no get_pipeline(); see configs/progressive.py")
+  spec = pipeline_spec.check(module.get_pipeline(*((arg,) if arg else ())), overrides)
+  spec.update(config=config_path, arg=arg)
+  return spec
+
+
+def _read_state(workdir: str, spec: dict) -> dict:
+  """W/pipeline.json, or a fresh one; a pipeline with other stages is an error."""
+  path = os.path.join(workdir, STATE_FILE)
+  names = [(s["name"], s["action"]) for s in spec["stages"]]
+  if os.path.isfile(path):
+    with open(path, encoding="utf-8") as f:
+      state = json.load(f)
+    if [(s["name"], s["action"]) for s in state["stages"]] != names:
+      raise JaxdistillError(
+        f"{path} records other stages {[s['name'] for s in state['stages']]}; use a new "
+        "--workdir for a changed pipeline"
+      )
+    return state
+  if os.path.exists(workdir) and os.listdir(workdir):
+    raise JaxdistillError(f"--workdir {workdir!r} is not empty and holds no {STATE_FILE}")
+  stages = [
+    {"name": n, "action": a, "dir": s["dir"], "status": "pending"}
+    for (n, a), s in zip(names, spec["stages"])
+  ]
+  return {"config": spec["config"], "arg": spec["arg"], "stages": stages, "complete": False}
+
+
+def _write_state(workdir: str, state: dict) -> None:
+  path = os.path.join(workdir, STATE_FILE)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(state, f, indent=2, sort_keys=True)
+  os.replace(path + ".tmp", path)
+
+
+def _dir(workdir: str, spec: dict, name: str) -> str:
+  return os.path.join(workdir, next(s["dir"] for s in spec["stages"] if s["name"] == name))
+
+
+def _copy_shape(section: Any, src_workdir: str, skip: tuple = ()) -> None:
+  """Sets ``section``'s model shape keys to the student's of run ``src_workdir``."""
+  src = eval_run.run_config(src_workdir).student
+  for key in models.shape_keys(src):
+    if key not in skip:
+      section[key] = src[key]
+
+
+def _stage_config(stage: dict, workdir: str, spec: dict) -> Any:
+  """A train / distil stage's run config with the pipeline's wiring applied."""
+  cfg = stage["config"]
+  if stage["action"] == "distil" and stage["teacher"]:
+    t_dir = _dir(workdir, spec, stage["teacher"])
+    _copy_shape(cfg.teacher, t_dir)
+    cfg.teacher.update(source="workdir", path=t_dir)
+  if stage.get("init"):
+    src = _dir(workdir, spec, stage["init"])
+    _copy_shape(cfg.student, src)
+    cfg.student.update(init_from=src, init_layers="")
+  validate.validate(cfg)
+  return cfg
+
+
+def _aside(dst: str) -> str:
+  """A clean ``dst.partial`` to write a stage into before renaming it to ``dst``."""
+  tmp = dst + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  return tmp
+
+
+def _export(src: str, dst: str, fmt: str) -> None:
+  cfg = eval_run.run_config(src)
+  is_int8 = bool(quant.is_int8(run_lib.model_of(cfg, "student")))
+  fmt = ("int8" if is_int8 else "hf") if fmt == "auto" else fmt
+  tmp = _aside(dst)
+  if fmt == "int8":
+    if not is_int8:
+      raise JaxdistillError(f"export format int8 needs an int8 stage; {src!r} is float")
+    shutil.copytree(os.path.join(src, workdir_lib.INT8_DIR), tmp)
+    for name in ("config.json", "tokenizer.json"):
+      if os.path.isfile(os.path.join(src, name)):
+        shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+  else:
+    from jaxdistill.models import hf_export
+
+    hfm, params = workdir_lib.load_workdir(src)
+    hf_export.export(params, hfm, tmp, tokenizer_dir=src)
+  os.replace(tmp, dst)
+
+
+def _run_action(stage: dict, workdir: str, spec: dict) -> None:
+  out = os.path.join(workdir, stage["dir"])
+  action = stage["action"]
+  if action in ("train", "distil"):
+    summary = loop.train(_stage_config(stage, workdir, spec), out)
+    if summary["preempted"]:
+      raise JaxdistillError(f"stage {stage['name']} was preempted; rerun to resume it")
+    return
+  if os.path.isdir(out):  # prune / quantise / export finished: renamed into place
+    return
+  src = _dir(workdir, spec, stage["from"])
+  if action == "prune":
+    tmp = _aside(out)
+    prune_run.prune_workdir(
+      src,
+      tmp,
+      stage["targets"],
+      calibration_batches=stage.get("calibration_batches", 8),
+      method=stage.get("method", "activation"),
+    )
+    os.replace(tmp, out)
+  elif action == "quantise":
+    shutil.rmtree(out + ".partial", ignore_errors=True)
+    quantize.ptq_workdir(
+      src, out, stage.get("calibration_batches", 8), stage.get("act", "symmetric")
+    )
+  else:
+    _export(src, out, stage.get("format", "auto"))
+
+
+def _evaluate(stage: dict, workdir: str, spec: dict) -> dict:
+  """The stage's evaluation against the original teacher (``W/NN-name/eval/pipeline.json``)."""
+  own = stage["name"] == spec["teacher"]  # the teacher itself: nothing to compare it with
+  teacher = _dir(workdir, spec, spec["teacher"]) if spec["teacher"] and not own else ""
+  out = os.path.join(workdir, stage["dir"])
+  result = eval_run.evaluate_workdir(out, name=EVAL_NAME, teacher_dir=teacher)
+  return {"metrics": result["models"]["student"], "size": result["size"]["student"]}
+
+
+def _timed_stages(state: dict) -> list[dict]:
+  return [s for s in state["stages"] if s["action"] != "export"]
+
+
+def final_stage(state: dict) -> dict:
+  """The pipeline's product: the stage the last export exports, else the last model stage."""
+  exports = [s for s in state["stages"] if s["action"] == "export"]
+  name = exports[-1]["from"] if exports else _timed_stages(state)[-1]["name"]
+  return next(s for s in state["stages"] if s["name"] == name)
+
+
+def _measure_latency(workdir: str, spec: dict, state: dict, repeats: int) -> None:
+  """Every evaluated stage's forward, timed in one interleaved pass; written into each
+  stage's evaluation (the ``latency`` block ``report`` reads) and into pipeline.json."""
+  entries, seq_len, first = {}, None, None
+  for s in _timed_stages(state):
+    cfg, module, variables = eval_run.load_student(os.path.join(workdir, s["dir"]))
+    entries[s["name"]] = (module, variables)
+    seq_len, first = seq_len or cfg.data.seq_len, first or module
+  batch_fn = lambda b: latency.example_batch(first, b, seq_len)  # noqa: E731
+  timed = latency.model_latency(entries, batch_fn, spec["batch_sizes"], repeats=repeats)
+  for s in _timed_stages(state):
+    path = os.path.join(workdir, s["dir"], "eval", EVAL_NAME + ".json")
+    with open(path, encoding="utf-8") as f:
+      result = json.load(f)
+    result["latency"] = {"batch_sizes": timed["batch_sizes"], "student": timed[s["name"]]}
+    with open(path, "w", encoding="utf-8") as f:
+      json.dump(result, f, indent=2, sort_keys=True)
+    s["latency_ms"] = {
+      f"batch_{b}": 1e3 * timed[s["name"]][f"batch_{b}"]["median_s"] for b in timed["batch_sizes"]
+    }
+
+
+def _report(workdir: str, spec: dict, state: dict) -> str:
+  """W/report.md (+ report.json, PNGs) of every evaluated stage, replacing an older one."""
+  runs = {s["name"]: os.path.join(workdir, s["dir"]) for s in _timed_stages(state)}
+  tmp = _aside(os.path.join(workdir, "report"))
+  done = report.write(runs, tmp, EVAL_NAME, extra_md=_stage_table(state))
+  for path in done["files"].values():
+    os.replace(path, os.path.join(workdir, os.path.basename(path)))
+  shutil.rmtree(tmp, ignore_errors=True)
+  return os.path.join(workdir, "report.md")
+
+
+def _quality(metrics: dict) -> tuple[str, bool]:
+  """The headline metric of a stage's evaluation and whether higher is better."""
+  return ("accuracy", True) if "val_loss" not in metrics else ("val_loss", False)
+
+
+def pareto_flags(state: dict) -> dict[str, dict[str, bool]]:
+  """Per evaluated stage: on the Pareto front of quality against bytes, and against the
+  median latency at each batch size (``report_table.pareto_front``)."""
+  rows = [s for s in state["stages"] if s.get("metrics")]
+  if not rows:
+    return {}
+  key, higher = _quality(rows[0]["metrics"])
+  costs = {"bytes": [s["size"]["bytes"] for s in rows]}
+  for b in rows[0].get("latency_ms", {}):
+    costs[b] = [s.get("latency_ms", {}).get(b) for s in rows]
+  flags = {s["name"]: {} for s in rows}
+  for cost, values in costs.items():
+    front = report_table.pareto_front(list(zip(values, [s["metrics"][key] for s in rows])), higher)
+    for s, on in zip(rows, front):
+      flags[s["name"]][cost] = on
+  return flags
+
+
+def _stage_table(state: dict) -> str:
+  """The stages in order (Markdown): what each did, its size, quality, latency, Pareto."""
+  flags = pareto_flags(state)
+  timed = [s for s in state["stages"] if s.get("metrics")]
+  key = _quality(timed[0]["metrics"])[0] if timed else "val_loss"
+  sizes = list(timed[0].get("latency_ms", {})) if timed else []
+  head = ["stage", "action", "from", "teacher", "params", "bytes", key]
+  head += [f"ms {b.replace('batch_', 'b=')}" for b in sizes]
+  head += ["Pareto (bytes / " + " / ".join(b.replace("batch_", "b=") for b in sizes) + ")"]
+  lines = ["## Stages", "", "| " + " | ".join(head + ["seconds"]) + " |"]
+  lines.append("|" + "---|" * (len(head) + 1))
+  for s in state["stages"]:
+    cells = [s["name"], s["action"], s.get("from") or s.get("init") or "", s.get("teacher") or ""]
+    if s.get("metrics"):
+      cells += [f"{s['size']['params']:,}", f"{s['size']['bytes']:,}", f"{s['metrics'][key]:.4f}"]
+      cells += [f"{s['latency_ms'].get(b, float('nan')):.3g}" for b in sizes]
+      on = flags.get(s["name"], {})
+      cells.append(" / ".join("yes" if on.get(c) else "no" for c in ["bytes", *sizes]))
+    else:
+      cells += [""] * (4 + len(sizes))
+    lines.append("| " + " | ".join(cells + [f"{s.get('seconds', 0):.0f}"]) + " |")
+  note = (
+    "\nPareto: no other stage is as good or better at a cost as low or lower, and strictly "
+    "better in one; costs: bytes of the weights (and scales), and median forward latency.\n"
+  )
+  return "\n".join(lines) + "\n" + note
+
+
+def run(
+  config_path: str,
+  workdir: str,
+  overrides: Sequence[tuple[str, str]] = (),
+  repeats: int = 20,
+  log=print,
+) -> dict:
+  """Runs (or resumes) the pipeline of ``config_path`` in ``workdir``.
+
+  Args:
+    config_path: a pipeline config file, ``FILE`` or ``FILE:ARG`` (``get_pipeline(ARG)``).
+    workdir: the pipeline's directory (new, or one this pipeline ran in before).
+    overrides: (dotted key, raw value) for every train / distil stage's config.
+    repeats: timed forward repeats per model and batch size.
+    log: where progress lines go.
+  Returns:
+    The state written to ``W/pipeline.json``.
+  """
+  spec = load(config_path, overrides)
+  state = _read_state(workdir, spec)
+  os.makedirs(workdir, exist_ok=True)
+  _write_state(workdir, state)
+  for stage, record in zip(spec["stages"], state["stages"]):
+    if record["status"] == "done":
+      log(f"stage {stage['name']}: done before, skipped")
+      continue
+    log(f"stage {stage['name']}: {stage['action']} -> {os.path.join(workdir, stage['dir'])}")
+    started = time.perf_counter()
+    _run_action(stage, workdir, spec)
+    for key in ("from", "teacher", "init"):
+      if stage.get(key):
+        record[key] = stage[key]
+    if stage["action"] != "export":
+      record.update(_evaluate(stage, workdir, spec))
+    record["seconds"] = record.get("seconds", 0.0) + time.perf_counter() - started
+    record["status"] = "done"
+    _write_state(workdir, state)
+  log("timing every stage's forward, interleaved")
+  _measure_latency(workdir, spec, state, repeats)
+  flags = pareto_flags(state)
+  for s in state["stages"]:
+    s["pareto"] = flags.get(s["name"])
+  state["report"] = _report(workdir, spec, state)
+  state["complete"] = True
+  _write_state(workdir, state)
+  return state

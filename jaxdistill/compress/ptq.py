@@ -1,0 +1,139 @@
+"""Post-training quantisation (PTQ) of a finished student, and int8 files read back.
+
+``ptq(W)`` is the baseline every int8 QAT student (``student.policy=...,c=int8``) is compared
+with: the float student of workdir ``W`` (its ``final_params``), its static activation scales
+calibrated on the first batches of a fresh training iterator (``models.quant.calibrate``), its
+projections converted to int8 weights + scales (``models.quant.quantize``), written like a QAT
+run's ``W/int8``: ``model.safetensors`` + ``int8.json`` (``models.quant.save``).
+
+``ptq_workdir(src, dst)`` makes that a workdir of its own (``jaxdistill quantize``): ``dst`` holds
+the source's config with ``c=int8`` in the student's policy, its tokenizer, ``int8/`` and
+``quantize.json``, so ``jaxdistill eval`` / ``report`` treat it like a QAT run (both are
+evaluated through their ``int8/`` directory).
+
+``load_int8(dir, mesh)`` reads either back as a module + variables that ``models.apply`` and
+``evaluate.evaluate`` run with ``int8 x int8 -> int32`` matmuls.
+"""
+
+import dataclasses
+import itertools
+import json
+import os
+import shutil
+
+import jax
+
+from jaxdistill import data as data_lib
+from jaxdistill import models
+from jaxdistill.errors import JaxdistillError
+from jaxdistill.evaluation import evaluate
+from jaxdistill.evaluation import job as eval_run
+from jaxdistill.models import quant
+from jaxdistill.parallel import precision
+from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.train import checkpoint
+from jaxdistill.train import workdir as workdir_lib
+
+PTQ_DIR = "int8_ptq"
+
+
+def ptq(
+  workdir: str,
+  out: str | None = None,
+  calibration_batches: int = 8,
+  act: str = "symmetric",
+  devices=None,
+) -> str:
+  """Post-training int8 quantisation of workdir ``W``'s student.
+
+  Args:
+    workdir: a finished ``jaxdistill train`` run (config.json, final_params/).
+    out: the output directory (default ``W/int8_ptq``).
+    calibration_batches: training batches that set the static activation scales.
+    act: "symmetric" or "asymmetric" activations.
+    devices: the devices of the run's mesh (default: all).
+  Returns:
+    The output directory (``model.safetensors`` + ``int8.json``).
+  """
+  cfg = eval_run.run_config(workdir)
+  act = precision.INT8_ACTS.get(act, act)
+  if act not in quant.ACTS:
+    raise ValueError(f"act={act!r}: choose symmetric or asymmetric")
+  mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+  policy = precision.parse_policy(cfg.student.policy, "student.policy")
+  policy = dataclasses.replace(policy, int8="", fp8=False)  # the float student
+  student = models.build(cfg.student, policy, "student")
+  path = os.path.join(workdir, checkpoint.FINAL_PARAMS)
+  variables, _ = evaluate.load_variables(student, path, mesh, cfg.data.seq_len)
+  qat = quant.qat_model(student, act)
+  abstract = models.abstract_variables(qat, mesh, cfg.data.seq_len)[quant.COLLECTION]
+  zeros = jax.tree.map(lambda a: jax.numpy.zeros(a.shape, a.dtype, device=a.sharding), abstract)
+  batches = itertools.islice(data_lib.make_iterator(cfg, "train"), calibration_batches)
+  stats = quant.calibrate(qat, {**variables, quant.COLLECTION: zeros}, batches, mesh)
+  _, int8_vars = quant.quantize(qat, {**variables, quant.COLLECTION: stats}, act, cfg.data.seq_len)
+  out = out or os.path.join(workdir, PTQ_DIR)
+  section = {k: cfg.student[k] for k in models.shape_keys(cfg.student)}
+  quant.save(out, int8_vars, section, act)
+  return out
+
+
+# Reading int8 files back lives with the workdir code, which ``eval_run`` (below this job) uses.
+load_int8 = workdir_lib.load_int8
+
+
+def ptq_workdir(
+  src_workdir: str,
+  dst_workdir: str,
+  calibration_batches: int = 8,
+  act: str = "symmetric",
+  devices=None,
+) -> dict:
+  """PTQ of ``src_workdir``'s student as a new workdir (see the module docstring).
+
+  Written into ``dst_workdir + ".partial"`` and renamed when complete, so a killed call leaves
+  no half workdir behind (a rerun starts over).
+
+  Args:
+    src_workdir: a finished float run (config.json, final_params/).
+    dst_workdir: a new directory (an existing non-empty one is an error).
+    calibration_batches: training batches that set the static activation scales.
+    act: "symmetric" or "asymmetric" activations.
+    devices: the devices of the run's mesh (default: all).
+  Returns:
+    The record written to ``dst_workdir/quantize.json``.
+  """
+  if os.path.exists(dst_workdir) and os.listdir(dst_workdir):
+    raise JaxdistillError(f"{dst_workdir!r} exists and is not empty; pass a new directory")
+  if calibration_batches < 1:
+    raise JaxdistillError(f"calibration_batches must be >= 1, got {calibration_batches}")
+  cfg = eval_run.run_config(src_workdir)
+  policy = precision.parse_policy(cfg.student.policy, "student.policy")
+  if policy.int8:
+    raise JaxdistillError(
+      f"{src_workdir!r} is already an int8 (c=int8) run: its int8 model is in its int8/"
+    )
+  if policy.fp8:
+    raise JaxdistillError(f"{src_workdir!r} trains with c=fp8; quantise a float student")
+  tmp = dst_workdir.rstrip("/") + ".partial"
+  shutil.rmtree(tmp, ignore_errors=True)
+  os.makedirs(tmp)
+  ptq(src_workdir, os.path.join(tmp, workdir_lib.INT8_DIR), calibration_batches, act, devices)
+  cfg.student.policy = str(dataclasses.replace(policy, int8=precision.INT8_ACTS.get(act, act)))
+  cfg.student.init_from, cfg.student.init_layers = "", ""
+  with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
+  tokenizer = os.path.join(src_workdir, "tokenizer.json")
+  if os.path.isfile(tokenizer):
+    shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
+  record = {
+    "source": os.path.abspath(src_workdir),
+    "method": "ptq",
+    "act": precision.INT8_ACTS.get(act, act),
+    "calibration_batches": calibration_batches,
+  }
+  with open(os.path.join(tmp, "quantize.json"), "w", encoding="utf-8") as f:
+    json.dump(record, f, indent=2, sort_keys=True)
+  if os.path.isdir(dst_workdir):
+    os.rmdir(dst_workdir)  # empty (checked above)
+  os.replace(tmp, dst_workdir)
+  return record

@@ -1,0 +1,10 @@
+"""Reports over finished runs: ``jaxdistill report`` and the quickstart's summary.
+
+  write      reads each run's workdir and writes report.md, report.json and the pictures
+  table      one row per teacher and student, the Pareto front, the Markdown table
+  plots      training and validation curves, quality against latency (matplotlib, Agg)
+  quickstart the quickstart's own summary and verdict on top of ``write``
+
+Layer 6 (jobs): may import ``train``, ``evaluation`` and below; only the CLI and other jobs
+import it.
+"""

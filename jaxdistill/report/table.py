@@ -1,0 +1,285 @@
+"""The report's table: one row per teacher and student, the Pareto front, the Markdown.
+
+``rows_for`` turns runs read by ``jaxdistill.report.write`` (their config.json, summary.json and
+``eval/<name>.json``) into plain row dicts; ``pareto_front`` marks the rows no other row beats
+on both quality and cost; ``format_table`` renders them. Absent numbers are None in the rows
+and "—" in the table.
+"""
+
+import json
+import math
+import os
+from typing import Any, Sequence
+
+# Per task: the quality column and whether higher is better.
+QUALITY = {
+  "text": ("val_loss", False),
+  "vision": ("accuracy", True),
+  "encoder": ("cosine_to_teacher", True),
+}
+QUALITY_LABEL = {
+  "val_loss": "validation CE (nats)",
+  "accuracy": "accuracy",
+  "cosine_to_teacher": "cosine to the teacher",
+}
+DASH = "—"
+
+
+def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) -> list[bool]:
+  """Which points no other point dominates (lower cost and better quality).
+
+  Point j dominates point i when j's cost <= i's and j's quality is at least as good, with at
+  least one of the two strictly better. So exact duplicates do not dominate each other (both
+  are on the front, or both off it), and a point tied on cost with a better one is off it.
+  Points with a None or NaN coordinate are never on the front and dominate nothing.
+
+  Args:
+    points: (cost, quality) per point, e.g. (latency in ms, validation CE).
+    higher_is_better: the quality's direction (accuracy: True; a loss: False).
+
+  Returns:
+    One bool per point, in order.
+  """
+  sign = 1.0 if higher_is_better else -1.0
+  valid = [
+    c is not None and q is not None and not (math.isnan(c) or math.isnan(q)) for c, q in points
+  ]
+  # Quality as "higher is better" throughout.
+  pts = [(c, sign * q) if ok else (0.0, 0.0) for (c, q), ok in zip(points, valid)]
+
+  def dominates(j, i):
+    (cj, qj), (ci, qi) = pts[j], pts[i]
+    return cj <= ci and qj >= qi and (cj < ci or qj > qi)
+
+  n = len(pts)
+  return [
+    valid[i] and not any(valid[j] and dominates(j, i) for j in range(n) if j != i) for i in range(n)
+  ]
+
+
+def _latency(block: dict | None, side: str) -> dict:
+  """Median latencies (ms) at the smallest and the largest (serving) batch, and memory."""
+  if not block or side not in block:
+    return dict.fromkeys(("latency_small_ms", "latency_serve_ms", "batch_small", "batch_serve"))
+  sizes = block.get("batch_sizes") or sorted(
+    int(k.split("_")[1]) for k in block[side] if k.startswith("batch_")
+  )
+  small, serve = min(sizes), max(sizes)
+  ms = lambda b: 1e3 * block[side][f"batch_{b}"]["median_s"]
+  memory = block[side].get("memory", {}).get("total_bytes")
+  return {
+    "latency_small_ms": ms(small),
+    "latency_serve_ms": ms(serve),
+    "batch_small": small,
+    "batch_serve": serve,
+    "memory_bytes": memory,
+  }
+
+
+METRICS = ("val_loss", "val_ppl", "accuracy", "top5_accuracy", "agreement", "kl_to_teacher")
+METRICS += ("cosine_to_teacher", "ece")
+
+
+def _row(name: str, role: str, evaluation: dict, side: str) -> dict[str, Any]:
+  m = evaluation["models"][side]
+  size = evaluation.get("size", {}).get(side, {})
+  row = {"name": name, "role": role, **{k: m.get(k) for k in METRICS}}
+  row.update(params=size.get("params"), bytes=size.get("bytes"), memory_bytes=None)
+  row.update(_latency(evaluation.get("latency"), side))
+  return row
+
+
+def _teacher_identity(run) -> str:
+  """What makes two runs' teachers the same model measured the same way."""
+  t = run.config.get("teacher", {})
+  source = t.get("source", "")
+  given = (run.evaluation.get("teacher") or {}).get("from", "")
+  if given and os.path.exists(given):  # the teacher the evaluation used (`eval --teacher`)
+    where = os.path.realpath(given)
+  elif source == "pretrain":  # trained inside this run
+    where = os.path.realpath(os.path.join(run.workdir, "teacher"))
+  elif t.get("path"):
+    where = os.path.realpath(t["path"])
+  else:  # random: the run's own
+    where = os.path.realpath(run.workdir)
+  return json.dumps([where, run.evaluation.get("data", {})], sort_keys=True)
+
+
+def _is_path_of(path: str, workdir: str) -> bool:
+  """Whether a teacher.path names the run in ``workdir`` (or its final_params)."""
+  if not path:
+    return False
+  path, workdir = os.path.realpath(path), os.path.realpath(workdir)
+  return path in (workdir, os.path.join(workdir, "final_params"))
+
+
+def _teacher_rows(runs) -> list[dict]:
+  """The distinct teachers of the runs (their eval JSON's "teacher" entries), except a
+  teacher that is itself one of the runs."""
+  found = {}
+  for r in runs:
+    if "teacher" not in r.evaluation.get("models", {}):
+      continue
+    path = r.config.get("teacher", {}).get("path", "")
+    if any(_is_path_of(path, other.workdir) for other in runs):
+      continue
+    found.setdefault(_teacher_identity(r), r)
+  names = {r.name for r in runs}
+  rows = []
+  for r in found.values():
+    name = "teacher" if len(found) == 1 and "teacher" not in names else f"teacher of {r.name}"
+    row = _row(name, "teacher", r.evaluation, "teacher")
+    teacher = r.config.get("teacher", {})
+    path = (r.evaluation.get("teacher") or {}).get("from", "") or teacher.get("path", "")
+    path = path or f"teacher.source={teacher.get('source', '?')}"
+    row.update(workdir=path, step=None, params_source="", train_rate=None)
+    row.update(agreement=None, kl_to_teacher=None)  # against itself: not a measurement
+    rows.append(row)
+  return rows
+
+
+def _run_row(run, runs) -> dict:
+  paths = [o.config.get("teacher", {}).get("path", "") for o in runs if o is not run]
+  teaches = any(_is_path_of(path, run.workdir) for path in paths)
+  row = _row(run.name, "teacher" if teaches else "student", run.evaluation, "student")
+  s = run.summary
+  row.update(
+    workdir=run.workdir,
+    step=run.evaluation.get("step", s.get("last_step")),
+    params_source=run.evaluation.get("params_source", ""),
+    train_rate=s.get("tokens_per_s", s.get("images_per_s")),
+  )
+  if row["params"] is None:
+    row["params"] = s.get("student_params")
+  return row
+
+
+def rows_for(runs) -> tuple[list[dict], dict]:
+  """The table's rows (teachers from the evaluations first, then the runs in order), each with
+  its "pareto" flag, and the axes of the quality plot.
+
+  Args:
+    runs: ``report.Run``s of one task.
+
+  Returns:
+    (rows, axis): axis has "x" (the Pareto cost: "latency_serve_ms" or "params"), "quality",
+    "higher_is_better", "ylabel", "panels" (for ``report_plots.quality_scatter``), "note"
+    (the table's Pareto sentence) and "caption".
+  """
+  rows = _teacher_rows(runs) + [_run_row(r, runs) for r in runs]
+  quality, higher = QUALITY[runs[0].task]
+  timed = any(r["latency_serve_ms"] is not None for r in rows)
+  x = "latency_serve_ms" if timed else "params"
+  flags = pareto_front([(r[x], r[quality]) for r in rows], higher)
+  for r, on in zip(rows, flags):
+    r["pareto"] = on if r[x] is not None and r[quality] is not None else None
+  ylabel = QUALITY_LABEL[quality] + (", higher is better" if higher else ", lower is better")
+  point = lambda r, key, on: (r["name"], r[key], r[quality], r["role"] == "teacher", on)
+  if timed:
+    small = _batches(rows, "batch_small")
+    serve = _batches(rows, "batch_serve")
+    small_flags = pareto_front([(r["latency_small_ms"], r[quality]) for r in rows], higher)
+    panels = [
+      {"title": f"batch {small}", "xlabel": f"median latency at batch {small} (ms)",
+       "points": [point(r, "latency_small_ms", on) for r, on in zip(rows, small_flags)]},
+      {"title": f"serving batch {serve}", "xlabel": f"median latency at batch {serve} (ms)",
+       "points": [point(r, "latency_serve_ms", on) for r, on in zip(rows, flags)]},
+    ]  # fmt: skip
+    note = (
+      f"Pareto: on the front of {QUALITY_LABEL[quality]} against median latency at the serving "
+      f"batch ({serve}): no other model is as fast or faster and as good or better, and "
+      "strictly better in one. — : no latency measured (`jaxdistill eval --latency`). Memory: "
+      "the compiled forward's total."
+    )
+    caption = (
+      f"{_upper(QUALITY_LABEL[quality])} (the table's) against the compiled forward's "
+      f"median latency at batch {small} (left) and at the serving batch {serve} (right); "
+      "stars: teachers; red rings: the Pareto front of each panel."
+    )
+  else:
+    panels = [{"title": "params", "xlabel": "parameters",
+               "points": [point(r, "params", on) for r, on in zip(rows, flags)]}]  # fmt: skip
+    note = (
+      f"Pareto: on the front of {QUALITY_LABEL[quality]} against parameter count (no run has "
+      "a latency block: `jaxdistill eval --latency` measures one)."
+    )
+    caption = (
+      f"{_upper(QUALITY_LABEL[quality])} against the parameter count: no run was "
+      "evaluated with --latency, so parameters stand in for latency. Stars: teachers; red "
+      "rings: the Pareto front."
+    )
+  axis = dict(x=x, quality=quality, higher_is_better=higher, ylabel=ylabel, panels=panels)
+  return rows, dict(axis, note=note, caption=caption)
+
+
+def _upper(text: str) -> str:
+  return text[:1].upper() + text[1:]
+
+
+def _batches(rows: list[dict], key: str) -> str:
+  """The batch sizes of ``key`` over the timed rows, e.g. "32" or "32/64"."""
+  return "/".join(str(b) for b in sorted({r[key] for r in rows if r[key] is not None}))
+
+
+def _fmt(value, spec: str) -> str:
+  return DASH if value is None else format(value, spec)
+
+
+def _pct(value) -> str:
+  return DASH if value is None else f"{100 * value:.1f}%"
+
+
+def _count(n) -> str:
+  """1234567 -> "1.23M" (params)."""
+  if n is None:
+    return DASH
+  for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+    if n >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return str(n)
+
+
+def _bytes(n) -> str:
+  if n is None:
+    return DASH
+  for unit, scale in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+    if n >= scale:
+      return f"{n / scale:.2f} {unit}"
+  return f"{n} B"
+
+
+def format_table(rows: list[dict], task: str) -> str:
+  """The rows as a Markdown table (what ``jaxdistill report`` prints).
+
+  Args:
+    rows: ``rows_for``'s rows.
+    task: "text", "vision" or "encoder" (picks the quality columns).
+  """
+  small, serve = _batches(rows, "batch_small") or "1", _batches(rows, "batch_serve") or "N"
+  quality = {
+    "text": [("val CE", lambda r: _fmt(r["val_loss"], ".3f")),
+             ("ppl", lambda r: _fmt(r["val_ppl"], ".1f"))],
+    "vision": [("acc", lambda r: _pct(r["accuracy"])),
+               ("top-5", lambda r: _pct(r["top5_accuracy"]))],
+    "encoder": [("cos(T,S)", lambda r: _fmt(r["cosine_to_teacher"], ".4f"))],
+  }[task]  # fmt: skip
+  rate = "train img/s" if task == "vision" else "train tok/s"
+  cols = [
+    ("model", lambda r: r["name"]),
+    ("role", lambda r: r["role"]),
+    ("step", lambda r: _fmt(r["step"], "d")),
+    ("params", lambda r: _count(r["params"])),
+    ("bytes", lambda r: _bytes(r["bytes"])),
+    *quality,
+    ("agree", lambda r: _fmt(r["agreement"], ".3f")),
+    ("KL(T‖S)", lambda r: _fmt(r["kl_to_teacher"], ".3f")),
+    (rate, lambda r: _fmt(r["train_rate"], ",.0f")),
+    (f"ms b={small}", lambda r: _fmt(r["latency_small_ms"], ".3g")),
+    (f"ms b={serve}", lambda r: _fmt(r["latency_serve_ms"], ".3g")),
+    ("memory", lambda r: _bytes(r["memory_bytes"])),
+    ("Pareto", lambda r: DASH if r["pareto"] is None else ("yes" if r["pareto"] else "no")),
+  ]
+  lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
+  for r in rows:
+    lines.append("| " + " | ".join(fn(r) for _, fn in cols) + " |")
+  return "\n".join(lines)

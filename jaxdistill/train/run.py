@@ -1,0 +1,269 @@
+"""A run built from a config: mesh, models, objective, optimizer, state, teacher, jitted step.
+
+``build_run`` turns a config (validated here: a library user cannot skip it) into a ``Run``.
+Student or teacher variables may be given instead of initialised or loaded, which is how a
+library user pairs the step with params of their own (``examples/pair_step.py``); the data
+iterator is optional. ``loop.py`` drives a run (``run_steps``, ``train``).
+"""
+
+import dataclasses
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+
+from jaxdistill import data as data_lib
+from jaxdistill import models
+from jaxdistill.config import validate
+from jaxdistill.distill import objective as objective_lib
+from jaxdistill.errors import JaxdistillError
+from jaxdistill.models import flops as flops_lib
+from jaxdistill.parallel import precision
+from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.train import step as train_lib
+from jaxdistill.train import teacher as teacher_lib
+
+
+@dataclasses.dataclass
+class Run:
+  """Everything a training run needs, built once from the config.
+
+  ``step_fn(state, teacher_vars, batch) -> (state, metrics)`` is the jitted
+  ``train.distill_step``; ``teacher_vars`` is ``{"params": ...}`` plus a c=fp8 teacher's
+  frozen FP8 scales (None without a teacher model). With several teachers (``teachers``)
+  ``teacher`` and ``teacher_vars`` are tuples, teacher 0 (``teacher``) first.
+  """
+
+  cfg: Any
+  mesh: jax.sharding.Mesh
+  objective: objective_lib.Objective
+  student: nn.Module  # models.build's: a decoder or an encoder
+  teacher: nn.Module | tuple[nn.Module, ...] | None
+  state: train_lib.TrainState
+  teacher_vars: Any
+  step_fn: Callable  # jitted distill_step
+  data_iter: Any  # see jaxdistill.data: next() -> local batch; get_state/set_state; or None
+  flops: models.StepFlops  # model FLOPs of one optimizer step: student / teacher / loss
+  make_state: Callable[[], train_lib.TrainState]  # a fresh initial state
+  teacher_path: str | None = None  # where the teacher's params came from
+
+  @property
+  def flops_per_step(self) -> float:
+    """Model FLOPs of one optimizer step, all parts together (``flops.total``)."""
+    return self.flops.total
+
+  @property
+  def teachers(self) -> tuple[tuple[nn.Module, Any], ...]:
+    """(module, variables) of every teacher model, teacher 0 first (() without one)."""
+    if self.teacher is None:
+      return ()
+    if isinstance(self.teacher, tuple):
+      return tuple(zip(self.teacher, self.teacher_vars))
+    return ((self.teacher, self.teacher_vars),)
+
+  @property
+  def teacher_params(self) -> Any:
+    """Teacher 0's params (None without a teacher model)."""
+    return self.teachers[0][1]["params"] if self.teachers else None
+
+  def step(self, batch: dict) -> dict:
+    """Runs one step on a global batch (``sharding.shard_batch``); returns its metrics
+    (on device: fetching them waits for the step)."""
+    with sharding_lib.rules_context(self.mesh):
+      self.state, metrics = self.step_fn(self.state, self.teacher_vars, batch)
+    return metrics
+
+  def compile(self, batch: dict) -> Any:
+    """The compiled step for batches shaped like ``batch`` (a global batch or its
+    ``jax.ShapeDtypeStruct``s): ``.memory_analysis()``, ``.cost_analysis()``, ``.as_text()``.
+    Nothing runs and no buffer is donated."""
+    with sharding_lib.rules_context(self.mesh):
+      return self.step_fn.lower(self.state, self.teacher_vars, batch).compile()
+
+
+def model_of(cfg: Any, side: str) -> nn.Module:
+  """The ``student`` or ``teacher`` model of ``cfg`` (its section and dtype policy)."""
+  policy = precision.parse_policy(cfg[side].policy, f"{side}.policy")
+  return models.build(cfg[side], policy, side)
+
+
+def build_run(
+  cfg: Any,
+  workdir: str | None = None,
+  devices=None,
+  create_state: bool = True,
+  *,
+  student_vars: Any = None,
+  teacher_vars: Any = None,
+  data: bool = True,
+) -> Run:
+  """Builds the mesh, models, state, teacher variables and the jitted step.
+
+  Args:
+    cfg: a config (``config.default_config()`` or a loaded file); validated here.
+    workdir: the run's directory (only read for teacher.source='pretrain', whose stage
+      ``loop.pretrain_teacher`` must have run).
+    devices: the devices of the mesh (default: all).
+    create_state: False leaves ``run.state`` abstract (shapes + shardings), to
+      be restored from a checkpoint without first allocating a fresh one.
+    student_vars: the student's Flax variables ``{"params": ...}`` to start from; its
+      random init is then never computed.
+    teacher_vars: the teacher's variables ``{"params": ...}``, used instead of
+      ``teacher.source`` (which must still name a teacher model, e.g. 'random'); placed into
+      the teacher's shardings. A c=fp8 teacher's scales are calibrated as usual.
+    data: False builds no data iterator (``run.data_iter`` is None): feed ``run.step``.
+
+  Returns:
+    The Run. ``run.step(batch)`` trains one step; ``run.compile(batch)`` gives the compiled
+    step; ``loop.run_steps`` drives it from ``run.data_iter``.
+  """
+  validate.validate(cfg)
+  mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+  validate.check_mesh(cfg, dict(mesh.shape))
+  obj = objective_lib.make_objective(cfg)
+  student = model_of(cfg, "student")
+  views = [teacher_lib.view(cfg, k) for k in range(obj.num_teachers)] if obj.uses_teacher else []
+  modules = tuple(model_of(view, "teacher") for view in views)
+  for view, module in zip(views, modules):  # rules that do not fit fail before any init
+    teacher_lib.rules(view, module, mesh)
+  teacher = None if not modules else modules[0] if len(modules) == 1 else modules
+  tx = train_lib.make_optimizer(cfg.optim)
+  make_state = functools.partial(
+    train_lib.init_state,
+    obj,
+    student,
+    tx,
+    jax.random.key(cfg.seed),
+    mesh,
+    cfg.data.seq_len,
+    loss_scale=precision.init_loss_scale(cfg.optim),
+    student_variables=student_vars,
+  )
+  state, state_shardings = make_state(create=create_state)
+  teacher_vars, teacher_shardings, teacher_path = _all_teacher_vars(
+    views, modules, mesh, workdir, teacher_vars
+  )
+  step = train_lib.make_distill_step(
+    obj,
+    student,
+    teacher,
+    tx,
+    cfg.optim.grad_accum,
+    lr=train_lib.lr_schedule(cfg.optim),
+    loss_scale_period=cfg.optim.loss_scale_period,
+  )
+  step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
+  return Run(
+    cfg,
+    mesh,
+    obj,
+    student,
+    teacher,
+    state,
+    teacher_vars,
+    step_fn,
+    data_lib.make_iterator(cfg, "train") if data else None,
+    _flops_per_step(cfg, obj, student, modules),
+    lambda: make_state(create=True)[0],
+    teacher_path,
+  )
+
+
+def _flops_per_step(
+  cfg: Any, obj: objective_lib.Objective, student: nn.Module, teachers: Any
+) -> models.StepFlops:
+  """Model FLOPs of one step (``models.step_flops``): the student's forward + backward, the
+  teachers' forwards only (none from a cache), the heads, projections and loss the objective
+  runs. ``data.batch_size`` rows per step whatever ``optim.grad_accum`` (it splits them).
+  Each further teacher adds its forward and head (an ensemble's divergence runs once, or
+  once per teacher with ``distill.ensemble='losses'``). ``teachers``: a module, a tuple of
+  them or None."""
+  s, seq_len = student.config, cfg.data.seq_len
+  if not isinstance(teachers, tuple):
+    teachers = () if teachers is None else (teachers,)
+  teacher = teachers[0] if teachers else None
+  head = next((t for t in obj.terms if t.name in ("dense", "fused", "sparse")), None)
+  student_head = head is not None
+  reads_head = bool(head and (head.teacher.logits or head.teacher.head))  # a teacher's logits
+  divergence = 0  # entries per example a logit divergence runs over
+  if head is not None and head.name == "sparse":
+    per_token = cfg.precompute.samples if cfg.distill.logit.kind == "sampled" else cfg.precompute.k
+    divergence = seq_len * per_token
+  elif reads_head:
+    divergence = flops_lib.logits_per_example(s, seq_len)
+  projections = []
+  for p in obj.projections:
+    if p.conv:  # "stage_<i>_to_<j>": the maps are pooled to the smaller one, then projected
+      i, j = (int(x) for x in p.name.removeprefix("stage_").split("_to_"))
+      hs, ws, _ = s.stage_shapes[i - 1]
+      ht, wt, _ = teachers[cfg.distill.feature_map.teacher].config.stage_shapes[j - 1]
+      projections.append((min(hs, ht) * min(ws, wt), p.d_in, p.d_out))
+    else:  # a hidden-state map, every token
+      projections.append((seq_len, p.d_in, p.d_out))
+  flops = models.step_flops(
+    s,
+    teacher.config if teacher is not None else None,
+    batch_size=cfg.data.batch_size,
+    seq_len=seq_len,
+    student_head=student_head,
+    teacher_head=teacher is not None and reads_head,
+    divergence_entries=divergence,
+    projections=projections,
+  )
+  for extra in teachers[1:]:
+    more = models.step_flops(
+      s,
+      extra.config,
+      batch_size=cfg.data.batch_size,
+      seq_len=seq_len,
+      student_head=False,
+      teacher_head=reads_head,
+      divergence_entries=divergence if cfg.distill.ensemble == "losses" else 0,
+    )
+    flops = dataclasses.replace(
+      flops, teacher=flops.teacher + more.teacher, loss=flops.loss + more.loss
+    )
+  return flops
+
+
+def _all_teacher_vars(views, modules, mesh, workdir: str | None, given: Any) -> tuple:
+  """``_teacher_vars`` of each teacher: (variables, shardings, teacher 0's path); one
+  teacher's are its pytrees, several teachers' tuples of them."""
+  if not modules:
+    return None, None, None
+  if len(modules) == 1:
+    return _teacher_vars(views[0], modules[0], mesh, workdir, given)
+  if given is not None and (not isinstance(given, tuple) or len(given) != len(modules)):
+    raise JaxdistillError(f"given teacher variables must be a tuple of {len(modules)} (teachers)")
+  got = [
+    _teacher_vars(view, module, mesh, workdir, None if given is None else given[k], index=k)
+    for k, (view, module) in enumerate(zip(views, modules))
+  ]
+  return tuple(g[0] for g in got), tuple(g[1] for g in got), got[0][2]
+
+
+def _teacher_vars(
+  cfg: Any, teacher, mesh, workdir: str | None, given: Any, index: int = 0
+) -> tuple:
+  """(teacher_vars, their shardings, path or None): loaded by ``teacher.source`` or given;
+  a c=fp8 teacher's calibrated FP8 scales join its params as further collections."""
+  if teacher is None:
+    return None, None, None
+  if given is not None:
+    table = teacher_lib.rules(cfg, teacher, mesh)
+    all_shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len, table)
+    want = {k for k in ("params", "batch_stats") if k in all_shardings}
+    if set(given) != want:
+      raise JaxdistillError(
+        f"given teacher variables must have the keys {sorted(want)}, got {sorted(given)}"
+      )
+    var_shardings = {k: all_shardings[k] for k in want}
+    variables, path = jax.device_put(dict(given), var_shardings), None
+  else:
+    variables, var_shardings, path = teacher_lib.load(cfg, teacher, mesh, workdir, index)
+  if getattr(teacher.config, "fp8", False):
+    fp8, fp8_shardings = teacher_lib.calibrate_fp8(cfg, teacher, variables["params"], mesh)
+    variables.update(fp8)
+    var_shardings.update(fp8_shardings)
+  return variables, var_shardings, path

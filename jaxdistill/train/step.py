@@ -1,0 +1,389 @@
+"""TrainState, the optimizer, and THE step: ``distill_step(state, teacher_vars, batch)``.
+
+The step is a pure function built once per run by ``make_distill_step`` and
+jitted exactly once by ``jit_distill_step`` with in/out shardings and donation
+of the old state. Inside it the teacher runs forward under ``stop_gradient``
+(its params are an input, never differentiated, never in the state); the
+student runs forward and backward; the objective combines the losses; optax
+updates the student and its projection heads. ``teacher_vars`` is ONE pytree, the
+teacher's Flax variables: ``{"params": ...}`` plus any frozen state (a c=fp8 teacher's
+calibrated scales), read and never updated. With several teachers (an ensemble: the config's
+``teachers``) it is a tuple of such pytrees, one per teacher, and ``teacher`` a tuple of
+modules; each runs forward once, for what the terms read from it.
+
+With no teacher (``Objective.uses_teacher`` False) the same step trains the
+student from scratch on CE: that is how teachers are made here.
+
+Batch: dict of [B, T] arrays ``inputs``, ``targets``, ``weights``,
+``segment_ids``, ``positions`` (see data/synthetic.py), sharded over data x fsdp; for an
+image classifier ``inputs`` [B, H, W, C], ``targets`` / ``weights`` [B] (data/images.py).
+
+A BatchNorm student's running averages are ``state.model_state["batch_stats"]``: the
+student's training forward normalises by the batch's own statistics (the global batch's, as
+one jitted program over the mesh) and returns new averages, which replace the old ones like
+FP8 state (never through optax; kept when a non-finite update is dropped). With gradient
+accumulation each micro-batch is normalised by its own statistics and updates the averages in
+turn. The teacher runs in inference mode on its stored statistics (in ``teacher_vars``).
+"""
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxdistill import models
+from jaxdistill.distill import objective as objective_lib
+from jaxdistill.errors import JaxdistillError
+from jaxdistill.parallel import precision
+from jaxdistill.parallel import sharding as sharding_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything that changes during training (and is checkpointed).
+
+  Attributes:
+    step: int32 scalar, number of updates applied.
+    params: {"student": flax params, "proj": {"layer_i": [Ds, Dt]}}.
+    opt_state: optax state of ``params``.
+    rng: PRNG key for stochastic losses, advanced every step.
+    loss_scale: ``precision.LossScale`` for float16 students, else None (no
+      leaves: f32 / bf16 states and checkpoints are unchanged).
+    model_state: the student's non-param variables, e.g. FP8 scales and amax
+      histories ``{"_overwrite_with_gradient": ...}`` (c=fp8; their "gradients" are their
+      new values) or BatchNorm's running averages ``{"batch_stats": ...}`` (returned by
+      the student's training forward), or a c=int8 student's static activation statistics
+      ``{"quant_stats": ...}`` (``models.quant.calibrate``, before step 1; constant after),
+      else None: replaced each step, never optimised.
+  """
+
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  loss_scale: Any = None
+  model_state: Any = None
+
+
+def lr_schedule(optim: Any) -> optax.Schedule:
+  """Linear warmup to ``optim.lr``, then cosine (or constant) to lr * min_lr_ratio.
+
+  With ``warmup_steps=0`` step 0 already trains at ``optim.lr`` (both kinds); with N > 0
+  warmup steps, step 0 trains at 0 and step N at ``optim.lr``.
+  """
+  if optim.lr_schedule == "constant" and optim.warmup_steps == 0:
+    # No warmup: a plain constant. (The joined schedule below would start at 0 for one step.)
+    return optax.constant_schedule(optim.lr)
+  if optim.lr_schedule == "constant":
+    return optax.join_schedules(
+      [
+        optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1)),
+        optax.constant_schedule(optim.lr),
+      ],
+      [max(optim.warmup_steps, 1)],
+    )
+  return optax.warmup_cosine_decay_schedule(
+    init_value=0.0,
+    peak_value=optim.lr,
+    warmup_steps=optim.warmup_steps,
+    decay_steps=max(optim.steps, optim.warmup_steps + 1),
+    end_value=optim.lr * optim.min_lr_ratio,
+  )
+
+
+def make_optimizer(optim: Any) -> optax.GradientTransformation:
+  """AdamW (``optim.eps``: Adam's denominator epsilon) with global-norm clipping; no weight
+  decay on vectors (norms)."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  return optax.chain(
+    optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
+    optax.adamw(
+      lr_schedule(optim),
+      b1=optim.b1,
+      b2=optim.b2,
+      eps=optim.eps,
+      weight_decay=optim.weight_decay,
+      mask=decay_mask,
+    ),
+  )
+
+
+def _micro_batches(batch: dict, num: int) -> dict:
+  """[B, ...] -> [num, B/num, ...] so every device keeps its own rows.
+
+  Micro-batch a takes rows a, a+num, a+2*num...: each device's contiguous
+  block of rows splits evenly, so no data moves between devices.
+  """
+
+  def split(x):
+    x = x.reshape(x.shape[0] // num, num, *x.shape[1:]).swapaxes(0, 1)
+    return nn.with_logical_constraint(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+  return jax.tree.map(split, batch)
+
+
+def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: Any):
+  """``loss_fn(params, model_state, teacher_vars, batch, step, denom, scale) -> (loss, (metrics,
+  new batch_stats or None))`` of one (micro-)batch: both forwards, the objective, the loss
+  scale."""
+
+  def loss_fn(params, model_state, teacher_vars, batch, step, denom, scale):
+    student_vars = {"params": params["student"], **(model_state or {})}
+    # train=True: a BatchNorm student normalises by this batch's statistics and returns its
+    # updated running averages ("batch_stats"); the teacher below runs in inference mode.
+    student_out = models.apply(student, student_vars, batch, train=True, **obj.student_request())
+    new_stats = student_out.pop("batch_stats", None)
+    teacher_out = None
+    if obj.uses_teacher:
+      # The teacher is an input, not a parameter: no gradient is ever formed
+      # for it (nor for its FP8 state: static scales), and stop_gradient keeps
+      # its outputs constant for the losses.
+      if isinstance(teacher, tuple):  # several teachers: one output dict each
+        teacher_out = tuple(
+          models.apply(m, v, batch, **obj.teacher_request(k))
+          for k, (m, v) in enumerate(zip(teacher, teacher_vars))
+        )
+      else:
+        teacher_out = models.apply(teacher, teacher_vars, batch, **obj.teacher_request())
+      teacher_out = jax.lax.stop_gradient(teacher_out)
+    loss, metrics = objective_lib.compute_loss(
+      obj, step, params["proj"], student_out, teacher_out, batch, denom
+    )
+    # The loss is float32; multiplying it by the loss scale scales every
+    # backward activation, so small float16 gradients stay above underflow.
+    return (loss if scale is None else loss * scale), (metrics, new_stats)
+
+  return loss_fn
+
+
+def _make_gradients(loss_fn: Callable, grad_accum: int) -> Callable:
+  """``gradients(state, teacher_vars, batch, denom) -> (metrics, param grads, new model
+  state)`` of the whole batch, summed over ``grad_accum`` micro-batches."""
+  grad_params = jax.value_and_grad(loss_fn, has_aux=True)
+  # With FP8 the model state's "gradients" are its new values (Flax fp8_ops).
+  grad_both = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)
+
+  def gradients(state, teacher_vars, batch, denom):
+    scale = None if state.loss_scale is None else state.loss_scale.scale
+
+    def grads_of(model_state, b):
+      args = (teacher_vars, b, state.step, denom, scale)
+      if state.model_state is None:  # exactly the plain step's program
+        (_, (m, _)), g = grad_params(state.params, None, *args)
+        return m, g, None
+      if "_overwrite_with_gradient" not in model_state:  # BatchNorm / int8 statistics
+        (_, (m, stats)), g = grad_params(state.params, model_state, *args)
+        # An int8 student's static "quant_stats" pass through unchanged (read, not mutable).
+        return m, g, model_state if stats is None else {**model_state, "batch_stats": stats}
+      (_, (m, stats)), (g, model_state) = grad_both(state.params, model_state, *args)
+      if stats is not None:
+        model_state = {**model_state, "batch_stats": stats}
+      return m, g, model_state
+
+    if grad_accum == 1:
+      return grads_of(state.model_state, batch)
+
+    def body(carry, micro):
+      acc, model_state = carry
+      m, g, model_state = grads_of(model_state, micro)
+      # Param gradients add up; the FP8 state passes on from micro-batch to
+      # micro-batch, so its amax histories see every one; so do BatchNorm's running
+      # averages (each micro-batch is normalised by its own statistics).
+      return (jax.tree.map(jnp.add, acc, (g, m)), model_state), None
+
+    micro = _micro_batches(batch, grad_accum)
+    first = jax.tree.map(lambda x: x[0], micro)
+    metrics_shape, grads_shape, _ = jax.eval_shape(grads_of, state.model_state, first)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (grads_shape, metrics_shape))
+    ((grads, metrics), model_state), _ = jax.lax.scan(body, (zeros, state.model_state), micro)
+    return metrics, grads, model_state
+
+  return gradients
+
+
+def _update(state: TrainState, grads, model_state, metrics: dict, tx, loss_scale_period: int):
+  """The optimizer update of the gradients (unscaled first), dropped when the loss or the
+  gradient is not finite: (new state, metrics + grad norm, non-finite and loss-scale ones)."""
+  ls = state.loss_scale
+  if ls is not None:
+    # Unscale before anything reads the gradients (norm, clipping, Adam).
+    grads = jax.tree.map(lambda g: (g.astype(jnp.float32) / ls.scale).astype(g.dtype), grads)
+  grad_norm = optax.tree.norm(grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  # A non-finite loss or gradient never reaches the state: the update is
+  # dropped here and the host decides (optim.nan_policy) to stop or go on.
+  finite = jnp.isfinite(metrics["train/loss"]) & jnp.isfinite(grad_norm)
+  params, opt_state, model_state = jax.tree.map(
+    lambda new, old: jnp.where(finite, new, old),
+    (params, opt_state, model_state),
+    (state.params, state.opt_state, state.model_state),
+  )
+  metrics = dict(metrics)
+  metrics["train/grad_norm"] = grad_norm
+  metrics["train/nonfinite"] = 1.0 - finite.astype(jnp.float32)
+  if ls is not None:
+    # An overflowing gradient is the loss scale's normal business, not an
+    # error: only a non-finite loss counts as non-finite for optim.nan_policy.
+    metrics["train/nonfinite"] = 1.0 - jnp.isfinite(metrics["train/loss"]).astype(jnp.float32)
+    metrics["train/overflow"] = 1.0 - finite.astype(jnp.float32)
+    metrics["train/loss_scale"] = ls.scale
+    ls = precision.update_loss_scale(ls, finite, loss_scale_period)
+  new_state = state.replace(
+    step=state.step + 1,
+    params=params,
+    opt_state=opt_state,
+    rng=jax.random.fold_in(state.rng, state.step),
+    loss_scale=ls,
+    model_state=model_state,
+  )
+  return new_state, metrics
+
+
+def make_distill_step(
+  obj: objective_lib.Objective,
+  student: nn.Module,
+  teacher: Any,
+  tx: optax.GradientTransformation,
+  grad_accum: int = 1,
+  lr: optax.Schedule | None = None,
+  loss_scale_period: int = 2000,
+) -> Callable:
+  """Builds the pure step function (not jitted: see ``jit_distill_step``).
+
+  Args:
+    obj: the objective (which losses, layers, weights).
+    student, teacher: Flax modules (teacher None when obj.uses_teacher is False, a tuple of
+      modules with several teachers).
+    tx: the optimizer.
+    grad_accum: micro-batches per step; the batch size must divide by it.
+    lr: the learning-rate schedule, only to report it as ``train/lr``.
+    loss_scale_period: finite steps before a dynamic loss scale doubles; only
+      used when ``state.loss_scale`` is not None.
+
+  Returns:
+    ``distill_step(state, teacher_vars, batch) -> (state, metrics)``; ``teacher_vars``: the
+    teacher's variables ``{"params": ..., **frozen collections}`` (None without a teacher; a
+    tuple of them, in the order of ``teacher``, with several).
+  """
+  gradients = _make_gradients(_make_loss_fn(obj, student, teacher), grad_accum)
+
+  def distill_step(state: TrainState, teacher_vars: Any, batch: dict):
+    # Normalise every term by the valid tokens of the WHOLE global batch, so
+    # micro-batch gradients simply add up to the full-batch gradient.
+    denom = jnp.maximum(batch["weights"].sum(), 1.0)
+    metrics, grads, model_state = gradients(state, teacher_vars, batch, denom)
+    metrics = dict(metrics, **objective_lib.schedule_metrics(obj, state.step))
+    new_state, metrics = _update(state, grads, model_state, metrics, tx, loss_scale_period)
+    metrics["perf/valid_tokens"] = denom
+    if lr is not None:
+      metrics["train/lr"] = lr(state.step)
+    return new_state, metrics
+
+  return distill_step
+
+
+def init_state(
+  obj: objective_lib.Objective,
+  student: nn.Module,
+  tx: optax.GradientTransformation,
+  rng: jax.Array,
+  mesh: jax.sharding.Mesh,
+  seq_len: int,
+  create: bool = True,
+  loss_scale: precision.LossScale | None = None,
+  student_variables: Any = None,
+) -> tuple[TrainState, Any]:
+  """Initialises the TrainState directly into its shardings.
+
+  Args:
+    create: False returns the abstract state (``jax.ShapeDtypeStruct`` leaves
+      with their shardings) without allocating anything: the restore target.
+    loss_scale: the initial dynamic loss scale (``precision.init_loss_scale``)
+      or None; replicated, like ``step``.
+    student_variables: the student's Flax variables (``{"params": ...}`` plus any other
+      collections) to start from instead of a random init; the student's init then only
+      runs abstractly (for shapes and shardings), never as a computation. The projection
+      heads and the optimizer state are initialised as usual.
+
+  Returns:
+    (state, state_shardings): the shardings come from the models' logical
+    axis names through the rules table; the optimizer state mirrors params.
+  """
+
+  def init_fn(rng, given=None):
+    model_rng, proj_rng, state_rng = jax.random.split(rng, 3)
+    variables = models.init_variables(student, model_rng, seq_len) if given is None else given
+    params = {
+      "student": variables["params"],
+      "proj": objective_lib.init_projections(obj, proj_rng),
+    }
+    return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=state_rng,
+      loss_scale=loss_scale,
+      model_state={k: v for k, v in variables.items() if k != "params"} or None,
+    )
+
+  abstract = jax.eval_shape(init_fn, rng)
+  shardings = sharding_lib.shardings_of(abstract, mesh)
+  if not create:
+    shapes = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
+    )
+    return shapes, shardings
+  if student_variables is not None:
+    # The abstract state already traced the student's init: its shapes, no second trace.
+    # (Unboxed here, outside the rules context, where unboxing adds no sharding constraint.)
+    model_state = nn.unbox(abstract.model_state) or {}
+    _check_given({"params": nn.unbox(abstract.params["student"]), **model_state}, student_variables)
+  with sharding_lib.rules_context(mesh):
+    if student_variables is None:
+      state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
+    else:
+      state = jax.jit(lambda r, g: nn.unbox(init_fn(r, g)), out_shardings=shardings)(
+        rng, student_variables
+      )
+  return state, shardings
+
+
+def _check_given(abstract: Any, given: Any) -> None:
+  """Given variables must have the model's tree, shapes and dtypes (a clear error, not XLA's)."""
+  want = jax.tree_util.tree_flatten_with_path(abstract)[0]
+  got = dict(jax.tree_util.tree_flatten_with_path(given)[0])
+  paths = {p for p, _ in want}
+  if set(got) != paths:
+    missing = sorted(jax.tree_util.keystr(p) for p in paths - set(got))[:3]
+    extra = sorted(jax.tree_util.keystr(p) for p in set(got) - paths)[:3]
+    raise JaxdistillError(
+      f"given student variables do not match the model: missing {missing}, unknown {extra}"
+    )
+  for path, a in want:
+    g = got[path]
+    if tuple(g.shape) != tuple(a.shape) or g.dtype != a.dtype:
+      raise JaxdistillError(
+        f"given student variable {jax.tree_util.keystr(path)} is {g.dtype}{list(g.shape)}, "
+        f"the model's is {a.dtype}{list(a.shape)}"
+      )
+
+
+def jit_distill_step(
+  step_fn: Callable, state_shardings: Any, teacher_shardings: Any, mesh: jax.sharding.Mesh
+) -> Callable:
+  """The ONE jit of the step: explicit shardings, old state donated.
+
+  ``teacher_shardings`` mirror ``teacher_vars`` (None without a teacher); the teacher's
+  variables are an input that is never donated nor returned.
+  """
+  in_shardings = (state_shardings, teacher_shardings, sharding_lib.batch_sharding(mesh))
+  return jax.jit(
+    step_fn,
+    in_shardings=in_shardings,
+    out_shardings=(state_shardings, sharding_lib.replicated(mesh)),
+    donate_argnums=(0,),
+  )
