@@ -29,5 +29,5 @@ def get_config():
   cfg.optim.update(steps=30, lr=3e-3, warmup_steps=3)
   cfg.data.update(batch_size=8, seq_len=32)
   cfg.log.every = 1
-  cfg.ckpt.every = 5  # so a killed run can be resumed (see tests/test_checkpoint.py)
+  cfg.ckpt.every = 5  # so a killed run can be resumed (see tests/e2e/test_checkpoint.py)
   return cfg

@@ -26,5 +26,5 @@ def get_config():
   cfg.optim.update(steps=30, lr=3e-3, warmup_steps=3)
   cfg.data.update(batch_size=16, crop_padding=2, flip=True, mixup=0.2)
   cfg.log.every = 1
-  cfg.ckpt.every = 5  # so a killed run can be resumed (tests/test_vision_step.py)
+  cfg.ckpt.every = 5  # so a killed run can be resumed (tests/integration/test_vision_step.py)
   return cfg

@@ -2,7 +2,8 @@
 
 The layout redesign (issue 14) promised "behaviour unchanged": these runs were recorded on
 the main branch before it (``python tests/golden/cases.py --write``) and
-``tests/test_golden.py`` checks that today's code reproduces every number EXACTLY (bitwise:
+``tests/integration/test_golden.py`` checks that today's code reproduces every number EXACTLY
+(bitwise:
 metrics as float reprs, params as a SHA-256 of their bytes).
 
 If a test fails after a change that is meant to alter numerics (a new default, a reordered

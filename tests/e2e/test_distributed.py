@@ -6,7 +6,7 @@ process (conftest gives it 8). If it fails on losses, look first at data
 sharding (each process must feed its own rows of the same global batch) and at
 anything a process computes from ``jax.local_devices()`` instead of the mesh.
 
-This file is also the 2-process job itself (``python tests/test_distributed.py
+This file is also the 2-process job itself (``python tests/e2e/test_distributed.py
 WORKDIR REFERENCE OUT``): it must therefore not import conftest, which would
 give every worker 8 devices.
 """
@@ -24,7 +24,7 @@ import types
 import numpy as np
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 20
 MID = 10  # a full-state checkpoint (configs/smoke.py saves every 5 steps, keeps 3)
 

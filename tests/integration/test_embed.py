@@ -13,7 +13,9 @@ from jaxdistill.distill import losses
 from jaxdistill.errors import ConfigError
 from jaxdistill.evaluation import embed
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+from conftest import ROOT
+
+FIXTURES = str(ROOT / "tests" / "fixtures" / "hf")
 BERT = os.path.join(FIXTURES, "bert_tiny")
 LINES = ["the cat is on the mat.", "a", "it was the best of times, it was the worst of times", "."]
 

@@ -7,7 +7,7 @@ Every process has one device, as the reference run here has: the cache does not 
 process count, but XLA may round a last bf16 bit differently for another per-device batch
 (see README, "Many processes").
 
-This file is also the job whose process 1 dies (``python tests/test_precompute_multihost.py
+This file is also the job whose process 1 dies (``python tests/e2e/test_precompute_multihost.py
 DIE_AT_SHARD PRECOMPUTE_ARGS...``): it must therefore not import conftest, which would give
 every worker 8 devices.
 """
@@ -21,7 +21,7 @@ import time
 
 import pytest
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 # configs/smoke.py (teacher d128/L4), 64 rows in 8 shards of one 8-row batch: 4 per process.
 OVERRIDES = ["--config.precompute.rows=64", "--config.precompute.rows_per_shard=8"]
 OVERRIDES += ["--config.log.progress=false"]

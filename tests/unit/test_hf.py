@@ -18,7 +18,9 @@ from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import hf, hf_export, surgery
 from jaxdistill.parallel import sharding as sharding_lib
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
+from conftest import ROOT
+
+FIXTURES = str(ROOT / "tests" / "fixtures" / "hf")
 DECODERS = ("llama_tiny", "qwen2_tiny", "gpt2_tiny")
 TOL = 1e-4
 
