@@ -1,15 +1,23 @@
-"""Golden runs: per-step metrics and final-param hashes of small runs, recorded once.
+"""Golden runs: per-step metrics and final-param fingerprints of small runs, recorded once.
 
-The layout redesign (issue 14) promised "behaviour unchanged": these runs were recorded on
-the main branch before it (``python tests/golden/cases.py --write``) and
-``tests/integration/test_golden.py`` checks that today's code reproduces every number EXACTLY
-(bitwise:
-metrics as float reprs, params as a SHA-256 of their bytes).
+The layout redesign (issue 14) promised "behaviour unchanged": these runs were recorded
+(``python tests/golden/cases.py --write``) and ``tests/integration/test_golden.py`` checks that
+today's code reproduces every number within float32 rounding (the tolerances and why they are
+what they are: that test's docstring). Metrics are stored as float reprs; params as a
+fingerprint per leaf (float64 sum, sum of magnitudes, root of the sum of squares, and a dot
+product with a fixed +-1 pattern: a change to any part of a leaf moves at least one of them).
+
+Not bit for bit: XLA compiles different CPU code for different processors (AVX2 vs AVX-512
+vectorise reductions differently), so float32 sums differ in their last bits between machines.
+Bit-for-bit equality is kept where it is physics on one machine: a resumed run against an
+uninterrupted one (tests/e2e/test_checkpoint.py) and the same case run twice in one process
+(``test_golden.py``).
 
 If a test fails after a change that is meant to alter numerics (a new default, a reordered
 sum), say so in the commit, re-record with ``--write`` and check the diff of
 ``tests/golden/golden.json`` is what you expect. If the change was meant to be a pure
-refactor, the failure is a bug.
+refactor, the failure is a bug. ``--dump FILE`` writes the same record elsewhere (to compare
+machines or instruction sets: ``XLA_FLAGS=--xla_cpu_max_isa=AVX2``).
 
 Each case is a function returning a validated config and the devices to run on; ``run_case``
 drives it through the public library API.
@@ -202,12 +210,37 @@ def params_hash(tree) -> str:
   return h.hexdigest()
 
 
+def params_fingerprint(tree) -> dict[str, list[float]]:
+  """Leaf path -> [sum, sum of |x|, sqrt(sum of squares), dot with a fixed +-1 pattern], float64.
+
+  Unlike a hash of the bytes, these can be compared with a tolerance: float32 rounding moves
+  them by about its own relative size, a real change (a different update, a swapped leaf, a
+  sign) by far more.
+  """
+  import jax
+  import numpy as np
+
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]:
+    a = np.asarray(leaf, np.float64).ravel()
+    pattern = np.where(np.arange(a.size) * 2654435761 % 7 < 3, -1.0, 1.0)  # fixed, not random
+    out[jax.tree_util.keystr(path)] = [
+      float(a.sum()), float(np.abs(a).sum()), float(np.sqrt((a * a).sum())), float(a @ pattern)
+    ]
+  return out
+
+
 def _clean(metrics: dict) -> dict:
   return {k: repr(float(v)) for k, v in sorted(metrics.items()) if not k.startswith("perf/")}
 
 
 def run_case(name: str) -> dict:
-  """Runs one case in-process; returns {"steps": [metrics...], "params": sha256}."""
+  """Runs one case in-process.
+
+  Returns:
+    {"steps": [metrics as float reprs, one dict per step], "params": params_fingerprint,
+     "sha256": params_hash (bit-for-bit, only meaningful on one machine)}.
+  """
   import jax
 
   from jaxdistill.train import loop
@@ -217,7 +250,8 @@ def run_case(name: str) -> dict:
   run = loop.build_run(cfg, devices=jax.devices()[:num_devices])
   history = []
   loop.run_steps(run, steps, lambda step, m, s: history.append(_clean(m)))
-  return {"steps": history, "params": params_hash(run.state.params)}
+  params = run.state.params
+  return {"steps": history, "params": params_fingerprint(params), "sha256": params_hash(params)}
 
 
 def _ensure_devices():
@@ -230,8 +264,15 @@ def _ensure_devices():
 if __name__ == "__main__":
   _ensure_devices()
   sys.path.insert(0, ROOT)
-  if "--write" not in sys.argv:
-    sys.exit("usage: python tests/golden/cases.py --write  (re-records tests/golden/golden.json)")
+  if "--write" in sys.argv:
+    target = GOLDEN
+  elif "--dump" in sys.argv[:-1]:
+    target = sys.argv[sys.argv.index("--dump") + 1]
+  else:
+    sys.exit(
+      "usage: python tests/golden/cases.py --write | --dump FILE  (re-records "
+      "tests/golden/golden.json, or writes the same record to FILE)"
+    )
   from jaxdistill.config import validate
 
   out = {}
@@ -239,6 +280,8 @@ if __name__ == "__main__":
     cfg, _, _ = CASES[case]()
     validate.validate(cfg)
     out[case] = run_case(case)
-    print(case, out[case]["steps"][-1].get("train/loss"), out[case]["params"][:12], flush=True)
-  with open(GOLDEN, "w", encoding="utf-8") as f:
+    print(case, out[case]["steps"][-1].get("train/loss"), out[case]["sha256"][:12], flush=True)
+  for record in out.values():
+    del record["sha256"]  # a property of one machine's compiled code, not of the code
+  with open(target, "w", encoding="utf-8") as f:
     json.dump(out, f, indent=1, sort_keys=True)
