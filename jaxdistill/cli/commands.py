@@ -67,7 +67,8 @@ def _split_overrides(extra: Sequence[str]) -> list[tuple[str, str]]:
   return out
 
 
-def _parser() -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
+  """Every command and flag; ``main`` and tests/unit/test_docs.py parse with it (runs nothing)."""
   parser = _Parser(
     prog="jaxdistill",
     description=DESCRIPTION,
@@ -331,7 +332,7 @@ def _precompute(args, overrides) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  parser = _parser()
+  parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   try:
     overrides = _split_overrides(extra)

@@ -5,7 +5,7 @@ SIGKILL halfway through a shard, rerun, finishes with those same bytes.
 
 Every process has one device, as the reference run here has: the cache does not depend on the
 process count, but XLA may round a last bf16 bit differently for another per-device batch
-(see README, "Many processes").
+(see docs/precompute.md, "Many processes, resuming").
 
 This file is also the job whose process 1 dies (``python tests/e2e/test_precompute_multihost.py
 DIE_AT_SHARD PRECOMPUTE_ARGS...``): it must therefore not import conftest, which would give
