@@ -20,10 +20,13 @@ written into their evaluations; ``W/report.md`` (+ ``report.json`` and PNGs:
 
 ``W/pipeline.json``: {"config", "arg", "stages": [{"name", "action", "dir", "status"
 ("pending" | "done"), "seconds", "from" / "teacher" / "init", "metrics" (the student's
-evaluation), "size" (params, bytes), "latency_ms" {"batch_B": median}, "pareto"
-{"bytes" / "batch_B": on the front of quality against that cost}}], "complete", "report"}.
+evaluation, with its per-batch values), "size" (params, bytes), "latency_ms" {"batch_B":
+median}, "latency_spread_ms" {"batch_B": half the interquartile range}, "arch" (stages with one
+architecture share a latency), "pareto" {"bytes" / "batch_B": on the front of quality against
+that cost, beyond the noise}}], "complete", "report"}.
 """
 
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +42,7 @@ from jaxdistill.errors import ConfigError, JaxdistillError
 from jaxdistill.evaluation import job as eval_run
 from jaxdistill.evaluation import latency
 from jaxdistill.models import quant
+from jaxdistill.report import noise
 from jaxdistill.report import table as report_table
 from jaxdistill.report import write as report
 from jaxdistill.train import loop
@@ -206,6 +210,9 @@ def _measure_latency(workdir: str, spec: dict, state: dict, repeats: int) -> Non
     cfg, module, variables = eval_run.load_student(os.path.join(workdir, s["dir"]))
     entries[s["name"]] = (module, variables)
     seq_len, first = seq_len or cfg.data.seq_len, first or module
+    # Stages with one architecture (module config, sizes by dtype) share a latency.
+    same = json.dumps([repr(module.config), latency.size(variables)], sort_keys=True)
+    s["arch"] = hashlib.sha1(same.encode()).hexdigest()[:12]
   batch_fn = lambda b: latency.example_batch(first, b, seq_len)  # noqa: E731
   timed = latency.model_latency(entries, batch_fn, spec["batch_sizes"], repeats=repeats)
   for s in _timed_stages(state):
@@ -215,9 +222,10 @@ def _measure_latency(workdir: str, spec: dict, state: dict, repeats: int) -> Non
     result["latency"] = {"batch_sizes": timed["batch_sizes"], "student": timed[s["name"]]}
     with open(path, "w", encoding="utf-8") as f:
       json.dump(result, f, indent=2, sort_keys=True)
-    s["latency_ms"] = {
-      f"batch_{b}": 1e3 * timed[s["name"]][f"batch_{b}"]["median_s"] for b in timed["batch_sizes"]
-    }
+    stats = {f"batch_{b}": timed[s["name"]][f"batch_{b}"] for b in timed["batch_sizes"]}
+    s["latency_ms"] = {b: 1e3 * st["median_s"] for b, st in stats.items()}
+    # measure() records quartiles, so the spread is always there.
+    s["latency_spread_ms"] = {b: 1e3 * noise.latency_spread(st) for b, st in stats.items()}
 
 
 def _report(workdir: str, spec: dict, state: dict) -> str:
@@ -236,19 +244,41 @@ def _quality(metrics: dict) -> tuple[str, bool]:
   return ("accuracy", True) if "val_loss" not in metrics else ("val_loss", False)
 
 
+def shared_latency(state: dict) -> dict[str, dict[str, tuple[float, float]]]:
+  """Per evaluated stage and batch key: (latency ms, spread ms), one latency per architecture
+  (``noise.share``: stages of one "arch" get the median of their timings)."""
+  rows = [s for s in state["stages"] if s.get("metrics") and s.get("latency_ms")]
+  out = {s["name"]: {} for s in rows}
+  for b in rows[0]["latency_ms"] if rows else []:
+    values = [s["latency_ms"].get(b) for s in rows]
+    spreads = [s.get("latency_spread_ms", {}).get(b) for s in rows]
+    values, spreads = noise.share(values, spreads, [s.get("arch") for s in rows])
+    for s, v, sp in zip(rows, values, spreads):
+      out[s["name"]][b] = (v, sp)
+  return out
+
+
 def pareto_flags(state: dict) -> dict[str, dict[str, bool]]:
   """Per evaluated stage: on the Pareto front of quality against bytes, and against the
-  median latency at each batch size (``report_table.pareto_front``)."""
+  median latency at each batch size (``report_table.pareto_front`` with each stage's noise:
+  its quality's 95% bound over the evaluated batches, half its latency's interquartile range;
+  one latency per architecture, ``shared_latency``)."""
   rows = [s for s in state["stages"] if s.get("metrics")]
   if not rows:
     return {}
   key, higher = _quality(rows[0]["metrics"])
-  costs = {"bytes": [s["size"]["bytes"] for s in rows]}
+  shared = shared_latency(state)
+  costs = {"bytes": [(s["size"]["bytes"], 0.0) for s in rows]}
   for b in rows[0].get("latency_ms", {}):
-    costs[b] = [s.get("latency_ms", {}).get(b) for s in rows]
+    costs[b] = [shared.get(s["name"], {}).get(b, (None, None)) for s in rows]
+  quality = [s["metrics"][key] for s in rows]
+  bounds = [noise.bound(s["metrics"].get(f"batch_{key}"), s["metrics"].get("batch_weights"))
+            for s in rows]  # fmt: skip
   flags = {s["name"]: {} for s in rows}
-  for cost, values in costs.items():
-    front = report_table.pareto_front(list(zip(values, [s["metrics"][key] for s in rows])), higher)
+  for cost, pairs in costs.items():
+    points = [(c, q) for (c, _), q in zip(pairs, quality)]
+    spread = [(sp, e) for (_, sp), e in zip(pairs, bounds)]
+    front = report_table.pareto_front(points, higher, spread)
     for s, on in zip(rows, front):
       flags[s["name"]][cost] = on
   return flags
@@ -256,7 +286,7 @@ def pareto_flags(state: dict) -> dict[str, dict[str, bool]]:
 
 def _stage_table(state: dict) -> str:
   """The stages in order (Markdown): what each did, its size, quality, latency, Pareto."""
-  flags = pareto_flags(state)
+  flags, shared = pareto_flags(state), shared_latency(state)
   timed = [s for s in state["stages"] if s.get("metrics")]
   key = _quality(timed[0]["metrics"])[0] if timed else "val_loss"
   sizes = list(timed[0].get("latency_ms", {})) if timed else []
@@ -269,15 +299,18 @@ def _stage_table(state: dict) -> str:
     cells = [s["name"], s["action"], s.get("from") or s.get("init") or "", s.get("teacher") or ""]
     if s.get("metrics"):
       cells += [f"{s['size']['params']:,}", f"{s['size']['bytes']:,}", f"{s['metrics'][key]:.4f}"]
-      cells += [f"{s['latency_ms'].get(b, float('nan')):.3g}" for b in sizes]
+      ms = {b: v for b, (v, _) in shared.get(s["name"], {}).items() if v is not None}
+      cells += [f"{ms[b]:.3g}" if b in ms else "—" for b in sizes]
       on = flags.get(s["name"], {})
       cells.append(" / ".join("yes" if on.get(c) else "no" for c in ["bytes", *sizes]))
     else:
       cells += [""] * (4 + len(sizes))
     lines.append("| " + " | ".join(cells + [f"{s.get('seconds', 0):.0f}"]) + " |")
   note = (
-    "\nPareto: no other stage is as good or better at a cost as low or lower, and strictly "
-    "better in one; costs: bytes of the weights (and scales), and median forward latency.\n"
+    "\nPareto: no other stage is as good or better at a cost as low or lower, and better "
+    "beyond the noise in one; costs: bytes of the weights (and scales), and median forward "
+    "latency (one per architecture: the median of its stages' timings). "
+    f"{report_table.NOISE_NOTE}\n"
   )
   return "\n".join(lines) + "\n" + note
 

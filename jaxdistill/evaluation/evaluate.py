@@ -11,6 +11,10 @@ teacher once per batch) over the same batches and returns, per model:
   ece            expected calibration error of the top-1 against the labels (15 equal-width
                  confidence bins); ``ece_to_teacher`` against the teacher's top-1
   tokens, eval_tokens_per_s
+  batch_weights, batch_val_loss, batch_accuracy
+                 per evaluated batch: its valid tokens (images, sentences) and its own mean of
+                 the metric, in order; what the report's noise (a standard error over the
+                 batches, ``report.noise``) is computed from
   classifiers ([B, C] logits): the same per image, with images / eval_images_per_s instead of
   tokens and no perplexity
   encoders (no logits: a sentence ``embedding`` [B, D]): cosine_to_teacher (mean over
@@ -130,6 +134,24 @@ def _sums(logits_BxTxV, teacher_logits_BxTxV, batch, encoder=False) -> dict[str,
   return out
 
 
+# Per-batch terms kept for the noise estimate: (count, {metric: sum}) of a model's batch sums.
+_PER_BATCH = {"tokens": {"val_loss": "loss", "accuracy": "correct"}}
+_PER_BATCH["sentences"] = {"cosine_to_teacher": "cosine"}
+
+
+def _per_batch(batches: list[dict]) -> dict[str, list]:
+  """Each batch's weight (valid tokens / images / sentences) and its own mean of each metric:
+  the samples a standard error over batches needs (batches are the evaluation's independent
+  units: tokens of one document are not independent of each other)."""
+  count = "sentences" if "sentences" in batches[0] else "tokens"
+  weights = [float(b[count]) for b in batches]
+  out = {"batch_weights": weights}
+  for metric, term in _PER_BATCH[count].items():
+    if term in batches[0]:
+      out[f"batch_{metric}"] = [float(b[term]) / w if w else 0.0 for b, w in zip(batches, weights)]
+  return out
+
+
 def _finish_encoder(sums: dict, seconds: float) -> dict[str, float]:
   n = max(float(sums["sentences"]), 1.0)
   out = {"sentences": int(sums["sentences"]), "eval_sentences_per_s": n / max(seconds, 1e-9)}
@@ -138,9 +160,9 @@ def _finish_encoder(sums: dict, seconds: float) -> dict[str, float]:
   return out
 
 
-def _finish(sums: dict, seconds: float, classifier: bool) -> dict[str, float]:
+def _finish(sums: dict, seconds: float, classifier: bool, batches: list[dict]) -> dict:
   if "sentences" in sums:
-    return _finish_encoder(sums, seconds)
+    return dict(_finish_encoder(sums, seconds), **_per_batch(batches))
   n = max(float(sums["tokens"]), 1.0)
   out = {
     "val_loss": float(sums["loss"]) / n,
@@ -159,7 +181,7 @@ def _finish(sums: dict, seconds: float, classifier: bool) -> dict[str, float]:
     out["images"] = out.pop("tokens")
     out["eval_images_per_s"] = out.pop("eval_tokens_per_s")
     del out["val_ppl"]
-  return out
+  return dict(out, **_per_batch(batches))
 
 
 def _variables(entry: tuple) -> tuple[Any, Any]:
@@ -191,6 +213,8 @@ def evaluate(
   fns = {name: _logits_fn(models[name][0]) for name in models}
   teacher_fn = _logits_fn(teacher[0]) if teacher else None
   totals = {name: None for name in names}
+  # Each batch's scalar sums too (device scalars, fetched once at the end): the noise estimate.
+  kept = {name: [] for name in names}
   seconds = dict.fromkeys(names, 0.0)
   add = lambda a, b: b if a is None else jax.tree.map(jnp.add, a, b)
   first = next(iter(models.values()))[0]
@@ -204,15 +228,25 @@ def evaluate(
         start = time.perf_counter()
         teacher_logits = jax.block_until_ready(teacher_fn(*_variables(teacher), batch))
         seconds["teacher"] += time.perf_counter() - start
-        totals["teacher"] = add(totals["teacher"], _sums(teacher_logits, None, batch, encoder))
+        sums = _sums(teacher_logits, None, batch, encoder)
+        totals["teacher"] = add(totals["teacher"], sums)
+        kept["teacher"].append(_scalars(sums))
       for name in models:
         start = time.perf_counter()
         logits = jax.block_until_ready(fns[name](*_variables(models[name]), batch))
         seconds[name] += time.perf_counter() - start
-        totals[name] = add(totals[name], _sums(logits, teacher_logits, batch, encoder))
+        sums = _sums(logits, teacher_logits, batch, encoder)
+        totals[name] = add(totals[name], sums)
+        kept[name].append(_scalars(sums))
   if any(t is None for t in totals.values()):
     raise ValueError("evaluate() got no batches")
-  return {name: _finish(jax.device_get(totals[name]), seconds[name], classifier) for name in names}
+  totals, kept = jax.device_get((totals, kept))
+  return {name: _finish(totals[name], seconds[name], classifier, kept[name]) for name in names}
+
+
+def _scalars(sums: dict) -> dict:
+  """The scalar sums of one batch (not the calibration bins)."""
+  return {k: sums[k] for k in ("loss", "correct", "tokens", "cosine", "sentences") if k in sums}
 
 
 def load_variables(

@@ -1,9 +1,10 @@
 """Latency and size of trained models: compiled forward passes timed warm and interleaved, the
 compiled program's memory, and the params and bytes the model holds.
 
-  measure(fns, repeats, warmup)       median / p90 / min seconds of no-argument calls, timed
-                                      round-robin (call i of every fn in round i), so that a
-                                      shared machine's drifting speed hits every model alike
+  measure(fns, repeats, warmup)       median / quartiles / p90 / min seconds of no-argument
+                                      calls, timed round-robin (call i of every fn in round i),
+                                      so that a shared machine's drifting speed hits every
+                                      model alike
   compiled_memory(jitted, *args)      XLA's memory analysis of the compiled program (bytes)
   size(variables)                     params and bytes (per dtype) of a model's variables
   example_batch(model, B, T)          a valid dummy batch for ``models.apply``
@@ -46,8 +47,9 @@ def measure(
     repeats: timed calls per fn (>= 1).
     warmup: untimed calls per fn before the first round.
   Returns:
-    name -> {"median_s", "p90_s" (linear interpolation between order statistics), "min_s",
-    "repeats"}.
+    name -> {"median_s", "p25_s" and "p75_s" (the quartiles: their distance, the interquartile
+    range, is the spread the report's Pareto front reads as the timing's noise), "p90_s"
+    (percentiles: linear interpolation between order statistics), "min_s", "repeats"}.
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
@@ -64,6 +66,8 @@ def measure(
   return {
     name: {
       "median_s": statistics.median(t),
+      "p25_s": float(np.percentile(t, 25)),
+      "p75_s": float(np.percentile(t, 75)),
       "p90_s": float(np.percentile(t, 90)),
       "min_s": min(t),
       "repeats": len(t),

@@ -5,14 +5,27 @@ the table's measurement marked and says which batches each uses.
 
 The quickstart-specific layer: its rows are the job's four runs (``ROWS``), each holding
 ``evaluate.evaluate``'s metrics plus the run's params, tokens/s, steps and training time.
-Nothing here trains or evaluates.
+The verdict calls each comparison won, tied or lost with the numbers: a difference within its
+95% bound (Student's t times its standard error over the validation batches; ``compare``) is a
+tie. Nothing here trains or evaluates.
 """
 
 import json
 import os
 
+from jaxdistill.report import noise
+
 # The table's rows, in order: the job's four models.
 ROWS = ("teacher", "kd_student", "ce_student", "ce_student_equal_time")
+
+
+# Per task: the headline metric, its direction, and how a value and a difference read.
+FORMATS = {
+  "text": dict(key="val_loss", higher=False, label="val CE", value=lambda v: f"{v:.3f}",
+               diff=lambda d: f"{d:.3g} nats"),
+  "vision": dict(key="accuracy", higher=True, label="test accuracy",
+                 value=lambda v: f"{100 * v:.1f}%", diff=lambda d: f"{100 * d:.3g} points"),
+}  # fmt: skip
 
 
 def build(results, summaries, cfg, teacher_dir, cached, wall_s) -> dict:
@@ -27,7 +40,9 @@ def build(results, summaries, cfg, teacher_dir, cached, wall_s) -> dict:
     wall_s: the job's wall time so far.
 
   Returns:
-    name -> row dict, and "summary" -> dict (gap closed, who beat whom, corpus, wall time).
+    name -> row dict, and "summary" -> dict: the gap closed, the three comparisons
+    (``compare``'s, each with its "outcome") and the booleans "kd_beats_ce_same_steps",
+    "kd_beats_ce_same_time", "teacher_beats_ce" (won beyond the noise), corpus, wall time.
   """
   report, vision = {}, _is_vision(results)
   rate = "images_per_s" if vision else "tokens_per_s"
@@ -39,97 +54,117 @@ def build(results, summaries, cfg, teacher_dir, cached, wall_s) -> dict:
     if "train_s" in s:
       row["train_s"] = s["train_s"]
     report[name] = row
-  if vision:
-    report["summary"] = _vision_summary(report, teacher_dir, cached, wall_s)
-    return report
-  t, kd, ce = (report[k]["val_loss"] for k in ("teacher", "kd_student", "ce_student"))
-  report["summary"] = {
+  task = "vision" if vision else "text"
+  key = FORMATS[task]["key"]
+  t, kd, ce = (report[k][key] for k in ("teacher", "kd_student", "ce_student"))
+  summary = {
     "teacher_cached": cached,
     "teacher_dir": teacher_dir,
-    "gap_closed": (ce - kd) / (ce - t) if ce != t else None,  # share of CE->teacher gap
-    "kd_beats_ce_same_steps": kd < ce,
-    "kd_beats_ce_same_time": kd < report["ce_student_equal_time"]["val_loss"],
-    "teacher_beats_ce": t < ce,
-    "validation_tokens": report["teacher"]["tokens"],
+    "gap_closed": (kd - ce) / (t - ce) if ce != t else None,  # share of CE->teacher gap
+    **compare(report, task),
     "wall_s": wall_s,
     "jemalloc": "jemalloc" in os.environ.get("LD_PRELOAD", ""),
-    "corpus": f"python_stdlib ({cfg.data.stdlib_max_files or 'all'} files)",
   }
+  if vision:
+    summary.update(task="vision", test_images=report["teacher"]["images"])
+    summary["corpus"] = "built-in digits (5,000 real MNIST digits: 4,000 train, 1,000 test)"
+  else:
+    summary.update(validation_tokens=report["teacher"]["tokens"])
+    summary["corpus"] = f"python_stdlib ({cfg.data.stdlib_max_files or 'all'} files)"
+  report["summary"] = summary
   return report
+
+
+def compare(report: dict, task: str) -> dict:
+  """The verdict's three comparisons of the headline metric, each ``noise.difference``'s dict
+  with its "outcome" ("won" / "tie" / "lost" for the first model named).
+
+  The rule: a difference within its 95% bound is a tie; beyond it, won or lost. The bound is
+  Student's t quantile (B - 1 degrees of freedom: 2.0 standard errors for 60 batches, 12.7 for
+  2) times the standard error of the difference over the B validation batches, paired (both
+  models read the same batches, so the batches' own difficulty cancels); see
+  ``noise.difference`` for the fallbacks. Only one seed of each model ran, so seed-to-seed
+  variation is not in it.
+
+  Args:
+    report: ``build``'s rows (name -> metrics).
+    task: "text" or "vision".
+
+  Returns:
+    {"kd_vs_ce_same_steps", "kd_vs_ce_same_time", "teacher_vs_ce"} -> comparison, and the
+    booleans "kd_beats_ce_same_steps", "kd_beats_ce_same_time", "teacher_beats_ce".
+  """
+  f = FORMATS[task]
+  pairs = {
+    "kd_vs_ce_same_steps": ("kd_student", "ce_student"),
+    "kd_vs_ce_same_time": ("kd_student", "ce_student_equal_time"),
+    "teacher_vs_ce": ("teacher", "ce_student"),
+  }
+  out = {}
+  for name, (a, b) in pairs.items():
+    diff = noise.difference(report[a], report[b], f["key"], f["higher"])
+    out[name] = dict(diff, outcome=noise.outcome(diff))
+  out["kd_beats_ce_same_steps"] = out["kd_vs_ce_same_steps"]["outcome"] == "won"
+  out["kd_beats_ce_same_time"] = out["kd_vs_ce_same_time"]["outcome"] == "won"
+  out["teacher_beats_ce"] = out["teacher_vs_ce"]["outcome"] == "won"
+  return out
 
 
 def _is_vision(results: dict) -> bool:
   return "images" in next(iter(results.values()))
 
 
-def _vision_summary(report: dict, teacher_dir: str, cached: bool, wall_s: float) -> dict:
-  t, kd, ce = (report[k]["accuracy"] for k in ("teacher", "kd_student", "ce_student"))
-  return {
-    "task": "vision",
-    "teacher_cached": cached,
-    "teacher_dir": teacher_dir,
-    "gap_closed": (kd - ce) / (t - ce) if t != ce else None,  # share of CE->teacher gap
-    "kd_beats_ce_same_steps": kd > ce,
-    "kd_beats_ce_same_time": kd > report["ce_student_equal_time"]["accuracy"],
-    "teacher_beats_ce": t > ce,
-    "test_images": report["teacher"]["images"],
-    "wall_s": wall_s,
-    "jemalloc": "jemalloc" in os.environ.get("LD_PRELOAD", ""),
-    "corpus": "built-in digits (5,000 real MNIST digits: 4,000 train, 1,000 test)",
-  }
-
-
-def _vision_verdict(report: dict) -> str:
-  s, kd, ce = report["summary"], report["kd_student"], report["ce_student"]
-  eq, t = report["ce_student_equal_time"], report["teacher"]
-  pct = lambda m: f"{100 * m['accuracy']:.1f}%"
-  if not s["teacher_beats_ce"]:
-    return (
-      f"The teacher ({pct(t)} test accuracy) is no better than the student trained on CE alone "
-      f"({pct(ce)}), so there was nothing to distil; the KD student reached {pct(kd)}."
-    )
-  same_steps = (
-    f"closed {100 * s['gap_closed']:.0f}% of the accuracy gap between the CE student and the "
-    "teacher"
-    if s["kd_beats_ce_same_steps"]
-    else "did NOT beat the CE student"
-  )
-  same_time = ("still beat" if s["kd_beats_ce_same_time"] else "lost to") + (
-    f" CE given the same wall time ({eq['steps']} CE steps reach {pct(eq)})"
-  )
-  return (
-    f"At equal steps the KD student ({pct(kd)}) {same_steps} (CE {pct(ce)}, teacher {pct(t)}); "
-    f"it {same_time}. A KD step also runs the teacher forward: it costs "
-    f"{kd['train_s'] / ce['train_s']:.1f}x a CE step here."
-  )
+def outcome_phrase(c: dict, other: str, task: str) -> str:
+  """``compare``'s comparison in words, with the numbers, e.g. "beat the CE student (3.498) by
+  0.086 nats, beyond the noise (±0.021 nats: 2.01 standard errors, paired over 48 batches)"."""
+  f = FORMATS[task]
+  them, diff = f"{other} ({f['value'](c['b'])})", f["diff"](abs(c["advantage"]))
+  if c["bound"] is None:
+    why = "the noise was not measured (fewer than two evaluated batches)"
+    if c["outcome"] == "tie":
+      return f"tied exactly with {them}; {why}"
+    return f"{'beat' if c['outcome'] == 'won' else 'lost to'} {them} by {diff}; {why}"
+  bound = f"±{f['diff'](c['bound'])}: {c['factor']:.3g} standard errors, {c['basis']}"
+  if c["outcome"] == "tie":
+    return f"tied with {them}: the {diff} difference is within the noise ({bound})"
+  verb = "beat" if c["outcome"] == "won" else "lost to"
+  return f"{verb} {them} by {diff}, beyond the noise ({bound})"
 
 
 def verdict(report: dict) -> str:
-  """One honest paragraph on what distillation bought."""
-  if report["summary"].get("task") == "vision":
-    return _vision_verdict(report)
-  s, kd, ce = report["summary"], report["kd_student"], report["ce_student"]
+  """One honest paragraph on what distillation bought: each comparison is won, tied or lost
+  by ``compare``'s rule (a difference within its 95% bound is a tie), with the numbers."""
+  s = report["summary"]
+  task = s.get("task", "text")
+  f = FORMATS[task]
+  t, kd, ce = report["teacher"], report["kd_student"], report["ce_student"]
   eq = report["ce_student_equal_time"]
+  v = lambda m: f["value"](m[f["key"]])
   if not s["teacher_beats_ce"]:
+    teacher = outcome_phrase(s["teacher_vs_ce"], "the student trained on CE alone", task)
     return (
-      f"The teacher (val CE {report['teacher']['val_loss']:.3f}) is no better than the student "
-      f"trained on CE alone ({ce['val_loss']:.3f}), so there was nothing to distil: the KD "
-      f"student reached {kd['val_loss']:.3f}. Train the teacher longer."
+      f"The teacher ({f['label']} {v(t)}) {teacher}, so there was nothing to distil: the KD "
+      f"student reached {v(kd)}. Train the teacher longer."
     )
-  same_steps = (
-    f"closed {100 * s['gap_closed']:.0f}% of the gap between the CE student and the teacher"
+  gap = (
+    f", closing {100 * s['gap_closed']:.0f}% of the gap to the teacher ({v(t)})"
     if s["kd_beats_ce_same_steps"]
-    else "did NOT beat the CE student"
+    else f" (teacher {v(t)})"
   )
-  same_time = (
-    "still beat" if s["kd_beats_ce_same_time"] else "lost to"
-  ) + f" CE given the same wall time ({eq['steps']} CE steps reach {eq['val_loss']:.3f})"
+  same_steps = outcome_phrase(s["kd_vs_ce_same_steps"], "the CE student", task)
+  same_time = outcome_phrase(
+    s["kd_vs_ce_same_time"], f"CE given the same wall time in {eq['steps']} steps", task
+  )
+  cost = f"{kd['train_s'] / ce['train_s']:.1f}x a CE step here"
+  tail = (
+    f"A KD step runs the teacher forward too, so it costs {cost}; precomputed teacher targets "
+    "would remove most of that cost."
+    if task == "text"
+    else f"A KD step also runs the teacher forward: it costs {cost}."
+  )
   return (
-    f"At equal steps the KD student ({kd['val_loss']:.3f}) {same_steps} "
-    f"(CE {ce['val_loss']:.3f}, teacher {report['teacher']['val_loss']:.3f}); it "
-    f"{same_time}. A KD step runs the teacher forward too, so it costs "
-    f"{kd['train_s'] / ce['train_s']:.1f}x a CE step here; precomputed teacher targets would "
-    "remove most of that cost."
+    f"At equal steps the KD student ({f['label']} {v(kd)}) {same_steps}{gap}. It "
+    f"{same_time}. {tail}"
   )
 
 

@@ -2,14 +2,20 @@
 
 ``rows_for`` turns runs read by ``jaxdistill.report.write`` (their config.json, summary.json and
 ``eval/<name>.json``) into plain row dicts; ``pareto_front`` marks the rows no other row beats
-on both quality and cost; ``format_table`` renders them. Absent numbers are None in the rows
-and "—" in the table.
+on both quality and cost, beyond the measured noise (``report.noise``: the quality's 95% bound
+over the evaluated batches, the latency's interquartile range), and models of one architecture
+share one latency, so timing noise alone cannot put one of them off the front;
+``format_table`` renders them. Absent numbers are None in the rows and "—" in the table.
 """
 
+import hashlib
 import json
 import math
 import os
 from typing import Any, Sequence
+
+from jaxdistill import models
+from jaxdistill.report import noise
 
 # Per task: the quality column and whether higher is better.
 QUALITY = {
@@ -25,17 +31,25 @@ QUALITY_LABEL = {
 DASH = "—"
 
 
-def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) -> list[bool]:
-  """Which points no other point dominates (lower cost and better quality).
+def pareto_front(
+  points: Sequence[tuple[float, float]],
+  higher_is_better: bool,
+  noise: Sequence[tuple[float | None, float | None]] | None = None,
+) -> list[bool]:
+  """Which points no other point dominates (lower cost and better quality, beyond the noise).
 
-  Point j dominates point i when j's cost <= i's and j's quality is at least as good, with at
-  least one of the two strictly better. So exact duplicates do not dominate each other (both
-  are on the front, or both off it), and a point tied on cost with a better one is off it.
-  Points with a None or NaN coordinate are never on the front and dominate nothing.
+  Point j dominates point i when j is at least as good on both axes (cost <= i's, quality at
+  least i's) and better beyond the noise on at least one: their difference there exceeds the
+  two points' noise combined in quadrature (sqrt(n_i^2 + n_j^2), the noise of a difference of
+  independent measurements). So exact duplicates, and two points that differ only within the
+  noise, do not dominate each other; with no noise this is the classic strict front. Points
+  with a None or NaN coordinate are never on the front and dominate nothing.
 
   Args:
     points: (cost, quality) per point, e.g. (latency in ms, validation CE).
     higher_is_better: the quality's direction (accuracy: True; a loss: False).
+    noise: (cost noise, quality noise) per point, half-widths in the axes' units (e.g. half
+      the latency's interquartile range, the quality's 95% bound); None: none.
 
   Returns:
     One bool per point, in order.
@@ -46,10 +60,13 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) 
   ]
   # Quality as "higher is better" throughout.
   pts = [(c, sign * q) if ok else (0.0, 0.0) for (c, q), ok in zip(points, valid)]
+  noise = [(nc or 0.0, nq or 0.0) for nc, nq in noise] if noise else [(0.0, 0.0)] * len(pts)
 
   def dominates(j, i):
     (cj, qj), (ci, qi) = pts[j], pts[i]
-    return cj <= ci and qj >= qi and (cj < ci or qj > qi)
+    cheaper = ci - cj > math.hypot(noise[i][0], noise[j][0])
+    better = qj - qi > math.hypot(noise[i][1], noise[j][1])
+    return cj <= ci and qj >= qi and (cheaper or better)
 
   n = len(pts)
   return [
@@ -60,33 +77,71 @@ def pareto_front(points: Sequence[tuple[float, float]], higher_is_better: bool) 
 def _latency(block: dict | None, side: str) -> dict:
   """Median latencies (ms) at the smallest and the largest (serving) batch, and memory."""
   if not block or side not in block:
-    return dict.fromkeys(("latency_small_ms", "latency_serve_ms", "batch_small", "batch_serve"))
+    keys = ("latency_small_ms", "latency_serve_ms", "batch_small", "batch_serve")
+    return dict.fromkeys(keys + ("latency_small_spread_ms", "latency_serve_spread_ms"))
   sizes = block.get("batch_sizes") or sorted(
     int(k.split("_")[1]) for k in block[side] if k.startswith("batch_")
   )
   small, serve = min(sizes), max(sizes)
   ms = lambda b: 1e3 * block[side][f"batch_{b}"]["median_s"]
+  spread = noise.latency_spread
+  spread_ms = lambda b: _scaled(spread(block[side][f"batch_{b}"]), 1e3)
   memory = block[side].get("memory", {}).get("total_bytes")
   return {
     "latency_small_ms": ms(small),
     "latency_serve_ms": ms(serve),
+    "latency_small_spread_ms": spread_ms(small),
+    "latency_serve_spread_ms": spread_ms(serve),
     "batch_small": small,
     "batch_serve": serve,
     "memory_bytes": memory,
   }
 
 
+def _scaled(value: float | None, scale: float) -> float | None:
+  return None if value is None else scale * value
+
+
 METRICS = ("val_loss", "val_ppl", "accuracy", "top5_accuracy", "agreement", "kl_to_teacher")
 METRICS += ("cosine_to_teacher", "ece")
 
 
-def _row(name: str, role: str, evaluation: dict, side: str) -> dict[str, Any]:
+def _row(name: str, role: str, evaluation: dict, side: str, model: dict) -> dict[str, Any]:
+  """One model's row; ``model`` is what identifies its timed program besides its size and
+  dtypes (``_model_identity``), for ``_share_latency``: rows with one "arch" share a latency."""
   m = evaluation["models"][side]
   size = evaluation.get("size", {}).get(side, {})
   row = {"name": name, "role": role, **{k: m.get(k) for k in METRICS}}
+  # Each quality's standard error over the evaluated batches and its 95% bound (None: not
+  # recorded, or a single batch).
+  for key in QUALITY_SE:
+    values, weights = m.get(f"batch_{key}"), m.get("batch_weights")
+    row[f"{key}_se"] = noise.standard_error(values, weights) if values and weights else None
+    row[f"{key}_bound"] = noise.bound(values, weights)
   row.update(params=size.get("params"), bytes=size.get("bytes"), memory_bytes=None)
   row.update(_latency(evaluation.get("latency"), side))
+  # Same shape, dtypes, data shape, device and batch sizes: the same program, timed alike.
+  latency = evaluation.get("latency") or {}
+  source = evaluation.get("params_source") if side == "student" else "teacher"
+  same = [model, size, source, evaluation.get("device_kind"), latency.get("batch_sizes")]
+  digest = hashlib.sha1(json.dumps(same, sort_keys=True, default=str).encode()).hexdigest()
+  row["arch"] = digest[:12]
   return row
+
+
+QUALITY_SE = ("val_loss", "accuracy", "cosine_to_teacher")
+
+
+def _model_identity(run, side: str) -> dict:
+  """What fixes a run's timed forward besides its size: the student's shape keys and policy
+  (a teacher's shape is not always in the config: its size and dtypes stand for it), and the
+  sequence length of the timed batch (the run's data.seq_len, for both)."""
+  seq_len = run.config.get("data", {}).get("seq_len")
+  if side == "teacher":
+    return {"side": "teacher", "seq_len": seq_len}
+  section = run.config.get("student", {})
+  keys = (*models.shape_keys(section), "policy")
+  return {"seq_len": seq_len, **{k: section.get(k) for k in keys}}
 
 
 def _teacher_identity(run) -> str:
@@ -128,7 +183,7 @@ def _teacher_rows(runs) -> list[dict]:
   rows = []
   for r in found.values():
     name = "teacher" if len(found) == 1 and "teacher" not in names else f"teacher of {r.name}"
-    row = _row(name, "teacher", r.evaluation, "teacher")
+    row = _row(name, "teacher", r.evaluation, "teacher", _model_identity(r, "teacher"))
     teacher = r.config.get("teacher", {})
     path = (r.evaluation.get("teacher") or {}).get("from", "") or teacher.get("path", "")
     path = path or f"teacher.source={teacher.get('source', '?')}"
@@ -141,7 +196,8 @@ def _teacher_rows(runs) -> list[dict]:
 def _run_row(run, runs) -> dict:
   paths = [o.config.get("teacher", {}).get("path", "") for o in runs if o is not run]
   teaches = any(_is_path_of(path, run.workdir) for path in paths)
-  row = _row(run.name, "teacher" if teaches else "student", run.evaluation, "student")
+  role = "teacher" if teaches else "student"
+  row = _row(run.name, role, run.evaluation, "student", _model_identity(run, "student"))
   s = run.summary
   row.update(
     workdir=run.workdir,
@@ -166,11 +222,11 @@ def rows_for(runs) -> tuple[list[dict], dict]:
     "higher_is_better", "ylabel", "panels" (for ``report_plots.quality_scatter``), "note"
     (the table's Pareto sentence) and "caption".
   """
-  rows = _teacher_rows(runs) + [_run_row(r, runs) for r in runs]
+  rows = _share_latency(_teacher_rows(runs) + [_run_row(r, runs) for r in runs])
   quality, higher = QUALITY[runs[0].task]
   timed = any(r["latency_serve_ms"] is not None for r in rows)
   x = "latency_serve_ms" if timed else "params"
-  flags = pareto_front([(r[x], r[quality]) for r in rows], higher)
+  flags = _front(rows, x, quality, higher)
   for r, on in zip(rows, flags):
     r["pareto"] = on if r[x] is not None and r[quality] is not None else None
   ylabel = QUALITY_LABEL[quality] + (", higher is better" if higher else ", lower is better")
@@ -178,7 +234,7 @@ def rows_for(runs) -> tuple[list[dict], dict]:
   if timed:
     small = _batches(rows, "batch_small")
     serve = _batches(rows, "batch_serve")
-    small_flags = pareto_front([(r["latency_small_ms"], r[quality]) for r in rows], higher)
+    small_flags = _front(rows, "latency_small_ms", quality, higher)
     panels = [
       {"title": f"batch {small}", "xlabel": f"median latency at batch {small} (ms)",
        "points": [point(r, "latency_small_ms", on) for r, on in zip(rows, small_flags)]},
@@ -188,8 +244,9 @@ def rows_for(runs) -> tuple[list[dict], dict]:
     note = (
       f"Pareto: on the front of {QUALITY_LABEL[quality]} against median latency at the serving "
       f"batch ({serve}): no other model is as fast or faster and as good or better, and "
-      "strictly better in one. — : no latency measured (`jaxdistill eval --latency`). Memory: "
-      "the compiled forward's total."
+      f"better beyond the noise in one. {NOISE_NOTE} Models of one architecture (shape, "
+      "dtypes) share one latency: the median of their timings. — : no latency measured "
+      "(`jaxdistill eval --latency`). Memory: the compiled forward's total."
     )
     caption = (
       f"{_upper(QUALITY_LABEL[quality])} (the table's) against the compiled forward's "
@@ -201,7 +258,8 @@ def rows_for(runs) -> tuple[list[dict], dict]:
                "points": [point(r, "params", on) for r, on in zip(rows, flags)]}]  # fmt: skip
     note = (
       f"Pareto: on the front of {QUALITY_LABEL[quality]} against parameter count (no run has "
-      "a latency block: `jaxdistill eval --latency` measures one)."
+      "a latency block: `jaxdistill eval --latency` measures one): no other model is as small "
+      f"or smaller and as good or better, and better beyond the noise in one. {NOISE_NOTE}"
     )
     caption = (
       f"{_upper(QUALITY_LABEL[quality])} against the parameter count: no run was "
@@ -210,6 +268,38 @@ def rows_for(runs) -> tuple[list[dict], dict]:
     )
   axis = dict(x=x, quality=quality, higher_is_better=higher, ylabel=ylabel, panels=panels)
   return rows, dict(axis, note=note, caption=caption)
+
+
+NOISE_NOTE = (
+  "Noise: the quality's 95% bound over the evaluated batches (Student's t x its standard "
+  "error), half the interquartile range of a latency's timings; combined in quadrature for a "
+  "difference."
+)
+
+
+def _share_latency(rows: list[dict]) -> list[dict]:
+  """One latency per architecture (``noise.share``): rows with one "arch" get the median of
+  their timings, and a spread that covers how far those timings lie apart; each row keeps its
+  own timing as "latency_*_measured_ms" and names the rows it shares with."""
+  groups = [r["arch"] if r["latency_serve_ms"] is not None else None for r in rows]
+  for size in ("small", "serve"):
+    key, spread = f"latency_{size}_ms", f"latency_{size}_spread_ms"
+    values, spreads = noise.share([r[key] for r in rows], [r[spread] for r in rows], groups)
+    for r, v, s in zip(rows, values, spreads):
+      r[f"latency_{size}_measured_ms"] = r[key]
+      r[key], r[spread] = v, (s if v is not None else None)
+  for r, g in zip(rows, groups):
+    same = [o["name"] for o, h in zip(rows, groups) if g is not None and h == g and o is not r]
+    r["latency_shared_with"] = same
+  return rows
+
+
+def _front(rows: list[dict], x: str, quality: str, higher: bool) -> list[bool]:
+  """``pareto_front`` of (x, quality) with each row's noise: its latency spread (none for
+  params) and its quality's 95% bound."""
+  spread = x.replace("_ms", "_spread_ms") if x.startswith("latency_") else None
+  noise_of = [(r[spread] if spread else None, r.get(f"{quality}_bound")) for r in rows]
+  return pareto_front([(r[x], r[quality]) for r in rows], higher, noise_of)
 
 
 def _upper(text: str) -> str:

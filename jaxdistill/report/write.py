@@ -150,20 +150,39 @@ def loss_keys(runs: list[Run]) -> list[str]:
   return sorted(terms, key=lambda k: (k != "train/loss", not k.startswith("task/"), k))
 
 
+def _amount(runs: list[Run]) -> str:
+  """How much the table's evaluation read, from its counts: "1,000 images", "" if unknown."""
+  student = runs[0].evaluation.get("models", {}).get("student", {})
+  for unit in ("images", "tokens", "sentences"):
+    if student.get(unit):
+      return f"{student[unit]:,} {unit}"
+  return ""
+
+
+def _whole_split(runs: list[Run], split: str) -> str:
+  """ "the whole validation split (1,000 images)": what 0 batches means (eval.batches and
+  ``eval --batches``: 0 = all of it)."""
+  amount = _amount(runs)
+  return f"the whole {split} split" + (f" ({amount})" if amount else "")
+
+
 def _validation_caption(runs: list[Run], metric: str) -> str:
   """Says which batches the curves and the markers measure, and whether they differ."""
   evals = {r.name: r.config.get("eval", {}) for r in runs}
   periodic = {name: e.get("batches") for name, e in evals.items() if e.get("every")}
   data = runs[0].evaluation.get("data", {})
   n, overrides = data.get("batches", 0), data.get("overrides") or []
+  split = data.get("split", "validation")
   counts = sorted(set(periodic.values()))
-  if len(counts) == 1:
-    lines = f"the first {counts[0]} validation batches"
+  if counts == [0]:  # the whole split: the same data as the table's when it reads it all too
+    lines = _whole_split(runs, split) if n == 0 and not overrides else f"the whole {split} split"
+  elif len(counts) == 1:
+    lines = f"the first {counts[0]} {split} batches"
   else:
-    each = ", ".join(f"{k}: {v}" for k, v in periodic.items())
-    lines = f"the first N validation batches ({each})"
-  table = f"the first {n} batches" if n else "the whole split"
-  where = f"{data.get('source', '?')} {data.get('split', 'validation')}"
+    each = ", ".join(f"{k}: {v or 'the whole split'}" for k, v in periodic.items())
+    lines = f"the first N {split} batches ({each})"
+  table = f"the first {n} batches" if n else _whole_split(runs, split)
+  where = f"{data.get('source', '?')} {split}"
   where += f" with {', '.join(overrides)}" if overrides else ""
   caption = (
     f"Lines: the periodic `{metric}` during training on {lines} (config.json eval.batches). "
@@ -176,7 +195,8 @@ def _validation_caption(runs: list[Run], metric: str) -> str:
       f"measurement (eval JSON) on {table} of {where}, at the run's last step; dashed: a "
       "teacher's table value."
     )
-  if n == 0 or counts != [n] or overrides:
+  # Equal counts read the same batches (0: all of them), unless the table's data was changed.
+  if counts != [n] or overrides:
     caption += " They measure different batches, so a line's end need not meet its marker."
   return caption
 
@@ -226,7 +246,7 @@ def _plots(runs: list[Run], rows: list[dict], axis: dict, output: str) -> dict[s
 
 
 def _markdown(report: dict, captions: dict, extra_md: str) -> str:
-  data = report["data"]
+  data, amount = report["data"], report.get("amount", "")
   batches = data.get("batches", 0)
   runs = "\n".join(
     f"- **{r['name']}**: `{r['workdir']}` (step {r['step']}, {r['params_source']})"
@@ -239,7 +259,7 @@ def _markdown(report: dict, captions: dict, extra_md: str) -> str:
     "",
     f"Evaluation `eval/{report['eval_name']}.json`: {data.get('source', '?')} "
     f"{data.get('split', 'validation')}, {f'{batches} batches' if batches else 'the whole split'}"
-    f"; device {report.get('device', '?')}.",
+    f"{f' ({amount})' if amount else ''}; device {report.get('device', '?')}.",
     "",
     runs,
     "",
@@ -271,6 +291,7 @@ def build(runs: dict[str, str], eval_name: str = "validation") -> tuple[dict, li
     "eval_name": eval_name,
     "task": loaded[0].task,
     "data": first.get("data", {}),
+    "amount": _amount(loaded),  # what the table's evaluation read, e.g. "1,000 images"
     "device": first.get("device_kind") or first.get("device", "?"),
     "rows": rows,
     "pareto": {k: axis[k] for k in ("x", "quality", "higher_is_better")},

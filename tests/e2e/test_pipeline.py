@@ -92,6 +92,43 @@ def test_a_used_workdir_or_a_changed_pipeline_is_refused(tmp_path):
   assert (tmp_path / "mine.txt").read_text() == "a user's file"
 
 
+def _stage(name, arch, nbytes, ms, loss, per_batch=None):
+  """A done, evaluated and timed stage of pipeline.json (hand-made)."""
+  metrics = {"val_loss": loss}
+  if per_batch:
+    metrics.update(batch_val_loss=per_batch, batch_weights=[512.0] * len(per_batch))
+  return {"name": name, "action": "train", "status": "done", "seconds": 1.0, "arch": arch,
+          "metrics": metrics, "size": {"params": nbytes // 4, "bytes": nbytes},
+          "latency_ms": {"batch_1": ms}, "latency_spread_ms": {"batch_1": 0.05}}  # fmt: skip
+
+
+def test_stage_pareto_shares_one_latency_per_architecture_and_reads_the_noise():
+  # a and b: one architecture timed at 2.48 and 3.08 ms, the same loss; c: smaller and
+  # faster, worse; d: as big and good as the pair but slower beyond the noise; e: as the
+  # pair, slower and worse only within the noise (loss SE 0.018 over 4 batches).
+  state = {"stages": [
+    _stage("a", "x", 1000, 2.48, 3.0),
+    _stage("b", "x", 1000, 3.08, 3.0),
+    _stage("c", "y", 250, 1.0, 3.5),
+    _stage("d", "z", 1000, 6.0, 3.0),
+    _stage("e", "w", 1000, 2.9, 3.02, per_batch=[2.98, 3.06, 3.0, 3.04]),
+    {"name": "out", "action": "export", "status": "done", "from": "e", "seconds": 1.0},
+  ]}  # fmt: skip
+  shared = pipeline.shared_latency(state)
+  # The pair's latency: the median of their timings; its spread: half their range.
+  assert shared["a"]["batch_1"] == shared["b"]["batch_1"] == pytest.approx((2.78, 0.3))
+  flags = pipeline.pareto_flags(state)
+  assert {n: f["batch_1"] for n, f in flags.items()} == dict(a=True, b=True, c=True, d=False,
+                                                              e=True)  # fmt: skip
+  assert {n: f["bytes"] for n, f in flags.items()} == dict(a=True, b=True, c=True, d=True, e=True)
+  table = pipeline._stage_table(state)
+  rows = {
+    line.split(" | ")[0].strip("| "): line for line in table.splitlines() if "| train |" in line
+  }
+  assert "| 2.78 |" in rows["a"] and "| 2.78 |" in rows["b"] and "| 6 |" in rows["d"]
+  assert "beyond the noise" in table
+
+
 @pytest.mark.slow
 def test_cli_errors(tmp_path):
   cases = [

@@ -47,7 +47,10 @@ def test_quickstart_writes_a_valid_report(finished):
   assert report["teacher"]["params"] > report["kd_student"]["params"]
   assert report["kd_student"]["params"] == report["ce_student"]["params"]
   assert report["summary"]["teacher_cached"] is False
+  for name in ("kd_vs_ce_same_steps", "kd_vs_ce_same_time", "teacher_vs_ce"):
+    assert report["summary"][name]["outcome"] in ("won", "tie", "lost"), name
   md = (workdir / "report.md").read_text()
+  assert "first 0" not in md and "the whole validation split (" in md
   assert "| kd_student |" in md and "validation.png" in md and "quality_latency.png" in md
   assert (workdir / "validation.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
   assert "| ce_student |" in proc.stdout  # the table is printed too

@@ -42,6 +42,12 @@ def test_vision_quickstart_reports_and_caches_its_teacher(tmp_path):
   assert report["summary"]["task"] == "vision" and report["summary"]["teacher_cached"] is False
   md = (tmp_path / "run" / "report.md").read_text()
   assert "| kd_student |" in md and "validation.png" in md
+  # Every evaluation reads the whole test split: named so, never "the first 0 batches".
+  assert "first 0" not in md and "the whole validation split (1,000 images)" in md
+  # Each comparison is won, tied or lost against its measured noise, with the numbers.
+  same_time = report["summary"]["kd_vs_ce_same_time"]
+  assert same_time["outcome"] in ("won", "tie", "lost") and same_time["se"] is not None
+  assert "standard errors, paired over" in md
   png = (tmp_path / "run" / "validation.png").read_bytes()
   assert png[:8] == b"\x89PNG\r\n\x1a\n"
   # The plotted curve is the table's measurement: the last periodic evaluation of the KD

@@ -28,6 +28,7 @@ def test_metrics_match_numpy_reference():
   got = evaluate.evaluate({"s": (student, s_params)}, batches, mesh, teacher=(teacher, t_params))
 
   sums = dict(loss=0.0, agree=0.0, kl=0.0, correct=0.0, n=0.0, t_loss=0.0)
+  per_batch = {"weights": [], "val_loss": [], "accuracy": []}  # each batch's own
   for b in batches:
     apply = lambda m, p: np.asarray(
       m.apply({"params": p}, b["inputs"], segment_ids_BxT=b["segment_ids"])["logits"], np.float64
@@ -41,6 +42,9 @@ def test_metrics_match_numpy_reference():
     sums["agree"] += (w * (ls.argmax(-1) == lt.argmax(-1))).sum()
     sums["correct"] += (w * (ls.argmax(-1) == y)).sum()
     sums["n"] += w.sum()
+    per_batch["weights"].append(w.sum())
+    per_batch["val_loss"].append(-(w * pick(ls)).sum() / w.sum())
+    per_batch["accuracy"].append((w * (ls.argmax(-1) == y)).sum() / w.sum())
   s, t = got["s"], got["teacher"]
   assert s["tokens"] == t["tokens"] == sums["n"] > 0
   assert s["val_loss"] == pytest.approx(sums["loss"] / sums["n"], rel=1e-5)
@@ -49,6 +53,11 @@ def test_metrics_match_numpy_reference():
   assert s["agreement"] == pytest.approx(sums["agree"] / sums["n"])
   assert s["accuracy"] == pytest.approx(sums["correct"] / sums["n"])
   assert t["val_loss"] == pytest.approx(sums["t_loss"] / sums["n"], rel=1e-5)
+  # Each batch's weight and means, in order: the samples of the report's standard error.
+  assert s["batch_weights"] == per_batch["weights"] == t["batch_weights"]
+  assert s["batch_val_loss"] == pytest.approx(per_batch["val_loss"], rel=1e-5)
+  assert s["batch_accuracy"] == pytest.approx(per_batch["accuracy"])
+  assert per_batch["val_loss"][0] != pytest.approx(per_batch["val_loss"][1])  # two samples
 
 
 @pytest.mark.slow

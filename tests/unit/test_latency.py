@@ -84,11 +84,15 @@ def test_measure_statistics_on_a_scripted_clock(monkeypatch):
   for name, times in expected.items():
     assert stats[name] == {
       "median_s": float(np.median(times)),
+      "p25_s": float(np.percentile(times, 25)),
+      "p75_s": float(np.percentile(times, 75)),
       "p90_s": float(np.percentile(times, 90)),
       "min_s": min(times),
       "repeats": 6,
     }
   assert stats["a"]["p90_s"] == pytest.approx(8.0)  # [1, 2, 3, 4, 6, 10]: 6 + 0.5 * (10 - 6)
+  # The quartiles at positions 1.25 and 3.75 of the sorted six: 2 + 0.25 and 4 + 0.75 * 2.
+  assert stats["a"]["p25_s"] == pytest.approx(2.25) and stats["a"]["p75_s"] == pytest.approx(5.5)
 
 
 def test_measure_needs_a_repeat():
