@@ -34,7 +34,7 @@ from jaxdistill import models
 from jaxdistill.compress import prune_job as prune_run
 from jaxdistill.compress import ptq as quantize
 from jaxdistill.compress import stages as pipeline_spec
-from jaxdistill.config import config_module, validate
+from jaxdistill.config import config_module, resolve, validate
 from jaxdistill.errors import ConfigError, JaxdistillError
 from jaxdistill.evaluation import job as eval_run
 from jaxdistill.evaluation import latency
@@ -51,12 +51,10 @@ REPORT_FILES = ("report.md", "report.json", "validation.png", "training_curves.p
 
 
 def load(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> dict:
-  """The checked pipeline of a config file (``FILE`` or ``FILE:ARG``; ``pipeline_spec.check``)."""
-  path, arg = config_path, ""
-  if not os.path.isfile(path) and ":" in path:  # FILE:ARG, as ``config.load_config`` reads it
-    path, arg = path.rsplit(":", 1)
-  if not os.path.isfile(path):
-    raise ConfigError("--config", f"no such file {path!r}; e.g. configs/progressive.py")
+  """The checked pipeline of a config file (``FILE`` or ``FILE:ARG``, or a shipped config's
+  name: ``progressive:test``, as ``config.load_config`` reads them; ``pipeline_spec.check``)."""
+  path, args = resolve(config_path)
+  arg = args[0] if args else ""
   module = config_module(path)
   if not hasattr(module, "get_pipeline"):
     raise ConfigError("--config", f"{path} defines no get_pipeline(); see configs/progressive.py")
