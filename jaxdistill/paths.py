@@ -13,8 +13,11 @@ Object stores differ from a disk in three ways the callers handle here:
     writes a remote file in place, a local one through ``NAME.tmp`` + rename (as before);
   - no directories: ``makedirs`` is harmless, and a "directory" exists once it holds a file.
 
-Libraries that open files themselves (ArrayRecord's C++ writer and reader, matplotlib) get a
-local file: ``local_copy`` downloads a remote one, ``upload`` sends a local one up.
+Libraries that open files themselves (ArrayRecord's C++ writer and reader, matplotlib,
+safetensors' memory-mapped reader) get a local file: ``download`` fetches a remote one,
+``copytree`` sends a local directory up (or fetches a remote one). What they write as bytes
+(``safetensors.numpy.save``) goes through ``write_bytes``. A directory written aside and then
+renamed into place (``move_tree``) is copied remotely, then its source deleted.
 """
 
 import hashlib
@@ -98,11 +101,18 @@ def makedirs(p) -> None:
   path(p).mkdir(parents=True, exist_ok=True)
 
 
-def rmtree(p) -> None:
+def rmtree(p, missing_ok: bool = False) -> None:
+  """Deletes directory ``p`` and everything under it; ``missing_ok``: no error when absent."""
   if is_remote(p):
-    path(p).rmtree()
-  else:
+    path(p).rmtree(missing_ok=missing_ok)
+  elif not missing_ok or os.path.lexists(p):
     shutil.rmtree(p)
+
+
+def realpath(p) -> str:
+  """``os.path.realpath`` of a local path (to compare two names of one directory); a URL
+  without its trailing ``/`` (an object store has no links)."""
+  return os.fspath(p).rstrip("/") if is_remote(p) else os.path.realpath(p)
 
 
 def read_text(p) -> str:
@@ -116,11 +126,17 @@ def read_bytes(p) -> bytes:
 def write_text(p, text: str) -> None:
   """Writes ``text`` to ``p`` whole: a local file through ``p.tmp`` + rename (never half
   written); a remote one in place (an object appears only once its upload completes)."""
+  write_bytes(p, text.encode("utf-8"))
+
+
+def write_bytes(p, data: bytes) -> None:
+  """``write_text`` for bytes (e.g. ``safetensors.numpy.save``'s, which a library would
+  otherwise write to a local file itself)."""
   if is_remote(p):
-    path(p).write_text(text, encoding="utf-8")
+    path(p).write_bytes(data)
     return
-  with open(f"{p}.tmp", "w", encoding="utf-8") as f:
-    f.write(text)
+  with open(f"{p}.tmp", "wb") as f:
+    f.write(data)
   os.replace(f"{p}.tmp", p)
 
 
@@ -176,13 +192,20 @@ def _directories(p) -> list[tuple[str, list[str]]]:
   return out
 
 
+def _relative(full: str, base) -> str:
+  """``full`` (a file under directory ``base``) relative to ``base``, "/"-separated remotely."""
+  if is_remote(base):
+    return full[len(os.fspath(base).rstrip("/")) + 1 :]
+  return os.path.relpath(full, base)
+
+
 def content_hash(p) -> str:
   """sha256 over the relative names and bytes of every file under directory ``p``."""
   digest = hashlib.sha256()
   for root, files in sorted(_directories(p)):
     for name in sorted(files):
       full = join(root, name)
-      rel = full[len(os.fspath(p).rstrip("/")) + 1 :] if is_remote(p) else os.path.relpath(full, p)
+      rel = _relative(full, p)
       digest.update(rel.encode())
       with path(full).open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -190,14 +213,31 @@ def content_hash(p) -> str:
   return digest.hexdigest()
 
 
-def upload_tree(local_dir: str, dst) -> None:
-  """Copies every file under local directory ``local_dir`` to directory ``dst``."""
-  for root, _, files in os.walk(local_dir):
+def copytree(src, dst) -> None:
+  """Copies every file under directory ``src`` to directory ``dst`` (either may be remote:
+  an upload, a download or a copy between buckets), replacing files of the same names."""
+  for root, files in _directories(src):
     for name in files:
-      full = os.path.join(root, name)
-      target = join(dst, *os.path.relpath(full, local_dir).split(os.sep))
+      full = join(root, name)
+      target = join(dst, *_relative(full, src).replace(os.sep, "/").split("/"))
       makedirs(path(target).parent)
       copy(full, target)
+
+
+def move_tree(src, dst) -> None:
+  """Moves directory ``src`` to ``dst`` (new, empty, or an earlier move's incomplete copy).
+
+  Locally a rename (atomic). An object store has no rename of a directory: ``dst`` is
+  cleared, every file copied, then ``src`` deleted; while ``src`` exists ``dst`` may be
+  incomplete, so a caller that resumes treats ``dst`` as done only once ``src`` is gone.
+  """
+  if not is_remote(src) and not is_remote(dst):
+    os.replace(src, dst)
+    return
+  if exists(dst):
+    rmtree(dst)
+  copytree(src, dst)
+  rmtree(src)
 
 
 def size(p) -> int:

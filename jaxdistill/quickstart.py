@@ -25,10 +25,10 @@ This module only orchestrates. Every hyper-parameter is in the recipe, the confi
 ``,test``), so each stage also runs with ``jaxdistill train``. ``size="test"`` shrinks
 everything (a few stdlib files, tiny models) for the tests.
 
-The recipe is found next to the package (``<checkout>/configs/quickstart.py``), which holds
-for a source checkout and the editable install ``make setup`` / ``pip install -e .`` makes;
-configs are user-facing files that ``jaxdistill train`` takes by path, so they stay at the
-top of the repository rather than inside the package.
+The recipe is one of the configs the package ships (``config.configs_dir``): the source
+checkout's top-level ``configs/`` (an editable install, ``make setup``), or the
+``jaxdistill/configs/`` a wheel installs (a plain ``pip install .``), so the quickstart runs
+from any directory either way.
 """
 
 import functools
@@ -39,15 +39,14 @@ import shutil
 import time
 from typing import Any
 
-from jaxdistill.config import config_module
+from jaxdistill.config import config_module, configs_dir
 from jaxdistill.data import corpora
 from jaxdistill.errors import JaxdistillError
 
-_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 # The recipe of each task: the text LM pair (the default) and the vision CNN pair.
 RECIPES = {
-  "text": os.path.join(_CONFIGS, "quickstart.py"),
-  "vision": os.path.join(_CONFIGS, "cnn_digits.py"),
+  "text": os.path.join(configs_dir(), "quickstart.py"),
+  "vision": os.path.join(configs_dir(), "cnn_digits.py"),
 }
 RECIPE = RECIPES["text"]
 SIZES = ("full", "test")
@@ -70,8 +69,8 @@ def _load_recipe(task: str):
   path = RECIPES[task]
   if not os.path.isfile(path):
     raise JaxdistillError(
-      f"the quickstart's recipe {path} is missing: run from a source checkout installed "
-      "with `pip install -e .` (or `make setup`)"
+      f"the quickstart's recipe {path} is missing: reinstall jaxdistill (`pip install .` ships "
+      "the configs) or run from a source checkout (`pip install -e .`, `make setup`)"
     )
   return config_module(path)
 

@@ -21,13 +21,15 @@ EXIT_USAGE = 2
 DESCRIPTION = """\
 Knowledge distillation for JAX: train a small student model to imitate a large frozen
 teacher (its logits, attention and hidden states), on one CPU or a TPU / GPU cluster.
-A run is described by a config file (Python, see configs/); any key can be overridden
-with --config.SECTION.KEY=VALUE, and rerunning the same command resumes a stopped run.
+A run is described by a config file (Python, see configs/), given by path or by the name of
+one jaxdistill ships (smoke, quickstart:distill, ...); any key can be overridden with
+--config.SECTION.KEY=VALUE (one of the further teachers: --config.teachers[I].KEY=VALUE),
+and rerunning the same command resumes a stopped run.
 
 examples:
   jaxdistill quickstart --size test        the whole job, small, on a built-in corpus
   jaxdistill quickstart --task vision      the same with CNNs on the built-in digits
-  jaxdistill train --config configs/smoke.py --workdir runs/smoke
+  jaxdistill train --config smoke --workdir runs/smoke       (or --config configs/smoke.py)
   jaxdistill precompute --config FILE --output DIR    teacher targets stored on disk
   jaxdistill embed --model DIR --input FILE --output FILE.npy
   jaxdistill eval --workdir runs/smoke --latency     student and teacher metrics, latency
@@ -81,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="train or distil a model from a config file",
     epilog="Override any key with --config.SECTION.KEY=VALUE.",
   )
-  train.add_argument("--config", required=True, help="Python config file (configs/*.py)")
+  train.add_argument("--config", required=True, help="config FILE[:ARG] or name (smoke[:ARG])")
   train.add_argument("--workdir", required=True, help="directory for metrics and params")
   train.add_argument(
     "--resume_from",
@@ -95,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     help="run the teacher over the training split once and store sparse targets (a cache)",
     epilog="Override any key with --config.SECTION.KEY=VALUE (see the precompute section).",
   )
-  pre.add_argument("--config", default=None, help="Python config file (not needed with --verify)")
+  pre.add_argument("--config", default=None, help="config file or name (not with --verify)")
   pre.add_argument("--output", required=True, help="cache directory (rerun to resume)")
   pre.add_argument("--verify", action="store_true", help="check a cache against its manifest")
   distributed.add_flags(pre)

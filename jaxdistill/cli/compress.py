@@ -20,7 +20,11 @@ def add_parsers(sub) -> None:
     epilog="Rerun the same command to resume; --config.SECTION.KEY=VALUE applies to every "
     "train / distil stage.",
   )
-  pipe.add_argument("--config", required=True, help="pipeline file, e.g. configs/progressive.py")
+  pipe.add_argument(
+    "--config",
+    required=True,
+    help="pipeline file or name, e.g. configs/progressive.py, progressive",
+  )
   pipe.add_argument("--workdir", required=True, help="the pipeline's directory (stages inside)")
   prune = sub.add_parser("prune", help="structured pruning of a finished run into a new workdir")
   prune.add_argument("--workdir", required=True, help="a finished run (final_params/)")

@@ -13,6 +13,8 @@ actions are in ``pipeline_spec``), and runs each stage in its own workdir ``W/NN
 then evaluates it (``eval_run.evaluate_workdir``, against the original teacher so every stage
 is compared with the same model: ``W/NN-name/eval/pipeline.json``) and marks it done in
 ``W/pipeline.json``. A rerun skips done stages, so a killed pipeline picks up where it stopped.
+``W`` may be remote (``gs://``): every file goes through ``paths``, and "renamed" is then
+``paths.move_tree``'s copy that ends by deleting the ``.partial``.
 When every stage is done, all models' forward latency is measured in one interleaved pass
 (``latency.model_latency``: the machine's speed drifts, so models are timed side by side) and
 written into their evaluations; ``W/report.md`` (+ ``report.json`` and PNGs:
@@ -28,16 +30,14 @@ that cost, beyond the noise}}], "complete", "report"}.
 
 import hashlib
 import json
-import os
-import shutil
 import time
 from typing import Any, Sequence
 
-from jaxdistill import models
+from jaxdistill import models, paths
 from jaxdistill.compress import prune_job as prune_run
 from jaxdistill.compress import ptq as quantize
 from jaxdistill.compress import stages as pipeline_spec
-from jaxdistill.config import config_module, validate
+from jaxdistill.config import config_module, resolve, validate
 from jaxdistill.errors import ConfigError, JaxdistillError
 from jaxdistill.evaluation import job as eval_run
 from jaxdistill.evaluation import latency
@@ -55,12 +55,10 @@ REPORT_FILES = ("report.md", "report.json", "validation.png", "training_curves.p
 
 
 def load(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> dict:
-  """The checked pipeline of a config file (``FILE`` or ``FILE:ARG``; ``pipeline_spec.check``)."""
-  path, arg = config_path, ""
-  if not os.path.isfile(path) and ":" in path:  # FILE:ARG, as ``config.load_config`` reads it
-    path, arg = path.rsplit(":", 1)
-  if not os.path.isfile(path):
-    raise ConfigError("--config", f"no such file {path!r}; e.g. configs/progressive.py")
+  """The checked pipeline of a config file (``FILE`` or ``FILE:ARG``, or a shipped config's
+  name: ``progressive:test``, as ``config.load_config`` reads them; ``pipeline_spec.check``)."""
+  path, args = resolve(config_path)
+  arg = args[0] if args else ""
   module = config_module(path)
   if not hasattr(module, "get_pipeline"):
     raise ConfigError("--config", f"{path} defines no get_pipeline(); see configs/progressive.py")
@@ -71,18 +69,17 @@ def load(config_path: str, overrides: Sequence[tuple[str, str]] = ()) -> dict:
 
 def _read_state(workdir: str, spec: dict) -> dict:
   """W/pipeline.json, or a fresh one; a pipeline with other stages is an error."""
-  path = os.path.join(workdir, STATE_FILE)
+  path = paths.join(workdir, STATE_FILE)
   names = [(s["name"], s["action"]) for s in spec["stages"]]
-  if os.path.isfile(path):
-    with open(path, encoding="utf-8") as f:
-      state = json.load(f)
+  if paths.isfile(path):
+    state = json.loads(paths.read_text(path))
     if [(s["name"], s["action"]) for s in state["stages"]] != names:
       raise JaxdistillError(
         f"{path} records other stages {[s['name'] for s in state['stages']]}; use a new "
         "--workdir for a changed pipeline"
       )
     return state
-  if os.path.exists(workdir) and os.listdir(workdir):
+  if paths.exists(workdir) and (not paths.isdir(workdir) or paths.listdir(workdir)):
     raise JaxdistillError(f"--workdir {workdir!r} is not empty and holds no {STATE_FILE}")
   stages = [
     {"name": n, "action": a, "dir": s["dir"], "status": "pending"}
@@ -92,14 +89,11 @@ def _read_state(workdir: str, spec: dict) -> dict:
 
 
 def _write_state(workdir: str, state: dict) -> None:
-  path = os.path.join(workdir, STATE_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(state, f, indent=2, sort_keys=True)
-  os.replace(path + ".tmp", path)
+  paths.write_text(paths.join(workdir, STATE_FILE), json.dumps(state, indent=2, sort_keys=True))
 
 
 def _dir(workdir: str, spec: dict, name: str) -> str:
-  return os.path.join(workdir, next(s["dir"] for s in spec["stages"] if s["name"] == name))
+  return paths.join(workdir, next(s["dir"] for s in spec["stages"] if s["name"] == name))
 
 
 def _copy_shape(section: Any, src_workdir: str, skip: tuple = ()) -> None:
@@ -126,10 +120,16 @@ def _stage_config(stage: dict, workdir: str, spec: dict) -> Any:
 
 
 def _aside(dst: str) -> str:
-  """A clean ``dst.partial`` to write a stage into before renaming it to ``dst``."""
+  """A clean ``dst.partial`` to write a stage into before moving it to ``dst``."""
   tmp = dst + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
+  paths.rmtree(tmp, missing_ok=True)
   return tmp
+
+
+def _finished(dst: str) -> bool:
+  """Whether a stage written aside was moved into ``dst`` completely: in an object store the
+  move is a copy that ends by deleting ``dst.partial`` (``paths.move_tree``)."""
+  return paths.isdir(dst) and not paths.exists(dst + ".partial")
 
 
 def _export(src: str, dst: str, fmt: str) -> None:
@@ -140,28 +140,29 @@ def _export(src: str, dst: str, fmt: str) -> None:
   if fmt == "int8":
     if not is_int8:
       raise JaxdistillError(f"export format int8 needs an int8 stage; {src!r} is float")
-    shutil.copytree(os.path.join(src, workdir_lib.INT8_DIR), tmp)
+    paths.copytree(paths.join(src, workdir_lib.INT8_DIR), tmp)
     for name in ("config.json", "tokenizer.json"):
-      if os.path.isfile(os.path.join(src, name)):
-        shutil.copyfile(os.path.join(src, name), os.path.join(tmp, name))
+      if paths.isfile(paths.join(src, name)):
+        paths.copy(paths.join(src, name), paths.join(tmp, name))
   else:
     from jaxdistill.models import hf_export
 
     hfm, params = workdir_lib.load_workdir(src)
     hf_export.export(params, hfm, tmp, tokenizer_dir=src)
-  os.replace(tmp, dst)
+  paths.move_tree(tmp, dst)
 
 
 def _run_action(stage: dict, workdir: str, spec: dict) -> None:
-  out = os.path.join(workdir, stage["dir"])
+  out = paths.join(workdir, stage["dir"])
   action = stage["action"]
   if action in ("train", "distil"):
     summary = loop.train(_stage_config(stage, workdir, spec), out)
     if summary["preempted"]:
       raise JaxdistillError(f"stage {stage['name']} was preempted; rerun to resume it")
     return
-  if os.path.isdir(out):  # prune / quantise / export finished: renamed into place
+  if _finished(out):  # prune / quantise / export finished: moved into place
     return
+  paths.rmtree(out, missing_ok=True)  # a remote move cut short: an incomplete copy
   src = _dir(workdir, spec, stage["from"])
   if action == "prune":
     tmp = _aside(out)
@@ -172,9 +173,9 @@ def _run_action(stage: dict, workdir: str, spec: dict) -> None:
       calibration_batches=stage.get("calibration_batches", 8),
       method=stage.get("method", "activation"),
     )
-    os.replace(tmp, out)
+    paths.move_tree(tmp, out)
   elif action == "quantise":
-    shutil.rmtree(out + ".partial", ignore_errors=True)
+    paths.rmtree(out + ".partial", missing_ok=True)
     quantize.ptq_workdir(
       src, out, stage.get("calibration_batches", 8), stage.get("act", "symmetric")
     )
@@ -186,7 +187,7 @@ def _evaluate(stage: dict, workdir: str, spec: dict) -> dict:
   """The stage's evaluation against the original teacher (``W/NN-name/eval/pipeline.json``)."""
   own = stage["name"] == spec["teacher"]  # the teacher itself: nothing to compare it with
   teacher = _dir(workdir, spec, spec["teacher"]) if spec["teacher"] and not own else ""
-  out = os.path.join(workdir, stage["dir"])
+  out = paths.join(workdir, stage["dir"])
   result = eval_run.evaluate_workdir(out, name=EVAL_NAME, teacher_dir=teacher)
   return {"metrics": result["models"]["student"], "size": result["size"]["student"]}
 
@@ -207,7 +208,7 @@ def _measure_latency(workdir: str, spec: dict, state: dict, repeats: int) -> Non
   stage's evaluation (the ``latency`` block ``report`` reads) and into pipeline.json."""
   entries, seq_len, first = {}, None, None
   for s in _timed_stages(state):
-    cfg, module, variables = eval_run.load_student(os.path.join(workdir, s["dir"]))
+    cfg, module, variables = eval_run.load_student(paths.join(workdir, s["dir"]))
     entries[s["name"]] = (module, variables)
     seq_len, first = seq_len or cfg.data.seq_len, first or module
     # Stages with one architecture (module config, sizes by dtype) share a latency.
@@ -216,12 +217,10 @@ def _measure_latency(workdir: str, spec: dict, state: dict, repeats: int) -> Non
   batch_fn = lambda b: latency.example_batch(first, b, seq_len)  # noqa: E731
   timed = latency.model_latency(entries, batch_fn, spec["batch_sizes"], repeats=repeats)
   for s in _timed_stages(state):
-    path = os.path.join(workdir, s["dir"], "eval", EVAL_NAME + ".json")
-    with open(path, encoding="utf-8") as f:
-      result = json.load(f)
+    path = paths.join(workdir, s["dir"], "eval", EVAL_NAME + ".json")
+    result = json.loads(paths.read_text(path))
     result["latency"] = {"batch_sizes": timed["batch_sizes"], "student": timed[s["name"]]}
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump(result, f, indent=2, sort_keys=True)
+    paths.write_text(path, json.dumps(result, indent=2, sort_keys=True))
     stats = {f"batch_{b}": timed[s["name"]][f"batch_{b}"] for b in timed["batch_sizes"]}
     s["latency_ms"] = {b: 1e3 * st["median_s"] for b, st in stats.items()}
     # measure() records quartiles, so the spread is always there.
@@ -230,13 +229,13 @@ def _measure_latency(workdir: str, spec: dict, state: dict, repeats: int) -> Non
 
 def _report(workdir: str, spec: dict, state: dict) -> str:
   """W/report.md (+ report.json, PNGs) of every evaluated stage, replacing an older one."""
-  runs = {s["name"]: os.path.join(workdir, s["dir"]) for s in _timed_stages(state)}
-  tmp = _aside(os.path.join(workdir, "report"))
+  runs = {s["name"]: paths.join(workdir, s["dir"]) for s in _timed_stages(state)}
+  tmp = _aside(paths.join(workdir, "report"))
   done = report.write(runs, tmp, EVAL_NAME, extra_md=_stage_table(state))
   for path in done["files"].values():
-    os.replace(path, os.path.join(workdir, os.path.basename(path)))
-  shutil.rmtree(tmp, ignore_errors=True)
-  return os.path.join(workdir, "report.md")
+    paths.replace(path, paths.join(workdir, paths.path(path).name))
+  paths.rmtree(tmp, missing_ok=True)
+  return paths.join(workdir, "report.md")
 
 
 def _quality(metrics: dict) -> tuple[str, bool]:
@@ -326,7 +325,8 @@ def run(
 
   Args:
     config_path: a pipeline config file, ``FILE`` or ``FILE:ARG`` (``get_pipeline(ARG)``).
-    workdir: the pipeline's directory (new, or one this pipeline ran in before).
+    workdir: the pipeline's directory (new, or one this pipeline ran in before); local or
+      remote (``gs://``: every stage's files go through ``paths``).
     overrides: (dotted key, raw value) for every train / distil stage's config.
     repeats: timed forward repeats per model and batch size.
     log: where progress lines go.
@@ -335,13 +335,13 @@ def run(
   """
   spec = load(config_path, overrides)
   state = _read_state(workdir, spec)
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   _write_state(workdir, state)
   for stage, record in zip(spec["stages"], state["stages"]):
     if record["status"] == "done":
       log(f"stage {stage['name']}: done before, skipped")
       continue
-    log(f"stage {stage['name']}: {stage['action']} -> {os.path.join(workdir, stage['dir'])}")
+    log(f"stage {stage['name']}: {stage['action']} -> {paths.join(workdir, stage['dir'])}")
     started = time.perf_counter()
     _run_action(stage, workdir, spec)
     for key in ("from", "teacher", "init"):

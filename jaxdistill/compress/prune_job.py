@@ -23,15 +23,13 @@ Runs on one device of one process (calibration is a few forward passes of a smal
 import copy
 import itertools
 import json
-import os
-import shutil
 from typing import Any, Iterable
 
 import jax
 import numpy as np
 
 from jaxdistill import data as data_lib
-from jaxdistill import models
+from jaxdistill import models, paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.evaluation import evaluate
 from jaxdistill.evaluation import job as eval_run
@@ -53,11 +51,11 @@ def load_student(src_workdir: str) -> tuple[Any, Any, dict]:
     JaxdistillError: ``src_workdir`` is no finished jaxdistill run.
   """
   cfg = eval_run.run_config(src_workdir)
-  own = os.path.join(src_workdir, "tokenizer.json")
-  if os.path.isfile(own) and not data_lib.is_image_model(cfg):
+  own = paths.join(src_workdir, "tokenizer.json")
+  if paths.isfile(own) and not data_lib.is_image_model(cfg):
     cfg.data.tokenizer = own  # calibration text tokenised as the model was trained
-  path = os.path.join(src_workdir, "final_params")
-  if not os.path.isdir(path):
+  path = paths.join(src_workdir, "final_params")
+  if not paths.isdir(path):
     raise JaxdistillError(f"{src_workdir!r} has no final_params/ (the run has not finished)")
   module = run_lib.model_of(cfg, "student")
   variables, _ = evaluate.load_variables(module, path, _one_device_mesh(), cfg.data.seq_len)
@@ -83,7 +81,7 @@ def _surgery(module: Any, params: Any, scores: dict, targets: dict) -> tuple[dic
 
 
 def _check_dst(dst_workdir: str) -> None:
-  if os.path.exists(dst_workdir) and (not os.path.isdir(dst_workdir) or os.listdir(dst_workdir)):
+  if paths.exists(dst_workdir) and (not paths.isdir(dst_workdir) or paths.listdir(dst_workdir)):
     raise JaxdistillError(f"dst_workdir {dst_workdir!r} exists and is not empty; pass a new one")
 
 
@@ -115,7 +113,8 @@ def prune_workdir(
   """Prunes the student of a finished run into a new workdir (see the module docstring).
 
   Args:
-    src_workdir: a finished ``jaxdistill train`` run (config.json, final_params/).
+    src_workdir: a finished ``jaxdistill train`` run (config.json, final_params/); local or
+      remote (``gs://``), as is ``dst_workdir``.
     dst_workdir: a new or empty directory.
     targets: what to keep, each an int count or a float fraction of the model's: transformers
       "num_heads" (query heads per layer; with GQA a multiple of the group size), "d_ff",
@@ -149,16 +148,17 @@ def prune_workdir(
   want_shapes = jax.tree.map(lambda a: a.shape, abstract["params"])
   if jax.tree.map(np.shape, params) != want_shapes:  # a bug here, never a user's error
     raise AssertionError(f"pruned params do not fit the new config's {want_shapes}")
-  os.makedirs(dst_workdir, exist_ok=True)
-  with open(os.path.join(dst_workdir, "config.json"), "w", encoding="utf-8") as f:
-    f.write(new_cfg.to_json_best_effort(indent=2, sort_keys=True))
+  paths.makedirs(dst_workdir)
+  paths.write_text(
+    paths.join(dst_workdir, "config.json"), new_cfg.to_json_best_effort(indent=2, sort_keys=True)
+  )
   # Only BatchNorm-free models are pruned (SimpleCNN, transformers): params alone.
   workdir_lib.save_final_params(dst_workdir, jax.tree.map(np.asarray, params))
-  tokenizer = os.path.join(src_workdir, "tokenizer.json")
-  if os.path.isfile(tokenizer):
-    shutil.copyfile(tokenizer, os.path.join(dst_workdir, "tokenizer.json"))
+  tokenizer = paths.join(src_workdir, "tokenizer.json")
+  if paths.isfile(tokenizer):
+    paths.copy(tokenizer, paths.join(dst_workdir, "tokenizer.json"))
   record = {
-    "source": os.path.abspath(src_workdir),
+    "source": paths.abspath(src_workdir),
     "method": method,
     "targets": {k: list(v) if isinstance(v, tuple) else v for k, v in dict(targets).items()},
     "changed": changed,
@@ -166,6 +166,7 @@ def prune_workdir(
     "params_before": models.count_params(variables["params"]),
     "params_after": models.count_params(params),
   }
-  with open(os.path.join(dst_workdir, "prune.json"), "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
+  paths.write_text(
+    paths.join(dst_workdir, "prune.json"), json.dumps(record, indent=2, sort_keys=True)
+  )
   return record

@@ -18,13 +18,11 @@ evaluated through their ``int8/`` directory).
 import dataclasses
 import itertools
 import json
-import os
-import shutil
 
 import jax
 
 from jaxdistill import data as data_lib
-from jaxdistill import models
+from jaxdistill import models, paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.evaluation import evaluate
 from jaxdistill.evaluation import job as eval_run
@@ -48,7 +46,7 @@ def ptq(
 
   Args:
     workdir: a finished ``jaxdistill train`` run (config.json, final_params/).
-    out: the output directory (default ``W/int8_ptq``).
+    out: the output directory (default ``W/int8_ptq``); it and ``workdir`` may be ``gs://``.
     calibration_batches: training batches that set the static activation scales.
     act: "symmetric" or "asymmetric" activations.
     devices: the devices of the run's mesh (default: all).
@@ -63,7 +61,7 @@ def ptq(
   policy = precision.parse_policy(cfg.student.policy, "student.policy")
   policy = dataclasses.replace(policy, int8="", fp8=False)  # the float student
   student = models.build(cfg.student, policy, "student")
-  path = os.path.join(workdir, checkpoint.FINAL_PARAMS)
+  path = paths.join(workdir, checkpoint.FINAL_PARAMS)
   variables, _ = evaluate.load_variables(student, path, mesh, cfg.data.seq_len)
   qat = quant.qat_model(student, act)
   abstract = models.abstract_variables(qat, mesh, cfg.data.seq_len)[quant.COLLECTION]
@@ -71,7 +69,7 @@ def ptq(
   batches = itertools.islice(data_lib.make_iterator(cfg, "train"), calibration_batches)
   stats = quant.calibrate(qat, {**variables, quant.COLLECTION: zeros}, batches, mesh)
   _, int8_vars = quant.quantize(qat, {**variables, quant.COLLECTION: stats}, act, cfg.data.seq_len)
-  out = out or os.path.join(workdir, PTQ_DIR)
+  out = out or paths.join(workdir, PTQ_DIR)
   section = {k: cfg.student[k] for k in models.shape_keys(cfg.student)}
   quant.save(out, int8_vars, section, act)
   return out
@@ -90,19 +88,21 @@ def ptq_workdir(
 ) -> dict:
   """PTQ of ``src_workdir``'s student as a new workdir (see the module docstring).
 
-  Written into ``dst_workdir + ".partial"`` and renamed when complete, so a killed call leaves
-  no half workdir behind (a rerun starts over).
+  Written into ``dst_workdir + ".partial"`` and moved into place when complete
+  (``paths.move_tree``: a rename, or in an object store a copy that ends by deleting the
+  ``.partial``), so a killed call leaves no half workdir behind (a rerun starts over).
 
   Args:
     src_workdir: a finished float run (config.json, final_params/).
-    dst_workdir: a new directory (an existing non-empty one is an error).
+    dst_workdir: a new directory (an existing non-empty one is an error); it and
+      ``src_workdir`` may be remote (``gs://``).
     calibration_batches: training batches that set the static activation scales.
     act: "symmetric" or "asymmetric" activations.
     devices: the devices of the run's mesh (default: all).
   Returns:
     The record written to ``dst_workdir/quantize.json``.
   """
-  if os.path.exists(dst_workdir) and os.listdir(dst_workdir):
+  if paths.exists(dst_workdir) and (not paths.isdir(dst_workdir) or paths.listdir(dst_workdir)):
     raise JaxdistillError(f"{dst_workdir!r} exists and is not empty; pass a new directory")
   if calibration_batches < 1:
     raise JaxdistillError(f"calibration_batches must be >= 1, got {calibration_batches}")
@@ -115,25 +115,23 @@ def ptq_workdir(
   if policy.fp8:
     raise JaxdistillError(f"{src_workdir!r} trains with c=fp8; quantise a float student")
   tmp = dst_workdir.rstrip("/") + ".partial"
-  shutil.rmtree(tmp, ignore_errors=True)
-  os.makedirs(tmp)
-  ptq(src_workdir, os.path.join(tmp, workdir_lib.INT8_DIR), calibration_batches, act, devices)
+  paths.rmtree(tmp, missing_ok=True)
+  paths.makedirs(tmp)
+  ptq(src_workdir, paths.join(tmp, workdir_lib.INT8_DIR), calibration_batches, act, devices)
   cfg.student.policy = str(dataclasses.replace(policy, int8=precision.INT8_ACTS.get(act, act)))
   cfg.student.init_from, cfg.student.init_layers = "", ""
-  with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-    f.write(cfg.to_json_best_effort(indent=2, sort_keys=True))
-  tokenizer = os.path.join(src_workdir, "tokenizer.json")
-  if os.path.isfile(tokenizer):
-    shutil.copyfile(tokenizer, os.path.join(tmp, "tokenizer.json"))
+  paths.write_text(
+    paths.join(tmp, "config.json"), cfg.to_json_best_effort(indent=2, sort_keys=True)
+  )
+  tokenizer = paths.join(src_workdir, "tokenizer.json")
+  if paths.isfile(tokenizer):
+    paths.copy(tokenizer, paths.join(tmp, "tokenizer.json"))
   record = {
-    "source": os.path.abspath(src_workdir),
+    "source": paths.abspath(src_workdir),
     "method": "ptq",
     "act": precision.INT8_ACTS.get(act, act),
     "calibration_batches": calibration_batches,
   }
-  with open(os.path.join(tmp, "quantize.json"), "w", encoding="utf-8") as f:
-    json.dump(record, f, indent=2, sort_keys=True)
-  if os.path.isdir(dst_workdir):
-    os.rmdir(dst_workdir)  # empty (checked above)
-  os.replace(tmp, dst_workdir)
+  paths.write_text(paths.join(tmp, "quantize.json"), json.dumps(record, indent=2, sort_keys=True))
+  paths.move_tree(tmp, dst_workdir)  # onto a new or empty dst_workdir (checked above)
   return record

@@ -21,17 +21,27 @@ and changes what it needs. The sections are fixed; every key exists in
   log       ``every`` (steps between metric lines), ``progress`` bar, ``tensorboard``
   precompute  sparse teacher targets written by ``jaxdistill precompute``
 
-Overrides come from the command line as ``--config.distill.temperature=2.0``.
+A config is named on the command line by its file (``--config configs/smoke.py``), or by the
+name of one the package ships from ``configs/`` (``--config smoke``; ``--config
+quickstart:distill,test`` calls ``get_config("distill,test")``): ``files.resolve``.
+
+Overrides come from the command line as ``--config.distill.temperature=2.0`` (``overrides``).
+The further teachers are a tuple of dicts, so one key of one of them is named by its index:
+``--config.teachers[0].weight=2.0`` sets ``weight`` of ``teachers[0]`` (teacher 1; ``teacher``
+is teacher 0), any ``teacher_fields`` key likewise. An index past the last teacher, or a key
+no teacher has, is a one-line error. (Quote the argument in shells that expand brackets.)
 """
 
-import ast
-import importlib.util
-import os
 from typing import Sequence
 
 import ml_collections
 
+from jaxdistill.config.files import config_module, configs_dir, names, resolve
+from jaxdistill.config.overrides import apply_override, parse_value
 from jaxdistill.errors import ConfigError
+
+__all__ = ["apply_override", "config_module", "configs_dir", "names", "parse_value", "resolve"]
+__all__ += ["default_config", "load_config", "teacher_fields", "teachers_of", "SECTIONS"]
 
 SECTIONS = ("student", "teacher", "distill", "optim", "data", "mesh", "ckpt", "eval", "log")
 SECTIONS += ("precompute",)
@@ -303,85 +313,24 @@ def _check_known(cfg, default, prefix="") -> None:
       _check_known(value, default[key], name + ".")
 
 
-def _parse_value(raw: str, current):
-  """Parses an override string into the type of the value it replaces."""
-  if isinstance(current, bool):
-    if raw.lower() in ("true", "1", "yes"):
-      return True
-    if raw.lower() in ("false", "0", "no"):
-      return False
-    raise ValueError("expected true or false")
-  if isinstance(current, int):
-    return int(raw)
-  if isinstance(current, float):
-    return float(raw)
-  if isinstance(current, str):
-    return raw
-  if isinstance(current, (tuple, list)):
-    value = ast.literal_eval(raw)
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-  raise ValueError(f"cannot override a value of type {type(current).__name__}")
-
-
-def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
-  """Sets dotted ``key`` (e.g. ``distill.temperature``) from string ``raw``."""
-  *path, leaf = key.split(".")
-  node = cfg
-  for i, part in enumerate(path):
-    if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-      raise ConfigError(".".join(path[: i + 1]), "no such section")
-    node = node[part]
-  if leaf not in node:
-    raise ConfigError(key, f"unknown key; known keys here: {sorted(node.keys())}")
-  if isinstance(node[leaf], ml_collections.ConfigDict):
-    raise ConfigError(key, "is a section; override one of its keys")
-  try:
-    value = _parse_value(raw, node[leaf])
-  except (ValueError, SyntaxError) as e:
-    raise ConfigError(
-      key, f"cannot use {raw!r} for a value of type {type(node[leaf]).__name__} ({e})"
-    ) from None
-  with node.ignore_type():
-    node[leaf] = value
-
-
-def config_module(path: str):
-  """Imports a config file as a module: its ``get_config`` and whatever else it defines.
-
-  Config files are leaves (they import only ``jaxdistill.config`` and ``errors``), so
-  one config may build on another by path, e.g. ``configs/lm_teacher.py`` on the
-  quickstart's recipe ``configs/quickstart.py``.
-  """
-  spec = importlib.util.spec_from_file_location("_jaxdistill_config", path)
-  if spec is None:  # no loader for the file name: not a .py file
-    raise ConfigError("--config", f"{path!r} is not a Python file (.py) defining get_config()")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def load_config(path: str, overrides: Sequence[tuple[str, str]] = ()) -> ml_collections.ConfigDict:
   """Loads a config file and applies overrides; it does not validate (``validate.validate``).
 
   Args:
     path: a Python file defining ``get_config()``; ``FILE:ARG`` calls ``get_config(ARG)``
-      (a variant, as big_vision's configs take one: ``configs/quickstart.py:distill,test``).
-    overrides: (dotted key, raw string value) pairs applied in order.
+      (a variant, as big_vision's configs take one: ``configs/quickstart.py:distill,test``);
+      or a shipped config's name, ``NAME`` / ``NAME:ARG`` (``smoke``, ``quickstart:distill``;
+      ``files.resolve``).
+    overrides: (dotted key, raw string value) pairs applied in order (``apply_override``).
 
   Returns:
     The ConfigDict (every key known; values not yet checked against each other).
 
   Raises:
-    ConfigError: missing file, no get_config, unknown key, an override of the wrong type.
+    ConfigError: missing file or unknown name, no get_config, unknown key, an override of the
+      wrong type or a bad teacher index.
   """
-  args = ()
-  if not os.path.isfile(path) and ":" in path:
-    path, arg = path.rsplit(":", 1)
-    args = (arg,)
-  if not os.path.isfile(path):
-    raise ConfigError(
-      "--config", f"no such file {path!r}; pass a config file such as configs/smoke.py"
-    )
+  path, args = resolve(path)
   try:
     module = config_module(path)
     if not hasattr(module, "get_config"):

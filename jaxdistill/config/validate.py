@@ -196,7 +196,7 @@ def _check_data(cfg: Any) -> None:
     raise ConfigError("data.tfds_name", "is empty; name a prepared TFDS dataset")
   if d.source in ("array_record", "text") and not d.train_files:
     raise ConfigError("data.train_files", f"is empty; data.source={d.source!r} needs files")
-  if d.tokenizer and not os.path.isfile(d.tokenizer):
+  if d.tokenizer and not paths.isfile(d.tokenizer):  # a run's own may be gs://
     raise ConfigError(
       "data.tokenizer",
       f"no such file {d.tokenizer!r}; point it at a tokenizer.json or leave it "

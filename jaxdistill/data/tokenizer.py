@@ -17,6 +17,7 @@ from typing import Iterable
 import tokenizers
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
+from jaxdistill import paths
 from jaxdistill.errors import ConfigError, JaxdistillError
 
 EOS = "<|endoftext|>"
@@ -70,13 +71,14 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> tokenizers.Tokenizer:
 
 
 def load(path: str) -> tokenizers.Tokenizer:
-  """Loads a ``tokenizer.json`` (Hugging Face tokenizers format)."""
-  if not os.path.isfile(path):
+  """Loads a ``tokenizer.json`` (Hugging Face tokenizers format), local or remote (a run's
+  own in a ``gs://`` workdir: read as text, the library opens local files only)."""
+  if not paths.isfile(path):
     raise ConfigError(
       "data.tokenizer", f"no such file {path!r}; point it at a tokenizer.json or leave it empty"
     )
   try:
-    tok = tokenizers.Tokenizer.from_file(path)
+    tok = tokenizers.Tokenizer.from_str(paths.read_text(path))
   except Exception as e:  # the library raises plain Exceptions for bad files
     raise ConfigError("data.tokenizer", f"{path!r} is not a tokenizer.json: {e}") from None
   # Hugging Face model tokenizers often pad / truncate every text to a fixed length; here

@@ -1,5 +1,7 @@
 """Sentence embeddings: ``jaxdistill embed --model DIR --input FILE --output F.npy``.
 
+Each of the three may be local or remote (``gs://...``, read and written through ``paths``).
+
 ``DIR`` is a Hugging Face encoder directory (config.json with model_type "bert", safetensors,
 tokenizer.json; e.g. all-MiniLM-L6-v2 or a jaxdistill export) or the workdir of a finished
 ``jaxdistill train`` run whose student is an encoder (config.json, final_params/,
@@ -13,12 +15,13 @@ tokens, L2-normalised. The output is float32 [n, D], row i for line i of the inp
 
 import json
 import os
+import tempfile
 
 import jax
 import numpy as np
 import tokenizers
 
-from jaxdistill import models
+from jaxdistill import models, paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import hf
 
@@ -31,15 +34,19 @@ def _load(path: str):
   from jaxdistill.train import checkpoint
   from jaxdistill.train import workdir as workdir_lib
 
-  if not os.path.isdir(path):
+  if not paths.isdir(path):
     raise JaxdistillError(f"--model {path!r} is not a directory")
-  if os.path.isdir(os.path.join(path, checkpoint.FINAL_PARAMS)):
+  if paths.isdir(paths.join(path, checkpoint.FINAL_PARAMS)):
     return workdir_lib.load_workdir(path)
-  if not os.path.isfile(os.path.join(path, "config.json")):
+  if not paths.isfile(paths.join(path, "config.json")):
     raise JaxdistillError(
       f"--model {path!r} is neither a Hugging Face model directory (config.json) nor the "
       f"workdir of a finished run ({checkpoint.FINAL_PARAMS}/)"
     )
+  if paths.is_remote(path):  # safetensors memory-maps local files: fetch the directory once
+    local = tempfile.mkdtemp(prefix="jaxdistill-model-")
+    paths.copytree(path, local)
+    path = local
   return hf.load(path)
 
 
@@ -48,8 +55,7 @@ def _sentence_config_dirs(model_dir: str) -> list[str]:
   Hugging Face teacher it was distilled from (teacher.source='hf': same tokenizer)."""
   dirs = [model_dir]
   try:
-    with open(os.path.join(model_dir, "config.json"), encoding="utf-8") as f:
-      teacher = json.load(f).get("teacher", {})
+    teacher = json.loads(paths.read_text(paths.join(model_dir, "config.json"))).get("teacher", {})
   except (OSError, ValueError, AttributeError):  # no file, not JSON, not an object
     return dirs
   if isinstance(teacher, dict) and teacher.get("source") == "hf" and teacher.get("path"):
@@ -71,12 +77,11 @@ def max_seq_length(model_dir: str, max_len: int) -> int:
     The truncation length: ``max_len`` when no file declares one.
   """
   for directory in _sentence_config_dirs(model_dir):
-    path = os.path.join(directory, "sentence_bert_config.json")
-    if not os.path.isfile(path):
+    path = paths.join(directory, "sentence_bert_config.json")
+    if not paths.isfile(path):
       continue
     try:
-      with open(path, encoding="utf-8") as f:
-        declared = json.load(f).get("max_seq_length") or max_len
+      declared = json.loads(paths.read_text(path)).get("max_seq_length") or max_len
       return min(max_len, int(declared))
     except (ValueError, TypeError, AttributeError) as e:
       raise JaxdistillError(f"{path!r} is not a valid sentence_bert_config.json: {e}") from None
@@ -90,10 +95,10 @@ def load_tokenizer(model_dir: str, max_len: int) -> tokenizers.Tokenizer:
     model_dir: an HF model directory or a finished run's workdir.
     max_len: the model's position limit (cap on the truncation length).
   """
-  path = os.path.join(model_dir, "tokenizer.json")
-  if not os.path.isfile(path):
+  path = paths.join(model_dir, "tokenizer.json")
+  if not paths.isfile(path):
     raise JaxdistillError(f"no tokenizer.json in {model_dir!r}")
-  tok = tokenizers.Tokenizer.from_file(path)
+  tok = tokenizers.Tokenizer.from_str(paths.read_text(path))  # the library opens local files
   tok.no_padding()
   # Overrides the truncation tokenizer.json may carry (128 in all-MiniLM-L6-v2's).
   tok.enable_truncation(max_seq_length(model_dir, max_len))
@@ -127,8 +132,8 @@ class Embedder:
   """A loaded encoder: ``Embedder(dir)(texts) -> [n, D] float32``."""
 
   def __init__(self, model_dir: str):
-    if os.path.isfile(os.path.join(model_dir, "config.json")) and not os.path.isdir(
-      os.path.join(model_dir, "final_params")
+    if paths.isfile(paths.join(model_dir, "config.json")) and not paths.isdir(
+      paths.join(model_dir, "final_params")
     ):
       found = hf.read_config(model_dir)  # before loading any weight
       if not found.is_encoder:
@@ -169,11 +174,10 @@ class Embedder:
 
 def read_lines(path: str) -> list[str]:
   """One sentence per line (no trailing newline row); errors name the file."""
-  if not os.path.isfile(path):
+  if not paths.isfile(path):
     raise JaxdistillError(f"--input {path!r} does not exist")
   try:
-    with open(path, encoding="utf-8") as f:
-      lines = f.read().splitlines()
+    lines = paths.read_text(path).splitlines()
   except UnicodeDecodeError as e:
     raise JaxdistillError(f"--input {path!r} is not UTF-8 text: {e}") from None
   if not lines:
@@ -190,11 +194,13 @@ def run(model: str, input_path: str, output: str, batch_size: int = 64) -> np.nd
   if not output.endswith(".npy"):
     raise JaxdistillError(f"--output {output!r} must end in .npy")
   parent = os.path.dirname(os.path.abspath(output))
-  if not os.path.isdir(parent):
+  # An object store has no directories to check: a gs:// output's "directory" is its prefix.
+  if not paths.is_remote(output) and not os.path.isdir(parent):
     raise JaxdistillError(f"--output directory {parent!r} does not exist")
   if batch_size <= 0:
     raise JaxdistillError(f"--batch_size must be > 0, got {batch_size}")
   texts = read_lines(input_path)
   emb_NxD = Embedder(model)(texts, batch_size=batch_size, progress=True)
-  np.save(output, emb_NxD)
+  with paths.path(output).open("wb") as f:
+    np.save(f, emb_NxD)
   return emb_NxD

@@ -19,7 +19,6 @@ import copy
 import datetime
 import hashlib
 import json
-import os
 import tempfile
 from typing import Any, Sequence
 
@@ -90,7 +89,7 @@ def _pin_tokenizer(cfg: Any, workdir: str) -> None:
     own = paths.download(own, tempfile.mkdtemp(prefix="jaxdistill-tokenizer-"))
   from jaxdistill.data import tokenizer as tok_lib
 
-  if cfg.data.tokenizer and os.path.abspath(cfg.data.tokenizer) != os.path.abspath(own):
+  if cfg.data.tokenizer and paths.abspath(cfg.data.tokenizer) != paths.abspath(own):
     given, trained = tok_lib.load(cfg.data.tokenizer), tok_lib.load(own)
     if tok_lib.digest(given) != tok_lib.digest(trained):
       raise JaxdistillError(
@@ -113,8 +112,8 @@ def _student(run: Any, workdir: str, step: int | None) -> tuple[Any, dict, str, 
   ckpt_dir = paths.join(workdir, checkpoint.CHECKPOINTS)
   steps = checkpoint.complete_steps(ckpt_dir)
   if step is None and quant.is_int8(run.student):
-    path = os.path.join(workdir, workdir_lib.INT8_DIR)
-    if not os.path.isfile(os.path.join(path, quant.CONFIG_FILE)):
+    path = paths.join(workdir, workdir_lib.INT8_DIR)
+    if not paths.isfile(paths.join(path, quant.CONFIG_FILE)):
       raise JaxdistillError(
         f"{workdir!r} is an int8 (c=int8) run without {workdir_lib.INT8_DIR}/ (written when "
         "it finishes); finish it, or pass --step N for one of its checkpoints"
@@ -168,8 +167,8 @@ def _teacher(cfg: Any, built: Any, workdir: str, teacher_dir: str) -> tuple | No
   own = (module, variables, built.teacher_path or f"{cfg.teacher.source} init")
   if not teacher_dir:
     return own if module is not None else None
-  wanted = os.path.realpath(teacher_lib.final_params_dir(teacher_dir))
-  if built.teacher_path and os.path.realpath(built.teacher_path) == wanted:
+  wanted = paths.realpath(teacher_lib.final_params_dir(teacher_dir))
+  if built.teacher_path and paths.realpath(built.teacher_path) == wanted:
     return own  # the run's own teacher: already loaded by build_run, not read twice
   other = run_config(teacher_dir)
   mine, theirs = (paths.join(d, "tokenizer.json") for d in (workdir, teacher_dir))

@@ -44,6 +44,7 @@ import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for bf16 checkpoi
 import numpy as np
 from safetensors import safe_open
 
+from jaxdistill import paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import api, bert, hf_maps
 from jaxdistill.models.hf_maps import Source
@@ -86,11 +87,12 @@ class HFModel:
 
 
 def _read_json(path: str) -> dict:
-  if not os.path.isfile(path):
-    raise JaxdistillError(f"no {os.path.basename(path)} in {os.path.dirname(path)!r}")
+  """A JSON file of a model directory, local or remote (``gs://``: read through epath)."""
+  if not paths.isfile(path):
+    where = paths.path(path)
+    raise JaxdistillError(f"no {where.name} in {str(where.parent)!r}")
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(paths.read_text(path))
   except json.JSONDecodeError as e:
     raise JaxdistillError(f"{path!r} is not valid JSON: {e}") from None
 
@@ -110,7 +112,7 @@ def read_config(path: str, dtype: Any = jnp.float32, param_dtype: Any = jnp.floa
   Raises:
     JaxdistillError: missing/bad config.json or an unsupported architecture or feature.
   """
-  where = os.path.join(path, "config.json")
+  where = paths.join(path, "config.json")
   hf = _read_json(where)
   kind = hf.get("model_type")
   need = lambda key: _need(hf, key, where)  # noqa: E731

@@ -9,15 +9,14 @@ the model's params are written; a distillation run's projection heads (``TrainSt
 """
 
 import json
-import os
-import shutil
 from typing import Any
 
 import flax.linen as nn
 import jax
 import numpy as np
-from safetensors.numpy import save_file
+from safetensors.numpy import save, save_file
 
+from jaxdistill import paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import hf
 from jaxdistill.models.transformer_config import TransformerConfig
@@ -164,18 +163,22 @@ def export(
   Args:
     params: the model's params (no projection heads), sharded or not.
     hfm: the architecture (``hf.read_config`` of the teacher, or ``hf_model_for``).
-    out_dir: the directory to write.
+    out_dir: the directory to write, local or remote (``gs://``).
     tokenizer_dir: a directory whose tokenizer files are copied along (optional).
     seq_len: an encoder's max_seq_length for sentence-transformers (0: config.max_len).
   """
-  if os.path.isdir(out_dir) and os.listdir(out_dir):
+  if paths.isdir(out_dir) and paths.listdir(out_dir):
     raise JaxdistillError(f"{out_dir!r} is not empty; export into a new directory")
-  os.makedirs(out_dir, exist_ok=True)
-  save_file(hf_tensors(hfm, params), os.path.join(out_dir, hf.SINGLE_FILE), {"format": "pt"})
-  _write_json(os.path.join(out_dir, "config.json"), hf_config(hfm))
+  paths.makedirs(out_dir)
+  tensors, weights = hf_tensors(hfm, params), paths.join(out_dir, hf.SINGLE_FILE)
+  if paths.is_remote(weights):  # safetensors writes local files: a remote one as bytes
+    paths.write_bytes(weights, save(tensors, {"format": "pt"}))
+  else:  # written by the library, without a second copy of the weights in memory
+    save_file(tensors, weights, {"format": "pt"})
+  _write_json(paths.join(out_dir, "config.json"), hf_config(hfm))
   for name in hf.TOKENIZER_FILES if tokenizer_dir else ():
-    if os.path.isfile(os.path.join(tokenizer_dir, name)):
-      shutil.copyfile(os.path.join(tokenizer_dir, name), os.path.join(out_dir, name))
+    if paths.isfile(paths.join(tokenizer_dir, name)):
+      paths.copy(paths.join(tokenizer_dir, name), paths.join(out_dir, name))
   if hfm.is_encoder:
     # sentence-transformers: Transformer -> mean Pooling -> Normalize (what Encoder computes).
     modules = [
@@ -183,15 +186,13 @@ def export(
       dict(idx=1, name="1", path="1_Pooling", type="sentence_transformers.models.Pooling"),
       dict(idx=2, name="2", path="2_Normalize", type="sentence_transformers.models.Normalize"),
     ]
-    _write_json(os.path.join(out_dir, "modules.json"), modules)
+    _write_json(paths.join(out_dir, "modules.json"), modules)
     pooling = dict(word_embedding_dimension=hfm.config.d_model, pooling_mode_mean_tokens=True)
-    _write_json(os.path.join(out_dir, "1_Pooling", "config.json"), pooling)
+    _write_json(paths.join(out_dir, "1_Pooling", "config.json"), pooling)
     bert_cfg = dict(max_seq_length=seq_len or hfm.config.max_len, do_lower_case=False)
-    _write_json(os.path.join(out_dir, "sentence_bert_config.json"), bert_cfg)
+    _write_json(paths.join(out_dir, "sentence_bert_config.json"), bert_cfg)
 
 
 def _write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(obj, f, indent=2)
-    f.write("\n")
+  paths.makedirs(paths.path(path).parent)
+  paths.write_text(path, json.dumps(obj, indent=2) + "\n")

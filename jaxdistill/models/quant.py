@@ -26,7 +26,6 @@ them back).
 
 import dataclasses
 import json
-import os
 from typing import Any, Iterable
 
 import flax.linen as nn
@@ -38,6 +37,7 @@ from qwix._src import averaging
 from qwix._src.core import qarray
 from qwix._src.utils import flax_util
 
+from jaxdistill import paths
 from jaxdistill.models.vision_config import VisionConfig
 from jaxdistill.parallel import sharding as sharding_lib
 
@@ -243,24 +243,25 @@ def save(directory: str, variables: dict, section: dict, act: str) -> str:
   """Writes ``quantize``'s variables as DIRECTORY/model.safetensors + int8.json.
 
   Args:
-    directory: created if missing; existing files of the same names are replaced.
+    directory: local or remote (``gs://``); created if missing; existing files of the same
+      names are replaced.
     variables: ``quantize``'s second result.
     section: the model's config section keys (``api.shape_keys``) to rebuild it from.
     act: the activation scheme.
   Returns:
     The path of the safetensors file.
   """
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
 
-  os.makedirs(directory, exist_ok=True)
+  paths.makedirs(directory)
   tensors = {
     tensor_name(p): np.ascontiguousarray(np.asarray(a))
     for p, a in jax.tree_util.tree_flatten_with_path(variables)[0]
   }
-  path = os.path.join(directory, TENSORS_FILE)
-  save_file(tensors, path)
+  path = paths.join(directory, TENSORS_FILE)
+  # As bytes through ``paths`` (int8 models are small): the directory may be gs://.
+  paths.write_bytes(path, save(tensors))
   meta = {"format": "jaxdistill-int8", "qwix": qwix.__version__, "act": act}
   meta["section"], meta["bytes"] = dict(section), int(sum(t.nbytes for t in tensors.values()))
-  with open(os.path.join(directory, CONFIG_FILE), "w") as f:
-    json.dump(meta, f, indent=2, sort_keys=True)
+  paths.write_text(paths.join(directory, CONFIG_FILE), json.dumps(meta, indent=2, sort_keys=True))
   return path

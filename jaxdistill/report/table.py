@@ -11,10 +11,9 @@ share one latency, so timing noise alone cannot put one of them off the front;
 import hashlib
 import json
 import math
-import os
 from typing import Any, Sequence
 
-from jaxdistill import models
+from jaxdistill import models, paths
 from jaxdistill.report import noise
 
 # Per task: the quality column and whether higher is better.
@@ -149,14 +148,14 @@ def _teacher_identity(run) -> str:
   t = run.config.get("teacher", {})
   source = t.get("source", "")
   given = (run.evaluation.get("teacher") or {}).get("from", "")
-  if given and os.path.exists(given):  # the teacher the evaluation used (`eval --teacher`)
-    where = os.path.realpath(given)
+  if given and paths.exists(given):  # the teacher the evaluation used (`eval --teacher`)
+    where = paths.realpath(given)
   elif source == "pretrain":  # trained inside this run
-    where = os.path.realpath(os.path.join(run.workdir, "teacher"))
+    where = paths.realpath(paths.join(run.workdir, "teacher"))
   elif t.get("path"):
-    where = os.path.realpath(t["path"])
+    where = paths.realpath(t["path"])
   else:  # random: the run's own
-    where = os.path.realpath(run.workdir)
+    where = paths.realpath(run.workdir)
   return json.dumps([where, run.evaluation.get("data", {})], sort_keys=True)
 
 
@@ -164,8 +163,8 @@ def _is_path_of(path: str, workdir: str) -> bool:
   """Whether a teacher.path names the run in ``workdir`` (or its final_params)."""
   if not path:
     return False
-  path, workdir = os.path.realpath(path), os.path.realpath(workdir)
-  return path in (workdir, os.path.join(workdir, "final_params"))
+  path, workdir = paths.realpath(path), paths.realpath(workdir)
+  return path in (workdir, paths.join(workdir, "final_params"))
 
 
 def _teacher_rows(runs) -> list[dict]:

@@ -327,7 +327,7 @@ def write(
     drawn = tmp if paths.is_remote(output) else output
     captions = _plots(loaded, report["rows"], axis, drawn)
     if drawn != output:
-      paths.upload_tree(drawn, output)
+      paths.copytree(drawn, output)
   report["captions"] = captions
   report["files"] = {kind: paths.join(output, name) for kind, name in FILES.items()}
   paths.path(report["files"]["json"]).write_text(

@@ -12,7 +12,6 @@ config defaults (keys added since the run was made) and the checkpoint reader.
 """
 
 import json
-import tempfile
 from typing import Any
 
 import flax.linen as nn
@@ -139,11 +138,7 @@ def save_int8(workdir: str, cfg: Any, student: nn.Module, state: Any) -> str | N
   _, int8_vars = quant.quantize(student, variables, quant.act_of(student), cfg.data.seq_len)
   section = {k: cfg.student[k] for k in models.shape_keys(cfg.student)}
   path = paths.join(workdir, INT8_DIR)
-  if jax.process_index() == 0 and paths.is_remote(path):  # safetensors writes local files
-    with tempfile.TemporaryDirectory() as tmp:
-      quant.save(tmp, int8_vars, section, quant.act_of(student))
-      paths.upload_tree(tmp, path)
-  elif jax.process_index() == 0:
+  if jax.process_index() == 0:  # quant.save writes local or remote (gs://) directories
     quant.save(path, int8_vars, section, quant.act_of(student))
   return path
 

@@ -1,7 +1,9 @@
 """Cloud workdirs: a run, its resumption and a precompute with ``gs://`` paths, against a local
 fake of Cloud Storage, so a plain ``os`` / ``open`` call on a workdir or cache path fails.
 
-The fake (``fake_gcs``) stores ``gs://BUCKET/KEY`` under ``tmp_path/gcs/BUCKET/KEY``:
+The fake (the ``fake_gcs`` fixture of tests/conftest.py, shared with
+tests/integration/test_remote_jobs.py) stores ``gs://BUCKET/KEY`` under
+``tmp_path/gcs/BUCKET/KEY``:
 
   - epath's ``gs://`` backend (fsspec, normally ``gcsfs``) gets a file system that maps the
     URL there and, like Cloud Storage, refuses to append to a file;
@@ -19,52 +21,9 @@ import json
 import os
 
 import pytest
-from conftest import ROOT
-from etils.epath import backend as epath_backend
-from fsspec.implementations.dirfs import DirFileSystem
-from fsspec.implementations.local import LocalFileSystem
-from fsspec.registry import _registry as fsspec_registry
-from orbax.checkpoint._src.path import gcs_utils
+from conftest import BUCKET, ROOT
 
 from jaxdistill import config, paths
-
-BUCKET = "gs://bucket"
-
-
-@pytest.fixture
-def fake_gcs(tmp_path, monkeypatch):
-  """``gs://bucket/...`` stored under ``tmp_path/gcs/bucket``; the cwd is an empty directory.
-  Yields the local root."""
-  root = tmp_path / "gcs"
-  (root / "bucket").mkdir(parents=True)
-
-  class FakeGCS(DirFileSystem):
-    protocol = ("gs", "gcs")
-
-    def __init__(self, finalize_on_close=True, **kwargs):  # epath passes gcsfs's keyword
-      super().__init__(path=str(root), fs=LocalFileSystem(auto_mkdir=True), **kwargs)
-
-    def open(self, path, mode="rb", **kwargs):  # a write needs no parent directory
-      if "a" in mode or "+" in mode:  # an object store has no append
-        raise NotImplementedError(f"mode {mode!r} on {path}: objects cannot be appended to")
-      return super().open(path, mode, **kwargs)
-
-  for p in FakeGCS.protocol:  # restored by monkeypatch at the end
-    monkeypatch.setitem(fsspec_registry, p, FakeGCS)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
-
-  def kvstore(ckpt_path):
-    bucket, key = gcs_utils.parse_gcs_path(ckpt_path, add_trailing_slash=False)
-    return {"driver": "file", "path": str(root / bucket / key)}
-
-  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore)
-  monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
-  cwd = tmp_path / "cwd"
-  cwd.mkdir()
-  monkeypatch.chdir(cwd)
-  yield root
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
-  assert not os.listdir(cwd), f"a path call bypassed epath and wrote {os.listdir(cwd)} locally"
 
 
 def test_the_fake_refuses_a_plain_os_call(fake_gcs):

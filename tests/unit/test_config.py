@@ -13,6 +13,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.py"))
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
+  """Each config loads and validates, by its path and by its name (the same config)."""
   if hasattr(config_lib.config_module(str(path)), "get_pipeline"):  # jaxdistill pipeline's
     from jaxdistill.compress import pipeline
 
@@ -20,13 +21,84 @@ def test_every_config_loads(path):
     for stage in spec["stages"]:
       if "config" in stage:
         validate.validate(stage["config"])
+    by_name = pipeline.load(path.stem)
+    assert [s["name"] for s in by_name["stages"]] == [s["name"] for s in spec["stages"]]
     assert "jaxdistill pipeline --config" in path.read_text().split('"""')[1]
     return
   cfg = config_lib.load_config(str(path))
   validate.validate(cfg)
   assert cfg.optim.steps > 0
+  by_name = config_lib.load_config(path.stem)
+  assert by_name.to_json_best_effort(sort_keys=True) == cfg.to_json_best_effort(sort_keys=True)
   text = path.read_text()
   assert "jaxdistill train --config" in text.split('"""')[1], "config must open with its command"
+
+
+def test_configs_by_name_resolve_to_the_shipped_files(tmp_path, monkeypatch):
+  assert config_lib.names() == [p.stem for p in CONFIGS]
+  smoke = str(ROOT / "configs" / "smoke.py")
+  assert config_lib.resolve("smoke") == (smoke, ())
+  recipe = str(ROOT / "configs" / "quickstart.py")
+  assert config_lib.resolve("quickstart:distill,test") == (recipe, ("distill,test",))
+  by_name = config_lib.load_config("quickstart:distill,test", [("optim.steps", "3")])
+  by_path = config_lib.load_config(recipe + ":distill,test", [("optim.steps", "3")])
+  assert by_name.to_json_best_effort() == by_path.to_json_best_effort()
+  assert by_name.optim.steps == 3
+  # A file given by path wins over a name: the name smoke is a file here.
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / "smoke").write_text("x = 1\n")
+  with pytest.raises(ConfigError, match="not a Python file"):
+    config_lib.load_config("smoke")
+  for spec, words in [
+    ("smok", ["no config named 'smok'", "known names: cnn_cifar10, ", "smoke"]),
+    ("smok:test", ["no config named 'smok'"]),
+    ("dir/smoke.py", ["no such file 'dir/smoke.py'", "smoke_vision"]),
+  ]:
+    with pytest.raises(ConfigError) as info:
+      config_lib.load_config(spec)
+    assert info.value.key == "--config" and "\n" not in str(info.value)
+    for word in words:
+      assert word in str(info.value), (spec, str(info.value))
+
+
+def test_one_key_of_one_further_teacher_from_the_command_line():
+  from jaxdistill.cli import commands as cli
+
+  argv = ["--config.teachers[0].weight=3", "--config.teachers[0].path", "runs/b"]
+  argv += ["--config.teachers[0].num_layers=5", "--config.teachers[0].source=workdir"]
+  base = config_lib.load_config("ensemble:test")
+  cfg = config_lib.load_config("ensemble:test", cli._split_overrides(argv))
+  (t,) = cfg.teachers
+  assert t["weight"] == 3.0 and isinstance(t["weight"], float)
+  changed = dict(weight=3.0, path="runs/b", num_layers=5, source="workdir")
+  assert t == dict(base.teachers[0], **changed) and t != base.teachers[0]
+  assert cfg.teacher.to_dict() == base.teacher.to_dict()  # teacher 0: untouched
+  assert config_lib.teachers_of(cfg)[1].num_layers == 5
+  for spec, argv, key, words in [
+    ("ensemble:test", ["--config.teachers[1].weight=2"], "teachers[1]", ["out of range", "1 "]),
+    ("smoke", ["--config.teachers[0].weight=2"], "teachers[0]", ["0 further", "(none)"]),
+    ("ensemble:test", ["--config.teachers[0].temperature=2"], None, ["unknown key", "weight"]),
+    ("ensemble:test", ["--config.teachers[0].weight=x"], None, ["cannot use 'x'", "float"]),
+    ("ensemble:test", ["--config.teachers[a].weight=2"], None, ["teachers[I].KEY"]),
+    ("ensemble:test", ["--config.teachers[0]=2"], None, ["teachers[I].KEY"]),
+    ("ensemble:test", ["--config.teachers.weight=2"], "teachers", ["teachers[I].KEY"]),
+  ]:
+    with pytest.raises(ConfigError) as info:
+      config_lib.load_config(spec, cli._split_overrides(argv))
+    assert info.value.key == (key or argv[0].split("=")[0][len("--config.") :])
+    assert "\n" not in str(info.value)
+    for word in words:
+      assert word in str(info.value), (argv, str(info.value))
+
+
+def test_a_bad_teacher_override_is_one_error_line_and_writes_nothing(tmp_path, capsys):
+  from jaxdistill.cli import commands as cli
+
+  workdir = tmp_path / "w"
+  argv = ["train", "--config", "smoke", "--workdir", str(workdir)]
+  assert cli.main(argv + ["--config.teachers[0].weight=2"]) == 2
+  (line,) = capsys.readouterr().err.strip().splitlines()
+  assert line.startswith("error: teachers[0]: out of range") and not workdir.exists()
 
 
 def _load(tmp_path, overrides=(), body="cfg = default_config()"):

@@ -51,6 +51,7 @@ LAYERS = {
 # (in particular nothing of train, loop, objective, config, validate, the jobs or the CLI).
 BOTTOM = ("models", "distill.losses", "distill.layer_maps", "distill.schedules", "parallel")
 BOTTOM += ("errors", "distill.vision_losses", "evaluation.classify", "distill.ensemble")
+BOTTOM += ("paths",)  # layer 0: models read and write local or gs:// files through it
 JOBS = ("quickstart", "precompute", "evaluation.job", "evaluation.embed", "report", "compress")
 # The command line.
 CLI = ("cli",)
