@@ -8,7 +8,7 @@ of the same shape, trained like the first from another seed (WORKDIR/teacher and
 WORKDIR/teacher_1, each reused if you run again there), and the logit target the average of
 their probabilities at the temperature (``distill.ensemble='probs'``, on the dense head: the
 fused head never forms whole softmaxes). The feature terms (MiniLM attention, hidden cosine)
-read teacher 0. README "Several teachers" says what each ensemble kind optimises.
+read teacher 0. docs/losses.md, "Several teachers", says what each ensemble kind optimises.
 
 To distil from teachers trained before, point both at their runs:
 

@@ -6,15 +6,14 @@ python examples/pair_step.py   (CPU, under a minute: step memory, then 3 losses)
 import jax
 import numpy as np
 
+import jaxdistill
 from jaxdistill import config, models
 from jaxdistill.parallel import precision, sharding
-from jaxdistill.train import loop
 
 cfg = config.default_config()
 cfg.student.update(vocab_size=128, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=32)
 cfg.teacher.update(vocab_size=128, d_model=64, num_layers=2, num_heads=2, d_ff=128, max_len=32)
-cfg.distill.update(temperature=2.0)
-cfg.distill.ce.weight = 0.5
+cfg.distill.temperature, cfg.distill.ce.weight = 2.0, 0.5
 cfg.data.update(batch_size=8, seq_len=32)
 cfg.optim.update(lr=1e-2, warmup_steps=0)
 rng = np.random.default_rng(0)
@@ -28,14 +27,14 @@ def hand_made(side: str) -> dict:
 
 
 # Validates cfg; neither model is randomly initialised; no data iterator.
-run = loop.build_run(
+run = jaxdistill.build_run(
   cfg, data=False, student_vars=hand_made("student"), teacher_vars=hand_made("teacher")
 )
 tokens = rng.integers(0, 128, (8, 33), dtype=np.int32)
 ones = np.ones((8, 32), np.int32)
 local = dict(inputs=tokens[:, :-1], targets=tokens[:, 1:], weights=ones.astype(np.float32))
 local.update(segment_ids=ones, positions=np.cumsum(ones, axis=1, dtype=np.int32) - 1)
-batch = sharding.shard_batch(local, run.mesh)  # the layout: README.md, "Batch format"
+batch = sharding.shard_batch(local, run.mesh)  # the layout: docs/architecture.md, "Batch format"
 print("step temp memory:", run.compile(batch).memory_analysis().temp_size_in_bytes, "bytes")
 for _ in range(3):
   print("loss", float(run.step(batch)["train/loss"]))

@@ -9,7 +9,7 @@ describe (e.g. a folder of text files the run never saw). With ``latency=True`` 
 the compiled forward at batch 1 and at a serving batch and reads its compiled memory
 (``latency.model_latency``). Sizes (params, bytes per dtype) are always recorded.
 
-The result is written to ``W/eval/<name>.json`` (the schema in ``docs/eval.md``), which
+The result is written to ``W/eval/<name>.json`` (the schema in ``docs/evaluation.md``), which
 ``jaxdistill report`` reads. Text data is always tokenised with the run's own
 ``W/tokenizer.json``: a ``data.tokenizer`` override that differs from it is an error, not a
 silent mismatch between token ids and embeddings.
