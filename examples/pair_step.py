@@ -1,7 +1,6 @@
 """Pair jaxdistill's distill step with params of your own: no config file, no data pipeline.
 
-python examples/pair_step.py   (CPU, under a minute: step memory, then 3 losses)
-"""
+python examples/pair_step.py   (CPU, under a minute: step memory, then 3 losses)"""
 
 import jax
 import numpy as np

@@ -138,8 +138,8 @@ def default_config() -> ml_collections.ConfigDict:
   # activation scales before step 1 (models.quant.calibrate).
   cfg.student.quant_calibration_batches = 8
   cfg.teacher = C(teacher_fields())
-  # Further teachers (docs/losses.md, "Several teachers"): a tuple of teacher_fields(...) dicts, teacher
-  # 1, 2, ... (``teacher`` is teacher 0), each with its own source (random | workdir | hf).
+  # Further teachers (docs/losses.md, "Several teachers"): a tuple of teacher_fields(...) dicts,
+  # teacher 1, 2, ... (``teacher`` is teacher 0), each with its own source (random | workdir | hf).
   cfg.teachers = ()
 
   d = cfg.distill = C()

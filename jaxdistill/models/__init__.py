@@ -1,6 +1,6 @@
 """Models: the bottom layer that makes and runs every model (it imports nothing above it).
 
-  transformer_config.py  TransformerConfig (sizes, dtypes) and MODEL_KEYS, the config keys naming them
+  transformer_config.py  TransformerConfig (sizes, dtypes) and MODEL_KEYS, its config keys
   layers.py       norms, RoPE, attention, MLP, blocks, the FP8-capable EinsumDense
   transformer.py  the decoder-only causal LM (Transformer) and its parameter count
   bert.py         the BERT-style encoder (Encoder) with mean pooling
