@@ -30,68 +30,7 @@ import pytest  # noqa: E402
 
 @pytest.fixture
 def tiny_config():
-  """A small all-losses config (f32) for in-process step tests."""
-  from jaxdistill.config import default_config
+  """A small all-losses config (f32) for in-process step tests (``testing.tiny_config``)."""
+  import testing
 
-  cfg = default_config()
-  cfg.student.update(vocab_size=64, d_model=32, num_layers=2, num_heads=2, d_ff=64, max_len=16)
-  cfg.teacher.update(
-    source="random", vocab_size=64, d_model=48, num_layers=3, num_heads=2, d_ff=96, max_len=16
-  )
-  cfg.distill.temperature = 2.0
-  cfg.distill.logit.weight = 0.5
-  cfg.distill.ce.weight = 0.5
-  cfg.distill.attention.update(weight=0.2, value_weight=0.2)
-  cfg.distill.hidden.update(weight=0.3, layer_map="uniform")
-  cfg.optim.update(steps=3, lr=1e-2, warmup_steps=1)
-  cfg.data.update(batch_size=8, seq_len=16, pad_fraction=0.5)
-  cfg.log.progress = False
-  return cfg
-
-
-# --- a local fake of Cloud Storage --------------------------------------------------------
-
-BUCKET = "gs://bucket"
-
-
-@pytest.fixture
-def fake_gcs(tmp_path, monkeypatch):
-  """``gs://bucket/...`` stored under ``tmp_path/gcs/bucket``; the cwd is an empty directory,
-  checked empty at the end (a path call that bypassed epath writes ``./gs:/...`` there).
-  Yields the local root. tests/unit/test_cloud_paths.py describes the fake."""
-  from etils.epath import backend as epath_backend
-  from fsspec.implementations.dirfs import DirFileSystem
-  from fsspec.implementations.local import LocalFileSystem
-  from fsspec.registry import _registry as fsspec_registry
-  from orbax.checkpoint._src.path import gcs_utils
-
-  root = tmp_path / "gcs"
-  (root / "bucket").mkdir(parents=True)
-
-  class FakeGCS(DirFileSystem):
-    protocol = ("gs", "gcs")
-
-    def __init__(self, finalize_on_close=True, **kwargs):  # epath passes gcsfs's keyword
-      super().__init__(path=str(root), fs=LocalFileSystem(auto_mkdir=True), **kwargs)
-
-    def open(self, path, mode="rb", **kwargs):  # a write needs no parent directory
-      if "a" in mode or "+" in mode:  # an object store has no append
-        raise NotImplementedError(f"mode {mode!r} on {path}: objects cannot be appended to")
-      return super().open(path, mode, **kwargs)
-
-  for p in FakeGCS.protocol:  # restored by monkeypatch at the end
-    monkeypatch.setitem(fsspec_registry, p, FakeGCS)
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
-
-  def kvstore(ckpt_path):
-    bucket, key = gcs_utils.parse_gcs_path(ckpt_path, add_trailing_slash=False)
-    return {"driver": "file", "path": str(root / bucket / key)}
-
-  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore)
-  monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
-  cwd = tmp_path / "cwd"
-  cwd.mkdir()
-  monkeypatch.chdir(cwd)
-  yield root
-  epath_backend.fsspec_backend._get_filesystem.cache_clear()
-  assert not os.listdir(cwd), f"a path call bypassed epath and wrote {os.listdir(cwd)} locally"
+  return testing.tiny_config()

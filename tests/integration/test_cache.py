@@ -9,6 +9,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import testing
 
 from jaxdistill.cli import commands as cli
 from jaxdistill.config import validate
@@ -23,10 +24,8 @@ def _config():
   from jaxdistill.config import default_config
 
   cfg = default_config()
-  cfg.student.update(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=16)
-  cfg.teacher.update(
-    source="random", vocab_size=64, d_model=32, num_layers=1, num_heads=2, d_ff=64, max_len=16
-  )
+  cfg.student.update(testing.TINY_LM)
+  cfg.teacher.update(source="random", **testing.TINY_LM_TEACHER)
   cfg.distill.temperature = 2.0
   cfg.distill.logit.update(kind="topk_tail", weight=0.5)
   cfg.distill.ce.weight = 0.5

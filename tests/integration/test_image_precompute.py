@@ -10,6 +10,7 @@ import shutil
 import jax
 import numpy as np
 import pytest
+import testing
 
 from jaxdistill import data as data_lib
 from jaxdistill import models
@@ -318,7 +319,7 @@ def test_a_cache_of_other_data_or_classes_is_refused(cache, tmp_path):
   with pytest.raises(ConfigError, match="^teacher.path: .*language model's token targets"):
     data_lib.check(_from_cache(cfg, lm_cache))
   lm = default_config()
-  lm.student.update(vocab_size=64, d_model=16, num_layers=1, num_heads=2, d_ff=32, max_len=16)
+  lm.student.update(testing.TINY_LM)
   lm.teacher.update(source="cache", path=str(out))
   lm.distill.logit.update(kind="topk_tail", weight=1.0)
   lm.data.update(batch_size=8, seq_len=16)
