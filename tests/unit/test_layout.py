@@ -8,7 +8,7 @@ The layers, bottom to top (docs/architecture.md draws them); a module imports on
 layer or below (``LAYERS``: a package covers its submodules unless a submodule has a line of
 its own):
 
-  0  errors, paths (local or gs:// files)
+  0  errors, paths (local or gs:// files), progress (bars on a terminal, log lines elsewhere)
   1  parallel/ (mesh + rules, distributed, placement, precision); the pure functions of
      distill/ (losses, vision_losses, ensemble, schedules, layer_maps, closed_form);
      train.metrics, train.throughput, evaluation.classify
