@@ -236,11 +236,11 @@ class _Progress:
     if self.peak_total:
       perf.update(throughput.mfu(self.run.flops.as_dict(), seconds, self.peak_total))
     m = dict(m, **perf, **self.goodput.row())
-    self.bar.update(1)
     rate = {"tok_s" if self.unit == "tokens" else "img_s": f"{self.tokens / seconds:,.0f}"}
     if self.peak_total:
       rate["mfu"] = f"{perf['perf/mfu']:.1%}"
-    self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **rate)
+    self.bar.set_postfix(loss=f"{self.losses[-1]:.4f}", **rate)  # before update: a log line
+    self.bar.update(1)  # (off a terminal) prints at the update and must show this step
     if step % self.every == 0 or step in (1, self.steps) or m["train/nonfinite"]:
       self.writer.write({"step": step, **m})
     if m["train/nonfinite"] and self.run.cfg.optim.nan_policy == "stop":
