@@ -100,9 +100,11 @@ def test_the_installed_package_runs_a_shipped_config_by_name_from_elsewhere(whee
   )
   assert recipe.returncode == 0, recipe.stderr
   args = ["-m", "jaxdistill.cli", "train", "--config", "smoke", "--workdir", "W"]
-  train = _python([*args, "--config.optim.steps=2", "--config.log.progress=false"], elsewhere, site)
+  # Progress on (the default): stderr is a pipe, so log lines and no carriage-return frames.
+  train = _python([*args, "--config.optim.steps=2", "--config.log.every=1"], elsewhere, site)
   assert train.returncode == 0, train.stderr[-3000:]
   assert "done: 2 steps" in train.stdout
+  assert "\r" not in train.stderr and "step 2/2 (100%) loss=" in train.stderr, train.stderr
   assert (elsewhere / "W" / "final_params").is_dir()
   unknown = _python([*args[:-4], "--config", "smok", "--workdir", "X"], elsewhere, site)
   lines = unknown.stderr.strip().splitlines()
