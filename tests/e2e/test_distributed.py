@@ -25,8 +25,11 @@ import numpy as np
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-STEPS = 20
-MID = 10  # a full-state checkpoint (configs/smoke.py saves every 5 steps, keeps 3)
+STEPS = 10
+MID = 5  # a full-state checkpoint (configs/smoke.py saves every 5 steps, keeps 3)
+# configs/smoke.py with one-block models: every loss family still on, half the compile time
+# (compiling is most of what these runs cost; nothing here depends on depth).
+SMALL = [("teacher.num_layers", "1"), ("student.num_layers", "1")]
 
 
 def _load_launcher():
@@ -39,7 +42,9 @@ def _load_launcher():
 def _smoke_config():
   from jaxdistill import config
 
-  cfg = config.load_config(str(ROOT / "configs" / "smoke.py"), [("optim.steps", str(STEPS))])
+  cfg = config.load_config(
+    str(ROOT / "configs" / "smoke.py"), [("optim.steps", str(STEPS))] + SMALL
+  )
   cfg.log.progress = False
   return cfg
 
@@ -68,6 +73,7 @@ def _train_cli(workdir: str, *extra: str) -> int:
   return cli.main(
     ["train", "--config", str(ROOT / "configs" / "smoke.py"), "--workdir", workdir]
     + [f"--config.optim.steps={STEPS}", "--config.log.progress=false", *extra]
+    + [f"--config.{k}={v}" for k, v in SMALL]
   )
 
 
@@ -250,7 +256,7 @@ def test_two_processes_train_exactly_like_one(tmp_path):
     )
   text = log.read_text()
   assert rc == 0, text[-4000:]
-  assert "[p0] done: 20 steps" in text and "[p1] done" not in text, text[-2000:]
+  assert f"[p0] done: {STEPS} steps" in text and "[p1] done" not in text, text[-2000:]
   assert "2 process(es), 8 devices (4 local, cpu)" in text
 
   # Same per-step losses: metrics written once (by process 0), one row per step.
@@ -303,7 +309,12 @@ def test_sigterm_to_one_process_stops_all_at_the_same_step(tmp_path):
   cmd += ["--devices-per-process", "4", "--grace", "60", "--heartbeat-timeout", "15", "--"]
   cmd += [sys.executable, "-m", "jaxdistill.cli", "train", "--config", "configs/smoke.py"]
   cmd += ["--workdir", str(workdir), "--config.optim.steps=100000", "--config.ckpt.every=0"]
-  cmd += ["--config.log.progress=false"]
+  cmd += ["--config.log.progress=false", "--config.student.num_layers=1"]
+  # Cross-entropy alone (no teacher): what is tested is the stop, not the losses, and each of
+  # the 2 processes then compiles a third of the smoke run's programs.
+  cmd += ["--config.teacher.source=none", "--config.distill.logit.weight=0"]
+  cmd += [f"--config.distill.{k}.weight=0" for k in ("attention", "hidden")]
+  cmd += ["--config.distill.attention.value_weight=0"]
   launcher = subprocess.Popen(
     cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
   )

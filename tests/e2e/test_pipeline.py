@@ -160,9 +160,11 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
-def test_killed_pipeline_resumes_exactly_and_skips_finished_stages(tmp_path):
+def test_killed_pipeline_resumes_exactly_and_skips_finished_stages(tmp_path, capsys):
   """SIGKILL during the `recover` distil stage (after its first checkpoint); the rerun skips
-  teacher / blocks / prune, resumes recover bitwise, finishes, reports every stage."""
+  teacher / blocks / prune, resumes recover bitwise, finishes, reports every stage. The rerun
+  is `jaxdistill pipeline` in this process (only the killed run needs one of its own)."""
+  from jaxdistill.cli import commands as cli
   from jaxdistill.train import loop
 
   w = tmp_path / "p"
@@ -184,14 +186,16 @@ def test_killed_pipeline_resumes_exactly_and_skips_finished_stages(tmp_path):
     p: os.stat(w / p).st_mtime_ns for p in ("00-teacher/final_params", "02-prune/prune.json")
   }
 
-  proc = _cli(*args)
-  assert proc.returncode == 0, proc.stderr[-3000:]
+  capsys.readouterr()
+  rc = cli.main(args)
+  out, err = capsys.readouterr()
+  assert rc == 0, err[-3000:]
   for name in ("teacher", "blocks", "prune"):
-    assert f"stage {name}: done before, skipped" in proc.stdout
+    assert f"stage {name}: done before, skipped" in out
   assert {p: os.stat(w / p).st_mtime_ns for p in before} == before
   state = json.loads((w / "pipeline.json").read_text())
   assert state["complete"] and all(s["status"] == "done" for s in state["stages"])
-  assert "final student qat" in proc.stdout
+  assert "final student qat" in out
   for s in state["stages"][:-1]:  # all but the export: evaluated and timed
     assert s["metrics"]["val_loss"] > 0 and s["size"]["params"] > 0
     assert set(s["latency_ms"]) == {"batch_1", "batch_32"}
@@ -209,5 +213,6 @@ def test_killed_pipeline_resumes_exactly_and_skips_finished_stages(tmp_path):
   # On the 8 fake devices of the session, which the pipeline's process inherited too.
   loop.train(pipeline._stage_config(stage, str(w), spec), str(ref))
   resumed = _losses(w / "03-recover")
-  assert [r["step"] for r in resumed if "train/loss" in r] == list(range(1, 25))  # log.every=1
+  steps = stage["config"].optim.steps  # log.every=1: a row per step
+  assert [r["step"] for r in resumed if "train/loss" in r] == list(range(1, steps + 1))
   assert resumed == _losses(ref)

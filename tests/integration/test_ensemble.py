@@ -172,15 +172,22 @@ def test_fused_heads_match_the_dense_ones():
 # --- Runs ---------------------------------------------------------------------------------
 
 
+# The runs' models: one block each, narrow (compiling their init and step is what these tests
+# cost; nothing they check depends on depth or width).
+SMALL = dict(d_model=32, num_layers=1, num_heads=2, d_ff=64)
+
+
 def _run_cfg(kind, fused, n_teachers, logit_kind="kl"):
   c = config.default_config()
+  c.student.update(**SMALL)
+  c.teacher.update(**SMALL)
   c.distill.logit.kind, c.precompute.k = logit_kind, 16
   c.data.seq_len, c.data.batch_size, c.optim.steps, c.mesh.data = 16, 4, 3, 1
   c.distill.ensemble, c.distill.fused, c.distill.temperature = kind, fused, 2.0
   c.distill.hidden.weight = 0.5
   if n_teachers == 2:
     c.teacher.weight = 0.3
-    c.teachers = (config.teacher_fields(weight=0.7),)
+    c.teachers = (config.teacher_fields(weight=0.7, **SMALL),)
   return c
 
 
@@ -217,7 +224,7 @@ def test_two_identical_teachers_equal_one(kind, fused, logit_kind):
 @pytest.mark.slow
 def test_feature_term_reads_its_teacher():
   c = _run_cfg("probs", False, 2)
-  c.teachers = (config.teacher_fields(d_model=96, num_heads=4, num_layers=3, weight=0.7),)
+  c.teachers = (config.teacher_fields(d_model=96, num_heads=4, num_layers=2, weight=0.7),)
   c.distill.hidden.teacher = 1
   obj = objective.make_objective(c)
   assert [p.d_out for p in obj.projections] == [96] * len(obj.projections)
@@ -322,7 +329,8 @@ def test_precompute_stores_the_mixtures_top_k(tmp_path):
   for k, params in enumerate(teacher.params):
     section = config.teachers_of(c)[k]
     model = models.build(section, precision.parse_policy(section.policy), "t")
-    z = np.asarray(models.apply(model, {"params": params}, batch)["logits"], np.float64)
+    forward = jax.jit(lambda p, b, m=model: models.apply(m, {"params": p}, b)["logits"])
+    z = np.asarray(forward(params, batch), np.float64)  # one program, not op by op
     p = p + (0.25, 0.75)[k] * _softmax(z / 2.0)
   logp = np.log(p)
   for i, record in enumerate(records):
@@ -360,6 +368,8 @@ def test_ensemble_config_pretrains_both_teachers_and_resumes(tmp_path):
 
   workdir = tmp_path / "ensemble"
   argv = ["train", "--config", f"{ROOT}/configs/ensemble.py:test", "--workdir", str(workdir)]
+  # One-block teachers (the recipe's have 2): compiling their steps is most of the test's time.
+  argv += ["--config.teacher.num_layers=1", "--config.teachers[0].num_layers=1"]
   assert cli.main(argv) == 0
   for name in ("teacher", "teacher_1"):
     assert (workdir / name / "final_params").is_dir()
@@ -384,6 +394,7 @@ def test_image_classifier_ensemble_runs_and_names_feature_teachers():
 
   c = load_config(str(ROOT / "configs" / "smoke_vision.py"))
   c.optim.steps, c.mesh.data = 2, 1
+  c.teacher.depth = 8  # ResNet-8 (the smallest) instead of the smoke config's ResNet-14
   image = dict(num_classes=10, image_size=16, image_channels=3)
   c.teachers = (config.teacher_fields(source="random", arch="wrn", depth=10, widen=2, **image),)
   c.distill.feature_map.teacher = 1
