@@ -34,3 +34,76 @@ def tiny_config():
   import testing
 
   return testing.tiny_config()
+
+
+def host_variables(module, seed=0):
+  """``module``'s variables filled on the host, so that no random init compiles (on CPU the
+  slowest program of a small run; ``build_run(student_vars=, teacher_vars=)`` takes these):
+  kernels and embeddings ~ N(0, 1 / fan_in), scales and BatchNorm variances 1, all else
+  (biases, means, a QAT model's scales) 0."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from jaxdistill import models
+
+  rng = np.random.default_rng(seed)
+  init = lambda r: models.init_variables(module, r, 0)  # noqa: E731
+  shapes = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+
+  def fill(path, a):
+    name = path[-1].key
+    if name in ("kernel", "embedding"):
+      std = 1 / np.sqrt(np.prod(a.shape[:-1]))
+      return rng.normal(0.0, std, a.shape).astype(a.dtype)
+    return np.full(a.shape, 1 if name in ("scale", "var") else 0, a.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+# --- a local fake of Cloud Storage --------------------------------------------------------
+
+BUCKET = "gs://bucket"
+
+
+@pytest.fixture
+def fake_gcs(tmp_path, monkeypatch):
+  """``gs://bucket/...`` stored under ``tmp_path/gcs/bucket``; the cwd is an empty directory,
+  checked empty at the end (a path call that bypassed epath writes ``./gs:/...`` there).
+  Yields the local root. tests/unit/test_cloud_paths.py describes the fake."""
+  from etils.epath import backend as epath_backend
+  from fsspec.implementations.dirfs import DirFileSystem
+  from fsspec.implementations.local import LocalFileSystem
+  from fsspec.registry import _registry as fsspec_registry
+  from orbax.checkpoint._src.path import gcs_utils
+
+  root = tmp_path / "gcs"
+  (root / "bucket").mkdir(parents=True)
+
+  class FakeGCS(DirFileSystem):
+    protocol = ("gs", "gcs")
+
+    def __init__(self, finalize_on_close=True, **kwargs):  # epath passes gcsfs's keyword
+      super().__init__(path=str(root), fs=LocalFileSystem(auto_mkdir=True), **kwargs)
+
+    def open(self, path, mode="rb", **kwargs):  # a write needs no parent directory
+      if "a" in mode or "+" in mode:  # an object store has no append
+        raise NotImplementedError(f"mode {mode!r} on {path}: objects cannot be appended to")
+      return super().open(path, mode, **kwargs)
+
+  for p in FakeGCS.protocol:  # restored by monkeypatch at the end
+    monkeypatch.setitem(fsspec_registry, p, FakeGCS)
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+
+  def kvstore(ckpt_path):
+    bucket, key = gcs_utils.parse_gcs_path(ckpt_path, add_trailing_slash=False)
+    return {"driver": "file", "path": str(root / bucket / key)}
+
+  monkeypatch.setattr(gcs_utils, "get_kvstore_for_gcs", kvstore)
+  monkeypatch.setattr(gcs_utils, "is_hierarchical_namespace_enabled", lambda path: False)
+  cwd = tmp_path / "cwd"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  yield root
+  epath_backend.fsspec_backend._get_filesystem.cache_clear()
+  assert not os.listdir(cwd), f"a path call bypassed epath and wrote {os.listdir(cwd)} locally"

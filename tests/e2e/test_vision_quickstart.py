@@ -7,7 +7,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, host_variables
 
 from jaxdistill import config as config_lib
 from jaxdistill.config import validate
@@ -17,11 +17,15 @@ KEYS = ("accuracy", "top5_accuracy", "agreement", "kl_to_teacher", "ece", "image
 
 
 def _quickstart(workdir, cache):
+  """The CLI on one CPU device, as a user's machine runs it: the session's 8 fake devices would
+  only multiply the programs compiled (sharded steps and evaluation are tests/integration's)."""
+  flags = os.environ.get("XLA_FLAGS", "").split()
+  flags = [f for f in flags if not f.startswith("--xla_force_host_platform_device_count")]
   return subprocess.run(
     [sys.executable, "-m", "jaxdistill.cli", "quickstart", "--task", "vision", "--size", "test"]
     + ["--workdir", str(workdir), "--cache_dir", str(cache)],
     cwd=ROOT,
-    env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    env=dict(os.environ, PYTHONPATH=str(ROOT), XLA_FLAGS=" ".join(flags)),
     capture_output=True,
     text=True,
     timeout=600,
@@ -94,15 +98,20 @@ def test_cifar_distill_configs_validate_given_a_teacher(path, tmp_path):
   ["configs/cnn_cifar10.py:distill", "configs/resnet_cifar10.py:distill"],
 )
 def test_cifar_configs_train_on_mocked_tfds_cifar10(arg, tmp_path):
-  """The CIFAR recipes run as written against TFDS's cifar10 (mocked offline: random images
-  of the real features), with a random teacher of the recipe's shape standing in for the
-  trained one."""
+  """The CIFAR recipes run as written (teacher.source=workdir) against TFDS's cifar10 (mocked
+  offline: random images of the real features), with a stand-in teacher run of the recipe's
+  shape: its final_params filled on the host (a random init of ResNet-56 is the slowest compile
+  here); on one device (the 8 of the test session would only add sharded compiles)."""
+  import jax
   import tensorflow_datasets as tfds
 
   from jaxdistill.train import loop
+  from jaxdistill.train import run as run_lib
+  from jaxdistill.train import workdir as workdir_lib
 
+  teacher_dir = str(tmp_path / "teacher")
   overrides = [
-    ("teacher.source", "random"),
+    ("teacher.path", teacher_dir),
     ("optim.steps", "2"),
     ("data.batch_size", "8"),
     ("eval.every", "2"),
@@ -112,8 +121,11 @@ def test_cifar_configs_train_on_mocked_tfds_cifar10(arg, tmp_path):
     ("cache_dir", str(tmp_path / "cache")),
   ]
   cfg = config_lib.load_config(os.path.join(ROOT, arg), overrides)
+  assert cfg.teacher.source == "workdir"
+  teacher = host_variables(run_lib.model_of(cfg, "teacher"))
+  workdir_lib.save_final_params(teacher_dir, teacher.pop("params"), teacher)
   with tfds.testing.mock_data(num_examples=24, policy=tfds.testing.MockPolicy.USE_CODE):
-    summary = loop.train(cfg, str(tmp_path / "run"))
+    summary = loop.train(cfg, str(tmp_path / "run"), devices=jax.devices()[:1])
   assert summary["last_step"] == 2 and summary["final_loss"] > 0
   rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").open()]
   assert any("eval/accuracy" in r for r in rows)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, host_variables
 from test_step import _assert_close  # the same leaf-by-leaf comparison
 
 from jaxdistill import models
@@ -19,6 +19,7 @@ from jaxdistill.distill import objective as objective_lib
 from jaxdistill.errors import ConfigError
 from jaxdistill.parallel import sharding
 from jaxdistill.train import loop
+from jaxdistill.train import run as run_lib
 
 IMAGE = dict(num_classes=10, image_size=8, image_channels=3)
 
@@ -50,12 +51,37 @@ def _config(student="resnet", teacher="resnet"):
   return cfg
 
 
-def _run(cfg, n_devices, steps=3):
+def _run(cfg, n_devices, steps=3, **given):
   validate.validate(cfg)
-  run = loop.build_run(cfg, devices=jax.devices()[:n_devices])
+  run = loop.build_run(cfg, devices=jax.devices()[:n_devices], **given)
   history = []
   loop.run_steps(run, steps, lambda step, m, s: history.append(jax.device_get(m)))
   return run, history
+
+
+@pytest.fixture(scope="module")
+def resnet_run():
+  """The ResNet pair's run on one device, randomly initialised (its init is what compiles
+  slowest on CPU, so it is built once per module), before and after 3 steps:
+  (run after the steps, its 3 steps' metrics, the initial {"student": variables, "teacher":
+  variables} on the host). The other ResNet runs here start from these initial variables
+  (``build_run(student_vars=, teacher_vars=)``): their random init never compiles."""
+  cfg = _config()
+  validate.validate(cfg)
+  run = loop.build_run(cfg, devices=jax.devices()[:1])
+  initial = jax.device_get(
+    {
+      "student": {"params": run.state.params["student"], **run.state.model_state},
+      "teacher": run.teacher_vars,
+    }
+  )
+  history = []
+  loop.run_steps(run, 3, lambda step, m, s: history.append(jax.device_get(m)))
+  return run, history, initial
+
+
+def _given(initial):
+  return dict(student_vars=initial["student"], teacher_vars=initial["teacher"])
 
 
 def test_objective_of_an_image_model_reads_stage_maps():
@@ -71,12 +97,18 @@ def test_objective_of_an_image_model_reads_stage_maps():
 
 
 @pytest.mark.slow
-def test_sharded_step_equals_single_device_with_batch_stats():
+def test_sharded_step_equals_single_device_with_batch_stats(resnet_run):
+  single, h1, initial = resnet_run
   cfg = _config()
-  single, h1 = _run(cfg.copy_and_resolve_references(), 1)
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
-  sharded, h8 = _run(cfg, 8)
+  # From the single device's initial variables, placed into the mesh's shardings (a sharded
+  # random init is tests/integration/test_step.py's; here it would only add its compile).
+  sharded, h8 = _run(cfg, 8, **_given(initial))
   assert "batch_stats" in single.state.model_state
+  # The state really is sharded: conv output channels are split over tensor.
+  specs = {x.sharding.spec for x in jax.tree.leaves(sharded.state.params["student"])}
+  assert jax.sharding.PartitionSpec(None, None, None, "tensor") in specs
+  assert len(h1) == len(h8) == 3
   for step, (m1, m8) in enumerate(zip(h1, h8)):
     for key in m1:
       np.testing.assert_allclose(m8[key], m1[key], rtol=2e-5, atol=1e-6, err_msg=f"{step} {key}")
@@ -91,11 +123,9 @@ def test_sharded_step_equals_single_device_with_batch_stats():
 
 
 @pytest.mark.slow
-def test_teacher_is_frozen_and_gets_no_gradient():
-  cfg = _config()
-  validate.validate(cfg)
-  run = loop.build_run(cfg, devices=jax.devices()[:1])
-  before = jax.device_get(run.teacher_vars)
+def test_teacher_is_frozen_and_gets_no_gradient(resnet_run):
+  run, _, initial = resnet_run  # the run after its 3 steps; its random teacher as initialised
+  before = initial["teacher"]
   assert set(before) == {"params", "batch_stats"}
   batch = sharding.shard_batch(next(run.data_iter), run.mesh)
   obj = run.objective
@@ -108,21 +138,20 @@ def test_teacher_is_frozen_and_gets_no_gradient():
     proj = run.state.params["proj"]
     return objective_lib.compute_loss(obj, 0, proj, s, jax.lax.stop_gradient(t), batch, 8.0)[0]
 
-  grads = jax.grad(loss_wrt_teacher)(run.teacher_vars)
-  assert all(float(jnp.abs(g).max()) == 0.0 for g in jax.tree.leaves(grads))
-  loop.run_steps(run, 3, lambda *a: None)
-  # The teacher runs in inference mode: its running statistics never move.
+  grads = jax.device_get(jax.jit(jax.grad(loss_wrt_teacher))(run.teacher_vars))
+  assert all(np.abs(g).max() == 0.0 for g in jax.tree.leaves(grads))
+  # The teacher runs in inference mode: its running statistics never moved in the 3 steps.
   _assert_close(jax.device_get(run.teacher_vars), before, "teacher", rtol=0, atol=0)
 
 
 @pytest.mark.slow
-def test_grad_accumulation_normalises_each_micro_batch_by_its_own_statistics():
+def test_grad_accumulation_normalises_each_micro_batch_by_its_own_statistics(resnet_run):
   """With grad_accum=2 the step's new batch_stats are the running averages updated by micro-batch
   0 then micro-batch 1 (rows 0, 2, 4.. and 1, 3, 5..), each normalised by its own statistics."""
   cfg = _config("resnet", "resnet")
   cfg.optim.grad_accum = 2
   validate.validate(cfg)
-  run = loop.build_run(cfg, devices=jax.devices()[:1])
+  run = loop.build_run(cfg, devices=jax.devices()[:1], **_given(resnet_run[2]))
   local = next(run.data_iter)
   stats = run.state.model_state["batch_stats"]
   params = run.state.params["student"]
@@ -143,6 +172,8 @@ def test_function_matching_teacher_and_student_see_the_same_array(monkeypatch):
   cfg = _config("cnn", "cnn")
   cfg.data.update(crop_padding=2, flip=True, mixup=0.5)
   validate.validate(cfg)
+  # Host-filled variables: what is checked is the traced step, not the random init.
+  given = {side: host_variables(run_lib.model_of(cfg, side)) for side in ("student", "teacher")}
   seen = []
   apply = models.apply
 
@@ -151,7 +182,9 @@ def test_function_matching_teacher_and_student_see_the_same_array(monkeypatch):
     return apply(model, variables, batch, **kw)
 
   monkeypatch.setattr(models, "apply", recording)
-  run = loop.build_run(cfg, devices=jax.devices()[:1])
+  run = loop.build_run(
+    cfg, devices=jax.devices()[:1], student_vars=given["student"], teacher_vars=given["teacher"]
+  )
   run.step(sharding.shard_batch(next(run.data_iter), run.mesh))
   assert len(seen) == 2 and seen[0] is seen[1]  # one traced array feeds both models
 

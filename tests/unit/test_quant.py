@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import host_variables
 
 # The 8 fake devices of the test session as one data-parallel mesh for `eval`.
 ONE_MESH = [("mesh.data", "-1")]
@@ -145,6 +146,7 @@ def _tiny_qat(tiny_config, act="symmetric"):
   cfg.student.policy = f"p=f32,c=int8,a={act}"
   cfg.student.quant_calibration_batches = 2
   cfg.optim.steps = 2
+  cfg.teacher.num_layers = 2  # only the KD source: a smaller random teacher compiles faster
   return cfg
 
 
@@ -164,6 +166,7 @@ def test_qat_scales_survive_a_checkpoint_and_int8_export(tiny_config, tmp_path):
   from jaxdistill import models
   from jaxdistill.compress import ptq as quantize
   from jaxdistill.train import checkpoint, loop
+  from jaxdistill.train import run as run_lib
 
   cfg = _tiny_qat(tiny_config)
   cfg.ckpt.every = 1
@@ -172,7 +175,12 @@ def test_qat_scales_survive_a_checkpoint_and_int8_export(tiny_config, tmp_path):
   rows = [json.loads(r) for r in open(os.path.join(workdir, "metrics.jsonl"))]
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
   assert len(losses) == 2 and np.all(np.isfinite(losses)), summary
-  run = loop.build_run(cfg, devices=jax.devices()[:1], create_state=False)
+  # The restore target (abstract state) and the student module; its random teacher is unused
+  # here, so host-filled values stand in for it (a random init would only add its compile).
+  teacher = host_variables(run_lib.model_of(cfg, "teacher"))
+  run = loop.build_run(
+    cfg, devices=jax.devices()[:1], create_state=False, teacher_vars=teacher, data=False
+  )
   manager = checkpoint.make_manager(workdir, cfg.ckpt)
   state, _ = checkpoint.restore(manager, 2, run.state, None)
   first, _ = checkpoint.restore(manager, 1, run.state, None)
@@ -210,6 +218,7 @@ def test_qat_cnn_steps_and_ptq_of_a_float_student(tiny_config, tmp_path):
   from jaxdistill.evaluation import job as eval_run
   from jaxdistill.models import quant
   from jaxdistill.train import loop
+  from jaxdistill.train import run as run_lib
   from jaxdistill.train import teacher as teacher_lib
 
   image = dict(arch="cnn", cnn_channels="4,8", cnn_fc=16, num_classes=10, image_size=8)
@@ -220,7 +229,12 @@ def test_qat_cnn_steps_and_ptq_of_a_float_student(tiny_config, tmp_path):
   cfg.distill.hidden.weight = 0.0
   cfg.data.update(batch_size=8, pad_fraction=0.0)
   cfg = _tiny_qat(cfg, "asymmetric")
-  run = loop.build_run(cfg, devices=jax.devices()[:1])
+  # Host-filled params (the float run below is the one that initialises at random; a CNN's
+  # random init is what compiles slowest here), the QAT scales' state zero as initialised.
+  given = {side: host_variables(run_lib.model_of(cfg, side)) for side in ("student", "teacher")}
+  run = loop.build_run(
+    cfg, devices=jax.devices()[:1], student_vars=given["student"], teacher_vars=given["teacher"]
+  )
   run.state = teacher_lib.calibrate_int8(cfg, run.student, run.state, run.mesh)
   losses = []
   loop.run_steps(run, 2, lambda step, m, t: losses.append(float(m["train/loss"])))
@@ -234,12 +248,12 @@ def test_qat_cnn_steps_and_ptq_of_a_float_student(tiny_config, tmp_path):
   assert quant.act_of(module) == "asymmetric" and meta["section"]["arch"] == "cnn"
   assert variables["params"]["conv_1"]["kernel"].array.qvalue.dtype == jnp.int8
   batches = list(evaluate.validation_batches(cfg, limit=2))
-  fl = loop.build_run(cfg, devices=jax.devices()[:1], data=False)
+  float_student = run_lib.model_of(cfg, "student")  # the float run's student module
   fvars, _ = evaluate.load_variables(
-    fl.student, os.path.join(workdir, "final_params"), run.mesh, 16
+    float_student, os.path.join(workdir, "final_params"), run.mesh, 16
   )
   res = evaluate.evaluate(
-    {"f32": (fl.student, fvars["params"]), "int8": (module, variables["params"])},
+    {"f32": (float_student, fvars["params"]), "int8": (module, variables["params"])},
     batches,
     run.mesh,
   )
