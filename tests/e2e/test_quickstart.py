@@ -1,9 +1,10 @@
 """The quickstart end to end at test size, its teacher cache, and the LM configs."""
 
+import contextlib
+import io
 import json
 import os
-import subprocess
-import sys
+import types
 
 import numpy as np
 import pytest
@@ -19,20 +20,19 @@ KEYS = ("val_loss", "val_ppl", "agreement", "kl_to_teacher", "params", "tokens_p
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-  """One test-size quickstart through the CLI: (workdir, cache dir, process)."""
+  """One test-size quickstart through the CLI, ``cli.main`` in this process (starting the
+  ``jaxdistill`` command is tests/e2e/test_cli.py's): (workdir, cache dir, its stdout)."""
+  from jaxdistill.cli import commands as cli
+
   tmp = tmp_path_factory.mktemp("quickstart")
   workdir, cache = tmp / "run", tmp / "cache"
-  proc = subprocess.run(
-    [sys.executable, "-m", "jaxdistill.cli", "quickstart", "--size", "test"]
-    + ["--workdir", str(workdir), "--cache_dir", str(cache)],
-    cwd=ROOT,
-    env=dict(os.environ, PYTHONPATH=str(ROOT)),
-    capture_output=True,
-    text=True,
-    timeout=600,
-  )
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  return workdir, cache, proc
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    rc = cli.main(
+      ["quickstart", "--size", "test", "--workdir", str(workdir), "--cache_dir", str(cache)]
+    )
+  assert rc == 0, out.getvalue()[-3000:]
+  return workdir, cache, types.SimpleNamespace(stdout=out.getvalue())
 
 
 @pytest.mark.slow

@@ -235,13 +235,26 @@ def test_resume_of_a_cnn_run_after_sigkill_is_bitwise(tmp_path):
   import os
   import time
 
+  from jaxdistill.config import load_config
+  from jaxdistill.train import workdir as workdir_lib
+
+  # The smoke run's teacher (ResNet-14) as a teacher run on disk, filled on the host: the three
+  # processes load it instead of each compiling its random init (the slowest program of the
+  # run); a random teacher re-created on resume is tests/e2e/test_checkpoint.py's.
+  teacher_dir = tmp_path / "teacher"
+  smoke = load_config(str(ROOT / "configs" / "smoke_vision.py"))
+  teacher = host_variables(run_lib.model_of(smoke, "teacher"))
+  workdir_lib.save_final_params(str(teacher_dir), teacher.pop("params"), teacher)
+  loaded = ("--config.teacher.source=workdir", f"--config.teacher.path={teacher_dir}")
   env = dict(os.environ, PYTHONPATH=str(ROOT))
   ref = tmp_path / "reference"
-  done = subprocess.run(_cli(ref), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  done = subprocess.run(
+    _cli(ref, *loaded), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   run = tmp_path / "run"
   proc = subprocess.Popen(
-    _cli(run), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    _cli(run, *loaded), cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
   )
   start = time.time()
   while not (run / "checkpoints" / "10").is_dir():
@@ -250,7 +263,7 @@ def test_resume_of_a_cnn_run_after_sigkill_is_bitwise(tmp_path):
   proc.kill()
   proc.wait()
   resumed = subprocess.run(
-    _cli(run), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+    _cli(run, *loaded), cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
   )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "resumed from step" in resumed.stdout + resumed.stderr
