@@ -160,6 +160,7 @@ def _losses(workdir):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning:qwix.*")  # ~950 a run, in this process
 def test_killed_pipeline_resumes_exactly_and_skips_finished_stages(tmp_path, capsys):
   """SIGKILL during the `recover` distil stage (after its first checkpoint); the rerun skips
   teacher / blocks / prune, resumes recover bitwise, finishes, reports every stage. The rerun
