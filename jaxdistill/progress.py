@@ -21,23 +21,25 @@ class LogLines:
   def __init__(self, total: int, initial: int, unit: str, every: int, stream: IO, disable: bool):
     self.total, self.n, self.unit, self.every = total, initial, unit, max(1, every)
     self.stream, self.disable, self.postfix = stream, disable, {}
-    self.start, self.next = time.monotonic(), initial - initial % self.every + self.every
+    self.start, self.logged = time.monotonic(), initial
 
   def update(self, n: int = 1) -> None:
+    # A line when a multiple of ``every`` was crossed; the end's line is close()'s.
+    crossed = self.n // self.every < (self.n + n) // self.every
     self.n += n
-    if self.n >= self.next and self.n < self.total:
+    if crossed and self.n < self.total:
       self._line()
-      self.next = self.n - self.n % self.every + self.every
 
   def set_postfix(self, **kwargs: Any) -> None:
     self.postfix = {k: str(v) for k, v in kwargs.items()}
 
   def close(self) -> None:
-    if self.n >= self.total or self.n >= self.next - self.every + 1:
+    if self.n != self.logged:  # where the job ended (done, or stopped early) is always logged
       self._line()
     self.disable = True
 
   def _line(self) -> None:
+    self.logged = self.n
     if self.disable:
       return
     share = f" ({self.n / self.total:.0%})" if self.total else ""

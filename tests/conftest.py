@@ -36,31 +36,6 @@ def tiny_config():
   return testing.tiny_config()
 
 
-def host_variables(module, seed=0):
-  """``module``'s variables filled on the host, so that no random init compiles (on CPU the
-  slowest program of a small run; ``build_run(student_vars=, teacher_vars=)`` takes these):
-  kernels and embeddings ~ N(0, 1 / fan_in), scales and BatchNorm variances 1, all else
-  (biases, means, a QAT model's scales) 0."""
-  import flax.linen as nn
-  import jax
-  import numpy as np
-
-  from jaxdistill import models
-
-  rng = np.random.default_rng(seed)
-  init = lambda r: models.init_variables(module, r, 0)  # noqa: E731
-  shapes = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
-
-  def fill(path, a):
-    name = path[-1].key
-    if name in ("kernel", "embedding"):
-      std = 1 / np.sqrt(np.prod(a.shape[:-1]))
-      return rng.normal(0.0, std, a.shape).astype(a.dtype)
-    return np.full(a.shape, 1 if name in ("scale", "var") else 0, a.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 # --- a local fake of Cloud Storage --------------------------------------------------------
 
 BUCKET = "gs://bucket"

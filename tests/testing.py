@@ -1,4 +1,4 @@
-"""Shared pieces of the tests: the tiny model sections and configs most of them start from.
+"""Shared pieces of the tests: tiny model sections, configs, and variables filled on the host.
 
 Shapes are chosen to be cheap to compile, with enough structure for the property a test
 checks (several heads, more than one layer where layer maps matter). A test that needs a
@@ -32,3 +32,29 @@ def tiny_config():
   cfg.data.update(batch_size=8, seq_len=16, pad_fraction=0.5)
   cfg.log.progress = False
   return cfg
+
+
+def host_variables(module, seed=0):
+  """``module``'s variables filled on the host, so that no random init compiles (on CPU the
+  slowest program of a small run; ``build_run(student_vars=, teacher_vars=)`` takes these):
+  kernels and embeddings ~ N(0, 1 / fan_in), scales and BatchNorm variances 1, all else
+  (biases, means, a QAT model's scales) 0."""
+  import flax.linen as nn
+  import jax
+  import numpy as np
+
+  from jaxdistill import models
+
+  rng = np.random.default_rng(seed)
+  init = lambda r: models.init_variables(module, r, 0)  # noqa: E731
+  shapes = nn.unbox(jax.eval_shape(init, jax.random.key(0)))
+
+  def fill(path, a):
+    name = path[-1].key
+    if name in ("kernel", "embedding"):
+      std = 1 / np.sqrt(np.prod(a.shape[:-1]))
+      return rng.normal(0.0, std, a.shape).astype(a.dtype)
+    return np.full(a.shape, 1 if name in ("scale", "var") else 0, a.dtype)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+

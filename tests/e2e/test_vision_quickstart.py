@@ -7,7 +7,8 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, host_variables
+from conftest import ROOT
+from testing import host_variables
 
 from jaxdistill import config as config_lib
 from jaxdistill.config import validate

@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, host_variables
+from conftest import ROOT
+from testing import host_variables
 from test_step import _assert_close  # the same leaf-by-leaf comparison
 
 from jaxdistill import models

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import host_variables
+from testing import host_variables
 
 # The 8 fake devices of the test session as one data-parallel mesh for `eval`.
 ONE_MESH = [("mesh.data", "-1")]
