@@ -73,7 +73,7 @@ class EncoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
     cfg = self.config
-    attn_BxTxD, probs_BxHxTxS, qkv = layers.Attention(cfg, name="attn")(
+    attn_BxTxD, probs_BxHxTxS, qkv, _ = layers.Attention(cfg, name="attn")(
       x_BxTxD, positions_BxT, mask_Bx1xTxS
     )
     x_BxTxD = layers.Norm(cfg, name="attn_norm")(x_BxTxD + attn_BxTxD)

@@ -170,6 +170,26 @@ class EinsumDense(nn.Module):
     return jnp.einsum(self.equation, x, kernel)
 
 
+def write_cache(cache_BxSxGxK: jax.Array, new_BxTxGxK: jax.Array, index_B: jax.Array) -> jax.Array:
+  """``cache`` with row b's slots index_B[b] .. index_B[b] + T - 1 set to ``new``'s row b.
+
+  The caller guarantees index_B + T <= S (``dynamic_update_slice`` would clamp, not fail).
+  """
+  new_BxTxGxK = new_BxTxGxK.astype(cache_BxSxGxK.dtype)
+  write = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0)  # noqa: E731
+  return jax.vmap(write)(cache_BxSxGxK, new_BxTxGxK, index_B)
+
+
+def cache_mask(index_B: jax.Array, length: int, capacity: int) -> jax.Array:
+  """Bool [B, 1, T, S] mask of T new tokens written at index_B[b] + t into an S-slot cache.
+
+  Query t of row b may attend to slots s <= index_B[b] + t: the tokens before it and itself.
+  Slots beyond a row's tokens (stale or never written) are never read.
+  """
+  query_BxT = index_B[:, None] + jnp.arange(length, dtype=index_B.dtype)[None, :]
+  return (jnp.arange(capacity)[None, None, :] <= query_BxT[:, :, None])[:, None]
+
+
 class Attention(nn.Module):
   """Multi-head (or grouped-query) self-attention with explicit einsums.
 
@@ -177,17 +197,23 @@ class Attention(nn.Module):
     x_BxTxD: normalized residual stream.
     positions_BxT: position ids (used by RoPE).
     mask_Bx1xTxS: bool mask from ``make_attention_mask`` (causal), or any mask broadcasting
-      to [B, 1, T, S] (an encoder's padding mask [B, 1, 1, S]).
+      to [B, 1, T, S] (an encoder's padding mask [B, 1, 1, S]); with ``cache``, from
+      ``cache_mask`` (S = the cache's slots).
+    cache: decoding: (k_BxSxGxK, v_BxSxGxK), this layer's key/value cache (G = kv heads, keys
+      after RoPE). The T new keys/values are written at ``cache_index_B`` + t and the queries
+      attend over the cache; no probabilities or q/k/v are returned.
+    cache_index_B: int32 [B], the first slot each row's new tokens go to (with ``cache``).
   Returns:
-    (out_BxTxD, probs_BxHxTxS float32, (q, k, v) each [B, T, H, K]). q and k are AFTER RoPE,
-    i.e. exactly the tensors whose scaled dot product gives the attention scores; with
-    grouped-query attention k and v are repeated to H heads.
+    (out_BxTxD, probs_BxHxTxS float32, (q, k, v) each [B, T, H, K], None), or with ``cache``
+    (out_BxTxD, None, None, (k, v) the updated cache). q and k are AFTER RoPE, i.e. exactly the
+    tensors whose scaled dot product gives the attention scores; with grouped-query attention k
+    and v are repeated to H heads.
   """
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache=None, cache_index_B=None):
     cfg = self.config
     h, k = cfg.num_heads, cfg.head_dim
     qkv_bias = 2 if cfg.bias in ("qkv", "all") else 0
@@ -203,6 +229,9 @@ class Attention(nn.Module):
       )(x_BxTxD)
 
     q_BxTxHxK = proj("query", h)
+    if cache is not None:
+      return self._cached(q_BxTxHxK, proj("key", cfg.kv_heads), proj("value", cfg.kv_heads),
+                          positions_BxT, mask_Bx1xTxS, cache, cache_index_B)
     # Grouped-query attention: key/value head j serves query heads j*G .. j*G+G-1.
     group = h // cfg.kv_heads
     k_BxSxHxK, v_BxSxHxK = proj("key", cfg.kv_heads), proj("value", cfg.kv_heads)
@@ -225,16 +254,45 @@ class Attention(nn.Module):
     probs_BxHxTxS = jax.nn.softmax(scores_BxHxTxS, axis=-1)
     ctx_BxTxHxK = jnp.einsum("bhts,bshk->bthk", probs_BxHxTxS.astype(cfg.dtype), v_BxSxHxK)
     ctx_BxTxHxK = nn.with_logical_constraint(ctx_BxTxHxK, ACT_HEADS)
-    out_BxTxD = EinsumDense(
+    out_BxTxD = self._out(ctx_BxTxHxK)
+    return out_BxTxD, probs_BxHxTxS, (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK), None
+
+  def _out(self, ctx_BxTxHxK):
+    cfg = self.config
+    return EinsumDense(
       cfg,
-      (h, k, cfg.d_model),
+      (cfg.num_heads, cfg.head_dim, cfg.d_model),
       ("heads", "kv", "embed"),
       "bthk,hkd->btd",
       _residual_stddev(cfg),
       bias_dims=1 if cfg.bias == "all" else 0,
       name="out",
     )(ctx_BxTxHxK)
-    return out_BxTxD, probs_BxHxTxS, (q_BxTxHxK, k_BxSxHxK, v_BxSxHxK)
+
+  def _cached(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, mask_Bx1xTxS, cache, index_B):
+    """Attention of T new tokens over the key/value cache (see ``__call__``)."""
+    cfg = self.config
+    b, t, h, k = q_BxTxHxK.shape
+    g = cfg.kv_heads
+    if cfg.pos == "rope":
+      q_BxTxHxK = apply_rope(q_BxTxHxK, positions_BxT, cfg.rope_base)
+      k_BxTxGxK = apply_rope(k_BxTxGxK, positions_BxT, cfg.rope_base)
+    k_BxSxGxK = nn.with_logical_constraint(write_cache(cache[0], k_BxTxGxK, index_B), ACT_HEADS)
+    v_BxSxGxK = nn.with_logical_constraint(write_cache(cache[1], v_BxTxGxK, index_B), ACT_HEADS)
+    # Grouped queries against the G cached heads: the cache is read once, never repeated to H.
+    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, k).astype(k_BxSxGxK.dtype)
+    scores_BxGxRxTxS = jnp.einsum(
+      "btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32
+    ) / math.sqrt(k)
+    scores_BxGxRxTxS = jnp.where(
+      mask_Bx1xTxS[:, :, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min
+    )
+    probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
+    ctx_BxTxGxRxK = jnp.einsum(
+      "bgrts,bsgk->btgrk", probs_BxGxRxTxS.astype(v_BxSxGxK.dtype), v_BxSxGxK
+    )
+    ctx_BxTxHxK = ctx_BxTxGxRxK.reshape(b, t, h, k).astype(cfg.dtype)
+    return self._out(ctx_BxTxHxK), None, None, (k_BxSxGxK, v_BxSxGxK)
 
 
 class Mlp(nn.Module):
@@ -280,21 +338,21 @@ class Block(nn.Module):
 
   Args (call): as ``Attention``, with x_BxTxD the (un-normalized) residual stream.
   Returns:
-    (x_BxTxD new residual stream, probs_BxHxTxS, (q, k, v)) as ``Attention``.
+    (x_BxTxD new residual stream, probs_BxHxTxS, (q, k, v), cache) as ``Attention``.
   """
 
   config: TransformerConfig
 
   @nn.compact
-  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS):
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache=None, cache_index_B=None):
     cfg = self.config
-    attn_BxTxD, probs_BxHxTxS, qkv = Attention(cfg, name="attn")(
-      Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxS
+    attn_BxTxD, probs_BxHxTxS, qkv, cache = Attention(cfg, name="attn")(
+      Norm(cfg, name="attn_norm")(x_BxTxD), positions_BxT, mask_Bx1xTxS, cache, cache_index_B
     )
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + attn_BxTxD, ACT_RESIDUAL)
     mlp_BxTxD = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + mlp_BxTxD, ACT_RESIDUAL)
-    return x_BxTxD, probs_BxHxTxS, qkv
+    return x_BxTxD, probs_BxHxTxS, qkv, cache
 
 
 def embed_lookup(embed: nn.Embed, ids_BxT: jax.Array, rows: str | None) -> jax.Array:

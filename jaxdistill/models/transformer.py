@@ -33,6 +33,7 @@ from jaxdistill.models.layers import (
   Block,
   EinsumDense,
   Norm,
+  cache_mask,
   embed_lookup,
   make_attention_mask,
   param_init,
@@ -64,6 +65,7 @@ class Transformer(nn.Module):
     attn_layers: Sequence[int] = (),
     qkv_layers: Sequence[int] = (),
     return_logits: bool = True,
+    cache: dict | None = None,
   ) -> dict:
     """Runs the model.
 
@@ -78,11 +80,15 @@ class Transformer(nn.Module):
       qkv_layers: block indices in [0, L-1] whose q, k (after RoPE) and v to return.
       return_logits: if False, return "final_hidden" and "head" instead of "logits" (for
         fused losses that never materialize [B, T, V]).
+      cache: decoding (``generate.cache``): {"layers": ((k_BxSxGxK, v_BxSxGxK) per block),
+        "lengths": int32 [B] tokens already cached per row}. The T new tokens of row b sit at
+        positions lengths[b] + t (unless ``positions_BxT`` says otherwise), are written to those
+        slots and attend to everything cached before them; no segment ids, attention or q/k/v.
     Returns:
       dict with only the requested keys: "logits" [B, T, V] output_dtype, or "final_hidden"
       [B, T, D] and "head" [D, V] (compute dtype; logits = final_hidden @ head); "hidden"
       {i: [B, T, D] compute dtype}; "attn" {i: [B, H, T, T] float32}; "qkv" {i: (q, k, v)
-      each [B, T, H, K]}.
+      each [B, T, H, K]}; with ``cache``, "cache": the updated cache, lengths + T.
     """
     cfg = self.config
     if cfg.encoder:  # a decoder's params would not load as the encoder's: refuse, loudly
@@ -93,17 +99,26 @@ class Transformer(nn.Module):
     qkv_layers = check_layers("qkv_layers", qkv_layers, cfg.num_layers - 1)
     if t > cfg.max_len:
       raise ValueError(f"sequence length {t} exceeds max_len {cfg.max_len}")
+    index_B = None if cache is None else cache["lengths"]
+    if cache is not None and (segment_ids_BxT is not None or attn_layers or qkv_layers):
+      raise ValueError("a cached call takes no segment_ids, attn_layers or qkv_layers")
     if positions_BxT is None:
       positions_BxT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+      if cache is not None:
+        positions_BxT = positions_BxT + index_B[:, None]
 
     token_embed, x_BxTxD = self._embed(tokens_BxT, positions_BxT)
-    mask_Bx1xTxS = make_attention_mask(segment_ids_BxT, t)
+    if cache is None:
+      mask_Bx1xTxS = make_attention_mask(segment_ids_BxT, t)
+    else:
+      mask_Bx1xTxS = cache_mask(index_B, t, cache["layers"][0][0].shape[1])
     hidden = {0: x_BxTxD} if 0 in hidden_layers else {}
-    attn, qkv = {}, {}
+    attn, qkv, new_layers = {}, {}, []
     for i in range(cfg.num_layers):
-      x_BxTxD, probs_BxHxTxS, qkv_i = Block(cfg, name=f"block_{i}")(
-        x_BxTxD, positions_BxT, mask_Bx1xTxS
+      x_BxTxD, probs_BxHxTxS, qkv_i, layer_cache = Block(cfg, name=f"block_{i}")(
+        x_BxTxD, positions_BxT, mask_Bx1xTxS, None if cache is None else cache["layers"][i], index_B
       )
+      new_layers.append(layer_cache)
       # Only requested tensors are kept; the rest is dead code XLA drops under jit.
       if i + 1 in hidden_layers:
         hidden[i + 1] = x_BxTxD
@@ -114,6 +129,8 @@ class Transformer(nn.Module):
     final_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
 
     out = self._output(final_BxTxD, token_embed, return_logits)
+    if cache is not None:
+      out["cache"] = {"layers": tuple(new_layers), "lengths": index_B + t}
     for key, value in (("hidden", hidden), ("attn", attn), ("qkv", qkv)):
       if value:
         out[key] = value
