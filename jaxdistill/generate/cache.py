@@ -77,6 +77,7 @@ def constrain(cache: dict) -> dict:
 
 def grow(cache: dict, capacity: int) -> dict:
   """``cache`` moved into ``capacity`` >= its own slots (new slots are zeros)."""
+
   def pad(x_BxSxGxK):
     extra = capacity - x_BxSxGxK.shape[1]
     return jnp.pad(x_BxSxGxK, ((0, 0), (0, extra), (0, 0), (0, 0)))

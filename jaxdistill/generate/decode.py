@@ -110,9 +110,9 @@ class Decoder:
     vocab = logits_BxV.shape[-1]
     if self.params.repetition_penalty != 1:
       in_prompt_BxP = jnp.arange(tokens_BxP.shape[1])[None, :] < lengths_B[:, None]
-      seen_BxV = jax.vmap(
-        lambda t, m: jnp.zeros((vocab,), bool).at[t].max(m)
-      )(tokens_BxP, in_prompt_BxP)
+      seen_BxV = jax.vmap(lambda t, m: jnp.zeros((vocab,), bool).at[t].max(m))(
+        tokens_BxP, in_prompt_BxP
+      )
     else:
       seen_BxV = jnp.zeros((b, 0), bool)
     tokens_B, logp_B = self._choose(logits_BxV, rows_B, jnp.zeros_like(rows_B), seen_BxV, seed)

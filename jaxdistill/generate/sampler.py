@@ -86,8 +86,9 @@ class Sampler:
   ):
     cfg = getattr(model, "config", None)
     if cfg is None or not hasattr(cfg, "max_len") or getattr(cfg, "encoder", False):
-      raise ValueError("generation needs a decoder-only language model (not an encoder or image "
-                       "classifier)")
+      raise ValueError(
+        "generation needs a decoder-only language model (not an encoder or image classifier)"
+      )
     self.model, self.config, self.tokenizer = model, cfg, tokenizer
     self.mesh, self.rules, self.batch_size = mesh, rules, batch_size
     self.variables = _cast_params(variables, cfg.dtype)
@@ -142,10 +143,13 @@ class Sampler:
     for start in range(0, len(rows), per_batch):
       batch = rows[start : start + per_batch]
       decoder = self._decoder(sampling, stops, max_new_tokens, logprobs)
-      for partial in self._run(decoder, [ids[i] for i, _ in batch], [r for _, r in batch], seed,
-                               chunk, max_new_tokens):
-        current = [self._completion(r, texts[i], ids[i], partial, j, stops, logprobs)
-                   for j, (i, r) in enumerate(batch)]
+      for partial in self._run(
+        decoder, [ids[i] for i, _ in batch], [r for _, r in batch], seed, chunk, max_new_tokens
+      ):
+        current = [
+          self._completion(r, texts[i], ids[i], partial, j, stops, logprobs)
+          for j, (i, r) in enumerate(batch)
+        ]
         yield done + current
       done += current
 
@@ -193,7 +197,9 @@ class Sampler:
   def _decoder(self, sampling, stops, max_new_tokens, logprobs) -> decode_lib.Decoder:
     key = (sampling, stops, max_new_tokens, logprobs)
     if key not in self._decoders:
-      self._decoders[key] = decode_lib.Decoder(self.model, sampling, stops, max_new_tokens, logprobs)
+      self._decoders[key] = decode_lib.Decoder(
+        self.model, sampling, stops, max_new_tokens, logprobs
+      )
     return self._decoders[key]
 
   def _context(self):
@@ -225,8 +231,11 @@ class Sampler:
           return
         room = decode_lib.room(state)
         if room < 1:
-          state = state._replace(cache=self._grow(state.cache, cache_lib.bucket(
-            cache_lib.capacity_of(state.cache) + 1, limit)))
+          state = state._replace(
+            cache=self._grow(
+              state.cache, cache_lib.bucket(cache_lib.capacity_of(state.cache) + 1, limit)
+            )
+          )
           room = decode_lib.room(state)
         steps = min(room, max_new_tokens - generated, chunk or max_new_tokens)
         state = decoder.decode(self.variables, state, jnp.int32(steps), seed_arr)
@@ -265,6 +274,7 @@ def _round_up(n: int, multiple: int) -> int:
 
 def _cast_params(variables: dict, dtype: Any) -> dict:
   """``variables`` with float params wider than ``dtype`` cast to it (other leaves as they are)."""
+
   def cast(x):
     if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
       if jnp.finfo(x.dtype).bits > jnp.finfo(dtype).bits:

@@ -230,8 +230,15 @@ class Attention(nn.Module):
 
     q_BxTxHxK = proj("query", h)
     if cache is not None:
-      return self._cached(q_BxTxHxK, proj("key", cfg.kv_heads), proj("value", cfg.kv_heads),
-                          positions_BxT, mask_Bx1xTxS, cache, cache_index_B)
+      return self._cached(
+        q_BxTxHxK,
+        proj("key", cfg.kv_heads),
+        proj("value", cfg.kv_heads),
+        positions_BxT,
+        mask_Bx1xTxS,
+        cache,
+        cache_index_B,
+      )
     # Grouped-query attention: key/value head j serves query heads j*G .. j*G+G-1.
     group = h // cfg.kv_heads
     k_BxSxHxK, v_BxSxHxK = proj("key", cfg.kv_heads), proj("value", cfg.kv_heads)

@@ -11,13 +11,14 @@ its own):
   0  errors, paths (local or gs:// files), progress (bars on a terminal, log lines elsewhere)
   1  parallel/ (mesh + rules, distributed, placement, precision); the pure functions of
      distill/ (losses, vision_losses, ensemble, schedules, layer_maps, closed_form);
-     train.metrics, train.throughput, evaluation.classify
+     train.metrics, train.throughput, evaluation.classify, generate.sampling
   2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
   3  distill/ heads and objective (+ fused, sparse, chunking), config.validate (+ checks/),
-     compress.stages
+     compress.stages, generate/ (cache, decode, sampler, speculative)
   4  train.step, train.teacher, train.checkpoint, evaluation.evaluate, evaluation.latency
   5  train.run, train.workdir, train.loop     build a run, its workdir, the step loop
-  6  jobs: quickstart, precompute/, evaluation.job, evaluation.embed, compress/, report/
+  6  jobs: quickstart, precompute/, evaluation.job, evaluation.embed, compress/, report/,
+     generate.job
   7  cli/
 """
 
@@ -38,12 +39,15 @@ LAYERS = {
   **dict.fromkeys(("distill.losses", "distill.vision_losses", "distill.ensemble"), 1),
   **dict.fromkeys(("distill.schedules", "distill.layer_maps", "distill.closed_form"), 1),
   **dict.fromkeys(("train.metrics", "train.throughput", "evaluation.classify"), 1),
+  "generate.sampling": 1,
   **dict.fromkeys(("models", "data", "config"), 2),
   **dict.fromkeys(("distill", "config.validate", "config.checks", "compress.stages"), 3),
+  "generate": 3,
   **dict.fromkeys(("train.step", "train.teacher", "train.checkpoint"), 4),
   **dict.fromkeys(("evaluation.evaluate", "evaluation.latency"), 4),
   **dict.fromkeys(("train.run", "train.workdir", "train.loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "evaluation", "compress", "report"), 6),
+  "generate.job": 6,
   "train": 5,
   "cli": 7,
 }
@@ -53,6 +57,7 @@ BOTTOM = ("models", "distill.losses", "distill.layer_maps", "distill.schedules",
 BOTTOM += ("errors", "distill.vision_losses", "evaluation.classify", "distill.ensemble")
 BOTTOM += ("paths",)  # layer 0: models read and write local or gs:// files through it
 JOBS = ("quickstart", "precompute", "evaluation.job", "evaluation.embed", "report", "compress")
+JOBS += ("generate.job",)
 # The command line.
 CLI = ("cli",)
 
