@@ -175,3 +175,28 @@ def test_an_existing_file_that_is_not_ours_is_never_touched(run_dir, tmp_path, c
   err = _error([*_args(run_dir, "--max_new_tokens", "2"), "--output", str(mine)], capsys)
   assert "not written by jaxdistill generate" in err
   assert mine.read_text() == '{"my": "data"}\n'
+
+
+def test_draft_goes_through_the_speculative_sampler(run_dir, monkeypatch, capsys):
+  # A stand-in for generate/speculative.py: the target's own Sampler, with fixed stats.
+  import sys
+  import types
+
+  from jaxdistill.generate import Sampler
+
+  class FakeSpeculative:
+    def __init__(self, target, target_vars, draft, draft_vars, tokenizer=None, k=4):
+      assert draft.config.vocab_size == target.config.vocab_size and k == 3
+      self.sampler = Sampler(target, target_vars, tokenizer)
+
+    def generate(self, prompts, **kwargs):
+      return self.sampler.generate(prompts, **kwargs), types.SimpleNamespace(acceptance_rate=0.5)
+
+  fake = types.ModuleType("jaxdistill.generate.speculative")
+  fake.SpeculativeSampler = FakeSpeculative
+  monkeypatch.setitem(sys.modules, "jaxdistill.generate.speculative", fake)
+  argv = _args(run_dir, "--draft", str(run_dir), "--draft_k", "3", "--max_new_tokens", "3")
+  assert cli.main(argv) == 0
+  out = capsys.readouterr().out
+  assert "acceptance rate 50.0% (k=3)" in out and "speedup 1.88x" in out
+  assert out.count("# prompt ") == 5
