@@ -4,6 +4,8 @@
   cache.py        the key/value cache pytree: init, buckets, grow, logical sharding
   decode.py       Decoder: the jitted prefill and the ``lax.while_loop`` decode of one model
   sampler.py      Sampler(model, variables, tokenizer).generate / .stream: the Python API
+  spec_decode.py  SpecDecoder: the jitted draft-then-verify rounds of speculative decoding
+  speculative.py  SpeculativeSampler(target, ..., draft, ...).generate -> (completions, SpecStats)
 
 Layers: ``sampling`` is pure (layer 1); ``cache``, ``decode`` and ``sampler`` build on
 ``models`` (layer 3). Nothing here imports training, the jobs or the CLI.
@@ -11,5 +13,13 @@ Layers: ``sampling`` is pure (layer 1); ``cache``, ``decode`` and ``sampler`` bu
 
 from jaxdistill.generate.sampler import Completion, Sampler
 from jaxdistill.generate.sampling import SamplingParams
+from jaxdistill.generate.speculative import SpecStats, SpeculativeSampler, acceptance_rate
 
-__all__ = ["Completion", "Sampler", "SamplingParams"]
+__all__ = [
+  "Completion",
+  "Sampler",
+  "SamplingParams",
+  "SpecStats",
+  "SpeculativeSampler",
+  "acceptance_rate",
+]
