@@ -74,7 +74,7 @@ class SpecDecoder:
 
   Args:
     target: the decoder whose output is produced.
-    draft: the decoder that proposes tokens (same vocabulary, context at least the target's).
+    draft: the decoder that proposes tokens (same vocabulary).
     params: the sampling knobs (both models' distributions go through them).
     k: draft tokens per round.
     stop_tokens, max_new_tokens, logprobs: as ``decode.Decoder`` (logprobs are the target's).

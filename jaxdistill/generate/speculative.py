@@ -83,8 +83,10 @@ class SpeculativeSampler:
     k: draft tokens per round (>= 1).
     mesh, rules, batch_size: as ``Sampler``.
   Raises:
-    ValueError: a model is no decoder, the vocabularies differ, the draft's context is shorter
-      than the target's, or k < 1.
+    ValueError: a model is no decoder, the vocabularies differ, or k < 1.
+
+  A draft with a shorter context than the target's drafts (badly) past its end at its last
+  position: the output stays the target's; only prompts longer than its context are refused.
   """
 
   def __init__(
@@ -109,11 +111,6 @@ class SpeculativeSampler:
       raise ValueError(
         f"the draft's vocabulary ({d_cfg.vocab_size} tokens) is not the target's "
         f"({t_cfg.vocab_size}): speculative decoding needs one shared vocabulary"
-      )
-    if d_cfg.max_len < t_cfg.max_len:
-      raise ValueError(
-        f"the draft's context (max_len {d_cfg.max_len}) is shorter than the target's "
-        f"({t_cfg.max_len})"
       )
     self.k, self.batch_size = k, batch_size
     self._decoders: dict = {}
@@ -163,6 +160,10 @@ class SpeculativeSampler:
   def _generate(self, prompts, max_new_tokens, sampling, seed, stop_tokens, num_samples, logprobs):
     sampler = self.target
     texts, ids = sampler._encode(prompts)
+    short = self.draft.config.max_len
+    for n, p in enumerate(ids):
+      if len(p) >= short:
+        raise ValueError(f"prompt {n} has {len(p)} tokens; the draft's context is {short}")
     stops = sampler._stop_tokens(stop_tokens)
     rows = [(i, r) for i in range(len(ids)) for r in range(i * num_samples, (i + 1) * num_samples)]
     per_batch = self.batch_size or len(rows)
@@ -196,7 +197,8 @@ class SpeculativeSampler:
     ids, rows = ids + [ids[0]] * pad_rows, rows + [rows[0]] * pad_rows
     lengths = np.array([len(p) for p in ids], np.int32)
     limit = self.target.config.max_len + self.k  # rounds write up to k slots past the context
-    width = cache_lib.bucket(int(lengths.max()), self.target.config.max_len, 16)
+    context = min(self.target.config.max_len, self.draft.config.max_len)
+    width = cache_lib.bucket(int(lengths.max()), context, 16)
     tokens = np.zeros((len(ids), width), np.int32)
     for i, p in enumerate(ids):
       tokens[i, : len(p)] = p

@@ -120,13 +120,18 @@ def test_sampled_tokens_follow_the_target_distribution(params):
   assert _chi_square_p(seqs[:, 0] * v + seqs[:, 1], drafted) < 1e-6
 
 
-def test_models_that_cannot_pair_are_refused():
+def test_pairs_that_cannot_work_are_refused_and_a_short_draft_is_only_slower():
   target, t_vars = _model(TARGET, 0)
   other, o_vars = _model(dict(DRAFT, vocab_size=48), 1)
   with pytest.raises(ValueError, match="vocabulary"):
     generate.SpeculativeSampler(target, t_vars, other, o_vars)
-  short, s_vars = _model(dict(DRAFT, max_len=16), 1)
-  with pytest.raises(ValueError, match="context"):
-    generate.SpeculativeSampler(target, t_vars, short, s_vars)
+  # A draft with a shorter context drafts past its end (badly): the output stays the target's.
+  short, s_vars = _model(dict(DRAFT, max_len=8, pos="learned"), 1)
+  spec = generate.SpeculativeSampler(target, t_vars, short, s_vars, k=2)
+  with pytest.raises(ValueError, match="the draft's context is 8"):
+    spec.generate([list(range(1, 12))])
+  want = generate.Sampler(target, t_vars).generate([[1, 2, 3], [5]], max_new_tokens=12)
+  got, _ = spec.generate([[1, 2, 3], [5]], max_new_tokens=12)
+  assert [c.token_ids for c in got] == [c.token_ids for c in want]
   with pytest.raises(ValueError, match="k"):
     generate.SpeculativeSampler(target, t_vars, target, t_vars, k=0)
