@@ -54,6 +54,22 @@ def test_greedy_is_the_target_greedy_decoding_token_for_token():
     assert stats.target_forwards < stats.tokens
 
 
+@pytest.mark.slow
+def test_greedy_with_a_repetition_penalty_is_the_target_greedy_decoding():
+  # The penalty of each verified position counts the drafts before it as seen.
+  target, t_vars = _model(TARGET, 0, scale=3.0)
+  d_vars = _perturbed(t_vars, 2, 0.02)
+  prompts, params = (
+    [[1, 2, 3], [5], [7, 8, 9, 10, 11, 12, 13]],
+    SamplingParams(repetition_penalty=1.5),
+  )
+  want = generate.Sampler(target, t_vars).generate(prompts, max_new_tokens=20, sampling=params)
+  spec = generate.SpeculativeSampler(target, t_vars, target, d_vars, k=3)
+  got, stats = spec.generate(prompts, max_new_tokens=20, sampling=params)
+  assert [c.token_ids for c in got] == [c.token_ids for c in want]
+  assert 0 < stats.acceptance_rate < 1
+
+
 def test_a_draft_equal_to_its_target_is_always_accepted():
   target, t_vars = _model(TARGET, 0, scale=3.0)
   spec = generate.SpeculativeSampler(target, t_vars, target, t_vars, k=4)
