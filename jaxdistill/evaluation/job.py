@@ -29,6 +29,7 @@ from jaxdistill import data as data_lib
 from jaxdistill import models, paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.evaluation import evaluate, latency
+from jaxdistill.generate import speculative
 from jaxdistill.models import quant
 from jaxdistill.train import checkpoint
 from jaxdistill.train import run as run_lib
@@ -39,6 +40,8 @@ from jaxdistill.train import workdir as workdir_lib
 # model, losses and optimizer are the run's.
 OVERRIDABLE = ("data", "mesh", "cache_dir")
 DEFAULT_BATCH_SIZES = (1, 32)
+# The student as its teacher's speculative draft: prompts cut from the first validation batch.
+DRAFT_PROMPTS, DRAFT_PROMPT_TOKENS, DRAFT_NEW_TOKENS, DRAFT_K = 8, 16, 16, 4
 
 
 def run_config(workdir: str, overrides: Sequence[tuple[str, str]] = ()) -> Any:
@@ -251,6 +254,7 @@ def evaluate_workdir(
   results = evaluate.evaluate(
     entries, evaluate.validation_batches(cfg, batches), built.mesh, teacher=teacher
   )
+  results["student"].update(_draft_acceptance(cfg, built.mesh, (student, variables), found))
   sizes = {"student": latency.size(variables)}
   if teacher is not None:
     sizes["teacher"] = latency.size(found[1])
@@ -289,6 +293,31 @@ def evaluate_workdir(
   return out
 
 
+def _draft_acceptance(cfg: Any, mesh: Any, student: tuple, found: tuple | None) -> dict:
+  """{"draft_acceptance": the greedy acceptance rate of the student as its teacher's
+  speculative draft (``k`` = DRAFT_K) on DRAFT_PROMPTS prompts cut from the first validation
+  batch}, or {} without a decoder teacher of the same vocabulary (or with several processes)."""
+  if found is None or _task(cfg) != "text" or jax.process_count() > 1:
+    return {}
+  teacher = found[0]
+  if teacher.config.vocab_size != student[0].config.vocab_size:
+    return {}
+  batch = next(iter(evaluate.validation_batches(cfg, 1)))
+  cut = min(DRAFT_PROMPT_TOKENS, teacher.config.max_len - 1, student[0].config.max_len - 1)
+  prompts = []
+  for tokens, segments in zip(batch["inputs"], batch["segment_ids"]):
+    first = segments[:cut] == segments[0]  # the row's first document only
+    n = int(first.argmin()) if not first.all() else cut
+    if segments[0] and n and len(prompts) < DRAFT_PROMPTS:
+      prompts.append([int(t) for t in tokens[:n]])
+  if not prompts:
+    return {}
+  rate = speculative.acceptance_rate(
+    teacher, found[1], *student, prompts, DRAFT_NEW_TOKENS, DRAFT_K, mesh=mesh
+  )
+  return {"draft_acceptance": rate}
+
+
 def _ms(block: dict | None, key: str) -> str:
   return f"{block[key]['median_s'] * 1e3:.2f}" if block and key in block else "—"
 
@@ -305,6 +334,7 @@ def format_table(result: dict) -> str:
     cols = ["model", "params", "MB", "accuracy", "top-5", "agree", "KL(T‖S)", "ECE", *lat_cols]
   else:
     cols = ["model", "params", "MB", "val CE", "ppl", "top-1", "top-5", "agree", "KL(T‖S)", "ECE"]
+    cols += ["draft acc"]
     cols += lat_cols
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   fmt = lambda m, k, f="{:.3f}": f.format(m[k]) if k in m else "—"
@@ -318,6 +348,7 @@ def format_table(result: dict) -> str:
       row += [fmt(m, "val_ppl", "{:.1f}")] if task == "text" else []
       row += [f"{100 * m['accuracy']:.1f}%", f"{100 * m['top5_accuracy']:.1f}%"]
       row += [fmt(m, "agreement"), fmt(m, "kl_to_teacher"), fmt(m, "ece")]
+      row += [fmt(m, "draft_acceptance")] if task == "text" else []
     row += [_ms(lat.get(name), f"batch_{b}") for b in sizes]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
