@@ -33,6 +33,9 @@ def add_parser(sub) -> None:
   )
   src.add_argument("--draft", default="", help="speculative decoding: a run whose student drafts")
   src.add_argument("--draft_k", type=int, default=4, help="draft tokens per target forward")
+  src.add_argument(
+    "--speedup", action="store_true", help="with --draft: also time the target alone (4 runs)"
+  )
   src.add_argument("--sharded", action="store_true", help="run on the config's mesh (all devices)")
   pro = gen.add_argument_group("prompts (exactly one of --prompts, --from_data)")
   pro.add_argument("--prompts", default="", help="text file, one prompt a line (blanks skipped)")
