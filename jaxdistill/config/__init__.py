@@ -184,6 +184,11 @@ def default_config() -> ml_collections.ConfigDict:
   d.fused = True
   d.token_chunk = 256
   d.vocab_chunk = 0
+  # On-policy distillation (GKD; jaxdistill/train/on_policy.py): with probability lmbda a step's
+  # continuations are the student's own samples (max_new_tokens after each row's prompt: its
+  # first prompt_tokens tokens, or with 0 its positions before the first weighted target), and
+  # the logit term (jsd with logit.beta, reverse_kl, kl, or sampled_reverse_kl) runs on them.
+  d.on_policy = C(dict(lmbda=0.0, max_new_tokens=32, temperature=1.0, top_k=0, prompt_tokens=0))
 
   o = cfg.optim = C()
   o.steps = 100

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from jaxdistill.distill import ensemble, losses, sparse
+from jaxdistill.distill import ensemble, losses, policy_losses, sparse
 from jaxdistill.distill import fused as fused_lib
 
 Schedule = Callable[[jax.Array], jax.Array]
@@ -93,7 +93,16 @@ def _dense_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature,
     value, m = _cross_entropy(s["logits"], batch, denom)
     metrics.update(m)
     total += ce(step) * value
-  if logit:
+  if logit and kind in policy_losses.POLICY_KINDS:
+    # The student's own samples are the targets: only their log-probabilities are read.
+    student_logp_BxT = policy_losses.token_logprobs(s["logits"], batch["targets"])
+    teacher_logp_BxT = policy_losses.token_logprobs(t["logits"], batch["targets"])
+    value, m = policy_losses.sampled_token_reverse_kl(
+      student_logp_BxT, teacher_logp_BxT, mask, denom
+    )
+    metrics.update(m)
+    total += logit(step) * value
+  elif logit:
     teacher_logits = batch["teacher_logits"] if t is None else t["logits"]
     value, m = losses.logit_loss(
       kind, s["logits"], teacher_logits, mask, denom, temperature=temperature(step), beta=beta
@@ -180,7 +189,8 @@ def head_term(
   # Without a logit term the kind is never read; a sparse kind must not reach the dense heads.
   common["kind"] = d.logit.kind if logit else "kl"
   beta = float(d.logit.beta)
-  if d.fused and not classifier:
+  # A policy kind reads the sampled tokens' log-probabilities from the dense logits.
+  if d.fused and not classifier and common["kind"] not in policy_losses.POLICY_KINDS:
     fn = functools.partial(_fused_head, **common, beta=beta, chunks=(d.token_chunk, d.vocab_chunk))
     return Term("fused", fn, None, Needs(head=True), Needs(head=bool(logit)), reports)
   fn = functools.partial(_dense_head, **common, beta=beta)

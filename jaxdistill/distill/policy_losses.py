@@ -15,6 +15,10 @@ import jax.numpy as jnp
 
 from jaxdistill.distill.losses import F32, LossAndMetrics, _masked_total, _zero_padded
 
+# Logit-term kinds (``distill.logit.kind``) that read only the sampled tokens' log-probabilities:
+# they need the student's own samples as targets (``distill.on_policy.lmbda`` = 1).
+POLICY_KINDS = ("sampled_reverse_kl",)
+
 
 def sampled_token_reverse_kl(
   student_logp_BxT: jax.Array, teacher_logp_BxT: jax.Array, mask_BxT: jax.Array, denom

@@ -16,11 +16,15 @@ import jax
 from jaxdistill import data as data_lib
 from jaxdistill import models
 from jaxdistill.config import validate
+from jaxdistill.data import sources
+from jaxdistill.data import text as text_data
+from jaxdistill.data import tokenizer as tok_lib
 from jaxdistill.distill import objective as objective_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import flops as flops_lib
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.train import on_policy as on_policy_lib
 from jaxdistill.train import step as train_lib
 from jaxdistill.train import teacher as teacher_lib
 
@@ -144,14 +148,10 @@ def build_run(
   teacher_vars, teacher_shardings, teacher_path = _all_teacher_vars(
     views, modules, mesh, workdir, teacher_vars
   )
+  rewrite = on_policy_lib.make(student, cfg.distill.on_policy, _stop_tokens(cfg), cfg.seed)
+  lr = train_lib.lr_schedule(cfg.optim)
   step = train_lib.make_distill_step(
-    obj,
-    student,
-    teacher,
-    tx,
-    cfg.optim.grad_accum,
-    lr=train_lib.lr_schedule(cfg.optim),
-    loss_scale_period=cfg.optim.loss_scale_period,
+    obj, student, teacher, tx, cfg.optim.grad_accum, lr, cfg.optim.loss_scale_period, rewrite
   )
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
   return Run(
@@ -168,6 +168,14 @@ def build_run(
     lambda: make_state(create=True)[0],
     teacher_path,
   )
+
+
+def _stop_tokens(cfg: Any) -> tuple[int, ...]:
+  """The data's end-of-text id (a text source's tokenizer), which ends an on-policy sample;
+  none for synthetic data. Only read with ``distill.on_policy.lmbda`` > 0."""
+  if cfg.distill.on_policy.lmbda == 0 or cfg.data.source not in sources.TEXT_SOURCES:
+    return ()
+  return (tok_lib.eos_id(text_data.prepare(cfg).tokenizer),)
 
 
 def _flops_per_step(

@@ -251,6 +251,7 @@ def make_distill_step(
   grad_accum: int = 1,
   lr: optax.Schedule | None = None,
   loss_scale_period: int = 2000,
+  on_policy: Callable | None = None,
 ) -> Callable:
   """Builds the pure step function (not jitted: see ``jit_distill_step``).
 
@@ -263,6 +264,8 @@ def make_distill_step(
     lr: the learning-rate schedule, only to report it as ``train/lr``.
     loss_scale_period: finite steps before a dynamic loss scale doubles; only
       used when ``state.loss_scale`` is not None.
+    on_policy: ``train.on_policy.make``'s batch rewrite (the student samples the batch's
+      continuations first, with probability lmbda), or None: the batch as given.
 
   Returns:
     ``distill_step(state, teacher_vars, batch) -> (state, metrics)``; ``teacher_vars``: the
@@ -272,11 +275,15 @@ def make_distill_step(
   gradients = _make_gradients(_make_loss_fn(obj, student, teacher), grad_accum)
 
   def distill_step(state: TrainState, teacher_vars: Any, batch: dict):
+    policy_metrics = {}
+    if on_policy is not None:
+      student_vars = {"params": state.params["student"], **(state.model_state or {})}
+      batch, policy_metrics = on_policy(student_vars, batch, state.step)
     # Normalise every term by the valid tokens of the WHOLE global batch, so
     # micro-batch gradients simply add up to the full-batch gradient.
     denom = jnp.maximum(batch["weights"].sum(), 1.0)
     metrics, grads, model_state = gradients(state, teacher_vars, batch, denom)
-    metrics = dict(metrics, **objective_lib.schedule_metrics(obj, state.step))
+    metrics = dict(metrics, **objective_lib.schedule_metrics(obj, state.step), **policy_metrics)
     new_state, metrics = _update(state, grads, model_state, metrics, tx, loss_scale_period)
     metrics["perf/valid_tokens"] = denom
     if lr is not None:

@@ -43,7 +43,7 @@ LAYERS = {
   **dict.fromkeys(("models", "data", "config"), 2),
   **dict.fromkeys(("distill", "config.validate", "config.checks", "compress.stages"), 3),
   "generate": 3,
-  **dict.fromkeys(("train.step", "train.teacher", "train.checkpoint"), 4),
+  **dict.fromkeys(("train.step", "train.teacher", "train.checkpoint", "train.on_policy"), 4),
   **dict.fromkeys(("evaluation.evaluate", "evaluation.latency"), 4),
   **dict.fromkeys(("train.run", "train.workdir", "train.loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "evaluation", "compress", "report"), 6),

@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from jaxdistill.config.checks import vision as validate_vision
-from jaxdistill.distill import layer_maps, losses, schedules, sparse
+from jaxdistill.distill import layer_maps, losses, policy_losses, schedules, sparse
 from jaxdistill.errors import ConfigError
 
 # The divergences a student trains with from an image cache's whole class logits.
@@ -74,6 +74,7 @@ def check_distill(cfg: Any) -> None:
   the fused head's settings."""
   _check_losses(cfg)
   _check_fused(cfg)
+  _check_on_policy(cfg)
 
 
 def _check_losses(cfg: Any) -> None:
@@ -104,6 +105,7 @@ def _check_losses(cfg: Any) -> None:
   if d.temperature <= 0:
     raise ConfigError("distill.temperature", f"must be > 0, got {d.temperature}")
   kinds = sorted(losses.LOGIT_DIVERGENCES) + list(sparse.SPARSE_KINDS)
+  kinds += list(policy_losses.POLICY_KINDS)
   if d.logit.kind not in kinds:
     raise ConfigError("distill.logit.kind", f"unknown {d.logit.kind!r}; choose from {kinds}")
   if t.source == "cache":
@@ -190,6 +192,60 @@ def _check_online_distill(cfg: Any) -> None:
     )
   _check_weight(d.ce, "distill.ce", steps)
   _check_weight(d.embedding, "distill.embedding", steps)
+
+
+def _check_on_policy(cfg: Any) -> None:
+  """distill.on_policy (train/on_policy.py): its numbers, and that the student can write and
+  an online teacher of the same vocabulary can score what it writes."""
+  op, d = cfg.distill.on_policy, cfg.distill
+  lmbda = op.lmbda
+  if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not 0 <= lmbda <= 1:
+    raise ConfigError("distill.on_policy.lmbda", f"must be in [0, 1], got {lmbda!r}")
+  for key, low in (("max_new_tokens", 1), ("top_k", 0), ("prompt_tokens", 0)):
+    v = op[key]
+    if isinstance(v, bool) or not isinstance(v, int) or v < low:
+      raise ConfigError(f"distill.on_policy.{key}", f"must be an int >= {low}, got {v!r}")
+  if not op.temperature >= 0:
+    raise ConfigError("distill.on_policy.temperature", f"must be >= 0, got {op.temperature!r}")
+  policy_kind = d.logit.kind in policy_losses.POLICY_KINDS and not _off(d.logit, "weight")
+  if policy_kind and lmbda != 1:
+    raise ConfigError(
+      "distill.logit.kind",
+      f"{d.logit.kind!r} learns from the student's own samples only: set "
+      f"distill.on_policy.lmbda=1 (got {lmbda})",
+    )
+  if lmbda == 0:
+    return
+  s, t = cfg.student, cfg.teacher
+  if validate_vision.is_image(cfg) or s.arch != "transformer" or s.encoder:
+    raise ConfigError(
+      "distill.on_policy.lmbda",
+      f"on-policy needs a decoder student that can sample, not arch={s.arch!r}"
+      f"{' (an encoder)' if s.encoder else ''}",
+    )
+  if t.source in ("none", "cache"):
+    raise ConfigError(
+      "distill.on_policy.lmbda",
+      f"on-policy needs a teacher model to score the samples, not teacher.source={t.source!r}",
+    )
+  if t.arch != "transformer" or t.encoder:
+    raise ConfigError(
+      "distill.on_policy.lmbda",
+      "on-policy needs a decoder teacher (an encoder or image teacher cannot score a sample)",
+    )
+  if s.vocab_size != t.vocab_size:
+    raise ConfigError(
+      "teacher.vocab_size",
+      f"{t.vocab_size} differs from student.vocab_size={s.vocab_size}: the teacher scores the "
+      "student's tokens, so on-policy needs one vocabulary",
+    )
+  if op.prompt_tokens >= cfg.data.seq_len:
+    raise ConfigError(
+      "distill.on_policy.prompt_tokens",
+      f"{op.prompt_tokens} leaves no room to sample in data.seq_len={cfg.data.seq_len}",
+    )
+  if cfg.teachers:
+    raise ConfigError("distill.on_policy.lmbda", "on-policy takes one teacher (teachers is set)")
 
 
 def _check_schedule_range(cfg: Any, base_key: str, spec_key: str, positive: bool) -> None:
