@@ -212,7 +212,7 @@ def default_config() -> ml_collections.ConfigDict:
   o.loss_scale_init = 2.0**15
   o.loss_scale_period = 2000
 
-  # source: synthetic | stdlib (the built-in corpus) | tfds | array_record | text; see
+  # source: synthetic | stdlib (the built-in corpus) | tfds | array_record | text | task; see
   # jaxdistill/data/sources.py. pad_fraction, branching: synthetic only. tokenizer: a
   # tokenizer.json, or "" to train a byte-level BPE of student.vocab_size on the train split.
   # packing: pack (concatenate documents, split at seq_len, segment ids) | pad (one piece a row).
@@ -246,6 +246,14 @@ def default_config() -> ml_collections.ConfigDict:
       stdlib_max_file_bytes=0,
       stdlib_root="",  # "" = this interpreter's standard library
       stdlib_kind="all",  # all | code | docstrings (English prose only)
+      # source task (jaxdistill/data/task_data.py): a built-in task with checkable answers,
+      # one prompt + completion a row, loss on the completion only. task_train_files: its
+      # training pairs from .jsonl / ArrayRecord files (e.g. teacher-written) instead of the
+      # reference solutions; task_eval_problems: held-out problems evaluated.
+      task="arithmetic",
+      task_seed=0,
+      task_train_files="",
+      task_eval_problems=256,
       # Images (an image model: student.arch != transformer). source digits: the built-in
       # 5,000 real MNIST digits; tfds: data.tfds_name with image_key / label_key. Pixels
       # are scaled to [0, 1], then (x - image_mean) / image_std (one value or one per

@@ -196,6 +196,13 @@ def _check_data(cfg: Any) -> None:
     raise ConfigError("data.tfds_name", "is empty; name a prepared TFDS dataset")
   if d.source in ("array_record", "text") and not d.train_files:
     raise ConfigError("data.train_files", f"is empty; data.source={d.source!r} needs files")
+  if d.source == "task":
+    from jaxdistill.data import task_data
+
+    if d.task not in task_data.TASKS:
+      raise ConfigError("data.task", f"unknown task {d.task!r}; choose from {task_data.TASKS}")
+    if isinstance(d.task_eval_problems, bool) or not d.task_eval_problems >= 1:
+      raise ConfigError("data.task_eval_problems", f"must be >= 1, got {d.task_eval_problems!r}")
   if d.tokenizer and not paths.isfile(d.tokenizer):  # a run's own may be gs://
     raise ConfigError(
       "data.tokenizer",

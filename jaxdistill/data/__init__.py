@@ -20,7 +20,9 @@ logits, ``cached_images.py``), with the same iterator interface.
 
 ``tasks.py`` holds built-in tasks whose answers can be checked (multi-digit addition with a
 worked solution, its held-out split and exact-match checker): the verifier and accuracy of
-generated answers. It is not yet a ``data.source``.
+generated answers. ``data.source=task`` trains on them (``task_data.py``): one prompt +
+completion a row, loss on the completion only, from the reference solutions or from
+(teacher-written) pair files.
 """
 
 from typing import Any
@@ -92,6 +94,12 @@ def make_iterator(
     from jaxdistill.data import cached
 
     return cached.make_iterator(cfg, process_index, process_count)
+  if d.source == "task":
+    from jaxdistill.data import task_data
+    from jaxdistill.data import text as pipeline
+
+    tokenizer = pipeline.prepare(cfg).tokenizer
+    return task_data.TaskIterator(cfg, split, tokenizer, process_index, process_count)
   if d.source in TEXT_SOURCES:
     from jaxdistill.data import text as pipeline
 

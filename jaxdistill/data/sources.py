@@ -14,6 +14,8 @@ Each source is a random-access sequence of documents (``len`` and
                 comma-separated globs); every record is one UTF-8 document
   text          ``.txt`` files (one document per file) or ``.jsonl`` files (one
                 JSON object per line, the document under ``data.text_key``)
+  task          a built-in task with checkable answers (``task_data.py``): its documents
+                train the tokenizer; its rows are prompt + completion, never packed
 
 ``fingerprint`` identifies a split's contents cheaply, to key cached
 tokenizers and teachers.
@@ -32,7 +34,7 @@ from typing import Any, Sequence
 from jaxdistill.errors import ConfigError
 
 # Text sources are tokenised and packed by pipeline.py; ``synthetic`` needs no tokenizer.
-TEXT_SOURCES = ("stdlib", "tfds", "array_record", "text")
+TEXT_SOURCES = ("stdlib", "tfds", "array_record", "text", "task")
 # An image model (student.arch != "transformer") reads these (image_sources.py): ``tfds`` is
 # then an image dataset, ``synthetic`` a stream of class-conditional images.
 IMAGE_SOURCES = ("digits", "tfds", "synthetic")
@@ -177,6 +179,11 @@ def open_source(cfg: Any, split: str, cache: str) -> tuple[Sequence[str], str]:
     paths = _expand(cfg, split)
     docs = _Decoded(grain.sources.ArrayRecordDataSource(paths), None)
     fp = "array_record:" + ":".join(f"{p}:{os.path.getsize(p)}" for p in paths)
+  elif d.source == "task":
+    from jaxdistill.data import task_data
+
+    docs = task_data.documents(cfg, split)
+    fp = f"task:{d.task}:{d.task_seed}:{split}:{len(docs)}"
   elif d.source == "text":
     paths = _expand(cfg, split)
     docs = _read_text_files(paths, FILE_KEYS[split], d.text_key)

@@ -67,6 +67,7 @@ def pretrain_config(cfg: Any, index: int = 0) -> Any:
     if key != "logit":
       t.distill[key].teacher = 0
   t.distill.attention.value_weight = 0.0
+  t.distill.on_policy.lmbda = 0.0  # CE on the data: nothing to sample for
   t.optim.steps = cfg.teacher.pretrain_steps
   t.optim.lr = cfg.teacher.pretrain_lr
   t.optim.warmup_steps = max(1, cfg.teacher.pretrain_steps // 10)

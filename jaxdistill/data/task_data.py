@@ -1,0 +1,196 @@
+"""``data.source=task``: prompt / completion rows of a built-in task, the prompt carrying no loss.
+
+A row is one example, never packed with another: its prompt's tokens, its completion's and the
+end-of-text token, zero-padded to T::
+
+  tokens   p_0 .. p_{P-1} c_0 .. c_{C-1} <|endoftext|>
+  inputs   tokens[:-1]         targets  tokens[1:]
+  weights  1 where the target is a completion token or the end-of-text, else 0
+
+so a model is trained (and evaluated) only on what it must write after the prompt, and a row's
+prompt is the positions before its first weighted target (what ``distill.on_policy`` samples
+after with ``prompt_tokens=0``).
+
+Where the pairs come from:
+
+  training    ``data.task_train_files`` empty: the task's own reference solutions, problem
+              i = 0, 1, 2, ... of its train split (``tasks.problem`` with ``data.task_seed``;
+              endless); else those
+              files' (prompt, completion) records (``.jsonl`` objects, or ArrayRecord shards of
+              JSON records, e.g. teacher-written by ``jaxdistill precompute --generate``),
+              cycled in a seeded order per epoch
+  validation  the first ``data.task_eval_problems`` problems of the held-out split, once
+
+Documents for the tokenizer (``sources.open_source``) are ``prompt + completion`` of the first
+``TOKENIZER_PROBLEMS`` training problems; the task configs use a 257-token byte-level BPE
+(256 bytes + end-of-text: no merges, one token a character).
+
+Each process takes rows p, p + P, ... of the global row stream (P processes), so P processes
+read what one would. The iterator's state is the next global row index (JSON).
+
+Shape legend: B rows per batch (this process), T sequence length.
+"""
+
+import glob
+import json
+import os
+from typing import Any, Sequence
+
+import numpy as np
+
+from jaxdistill.data import tasks
+from jaxdistill.data import tokenizer as tok_lib
+from jaxdistill.errors import ConfigError, JaxdistillError
+
+TASKS = ("arithmetic",)
+TOKENIZER_PROBLEMS = 4096
+STATE_VERSION = 1
+
+
+def documents(cfg: Any, split: str) -> list[str]:
+  """The task's text as documents (``sources.open_source``): prompt + completion each."""
+  _check_task(cfg)
+  count = TOKENIZER_PROBLEMS if split == "train" else cfg.data.task_eval_problems
+  return [p.prompt + p.completion for p in tasks.problems(cfg.data.task_seed, split, count)]
+
+
+def _check_task(cfg: Any) -> None:
+  if cfg.data.task not in TASKS:
+    raise ConfigError("data.task", f"unknown task {cfg.data.task!r}; choose from {TASKS}")
+
+
+def read_pairs(pattern_list: str) -> list[tuple[str, str]]:
+  """(prompt, completion) records of comma-separated globs of .jsonl / ArrayRecord files.
+
+  Raises:
+    ConfigError: (naming ``data.task_train_files``) no file, or a record without both keys.
+  """
+  key = "data.task_train_files"
+  pairs: list[tuple[str, str]] = []
+  patterns = [p.strip() for p in pattern_list.split(",") if p.strip()]
+  for pattern in patterns:
+    files = sorted(glob.glob(os.path.expanduser(pattern)))
+    if not files:
+      raise ConfigError(key, f"{pattern!r} matches no file")
+    for path in files:
+      for where, record in _records(path):
+        try:
+          obj = json.loads(record)
+          pairs.append((str(obj["prompt"]), str(obj["completion"])))
+        except (ValueError, KeyError, TypeError):
+          raise ConfigError(
+            key, f"{where} is not a JSON object with 'prompt' and 'completion'"
+          ) from None
+  if not pairs:
+    raise ConfigError(key, f"{pattern_list!r} holds no (prompt, completion) record")
+  return pairs
+
+
+def _records(path: str):
+  if path.endswith(".jsonl"):
+    with open(path, encoding="utf-8") as f:
+      for lineno, line in enumerate(f, 1):
+        if line.strip():
+          yield f"{path}:{lineno}", line
+    return
+  from array_record.python import array_record_data_source
+
+  source = array_record_data_source.ArrayRecordDataSource([path])
+  for i in range(len(source)):
+    yield f"{path} record {i}", source[i]
+
+
+def encode_row(tokenizer: Any, prompt: str, completion: str, seq_len: int) -> dict:
+  """One row's [T] arrays (see the module docstring); a row longer than T + 1 tokens is cut
+  (its tail then carries no end-of-text).
+
+  Args:
+    tokenizer: a ``tokenizers.Tokenizer`` with an end-of-text token.
+    prompt, completion: the example.
+    seq_len: T.
+  Raises:
+    JaxdistillError: the prompt alone does not leave one completion token in T.
+  """
+  p_ids = tokenizer.encode(prompt).ids
+  c_ids = tokenizer.encode(completion).ids + [tok_lib.eos_id(tokenizer)]
+  if len(p_ids) >= seq_len:
+    raise JaxdistillError(
+      f"the prompt {prompt[:40]!r} is {len(p_ids)} tokens: data.seq_len={seq_len} leaves no "
+      "room for its completion; raise data.seq_len"
+    )
+  ids = np.asarray((p_ids + c_ids)[: seq_len + 1], np.int32)
+  n = len(ids) - 1
+  row = {k: np.zeros((seq_len,), np.int32) for k in ("inputs", "targets", "segment_ids")}
+  row["inputs"][:n], row["targets"][:n], row["segment_ids"][:n] = ids[:-1], ids[1:], 1
+  row["weights"] = np.zeros((seq_len,), np.float32)
+  row["weights"][len(p_ids) - 1 : n] = 1.0
+  row["positions"] = np.arange(seq_len, dtype=np.int32)
+  return row
+
+
+class TaskIterator:
+  """This process's rows of consecutive global batches of task rows (see the module doc).
+
+  ``next()`` gives a dict of numpy [B_local, T] arrays; ``get_state()`` / ``set_state()`` a
+  JSON-able dict, so a checkpoint resumes the stream exactly. The validation iterator ends
+  after one pass (its last batch padded with empty rows).
+  """
+
+  def __init__(self, cfg: Any, split: str, tokenizer: Any, process_index: int, process_count: int):
+    _check_task(cfg)
+    self.tokenizer, self.seq_len = tokenizer, cfg.data.seq_len
+    self.global_rows = cfg.data.batch_size
+    self.rows = self.global_rows // process_count
+    self.process_index = process_index
+    self.split, self.seed, self.next_row = split, cfg.data.task_seed, 0
+    self.order_seed = cfg.seed
+    self.pairs: Sequence[tuple[str, str]] | None = None
+    if split != "train":
+      probs = tasks.problems(self.seed, "validation", cfg.data.task_eval_problems)
+      self.pairs = [(p.prompt, p.completion) for p in probs]
+    elif cfg.data.task_train_files:
+      self.pairs = read_pairs(cfg.data.task_train_files)
+
+  def __iter__(self):
+    return self
+
+  def _pair(self, i: int) -> tuple[str, str] | None:
+    if self.split != "train":
+      return self.pairs[i] if i < len(self.pairs) else None
+    if self.pairs is None:
+      p = tasks.problem(self.seed, "train", i)
+      return p.prompt, p.completion
+    epoch, k = divmod(i, len(self.pairs))
+    order = np.random.default_rng([self.order_seed, epoch]).permutation(len(self.pairs))
+    return self.pairs[order[k]]
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    if self.split != "train" and self.next_row >= len(self.pairs):
+      raise StopIteration
+    first = self.next_row + self.process_index * self.rows
+    rows = []
+    for i in range(first, first + self.rows):
+      pair = self._pair(i)
+      rows.append(
+        encode_row(self.tokenizer, *pair, self.seq_len) if pair else _empty_row(self.seq_len)
+      )
+    self.next_row += self.global_rows
+    return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
+
+  def get_state(self) -> dict:
+    return {"version": STATE_VERSION, "task_row": self.next_row}
+
+  def set_state(self, state: dict) -> None:
+    if state.get("version") != STATE_VERSION or "task_row" not in state:
+      raise JaxdistillError(
+        "the data iterator state is not a task stream's; was data.source changed since the "
+        "checkpoint? restore the data settings, or start a new run"
+      )
+    self.next_row = int(state["task_row"])
+
+
+def _empty_row(seq_len: int) -> dict:
+  row = {k: np.zeros((seq_len,), np.int32) for k in ("inputs", "targets", "segment_ids")}
+  row["weights"] = np.zeros((seq_len,), np.float32)
+  row["positions"] = np.arange(seq_len, dtype=np.int32)
+  return row
