@@ -57,9 +57,7 @@ VOCAB = 257  # byte-level, no merges: one token a character
 
 def _base(r: dict):
   cfg = default_config()
-  cfg.data.update(
-    source="task", task="arithmetic", batch_size=r["batch"], seq_len=r["seq_len"]
-  )
+  cfg.data.update(source="task", task="arithmetic", batch_size=r["batch"], seq_len=r["seq_len"])
   cfg.data.task_eval_problems = r["eval_problems"]
   cfg.optim.update(b1=0.9, b2=0.95, weight_decay=0.01, clip_norm=1.0)
   cfg.eval.update(every=r["eval_every"], batches=0)

@@ -28,7 +28,8 @@ from jaxdistill import config as config_lib
 from jaxdistill import data as data_lib
 from jaxdistill import models, paths
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.evaluation import evaluate, latency
+from jaxdistill.data import text as text_data
+from jaxdistill.evaluation import evaluate, latency, task_accuracy
 from jaxdistill.generate import speculative
 from jaxdistill.models import quant
 from jaxdistill.train import checkpoint
@@ -255,6 +256,7 @@ def evaluate_workdir(
     entries, evaluate.validation_batches(cfg, batches), built.mesh, teacher=teacher
   )
   results["student"].update(_draft_acceptance(cfg, built.mesh, (student, variables), found))
+  _task_accuracy(cfg, results, (student, variables), found)
   sizes = {"student": latency.size(variables)}
   if teacher is not None:
     sizes["teacher"] = latency.size(found[1])
@@ -291,6 +293,17 @@ def evaluate_workdir(
       text, encoding="utf-8"
     )
   return out
+
+
+def _task_accuracy(cfg: Any, results: dict, student: tuple, found: tuple | None) -> None:
+  """A task's (``data.source=task``) exact match of greedy answers, into each model's
+  results (one process: the sampler runs on this host's devices)."""
+  if cfg.data.source != "task" or jax.process_count() > 1:
+    return
+  tokenizer = text_data.prepare(cfg).tokenizer
+  for name, entry in (("student", student), ("teacher", found)):
+    if entry is not None and name in results:
+      results[name].update(task_accuracy.exact_match(*entry[:2], tokenizer, cfg))
 
 
 def _draft_acceptance(cfg: Any, mesh: Any, student: tuple, found: tuple | None) -> dict:
@@ -335,6 +348,7 @@ def format_table(result: dict) -> str:
   else:
     cols = ["model", "params", "MB", "val CE", "ppl", "top-1", "top-5", "agree", "KL(T‖S)", "ECE"]
     cols += ["draft acc"]
+    cols += ["exact match"] if any("exact_match" in m for m in result["models"].values()) else []
     cols += lat_cols
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   fmt = lambda m, k, f="{:.3f}": f.format(m[k]) if k in m else "—"
@@ -349,6 +363,8 @@ def format_table(result: dict) -> str:
       row += [f"{100 * m['accuracy']:.1f}%", f"{100 * m['top5_accuracy']:.1f}%"]
       row += [fmt(m, "agreement"), fmt(m, "kl_to_teacher"), fmt(m, "ece")]
       row += [fmt(m, "draft_acceptance")] if task == "text" else []
+      if "exact match" in cols:
+        row.append(f"{100 * m['exact_match']:.1f}%" if "exact_match" in m else "—")
     row += [_ms(lat.get(name), f"batch_{b}") for b in sizes]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)
