@@ -58,3 +58,9 @@ def host_variables(module, seed=0):
 
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
+
+
+def keep_even(prompt: str, completion: str) -> bool:
+  """A verifier for ``precompute.generate.verifier`` tests: keeps completions of even length."""
+  del prompt
+  return len(completion) % 2 == 0

@@ -15,6 +15,7 @@ from typing import Any, Sequence
 
 from jaxdistill.cli import compress as cli_compress
 from jaxdistill.cli import generate as cli_generate
+from jaxdistill.cli import precompute as cli_precompute
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.parallel import distributed
 
@@ -95,15 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     "run's checkpoint directory (used when this workdir has none)",
   )
   distributed.add_flags(train)
-  pre = sub.add_parser(
-    "precompute",
-    help="run the teacher over the training split once and store sparse targets (a cache)",
-    epilog="Override any key with --config.SECTION.KEY=VALUE (see the precompute section).",
-  )
-  pre.add_argument("--config", default=None, help="config file or name (not with --verify)")
-  pre.add_argument("--output", required=True, help="cache directory (rerun to resume)")
-  pre.add_argument("--verify", action="store_true", help="check a cache against its manifest")
-  distributed.add_flags(pre)
+  cli_precompute.add_parser(sub)
   quick = sub.add_parser(
     "quickstart",
     help="the main job: teacher -> KD student vs CE student on the built-in corpus, with a report",
@@ -299,42 +292,6 @@ def _train(args, overrides) -> int:
   return 0
 
 
-def _precompute(args, overrides) -> int:
-  if args.verify:
-    from jaxdistill.precompute import text as precompute
-
-    result = precompute.verify(args.output)
-    print(f"ok: {result['shards']} shards, {result['rows']} rows match {args.output}/manifest.json")
-    return 0
-  if not args.config:
-    raise JaxdistillError("precompute needs --config FILE (or --verify to check a cache)")
-  cfg = _load_config(args.config, overrides)
-  plan = distributed.initialize_from_args(args)  # before any other JAX call
-  if plan.source != "none":
-    distributed.quiet_unless_primary()
-  from jaxdistill.precompute import text as precompute
-
-  result = precompute.run(cfg, args.output)
-  if not result["complete"]:
-    raise JaxdistillError(
-      f"{args.output} is missing shards another process should have written; rerun to finish"
-    )
-  # Every process's rows: process 0 may have had nothing left while another had (a rerun).
-  if distributed.is_primary() and result.get("job_computed_rows", result["computed_rows"]) == 0:
-    print(
-      f"nothing to compute: {args.output} already holds its {result['rows']} rows in "
-      f"{result['shards']} shard(s) (manifest.json)"
-    )
-  elif distributed.is_primary():
-    unit = "images" if "images" in result else "tokens"  # an image classifier's cache
-    print(
-      f"done: {result['rows']} rows in {result['shards']} shard(s) ({result['computed_rows']} "
-      f"computed here, {result[unit] / max(result['seconds'], 1e-9):,.0f} {unit}/s); "
-      f"wrote {args.output}/manifest.json"
-    )
-  return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
@@ -357,7 +314,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise JaxdistillError(f"{args.command} takes no --config overrides")
       return _export(args) if args.command == "export" else _embed(args)
     if args.command == "precompute":
-      return _precompute(args, overrides)
+      return cli_precompute.command(args, overrides)
     if args.command == "generate":
       return cli_generate.command(args, overrides)
     if args.command in cli_compress.COMMANDS:

@@ -306,6 +306,30 @@ def default_config() -> ml_collections.ConfigDict:
       rows_per_shard=1024,
     )
   )
+  # `jaxdistill precompute --generate` (jaxdistill/precompute/generated.py): the teacher writes
+  # `samples` completions of each prompt (prompts_file, one a line, else the first `prompts`
+  # training problems of data.task) at temperature / top_k / top_p, up to max_new_tokens;
+  # filters drop unfinished ones (require_stop), those outside [min_tokens, max_tokens]
+  # (0 = no bound), duplicates (dedup: none | exact | near) and those the verifier
+  # ("module:function" of (prompt, completion) -> keep) rejects.
+  cfg.precompute.generate = C(
+    dict(
+      prompts=256,
+      prompts_file="",
+      samples=4,
+      temperature=1.0,
+      top_k=0,
+      top_p=1.0,
+      max_new_tokens=64,
+      min_tokens=1,
+      max_tokens=0,
+      require_stop=True,
+      dedup="near",
+      verifier="",
+      prompts_per_shard=256,
+      batch_size=64,
+    )
+  )
   return cfg
 
 

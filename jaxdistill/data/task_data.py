@@ -100,6 +100,32 @@ def _records(path: str):
     yield f"{path} record {i}", source[i]
 
 
+def check_writer(files: str, teacher_sha256: str) -> None:
+  """Refuses training pairs written (``precompute --generate``) by another teacher than the
+  run names: each directory of ``files`` holding a generated set's manifest must record a
+  teacher with this content hash.
+
+  Raises:
+    ConfigError: naming ``data.task_train_files`` and both teachers.
+  """
+  for pattern in (p.strip() for p in files.split(",") if p.strip()):
+    manifest = os.path.join(os.path.dirname(os.path.expanduser(pattern)), "manifest.json")
+    if not os.path.isfile(manifest):
+      continue
+    with open(manifest, encoding="utf-8") as f:
+      made = json.load(f)
+    if made.get("kind") != "generated":
+      continue
+    wrote = str(made.get("teacher", {}).get("sha256", "?"))
+    if wrote != teacher_sha256:
+      raise ConfigError(
+        "data.task_train_files",
+        f"{os.path.dirname(manifest)!r} was written by teacher {wrote[:12]}..., but the run "
+        f"names teacher {teacher_sha256[:12]}... (teacher.path); point teacher.* at the teacher "
+        "that wrote it, or generate the set again",
+      )
+
+
 def encode_row(tokenizer: Any, prompt: str, completion: str, seq_len: int) -> dict:
   """One row's [T] arrays (see the module docstring); a row longer than T + 1 tokens is cut
   (its tail then carries no end-of-text).

@@ -123,6 +123,7 @@ def build_run(
     step; ``loop.run_steps`` drives it from ``run.data_iter``.
   """
   validate.validate(cfg)
+  _check_generated_data(cfg, workdir)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   validate.check_mesh(cfg, dict(mesh.shape))
   obj = objective_lib.make_objective(cfg)
@@ -168,6 +169,18 @@ def build_run(
     lambda: make_state(create=True)[0],
     teacher_path,
   )
+
+
+def _check_generated_data(cfg: Any, workdir: str | None) -> None:
+  """Teacher-written training pairs must come from the teacher the run names (a
+  ``teacher.source='workdir'`` run: its final_params' content hash against the set's)."""
+  if cfg.data.source != "task" or not cfg.data.task_train_files or cfg.teacher.source != "workdir":
+    return
+  from jaxdistill.data import task_data
+  from jaxdistill.train import checkpoint
+
+  path = teacher_lib.params_path(cfg, workdir)
+  task_data.check_writer(cfg.data.task_train_files, checkpoint.content_hash(path))
 
 
 def _stop_tokens(cfg: Any) -> tuple[int, ...]:
