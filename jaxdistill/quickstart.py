@@ -10,8 +10,10 @@ Python-stdlib corpus:
      + hidden-state losses);
   3. the CE student: the same student on CE alone, run long enough to also say
      what CE reaches in the KD student's wall time;
-  4. ``jaxdistill eval --latency`` of all three against the teacher on the validation split,
-     and ``jaxdistill report`` of them with the quickstart's verdict
+  4. ``jaxdistill eval --latency`` of all three against the teacher on the validation split
+     (forward latency, and each LM's time to first token and decode tokens/s), greedy
+     continuations of ``PROMPTS`` by the teacher and both students, and ``jaxdistill report``
+     of them with the quickstart's verdict and its generation table and samples
      (``jaxdistill.report.quickstart``: ``DIR/report.md`` and ``report.json``, the table,
      training, validation and accuracy-latency PNGs).
 
@@ -233,6 +235,46 @@ def evaluate_runs(runs: dict, teacher_dir: str, limit: int) -> dict:
   return results
 
 
+# The prompts every LM continues in the report (greedy, ``SAMPLE_TOKENS`` new tokens at most).
+PROMPTS = ("def", "import", "class")
+SAMPLE_TOKENS = 40
+
+
+def samples(runs: dict[str, str], prompts=PROMPTS, new_tokens: int = SAMPLE_TOKENS) -> dict:
+  """Greedy continuations of ``prompts`` by the final model of each run (the teacher's run
+  too: its model is that run's student), each with its run's tokenizer, on one device.
+
+  A model of fewer than ``2 * new_tokens`` positions continues for half its context (16
+  tokens at the test size). The prompts run one at a time without stop tokens: the programs
+  ``eval --latency`` compiled at batch 1 for a short prompt, so the tests' compilation cache
+  serves them.
+
+  Returns:
+    name -> the continuations' texts, in ``prompts``' order.
+  """
+  import jax
+
+  from jaxdistill import generate
+  from jaxdistill.data import tokenizer as tokenizer_lib
+  from jaxdistill.evaluation import job as eval_run
+
+  out = {}
+  for name, d in runs.items():
+    _, module, variables = eval_run.load_student(d)
+    variables = jax.device_put(variables, jax.local_devices()[0])
+    tokenizer = tokenizer_lib.load(os.path.join(d, "tokenizer.json"))
+    sampler = generate.Sampler(module, variables, tokenizer, batch_size=1)
+    n = min(new_tokens, module.config.max_len // 2)
+    done = sampler.generate(list(prompts), max_new_tokens=n, stop_tokens=())
+    out[name] = [c.text for c in done]
+  return out
+
+
+def _eval_json(workdir: str) -> dict:
+  with open(os.path.join(workdir, "eval", "validation.json"), encoding="utf-8") as f:
+    return json.load(f)
+
+
 def run(
   workdir: str, size: str = "full", cache_dir: str = "", log=print, task: str = "text"
 ) -> dict:
@@ -287,8 +329,15 @@ def run(
   results = evaluate_runs(runs, teacher_dir, r["final_eval_batches"])
   with open(os.path.join(teacher_dir, "summary.json"), encoding="utf-8") as f:
     summaries["teacher"] = json.load(f)
+  texts = None
+  if task == "text":  # the LMs' samples, for the generation section
+    log("Sampling greedy continuations")
+    texts = samples({"teacher": teacher_dir, **{k: runs[k] for k in ("kd_student", "ce_student")}})
   wall_s = time.perf_counter() - start
   summary = quickstart_report.build(results, summaries, kd, teacher_dir, cached, wall_s)
+  if texts is not None:
+    evals = {k: _eval_json(runs[k]) for k in ("kd_student", "ce_student")}
+    summary["generation"] = quickstart_report.generation(evals, texts, PROMPTS, SAMPLE_TOKENS)
   written = quickstart_report.write(summary, workdir, runs)
   log(written["table"])
   log(f"Wrote {os.path.join(workdir, 'report.md')} and report.json")

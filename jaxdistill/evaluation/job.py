@@ -280,6 +280,8 @@ def evaluate_workdir(
       models["teacher"] = found[:2]
     batch_fn = lambda b: latency.example_batch(built.student, b, cfg.data.seq_len)
     out["latency"] = latency.model_latency(models, batch_fn, tuple(batch_sizes), repeats=repeats)
+    for name, block in latency.generation_latency(models, tuple(batch_sizes)).items():
+      out["latency"][name]["generate"] = block  # decoders: time to first token, decode tok/s
   if jax.process_index() == 0:
     paths.makedirs(paths.join(workdir, "eval"))
     text = json.dumps(out, indent=2, sort_keys=True)
@@ -293,12 +295,24 @@ def _ms(block: dict | None, key: str) -> str:
   return f"{block[key]['median_s'] * 1e3:.2f}" if block and key in block else "—"
 
 
+def _generated(lat: dict) -> bool:
+  return any(isinstance(v, dict) and "generate" in v for v in lat.values())
+
+
+def _fmt_gen(gen: dict, b: int, key: str, scale: float, spec: str) -> str:
+  value = gen.get(f"batch_{b}", {}).get(key)
+  return "—" if value is None else spec.format(scale * value)
+
+
 def format_table(result: dict) -> str:
   """The result as a Markdown table: one row per model."""
   task = result["task"]
   lat = result.get("latency", {})
   sizes = lat.get("batch_sizes", [])
   lat_cols = [f"ms @ batch {b}" for b in sizes]
+  gen_sizes = sorted({min(sizes), max(sizes)}) if _generated(lat) else []
+  lat_cols += [f"TTFT ms @ batch {b}" for b in gen_sizes[:1]]
+  lat_cols += [f"decode tok/s @ batch {b}" for b in gen_sizes]
   if task == "encoder":
     cols = ["model", "params", "MB", "cos to teacher", *lat_cols]
   elif task == "vision":
@@ -319,5 +333,9 @@ def format_table(result: dict) -> str:
       row += [f"{100 * m['accuracy']:.1f}%", f"{100 * m['top5_accuracy']:.1f}%"]
       row += [fmt(m, "agreement"), fmt(m, "kl_to_teacher"), fmt(m, "ece")]
     row += [_ms(lat.get(name), f"batch_{b}") for b in sizes]
+    gen = (lat.get(name) or {}).get("generate", {})
+    if gen_sizes:
+      row.append(_fmt_gen(gen, gen_sizes[0], "ttft_s", 1e3, "{:.2f}"))
+    row += [_fmt_gen(gen, b, "decode_tokens_per_s", 1, "{:,.0f}") for b in gen_sizes]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)

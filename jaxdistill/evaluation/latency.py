@@ -10,6 +10,8 @@ compiled program's memory, and the params and bytes the model holds.
   example_batch(model, B, T)          a valid dummy batch for ``models.apply``
   model_latency(entries, batch_fn)    all of it for several models at several batch sizes: the
                                       "latency" block of ``jaxdistill eval``'s JSON
+  generation_latency(entries, sizes)  a decoder's time to first token and decode tokens/s
+                                      (``generate.timing``): each model's "generate" block
 
 Where it runs: without a mesh, each model's variables and the batch are put on this
 process's first device (``jax.local_devices()[0]``; a model sharded over several devices is
@@ -29,6 +31,8 @@ import jax
 import numpy as np
 
 from jaxdistill import models
+from jaxdistill.generate import sampler as sampler_lib
+from jaxdistill.generate import timing
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
 
@@ -247,4 +251,48 @@ def model_latency(
       out[name][f"batch_{b}"] = stats
   for name in entries:
     out[name]["memory"] = memory[name]
+  return out
+
+
+def generation_latency(
+  entries: dict[str, tuple[nn.Module, Any]],
+  batch_sizes: Sequence[int] = (1, 32),
+  prompt_tokens: int = 32,
+  new_tokens: int = 32,
+  repeats: int = 5,
+  warmup: int = 1,
+) -> dict[str, dict[str, Any]]:
+  """Generation speed of the decoders among ``entries`` on this process's first device.
+
+  Each decoder generates greedily from random prompts (``generate.timing.measure``), at the
+  smallest batch size (one request) and the largest (the serving batch), interleaved with the
+  other decoders. Encoders and image classifiers are skipped (they do not generate).
+
+  Args:
+    entries: name -> (module, variables), as ``model_latency``.
+    batch_sizes: their smallest and largest are timed.
+    prompt_tokens, new_tokens: per row (clamped to each model's context by ``timing.lengths``).
+    repeats, warmup: timed and untimed requests per model and batch size.
+  Returns:
+    name -> {"batch_<B>": ``timing.measure``'s dict for each timed B, "memory":
+    ``timing.memory_bytes`` at the largest B} for every decoder.
+  """
+  if not batch_sizes:
+    raise ValueError("batch_sizes is empty")
+  samplers = {}
+  for name, (module, variables) in entries.items():
+    try:
+      samplers[name] = sampler_lib.Sampler(module, _place(variables, None))
+    except ValueError:  # not a decoder
+      continue
+  out: dict[str, dict[str, Any]] = {name: {} for name in samplers}
+  if not samplers:
+    return out
+  sizes = sorted({min(batch_sizes), max(batch_sizes)})
+  for b in sizes:
+    stats = timing.measure(samplers, b, prompt_tokens, new_tokens, repeats, warmup)
+    for name, s in stats.items():
+      out[name][f"batch_{b}"] = s
+  for name, s in samplers.items():
+    out[name]["memory"] = timing.memory_bytes(s, sizes[-1], prompt_tokens, new_tokens)
   return out

@@ -4,6 +4,7 @@
   cache.py        the key/value cache pytree: init, buckets, grow, logical sharding
   decode.py       Decoder: the jitted prefill and the ``lax.while_loop`` decode of one model
   sampler.py      Sampler(model, variables, tokenizer).generate / .stream: the Python API
+  timing.py       time to first token and decode tokens/s of Samplers (``eval --latency``)
 
 Layers: ``sampling`` is pure (layer 1); ``cache``, ``decode`` and ``sampler`` build on
 ``models`` (layer 3). Nothing here imports training, the jobs or the CLI.

@@ -193,10 +193,84 @@ def write(summary: dict, workdir: str, runs: dict[str, str]) -> dict:
     f"({s['teacher_dir']}). Wall time {s['wall_s'] / 60:.1f} min"
     f"{' (jemalloc)' if s['jemalloc'] else ''}."
   )
-  written = report.write(runs, workdir, extra_md=f"{intro}\n\n{verdict(summary)}")
+  extra = f"{intro}\n\n{verdict(summary)}"
+  if "generation" in summary:
+    extra += "\n\n" + generation_md(summary["generation"])
+  written = report.write(runs, workdir, extra_md=extra)
   with open(written["files"]["json"], encoding="utf-8") as f:
     merged = json.load(f)
   merged.update(summary)
   with open(written["files"]["json"], "w", encoding="utf-8") as f:
     json.dump(merged, f, indent=2, sort_keys=True)
   return written
+
+
+# --- the LMs' generation: the classic table and samples -------------------------------------
+
+GENERATION_ROWS = ("teacher", "kd_student", "ce_student")
+MEMORY_NOTE = (
+  "memory: the params' bytes plus the key/value cache of a serving-batch request, counted "
+  "from their shapes (not a measured peak)"
+)
+
+
+def generation(evals: dict[str, dict], samples: dict, prompts, new_tokens: int) -> dict:
+  """The generation section's numbers: per model its perplexity, parameters, time to first
+  token and decode tokens/s (``eval --latency``'s "generate" block) and memory.
+
+  Args:
+    evals: "kd_student" and "ce_student" -> their ``eval/validation.json`` (the teacher's
+      numbers are in the KD student's, which measured it alongside).
+    samples: name -> its continuations of ``prompts``.
+    prompts: the prompts.
+    new_tokens: the most tokens a continuation got.
+  Returns:
+    {"rows": name -> {"val_ppl", "params", "ttft_s", "decode_tokens_per_s": {batch: tok/s},
+    "memory_bytes", "memory_batch"}, "prompts", "samples", "new_tokens", "memory"}.
+  """
+  rows = {}
+  for name in GENERATION_ROWS:
+    side = "teacher" if name == "teacher" else "student"
+    ev = evals["kd_student" if name == "teacher" else name]
+    gen = ((ev.get("latency") or {}).get(side) or {}).get("generate") or {}
+    sizes = sorted(int(k.split("_")[1]) for k in gen if k.startswith("batch_"))
+    rows[name] = {
+      "val_ppl": ev["models"][side].get("val_ppl"),
+      "params": ev["size"][side]["params"],
+      "ttft_s": gen[f"batch_{sizes[0]}"]["ttft_s"] if sizes else None,
+      "decode_tokens_per_s": {b: gen[f"batch_{b}"]["decode_tokens_per_s"] for b in sizes},
+      "memory_bytes": gen.get("memory", {}).get("total_bytes"),
+      "memory_batch": sizes[-1] if sizes else None,
+    }
+  return {"rows": rows, "prompts": list(prompts), "samples": samples, "new_tokens": new_tokens,
+          "memory": MEMORY_NOTE}  # fmt: skip
+
+
+def generation_md(gen: dict) -> str:
+  """The generation section: the classic table, then each prompt's continuation by each model."""
+  rows = gen["rows"]
+  sizes = sorted({int(b) for r in rows.values() for b in r["decode_tokens_per_s"]})
+  mem_b = next((r["memory_batch"] for r in rows.values() if r["memory_batch"]), None)
+  cols = ["model", "ppl", "TTFT ms", *(f"decode tok/s b={b}" for b in sizes)]
+  cols += [f"memory b={mem_b}" if mem_b else "memory", "params"]
+  lines = ["### Generation", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  fmt = lambda v, spec: "—" if v is None else format(v, spec)
+  for name, r in rows.items():
+    rate = {int(b): v for b, v in r["decode_tokens_per_s"].items()}
+    cells = [name, fmt(r["val_ppl"], ".1f"), fmt(r["ttft_s"] and 1e3 * r["ttft_s"], ".3g")]
+    cells += [fmt(rate.get(b), ",.0f") for b in sizes]
+    mib = r["memory_bytes"] and r["memory_bytes"] / 2**20
+    cells += [f"{mib:.2f} MiB" if mib is not None else "—"]
+    cells += [f"{r['params'] / 1e6:.2f}M"]
+    lines.append("| " + " | ".join(cells) + " |")
+  lines += ["", f"Greedy, warm, one device (`jaxdistill eval --latency`): TTFT is the time to "
+            f"the first token of one prompt (prefill + first token); decode tok/s the steady "
+            f"rate after it (all rows of the batch); {gen['memory']}.", ""]  # fmt: skip
+  lines += [f"Samples: greedy continuations, at most {gen['new_tokens']} new tokens.", ""]
+  for i, prompt in enumerate(gen["prompts"]):
+    lines.append(f"Prompt `{prompt}`:")
+    for name, texts in gen["samples"].items():
+      lines += ["", f"- {name}:", "", "  ```text"]
+      lines += ["  " + line for line in (prompt + texts[i]).splitlines()] + ["  ```"]
+    lines.append("")
+  return "\n".join(lines).rstrip()

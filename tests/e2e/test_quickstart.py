@@ -58,6 +58,18 @@ def test_quickstart_writes_a_valid_report(finished):
     json.loads(x) for x in (workdir / "kd_student" / "metrics.jsonl").read_text().splitlines()
   ]
   assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]  # the periodic evaluation
+  # eval --latency timed each LM's generation (test size: 16-token prompts, 16 new tokens).
+  gen = report["generation"]
+  for name in MODELS:
+    row = gen["rows"][name]
+    assert row["ttft_s"] > 0 and row["memory_bytes"] > 0 and row["params"] > 0, name
+    assert set(row["decode_tokens_per_s"]) == {"1", "32"}, name
+    assert all(v > 0 for v in row["decode_tokens_per_s"].values()), name
+    assert len(gen["samples"][name]) == len(quickstart.PROMPTS), name
+    assert all(isinstance(t, str) for t in gen["samples"][name]), name
+  assert "### Generation" in md and "decode tok/s b=32" in md and "Prompt `class`" in md
+  timed = json.loads((workdir / "kd_student" / "eval" / "validation.json").read_text())
+  assert timed["latency"]["teacher"]["generate"]["batch_1"]["new_tokens"] == 16
 
 
 @pytest.mark.slow

@@ -228,3 +228,27 @@ def test_example_batch():
   assert latency.example_batch(section, 2)["inputs"].shape == (2, 8)  # default: max_len
   with pytest.raises(ValueError, match="exceeds the model's max_len 8"):
     latency.example_batch(section, 1, 9)
+
+
+def test_generation_latency_times_decoders_only():
+  decoder = _model(**TRANSFORMER)
+  encoder = _model(**TRANSFORMER, encoder=True, norm="layernorm", pos="learned", bias="all")
+  block = latency.generation_latency(
+    {"student": decoder, "teacher": encoder}, (1, 2, 4), 6, 6, repeats=2, warmup=1
+  )
+  assert set(block) == {"student"}  # an encoder does not generate
+  gen = block["student"]
+  assert set(gen) == {"batch_1", "batch_4", "memory"}  # one request and the serving batch
+  for b in (1, 4):
+    s = gen[f"batch_{b}"]
+    assert (s["prompt_tokens"], s["new_tokens"], s["repeats"]) == (4, 4, 2)  # max_len 8
+    assert 0 < s["ttft"]["min_s"] <= s["ttft_s"] == s["ttft"]["median_s"]
+    assert s["decode_tokens_per_s"] == pytest.approx(b / s["decode_step"]["median_s"])
+  config = decoder[0].config
+  # The cache's bucket holds all 8 positions: k and v of [4 rows, 8, kv heads, head width].
+  kv = 4 * 8 * config.kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
+  assert gen["memory"]["cache_bytes"] == 2 * config.num_layers * kv
+  assert gen["memory"]["params_bytes"] == latency.size(decoder[1])["bytes"]
+  assert (
+    gen["memory"]["total_bytes"] == gen["memory"]["cache_bytes"] + latency.size(decoder[1])["bytes"]
+  )

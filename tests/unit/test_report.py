@@ -3,6 +3,7 @@ report.json, the PNGs' sizes and contents, and the one-line errors of bad input.
 
 import json
 import math
+import pathlib
 import random
 import struct
 
@@ -316,7 +317,22 @@ def text_runs(tmp_path):
 # --- the report ----------------------------------------------------------------------------
 
 
+def _generate(ttft_ms, tok_s_1, tok_s_32):
+  """An eval JSON's "generate" block (``latency.generation_latency``'s, the fields read)."""
+  at = lambda tok_s: {"decode_tokens_per_s": tok_s, "ttft_s": ttft_ms / 1e3}
+  return {"batch_1": at(tok_s_1), "batch_32": at(tok_s_32), "memory": {"total_bytes": 3 << 20}}
+
+
+def _add_generate(workdir, side, block):
+  path = pathlib.Path(workdir) / "eval" / "validation.json"
+  ev = json.loads(path.read_text())
+  ev["latency"][side]["generate"] = block
+  path.write_text(json.dumps(ev))
+  return ev
+
+
 def test_text_report_table_pareto_and_files(text_runs, tmp_path):
+  _add_generate(text_runs["kd"], "student", _generate(2.5, 400.0, 6400.0))
   out = tmp_path / "report"
   rep = report.write(text_runs, str(out), extra_md="A verdict paragraph.")
   rows = {r["name"]: r for r in rep["rows"]}
@@ -344,6 +360,8 @@ def test_text_report_table_pareto_and_files(text_runs, tmp_path):
   assert {n: pareto[c["Pareto"]] for n, c in cells.items()} == expected
   assert cells["kd"]["val CE"] == "3.500" and cells["kd"]["ms b=32"] == "10"
   assert cells["kd"]["ms b=1"] == "4" and cells["kd"]["memory"] == "3.00 MiB"
+  assert cells["kd"]["TTFT ms b=1"] == "2.5" and cells["kd"]["decode tok/s b=32"] == "6,400"
+  assert cells["kd"]["decode tok/s b=1"] == "400" and cells["ce"]["TTFT ms b=1"] == "—"
   assert cells["nolat"]["ms b=32"] == "—" and cells["teacher"]["agree"] == "—"
   assert cells["kd"]["params"] == "200.00k" and cells["teacher"]["params"] == "1.00M"
   assert "A verdict paragraph." in md
@@ -603,3 +621,24 @@ def test_text_verdict_without_per_batch_records_and_a_teacher_within_noise():
     "nats difference is within the noise (±"
   )
   assert "so there was nothing to distil" in text
+
+
+def test_quickstart_generation_table_and_samples(text_runs):
+  evals = {"kd_student": _add_generate(text_runs["kd"], "student", _generate(2.5, 400.0, 6400.0))}
+  evals["kd_student"]["latency"]["teacher"]["generate"] = _generate(5.0, 100.0, 1600.0)
+  evals["ce_student"] = _add_generate(text_runs["ce"], "student", _generate(2.4, 410.0, 6300.0))
+  for ev, ppl in zip(evals.values(), (33.1, 44.7)):
+    ev["models"]["student"]["val_ppl"] = ppl
+  samples = {name: [" f(x):", " os"] for name in quickstart_report.GENERATION_ROWS}
+  gen = quickstart_report.generation(evals, samples, ["def", "import"], 40)
+  assert gen["rows"]["teacher"]["params"] == 1_000_000
+  assert gen["rows"]["kd_student"]["decode_tokens_per_s"] == {1: 400.0, 32: 6400.0}
+  md = quickstart_report.generation_md(json.loads(json.dumps(gen)))  # as report.json holds it
+  cells = table_cells(md)
+  assert list(cells) == ["teacher", "kd_student", "ce_student"]
+  assert cells["kd_student"] == {
+    "model": "kd_student", "ppl": "33.1", "TTFT ms": "2.5", "decode tok/s b=1": "400",
+    "decode tok/s b=32": "6,400", "memory b=32": "3.00 MiB", "params": "0.20M",
+  }  # fmt: skip
+  assert cells["teacher"]["decode tok/s b=32"] == "1,600"
+  assert md.count("  def f(x):") == 3 and md.count("  import os") == 3 and "Prompt `import`" in md
