@@ -1,7 +1,8 @@
 """The ``jaxdistill`` command line (developer notes; users read ``DESCRIPTION`` via --help).
 
 Thin: parse arguments, load and validate the config, call the library (``loop``,
-``precompute``, ``quickstart``, ``eval_run``, ``embed``, ``report``, ``models.hf_export``).
+``precompute``, ``quickstart``, ``eval_run``, ``embed``, ``report``, ``models.hf_export``,
+``generate.job``).
 JAX is imported only after the config is known good (a multi-process run initialises it
 first). Errors a user can cause (``JaxdistillError``, and argparse's usage errors) print one
 line ``error: ...`` and exit with status 2; anything else is a bug and keeps its traceback.
@@ -13,6 +14,7 @@ import sys
 from typing import Any, Sequence
 
 from jaxdistill.cli import compress as cli_compress
+from jaxdistill.cli import generate as cli_generate
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.parallel import distributed
 
@@ -34,6 +36,7 @@ examples:
   jaxdistill embed --model DIR --input FILE --output FILE.npy
   jaxdistill eval --workdir runs/smoke --latency     student and teacher metrics, latency
   jaxdistill export --workdir runs/smoke --output DIR
+  jaxdistill generate --workdir runs/kd --prompts FILE     completions from a run's student
   jaxdistill report runs/kd runs/ce --output reports/kd   table + curves of evaluated runs
   jaxdistill pipeline --config configs/progressive.py --workdir runs/prog   distil, prune, int8
   jaxdistill prune --workdir runs/kd --output runs/kd-pruned --targets d_ff=0.5,num_heads=0.75
@@ -128,13 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--step", type=int, default=None, help="a checkpointed step (default: final)")
   ev.add_argument("--name", default="", help="result name: WORKDIR/eval/NAME.json")
   ev.add_argument("--batches", type=int, default=0, help="validation batches (0 = whole split)")
-  ev.add_argument("--latency", action="store_true", help="also time the compiled forward")
+  ev.add_argument("--latency", action="store_true", help="also time the forward and generation")
   ev.add_argument(
     "--teacher", default="", help="compare with this run's student instead of the run's teacher"
   )
-  ev.add_argument(
-    "--batch_sizes", default="1,32", help="latency batch sizes: batch 1 and a serving batch"
-  )
+  ev.add_argument("--batch_sizes", default="1,32", help="latency batch sizes: 1, a serving one")
   exp = sub.add_parser("export", help="a finished run's student as a Hugging Face model dir")
   exp.add_argument("--workdir", required=True, help="the run's workdir (final_params/)")
   exp.add_argument("--output", required=True, help="new directory: config.json, safetensors")
@@ -148,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
   rep.add_argument("--eval_name", default="validation", help="which W/eval/NAME.json to read")
   rep.add_argument("--names", default="", help="display names a,b,... (default: directory names)")
   cli_compress.add_parsers(sub)
+  cli_generate.add_parser(sub)
   return parser
 
 
@@ -356,6 +358,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return _export(args) if args.command == "export" else _embed(args)
     if args.command == "precompute":
       return _precompute(args, overrides)
+    if args.command == "generate":
+      return cli_generate.command(args, overrides)
     if args.command in cli_compress.COMMANDS:
       return cli_compress.COMMANDS[args.command](args, overrides)
   except JaxdistillError as e:

@@ -17,6 +17,10 @@ by name) or ``synthetic`` (class-conditional images), as numpy batches ``inputs`
 [B_local, H, W, C] float32, ``targets`` / ``weights`` [B_local] (and ``mix_targets`` /
 ``mix_lambda`` with mixup or cutmix; ``teacher_logits`` [B_local, C] from a cache of class
 logits, ``cached_images.py``), with the same iterator interface.
+
+``tasks.py`` holds built-in tasks whose answers can be checked (multi-digit addition with a
+worked solution, its held-out split and exact-match checker): the verifier and accuracy of
+generated answers. It is not yet a ``data.source``.
 """
 
 from typing import Any

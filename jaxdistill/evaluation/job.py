@@ -29,6 +29,7 @@ from jaxdistill import data as data_lib
 from jaxdistill import models, paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.evaluation import evaluate, latency
+from jaxdistill.generate import speculative
 from jaxdistill.models import quant
 from jaxdistill.train import checkpoint
 from jaxdistill.train import run as run_lib
@@ -39,6 +40,10 @@ from jaxdistill.train import workdir as workdir_lib
 # model, losses and optimizer are the run's.
 OVERRIDABLE = ("data", "mesh", "cache_dir")
 DEFAULT_BATCH_SIZES = (1, 32)
+# Timed generation requests per decoder and batch size with --latency (after one untimed).
+GENERATE_REPEATS = 5
+# The student as its teacher's speculative draft: prompts cut from the first validation batch.
+DRAFT_PROMPTS, DRAFT_PROMPT_TOKENS, DRAFT_NEW_TOKENS, DRAFT_K = 8, 16, 16, 4
 
 
 def run_config(workdir: str, overrides: Sequence[tuple[str, str]] = ()) -> Any:
@@ -219,6 +224,7 @@ def evaluate_workdir(
   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
   repeats: int = 20,
   teacher_dir: str = "",
+  generate_repeats: int = GENERATE_REPEATS,
 ) -> dict:
   """Evaluates a run's student (and teacher) and writes ``W/eval/<name>.json``.
 
@@ -233,6 +239,8 @@ def evaluate_workdir(
     batch_sizes: the latency batch sizes (batch 1 and a serving batch).
     repeats: timed repeats per model and batch size.
     teacher_dir: compare with the student of this run instead of the run's own teacher.
+    generate_repeats: with ``with_latency``, timed generation requests per decoder and batch
+      size (``latency.generation_latency``; 0: no generation timing).
 
   Returns:
     The result dict (also written): name, workdir, step, params_source, task, data, models,
@@ -251,6 +259,7 @@ def evaluate_workdir(
   results = evaluate.evaluate(
     entries, evaluate.validation_batches(cfg, batches), built.mesh, teacher=teacher
   )
+  results["student"].update(_draft_acceptance(cfg, built.mesh, (student, variables), found))
   sizes = {"student": latency.size(variables)}
   if teacher is not None:
     sizes["teacher"] = latency.size(found[1])
@@ -275,13 +284,8 @@ def evaluate_workdir(
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   if with_latency:
-    models = {"student": (student, variables)}
-    if found:
-      models["teacher"] = found[:2]
-    batch_fn = lambda b: latency.example_batch(built.student, b, cfg.data.seq_len)
-    out["latency"] = latency.model_latency(models, batch_fn, tuple(batch_sizes), repeats=repeats)
-    for name, block in latency.generation_latency(models, tuple(batch_sizes)).items():
-      out["latency"][name]["generate"] = block  # decoders: time to first token, decode tok/s
+    models = {"student": (student, variables), **({"teacher": found[:2]} if found else {})}
+    out["latency"] = _latency(cfg, built, models, batch_sizes, repeats, generate_repeats)
   if jax.process_index() == 0:
     paths.makedirs(paths.join(workdir, "eval"))
     text = json.dumps(out, indent=2, sort_keys=True)
@@ -289,6 +293,43 @@ def evaluate_workdir(
       text, encoding="utf-8"
     )
   return out
+
+
+def _latency(cfg, built, models: dict, batch_sizes, repeats: int, generate_repeats: int) -> dict:
+  """The "latency" block: the compiled forward of ``models`` (name -> (module, variables)) at
+  ``batch_sizes`` and, for decoders, generation (time to first token, decode tokens/s)."""
+  batch_fn = lambda b: latency.example_batch(built.student, b, cfg.data.seq_len)
+  out = latency.model_latency(models, batch_fn, tuple(batch_sizes), repeats=repeats)
+  if generate_repeats:
+    gen = latency.generation_latency(models, tuple(batch_sizes), repeats=generate_repeats)
+    for name, block in gen.items():
+      out[name]["generate"] = block
+  return out
+
+
+def _draft_acceptance(cfg: Any, mesh: Any, student: tuple, found: tuple | None) -> dict:
+  """{"draft_acceptance": the greedy acceptance rate of the student as its teacher's
+  speculative draft (``k`` = DRAFT_K) on DRAFT_PROMPTS prompts cut from the first validation
+  batch}, or {} without a decoder teacher of the same vocabulary (or with several processes)."""
+  if found is None or _task(cfg) != "text" or jax.process_count() > 1:
+    return {}
+  teacher = found[0]
+  if teacher.config.vocab_size != student[0].config.vocab_size:
+    return {}
+  batch = next(iter(evaluate.validation_batches(cfg, 1)))
+  cut = min(DRAFT_PROMPT_TOKENS, teacher.config.max_len - 1, student[0].config.max_len - 1)
+  prompts = []
+  for tokens, segments in zip(batch["inputs"], batch["segment_ids"]):
+    first = segments[:cut] == segments[0]  # the row's first document only
+    n = int(first.argmin()) if not first.all() else cut
+    if segments[0] and n and len(prompts) < DRAFT_PROMPTS:
+      prompts.append([int(t) for t in tokens[:n]])
+  if not prompts:
+    return {}
+  rate = speculative.acceptance_rate(
+    teacher, found[1], *student, prompts, DRAFT_NEW_TOKENS, DRAFT_K, mesh=mesh
+  )
+  return {"draft_acceptance": rate}
 
 
 def _ms(block: dict | None, key: str) -> str:
@@ -319,6 +360,7 @@ def format_table(result: dict) -> str:
     cols = ["model", "params", "MB", "accuracy", "top-5", "agree", "KL(T‖S)", "ECE", *lat_cols]
   else:
     cols = ["model", "params", "MB", "val CE", "ppl", "top-1", "top-5", "agree", "KL(T‖S)", "ECE"]
+    cols += ["draft acc"]
     cols += lat_cols
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   fmt = lambda m, k, f="{:.3f}": f.format(m[k]) if k in m else "—"
@@ -332,6 +374,7 @@ def format_table(result: dict) -> str:
       row += [fmt(m, "val_ppl", "{:.1f}")] if task == "text" else []
       row += [f"{100 * m['accuracy']:.1f}%", f"{100 * m['top5_accuracy']:.1f}%"]
       row += [fmt(m, "agreement"), fmt(m, "kl_to_teacher"), fmt(m, "ece")]
+      row += [fmt(m, "draft_acceptance")] if task == "text" else []
     row += [_ms(lat.get(name), f"batch_{b}") for b in sizes]
     gen = (lat.get(name) or {}).get("generate", {})
     if gen_sizes:

@@ -114,6 +114,7 @@ class Sampler:
     num_samples: int = 1,
     logprobs: bool = False,
     chunk: int = 16,
+    prompt_offset: int = 0,
   ) -> Iterator[list[Completion]]:
     """Generates, yielding every row's completion so far after each decode call.
 
@@ -127,17 +128,22 @@ class Sampler:
       num_samples: completions per prompt.
       logprobs: return each generated token's log-probability.
       chunk: tokens per decode call between yields (0: as many as the cache holds).
+      prompt_offset: the prompts are prompts ``prompt_offset ..`` of a larger request: row
+        indices (and so the sampling keys) start at ``prompt_offset * num_samples``, so a
+        request run in parts (``jaxdistill generate`` resuming its output) draws the same
+        tokens as in one call.
     Yields:
       Lists of ``Completion`` in request order (a row's stop_reason is None while it runs);
       the last list is final.
     Raises:
       ValueError: an empty or too long prompt, text prompts without a tokenizer, bad counts.
     """
-    if max_new_tokens < 1 or num_samples < 1 or chunk < 0:
-      raise ValueError("max_new_tokens and num_samples must be >= 1, chunk >= 0")
+    if max_new_tokens < 1 or num_samples < 1 or chunk < 0 or prompt_offset < 0:
+      raise ValueError("max_new_tokens and num_samples must be >= 1, chunk, prompt_offset >= 0")
     texts, ids = self._encode(prompts)
     stops = self._stop_tokens(stop_tokens)
-    rows = [(i, r) for i in range(len(ids)) for r in range(i * num_samples, (i + 1) * num_samples)]
+    first = prompt_offset * num_samples
+    rows = [(i, first + i * num_samples + s) for i in range(len(ids)) for s in range(num_samples)]
     per_batch = self.batch_size or len(rows)
     done: list[Completion] = []
     for start in range(0, len(rows), per_batch):

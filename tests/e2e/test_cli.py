@@ -43,6 +43,26 @@ def test_smoke_trains_and_loss_falls(tmp_path):
   last = sum(r["train/loss"] for r in rows[-5:]) / 5
   assert last < first - 0.1, (first, last)
   assert (workdir / "final_params").is_dir() and (workdir / "config.json").is_file()
+  # The trained student generates (token-id prompts: the smoke run has no tokenizer).
+  (tmp_path / "prompts.txt").write_text("1 2 3\n\n40 41 42 43 44\n")
+  out = tmp_path / "out.jsonl"
+  gen = ["generate", "--workdir", str(workdir), "--prompts", str(tmp_path / "prompts.txt")]
+  proc = _cli(
+    *gen,
+    "--max_new_tokens",
+    "5",
+    "--num_samples",
+    "2",
+    "--temperature",
+    "0.7",
+    "--output",
+    str(out),
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  rows = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [(r["prompt_index"], r["sample_index"]) for r in rows] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+  assert rows[2]["prompt_ids"] == [40, 41, 42, 43, 44]
+  assert all(len(r["token_ids"]) == 5 and r["stop_reason"] == "length" for r in rows)
 
 
 def _assert_usage_error(proc, *words):

@@ -121,6 +121,9 @@ def test_eval_of_a_run_final_and_checkpoint_agree_and_bad_input_is_one_line(tmp_
   assert final["step"] == 4 and final["params_source"] == "final_params"
   assert final["task"] == "text" and final["data"]["batches"] == 2  # eval.batches: synthetic
   assert set(final["models"]) == {"student", "teacher"}
+  # The student as its teacher's speculative draft (greedy; the teacher has no such entry).
+  assert 0 <= final["models"]["student"]["draft_acceptance"] <= 1
+  assert "draft_acceptance" not in final["models"]["teacher"]
   assert final["size"]["student"]["params"] < final["size"]["teacher"]["params"]
   assert "| student |" in capsys.readouterr().out
 

@@ -32,7 +32,7 @@ SHELL = ("", "bash", "sh", "shell", "console")
 FENCE = re.compile(r"^(\s*)```(\S*)\s*$")
 # Commands that refuse overrides (``main`` and ``cli.compress``: "... takes no --config
 # overrides"); the others apply them to a run config.
-NO_OVERRIDES = ("quickstart", "report", "embed", "export", "prune", "quantize")
+NO_OVERRIDES = ("quickstart", "report", "embed", "export", "prune", "quantize", "generate")
 # Top-level directories whose files the pages name by path.
 TOP = ("jaxdistill", "tests", "configs", "benchmarks", "examples", "launch", "tpu_scripts", "docs")
 REPO_PATH = re.compile(rf"^(?:{'|'.join(TOP)})/[\w./-]*$")

@@ -14,11 +14,11 @@ its own):
      train.metrics, train.throughput, evaluation.classify, generate.sampling
   2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
   3  distill/ heads and objective (+ fused, sparse, chunking), config.validate (+ checks/),
-     compress.stages, generate/ (cache, decode, sampler, speculative)
+     compress.stages, generate/ (cache, decode, sampler, speculative, timing)
   4  train.step, train.teacher, train.checkpoint, evaluation.evaluate, evaluation.latency
   5  train.run, train.workdir, train.loop     build a run, its workdir, the step loop
   6  jobs: quickstart, precompute/, evaluation.job, evaluation.embed, compress/, report/,
-     generate.job
+     generate.job, generate.load
   7  cli/
 """
 
@@ -47,7 +47,7 @@ LAYERS = {
   **dict.fromkeys(("evaluation.evaluate", "evaluation.latency"), 4),
   **dict.fromkeys(("train.run", "train.workdir", "train.loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "evaluation", "compress", "report"), 6),
-  "generate.job": 6,
+  **dict.fromkeys(("generate.job", "generate.load"), 6),
   "train": 5,
   "cli": 7,
 }
@@ -57,7 +57,7 @@ BOTTOM = ("models", "distill.losses", "distill.layer_maps", "distill.schedules",
 BOTTOM += ("errors", "distill.vision_losses", "evaluation.classify", "distill.ensemble")
 BOTTOM += ("paths",)  # layer 0: models read and write local or gs:// files through it
 JOBS = ("quickstart", "precompute", "evaluation.job", "evaluation.embed", "report", "compress")
-JOBS += ("generate.job",)
+JOBS += ("generate.job", "generate.load")
 # The command line.
 CLI = ("cli",)
 
