@@ -85,7 +85,8 @@ def measure(
     name -> {"ttft": {"median_s", "p25_s", "p75_s", "min_s"} (the time to first token),
     "decode_step": the same for one decode step of the whole batch (the time from first to
     last token over the steps), "ttft_s" (its median), "decode_tokens_per_s" (rows x decode
-    tokens / median decode time: the batch's throughput), "prompt_tokens", "new_tokens",
+    tokens / median decode time: the batch's throughput), "decode_tokens" (a request's tokens
+    after the first, over its rows: rows x (new_tokens - 1)), "prompt_tokens", "new_tokens",
     "repeats"}.
   """
   if repeats < 1 or warmup < 1:
@@ -110,6 +111,7 @@ def measure(
       "decode_step": decode,
       "ttft_s": statistics.median(ttft[name]),
       "decode_tokens_per_s": batch_size / decode["median_s"] if decoded[name] else None,
+      "decode_tokens": decoded[name],
       "prompt_tokens": shapes[name][0],
       "new_tokens": shapes[name][1],
       "repeats": repeats,

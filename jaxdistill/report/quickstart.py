@@ -13,7 +13,7 @@ tie. Nothing here trains or evaluates.
 import json
 import os
 
-from jaxdistill.report import noise
+from jaxdistill.report import noise, table
 
 # The table's rows, in order: the job's four models.
 ROWS = ("teacher", "kd_student", "ce_student", "ce_student_equal_time")
@@ -214,34 +214,37 @@ MEMORY_NOTE = (
 )
 
 
-def generation(evals: dict[str, dict], samples: dict, prompts, new_tokens: int) -> dict:
-  """The generation section's numbers: per model its perplexity, parameters, time to first
-  token and decode tokens/s (``eval --latency``'s "generate" block) and memory.
+def generation(summary: dict, gen: dict, prompts) -> dict:
+  """The generation section's numbers: per LM its perplexity and parameters (``build``'s
+  rows), time to first token, decode tokens/s and memory (``quickstart.generation``'s timing),
+  and its continuations of ``prompts``.
 
   Args:
-    evals: "kd_student" and "ce_student" -> their ``eval/validation.json`` (the teacher's
-      numbers are in the KD student's, which measured it alongside).
-    samples: name -> its continuations of ``prompts``.
-    prompts: the prompts.
-    new_tokens: the most tokens a continuation got.
+    summary: ``build``'s dict (rows "teacher", "kd_student", "ce_student").
+    gen: ``quickstart.generation``'s {"timed", "samples", "new_tokens"}.
+    prompts: the prompts the samples continue.
   Returns:
-    {"rows": name -> {"val_ppl", "params", "ttft_s", "decode_tokens_per_s": {batch: tok/s},
-    "memory_bytes", "memory_batch"}, "prompts", "samples", "new_tokens", "memory"}.
+    {"rows": name -> {"val_ppl", "params", "ttft_s" (batch 1), "decode_tokens_per_s":
+    {batch: tok/s}, "memory_bytes", "memory_batch" (the largest batch), "prompt_tokens",
+    "new_tokens"}, "prompts", "samples", "new_tokens" (the most a sample got), "memory"}.
   """
   rows = {}
   for name in GENERATION_ROWS:
-    side = "teacher" if name == "teacher" else "student"
-    ev = evals["kd_student" if name == "teacher" else name]
-    gen = ((ev.get("latency") or {}).get(side) or {}).get("generate") or {}
-    sizes = sorted(int(k.split("_")[1]) for k in gen if k.startswith("batch_"))
+    timed = gen["timed"].get(name) or {}
+    sizes = sorted(int(k.split("_")[1]) for k in timed if k.startswith("batch_"))
+    first = timed[f"batch_{sizes[0]}"] if sizes else {}
     rows[name] = {
-      "val_ppl": ev["models"][side].get("val_ppl"),
-      "params": ev["size"][side]["params"],
-      "ttft_s": gen[f"batch_{sizes[0]}"]["ttft_s"] if sizes else None,
-      "decode_tokens_per_s": {b: gen[f"batch_{b}"]["decode_tokens_per_s"] for b in sizes},
-      "memory_bytes": gen.get("memory", {}).get("total_bytes"),
+      "val_ppl": summary[name].get("val_ppl"),
+      "params": summary[name]["params"],
+      "ttft_s": first.get("ttft_s"),
+      "decode_tokens_per_s": {b: timed[f"batch_{b}"]["decode_tokens_per_s"] for b in sizes},
+      "memory_bytes": (timed.get("memory") or {}).get("total_bytes"),
       "memory_batch": sizes[-1] if sizes else None,
+      "prompt_tokens": first.get("prompt_tokens"),
+      "new_tokens": first.get("new_tokens"),
     }
+  samples = {name: gen["samples"][name] for name in GENERATION_ROWS if name in gen["samples"]}
+  new_tokens = max(gen["new_tokens"].values(), default=0)
   return {"rows": rows, "prompts": list(prompts), "samples": samples, "new_tokens": new_tokens,
           "memory": MEMORY_NOTE}  # fmt: skip
 
@@ -251,7 +254,8 @@ def generation_md(gen: dict) -> str:
   rows = gen["rows"]
   sizes = sorted({int(b) for r in rows.values() for b in r["decode_tokens_per_s"]})
   mem_b = next((r["memory_batch"] for r in rows.values() if r["memory_batch"]), None)
-  cols = ["model", "ppl", "TTFT ms", *(f"decode tok/s b={b}" for b in sizes)]
+  ttft = f"TTFT ms b={sizes[0]}" if sizes else "TTFT ms"
+  cols = ["model", "ppl", ttft, *(f"decode tok/s b={b}" for b in sizes)]
   cols += [f"memory b={mem_b}" if mem_b else "memory", "params"]
   lines = ["### Generation", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   fmt = lambda v, spec: "—" if v is None else format(v, spec)
@@ -259,18 +263,24 @@ def generation_md(gen: dict) -> str:
     rate = {int(b): v for b, v in r["decode_tokens_per_s"].items()}
     cells = [name, fmt(r["val_ppl"], ".1f"), fmt(r["ttft_s"] and 1e3 * r["ttft_s"], ".3g")]
     cells += [fmt(rate.get(b), ",.0f") for b in sizes]
-    mib = r["memory_bytes"] and r["memory_bytes"] / 2**20
-    cells += [f"{mib:.2f} MiB" if mib is not None else "—"]
-    cells += [f"{r['params'] / 1e6:.2f}M"]
+    cells += [table._bytes(r["memory_bytes"]), table._count(r["params"])]  # as the main table
     lines.append("| " + " | ".join(cells) + " |")
-  lines += ["", f"Greedy, warm, one device (`jaxdistill eval --latency`): TTFT is the time to "
-            f"the first token of one prompt (prefill + first token); decode tok/s the steady "
-            f"rate after it (all rows of the batch); {gen['memory']}.", ""]  # fmt: skip
+  shape = next((r for r in rows.values() if r.get("new_tokens")), None)
+  request = (
+    f" of {shape['prompt_tokens']}-token random prompts and {shape['new_tokens']} new tokens"
+    if shape else ""
+  )  # fmt: skip
+  lines += ["", f"Greedy requests{request}, warm, one device, the models interleaved (as "
+            "`jaxdistill eval --latency`; docs/evaluation.md): TTFT is the time to the first "
+            "token of one prompt (prefill + first token); decode tok/s the steady rate after "
+            f"it (all rows of the batch); {gen['memory']}.", ""]  # fmt: skip
   lines += [f"Samples: greedy continuations, at most {gen['new_tokens']} new tokens.", ""]
   for i, prompt in enumerate(gen["prompts"]):
     lines.append(f"Prompt `{prompt}`:")
     for name, texts in gen["samples"].items():
-      lines += ["", f"- {name}:", "", "  ```text"]
-      lines += ["  " + line for line in (prompt + texts[i]).splitlines()] + ["  ```"]
+      text = prompt + texts[i]
+      fence = "````" if "```" in text else "```"
+      lines += ["", f"- {name}:", "", f"  {fence}text"]
+      lines += ["  " + line for line in text.splitlines()] + [f"  {fence}"]
     lines.append("")
   return "\n".join(lines).rstrip()
