@@ -308,3 +308,34 @@ def test_generation_lengths_fit_the_context():
   rows = timing.prompts(config(32), 3, 16)
   assert len(rows) == 3 and {len(r) for r in rows} == {16}
   assert all(0 <= t < 5 for r in rows for t in r)
+
+
+def test_eval_table_shows_generation_for_decoders_only():
+  from jaxdistill.evaluation import job
+
+  at = lambda ttft, tok_s: {"ttft_s": ttft, "decode_tokens_per_s": tok_s}
+  forward = {"batch_1": {"median_s": 1e-3}, "batch_32": {"median_s": 8e-3}}
+  metrics = dict(val_loss=3.5, val_ppl=33.1, accuracy=0.3, top5_accuracy=0.6, ece=0.01)
+  result = {
+    "task": "text",
+    "models": {"student": metrics, "teacher": metrics},
+    "size": dict.fromkeys(("student", "teacher"), {"params": 10**6, "bytes": 4 * 10**6}),
+    "latency": {
+      "batch_sizes": [1, 32],
+      "student": {
+        **forward,
+        "generate": {"batch_1": at(2.5e-3, 400.0), "batch_32": at(0.1, 6400.0)},
+      },
+      "teacher": forward,  # not timed generating: dashes
+    },
+  }
+  lines = job.format_table(result).splitlines()
+  head, _, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+  cells = {row[0]: dict(zip(head, row)) for row in rows}
+  assert cells["student"]["TTFT ms @ batch 1"] == "2.50"
+  assert cells["teacher"]["TTFT ms @ batch 1"] == "—"
+  assert cells["student"]["decode tok/s @ batch 1"] == "400"
+  assert cells["student"]["decode tok/s @ batch 32"] == "6,400"
+  assert cells["student"]["ms @ batch 32"] == "8.00"
+  del result["latency"]["student"]["generate"]
+  assert "TTFT" not in job.format_table(result)  # no decoder timed: no generation columns
