@@ -7,7 +7,10 @@ The quickstart-specific layer: its rows are the job's four runs (``ROWS``), each
 ``evaluate.evaluate``'s metrics plus the run's params, tokens/s, steps and training time.
 The verdict calls each comparison won, tied or lost with the numbers: a difference within its
 95% bound (Student's t times its standard error over the validation batches; ``compare``) is a
-tie. Nothing here trains or evaluates.
+tie. For the language models, ``generation`` and ``generation_md`` make the generation
+section: the classic table (perplexity, time to first token, decode tokens/s at batch 1 and
+32, memory, params of the teacher, the KD and the CE student) and their sample
+continuations, from what ``quickstart.generation`` measured. Nothing here trains or evaluates.
 """
 
 import json
