@@ -10,8 +10,11 @@ Python-stdlib corpus:
      + hidden-state losses);
   3. the CE student: the same student on CE alone, run long enough to also say
      what CE reaches in the KD student's wall time;
-  4. ``jaxdistill eval --latency`` of all three against the teacher on the validation split,
-     and ``jaxdistill report`` of them with the quickstart's verdict
+  4. ``jaxdistill eval --latency`` of all three against the teacher on the validation split;
+     for the LMs, the teacher's, the KD student's and the CE student's time to first token
+     and decode tokens/s, timed together, and their greedy continuations of ``PROMPTS``
+     (``generation``); and ``jaxdistill report`` of them with the quickstart's verdict and
+     generation section
      (``jaxdistill.report.quickstart``: ``DIR/report.md`` and ``report.json``, the table,
      training, validation and accuracy-latency PNGs).
 
@@ -227,10 +230,57 @@ def evaluate_runs(runs: dict, teacher_dir: str, limit: int) -> dict:
 
   results = {}
   for name, d in runs.items():
-    out = eval_run.evaluate_workdir(d, batches=limit, with_latency=True, teacher_dir=teacher_dir)
+    out = eval_run.evaluate_workdir(
+      d, batches=limit, with_latency=True, teacher_dir=teacher_dir, generate_repeats=0
+    )  # the forward's latency; generation is timed once for all models (``generation``)
     results[name] = out["models"]["student"]
     results["teacher"] = out["models"]["teacher"]
   return results
+
+
+# The generation section: greedy continuations of PROMPTS by each LM, and its timing (few,
+# short requests: it adds seconds to the job; docs/evaluation.md).
+PROMPTS = ("def", "import", "class")
+GENERATION_RUNS = ("kd_student", "ce_student")  # with the teacher
+# 16-token prompts: the width (one prefill bucket) of the short sample prompts, so the samples
+# reuse the programs the timing compiled.
+GENERATE_PROMPT_TOKENS, GENERATE_NEW_TOKENS = 16, 32
+GENERATE_REPEATS = 3
+
+
+def generation(runs: dict[str, str]) -> dict:
+  """Times the final model of each run generating and samples its continuations of
+  ``PROMPTS``, all on one device (the teacher's run too: its model is that run's student).
+
+  ``evaluation.latency.time_generation`` at batch 1 and 32 (``GENERATE_PROMPT_TOKENS``-token
+  random prompts, ``GENERATE_NEW_TOKENS`` new tokens: 16 + 16 at the test size's 32
+  positions), then each prompt alone through the same warm samplers, greedy, for as many new
+  tokens and without stop tokens: the programs the timing compiled at batch 1 serve them.
+
+  Returns:
+    {"timed": name -> ``time_generation``'s block, "samples": name -> the continuations'
+    texts in ``PROMPTS``' order, "new_tokens": name -> the new tokens of each}.
+  """
+  from jaxdistill.data import tokenizer as tokenizer_lib
+  from jaxdistill.evaluation import job as eval_run
+  from jaxdistill.evaluation import latency
+  from jaxdistill.generate import timing
+
+  entries, tokenizers = {}, {}
+  for name, d in runs.items():
+    entries[name] = eval_run.load_student(d)[1:]
+    tokenizers[name] = tokenizer_lib.load(os.path.join(d, "tokenizer.json"))
+  samplers = latency.samplers(entries, tokenizers)
+  timed = latency.time_generation(
+    samplers, (1, 32), GENERATE_PROMPT_TOKENS, GENERATE_NEW_TOKENS, GENERATE_REPEATS
+  )
+  out = {"timed": timed, "samples": {}, "new_tokens": {}}
+  for name, s in samplers.items():
+    n = timing.lengths(s.config, GENERATE_PROMPT_TOKENS, GENERATE_NEW_TOKENS)[1]
+    done = [s.generate([p], max_new_tokens=n, stop_tokens=())[0] for p in PROMPTS]
+    out["samples"][name] = [c.text for c in done]
+    out["new_tokens"][name] = n
+  return out
 
 
 def run(
@@ -287,8 +337,14 @@ def run(
   results = evaluate_runs(runs, teacher_dir, r["final_eval_batches"])
   with open(os.path.join(teacher_dir, "summary.json"), encoding="utf-8") as f:
     summaries["teacher"] = json.load(f)
+  gen = None
+  if task == "text":  # the generation section: the LMs' speed and samples
+    log("Timing generation and sampling greedy continuations")
+    gen = generation({"teacher": teacher_dir, **{k: runs[k] for k in GENERATION_RUNS}})
   wall_s = time.perf_counter() - start
   summary = quickstart_report.build(results, summaries, kd, teacher_dir, cached, wall_s)
+  if gen is not None:
+    summary["generation"] = quickstart_report.generation(summary, gen, PROMPTS)
   written = quickstart_report.write(summary, workdir, runs)
   log(written["table"])
   log(f"Wrote {os.path.join(workdir, 'report.md')} and report.json")

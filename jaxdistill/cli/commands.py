@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
   ev.add_argument("--step", type=int, default=None, help="a checkpointed step (default: final)")
   ev.add_argument("--name", default="", help="result name: WORKDIR/eval/NAME.json")
   ev.add_argument("--batches", type=int, default=0, help="validation batches (0 = whole split)")
-  ev.add_argument("--latency", action="store_true", help="also time the compiled forward")
+  ev.add_argument("--latency", action="store_true", help="also time the forward and generation")
   ev.add_argument(
     "--teacher", default="", help="compare with this run's student instead of the run's teacher"
   )

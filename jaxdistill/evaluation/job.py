@@ -41,6 +41,8 @@ from jaxdistill.train import workdir as workdir_lib
 # model, losses and optimizer are the run's.
 OVERRIDABLE = ("data", "mesh", "cache_dir")
 DEFAULT_BATCH_SIZES = (1, 32)
+# Timed generation requests per decoder and batch size with --latency (after one untimed).
+GENERATE_REPEATS = 5
 # The student as its teacher's speculative draft: prompts cut from the first validation batch.
 DRAFT_PROMPTS, DRAFT_PROMPT_TOKENS, DRAFT_NEW_TOKENS, DRAFT_K = 8, 16, 16, 4
 
@@ -223,6 +225,7 @@ def evaluate_workdir(
   batch_sizes: Sequence[int] = DEFAULT_BATCH_SIZES,
   repeats: int = 20,
   teacher_dir: str = "",
+  generate_repeats: int = GENERATE_REPEATS,
 ) -> dict:
   """Evaluates a run's student (and teacher) and writes ``W/eval/<name>.json``.
 
@@ -237,6 +240,8 @@ def evaluate_workdir(
     batch_sizes: the latency batch sizes (batch 1 and a serving batch).
     repeats: timed repeats per model and batch size.
     teacher_dir: compare with the student of this run instead of the run's own teacher.
+    generate_repeats: with ``with_latency``, timed generation requests per decoder and batch
+      size (``latency.generation_latency``; 0: no generation timing).
 
   Returns:
     The result dict (also written): name, workdir, step, params_source, task, data, models,
@@ -281,11 +286,8 @@ def evaluate_workdir(
     "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
   }
   if with_latency:
-    models = {"student": (student, variables)}
-    if found:
-      models["teacher"] = found[:2]
-    batch_fn = lambda b: latency.example_batch(built.student, b, cfg.data.seq_len)
-    out["latency"] = latency.model_latency(models, batch_fn, tuple(batch_sizes), repeats=repeats)
+    models = {"student": (student, variables), **({"teacher": found[:2]} if found else {})}
+    out["latency"] = _latency(cfg, built, models, batch_sizes, repeats, generate_repeats)
   if jax.process_index() == 0:
     paths.makedirs(paths.join(workdir, "eval"))
     text = json.dumps(out, indent=2, sort_keys=True)
@@ -304,6 +306,18 @@ def _task_accuracy(cfg: Any, results: dict, student: tuple, found: tuple | None)
   for name, entry in (("student", student), ("teacher", found)):
     if entry is not None and name in results:
       results[name].update(task_accuracy.exact_match(*entry[:2], tokenizer, cfg))
+
+
+def _latency(cfg, built, models: dict, batch_sizes, repeats: int, generate_repeats: int) -> dict:
+  """The "latency" block: the compiled forward of ``models`` (name -> (module, variables)) at
+  ``batch_sizes`` and, for decoders, generation (time to first token, decode tokens/s)."""
+  batch_fn = lambda b: latency.example_batch(built.student, b, cfg.data.seq_len)
+  out = latency.model_latency(models, batch_fn, tuple(batch_sizes), repeats=repeats)
+  if generate_repeats:
+    gen = latency.generation_latency(models, tuple(batch_sizes), repeats=generate_repeats)
+    for name, block in gen.items():
+      out[name]["generate"] = block
+  return out
 
 
 def _draft_acceptance(cfg: Any, mesh: Any, student: tuple, found: tuple | None) -> dict:
@@ -335,12 +349,24 @@ def _ms(block: dict | None, key: str) -> str:
   return f"{block[key]['median_s'] * 1e3:.2f}" if block and key in block else "—"
 
 
+def _generated(lat: dict) -> bool:
+  return any(isinstance(v, dict) and "generate" in v for v in lat.values())
+
+
+def _fmt_gen(gen: dict, b: int, key: str, scale: float, spec: str) -> str:
+  value = gen.get(f"batch_{b}", {}).get(key)
+  return "—" if value is None else spec.format(scale * value)
+
+
 def format_table(result: dict) -> str:
   """The result as a Markdown table: one row per model."""
   task = result["task"]
   lat = result.get("latency", {})
   sizes = lat.get("batch_sizes", [])
   lat_cols = [f"ms @ batch {b}" for b in sizes]
+  gen_sizes = sorted({min(sizes), max(sizes)}) if _generated(lat) else []
+  lat_cols += [f"TTFT ms @ batch {b}" for b in gen_sizes[:1]]
+  lat_cols += [f"decode tok/s @ batch {b}" for b in gen_sizes]
   if task == "encoder":
     cols = ["model", "params", "MB", "cos to teacher", *lat_cols]
   elif task == "vision":
@@ -366,5 +392,9 @@ def format_table(result: dict) -> str:
       if "exact match" in cols:
         row.append(f"{100 * m['exact_match']:.1f}%" if "exact_match" in m else "—")
     row += [_ms(lat.get(name), f"batch_{b}") for b in sizes]
+    gen = (lat.get(name) or {}).get("generate", {})
+    if gen_sizes:
+      row.append(_fmt_gen(gen, gen_sizes[0], "ttft_s", 1e3, "{:.2f}"))
+    row += [_fmt_gen(gen, b, "decode_tokens_per_s", 1, "{:,.0f}") for b in gen_sizes]
     lines.append("| " + " | ".join(row) + " |")
   return "\n".join(lines)

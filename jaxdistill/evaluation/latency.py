@@ -10,6 +10,10 @@ compiled program's memory, and the params and bytes the model holds.
   example_batch(model, B, T)          a valid dummy batch for ``models.apply``
   model_latency(entries, batch_fn)    all of it for several models at several batch sizes: the
                                       "latency" block of ``jaxdistill eval``'s JSON
+  generation_latency(entries, sizes)  a decoder's time to first token and decode tokens/s
+                                      (``generate.timing``): each model's "generate" block
+  samplers(entries), time_generation(samplers, sizes)   the same in two steps, so a caller
+                                      can reuse the warm samplers (the quickstart's samples)
 
 Where it runs: without a mesh, each model's variables and the batch are put on this
 process's first device (``jax.local_devices()[0]``; a model sharded over several devices is
@@ -20,6 +24,7 @@ the variables stay as given and a batch is split over its data axes when its siz
 """
 
 import contextlib
+import copy
 import statistics
 import time
 from typing import Any, Callable, Sequence
@@ -29,6 +34,8 @@ import jax
 import numpy as np
 
 from jaxdistill import models
+from jaxdistill.generate import sampler as sampler_lib
+from jaxdistill.generate import timing
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
 
@@ -247,4 +254,88 @@ def model_latency(
       out[name][f"batch_{b}"] = stats
   for name in entries:
     out[name]["memory"] = memory[name]
+  return out
+
+
+def generation_latency(
+  entries: dict[str, tuple[nn.Module, Any]],
+  batch_sizes: Sequence[int] = (1, 32),
+  prompt_tokens: int = 32,
+  new_tokens: int = 32,
+  repeats: int = 5,
+  warmup: int = 1,
+) -> dict[str, dict[str, Any]]:
+  """Generation speed of the decoders among ``entries`` on this process's first device:
+  ``time_generation`` of their ``samplers``. Encoders and image classifiers are skipped (they
+  do not generate).
+
+  Args:
+    entries: name -> (module, variables), as ``model_latency``.
+    batch_sizes, prompt_tokens, new_tokens, repeats, warmup: as ``time_generation``.
+  Returns:
+    name -> ``time_generation``'s block, for every decoder.
+  """
+  found = samplers(entries)
+  return time_generation(found, batch_sizes, prompt_tokens, new_tokens, repeats, warmup)
+
+
+def samplers(
+  entries: dict[str, tuple[nn.Module, Any]], tokenizers: dict[str, Any] | None = None
+) -> dict[str, sampler_lib.Sampler]:
+  """name -> a ``generate.Sampler`` on this process's first device (one batch per request),
+  for the decoders among ``entries`` (name -> (module, variables)); ``tokenizers``: name ->
+  its tokenizer, for text prompts.
+
+  Models of one architecture (equal modules: e.g. a KD student and its CE twin) share one
+  sampler's compiled programs: each is a shallow copy of the first with its own variables and
+  tokenizer, so the second compiles nothing.
+  """
+  out: dict[str, sampler_lib.Sampler] = {}
+  for name, (module, variables) in entries.items():
+    tokenizer = (tokenizers or {}).get(name)
+    try:
+      own = sampler_lib.Sampler(module, _place(variables, None), tokenizer)
+    except ValueError:  # not a decoder
+      continue
+    twin = next((s for s in out.values() if s.model == module), None)
+    if twin is not None:
+      cast, own = own.variables, copy.copy(twin)
+      own.variables, own.tokenizer = cast, tokenizer
+    out[name] = own
+  return out
+
+
+def time_generation(
+  found: dict[str, sampler_lib.Sampler],
+  batch_sizes: Sequence[int] = (1, 32),
+  prompt_tokens: int = 32,
+  new_tokens: int = 32,
+  repeats: int = 5,
+  warmup: int = 1,
+) -> dict[str, dict[str, Any]]:
+  """Time to first token and decode tokens/s of greedy generation (``generate.timing``): at
+  the smallest batch size (one request) and the largest (the serving batch), the samplers
+  interleaved.
+
+  Args:
+    found: name -> Sampler (``samplers``; batch_size None).
+    batch_sizes: their smallest and largest are timed.
+    prompt_tokens, new_tokens: per row (clamped to each model's context by ``timing.lengths``).
+    repeats, warmup: timed and untimed requests per model and batch size.
+  Returns:
+    name -> {"batch_<B>": ``timing.measure``'s dict for each timed B, "memory":
+    ``timing.memory_bytes`` at the largest B}.
+  """
+  if not batch_sizes:
+    raise ValueError("batch_sizes is empty")
+  out: dict[str, dict[str, Any]] = {name: {} for name in found}
+  if not found:
+    return out
+  sizes = sorted({min(batch_sizes), max(batch_sizes)})
+  for b in sizes:
+    stats = timing.measure(found, b, prompt_tokens, new_tokens, repeats, warmup)
+    for name, s in stats.items():
+      out[name][f"batch_{b}"] = s
+  for name, s in found.items():
+    out[name]["memory"] = timing.memory_bytes(s, sizes[-1], prompt_tokens, new_tokens)
   return out

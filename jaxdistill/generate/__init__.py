@@ -9,10 +9,11 @@
   load.py, job.py ``jaxdistill generate``: the model to run, batches, output (layer 6, jobs)
   spec_decode.py  SpecDecoder: the jitted draft-then-verify rounds of speculative decoding
   speculative.py  SpeculativeSampler(target, ..., draft, ...).generate -> (completions, SpecStats)
+  timing.py       time to first token and decode tokens/s of Samplers (``eval --latency``)
 
-Layers: ``sampling`` is pure (layer 1); ``cache``, ``decode`` and ``sampler`` build on
-``models`` (layer 3). Only ``load`` and ``job`` (jobs, imported by the CLI alone) import
-training or evaluation.
+Layers: ``sampling`` is pure (layer 1); ``cache``, ``decode``, ``sampler`` and ``timing``
+build on ``models`` (layer 3). Only ``load`` and ``job`` (jobs, imported by the CLI alone)
+import training or evaluation.
 """
 
 from jaxdistill.generate.sampler import Completion, Sampler

@@ -7,13 +7,16 @@ The quickstart-specific layer: its rows are the job's four runs (``ROWS``), each
 ``evaluate.evaluate``'s metrics plus the run's params, tokens/s, steps and training time.
 The verdict calls each comparison won, tied or lost with the numbers: a difference within its
 95% bound (Student's t times its standard error over the validation batches; ``compare``) is a
-tie. Nothing here trains or evaluates.
+tie. For the language models, ``generation`` and ``generation_md`` make the generation
+section: the classic table (perplexity, time to first token, decode tokens/s at batch 1 and
+32, memory, params of the teacher, the KD and the CE student) and their sample
+continuations, from what ``quickstart.generation`` measured. Nothing here trains or evaluates.
 """
 
 import json
 import os
 
-from jaxdistill.report import noise
+from jaxdistill.report import noise, table
 
 # The table's rows, in order: the job's four models.
 ROWS = ("teacher", "kd_student", "ce_student", "ce_student_equal_time")
@@ -193,10 +196,94 @@ def write(summary: dict, workdir: str, runs: dict[str, str]) -> dict:
     f"({s['teacher_dir']}). Wall time {s['wall_s'] / 60:.1f} min"
     f"{' (jemalloc)' if s['jemalloc'] else ''}."
   )
-  written = report.write(runs, workdir, extra_md=f"{intro}\n\n{verdict(summary)}")
+  extra = f"{intro}\n\n{verdict(summary)}"
+  if "generation" in summary:
+    extra += "\n\n" + generation_md(summary["generation"])
+  written = report.write(runs, workdir, extra_md=extra)
   with open(written["files"]["json"], encoding="utf-8") as f:
     merged = json.load(f)
   merged.update(summary)
   with open(written["files"]["json"], "w", encoding="utf-8") as f:
     json.dump(merged, f, indent=2, sort_keys=True)
   return written
+
+
+# --- the LMs' generation: the classic table and samples -------------------------------------
+
+GENERATION_ROWS = ("teacher", "kd_student", "ce_student")
+MEMORY_NOTE = (
+  "memory: the params' bytes plus the key/value cache of a serving-batch request, counted "
+  "from their shapes (not a measured peak)"
+)
+
+
+def generation(summary: dict, gen: dict, prompts) -> dict:
+  """The generation section's numbers: per LM its perplexity and parameters (``build``'s
+  rows), time to first token, decode tokens/s and memory (``quickstart.generation``'s timing),
+  and its continuations of ``prompts``.
+
+  Args:
+    summary: ``build``'s dict (rows "teacher", "kd_student", "ce_student").
+    gen: ``quickstart.generation``'s {"timed", "samples", "new_tokens"}.
+    prompts: the prompts the samples continue.
+  Returns:
+    {"rows": name -> {"val_ppl", "params", "ttft_s" (batch 1), "decode_tokens_per_s":
+    {batch: tok/s}, "memory_bytes", "memory_batch" (the largest batch), "prompt_tokens",
+    "new_tokens"}, "prompts", "samples", "new_tokens" (the most a sample got), "memory"}.
+  """
+  rows = {}
+  for name in GENERATION_ROWS:
+    timed = gen["timed"].get(name) or {}
+    sizes = sorted(int(k.split("_")[1]) for k in timed if k.startswith("batch_"))
+    first = timed[f"batch_{sizes[0]}"] if sizes else {}
+    rows[name] = {
+      "val_ppl": summary[name].get("val_ppl"),
+      "params": summary[name]["params"],
+      "ttft_s": first.get("ttft_s"),
+      "decode_tokens_per_s": {b: timed[f"batch_{b}"]["decode_tokens_per_s"] for b in sizes},
+      "memory_bytes": (timed.get("memory") or {}).get("total_bytes"),
+      "memory_batch": sizes[-1] if sizes else None,
+      "prompt_tokens": first.get("prompt_tokens"),
+      "new_tokens": first.get("new_tokens"),
+    }
+  samples = {name: gen["samples"][name] for name in GENERATION_ROWS if name in gen["samples"]}
+  new_tokens = max(gen["new_tokens"].values(), default=0)
+  return {"rows": rows, "prompts": list(prompts), "samples": samples, "new_tokens": new_tokens,
+          "memory": MEMORY_NOTE}  # fmt: skip
+
+
+def generation_md(gen: dict) -> str:
+  """The generation section: the classic table, then each prompt's continuation by each model."""
+  rows = gen["rows"]
+  sizes = sorted({int(b) for r in rows.values() for b in r["decode_tokens_per_s"]})
+  mem_b = next((r["memory_batch"] for r in rows.values() if r["memory_batch"]), None)
+  ttft = f"TTFT ms b={sizes[0]}" if sizes else "TTFT ms"
+  cols = ["model", "ppl", ttft, *(f"decode tok/s b={b}" for b in sizes)]
+  cols += [f"memory b={mem_b}" if mem_b else "memory", "params"]
+  lines = ["### Generation", "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  fmt = lambda v, spec: "—" if v is None else format(v, spec)
+  for name, r in rows.items():
+    rate = {int(b): v for b, v in r["decode_tokens_per_s"].items()}
+    cells = [name, fmt(r["val_ppl"], ".1f"), fmt(r["ttft_s"] and 1e3 * r["ttft_s"], ".3g")]
+    cells += [fmt(rate.get(b), ",.0f") for b in sizes]
+    cells += [table._bytes(r["memory_bytes"]), table._count(r["params"])]  # as the main table
+    lines.append("| " + " | ".join(cells) + " |")
+  shape = next((r for r in rows.values() if r.get("new_tokens")), None)
+  request = (
+    f" of {shape['prompt_tokens']}-token random prompts and {shape['new_tokens']} new tokens"
+    if shape else ""
+  )  # fmt: skip
+  lines += ["", f"Greedy requests{request}, warm, one device, the models interleaved (as "
+            "`jaxdistill eval --latency`; docs/evaluation.md): TTFT is the time to the first "
+            "token of one prompt (prefill + first token); decode tok/s the steady rate after "
+            f"it (all rows of the batch); {gen['memory']}.", ""]  # fmt: skip
+  lines += [f"Samples: greedy continuations, at most {gen['new_tokens']} new tokens.", ""]
+  for i, prompt in enumerate(gen["prompts"]):
+    lines.append(f"Prompt `{prompt}`:")
+    for name, texts in gen["samples"].items():
+      text = prompt + texts[i]
+      fence = "````" if "```" in text else "```"
+      lines += ["", f"- {name}:", "", f"  {fence}text"]
+      lines += ["  " + line for line in text.splitlines()] + [f"  {fence}"]
+    lines.append("")
+  return "\n".join(lines).rstrip()

@@ -77,7 +77,8 @@ def _latency(block: dict | None, side: str) -> dict:
   """Median latencies (ms) at the smallest and the largest (serving) batch, and memory."""
   if not block or side not in block:
     keys = ("latency_small_ms", "latency_serve_ms", "batch_small", "batch_serve")
-    return dict.fromkeys(keys + ("latency_small_spread_ms", "latency_serve_spread_ms"))
+    keys += ("latency_small_spread_ms", "latency_serve_spread_ms") + GENERATE
+    return dict.fromkeys(keys)
   sizes = block.get("batch_sizes") or sorted(
     int(k.split("_")[1]) for k in block[side] if k.startswith("batch_")
   )
@@ -94,7 +95,18 @@ def _latency(block: dict | None, side: str) -> dict:
     "batch_small": small,
     "batch_serve": serve,
     "memory_bytes": memory,
+    **_generate(block[side].get("generate"), small, serve),
   }
+
+
+# A decoder's generation speed (``eval --latency``'s "generate" block), None when not measured.
+GENERATE = ("ttft_ms", "decode_small_tok_s", "decode_serve_tok_s")
+
+
+def _generate(gen: dict | None, small: int, serve: int) -> dict:
+  get = lambda b, key: ((gen or {}).get(f"batch_{b}") or {}).get(key)
+  values = (_scaled(get(small, "ttft_s"), 1e3), get(small, "decode_tokens_per_s"))
+  return dict(zip(GENERATE, values + (get(serve, "decode_tokens_per_s"),)))
 
 
 def _scaled(value: float | None, scale: float) -> float | None:
@@ -245,7 +257,8 @@ def rows_for(runs) -> tuple[list[dict], dict]:
       f"batch ({serve}): no other model is as fast or faster and as good or better, and "
       f"better beyond the noise in one. {NOISE_NOTE} Models of one architecture (shape, "
       "dtypes) share one latency: the median of their timings. — : no latency measured "
-      "(`jaxdistill eval --latency`). Memory: the compiled forward's total."
+      "(`jaxdistill eval --latency`). Memory: the compiled forward's total. TTFT and decode "
+      "tok/s (decoders): greedy generation, warm (docs/evaluation.md)."
     )
     caption = (
       f"{_upper(QUALITY_LABEL[quality])} (the table's) against the compiled forward's "
@@ -366,9 +379,19 @@ def format_table(rows: list[dict], task: str) -> str:
     (f"ms b={small}", lambda r: _fmt(r["latency_small_ms"], ".3g")),
     (f"ms b={serve}", lambda r: _fmt(r["latency_serve_ms"], ".3g")),
     ("memory", lambda r: _bytes(r["memory_bytes"])),
+    *(_generate_cols(small, serve) if any(r.get("ttft_ms") is not None for r in rows) else []),
     ("Pareto", lambda r: DASH if r["pareto"] is None else ("yes" if r["pareto"] else "no")),
   ]
   lines = ["| " + " | ".join(c for c, _ in cols) + " |", "|" + "---|" * len(cols)]
   for r in rows:
     lines.append("| " + " | ".join(fn(r) for _, fn in cols) + " |")
   return "\n".join(lines)
+
+
+def _generate_cols(small: str, serve: str) -> list:
+  """The generation columns (decoders timed by ``eval --latency``)."""
+  return [
+    (f"TTFT ms b={small}", lambda r: _fmt(r.get("ttft_ms"), ".3g")),
+    (f"decode tok/s b={small}", lambda r: _fmt(r.get("decode_small_tok_s"), ",.0f")),
+    (f"decode tok/s b={serve}", lambda r: _fmt(r.get("decode_serve_tok_s"), ",.0f")),
+  ]

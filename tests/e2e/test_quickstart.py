@@ -58,6 +58,25 @@ def test_quickstart_writes_a_valid_report(finished):
     json.loads(x) for x in (workdir / "kd_student" / "metrics.jsonl").read_text().splitlines()
   ]
   assert [r["step"] for r in rows if "eval/loss" in r] == [2, 4]  # the periodic evaluation
+  # The generation section: each LM timed (test size: 16-token prompts, 16 new tokens), and
+  # its samples; the evaluations timed the forward only (generation once, all models together).
+  gen = report["generation"]
+  assert set(gen["rows"]) == set(gen["samples"]) == set(MODELS)  # (report.json sorts keys)
+  for name in MODELS:
+    row = gen["rows"][name]
+    assert row["ttft_s"] > 0 and row["memory_bytes"] > 0, name
+    assert row["params"] == report[name]["params"] and row["val_ppl"] == report[name]["val_ppl"]
+    assert (row["prompt_tokens"], row["new_tokens"], row["memory_batch"]) == (16, 16, 32), name
+    assert set(row["decode_tokens_per_s"]) == {"1", "32"}, name
+    assert all(v > 0 for v in row["decode_tokens_per_s"].values()), name
+    assert len(gen["samples"][name]) == len(quickstart.PROMPTS), name
+    assert all(isinstance(t, str) for t in gen["samples"][name]), name
+  assert any(t.strip() for texts in gen["samples"].values() for t in texts)
+  section = md[md.index("### Generation") :]
+  assert all(section.count(f"- {name}:") == len(quickstart.PROMPTS) for name in MODELS)
+  assert "decode tok/s b=32" in section and "Prompt `class`" in section
+  timed = json.loads((workdir / "kd_student" / "eval" / "validation.json").read_text())
+  assert "batch_32" in timed["latency"]["teacher"] and "generate" not in timed["latency"]["teacher"]
 
 
 @pytest.mark.slow

@@ -11,9 +11,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdistill import models
+from jaxdistill import generate, models
 from jaxdistill.config import default_config
 from jaxdistill.evaluation import latency
+from jaxdistill.generate import timing
 from jaxdistill.parallel import sharding
 from jaxdistill.parallel.precision import parse_policy
 
@@ -228,3 +229,113 @@ def test_example_batch():
   assert latency.example_batch(section, 2)["inputs"].shape == (2, 8)  # default: max_len
   with pytest.raises(ValueError, match="exceeds the model's max_len 8"):
     latency.example_batch(section, 1, 9)
+
+
+def test_generation_latency_times_decoders_only():
+  decoder = _model(**TRANSFORMER)
+  encoder = _model(**TRANSFORMER, encoder=True, norm="layernorm", pos="learned", bias="all")
+  block = latency.generation_latency(
+    {"student": decoder, "teacher": encoder}, (1, 2, 4), 6, 6, repeats=2, warmup=1
+  )
+  assert set(block) == {"student"}  # an encoder does not generate
+  gen = block["student"]
+  assert set(gen) == {"batch_1", "batch_4", "memory"}  # one request and the serving batch
+  for b in (1, 4):
+    s = gen[f"batch_{b}"]
+    assert (s["prompt_tokens"], s["new_tokens"], s["repeats"]) == (4, 4, 2)  # max_len 8
+    assert s["decode_tokens"] == b * 3  # every row got its 4 tokens: 3 after the first
+    assert 0 < s["ttft"]["min_s"] <= s["ttft_s"] == s["ttft"]["median_s"]
+    assert s["decode_tokens_per_s"] == pytest.approx(b / s["decode_step"]["median_s"])
+  config = decoder[0].config
+  # The cache's bucket holds all 8 positions: k and v of [4 rows, 8, kv heads, head width].
+  kv = 4 * 8 * config.kv_heads * config.head_dim * jnp.dtype(config.dtype).itemsize
+  assert gen["memory"]["cache_bytes"] == 2 * config.num_layers * kv
+  assert gen["memory"]["params_bytes"] == latency.size(decoder[1])["bytes"]
+  assert (
+    gen["memory"]["total_bytes"] == gen["memory"]["cache_bytes"] + latency.size(decoder[1])["bytes"]
+  )
+
+
+def test_samplers_of_one_architecture_share_programs_not_variables():
+  module, kd = _model(**TRANSFORMER)
+  ce = jax.tree.map(lambda a: a[::-1] if a.ndim == 2 else -a, kd)  # other values, same shapes
+  found = latency.samplers({"kd": (module, kd), "ce": (module, ce)}, {"ce": "a tokenizer"})
+  assert found["ce"]._decoders is found["kd"]._decoders  # compiled once, for both
+  assert (found["kd"].tokenizer, found["ce"].tokenizer) == (None, "a tokenizer")
+  found["ce"].tokenizer = None  # (a stand-in: token-id prompts need none)
+  greedy = lambda s: s.generate([[1, 2, 3]], max_new_tokens=4, stop_tokens=())[0].token_ids
+  # The twin runs its own variables: its tokens are a sampler of its own's, not the first's.
+  assert greedy(found["ce"]) == greedy(generate.Sampler(module, ce)) != greedy(found["kd"])
+
+
+class _SleepySampler:
+  """Stands in for a ``generate.Sampler``: a request sleeps ``prefill`` s, yields every row's
+  first token, sleeps ``decode`` s and yields all ``max_new_tokens``; calls go to ``log``."""
+
+  def __init__(self, name, prefill, decode, log):
+    self.config = types.SimpleNamespace(max_len=64, vocab_size=10)
+    self.name, self.prefill, self.decode, self.log = name, prefill, decode, log
+
+  def stream(self, rows, max_new_tokens, stop_tokens, chunk):
+    assert stop_tokens == () and chunk == 0 and {len(r) for r in rows} == {8}
+    self.log.append(self.name)
+    time.sleep(self.prefill)
+    yield [types.SimpleNamespace(token_ids=[1]) for _ in rows]
+    time.sleep(self.decode)
+    yield [types.SimpleNamespace(token_ids=[1] * max_new_tokens) for _ in rows]
+
+
+def test_generation_timing_reads_known_sleeps():
+  # TTFT 20 / 40 ms, then 60 ms for 6 more tokens of 4 rows: 24 decode tokens, 400 tok/s. As
+  # in test_measure_reads_known_sleeps, overhead only adds, at most 20 ms.
+  log = []
+  found = {"a": _SleepySampler("a", 0.02, 0.06, log), "b": _SleepySampler("b", 0.04, 0.06, log)}
+  out = timing.measure(found, 4, prompt_tokens=8, new_tokens=7, repeats=2, warmup=1)
+  assert log == ["a", "b"] + ["a", "b"] * 2  # warm-ups, then timed round-robin
+  for name, ttft in (("a", 0.02), ("b", 0.04)):
+    s = out[name]
+    assert ttft <= s["ttft"]["min_s"] <= s["ttft_s"] < ttft + 0.02
+    assert s["decode_tokens"] == 24 and (s["prompt_tokens"], s["new_tokens"]) == (8, 7)
+    assert 4 * 0.06 / 24 <= s["decode_step"]["min_s"] < 4 * 0.08 / 24  # one step, all rows
+    assert 24 / 0.08 < s["decode_tokens_per_s"] <= 24 / 0.06
+
+
+def test_generation_lengths_fit_the_context():
+  config = lambda n: types.SimpleNamespace(max_len=n, vocab_size=5)
+  assert timing.lengths(config(128), 32, 32) == (32, 32)  # the quickstart's full size
+  assert timing.lengths(config(32), 32, 32) == (16, 16)  # its test size
+  assert timing.lengths(config(40), 8, 64) == (8, 32)
+  rows = timing.prompts(config(32), 3, 16)
+  assert len(rows) == 3 and {len(r) for r in rows} == {16}
+  assert all(0 <= t < 5 for r in rows for t in r)
+
+
+def test_eval_table_shows_generation_for_decoders_only():
+  from jaxdistill.evaluation import job
+
+  at = lambda ttft, tok_s: {"ttft_s": ttft, "decode_tokens_per_s": tok_s}
+  forward = {"batch_1": {"median_s": 1e-3}, "batch_32": {"median_s": 8e-3}}
+  metrics = dict(val_loss=3.5, val_ppl=33.1, accuracy=0.3, top5_accuracy=0.6, ece=0.01)
+  result = {
+    "task": "text",
+    "models": {"student": metrics, "teacher": metrics},
+    "size": dict.fromkeys(("student", "teacher"), {"params": 10**6, "bytes": 4 * 10**6}),
+    "latency": {
+      "batch_sizes": [1, 32],
+      "student": {
+        **forward,
+        "generate": {"batch_1": at(2.5e-3, 400.0), "batch_32": at(0.1, 6400.0)},
+      },
+      "teacher": forward,  # not timed generating: dashes
+    },
+  }
+  lines = job.format_table(result).splitlines()
+  head, _, *rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+  cells = {row[0]: dict(zip(head, row)) for row in rows}
+  assert cells["student"]["TTFT ms @ batch 1"] == "2.50"
+  assert cells["teacher"]["TTFT ms @ batch 1"] == "—"
+  assert cells["student"]["decode tok/s @ batch 1"] == "400"
+  assert cells["student"]["decode tok/s @ batch 32"] == "6,400"
+  assert cells["student"]["ms @ batch 32"] == "8.00"
+  del result["latency"]["student"]["generate"]
+  assert "TTFT" not in job.format_table(result)  # no decoder timed: no generation columns

@@ -14,7 +14,7 @@ its own):
      train.metrics, train.throughput, evaluation.classify, generate.sampling
   2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
   3  distill/ heads and objective (+ fused, sparse, chunking), config.validate (+ checks/),
-     compress.stages, generate/ (cache, decode, sampler, speculative)
+     compress.stages, generate/ (cache, decode, sampler, speculative, timing)
   4  train.step, train.teacher, train.checkpoint, train.on_policy, evaluation.evaluate,
      evaluation.latency, evaluation.task_accuracy
   5  train.run, train.workdir, train.loop     build a run, its workdir, the step loop

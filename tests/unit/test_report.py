@@ -3,6 +3,7 @@ report.json, the PNGs' sizes and contents, and the one-line errors of bad input.
 
 import json
 import math
+import pathlib
 import random
 import struct
 
@@ -316,7 +317,23 @@ def text_runs(tmp_path):
 # --- the report ----------------------------------------------------------------------------
 
 
+def _generate(ttft_ms, tok_s_1, tok_s_32):
+  """An eval JSON's "generate" block (``latency.generation_latency``'s, the fields read)."""
+  at = lambda tok_s: dict(decode_tokens_per_s=tok_s, ttft_s=ttft_ms / 1e3, prompt_tokens=16,
+                          new_tokens=16)  # fmt: skip
+  return {"batch_1": at(tok_s_1), "batch_32": at(tok_s_32), "memory": {"total_bytes": 3 << 20}}
+
+
+def _add_generate(workdir, side, block):
+  path = pathlib.Path(workdir) / "eval" / "validation.json"
+  ev = json.loads(path.read_text())
+  ev["latency"][side]["generate"] = block
+  path.write_text(json.dumps(ev))
+  return ev
+
+
 def test_text_report_table_pareto_and_files(text_runs, tmp_path):
+  _add_generate(text_runs["kd"], "student", _generate(2.5, 400.0, 6400.0))
   out = tmp_path / "report"
   rep = report.write(text_runs, str(out), extra_md="A verdict paragraph.")
   rows = {r["name"]: r for r in rep["rows"]}
@@ -344,6 +361,8 @@ def test_text_report_table_pareto_and_files(text_runs, tmp_path):
   assert {n: pareto[c["Pareto"]] for n, c in cells.items()} == expected
   assert cells["kd"]["val CE"] == "3.500" and cells["kd"]["ms b=32"] == "10"
   assert cells["kd"]["ms b=1"] == "4" and cells["kd"]["memory"] == "3.00 MiB"
+  assert cells["kd"]["TTFT ms b=1"] == "2.5" and cells["kd"]["decode tok/s b=32"] == "6,400"
+  assert cells["kd"]["decode tok/s b=1"] == "400" and cells["ce"]["TTFT ms b=1"] == "—"
   assert cells["nolat"]["ms b=32"] == "—" and cells["teacher"]["agree"] == "—"
   assert cells["kd"]["params"] == "200.00k" and cells["teacher"]["params"] == "1.00M"
   assert "A verdict paragraph." in md
@@ -603,3 +622,34 @@ def test_text_verdict_without_per_batch_records_and_a_teacher_within_noise():
     "nats difference is within the noise (±"
   )
   assert "so there was nothing to distil" in text
+
+
+def test_quickstart_generation_table_and_samples():
+  summary = {
+    "teacher": {"val_ppl": 20.04, "params": 1_000_000},
+    "kd_student": {"val_ppl": 33.1, "params": 200_000},
+    "ce_student": {"val_ppl": 44.7, "params": 200_000},
+    "ce_student_equal_time": {"val_ppl": 40.0, "params": 200_000},  # not a generation row
+  }
+  timed = {"teacher": _generate(5.0, 100.0, 1600.0), "kd_student": _generate(2.5, 400.0, 6400.0)}
+  timed["ce_student"] = _generate(2.4, 410.0, 6300.0)
+  samples = {name: [" f(x):", " os\nimport sys"] for name in timed}
+  samples["kd_student"] = [" g():", " ```"]  # a fence in the text gets a longer fence
+  gen = {"timed": timed, "samples": samples, "new_tokens": dict.fromkeys(timed, 16)}
+  out = quickstart_report.generation(summary, gen, ["def", "import"])
+  assert list(out["rows"]) == ["teacher", "kd_student", "ce_student"]
+  assert out["rows"]["teacher"]["params"] == 1_000_000 and out["new_tokens"] == 16
+  assert out["rows"]["kd_student"]["decode_tokens_per_s"] == {1: 400.0, 32: 6400.0}
+  assert out["rows"]["kd_student"]["ttft_s"] == 2.5e-3  # batch 1's
+  md = quickstart_report.generation_md(json.loads(json.dumps(out)))  # as report.json holds it
+  cells = table_cells(md)
+  assert list(cells) == ["teacher", "kd_student", "ce_student"]
+  assert cells["kd_student"] == {
+    "model": "kd_student", "ppl": "33.1", "TTFT ms b=1": "2.5", "decode tok/s b=1": "400",
+    "decode tok/s b=32": "6,400", "memory b=32": "3.00 MiB", "params": "200.00k",
+  }  # fmt: skip
+  assert cells["teacher"]["decode tok/s b=32"] == "1,600" and cells["teacher"]["params"] == "1.00M"
+  assert "16-token random prompts and 16 new tokens" in md and "at most 16 new tokens" in md
+  assert md.count("  def f(x):") == 2 and md.count("  import os\n  import sys") == 2
+  assert "  def g():" in md and "  ````text\n  import ```\n  ````" in md
+  assert md.index("Prompt `def`") < md.index("Prompt `import`")
