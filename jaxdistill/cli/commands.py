@@ -105,9 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
   quick.add_argument("--size", choices=("full", "test"), default="full", help="test: seconds")
   quick.add_argument(
     "--task",
-    choices=("text", "vision"),
+    choices=("text", "vision", "arithmetic"),
     default="text",
-    help="text: LMs on the built-in corpus; vision: CNNs on the built-in digits",
+    help="text: LMs on the built-in corpus; vision: CNNs on the built-in digits; arithmetic: "
+    "token KD vs sequence KD vs on-policy on a task with checkable answers",
   )
   quick.add_argument("--cache_dir", default="", help="default: $JAXDISTILL_CACHE_DIR or ~/.cache")
   emb = sub.add_parser("embed", help="sentence embeddings (one per input line) from an encoder")
@@ -241,6 +242,11 @@ def _quickstart(args) -> int:
   if args.cache_dir:
     _check_dir_flag("--cache_dir", args.cache_dir)
   try:
+    if args.task == "arithmetic":
+      from jaxdistill import task_quickstart
+
+      task_quickstart.run(workdir, size=args.size, cache_dir=args.cache_dir)
+      return 0
     quickstart.run(workdir, size=args.size, cache_dir=args.cache_dir, task=args.task)
   except quickstart.Interrupted as e:
     print(

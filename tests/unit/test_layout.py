@@ -18,8 +18,8 @@ its own):
   4  train.step, train.teacher, train.checkpoint, train.on_policy, evaluation.evaluate,
      evaluation.latency, evaluation.task_accuracy
   5  train.run, train.workdir, train.loop     build a run, its workdir, the step loop
-  6  jobs: quickstart, precompute/, evaluation.job, evaluation.embed, compress/, report/,
-     generate.job, generate.load
+  6  jobs: quickstart, task_quickstart, precompute/, evaluation.job, evaluation.embed,
+     compress/, report/, generate.job, generate.load
   7  cli/
 """
 
@@ -48,6 +48,7 @@ LAYERS = {
   **dict.fromkeys(("evaluation.evaluate", "evaluation.latency", "evaluation.task_accuracy"), 4),
   **dict.fromkeys(("train.run", "train.workdir", "train.loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "evaluation", "compress", "report"), 6),
+  "task_quickstart": 6,
   **dict.fromkeys(("generate.job", "generate.load"), 6),
   "train": 5,
   "cli": 7,
@@ -57,7 +58,8 @@ LAYERS = {
 BOTTOM = ("models", "distill.losses", "distill.layer_maps", "distill.schedules", "parallel")
 BOTTOM += ("errors", "distill.vision_losses", "evaluation.classify", "distill.ensemble")
 BOTTOM += ("paths",)  # layer 0: models read and write local or gs:// files through it
-JOBS = ("quickstart", "precompute", "evaluation.job", "evaluation.embed", "report", "compress")
+JOBS = ("quickstart", "task_quickstart", "precompute", "evaluation.job", "evaluation.embed")
+JOBS += ("report", "compress")
 JOBS += ("generate.job", "generate.load")
 # The command line.
 CLI = ("cli",)

@@ -114,3 +114,17 @@ def test_exact_match_counts_checked_answers(cfg, tok, monkeypatch):
   out = task_accuracy.exact_match(model, {}, tok, cfg, count=4)
   assert out["exact_match"] == 0.5 and out["answered"] == 0.75 and out["problems"] == 4
   assert out["samples"][0] == [problems[0].prompt, problems[0].completion]
+
+
+def test_the_task_quickstart_table_has_a_row_per_model():
+  from jaxdistill import task_quickstart
+
+  rows = {
+    "teacher": {"val_loss": 0.01, "exact_match": 0.98, "samples": [["1+2=", "1+2=3 c0;=3\n"]]},
+    "token_kd": {"val_loss": 0.5, "exact_match": 0.25, "agreement": 0.9, "train_s": 12.0},
+  }
+  md = task_quickstart.table_md(rows, {"rows": 40, "verifier": 3, "unfinished": 0}, 90.0)
+  assert "| teacher | 0.010 | 98.0% | — | — | — |" in md
+  assert "| token_kd | 0.500 | 25.0% | 0.900 | — | 12 |" in md
+  assert "40 verified samples kept (dropped: verifier 3)" in md
+  assert "- teacher: `1+2=` -> `1+2=3 c0;=3`" in md
