@@ -226,7 +226,9 @@ def cross_entropy(logits_BxTxV, targets_BxT, mask_BxT, denom) -> LossAndMetrics:
 # --- MiniLM attention / value relations ---
 
 
-def attention_kl(student_probs_BxHxTxT, teacher_probs_BxHxTxT, mask_BxT, denom) -> LossAndMetrics:
+def attention_kl(
+  student_probs_BxHxTxT, teacher_probs_BxHxTxT, mask_BxT, denom, keys_BxT=None
+) -> LossAndMetrics:
   """MiniLM self-attention distribution transfer: KL(A_T row || A_S row).
 
   Inputs are probabilities already softmaxed and masked by the models (rows sum
@@ -238,8 +240,10 @@ def attention_kl(student_probs_BxHxTxT, teacher_probs_BxHxTxT, mask_BxT, denom) 
   Args:
     student_probs_BxHxTxT: [B, H, T(query), T(key)] student attention.
     teacher_probs_BxHxTxT: [B, H, T, T] teacher attention (gradient stopped).
-    mask_BxT: [B, T] validity mask (query rows and keys).
+    mask_BxT: [B, T] validity mask (query rows; and keys unless ``keys_BxT``).
     denom: scalar global number of valid tokens.
+    keys_BxT: [B, T] the keys that exist, when they are more than the weighted rows (a
+      prompt carries no loss but is attended to): every row's distribution is then whole.
 
   Returns:
     (loss, {"distill/attention": loss}): KL summed over keys, averaged over heads,
@@ -247,7 +251,8 @@ def attention_kl(student_probs_BxHxTxT, teacher_probs_BxHxTxT, mask_BxT, denom) 
   """
   _check_same_shape("attention_kl", student_probs_BxHxTxT.shape, teacher_probs_BxHxTxT.shape)
   valid_BxT = _valid(mask_BxT)
-  pair_Bx1xTxT = valid_BxT[:, None, :, None] & valid_BxT[:, None, None, :]
+  keys_BxT = valid_BxT if keys_BxT is None else _valid(keys_BxT)
+  pair_Bx1xTxT = valid_BxT[:, None, :, None] & keys_BxT[:, None, None, :]
   a_s = jnp.where(pair_Bx1xTxT, student_probs_BxHxTxT.astype(F32), 0.0)
   a_t = jnp.where(pair_Bx1xTxT, jax.lax.stop_gradient(teacher_probs_BxHxTxT).astype(F32), 0.0)
   log_s = jnp.log(jnp.maximum(a_s, _TINY))
@@ -266,7 +271,9 @@ def _relation_logprobs(v_BxTxHxK: jax.Array, valid_BxT: jax.Array) -> jax.Array:
   return jax.nn.log_softmax(scores_BxHxTxT, axis=-1)
 
 
-def value_relation(student_v_BxTxHxK, teacher_v_BxTxHxK, mask_BxT, denom) -> LossAndMetrics:
+def value_relation(
+  student_v_BxTxHxK, teacher_v_BxTxHxK, mask_BxT, denom, keys_BxT=None
+) -> LossAndMetrics:
   """MiniLM value-relation transfer: KL(VR_T || VR_S), VR = softmax(v v^T / sqrt(K)).
 
   Relations are bidirectional, as in MiniLM: NO causal mask is applied, only padded
@@ -276,8 +283,9 @@ def value_relation(student_v_BxTxHxK, teacher_v_BxTxHxK, mask_BxT, denom) -> Los
   Args:
     student_v_BxTxHxK: [B, T, H, Ks] student values.
     teacher_v_BxTxHxK: [B, T, H, Kt] teacher values (gradient stopped).
-    mask_BxT: [B, T] validity mask.
+    mask_BxT: [B, T] validity mask (query rows; and keys unless ``keys_BxT``).
     denom: scalar global number of valid tokens.
+    keys_BxT: [B, T] the tokens that exist as keys, as ``attention_kl``'s.
 
   Returns:
     (loss, {"distill/value_relation": loss}): KL summed over keys, averaged over
@@ -285,11 +293,11 @@ def value_relation(student_v_BxTxHxK, teacher_v_BxTxHxK, mask_BxT, denom) -> Los
   """
   # [B, T, H] must match; only the head dim K may differ.
   _check_same_shape("value_relation", student_v_BxTxHxK.shape[:3], teacher_v_BxTxHxK.shape[:3])
-  valid_BxT = _valid(mask_BxT)
-  v_s = _zero_padded(student_v_BxTxHxK, mask_BxT)
-  v_t = _zero_padded(jax.lax.stop_gradient(teacher_v_BxTxHxK), mask_BxT)
-  logp_t = _relation_logprobs(v_t, valid_BxT)
-  logp_s = _relation_logprobs(v_s, valid_BxT)
+  keys = mask_BxT if keys_BxT is None else keys_BxT
+  v_s = _zero_padded(student_v_BxTxHxK, keys)
+  v_t = _zero_padded(jax.lax.stop_gradient(teacher_v_BxTxHxK), keys)
+  logp_t = _relation_logprobs(v_t, _valid(keys))
+  logp_s = _relation_logprobs(v_s, _valid(keys))
   kl_BxHxT = _kl_from_logprobs(logp_t, logp_s)
   loss = _masked_total(jnp.mean(kl_BxHxT, axis=1), mask_BxT, denom)
   return loss, {"distill/value_relation": loss}

@@ -119,17 +119,23 @@ def _mean_over_pairs(pairs, fn):
   return total / len(pairs), metrics
 
 
+def _keys(batch: dict):
+  """The tokens that exist as attention keys: ``segment_ids`` > 0 (a prompt the loss skips
+  is still attended to), or the weights where a batch has no segment ids."""
+  return batch["segment_ids"] > 0 if "segment_ids" in batch else None
+
+
 def _attention(s, t, batch, denom, step, proj, *, pairs, section):
   """MiniLM attention KL, mean over layer pairs (pair index i reads block i - 1)."""
-  w = batch["weights"]
-  kl = lambda i, j: losses.attention_kl(s["attn"][i - 1], t["attn"][j - 1], w, denom)
+  w, keys = batch["weights"], _keys(batch)
+  kl = lambda i, j: losses.attention_kl(s["attn"][i - 1], t["attn"][j - 1], w, denom, keys)
   return _mean_over_pairs(pairs, kl)
 
 
 def _value_relation(s, t, batch, denom, step, proj, *, pairs, section):
   """MiniLM value-relation KL, mean over layer pairs (qkv[i - 1][2] are block i - 1's values)."""
-  w = batch["weights"]
-  kl = lambda i, j: losses.value_relation(s["qkv"][i - 1][2], t["qkv"][j - 1][2], w, denom)
+  w, keys = batch["weights"], _keys(batch)
+  kl = lambda i, j: losses.value_relation(s["qkv"][i - 1][2], t["qkv"][j - 1][2], w, denom, keys)
   return _mean_over_pairs(pairs, kl)
 
 

@@ -253,6 +253,20 @@ def test_attention_kl_matches_numpy_and_is_zero_for_identical():
   np.testing.assert_allclose(float(same), 0.0, atol=1e-7)
 
 
+def test_attention_kl_over_all_keys_when_only_some_rows_carry_loss():
+  # A prompt's positions carry no loss (weights 0) but are attended to: with keys_BxT every
+  # weighted row's KL is over its whole distribution (as NumPy's), so it is never negative.
+  a_s, a_t = _attention_probs(22, MASK_BxT), _attention_probs(23, MASK_BxT)
+  rows = MASK_BxT.copy()
+  rows[:, :2] = 0  # the first two positions: a prompt
+  loss, _ = losses.attention_kl(a_s, a_t, rows, DENOM, keys_BxT=MASK_BxT)
+  np.testing.assert_allclose(
+    float(loss), np_attention_kl(a_s, a_t, rows, DENOM), rtol=RTOL, atol=ATOL
+  )
+  kl_rows = np_kl(a_t, a_s).mean(axis=1)
+  assert (kl_rows[rows != 0] >= 0).all() and float(loss) > 0
+
+
 def test_attention_kl_rejects_head_mismatch():
   a = _attention_probs(22, MASK_BxT)
   with pytest.raises(ValueError, match="head"):
