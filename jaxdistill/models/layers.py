@@ -10,6 +10,7 @@ Shape letters as in ``transformer``: B batch, T / S query / key length, D width,
 K head dim, F MLP width, V vocabulary.
 """
 
+import functools
 import math
 from typing import Sequence
 
@@ -178,12 +179,10 @@ def write_cache(cache_BxGxSxK: jax.Array, new_BxTxGxK: jax.Array, index_B: jax.A
   """``cache`` with row b's slots index_B[b] .. index_B[b] + T - 1 set to ``new``'s row b.
 
   An in-place scatter of the B * T new slices (no pass over the rest of the cache). A start
-  past S - T is clamped to S - T, as ``dynamic_update_slice`` does: the caller keeps running
-  rows' index_B + T <= S; a finished row's write may land on its last slot, which it no
-  longer reads.
+  past S - T is clamped to S - T (as ``dynamic_update_slice``): the caller keeps running rows'
+  index_B + T <= S; a finished row's write may land on its last slot, which it no longer reads.
   """
-  b, _, s, _ = cache_BxGxSxK.shape
-  t = new_BxTxGxK.shape[1]
+  (b, _, s, _), t = cache_BxGxSxK.shape, new_BxTxGxK.shape[1]
   start_B = jnp.clip(index_B, 0, s - t)
   slots_BxT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
   new_BxTxGxK = new_BxTxGxK.astype(cache_BxGxSxK.dtype)
@@ -193,20 +192,13 @@ def write_cache(cache_BxGxSxK: jax.Array, new_BxTxGxK: jax.Array, index_B: jax.A
     return jax.lax.dynamic_update_slice(cache_BxGxSxK, new_1xGxTxK, (zero, zero, start_B[0], zero))
   rows_Bx1 = jnp.arange(b, dtype=start_B.dtype)[:, None]
   # Advanced indices around a slice: the update's axes are [B, T, G, K], new's own layout.
-  return cache_BxGxSxK.at[rows_Bx1, :, slots_BxT].set(
-    new_BxTxGxK,
-    mode="promise_in_bounds",
-    unique_indices=True,
-    indices_are_sorted=True,
-  )
+  at = cache_BxGxSxK.at[rows_Bx1, :, slots_BxT]
+  return at.set(new_BxTxGxK, mode="promise_in_bounds", unique_indices=True, indices_are_sorted=True)
 
 
 def cache_mask(index_B: jax.Array, length: int, capacity: int) -> jax.Array:
-  """Bool [B, 1, T, S] mask of T new tokens written at index_B[b] + t into an S-slot cache.
-
-  Query t of row b may attend to slots s <= index_B[b] + t: the tokens before it and itself.
-  Slots beyond a row's tokens (stale or never written) are never read.
-  """
+  """Bool [B, 1, T, S]: query t of row b (written at index_B[b] + t into an S-slot cache) may
+  attend to slots s <= index_B[b] + t; slots beyond a row's tokens are never read."""
   query_BxT = index_B[:, None] + jnp.arange(length, dtype=index_B.dtype)[None, :]
   return (jnp.arange(capacity)[None, None, :] <= query_BxT[:, :, None])[:, None]
 
@@ -300,11 +292,10 @@ class Attention(nn.Module):
   def _cached(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, mask_Bx1xTxS, cache, index_B):
     """Attention of T new tokens over the key/value cache (see ``__call__``).
 
-    The cache [B, G, S, K] is read as it was before this call (its slots before index_B, which
-    ``mask_Bx1xTxS`` allows) and the T new keys/values directly (causally); they are written
-    into it after it was read. XLA then updates the cache in place: reading the written cache
-    would make it copy the whole cache every step. Both einsums are batched over (B, G) with
-    S and K as matrix axes, so no transposed copy of the cache is made either.
+    The cache [B, G, S, K] is read as it was (slots before index_B) and the T new keys/values
+    directly (causally), then they are written: XLA updates it in place (reading the written
+    cache would copy it every step). The einsums are batched over (B, G), S and K the matrix
+    axes (XLA on CPU still transposes the keys at batch 1: a copy of K).
     """
     cfg = self.config
     b, t, h, k = q_BxTxHxK.shape
@@ -317,35 +308,26 @@ class Attention(nn.Module):
     # Grouped queries against the G cached heads: the cache is read once, never repeated to H.
     q_BxGxRxTxK = q_BxTxHxK.reshape(b, t, g, h // g, k).transpose(0, 2, 3, 1, 4).astype(dtype)
     k_BxTxGxK, v_BxTxGxK = k_BxTxGxK.astype(dtype), v_BxTxGxK.astype(dtype)
-    scores = lambda eq, keys: (
-      jnp.einsum(  # noqa: E731
-        eq, q_BxGxRxTxK, keys, preferred_element_type=jnp.float32
-      )
-      / math.sqrt(k)
-    )
+    q_BxGxRxTxK = q_BxGxRxTxK / jnp.asarray(math.sqrt(k), dtype)
+    scores = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
     old_Bx1xTxS = mask_Bx1xTxS & (jnp.arange(s)[None, None, None, :] < index_B[:, None, None, None])
     new_TxU = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-    old_scores = scores("bgrtk,bgsk->bgrts", k_BxGxSxK)
-    scores_BxGxRxTxSU = jnp.concatenate(
-      [
-        jnp.where(old_Bx1xTxS[:, :, None], old_scores, _MASKED),
-        jnp.where(new_TxU, scores("bgrtk,bugk->bgrtu", k_BxTxGxK), _MASKED),
-      ],
-      axis=-1,
+    old = jnp.where(
+      old_Bx1xTxS[:, :, None], scores("bgrtk,bgsk->bgrts", q_BxGxRxTxK, k_BxGxSxK), _MASKED
     )
+    new = jnp.where(new_TxU, scores("bgrtk,bugk->bgrtu", q_BxGxRxTxK, k_BxTxGxK), _MASKED)
+    scores_BxGxRxTxSU = jnp.concatenate([old, new], axis=-1)
     probs_BxGxRxTxSU = jax.nn.softmax(scores_BxGxRxTxSU, axis=-1).astype(dtype)
-    ctx_BxGxRxTxK = jnp.einsum(
-      "bgrts,bgsk->bgrtk", probs_BxGxRxTxSU[..., :s], v_BxGxSxK
-    ) + jnp.einsum("bgrtu,bugk->bgrtk", probs_BxGxRxTxSU[..., s:], v_BxTxGxK)
+    ctx_BxGxRxTxK = jnp.einsum("bgrts,bgsk->bgrtk", probs_BxGxRxTxSU[..., :s], v_BxGxSxK)
+    ctx_BxGxRxTxK += jnp.einsum("bgrtu,bugk->bgrtk", probs_BxGxRxTxSU[..., s:], v_BxTxGxK)
     ctx_BxTxHxK = ctx_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k).astype(cfg.dtype)
-    # The barrier orders the writes after the reads (XLA would copy the cache otherwise).
-    dep = (jnp.clip(ctx_BxTxHxK[:, :, :1, :1], -1, 1) * 0).astype(dtype)
+    dep = (jnp.clip(ctx_BxTxHxK[:, :, :1, :1], -1, 1) * 0).astype(dtype)  # writes after reads
     k_BxTxGxK, v_BxTxGxK = k_BxTxGxK + dep, v_BxTxGxK + dep
-    new_cache = tuple(
-      nn.with_logical_constraint(write_cache(c, n, index_B), CACHE_AXES)
-      for c, n in ((k_BxGxSxK, k_BxTxGxK), (v_BxGxSxK, v_BxTxGxK))
+    pairs = ((k_BxGxSxK, k_BxTxGxK), (v_BxGxSxK, v_BxTxGxK))
+    new = tuple(
+      nn.with_logical_constraint(write_cache(c, n, index_B), CACHE_AXES) for c, n in pairs
     )
-    return self._out(ctx_BxTxHxK), None, None, new_cache
+    return self._out(ctx_BxTxHxK), None, None, new
 
 
 class Mlp(nn.Module):
