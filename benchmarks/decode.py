@@ -113,11 +113,12 @@ def random_variables(module: Transformer, seed: int = 0) -> dict:
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-def weight_bytes_read(params, vocab: int, batch: int) -> int:
-  """Bytes one decode step reads from the params: all but the embedding table (B rows of it)."""
+def weight_bytes_read(params, vocab: int, batch: int, itemsize: bool = True) -> int:
+  """Bytes (``itemsize=False``: scalars) one decode step reads from the params: all but the
+  embedding table (B rows of it)."""
   total = 0
   for path, leaf in jax.tree_util.tree_leaves_with_path(params):
-    nbytes = leaf.size * leaf.dtype.itemsize
+    nbytes = leaf.size * (leaf.dtype.itemsize if itemsize else 1)
     if "token_embed" in jax.tree_util.keystr(path):
       nbytes = batch * nbytes // vocab
     total += nbytes
@@ -178,11 +179,9 @@ def time_decoder(module, variables, prompts_BxP: np.ndarray, new_tokens: int) ->
   }
 
 
-def flops_per_token(
-  cfg: TransformerConfig, weights_read: int, itemsize: int, context: float
-) -> float:
-  """2 * weights read + attention's scores and context (4 * L * H * K * cached tokens)."""
-  return 2 * weights_read / itemsize + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
+def flops_per_token(cfg: TransformerConfig, scalars_read: int, context: float) -> float:
+  """2 * weight scalars read + attention's scores and context (4 * L * H * K * cached tokens)."""
+  return 2 * scalars_read + 4 * cfg.num_layers * cfg.num_heads * cfg.head_dim * context
 
 
 def row_limits(cfg, params, b, p, n, tok_s, bw_gbs, peak_gflops) -> dict:
@@ -191,7 +190,8 @@ def row_limits(cfg, params, b, p, n, tok_s, bw_gbs, peak_gflops) -> dict:
   context = p + n / 2  # cached tokens per row, on average over the decode steps
   cache_read = b * cfg.num_layers * 2 * cfg.kv_heads * cfg.head_dim * 4 * context
   bound = b * bw_gbs * 1e9 / (weights + cache_read)
-  achieved = tok_s * flops_per_token(cfg, weights / b * b, 4, context) / 1e9
+  scalars = weight_bytes_read(params, cfg.vocab_size, b, itemsize=False)
+  achieved = tok_s * flops_per_token(cfg, scalars, context) / 1e9
   return {
     "weight_bytes_read": weights,
     "cache_bytes_read": cache_read,
