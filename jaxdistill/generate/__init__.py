@@ -4,6 +4,7 @@
   cache.py        the key/value cache pytree: init, buckets, grow, logical sharding
   decode.py       Decoder: the jitted prefill and the ``lax.while_loop`` decode of one model
   sampler.py      Sampler(model, variables, tokenizer).generate / .stream: the Python API
+  int8_weights.py quantize(model, variables): weight-only int8 decoding (int8 kernels + scales)
   prompts.py      the command's prompts and stop tokens, checked (layer 3)
   output.py       the command's resumable .jsonl file and its settings sidecar (layer 3)
   load.py, job.py ``jaxdistill generate``: the model to run, batches, output (layer 6, jobs)

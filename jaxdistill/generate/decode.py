@@ -102,8 +102,15 @@ class Decoder:
   def _prefill(self, variables, capacity, tokens_BxP, lengths_B, rows_B, seed) -> DecodeState:
     """See the module docstring; the cache starts with ``capacity`` (static) slots."""
     b = tokens_BxP.shape[0]
-    cache = cache_lib.constrain(cache_lib.init(self.model.config, b, capacity, self.cache_dtype))
-    out = self.model.apply(variables, tokens_BxP, cache=cache, return_logits=False)
+    cfg = self.model.config
+    # The prompt runs through the model's plain causal forward (no cache to read yet: padding
+    # past a row's length is never seen by its real tokens); its keys/values fill the cache.
+    out = self.model.apply(
+      variables, tokens_BxP, return_logits=False, qkv_layers=tuple(range(cfg.num_layers))
+    )
+    cache = cache_lib.from_keys_values(
+      [out["qkv"][i][1:] for i in range(cfg.num_layers)], capacity, self.cache_dtype, cfg
+    )
     # Each row's next-token logits come from its own last prompt position.
     last_BxD = jnp.take_along_axis(out["final_hidden"], (lengths_B - 1)[:, None, None], axis=1)
     logits_BxV = jnp.einsum("bd,dv->bv", last_BxD[:, 0], out["head"])
@@ -119,7 +126,7 @@ class Decoder:
     n = self.max_new_tokens
     num_B = jnp.ones((b,), jnp.int32)
     state = DecodeState(
-      cache=cache_lib.constrain(dict(out["cache"], lengths=lengths_B)),
+      cache=cache_lib.constrain(dict(cache, lengths=lengths_B)),
       last_B=tokens_B,
       tokens_BxN=jnp.zeros((b, n), jnp.int32).at[:, 0].set(tokens_B),
       logprobs_BxN=jnp.zeros((b, n), jnp.float32).at[:, 0].set(logp_B),

@@ -10,6 +10,7 @@ Shape letters as in ``transformer``: B batch, T / S query / key length, D width,
 K head dim, F MLP width, V vocabulary.
 """
 
+import functools
 import math
 from typing import Sequence
 
@@ -27,6 +28,10 @@ ACT_RESIDUAL = ("act_batch", "act_length", "act_embed")
 ACT_HEADS = ("act_batch", "act_length", "act_heads", "act_kv")
 ACT_MLP = ("act_batch", "act_length", "act_mlp")
 ACT_LOGITS = ("act_batch", "act_length", "act_vocab")
+# A key/value cache tensor [B, G, S, K] (``generate.cache``): the q/k/v activation names.
+CACHE_AXES = ("act_batch", "act_heads", "act_length", "act_kv")
+# The score of a masked key: finfo.min (not -inf) keeps the softmax's max-subtraction finite.
+_MASKED = jnp.finfo(jnp.float32).min
 # Variable collection of FP8 scales / amax histories: its "gradients" are its new values.
 FP8_STATE = fp8_ops.OVERWRITE_WITH_GRADIENT
 
@@ -170,22 +175,30 @@ class EinsumDense(nn.Module):
     return jnp.einsum(self.equation, x, kernel)
 
 
-def write_cache(cache_BxSxGxK: jax.Array, new_BxTxGxK: jax.Array, index_B: jax.Array) -> jax.Array:
+def write_cache(cache_BxGxSxK: jax.Array, new_BxTxGxK: jax.Array, index_B: jax.Array) -> jax.Array:
   """``cache`` with row b's slots index_B[b] .. index_B[b] + T - 1 set to ``new``'s row b.
 
-  The caller guarantees index_B + T <= S (``dynamic_update_slice`` would clamp, not fail).
+  An in-place scatter of the B * T new slices (no pass over the rest of the cache). A start
+  past S - T is clamped to S - T (as ``dynamic_update_slice``): the caller keeps running rows'
+  index_B + T <= S; a finished row's write may land on its last slot, which it no longer reads.
   """
-  new_BxTxGxK = new_BxTxGxK.astype(cache_BxSxGxK.dtype)
-  write = lambda c, n, i: jax.lax.dynamic_update_slice_in_dim(c, n, i, axis=0)  # noqa: E731
-  return jax.vmap(write)(cache_BxSxGxK, new_BxTxGxK, index_B)
+  (b, _, s, _), t = cache_BxGxSxK.shape, new_BxTxGxK.shape[1]
+  start_B = jnp.clip(index_B, 0, s - t)
+  slots_BxT = start_B[:, None] + jnp.arange(t, dtype=start_B.dtype)[None, :]
+  new_BxTxGxK = new_BxTxGxK.astype(cache_BxGxSxK.dtype)
+  if b == 1:  # one slice: a plain in-place dynamic_update_slice (XLA copies a 1-row scatter)
+    zero = jnp.zeros((), start_B.dtype)
+    new_1xGxTxK = new_BxTxGxK.transpose(0, 2, 1, 3)
+    return jax.lax.dynamic_update_slice(cache_BxGxSxK, new_1xGxTxK, (zero, zero, start_B[0], zero))
+  rows_Bx1 = jnp.arange(b, dtype=start_B.dtype)[:, None]
+  # Advanced indices around a slice: the update's axes are [B, T, G, K], new's own layout.
+  at = cache_BxGxSxK.at[rows_Bx1, :, slots_BxT]
+  return at.set(new_BxTxGxK, mode="promise_in_bounds", unique_indices=True, indices_are_sorted=True)
 
 
 def cache_mask(index_B: jax.Array, length: int, capacity: int) -> jax.Array:
-  """Bool [B, 1, T, S] mask of T new tokens written at index_B[b] + t into an S-slot cache.
-
-  Query t of row b may attend to slots s <= index_B[b] + t: the tokens before it and itself.
-  Slots beyond a row's tokens (stale or never written) are never read.
-  """
+  """Bool [B, 1, T, S]: query t of row b (written at index_B[b] + t into an S-slot cache) may
+  attend to slots s <= index_B[b] + t; slots beyond a row's tokens are never read."""
   query_BxT = index_B[:, None] + jnp.arange(length, dtype=index_B.dtype)[None, :]
   return (jnp.arange(capacity)[None, None, :] <= query_BxT[:, :, None])[:, None]
 
@@ -199,7 +212,7 @@ class Attention(nn.Module):
     mask_Bx1xTxS: bool mask from ``make_attention_mask`` (causal), or any mask broadcasting
       to [B, 1, T, S] (an encoder's padding mask [B, 1, 1, S]); with ``cache``, from
       ``cache_mask`` (S = the cache's slots).
-    cache: decoding: (k_BxSxGxK, v_BxSxGxK), this layer's key/value cache (G = kv heads, keys
+    cache: decoding: (k_BxGxSxK, v_BxGxSxK), this layer's key/value cache (G = kv heads, keys
       after RoPE). The T new keys/values are written at ``cache_index_B`` + t and the queries
       attend over the cache; no probabilities or q/k/v are returned.
     cache_index_B: int32 [B], the first slot each row's new tokens go to (with ``cache``).
@@ -277,29 +290,44 @@ class Attention(nn.Module):
     )(ctx_BxTxHxK)
 
   def _cached(self, q_BxTxHxK, k_BxTxGxK, v_BxTxGxK, positions_BxT, mask_Bx1xTxS, cache, index_B):
-    """Attention of T new tokens over the key/value cache (see ``__call__``)."""
+    """Attention of T new tokens over the key/value cache (see ``__call__``).
+
+    The cache [B, G, S, K] is read as it was (slots before index_B) and the T new keys/values
+    directly (causally), then they are written: XLA updates it in place (reading the written
+    cache would copy it every step). The einsums are batched over (B, G), S and K the matrix
+    axes (XLA on CPU still transposes the keys at batch 1: a copy of K).
+    """
     cfg = self.config
     b, t, h, k = q_BxTxHxK.shape
-    g = cfg.kv_heads
+    g, s = cfg.kv_heads, cache[0].shape[2]
     if cfg.pos == "rope":
       q_BxTxHxK = apply_rope(q_BxTxHxK, positions_BxT, cfg.rope_base)
       k_BxTxGxK = apply_rope(k_BxTxGxK, positions_BxT, cfg.rope_base)
-    k_BxSxGxK = nn.with_logical_constraint(write_cache(cache[0], k_BxTxGxK, index_B), ACT_HEADS)
-    v_BxSxGxK = nn.with_logical_constraint(write_cache(cache[1], v_BxTxGxK, index_B), ACT_HEADS)
+    k_BxGxSxK, v_BxGxSxK = (nn.with_logical_constraint(c, CACHE_AXES) for c in cache)
+    dtype = k_BxGxSxK.dtype
     # Grouped queries against the G cached heads: the cache is read once, never repeated to H.
-    q_BxTxGxRxK = q_BxTxHxK.reshape(b, t, g, h // g, k).astype(k_BxSxGxK.dtype)
-    scores_BxGxRxTxS = jnp.einsum(
-      "btgrk,bsgk->bgrts", q_BxTxGxRxK, k_BxSxGxK, preferred_element_type=jnp.float32
-    ) / math.sqrt(k)
-    scores_BxGxRxTxS = jnp.where(
-      mask_Bx1xTxS[:, :, None], scores_BxGxRxTxS, jnp.finfo(jnp.float32).min
+    q_BxGxRxTxK = q_BxTxHxK.reshape(b, t, g, h // g, k).transpose(0, 2, 3, 1, 4).astype(dtype)
+    k_BxTxGxK, v_BxTxGxK = k_BxTxGxK.astype(dtype), v_BxTxGxK.astype(dtype)
+    q_BxGxRxTxK = q_BxGxRxTxK / jnp.asarray(math.sqrt(k), dtype)
+    scores = functools.partial(jnp.einsum, preferred_element_type=jnp.float32)
+    old_Bx1xTxS = mask_Bx1xTxS & (jnp.arange(s)[None, None, None, :] < index_B[:, None, None, None])
+    new_TxU = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+    old = jnp.where(
+      old_Bx1xTxS[:, :, None], scores("bgrtk,bgsk->bgrts", q_BxGxRxTxK, k_BxGxSxK), _MASKED
     )
-    probs_BxGxRxTxS = jax.nn.softmax(scores_BxGxRxTxS, axis=-1)
-    ctx_BxTxGxRxK = jnp.einsum(
-      "bgrts,bsgk->btgrk", probs_BxGxRxTxS.astype(v_BxSxGxK.dtype), v_BxSxGxK
+    new = jnp.where(new_TxU, scores("bgrtk,bugk->bgrtu", q_BxGxRxTxK, k_BxTxGxK), _MASKED)
+    scores_BxGxRxTxSU = jnp.concatenate([old, new], axis=-1)
+    probs_BxGxRxTxSU = jax.nn.softmax(scores_BxGxRxTxSU, axis=-1).astype(dtype)
+    ctx_BxGxRxTxK = jnp.einsum("bgrts,bgsk->bgrtk", probs_BxGxRxTxSU[..., :s], v_BxGxSxK)
+    ctx_BxGxRxTxK += jnp.einsum("bgrtu,bugk->bgrtk", probs_BxGxRxTxSU[..., s:], v_BxTxGxK)
+    ctx_BxTxHxK = ctx_BxGxRxTxK.transpose(0, 3, 1, 2, 4).reshape(b, t, h, k).astype(cfg.dtype)
+    dep = (jnp.clip(ctx_BxTxHxK[:, :, :1, :1], -1, 1) * 0).astype(dtype)  # writes after reads
+    k_BxTxGxK, v_BxTxGxK = k_BxTxGxK + dep, v_BxTxGxK + dep
+    pairs = ((k_BxGxSxK, k_BxTxGxK), (v_BxGxSxK, v_BxTxGxK))
+    new = tuple(
+      nn.with_logical_constraint(write_cache(c, n, index_B), CACHE_AXES) for c, n in pairs
     )
-    ctx_BxTxHxK = ctx_BxTxGxRxK.reshape(b, t, h, k).astype(cfg.dtype)
-    return self._out(ctx_BxTxHxK), None, None, (k_BxSxGxK, v_BxSxGxK)
+    return self._out(ctx_BxTxHxK), None, None, new
 
 
 class Mlp(nn.Module):

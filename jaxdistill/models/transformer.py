@@ -80,7 +80,7 @@ class Transformer(nn.Module):
       qkv_layers: block indices in [0, L-1] whose q, k (after RoPE) and v to return.
       return_logits: if False, return "final_hidden" and "head" instead of "logits" (for
         fused losses that never materialize [B, T, V]).
-      cache: decoding (``generate.cache``): {"layers": ((k_BxSxGxK, v_BxSxGxK) per block),
+      cache: decoding (``generate.cache``): {"layers": ((k_BxGxSxK, v_BxGxSxK) per block),
         "lengths": int32 [B] tokens already cached per row}. The T new tokens of row b sit at
         positions lengths[b] + t (unless ``positions_BxT`` says otherwise), are written to those
         slots and attend to everything cached before them; no segment ids, attention or q/k/v.
@@ -111,7 +111,7 @@ class Transformer(nn.Module):
     if cache is None:
       mask_Bx1xTxS = make_attention_mask(segment_ids_BxT, t)
     else:
-      mask_Bx1xTxS = cache_mask(index_B, t, cache["layers"][0][0].shape[1])
+      mask_Bx1xTxS = cache_mask(index_B, t, cache["layers"][0][0].shape[2])  # [B, G, S, K]
     hidden = {0: x_BxTxD} if 0 in hidden_layers else {}
     attn, qkv, new_layers = {}, {}, []
     for i in range(cfg.num_layers):
