@@ -402,6 +402,16 @@ def test_image_classifier_ensemble_runs_and_names_feature_teachers():
   obj = objective.make_objective(c)
   widths = {p.d_out for p in obj.projections}
   assert widths == {128}, widths  # teacher 1's last stage: 64 channels x widen 2 (WRN-10-2)
-  run = run_lib.build_run(c, devices=jax.devices()[:1])
+  # Variables filled on the host (BatchNorm means 0, variances 1): the random inits of three
+  # ResNets would be most of the test's compiles; the step and its losses are what is tested.
+  from testing import host_variables
+
+  from jaxdistill.train import teacher as teacher_lib
+
+  teachers = tuple(
+    host_variables(run_lib.model_of(teacher_lib.view(c, k), "teacher"), seed=k) for k in (0, 1)
+  )
+  student = host_variables(run_lib.model_of(c, "student"), seed=2)
+  run = run_lib.build_run(c, devices=jax.devices()[:1], student_vars=student, teacher_vars=teachers)
   metrics = run.step(sharding.shard_batch(next(run.data_iter), run.mesh))
   assert all(np.isfinite(float(metrics[k])) for k in ("distill/kl", "distill/feature_map"))

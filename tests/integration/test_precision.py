@@ -7,6 +7,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 from conftest import ROOT
+from testing import host_variables
 
 from jaxdistill import config as config_lib
 from jaxdistill import data as data_lib
@@ -37,9 +38,16 @@ def _f16_config(cfg, policy="p=f32,c=f16,o=f32", scale=2.0**8, period=2000):
   return cfg
 
 
-def _build(cfg):
+def _build(cfg, host=False):
+  """``host``: student and teacher variables filled on the host (tests/testing.py), so that
+  no random init compiles; for tests about the step, not about the init or its dtypes."""
   validate.validate(cfg)
-  return loop.build_run(cfg, devices=jax.devices()[:1])
+  if not host:
+    return loop.build_run(cfg, devices=jax.devices()[:1])
+  given = {side: host_variables(model_of(cfg, side)) for side in ("student", "teacher")}
+  return loop.build_run(
+    cfg, devices=jax.devices()[:1], student_vars=given["student"], teacher_vars=given["teacher"]
+  )
 
 
 def _step(run, batch):
@@ -122,10 +130,10 @@ def test_loss_scaling_is_exact_and_invisible_in_f32(tiny_config):
   steps, so params are compared to 1e-5 relative, 1e-8 absolute near zero)."""
   cfg = _small(tiny_config)
   cfg.mesh.update(data=1, fsdp=1, tensor=1)
-  plain = _build(cfg)
+  plain = _build(cfg, host=True)
   # Off (the default): no loss-scale leaves, no loss-scale metrics.
   assert plain.state.loss_scale is None
-  scaled = _build(_f16_config(tiny_config, policy="p=f32,c=f32,o=f32", scale=2.0**10))
+  scaled = _build(_f16_config(tiny_config, policy="p=f32,c=f32,o=f32", scale=2.0**10), True)
   for _ in range(3):
     batch = _batch(plain)
     _, m_plain = _step(plain, batch)
