@@ -14,6 +14,12 @@ one is trained first). Students, all from the same init, at the same steps:
   gkd                 on-policy half the steps (lmbda 0.5), JSD beta 0.5
   sampled_rkl         on-policy every step, sampled-token reverse KL
 
+With ``--warm_start N`` the token-KD student of the equal-steps phase (or ``--warm_from DIR``)
+is trained N more steps by each method (``student.init_from``): on-policy distillation as it
+is used in practice, on a student that already writes the format (the GKD paper and the
+on-policy recipes start from a fine-tuned student; from scratch the student's own samples
+are noise for hundreds of steps).
+
 With ``--equal_time`` every student is run again with its steps scaled so that its wall time
 matches token_kd's (steps x token_kd's median step time / its own).
 
@@ -49,7 +55,7 @@ STUDENTS = ("ce", "token_kd", "seq_kd", "seq_kd_unverified", "gkd", "sampled_rkl
 RECIPE = "configs/on_policy.py"
 
 
-def config(variant: str, size: str, teacher: str, steps: int = 0, data: str = ""):
+def config(variant: str, size: str, teacher: str, steps: int = 0, data: str = "", init: str = ""):
   recipe_variant = "seq_kd" if variant.startswith("seq_kd") else variant
   cfg = config_lib.load_config(f"{RECIPE}:{recipe_variant},{size}")
   if cfg.teacher.source != "none":
@@ -58,6 +64,8 @@ def config(variant: str, size: str, teacher: str, steps: int = 0, data: str = ""
     cfg.data.task_train_files = os.path.join(data, "shard-*.arrayrecord")
   if steps:
     cfg.optim.update(steps=steps, warmup_steps=max(1, steps // 10))
+  if init:
+    cfg.student.init_from = init
   cfg.eval.every = 0
   cfg.log.progress = False
   return cfg
@@ -150,6 +158,9 @@ def main() -> None:
   ap.add_argument("--json", default="/tmp/sequence_kd.json")
   ap.add_argument("--students", default=",".join(STUDENTS))
   ap.add_argument("--equal_time", action="store_true")
+  ap.add_argument("--warm_start", type=int, default=0, help="steps from a token-KD student")
+  ap.add_argument("--warm_from", default="", help="that student (default: this run's)")
+  ap.add_argument("--skip_equal_steps", action="store_true", help="only the warm-start phase")
   ap.add_argument("--continuations", type=int, default=64, help="held-out prompts sampled")
   args = ap.parse_args()
   os.makedirs(args.out, exist_ok=True)
@@ -163,10 +174,18 @@ def main() -> None:
     if variant in wanted:
       sets[variant] = teacher_written(teacher, args.size, args.out, verified)
   rows, times = [], {}
-  for phase in ("equal_steps", "equal_time") if args.equal_time else ("equal_steps",):
+  phases = [] if args.skip_equal_steps else ["equal_steps"]
+  phases += ["equal_time"] if args.equal_time else []
+  phases += ["warm_start"] if args.warm_start else []
+  for phase in phases:
     for variant in wanted:
+      if phase == "warm_start" and variant == "ce":
+        continue
+      init = ""
+      if phase == "warm_start":
+        init = args.warm_from or os.path.join(args.out, "equal_steps-token_kd")
       steps = 0
-      if phase == "equal_time" and variant in times:
+      if phase == "equal_time" and variant in times and "token_kd" in times:
         base = config(variant, args.size, teacher).optim.steps
         steps = max(1, round(base * times["token_kd"] / times[variant]))
       data = sets[variant][0] if variant in sets else ""
@@ -174,7 +193,9 @@ def main() -> None:
         rows.append({"phase": phase, "student": variant, "data": sets[variant][2], "skipped": 1})
         print(f"{variant}: the teacher-written set kept no sample; skipped", flush=True)
         continue
-      cfg = config(variant, args.size, teacher, steps, data)
+      if phase == "warm_start":
+        steps = args.warm_start
+      cfg = config(variant, args.size, teacher, steps, data, init)
       workdir = os.path.join(args.out, f"{phase}-{variant}")
       start = time.perf_counter()
       loop.train(cfg, workdir)
