@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, Sequence
 
+from jaxdistill.cli import compile as cli_compile
 from jaxdistill.cli import compress as cli_compress
 from jaxdistill.cli import generate as cli_generate
 from jaxdistill.cli import precompute as cli_precompute
@@ -38,6 +39,7 @@ examples:
   jaxdistill eval --workdir runs/smoke --latency     student and teacher metrics, latency
   jaxdistill export --workdir runs/smoke --output DIR
   jaxdistill generate --workdir runs/kd --prompts FILE     completions from a run's student
+  jaxdistill compile --config configs/llama70b_to_8b.py --topology v5p-128   pod preflight
   jaxdistill report runs/kd runs/ce --output reports/kd   table + curves of evaluated runs
   jaxdistill pipeline --config configs/progressive.py --workdir runs/prog   distil, prune, int8
   jaxdistill prune --workdir runs/kd --output runs/kd-pruned --targets d_ff=0.5,num_heads=0.75
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
   rep.add_argument("--names", default="", help="display names a,b,... (default: directory names)")
   cli_compress.add_parsers(sub)
   cli_generate.add_parser(sub)
+  cli_compile.add_parser(sub)
   return parser
 
 
@@ -299,6 +302,9 @@ def _train(args, overrides) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from jaxdistill.preflight import tpu_env
+
+  tpu_env.prepare()  # libtpu installed on a host without TPUs: quiet, before JAX starts
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   try:
@@ -323,6 +329,8 @@ def main(argv: Sequence[str] | None = None) -> int:
       return cli_precompute.command(args, overrides)
     if args.command == "generate":
       return cli_generate.command(args, overrides)
+    if args.command == "compile":
+      return cli_compile.command(args, overrides)
     if args.command in cli_compress.COMMANDS:
       return cli_compress.COMMANDS[args.command](args, overrides)
   except JaxdistillError as e:

@@ -316,23 +316,51 @@ def load(
   else:
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: one, abstract)
-  specs = param_map(hfm)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   flat_shardings = treedef.flatten_up_to(shardings)
-  leaves = []
   with _Tensors(path) as tensors:
-    prefix = _prefix(specs, tensors.names(), path)
-    for (key_path, leaf), sharding in zip(flat, flat_shardings):
-      s = specs[tuple(k.key for k in key_path)]
-      name = s.name if s.absolute else prefix + s.name
-      src, fname = tensors.get(name)
-      if tuple(src.get_shape()) != s.shape:
-        raise JaxdistillError(
-          f"tensor {name!r} in {os.path.join(path, fname)!r} has shape {tuple(src.get_shape())}, "
-          f"config.json implies {s.shape}"
-        )
-      leaves.append(_make_array(src, s, leaf, sharding))
+    sources = _checked_sources(path, hfm, tensors, flat)
+    leaves = [
+      _make_array(src, s, leaf, sharding)
+      for (src, s), (_, leaf), sharding in zip(sources, flat, flat_shardings)
+    ]
   return hfm, jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def check_shapes(path: str, config: Any) -> None:
+  """Checks an HF directory against a model config from its headers alone (nothing is read
+  but config.json and the safetensors headers: how a 70B teacher is described abstractly).
+
+  Args:
+    path: the HF model directory.
+    config: the ``TransformerConfig`` the run builds for it (its shape keys must be the ones
+      config.json implies).
+  Raises:
+    JaxdistillError: missing files or tensors, or a tensor whose shape differs.
+  """
+  hfm = HFModel(read_config(path).model_type, config)
+  abstract = nn.unbox(abstract_params(hfm.module(), config.max_len))
+  with _Tensors(path) as tensors:
+    _checked_sources(path, hfm, tensors, jax.tree_util.tree_flatten_with_path(abstract)[0])
+
+
+def _checked_sources(path: str, hfm: HFModel, tensors: "_Tensors", flat: list) -> list:
+  """(safetensors slice, Source) of each (key path, leaf) of the model's params, each tensor's
+  header shape checked against what config.json implies."""
+  specs = param_map(hfm)
+  prefix = _prefix(specs, tensors.names(), path)
+  out = []
+  for key_path, _ in flat:
+    s = specs[tuple(k.key for k in key_path)]
+    name = s.name if s.absolute else prefix + s.name
+    src, fname = tensors.get(name)
+    if tuple(src.get_shape()) != s.shape:
+      raise JaxdistillError(
+        f"tensor {name!r} in {os.path.join(path, fname)!r} has shape {tuple(src.get_shape())}, "
+        f"config.json implies {s.shape}"
+      )
+    out.append((src, s))
+  return out
 
 
 def _make_array(src: Any, s: Source, leaf: Any, sharding: Any) -> jax.Array:

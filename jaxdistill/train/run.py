@@ -101,6 +101,7 @@ def build_run(
   student_vars: Any = None,
   teacher_vars: Any = None,
   data: bool = True,
+  abstract: bool = False,
 ) -> Run:
   """Builds the mesh, models, state, teacher variables and the jitted step.
 
@@ -117,13 +118,20 @@ def build_run(
       ``teacher.source`` (which must still name a teacher model, e.g. 'random'); placed into
       the teacher's shardings. A c=fp8 teacher's scales are calibrated as usual.
     data: False builds no data iterator (``run.data_iter`` is None): feed ``run.step``.
+    abstract: describe the run without allocating or reading anything: ``run.state`` and
+      ``run.teacher_vars`` are ``jax.ShapeDtypeStruct``s with their shardings (a Hugging Face
+      teacher's from its config.json and safetensors headers; no teacher is loaded, no
+      FP8 scale calibrated), no data iterator; ``devices`` may be abstract (a TPU topology's,
+      ``jax.experimental.topologies``). ``run.compile`` then lowers and compiles the real step
+      for them: what ``jaxdistill compile`` reports on (``jaxdistill.preflight``).
 
   Returns:
     The Run. ``run.step(batch)`` trains one step; ``run.compile(batch)`` gives the compiled
     step; ``loop.run_steps`` drives it from ``run.data_iter``.
   """
   validate.validate(cfg)
-  _check_generated_data(cfg, workdir)
+  if not abstract:
+    _check_generated_data(cfg, workdir)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   validate.check_mesh(cfg, dict(mesh.shape))
   obj = objective_lib.make_objective(cfg)
@@ -139,16 +147,21 @@ def build_run(
     obj,
     student,
     tx,
-    jax.random.key(cfg.seed),
+    # An abstract run holds the key's shape only: not even its 8 bytes are allocated.
+    jax.eval_shape(lambda: jax.random.key(cfg.seed)) if abstract else jax.random.key(cfg.seed),
     mesh,
     cfg.data.seq_len,
     loss_scale=precision.init_loss_scale(cfg.optim),
     student_variables=student_vars,
   )
-  state, state_shardings = make_state(create=create_state)
-  teacher_vars, teacher_shardings, teacher_path = _all_teacher_vars(
-    views, modules, mesh, workdir, teacher_vars
-  )
+  state, state_shardings = make_state(create=create_state and not abstract)
+  if abstract:
+    teacher_vars, teacher_shardings = _abstract_teacher_vars(views, modules, mesh)
+    teacher_path, data = None, False
+  else:
+    teacher_vars, teacher_shardings, teacher_path = _all_teacher_vars(
+      views, modules, mesh, workdir, teacher_vars
+    )
   rewrite = on_policy_lib.make(student, cfg.distill.on_policy, _stop_tokens(cfg), cfg.seed)
   lr = train_lib.lr_schedule(cfg.optim)
   step = train_lib.make_distill_step(
@@ -246,6 +259,28 @@ def _flops_per_step(
       flops, teacher=flops.teacher + more.teacher, loss=flops.loss + more.loss
     )
   return flops
+
+
+def _abstract_teacher_vars(views, modules, mesh) -> tuple:
+  """(variables, shardings) of every teacher as ``jax.ShapeDtypeStruct``s with shardings:
+  what ``teacher_lib.load`` would give, allocating and reading nothing (a Hugging Face
+  teacher's tensor shapes are checked against its safetensors headers)."""
+  if not modules:
+    return None, None
+  got = []
+  for view, module in zip(views, modules):
+    table = teacher_lib.rules(view, module, mesh)
+    if view.teacher.source == "hf":  # config.json and the safetensors headers, nothing more
+      from jaxdistill.models import hf
+
+      hf.check_shapes(teacher_lib.check_hf_config(view), module.config)
+    shapes = models.abstract_variables(module, mesh, view.data.seq_len, table)
+    fp8 = getattr(module.config, "fp8", False)  # its calibrated scales join its params
+    shapes = {k: v for k, v in shapes.items() if fp8 or k in ("params", "batch_stats")}
+    got.append((shapes, jax.tree.map(lambda a: a.sharding, shapes)))
+  if len(got) == 1:
+    return got[0]
+  return tuple(g[0] for g in got), tuple(g[1] for g in got)
 
 
 def _all_teacher_vars(views, modules, mesh, workdir: str | None, given: Any) -> tuple:

@@ -196,8 +196,9 @@ def calibrate_int8(cfg: Any, student: nn.Module, state: Any, mesh) -> Any:
   return state.replace(model_state={**state.model_state, quant.COLLECTION: stats})
 
 
-def _load_hf(cfg: Any, teacher: nn.Module, mesh, table: Any):
-  """(params, shardings, path) of a Hugging Face teacher; its config.json must match."""
+def check_hf_config(cfg: Any) -> str:
+  """A Hugging Face teacher's config.json must say what the run's teacher keys say; returns
+  its path. Raises ConfigError naming the first key that differs."""
   from jaxdistill.models import hf
 
   path = cfg.teacher.path
@@ -208,6 +209,14 @@ def _load_hf(cfg: Any, teacher: nn.Module, mesh, table: Any):
       raise ConfigError(
         f"teacher.{key}", f"is {cfg.teacher[key]!r} but {path}/config.json says {want!r}"
       )
+  return path
+
+
+def _load_hf(cfg: Any, teacher: nn.Module, mesh, table: Any):
+  """(params, shardings, path) of a Hugging Face teacher; its config.json must match."""
+  from jaxdistill.models import hf
+
+  path = check_hf_config(cfg)
   hfm = hf.HFModel(hf.read_config(path).model_type, teacher.config)
   _, params = hf.load(path, hfm, mesh, table)
   shardings = models.variable_shardings(teacher, mesh, cfg.data.seq_len, table)["params"]

@@ -1,0 +1,33 @@
+"""Quiet, shareable libtpu on a host without TPUs (before JAX starts its TPU plugin).
+
+libtpu, installed to compile ahead of time for TPU topologies (``pip install
+"jaxdistill[tpu]"``), expects to run on a TPU VM: on any other host it prints a page of
+warnings when JAX initialises it (it asks the VM metadata for the accelerator type and the
+workers' addresses) and takes a host-wide lock file that makes a second process fail. Where
+this host has no TPU device files, ``prepare`` fills the environment variables libtpu would
+otherwise look up (only those not already set) and allows several processes at once. On a
+TPU VM it changes nothing.
+"""
+
+import glob
+import os
+
+_DEFAULTS = {
+  "TPU_SKIP_MDS_QUERY": "1",  # no metadata server: do not ask it
+  "TPU_ACCELERATOR_TYPE": "v5litepod-4",  # any valid name: only the host's own (absent) TPU
+  "TPU_WORKER_HOSTNAMES": "localhost",
+  "ALLOW_MULTIPLE_LIBTPU_LOAD": "1",  # compile in several processes (tests run two)
+}
+
+
+def has_tpu() -> bool:
+  """Whether this host has TPU chips (their device files: /dev/accel* or /dev/vfio/<n>)."""
+  return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
+
+
+def prepare() -> None:
+  """Sets the defaults above on a host without TPUs; call before the first TPU compile."""
+  if has_tpu():
+    return
+  for key, value in _DEFAULTS.items():
+    os.environ.setdefault(key, value)

@@ -1,0 +1,169 @@
+"""Pod preflight (jaxdistill.preflight, `jaxdistill compile`): topologies, the HLO collective
+count, the abstract run, TPU ahead-of-time compiles on this CPU (libtpu is a test extra)."""
+
+import copy
+import importlib.util
+
+import jax
+import numpy as np
+import pytest
+
+from jaxdistill import config as config_lib
+from jaxdistill.cli import commands
+from jaxdistill.errors import ConfigError, JaxdistillError
+from jaxdistill.models import flops as flops_lib
+from jaxdistill.preflight import chips, compiler, hlo
+from jaxdistill.train import run as run_lib
+
+needs_libtpu = pytest.mark.skipif(
+  importlib.util.find_spec("libtpu") is None, reason="libtpu (pip install 'jaxdistill[tpu]')"
+)
+
+
+@pytest.mark.parametrize(
+  "name,chips_,grid",
+  [
+    ("v5p-128", 64, "v5p:4x4x4"),
+    ("v5p-8", 4, "v5p:2x2x1"),
+    ("v5p-32", 16, "v5p:2x2x4"),
+    ("v5e-64", 64, "v5e:8x8"),
+    ("v5e-256", 256, "v5e:16x16"),
+    ("v6e-64", 64, "v6e:8x8"),
+    ("v4-32", 16, "v4:2x2x4"),
+    ("v5e:2x2", 4, "v5e:2x2"),
+    ("v5litepod-16", 16, "v5e:4x4"),
+  ],
+)
+def test_topology_names(name, chips_, grid):
+  t = chips.parse_topology(name)
+  assert (t.num_chips, t.tpu_name) == (chips_, grid)
+
+
+def test_gpu_topology_and_errors():
+  t = chips.parse_topology("h100:8")
+  assert (t.num_chips, t.chip.platform, t.can_compile) == (8, "gpu", False)
+  for bad in ("v9-8", "v5p-3", "v5e:2x2x2", "tpu", "h100-8", "v5e-12"):
+    with pytest.raises(JaxdistillError):
+      chips.parse_topology(bad)
+
+
+HLO = """\
+HloModule m, entry_computation_layout={()->()}
+
+%add (x: f32[], y: f32[]) -> f32[] {
+  %x = f32[] parameter(0)
+  %y = f32[] parameter(1)
+  ROOT %a = f32[] add(%x, %y)
+}
+
+%body (p: (s32[], f32[256])) -> (s32[], f32[256]) {
+  %p = (s32[], f32[256]) parameter(0)
+  %g = f32[256] get-tuple-element(%p), index=1
+  %ag = f32[1024] all-gather(%g), channel_id=3, replica_groups=[1,4]<=[4], dimensions={0}
+  %ag2 = f32[1024] all-gather(%g), channel_id=3, replica_groups=[1,4]<=[4], dimensions={0}
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %t = (s32[], f32[256]) tuple(%i, %g)
+}
+
+%cond (p: (s32[], f32[256])) -> pred[] {
+  %p = (s32[], f32[256]) parameter(0)
+  %n = s32[] constant(6)
+  %i = s32[] get-tuple-element(%p), index=0
+  ROOT %lt = pred[] compare(%i, %n), direction=LT
+}
+
+ENTRY %main (a: f32[256]) -> f32[256] {
+  %a = f32[256] parameter(0)
+  %ar = f32[256] all-reduce(%a), channel_id=1, replica_groups={{0,1},{2,3}}, to_apply=%add
+  %z = s32[] constant(0)
+  %t = (s32[], f32[256]) tuple(%z, %ar)
+  %w = (s32[], f32[256]) while(%t), condition=%cond, body=%body
+  ROOT %r = f32[256] get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_hlo_collectives_count_loop_trips_and_pieces_once():
+  got = hlo.collectives(HLO, 4)
+  # all-reduce over groups of 2: 2 * (2-1)/2 of 1 KiB
+  assert (got["all-reduce"].count, got["all-reduce"].bytes_sent) == (1, 1024.0)
+  # the loop's all-gather (two pieces, one channel) runs 6 times: 3/4 of 4 KiB each
+  assert (got["all-gather"].count, got["all-gather"].bytes_sent) == (6, 6 * 3072.0)
+  assert got["reduce-scatter"].count == got["all-to-all"].count == 0
+
+
+def _cfg(**student):
+  cfg = config_lib.load_config("smoke", [])
+  cfg.student.update(**student)
+  return cfg
+
+
+def test_abstract_run_allocates_nothing_and_matches_the_concrete_run():
+  cfg = _cfg()
+  cfg.mesh.update(data=2, fsdp=2, tensor=2)
+  before = len(jax.live_arrays())
+  abstract = run_lib.build_run(cfg, abstract=True)
+  assert len(jax.live_arrays()) == before
+  concrete = run_lib.build_run(cfg, data=False)
+  for a, c in ((abstract.state, concrete.state), (abstract.teacher_vars, concrete.teacher_vars)):
+    sa, sc = jax.tree.structure(a), jax.tree.structure(c)
+    assert sa == sc
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(c)):
+      assert isinstance(x, jax.ShapeDtypeStruct)
+      assert (x.shape, x.dtype) == (y.shape, y.dtype)
+      assert x.sharding.is_equivalent_to(y.sharding, len(x.shape))
+
+
+def test_gpu_estimate_compiles_on_host_devices():
+  report = compiler.compile_for(_cfg(), chips.parse_topology("h100:8"), mesh=(4, 2, 1))
+  assert report.estimate and report.fits and report.num_devices == 8
+  assert report.temp_bytes > 0 and report.collectives["all-reduce"].count > 0
+  assert 0 < report.mfu <= 1 and report.step_s >= report.compute_s
+
+
+@needs_libtpu
+def test_tpu_compile_reports_memory_flops_and_scales_with_batch():
+  # Matmuls dominate (d_model 256 vs T 64), no loops: XLA's FLOPs track the analytic count.
+  cfg = _cfg(d_model=256, d_ff=1024, num_heads=4)
+  cfg.teacher.update(d_model=256, d_ff=1024)
+  cfg.distill.update(attention=dict(weight=0.0, value_weight=0.0), hidden=dict(weight=0.0))
+  cfg.data.update(batch_size=16, seq_len=64)
+  topo = chips.parse_topology("v5e:2x2")
+  one = compiler.compile_for(cfg, topo, mesh=(2, 2, 1))
+  assert one.fits and one.argument_bytes > 0 and one.total_bytes > one.argument_bytes
+  assert one.collectives["all-gather"].count + one.collectives["reduce-scatter"].count > 0
+  xla_total = one.xla_flops * one.num_devices
+  assert abs(xla_total / one.model_flops - 1) < 0.05, (xla_total, one.model_flops)
+  cfg2 = copy.deepcopy(cfg)
+  cfg2.data.batch_size = 32
+  two = compiler.compile_for(cfg2, topo, mesh=(2, 2, 1))
+  assert two.model_flops == pytest.approx(2 * one.model_flops, rel=0.02)
+  assert two.xla_flops == pytest.approx(2 * one.xla_flops, rel=0.05)
+  assert flops_lib is not None
+
+
+@needs_libtpu
+def test_compile_cli_exit_codes(capsys):
+  # Fits: exit 0, the report printed.
+  assert commands.main(["compile", "--config", "smoke", "--topology", "v5e:2x2"]) == 0
+  assert "FITS" in capsys.readouterr().out
+  # A 17 GB teacher on one 16 GB v5e chip: exit 1 with the verdict, no traceback.
+  big = ["--config.teacher.d_model=8192", "--config.teacher.d_ff=32768"]
+  assert commands.main(["compile", "--config", "smoke", "--topology", "v5e:1x1", *big]) == 1
+  assert "DOES NOT FIT" in capsys.readouterr().out
+  # Bad input: exit 2, one line.
+  for argv in (
+    ["--topology", "v9-8"],
+    ["--topology", "v5e:2x2", "--mesh", "3,1,1"],
+    ["--topology", "v5e:2x2", "--mesh", "1,4,1", "--config.student.d_model=66"],
+    ["--topology", "v5e:2x2", "--mesh", "2,x"],
+  ):
+    assert commands.main(["compile", "--config", "smoke", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+
+
+def test_mesh_that_does_not_divide_is_a_config_error():
+  with pytest.raises(ConfigError):
+    compiler.compile_for(_cfg(), chips.parse_topology("h100:8"), mesh=(3, 1, 1))
+  assert np is not None
