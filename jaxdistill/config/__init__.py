@@ -188,7 +188,11 @@ def default_config() -> ml_collections.ConfigDict:
   # continuations are the student's own samples (max_new_tokens after each row's prompt: its
   # first prompt_tokens tokens, or with 0 its positions before the first weighted target), and
   # the logit term (jsd with logit.beta, reverse_kl, kl, or sampled_reverse_kl) runs on them.
-  d.on_policy = C(dict(lmbda=0.0, max_new_tokens=32, temperature=1.0, top_k=0, prompt_tokens=0))
+  # time_split: timed runs of each part of a sampling step (sampling, teacher, update) at the
+  # run's first step, logged as perf/split_* (0 = off).
+  d.on_policy = C(
+    dict(lmbda=0.0, max_new_tokens=32, temperature=1.0, top_k=0, prompt_tokens=0, time_split=3)
+  )
 
   o = cfg.optim = C()
   o.steps = 100
