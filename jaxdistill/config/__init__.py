@@ -315,7 +315,9 @@ def default_config() -> ml_collections.ConfigDict:
   # training problems of data.task) at temperature / top_k / top_p, up to max_new_tokens;
   # filters drop unfinished ones (require_stop), those outside [min_tokens, max_tokens]
   # (0 = no bound), duplicates (dedup: none | exact | near) and those the verifier
-  # ("module:function" of (prompt, completion) -> keep) rejects.
+  # ("module:function" of (prompt, completion) -> keep) rejects. topk > 0 also stores the
+  # teacher's top-k ids and log-probs (at precompute.temperature, or distill.temperature if 0)
+  # at every completion token, for token-level KD on the set (teacher.source='cache').
   cfg.precompute.generate = C(
     dict(
       prompts=256,
@@ -332,6 +334,7 @@ def default_config() -> ml_collections.ConfigDict:
       verifier="",
       prompts_per_shard=256,
       batch_size=64,
+      topk=0,
     )
   )
   return cfg
