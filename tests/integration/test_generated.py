@@ -150,6 +150,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_rows(whole, tmp_path):
 K = 4
 
 
+@pytest.mark.slow
 def test_topk_targets_are_the_teachers_and_a_student_trains_on_them(whole, tmp_path, capsys):
   import jax
   import numpy as np
