@@ -24,6 +24,13 @@ def add_parser(sub) -> None:
   pre.add_argument(
     "--num_samples", type=int, default=0, help="--generate: completions per prompt (0: config)"
   )
+  pre.add_argument(
+    "--topk",
+    type=int,
+    default=-1,
+    help="--generate: also store the teacher's top-K log-probs at every completion token "
+    "(-1: config precompute.generate.topk, 0: none)",
+  )
   distributed.add_flags(pre)
 
 
@@ -45,9 +52,13 @@ def _generate_data(args, overrides) -> int:
     raise JaxdistillError("precompute --generate needs --config FILE")
   if args.num_samples < 0:
     raise JaxdistillError(f"--num_samples {args.num_samples}: give 1 or more")
+  if args.topk < -1:
+    raise JaxdistillError(f"--topk {args.topk}: give 0 (none) or more")
   cfg = load_config(args.config, overrides)
   if args.num_samples:
     cfg.precompute.generate.samples = args.num_samples
+  if args.topk >= 0:
+    cfg.precompute.generate.topk = args.topk
   distributed.initialize_from_args(args)
   result = generated.run(cfg, args.output)
   if not result["complete"]:

@@ -188,7 +188,11 @@ def default_config() -> ml_collections.ConfigDict:
   # continuations are the student's own samples (max_new_tokens after each row's prompt: its
   # first prompt_tokens tokens, or with 0 its positions before the first weighted target), and
   # the logit term (jsd with logit.beta, reverse_kl, kl, or sampled_reverse_kl) runs on them.
-  d.on_policy = C(dict(lmbda=0.0, max_new_tokens=32, temperature=1.0, top_k=0, prompt_tokens=0))
+  # time_split: timed runs of each part of a sampling step (sampling, teacher, update) at the
+  # run's first step, logged as perf/split_* (0 = off).
+  d.on_policy = C(
+    dict(lmbda=0.0, max_new_tokens=32, temperature=1.0, top_k=0, prompt_tokens=0, time_split=3)
+  )
 
   o = cfg.optim = C()
   o.steps = 100
@@ -311,7 +315,9 @@ def default_config() -> ml_collections.ConfigDict:
   # training problems of data.task) at temperature / top_k / top_p, up to max_new_tokens;
   # filters drop unfinished ones (require_stop), those outside [min_tokens, max_tokens]
   # (0 = no bound), duplicates (dedup: none | exact | near) and those the verifier
-  # ("module:function" of (prompt, completion) -> keep) rejects.
+  # ("module:function" of (prompt, completion) -> keep) rejects. topk > 0 also stores the
+  # teacher's top-k ids and log-probs (at precompute.temperature, or distill.temperature if 0)
+  # at every completion token, for token-level KD on the set (teacher.source='cache').
   cfg.precompute.generate = C(
     dict(
       prompts=256,
@@ -328,6 +334,7 @@ def default_config() -> ml_collections.ConfigDict:
       verifier="",
       prompts_per_shard=256,
       batch_size=64,
+      topk=0,
     )
   )
   return cfg

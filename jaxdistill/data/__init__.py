@@ -90,7 +90,7 @@ def make_iterator(
     from jaxdistill.data import images
 
     return images.make_iterator(cfg, split, process_index, process_count)
-  if split == "train" and cfg.teacher.source == "cache":
+  if split == "train" and cfg.teacher.source == "cache" and d.source != "task":
     from jaxdistill.data import cached
 
     return cached.make_iterator(cfg, process_index, process_count)

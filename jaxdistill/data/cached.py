@@ -217,6 +217,11 @@ def check(cfg: Any) -> dict:
       target-kind mismatch, naming both values.
   """
   manifest = read_manifest(cfg.teacher.path, version=None)
+  if manifest.get("kind") == "generated":  # teacher-written rows with top-k targets
+    from jaxdistill.data import task_data
+
+    task_data.check_targets(cfg, manifest, paths.join(cfg.teacher.path, MANIFEST))
+    return manifest
   if manifest.get("kind") == IMAGE_KIND:
     raise ConfigError(
       "teacher.path",

@@ -20,6 +20,12 @@ Where the pairs come from:
               JSON records, e.g. teacher-written by ``jaxdistill precompute --generate``),
               cycled in a seeded order per epoch
   validation  the first ``data.task_eval_problems`` problems of the held-out split, once
+  teacher targets  ``teacher.source='cache'`` with ``teacher.path`` = a teacher-written set
+              made with top-k (``precompute --generate --topk K``): its records are the
+              training pairs, and each row also carries the stored targets at its completion's
+              positions (``teacher_topk_ids`` [T, K], ``teacher_topk_logp`` [T, K],
+              ``teacher_tail`` [T]; zeros on the prompt, which carries no loss), the batch
+              keys of a logit cache (``data/cached.py``) that the sparse head reads
 
 Documents for the tokenizer (``sources.open_source``) are ``prompt + completion`` of the first
 ``TOKENIZER_PROBLEMS`` training problems; the task configs use a 257-token byte-level BPE
@@ -59,14 +65,16 @@ def _check_task(cfg: Any) -> None:
     raise ConfigError("data.task", f"unknown task {cfg.data.task!r}; choose from {TASKS}")
 
 
-def read_pairs(pattern_list: str) -> list[tuple[str, str]]:
-  """(prompt, completion) records of comma-separated globs of .jsonl / ArrayRecord files.
+def read_pairs(
+  pattern_list: str, key: str = "data.task_train_files", topk: bool = False
+) -> list[tuple]:
+  """(prompt, completion) records of comma-separated globs of .jsonl / ArrayRecord files;
+  with ``topk`` (prompt, completion, stored targets) (see ``targets_of``).
 
   Raises:
-    ConfigError: (naming ``data.task_train_files``) no file, or a record without both keys.
+    ConfigError: (naming ``key``) no file, or a record without the keys.
   """
-  key = "data.task_train_files"
-  pairs: list[tuple[str, str]] = []
+  pairs: list[tuple] = []
   patterns = [p.strip() for p in pattern_list.split(",") if p.strip()]
   for pattern in patterns:
     files = sorted(glob.glob(os.path.expanduser(pattern)))
@@ -76,14 +84,72 @@ def read_pairs(pattern_list: str) -> list[tuple[str, str]]:
       for where, record in _records(path):
         try:
           obj = json.loads(record)
-          pairs.append((str(obj["prompt"]), str(obj["completion"])))
+          pair = (str(obj["prompt"]), str(obj["completion"]))
+          pairs.append(pair + (targets_of(obj),) if topk else pair)
         except (ValueError, KeyError, TypeError):
-          raise ConfigError(
-            key, f"{where} is not a JSON object with 'prompt' and 'completion'"
-          ) from None
+          need = "'prompt', 'completion'" + (" and top-k targets" if topk else "")
+          raise ConfigError(key, f"{where} is not a JSON object with {need}") from None
   if not pairs:
     raise ConfigError(key, f"{pattern_list!r} holds no (prompt, completion) record")
   return pairs
+
+
+def targets_of(record: dict) -> dict[str, np.ndarray]:
+  """A generated record's stored top-k targets as arrays: ids int32 [C, K], log-probs and
+  tail float32 ([C, K], [C])."""
+  return {
+    "topk_ids": np.asarray(record["topk_ids"], np.int32),
+    "topk_logp": np.asarray(record["topk_logp"], np.float32),
+    "tail": np.asarray(record["topk_tail"], np.float32),
+  }
+
+
+def place_targets(row: dict, targets: dict[str, np.ndarray], k: int) -> dict:
+  """``row`` (``encode_row``'s) with ``teacher_*`` [T, ...] arrays: the stored targets at its
+  weighted positions in order, zeros elsewhere."""
+  at = np.flatnonzero(row["weights"] > 0)
+  t, n = len(row["weights"]), min(len(at), len(targets["tail"]))
+  out = dict(row)
+  out["teacher_topk_ids"] = np.zeros((t, k), np.int32)
+  out["teacher_topk_logp"] = np.zeros((t, k), np.float32)
+  out["teacher_tail"] = np.zeros((t,), np.float32)
+  out["teacher_topk_ids"][at[:n]] = targets["topk_ids"][:n]
+  out["teacher_topk_logp"][at[:n]] = targets["topk_logp"][:n]
+  out["teacher_tail"][at[:n]] = targets["tail"][:n]
+  return out
+
+
+def check_targets(cfg: Any, manifest: dict, where: str) -> None:
+  """A teacher-written set as ``teacher.source='cache'`` targets: it fits the config.
+
+  Raises:
+    ConfigError: naming the key (not the task source, no top-k stored, another k, temperature,
+      seq_len or logit kind, or ``data.task_train_files`` set besides).
+  """
+  g = manifest["generate"]
+  if cfg.data.source != "task":
+    raise ConfigError("data.source", f"{where} is a teacher-written set: it trains a task source")
+  if not g.get("topk"):
+    raise ConfigError(
+      "teacher.path",
+      f"{where} holds no teacher top-k targets; write it with `precompute --generate --topk K`",
+    )
+  if cfg.data.task_train_files:
+    raise ConfigError(
+      "data.task_train_files", "must be empty: the training pairs are teacher.path's records"
+    )
+  pairs = [
+    ("precompute.k", g["topk"], cfg.precompute.k),
+    ("distill.temperature", g["topk_temperature"], cfg.distill.temperature),
+    ("data.seq_len", g["seq_len"], cfg.data.seq_len),
+  ]
+  for key, stored, configured in pairs:
+    if stored != configured:
+      raise ConfigError(key, f"the set ({where}) has {stored!r} but this config {configured!r}")
+  if cfg.distill.logit.kind not in ("topk_renorm", "topk_tail"):
+    raise ConfigError(
+      "distill.logit.kind", f"the set ({where}) stores top-k targets: topk_renorm or topk_tail"
+    )
 
 
 def _records(path: str):
@@ -170,17 +236,21 @@ class TaskIterator:
     self.process_index = process_index
     self.split, self.seed, self.next_row = split, cfg.data.task_seed, 0
     self.order_seed = cfg.seed
-    self.pairs: Sequence[tuple[str, str]] | None = None
+    self.pairs: Sequence[tuple] | None = None
+    self.k = 0  # > 0: rows carry the stored teacher targets (teacher.source='cache')
     if split != "train":
       probs = tasks.problems(self.seed, "validation", cfg.data.task_eval_problems)
       self.pairs = [(p.prompt, p.completion) for p in probs]
+    elif cfg.teacher.source == "cache":
+      shards = os.path.join(cfg.teacher.path, "shard-*.arrayrecord")
+      self.pairs, self.k = read_pairs(shards, "teacher.path", topk=True), cfg.precompute.k
     elif cfg.data.task_train_files:
       self.pairs = read_pairs(cfg.data.task_train_files)
 
   def __iter__(self):
     return self
 
-  def _pair(self, i: int) -> tuple[str, str] | None:
+  def _pair(self, i: int) -> tuple | None:
     if self.split != "train":
       return self.pairs[i] if i < len(self.pairs) else None
     if self.pairs is None:
@@ -197,9 +267,11 @@ class TaskIterator:
     rows = []
     for i in range(first, first + self.rows):
       pair = self._pair(i)
-      rows.append(
-        encode_row(self.tokenizer, *pair, self.seq_len) if pair else _empty_row(self.seq_len)
-      )
+      if pair is None:
+        rows.append(_empty_row(self.seq_len))
+        continue
+      row = encode_row(self.tokenizer, pair[0], pair[1], self.seq_len)
+      rows.append(place_targets(row, pair[2], self.k) if self.k else row)
     self.next_row += self.global_rows
     return {k: np.stack([r[k] for r in rows]) for k in rows[0]}
 

@@ -21,6 +21,16 @@ dropped sample counted under its reason in the manifest:
   verifier         ``verifier`` ("module:function", called with (prompt, completion), returns
                    keep or not; ``jaxdistill.data.tasks:check`` checks an arithmetic answer)
 
+Top-k teacher targets (``precompute.generate.topk`` K > 0, ``--topk K``): each kept record
+also holds the teacher's top-k at every target of its completion, as the training row
+(``task_data.encode_row``) lays it out: "topk_ids" [C, K], "topk_logp" [C, K] (log-probs at
+``precompute.temperature``, or ``distill.temperature`` if 0, descending, float32) and
+"topk_tail" [C] (the mass outside the top k), C = the completion's tokens + end-of-text (cut
+at ``data.seq_len``), computed by one teacher forward over the whole row (``sparse.
+teacher_targets``, the cache's function). A run with ``teacher.source='cache'`` and
+``teacher.path`` = the set trains the sparse head on them (``task_data``); the prompt carries
+no loss.
+
 Output: ArrayRecord shards of JSON records {"prompt", "completion", "prompt_index",
 "sample", "tokens"}, ``prompts_per_shard`` prompts a shard; each shard is written to
 ``.partial``, its sidecar (records, sha256, drops) written, then renamed, so a process killed
@@ -37,6 +47,7 @@ import time
 from typing import Any, Callable
 
 import jax
+import numpy as np
 from array_record.python import array_record_module
 
 from jaxdistill import paths
@@ -65,7 +76,7 @@ def check_config(cfg: Any) -> None:
     value = g[key]
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
       raise ConfigError(f"precompute.generate.{key}", f"must be an int >= {low}, got {value!r}")
-  for key in ("max_tokens", "top_k"):
+  for key in ("max_tokens", "top_k", "topk"):
     if not isinstance(g[key], int) or g[key] < 0:
       raise ConfigError(f"precompute.generate.{key}", f"must be an int >= 0, got {g[key]!r}")
   if g.prompts_per_shard < 1 or g.batch_size < 1:
@@ -160,9 +171,59 @@ def _jaccard(a: set, b: set) -> float:
   return len(a & b) / max(len(a | b), 1)
 
 
+def topk_temperature(cfg: Any) -> float:
+  """The temperature of the stored top-k log-probs (as ``precompute.text.temperature``)."""
+  return float(cfg.precompute.temperature or cfg.distill.temperature)
+
+
+def topk_fn(cfg: Any, model: Any, mesh) -> Callable:
+  """``fn(params, batch) -> {"topk_ids", "topk_logp", "tail"}`` [B, T, ...]: the teacher's
+  top-k targets of whole rows (one forward, ``sparse.teacher_targets``), jitted."""
+  from jaxdistill import models
+  from jaxdistill.distill import sparse
+
+  k, tau = cfg.precompute.generate.topk, topk_temperature(cfg)
+
+  def targets(params, batch):
+    out = models.apply(model, {"params": params}, batch, return_logits=False)
+    b, t = batch["inputs"].shape
+    tg = sparse.teacher_targets(
+      out["final_hidden"].reshape(b * t, -1), out["head"], temperature=tau, k=k,
+      token_chunk=cfg.distill.token_chunk,
+    )  # fmt: skip
+    return {name: v.reshape(b, t, *v.shape[1:]) for name, v in tg.items()}
+
+  return jax.jit(targets, out_shardings=sharding_lib.batch_sharding(mesh))
+
+
+def add_topk(cfg: Any, fn: Callable, params: Any, tokenizer: Any, mesh, records: list) -> None:
+  """Adds "topk_ids", "topk_logp", "topk_tail" to each record (see the module docstring),
+  ``precompute.generate.batch_size`` rows per teacher forward."""
+  from jaxdistill.data import task_data
+
+  b, t = cfg.precompute.generate.batch_size, cfg.data.seq_len
+  rows = [task_data.encode_row(tokenizer, r["prompt"], r["completion"], t) for r in records]
+  with sharding_lib.rules_context(mesh):
+    for lo in range(0, len(rows), b):
+      chunk = rows[lo : lo + b]
+      host = {k: np.stack([r[k] for r in chunk]) for k in chunk[0]}
+      host = {
+        k: np.concatenate([v, np.zeros((b - len(chunk), t), v.dtype)]) for k, v in host.items()
+      }
+      out = jax.device_get(fn(params, sharding_lib.shard_batch(host, mesh)))
+      for i, row in enumerate(chunk):
+        at = np.flatnonzero(row["weights"] > 0)  # the completion's targets
+        record = records[lo + i]
+        record["topk_ids"] = out["topk_ids"][i, at].astype(int).tolist()
+        record["topk_logp"] = out["topk_logp"][i, at].astype(np.float32).tolist()
+        record["topk_tail"] = out["tail"][i, at].astype(np.float32).tolist()
+
+
 def settings(cfg: Any, identity: dict, num_prompts: int) -> dict:
   """What a rerun must share with the run that started ``output``."""
   g = cfg.precompute.generate.to_dict()
+  if g["topk"]:  # the stored rows' layout and the log-probs' temperature
+    g.update(topk_temperature=topk_temperature(cfg), seq_len=cfg.data.seq_len)
   return {
     "kind": KIND,
     "version": VERSION,
@@ -211,6 +272,7 @@ def run(cfg: Any, output: str, process: tuple[int, int] | None = None) -> dict:
   sampler = Sampler(teacher_models[0], {"params": params[0]}, tokenizer, batch_size=g.batch_size)
   sampling = SamplingParams(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
   stops = [tok_lib.eos_id(tokenizer)]
+  targets = topk_fn(cfg, teacher_models[0], mesh) if g.topk else None
   p, count = process or (jax.process_index(), jax.process_count())
   per, start, written = g.prompts_per_shard, time.perf_counter(), 0
   shards = math.ceil(len(prompts) / per)
@@ -234,6 +296,8 @@ def run(cfg: Any, output: str, process: tuple[int, int] | None = None) -> dict:
           {"prompt": prompt, "completion": c.text, "prompt_index": first + i, "sample": j,
            "tokens": len(c.token_ids)}
         )  # fmt: skip
+    if g.topk:
+      add_topk(cfg, targets, params[0], tokenizer, mesh, records)
     _write_shard(output, s, records, drops)
     written += 1
   complete = all(cache_writer.finished(output, s) for s in range(shards))

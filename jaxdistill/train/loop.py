@@ -28,8 +28,14 @@ from jaxdistill.errors import JaxdistillError
 from jaxdistill.evaluation import evaluate as evaluate_lib
 from jaxdistill.models import count_params, quant
 from jaxdistill.parallel import sharding as sharding_lib
-from jaxdistill.train import checkpoint, throughput, metrics as metrics_lib
+from jaxdistill.train import (
+  checkpoint,
+  on_policy as on_policy_lib,
+  throughput,
+  metrics as metrics_lib,
+)
 from jaxdistill.train import teacher as teacher_lib, workdir as workdir_lib
+from jaxdistill.train import run as run_lib
 from jaxdistill.train.run import Run, build_run  # noqa: F401 (entry points, re-exported)
 
 
@@ -62,6 +68,7 @@ def run_steps(
   evaluate: Callable[[int], None] | None = None,
   eval_every: int = 0,
   goodput: throughput.Goodput | None = None,
+  first_step: Callable[[dict], None] | None = None,
 ) -> int:
   """Runs up to ``num_steps`` steps; returns how many ran.
 
@@ -76,6 +83,7 @@ def run_steps(
   A save due because of preemption ends the loop. ``goodput`` (default: a fresh one) times
   the phases: input (next batch + sharding), compile (the first dispatch), compute (dispatch
   and fetching metrics, ``on_metrics`` included), eval, checkpoint (``save``).
+  ``first_step(batch)`` runs after the first dispatch, counted as compile (a time split).
   """
   pending, last = None, time.perf_counter()
   timer = goodput or throughput.Goodput()
@@ -96,6 +104,8 @@ def run_steps(
         batch = sharding_lib.shard_batch(next(run.data_iter), run.mesh)
       with timer.phase("compile" if done == 1 else "compute"):
         run.state, step_metrics = run.step_fn(run.state, run.teacher_vars, batch)
+        if done == 1 and first_step is not None:
+          first_step(batch)
       with timer.phase("compute"):
         flush()
       step += 1
@@ -171,31 +181,11 @@ def _start(run: Run, manager, workdir: str, resume_from: str | None) -> str:
       checkpoint.set_aside_newer(manager, step)
     workdir_lib.truncate_metrics(paths.join(workdir, "metrics.jsonl"), step)
     return f"resumed from step {step} ({where})"
-  how = _fresh_state(run)
+  how = run_lib.fresh_state(run)
   if run.state.model_state and quant.COLLECTION in run.state.model_state:
     run.state = teacher_lib.calibrate_int8(run.cfg, run.student, run.state, run.mesh)
     how += f"; int8 activation scales from {cfg.student.quant_calibration_batches} batches"
   return how
-
-
-def _fresh_state(run: Run) -> str:
-  """A fresh ``run.state`` (random, teacher blocks or ``student.init_from``); returns how."""
-  cfg = run.cfg
-  run.state = run.make_state()
-  if cfg.student.init_layers:  # blocks of the teacher (e.g. a Hugging Face one)
-    student = teacher_lib.student_from_teacher(cfg, run.teacher_params, run.state.params["student"])
-    run.state = run.state.replace(params=dict(run.state.params, student=student))
-    return f"initialised the student from teacher blocks {cfg.student.init_layers!r}"
-  if cfg.student.init_from:
-    path = teacher_lib.final_params_dir(cfg.student.init_from)
-    variables, _ = evaluate_lib.load_variables(run.student, path, run.mesh, cfg.data.seq_len)
-    model_state = run.state.model_state
-    if "batch_stats" in variables:  # a BatchNorm model's running averages come with it
-      model_state = {**model_state, "batch_stats": variables["batch_stats"]}
-    params = dict(run.state.params, student=variables["params"])
-    run.state = run.state.replace(params=params, model_state=model_state)
-    return f"initialised the student from {path} (weights only)"
-  return "started from scratch"
 
 
 class _Progress:
@@ -223,6 +213,7 @@ class _Progress:
     self.step_times, self.losses, self.last = [], [], {}
     self.peak, self.peak_total = _peak(run)  # a CPU's probe runs here, before the clock starts
     self.goodput = throughput.Goodput()  # train() hands it to run_steps
+    self.split: dict[str, float] = {}  # an on-policy run's time split (on_policy.time_split)
 
   def __call__(self, step: int, m: dict, seconds: float) -> None:
     self.step_times.append(seconds)
@@ -235,7 +226,7 @@ class _Progress:
     }
     if self.peak_total:
       perf.update(throughput.mfu(self.run.flops.as_dict(), seconds, self.peak_total))
-    m = dict(m, **perf, **self.goodput.row())
+    m = dict(m, **perf, **self.split, **self.goodput.row())
     rate = {"tok_s" if self.unit == "tokens" else "img_s": f"{self.tokens / seconds:,.0f}"}
     if self.peak_total:
       rate["mfu"] = f"{perf['perf/mfu']:.1%}"
@@ -291,6 +282,8 @@ class _Progress:
     """The summary's FLOPs, peak, MFU at the median step time and the goodput shares."""
     out = {"flops_per_step": self.run.flops.as_dict(), "goodput": self.goodput.shares()}
     out["goodput_s"] = self.goodput.seconds()  # the phases' seconds and the loop's "wall"
+    if self.split:
+      out["on_policy_split"] = {k.removeprefix("perf/split_"): v for k, v in self.split.items()}
     if self.peak_total:
       mfu = throughput.mfu(self.run.flops.as_dict(), step_s, self.peak_total)
       out.update({k.removeprefix("perf/"): v for k, v in mfu.items()})
@@ -371,12 +364,13 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
   def evaluate(step):  # validation of the student; its row precedes that step's checkpoint
     progress.write(step, periodic(run.state.params["student"], run.state.model_state))
 
+  split = on_policy_lib.first_step_split(run, lambda found: setattr(progress, "split", found))
   startup_s = time.perf_counter() - entered
   goodput = progress.goodput
   try:
     with _PreemptionHandlers():
       ran = run_steps(
-        run, steps - start, progress, save_due, save, evaluate, cfg.eval.every, goodput
+        run, steps - start, progress, save_due, save, evaluate, cfg.eval.every, goodput, split
       )
     if ran:
       progress.add_curve(start + ran)

@@ -21,6 +21,7 @@ from jaxdistill.data import text as text_data
 from jaxdistill.data import tokenizer as tok_lib
 from jaxdistill.distill import objective as objective_lib
 from jaxdistill.errors import JaxdistillError
+from jaxdistill.evaluation import evaluate as evaluate_lib
 from jaxdistill.models import flops as flops_lib
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
@@ -51,6 +52,7 @@ class Run:
   flops: models.StepFlops  # model FLOPs of one optimizer step: student / teacher / loss
   make_state: Callable[[], train_lib.TrainState]  # a fresh initial state
   teacher_path: str | None = None  # where the teacher's params came from
+  on_policy: Callable | None = None  # on_policy.make's batch rewrite (None: lmbda 0)
 
   @property
   def flops_per_step(self) -> float:
@@ -181,6 +183,7 @@ def build_run(
     _flops_per_step(cfg, obj, student, modules),
     lambda: make_state(create=True)[0],
     teacher_path,
+    rewrite,
   )
 
 
@@ -323,3 +326,23 @@ def _teacher_vars(
     variables.update(fp8)
     var_shardings.update(fp8_shardings)
   return variables, var_shardings, path
+
+
+def fresh_state(run: Run) -> str:
+  """A fresh ``run.state`` (random, teacher blocks or ``student.init_from``); returns how."""
+  cfg = run.cfg
+  run.state = run.make_state()
+  if cfg.student.init_layers:  # blocks of the teacher (e.g. a Hugging Face one)
+    student = teacher_lib.student_from_teacher(cfg, run.teacher_params, run.state.params["student"])
+    run.state = run.state.replace(params=dict(run.state.params, student=student))
+    return f"initialised the student from teacher blocks {cfg.student.init_layers!r}"
+  if cfg.student.init_from:
+    path = teacher_lib.final_params_dir(cfg.student.init_from)
+    variables, _ = evaluate_lib.load_variables(run.student, path, run.mesh, cfg.data.seq_len)
+    model_state = run.state.model_state
+    if "batch_stats" in variables:  # a BatchNorm model's running averages come with it
+      model_state = {**model_state, "batch_stats": variables["batch_stats"]}
+    params = dict(run.state.params, student=variables["params"])
+    run.state = run.state.replace(params=params, model_state=model_state)
+    return f"initialised the student from {path} (weights only)"
+  return "started from scratch"

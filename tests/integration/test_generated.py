@@ -145,3 +145,87 @@ def test_sigkill_then_resume_gives_the_uninterrupted_rows(whole, tmp_path):
   assert os.path.exists(first), "the run ended before its first shard"
   assert generated.run(cfg, str(target))["complete"]
   assert _rows(target) == _rows(out)
+
+
+K = 4
+
+
+@pytest.mark.slow
+def test_topk_targets_are_the_teachers_and_a_student_trains_on_them(whole, tmp_path, capsys):
+  import jax
+  import numpy as np
+
+  from jaxdistill import models
+  from jaxdistill.cli import commands as cli
+  from jaxdistill.data import task_data
+  from jaxdistill.data import text as text_data
+  from jaxdistill.parallel import sharding as sharding_lib
+  from jaxdistill.train import loop
+  from jaxdistill.train import run as run_lib
+  from jaxdistill.train import teacher as teacher_lib
+
+  cfg, _, _ = whole
+  out = tmp_path / "topk"
+  overrides = [
+    "--config.teacher.source=random", "--config.teacher.path=",
+    f"--config.cache_dir={cfg.cache_dir}",
+    "--config.precompute.generate.prompts=12", "--config.precompute.generate.prompts_per_shard=4",
+    "--config.precompute.generate.samples=2", "--config.precompute.generate.max_new_tokens=8",
+    "--config.precompute.generate.require_stop=false", "--config.precompute.generate.dedup=none",
+  ]  # fmt: skip
+  argv = ["precompute", "--generate", "--config", "configs/seq_kd.py:data_unverified,test",
+          "--topk", str(K), "--output", str(out), *overrides]  # fmt: skip
+  assert cli.main(argv) == 0, capsys.readouterr().err[-2000:]
+  rows = _rows(out)
+  assert len(rows) == 24
+  # The teacher's top-k recomputed on each training row, in float64 from its full logits.
+  tokenizer = text_data.prepare(cfg).tokenizer
+  teacher = run_lib.model_of(cfg, "teacher")
+  mesh = sharding_lib.make_mesh(cfg.mesh, jax.local_devices())
+  variables, _, _ = teacher_lib.load(cfg, teacher, mesh, str(tmp_path), 0)
+  variables = jax.device_get(variables)
+  tau = cfg.precompute.temperature or cfg.distill.temperature
+  encoded = [
+    task_data.encode_row(tokenizer, r["prompt"], r["completion"], cfg.data.seq_len) for r in rows
+  ]
+  batch = {k: np.stack([e[k] for e in encoded]) for k in encoded[0]}
+  logits = np.asarray(models.apply(teacher, variables, batch)["logits"], np.float64) / tau
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  for r, e, lp in zip(rows, encoded, logp):
+    at = np.flatnonzero(e["weights"] > 0)
+    assert len(r["topk_ids"]) == len(at) == len(r["topk_logp"]) == len(r["topk_tail"])
+    ids = np.argsort(-lp[at], axis=-1, kind="stable")[:, :K]
+    np.testing.assert_array_equal(r["topk_ids"], ids)
+    want = np.take_along_axis(lp[at], ids, axis=-1)
+    np.testing.assert_allclose(r["topk_logp"], want, atol=1e-5)
+    np.testing.assert_allclose(r["topk_tail"], 1 - np.exp(want).sum(-1), atol=1e-5)
+
+  # A student trains token-level KD on them: the rows carry the targets at the completion only.
+  student = config_lib.load_config("configs/on_policy.py:token_kd,test")
+  student.cache_dir = cfg.cache_dir
+  student.teacher.update(source="cache", path=str(out))
+  student.distill.logit.kind = "topk_renorm"
+  student.precompute.k = K
+  student.optim.steps = 2
+  student.eval.every = 0
+  student.log.progress = False
+  data_lib.check(student)
+  b = next(data_lib.make_iterator(student, "train"))
+  assert b["teacher_topk_ids"].shape == (8, student.data.seq_len, K)
+  prompt = b["weights"] == 0
+  assert prompt.any() and not b["teacher_topk_logp"][prompt].any()
+  assert (b["teacher_topk_logp"][~prompt] < 0).all()
+  summary = loop.train(student, str(tmp_path / "student"))
+  assert np.isfinite(summary["final_loss"]) and summary["final_loss"] > 0
+  metrics = [
+    json.loads(x) for x in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()
+  ]
+  assert all(np.isfinite(m["distill/topk_renorm"]) for m in metrics if "distill/topk_renorm" in m)
+  # A config that does not fit the set is refused, naming the key.
+  for key, value in (("precompute.k", K + 1), ("distill.logit.kind", "sampled")):
+    bad = student.copy_and_resolve_references()
+    bad.update_from_flattened_dict({key: value})
+    with pytest.raises(ConfigError) as e:
+      data_lib.check(bad)
+    assert e.value.key == key

@@ -1,5 +1,9 @@
 """On-policy distillation (distill.on_policy): the rows the step builds, the step against a hand-
-assembled token-KD step, mesh invariance of the samples, and the config's refusals."""
+assembled token-KD step, mesh invariance of the samples, the step's time split, a resumed run
+against an uninterrupted one, and the config's refusals."""
+
+import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -155,6 +159,87 @@ def test_sampled_token_reverse_kl_trains_the_student_only_on_its_samples():
   assert any(moved)
 
 
+def test_split_shares_sum_to_one_and_update_is_the_rest():
+  out = on_policy.split_shares(0.2, 0.1, 0.5)
+  assert out["perf/split_step_s"] == 0.5
+  np.testing.assert_allclose(out["perf/split_update_s"], 0.2)
+  np.testing.assert_allclose(
+    [out[f"perf/split_{p}"] for p in on_policy.SPLIT_PARTS], [0.4, 0.2, 0.4]
+  )
+  # Clock noise: a step timed faster than its parts leaves no negative update.
+  noisy = on_policy.split_shares(0.3, 0.3, 0.5)
+  assert noisy["perf/split_update_s"] == 0.0
+  assert sum(noisy[f"perf/split_{p}"] for p in on_policy.SPLIT_PARTS) == pytest.approx(1.0)
+
+
+@pytest.mark.slow
+def test_time_split_of_a_run_leaves_its_state_alone():
+  cfg = _config(temperature=1.0)
+  cfg.distill.on_policy.lmbda = 0.5
+  run = _build(cfg)
+  batch = sharding_lib.shard_batch(_batch(cfg), run.mesh)
+  host = lambda s: jax.device_get((s.params, s.opt_state, s.step, jax.random.key_data(s.rng)))
+  before = host(run.state)
+  split = on_policy.time_split(run, batch, repeats=2)
+  parts = [split[f"perf/split_{p}"] for p in on_policy.SPLIT_PARTS]
+  assert all(0 <= share <= 1 for share in parts) and sum(parts) == pytest.approx(1.0)
+  assert split["perf/split_sample_s"] > 0 and split["perf/split_teacher_s"] > 0
+  assert split["perf/split_step_s"] > 0
+  # The timed step ran on a donated copy: the run's own state is as it was.
+  after = host(run.state)
+  for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def _rows(workdir, after=0):
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [
+    {k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows if r["step"] > after
+  ]
+
+
+@pytest.mark.slow
+def test_resumed_on_policy_run_is_bitwise_the_uninterrupted_one(tmp_path):
+  # configs/on_policy.py's GKD at its test size (lmbda 0.5, task rows, end-of-text stops), with
+  # a random teacher (re-created alike on resume) instead of a pretrained one: 6 steps
+  # uninterrupted, against a run resumed from the reference's step-3 checkpoint.
+  from jaxdistill.config import load_config
+  from jaxdistill.train import loop
+
+  import orbax.checkpoint as ocp
+
+  cfg = load_config(f"{ROOT}/configs/on_policy.py:gkd,test")
+  cfg.teacher.source = "random"
+  cfg.optim.update(steps=6, warmup_steps=1)
+  cfg.eval.every = 0
+  cfg.log.update(every=1, progress=False)
+  cfg.ckpt.update(every=3, async_save=False)
+  cfg.distill.on_policy.time_split = 1
+  coins = [bool(on_policy.samples_at(cfg.seed, cfg.distill.on_policy.lmbda, s)) for s in range(6)]
+  assert any(coins[:3]) and any(coins[3:]), coins  # both halves sample
+  ref, resumed = tmp_path / "ref", tmp_path / "resumed"
+  summary = loop.train(cfg, str(ref))
+  loop.train(cfg, str(resumed), resume_from=str(ref / "checkpoints" / "3"))
+  assert _rows(resumed) == _rows(ref, after=3) and len(_rows(ref)) == 6
+  sampled = [r["on_policy/sampled"] for r in _rows(ref)]
+  assert sampled == [float(c) for c in coins]
+  with ocp.StandardCheckpointer() as ckptr:
+    a = ckptr.restore(str(resumed / "final_params"))
+    b = ckptr.restore(str(ref / "final_params"))
+  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+  # The step's time split is in the run's logged throughput: every row, and the summary.
+  first = json.loads((ref / "metrics.jsonl").read_text().splitlines()[0])
+  shares = [first[f"perf/split_{p}"] for p in on_policy.SPLIT_PARTS]
+  assert sum(shares) == pytest.approx(1.0) and first["perf/split_step_s"] > 0
+  split = summary["on_policy_split"]
+  assert sum(split[p] for p in on_policy.SPLIT_PARTS) == pytest.approx(1.0)
+  assert {f"{p}_s" for p in on_policy.SPLIT_PARTS} < set(split)
+
+
 @pytest.mark.parametrize(
   "change, key",
   [
@@ -162,6 +247,7 @@ def test_sampled_token_reverse_kl_trains_the_student_only_on_its_samples():
     (dict(lmbda=-0.1), "distill.on_policy.lmbda"),
     (dict(max_new_tokens=0), "distill.on_policy.max_new_tokens"),
     (dict(prompt_tokens=16), "distill.on_policy.prompt_tokens"),
+    (dict(time_split=-1), "distill.on_policy.time_split"),
     (dict(kind="sampled_reverse_kl", lmbda=0.5), "distill.logit.kind"),
     (dict(encoder_teacher=True), "distill.on_policy.lmbda"),
     (dict(vocab=True), "teacher.vocab_size"),

@@ -201,7 +201,7 @@ def _check_on_policy(cfg: Any) -> None:
   lmbda = op.lmbda
   if isinstance(lmbda, bool) or not isinstance(lmbda, (int, float)) or not 0 <= lmbda <= 1:
     raise ConfigError("distill.on_policy.lmbda", f"must be in [0, 1], got {lmbda!r}")
-  for key, low in (("max_new_tokens", 1), ("top_k", 0), ("prompt_tokens", 0)):
+  for key, low in (("max_new_tokens", 1), ("top_k", 0), ("prompt_tokens", 0), ("time_split", 0)):
     v = op[key]
     if isinstance(v, bool) or not isinstance(v, int) or v < low:
       raise ConfigError(f"distill.on_policy.{key}", f"must be an int >= {low}, got {v!r}")
