@@ -7,7 +7,8 @@ Slice names count TensorCores on v4 and v5p (two per chip: ``v5p-128`` is 64 chi
 and chips on v5e and v6e.
 
 Peak figures are the vendors' published numbers (Cloud TPU system-architecture pages, NVIDIA
-H100/H200 datasheets): bf16 dense matmul FLOP/s, HBM capacity and bandwidth per chip, and the
+H100/H200 datasheets): bf16 dense matmul FLOP/s (``train.throughput.PEAKS``, which the
+training loop's MFU reads too), HBM capacity and bandwidth per chip, and the
 inter-chip bandwidth one chip can drive (ICI for TPUs, NVLink for GPUs), bidirectional. Check a
 figure there before a decision depends on it; ``docs/preflight.md`` lists them.
 """
@@ -17,6 +18,7 @@ import math
 import re
 
 from jaxdistill.errors import JaxdistillError
+from jaxdistill.train.throughput import PEAKS
 
 GIB = 1024**3
 
@@ -47,13 +49,17 @@ class Chip:
   dims: int = 2
 
 
+def _peak(kind: str) -> float:
+  return PEAKS[kind]["bf16"]  # one home for peak FLOP/s: the throughput metrics' table
+
+
 CHIPS = {
-  "v4": Chip("v4", "tpu", 275e12, 32 * GIB, 1.2e12, 300e9, 2, 3),
-  "v5e": Chip("v5e", "tpu", 197e12, 16e9, 819e9, 400e9, 1, 2),
-  "v5p": Chip("v5p", "tpu", 459e12, 95e9, 2765e9, 600e9, 2, 3),  # 4,800 Gbps
-  "v6e": Chip("v6e", "tpu", 918e12, 32e9, 1638e9, 800e9, 1, 2),
-  "h100": Chip("h100", "gpu", 989e12, 80e9, 3.35e12, 900e9, 1, 1),
-  "h200": Chip("h200", "gpu", 989e12, 141e9, 4.8e12, 900e9, 1, 1),
+  "v4": Chip("v4", "tpu", _peak("TPU v4"), 32 * GIB, 1.2e12, 300e9, 2, 3),
+  "v5e": Chip("v5e", "tpu", _peak("TPU v5e"), 16e9, 819e9, 400e9, 1, 2),
+  "v5p": Chip("v5p", "tpu", _peak("TPU v5p"), 95e9, 2765e9, 600e9, 2, 3),  # 4,800 Gbps ICI
+  "v6e": Chip("v6e", "tpu", _peak("TPU v6e"), 32e9, 1638e9, 800e9, 1, 2),
+  "h100": Chip("h100", "gpu", _peak("H100"), 80e9, 3.35e12, 900e9, 1, 1),
+  "h200": Chip("h200", "gpu", _peak("H200"), 141e9, 4.8e12, 900e9, 1, 1),
 }
 _ALIASES = {"v5litepod": "v5e", "v5lite": "v5e", "v6": "v6e"}
 
