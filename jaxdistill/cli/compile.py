@@ -22,6 +22,8 @@ examples:
   jaxdistill compile --config smoke --topology v5e:2x2 --mesh 2,1,2 --json
   jaxdistill compile --config configs/llama8b_to_1b.py --topology v5e-64 --plan
   jaxdistill compile --config smoke --topology h100:8        (an estimate: no GPU compile here)
+  jaxdistill compile --config configs/llama8b_to_1b.py --topology v5e-8 --what generate \
+      --gen_batch 8 --prompt_len 1024 --new_tokens 256       (the student's prefill and decode)
 
 topologies: slice names v5p-128, v5e-64, v6e-256, v4-32 (v4/v5p count TensorCores, 2 per chip;
 v5e/v6e chips), chip grids v5e:2x2, v5p:4x4x4, GPU clusters h100:8, h200:16, or cpu.
@@ -41,6 +43,18 @@ def add_parser(sub) -> None:
   p.add_argument("--mesh", default="", help="data,fsdp,tensor sizes (default: the config's)")
   p.add_argument("--json", action="store_true", help="print the report as JSON")
   p.add_argument("--plan", action="store_true", help="search meshes, remat, micro-batches")
+  p.add_argument(
+    "--what",
+    choices=("step", "generate"),
+    default="step",
+    help="step: the distill step; generate: the sampler's prefill and decode programs",
+  )
+  p.add_argument(
+    "--which", choices=("student", "teacher"), default="student", help="generate's model"
+  )
+  p.add_argument("--gen_batch", type=int, default=8, help="generate: rows generated together")
+  p.add_argument("--prompt_len", type=int, default=1024, help="generate: prompt tokens per row")
+  p.add_argument("--new_tokens", type=int, default=256, help="generate: new tokens per row")
   p.add_argument("--top", type=int, default=5, help="--plan: how many fitting plans to print")
   p.add_argument(
     "--max_compiles", type=int, default=8, help="--plan: compile at most this many candidates"
@@ -69,6 +83,11 @@ def command(args, overrides) -> int:
   mesh = parse_mesh(args.mesh)
   if args.top < 1 or args.max_compiles < 1:
     raise JaxdistillError("--top and --max_compiles must be at least 1")
+  for flag in ("gen_batch", "prompt_len", "new_tokens"):
+    if getattr(args, flag) < 1:
+      raise JaxdistillError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+  if args.plan and args.what != "step":
+    raise JaxdistillError("--plan searches layouts of the distill step; drop --what generate")
   tpu_env.prepare()
   if topology is not None and topology.chip.platform == "gpu":
     _force_cpu_devices(topology.num_chips)
@@ -85,9 +104,20 @@ def command(args, overrides) -> int:
     result = plan.search(cfg, topology, top=args.top, max_compiles=args.max_compiles)
     print(json.dumps(result.as_dict(), indent=1) if args.json else result.format())
     return 0 if result.best else EXIT_NO_FIT
-  report = compiler.compile_for(cfg, topology, mesh)
-  print(json.dumps(report.as_dict(), indent=1) if args.json else report.format())
-  return 0 if report.fits is not False else EXIT_NO_FIT
+  if args.what == "generate":
+    from jaxdistill.preflight import generation
+
+    reports = generation.compile_generation(
+      cfg, topology, args.gen_batch, args.prompt_len, args.new_tokens, args.which, mesh
+    )
+  else:
+    reports = (compiler.compile_for(cfg, topology, mesh),)
+  if args.json:
+    out = [r.as_dict() for r in reports]
+    print(json.dumps(out[0] if len(out) == 1 else out, indent=1))
+  else:
+    print("\n\n".join(r.format() for r in reports))
+  return 0 if all(r.fits is not False for r in reports) else EXIT_NO_FIT
 
 
 def _force_cpu_devices(n: int) -> None:

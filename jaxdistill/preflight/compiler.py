@@ -150,20 +150,20 @@ def compile_for(
   )
   start = time.perf_counter()
   try:
-    with sharding_lib.rules_context(run.mesh), _no_persistent_cache(chip.platform != "cpu"):
+    with sharding_lib.rules_context(run.mesh), no_persistent_cache(chip.platform != "cpu"):
       compiled = run.step_fn.lower(run.state, run.teacher_vars, batch).compile()
   except jax.errors.JaxRuntimeError as e:
     report.compile_s = time.perf_counter() - start
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return roofline.fill_roofline(_out_of_memory(report, str(e)), chip)
+    return roofline.fill_roofline(out_of_memory(report, str(e)), chip)
   report.compile_s = time.perf_counter() - start
   read_compiled(report, compiled)
   return roofline.fill_roofline(report, chip)
 
 
 @contextlib.contextmanager
-def _no_persistent_cache(off: bool):
+def no_persistent_cache(off: bool):
   """JAX's persistent compilation cache off while compiling for another platform: its
   executables cannot be loaded back here (no TPU client), so writing them only costs time."""
   import jax
@@ -193,7 +193,9 @@ def read_compiled(report: roofline.Report, compiled: Any) -> None:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost or {}
   report.xla_flops = float(cost.get("flops", 0.0))
   report.xla_bytes = float(cost.get("bytes accessed", 0.0))
-  report.collectives = hlo.collectives(compiled.as_text(), report.num_devices)
+  text = compiled.as_text()
+  report.collectives = hlo.collectives(text, report.num_devices)
+  report.loops = max(hlo.loop_trips(text), default=0) > 1
 
 
 def recomputed_flops(cfg: Any, flops: Any) -> float:
@@ -204,7 +206,7 @@ def recomputed_flops(cfg: Any, flops: Any) -> float:
   return flops.student / 3 if policy == "full" else 0.0
 
 
-def _out_of_memory(report: roofline.Report, message: str) -> roofline.Report:
+def out_of_memory(report: roofline.Report, message: str) -> roofline.Report:
   """The report of a program the compiler could not fit: its numbers from the message, e.g.
   'HLO temporaries (22.27G) exceeds available HBM (15.75G)'."""
   report.fits = False

@@ -108,6 +108,18 @@ def _trip_count(rest: str, comps: dict) -> int:
   return max(bounds) if len(bounds) == 1 and bounds[0] > 0 else 1
 
 
+def loop_trips(text: str) -> list[int]:
+  """The trip count of every ``while`` loop of the module (1 where it is only known at run
+  time, e.g. the decode loop's)."""
+  comps, _ = _parse(text)
+  return [
+    _trip_count(rest, comps)
+    for instrs in comps.values()
+    for _, _, op, rest in instrs
+    if op == "while"
+  ]
+
+
 def collectives(text: str, num_devices: int) -> dict[str, Collective]:
   """Per-device collective traffic of one run of the module (see the module docstring).
 

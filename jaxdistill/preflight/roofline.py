@@ -13,8 +13,8 @@ FLOPs add what the program really executes on top: the forward a remat policy re
 XLA's ``cost_analysis()`` FLOPs are shown too, but count a ``while`` loop's body once (a
 scanned model's layers), so the roofline reads the analytic count and XLA's only where it is
 larger. XLA's "bytes accessed" has the same flaw; it is scaled by the same loop factor
-(hardware / XLA FLOPs, when above 1), and never taken below the bytes of the step's
-arguments and outputs, which every step reads or writes at least once.
+(hardware / XLA FLOPs, when the program has such a loop), and never taken below the bytes
+of the step's arguments and outputs, which every step reads or writes at least once.
 """
 
 import dataclasses
@@ -63,6 +63,7 @@ class Report:
   tokens_per_s: float = 0.0
   mfu: float = 0.0
   compile_s: float = 0.0
+  loops: bool = False  # the program has a loop of known trips > 1 (XLA's costs count it once)
   notes: list = dataclasses.field(default_factory=list)
 
   @property
@@ -108,6 +109,13 @@ class Report:
         lines.append(f"    {kind:<19}{c.count:6d} x  {_bytes(c.bytes_sent)}")
     if not any(c.count for c in self.collectives.values()):
       lines.append("    none")
+    if self.error:  # no program: only the analytic compute term is known
+      lines.append(
+        f"  roofline         compute alone {_ms(self.compute_s)} (no compiled program: no HBM or "
+        "interconnect terms)"
+      )
+      lines.extend(f"  note: {n}" for n in self.notes)
+      return "\n".join(lines)
     lines.append(
       f"  roofline         compute {_ms(self.compute_s)}, HBM {_ms(self.hbm_s)}, "
       f"interconnect {_ms(self.ici_s)} -> step >= {_ms(self.step_s)}"
@@ -138,7 +146,7 @@ def fill_roofline(r: Report, chip: chips_lib.Chip) -> Report:
   n = max(r.num_devices, 1)
   flops_per_device = max(r.hardware_flops / n, r.xla_flops)
   r.compute_s = flops_per_device / chip.peak_flops
-  loop_scale = max(1.0, (r.hardware_flops / n) / r.xla_flops) if r.xla_flops else 1.0
+  loop_scale = max(1.0, (r.hardware_flops / n) / r.xla_flops) if r.xla_flops and r.loops else 1.0
   floor = r.argument_bytes + r.output_bytes
   r.hbm_traffic = max(r.xla_bytes * loop_scale, floor)
   r.hbm_s = r.hbm_traffic / chip.hbm_bw

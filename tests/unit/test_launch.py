@@ -257,6 +257,40 @@ def test_tpu_create_and_delete_dry_run():
   assert lines == [f"gcloud compute tpus queued-resources delete my-tpu {WHERE} --force --quiet"]
 
 
+@pytest.mark.parametrize("status", [0, 1, 2])
+def test_tpu_create_runs_the_preflight_first(tmp_path, status):
+  """--config: `jaxdistill compile` for the slice first; nothing is created unless it fits
+  (a stub stands in for jaxdistill: tests/unit/test_preflight.py compiles for real)."""
+  stub = tmp_path / "jaxdistill"
+  stub.write_text(f'#!/bin/sh\necho "$@" > {tmp_path}/args\nexit {status}\n')
+  stub.chmod(0o755)
+  argv = ["bash", str(ROOT / "tpu_scripts" / "create.sh"), *TPU, "--type", "v5litepod-16"]
+  argv += [
+    "--version",
+    "v2-alpha-tpuv5e",
+    "--config",
+    "configs/x.py",
+    "--override",
+    "data.batch_size=16",
+  ]
+  proc = subprocess.run(
+    argv, capture_output=True, text=True, timeout=60, env=dict(os.environ, JAXDISTILL=str(stub))
+  )
+  assert (tmp_path / "args").read_text().split() == [
+    "compile",
+    "--config",
+    "configs/x.py",
+    "--topology",
+    "v5litepod-16",
+    "--config.data.batch_size=16",
+  ]
+  assert proc.returncode == status
+  created = "queued-resources create" in proc.stdout
+  assert created == (status == 0)
+  if status == 1:
+    assert "does not fit" in proc.stderr and "not creating my-tpu" in proc.stderr
+
+
 def test_tpu_setup_dry_run():
   lines = _script(ROOT / "tpu_scripts" / "setup.sh", *TPU, "--bucket", "gs://my-bucket")
   assert lines[0].startswith("tar czf ") and "--exclude=./.venv" in lines[0]
