@@ -143,14 +143,22 @@ def apply(cfg: Any, cand: Candidate) -> Any:
   return cfg
 
 
-def describe(cfg: Any, cand: Candidate, devices: list, chip: chips_lib.Chip) -> None:
-  """Stage 1: exact state bytes from the abstract run, estimated activations and time."""
+def describe(
+  cfg: Any, cand: Candidate, devices: list, chip: chips_lib.Chip, runs: dict | None = None
+) -> None:
+  """Stage 1: exact state bytes from the abstract run, estimated activations and time.
+  ``runs`` caches abstract runs by (mesh, teacher rules): remat and micro-batching change
+  neither the state nor the teacher."""
   import jax
 
   from jaxdistill.train import run as run_lib
 
   c = apply(cfg, cand)
-  run = run_lib.build_run(c, devices=devices, abstract=True)
+  runs = {} if runs is None else runs
+  key = (cand.mesh, cand.teacher_rules)
+  if key not in runs:
+    runs[key] = run_lib.build_run(c, devices=devices, abstract=True)
+  run = runs[key]
   state = sum(_shard_bytes(x) for x in jax.tree.leaves(run.state))
   grads = sum(_shard_bytes(x) for x in jax.tree.leaves(run.state.params))
   cand.state_bytes = state + grads + sum(_shard_bytes(x) for x in jax.tree.leaves(run.teacher_vars))
@@ -202,9 +210,9 @@ def search(
   devices = compiler.devices_for(topology) if devices is None else devices
   chip = topology.chip
   cands = candidates(cfg, len(devices))
-  kept = []
+  kept, runs = [], {}
   for cand in cands:
-    describe(cfg, cand, devices, chip)
+    describe(cfg, cand, devices, chip, runs)
     if cand.state_bytes + cand.activation_bytes <= 1.25 * chip.hbm_bytes:
       kept.append(cand)
   # Estimates within a few percent are ties: then fewer micro-batches and cheaper remat first.

@@ -10,7 +10,7 @@ import pytest
 from jaxdistill import config as config_lib
 from jaxdistill.cli import commands
 from jaxdistill.errors import ConfigError, JaxdistillError
-from jaxdistill.preflight import chips, compiler, hlo
+from jaxdistill.preflight import chips, compiler, generation, hlo, plan
 from jaxdistill.train import run as run_lib
 
 needs_libtpu = pytest.mark.skipif(
@@ -96,6 +96,7 @@ def _cfg(**student):
   return cfg
 
 
+@pytest.mark.slow
 def test_abstract_run_allocates_nothing_and_matches_the_concrete_run():
   cfg = _cfg()
   cfg.mesh.update(data=2, fsdp=2, tensor=2)
@@ -119,6 +120,7 @@ def test_gpu_estimate_compiles_on_host_devices():
   assert 0 < report.mfu <= 1 and report.step_s >= report.compute_s
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_tpu_compile_reports_memory_flops_and_scales_with_batch():
   # Matmuls dominate (d_model 256 vs T 64), no loops: XLA's FLOPs track the analytic count.
@@ -139,6 +141,7 @@ def test_tpu_compile_reports_memory_flops_and_scales_with_batch():
   assert two.xla_flops == pytest.approx(2 * one.xla_flops, rel=0.05)
 
 
+@pytest.mark.slow
 @needs_libtpu
 def test_compile_cli_exit_codes(capsys):
   # Fits: exit 0, the report printed.
@@ -163,3 +166,29 @@ def test_compile_cli_exit_codes(capsys):
 def test_mesh_that_does_not_divide_is_a_config_error():
   with pytest.raises(ConfigError):
     compiler.compile_for(_cfg(), chips.parse_topology("h100:8"), mesh=(3, 1, 1))
+
+
+def test_generate_preflight_reports_prefill_and_a_decode_step():
+  prefill, decode = generation.compile_generation(
+    _cfg(), chips.parse_topology("h100:8"), batch=8, prompt_len=16, new_tokens=8, mesh=(8, 1, 1)
+  )
+  assert (prefill.what, decode.what) == ("prefill", "decode")
+  assert prefill.fits and decode.fits and decode.alias_bytes > 0  # the state is donated
+  assert (prefill.tokens_per_step, decode.tokens_per_step) == (8 * 16, 8)
+  assert decode.hbm_s > 0 and decode.tokens_per_s > 0
+  with pytest.raises(JaxdistillError, match="max_len"):
+    generation.compile_generation(_cfg(), chips.parse_topology("h100:8"), 8, 60, 8, mesh=(8, 1, 1))
+
+
+@pytest.mark.slow
+def test_plan_compiles_the_best_estimates_and_ranks_fitting_plans(monkeypatch):
+  cfg = _cfg()
+  cands = plan.candidates(cfg, 8)
+  assert cands and all(c.mesh[0] * c.mesh[1] * c.mesh[2] == 8 for c in cands)
+  monkeypatch.setattr(plan, "GRAD_ACCUM", (1, 2))  # a smaller space: the test's time
+  monkeypatch.setattr(plan, "TEACHER_RULES", ("student", "fsdp"))
+  result = plan.search(cfg, chips.parse_topology("h100:4"), top=2, max_compiles=2)
+  assert len(result.compiled) == 2 and result.best
+  steps = [c.report.step_s for c in result.best]
+  assert steps == sorted(steps)
+  assert "--config.mesh.data=" in result.format()
