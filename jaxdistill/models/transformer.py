@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from jaxdistill.models.layers import (
   ACT_LOGITS,
   ACT_RESIDUAL,
-  Block,
+  block_class,
   EinsumDense,
   Norm,
   cache_mask,
@@ -114,14 +114,28 @@ class Transformer(nn.Module):
       mask_Bx1xTxS = cache_mask(index_B, t, cache["layers"][0][0].shape[2])  # [B, G, S, K]
     hidden = {0: x_BxTxD} if 0 in hidden_layers else {}
     attn, qkv, new_layers = {}, {}, []
+    if cfg.scan_layers:
+      wanted = (hidden_layers, attn_layers, qkv_layers, cache)
+      x_BxTxD, per_layer = self._scanned(x_BxTxD, positions_BxT, mask_Bx1xTxS, cache, wanted)
+    block = block_class(cfg, scanned=False)
     for i in range(cfg.num_layers):
-      x_BxTxD, probs_BxHxTxS, qkv_i, layer_cache = Block(cfg, name=f"block_{i}")(
-        x_BxTxD, positions_BxT, mask_Bx1xTxS, None if cache is None else cache["layers"][i], index_B
-      )
+      if cfg.scan_layers:  # slices of the scan's stacked outputs (only requested ones exist)
+        names = ("attn", "qkv", "cache")
+        probs_BxHxTxS, qkv_i, layer_cache = (per_layer(name, i) for name in names)
+        if i + 1 in hidden_layers:
+          hidden[i + 1] = per_layer("hidden", i)
+      else:
+        x_BxTxD, probs_BxHxTxS, qkv_i, layer_cache = block(cfg, name=f"block_{i}")(
+          x_BxTxD,
+          positions_BxT,
+          mask_Bx1xTxS,
+          None if cache is None else cache["layers"][i],
+          index_B,
+        )
+        if i + 1 in hidden_layers:
+          hidden[i + 1] = x_BxTxD
       new_layers.append(layer_cache)
       # Only requested tensors are kept; the rest is dead code XLA drops under jit.
-      if i + 1 in hidden_layers:
-        hidden[i + 1] = x_BxTxD
       if i in attn_layers:
         attn[i] = probs_BxHxTxS
       if i in qkv_layers:
@@ -135,6 +149,52 @@ class Transformer(nn.Module):
       if value:
         out[key] = value
     return out
+
+  def _scanned(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache, wanted):
+    """The L blocks under ``nn.scan`` (config.scan_layers): (output x_BxTxD, per_layer).
+
+    Params are one "blocks" subtree, every leaf stacked on a leading axis of L named "layers".
+    The scan stacks a per-layer output only when some layer of it was requested (hidden
+    states [L, B, T, D], attention probabilities [L, B, H, T, S], q/k/v; all L layers of it,
+    then indexed); a cache's per-block (k, v) are stacked into [L, ...] scan inputs and its
+    updated slices come back the same way. ``per_layer(name, i)`` is layer i's value of
+    output ``name`` (None when not emitted).
+    """
+    cfg = self.config
+    hidden_layers, attn_layers, qkv_layers, cache = wanted
+    emit = tuple(
+      name
+      for name, want in (
+        ("hidden", hidden_layers),
+        ("attn", attn_layers),
+        ("qkv", qkv_layers),
+        ("cache", cache is not None),
+      )
+      if want
+    )
+    scanned = nn.scan(
+      block_class(cfg, scanned=True),
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+      length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    layers_kv = None
+    index_B = None
+    if cache is not None:
+      layers_kv = tuple(jnp.stack(xs) for xs in zip(*cache["layers"]))  # ([L, ...], [L, ...])
+      index_B = cache["lengths"]
+    x_BxTxD, stacked = scanned(cfg, emit, name="blocks")(
+      x_BxTxD, positions_BxT, mask_Bx1xTxS, layers_kv, index_B
+    )
+
+    def per_layer(name, i):
+      if name not in stacked:
+        return None
+      return jax.tree.map(lambda a: a[i], stacked[name])
+
+    return x_BxTxD, per_layer
 
   def _embed(self, tokens_BxT, positions_BxT):
     """Returns (token nn.Embed, embedding output x_BxTxD in compute dtype)."""
