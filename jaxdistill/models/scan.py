@@ -56,6 +56,16 @@ def layout(tree: Any) -> str | None:
   return None
 
 
+def layout_of_paths(key_paths: Any) -> str | None:
+  """``layout`` of a tree given only its leaves' key paths (e.g. a checkpoint's metadata)."""
+  names = {getattr(k, "key", None) for key_path in key_paths for k in key_path}
+  if BLOCKS in names:
+    return "scanned"
+  if any(_block_index(name) is not None for name in names):
+    return "unrolled"
+  return None
+
+
 def _is_box(x: Any) -> bool:
   return isinstance(x, nn.Partitioned)
 

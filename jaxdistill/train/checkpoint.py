@@ -35,6 +35,7 @@ from jaxdistill import config as config_lib
 from jaxdistill import paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import MODEL_KEYS, shape_keys  # noqa: F401 (MODEL_KEYS: re-exported)
+from jaxdistill.models import scan as scan_lib
 
 FINAL_PARAMS = "final_params"
 CHECKPOINTS = "checkpoints"
@@ -371,6 +372,10 @@ def load_params(path: str, target: Any) -> Any:
       model's expected shapes, the dtypes to cast to and the layout to load into
       (each host reads only its shards).
 
+  Params saved with the decoder's blocks in the other layout (unrolled ``block_{i}`` vs the
+  scanned ``blocks`` of ``scan_layers``) are read in their own layout and converted
+  (``models.scan``; for a moment both copies exist), so either model reads either run's params.
+
   Returns:
     The params pytree.
 
@@ -388,13 +393,27 @@ def load_params(path: str, target: Any) -> Any:
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(path)
     stored = dict(jax.tree_util.tree_flatten_with_path(getattr(meta, "item_metadata", meta))[0])
-    for key_path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
-      name = jax.tree_util.keystr(key_path)
-      have = stored.get(key_path)
-      if have is None or tuple(have.shape) != tuple(want.shape):
-        got = "missing" if have is None else f"shape {tuple(have.shape)}"
-        raise JaxdistillError(
-          f"params at {path!r} do not fit the configured model: "
-          f"{name} is {got}, the model needs {tuple(want.shape)}"
-        )
+    saved, wanted = scan_lib.layout_of_paths(stored), scan_lib.layout(target)
+    if saved and wanted and saved != wanted:  # blocks saved unrolled, model scanned or back
+      read = scan_lib.to_layout(target, saved == "scanned")
+      _check_fits(path, stored, read)
+      convert = lambda tree: scan_lib.to_layout(tree, wanted == "scanned")  # noqa: E731
+      out_shardings = jax.tree.map(lambda a: a.sharding, target)
+      restored = ckptr.restore(path, read)
+      return jax.jit(convert, out_shardings=out_shardings)(restored)
+    _check_fits(path, stored, target)
     return ckptr.restore(path, target)
+
+
+def _check_fits(path: str, stored: dict, target: Any) -> None:
+  """Raises JaxdistillError naming the first param of ``target`` missing from a checkpoint's
+  leaves ``stored`` (key path -> metadata) or stored with another shape."""
+  for key_path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+    name = jax.tree_util.keystr(key_path)
+    have = stored.get(key_path)
+    if have is None or tuple(have.shape) != tuple(want.shape):
+      got = "missing" if have is None else f"shape {tuple(have.shape)}"
+      raise JaxdistillError(
+        f"params at {path!r} do not fit the configured model: "
+        f"{name} is {got}, the model needs {tuple(want.shape)}"
+      )

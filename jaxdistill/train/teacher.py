@@ -29,7 +29,7 @@ from jaxdistill import config as config_lib
 from jaxdistill import models, paths
 from jaxdistill.errors import ConfigError, JaxdistillError
 from jaxdistill.evaluation import evaluate
-from jaxdistill.models import fp8, quant, surgery
+from jaxdistill.models import fp8, quant, scan, surgery
 from jaxdistill.parallel import placement, precision
 from jaxdistill.train import checkpoint
 
@@ -203,6 +203,8 @@ def _load_hf(cfg: Any, teacher: nn.Module, mesh, table: Any):
   path = cfg.teacher.path
   found = hf.read_config(path).config
   for key in checkpoint.MODEL_KEYS:
+    if key in models.EXECUTION_KEYS:  # scan_layers / remat: the teacher's own (hf.load)
+      continue
     want = getattr(found, key)
     if cfg.teacher[key] != want:
       raise ConfigError(
@@ -219,12 +221,14 @@ def student_from_teacher(cfg: Any, teacher_params: Any, student_params: Any) -> 
 
   Embeddings, norms and head are the teacher's; block j is teacher block layers[j]
   (``surgery.select_layers``). Fresh copies in the student's shardings and dtype (the
-  step donates the student's buffers; the teacher's must survive).
+  step donates the student's buffers; the teacher's must survive). Either may scan its blocks
+  (``scan_layers``): the teacher's are picked unrolled, then laid out as the student's.
   """
   layers = surgery.select_layers(
     cfg.student.init_layers, cfg.teacher.num_layers, cfg.student.num_layers
   )
-  picked = surgery.init_from_teacher(teacher_params, layers)
+  picked = surgery.init_from_teacher(scan.unstack_blocks(teacher_params), layers)
+  picked = scan.to_layout(picked, scan.layout(student_params) == "scanned")
   shardings = jax.tree.map(lambda a: a.sharding, student_params)
   dtypes = jax.tree.map(lambda a: a.dtype, student_params)
   copy = jax.jit(
