@@ -50,6 +50,14 @@ class Transformer(nn.Module):
   [F, D]; final_norm; lm_head/kernel [D, V] (untied only). Norms hold scale [D] (+ bias [D]
   for layernorm). key/value kernels are [D, num_kv_heads, K] with grouped-query attention;
   projections with a bias (``config.bias``) hold ``bias`` of their output shape ([H, K] or [D]).
+
+  With ``config.scan_layers`` the blocks run under ``nn.scan`` and their params are one
+  subtree ``blocks`` holding block_{i}'s leaves stacked on a leading axis of L (logical name
+  "layers", replicated); ``models.scan`` converts params between the two layouts. Outputs are
+  the same: per-layer hidden states / attention / q/k/v are stacked by the scan only when some
+  layer of them is requested, then sliced; a cache's per-block (k, v) are stacked into the
+  scan's inputs and come back per block (the cache format does not change). ``config.remat``
+  wraps each block in ``nn.remat`` (``layers.block_class``), scanned or not.
   """
 
   config: TransformerConfig
