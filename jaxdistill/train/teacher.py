@@ -150,7 +150,12 @@ def identity(cfg: Any, variables: Any, path: str | None) -> dict:
   of its final_params directory (``path``) or, for a random teacher, of its variables."""
   ident = {
     "source": cfg.teacher.source,
-    "config": {k: cfg.teacher[k] for k in (*models.shape_keys(cfg.teacher), "policy")},
+    # scan_layers / remat change how the teacher runs, never its outputs: not part of it
+    "config": {
+      k: cfg.teacher[k]
+      for k in (*models.shape_keys(cfg.teacher), "policy")
+      if k not in models.EXECUTION_KEYS
+    },
   }
   if path:
     ident.update(path=path, sha256=checkpoint.content_hash(path))
