@@ -307,7 +307,10 @@ def check_compatible(saved_config: dict, config: dict, where: str) -> list[str]:
   """
   old, new = _flat(json.loads(json.dumps(saved_config))), _flat(json.loads(json.dumps(config)))
   # The keys of the student's kind of model (transformer or image classifier), and its arch.
-  matters = [f"student.{k}" for k in dict.fromkeys(("arch", *shape_keys(config["student"])))]
+  # remat changes how the student runs, not its params or optimizer state: any value resumes
+  # (scan_layers does matter: the saved state's blocks have its layout).
+  keys = [k for k in shape_keys(config["student"]) if k != "remat"]
+  matters = [f"student.{k}" for k in dict.fromkeys(("arch", *keys))]
   if new.get("teacher.source") != "none":
     matters += ["teacher.d_model", "distill.hidden.layer_map", "distill.hidden.teacher"]
     # An image model's projections: the teacher's stage channels and the stage pairs.

@@ -230,3 +230,71 @@ def test_hf_params_load_into_a_scanned_model():
   want = hfm.module().apply({"params": params}, TOKENS % hfm.config.vocab_size)["logits"]
   got = scanned.module().apply({"params": s_params}, TOKENS % hfm.config.vocab_size)["logits"]
   _close(got, want, tol=1e-5)
+
+
+def _tokens_batch(cfg):
+  rng = np.random.default_rng(0)
+  b, t = cfg.data.batch_size, cfg.data.seq_len
+  tokens = rng.integers(0, cfg.student.vocab_size, (b, t + 1), dtype=np.int32)
+  return dict(
+    inputs=tokens[:, :-1],
+    targets=tokens[:, 1:],
+    weights=np.ones((b, t), np.float32),
+    segment_ids=np.ones((b, t), np.int32),
+    positions=np.tile(np.arange(t, dtype=np.int32), (b, 1)),
+  )
+
+
+@pytest.mark.slow
+def test_distill_step_with_scanned_remat_models_equals_unrolled():
+  """One real step (logit, CE, attention and hidden-state losses) with a scanned student
+  (remat dots) and a scanned teacher (remat full) equals the unrolled step."""
+  from jaxdistill.train import run as run_lib
+
+  cfg = testing.tiny_config()
+  student = Transformer(models.build(cfg.student, models_policy(), "student").config)
+  teacher = Transformer(models.build(cfg.teacher, models_policy(), "teacher").config)
+  given = dict(student=testing.host_variables(student), teacher=testing.host_variables(teacher, 1))
+  results = []
+  for scanned in (False, True):
+    if scanned:
+      cfg.student.update(scan_layers=True, remat="dots")
+      cfg.teacher.update(scan_layers=True, remat="full")
+    variables = {k: scan.to_layout(v, scanned) for k, v in given.items()}
+    run = run_lib.build_run(
+      cfg,
+      devices=jax.devices()[:1],
+      student_vars=variables["student"],
+      teacher_vars=variables["teacher"],
+      data=False,
+    )
+    metrics = jax.device_get(run.step(sharding.shard_batch(_tokens_batch(cfg), run.mesh)))
+    results.append((metrics, jax.device_get(scan.unstack_blocks(run.state.params["student"]))))
+  (m0, p0), (m1, p1) = results
+  for key in ("train/loss", "train/attention", "train/hidden"):
+    if key in m0:
+      np.testing.assert_allclose(m1[key], m0[key], rtol=1e-5, atol=1e-6)
+  _close(p1, p0, tol=1e-5)
+
+
+def test_student_from_teacher_blocks_across_layouts():
+  from jaxdistill.models import surgery
+  from jaxdistill.train import teacher as teacher_lib
+
+  cfg = _cfg(init_layers="0,2")
+  cfg.teacher.update(num_layers=3)
+  t_cfg = _config(**{k: cfg.teacher[k] for k in ("d_model", "num_heads", "d_ff", "num_layers")})
+  t_params = jax.tree.map(jnp.asarray, testing.host_variables(Transformer(t_cfg)))["params"]
+  want = surgery.init_from_teacher(t_params, (0, 2))
+  for t_scanned, s_scanned in ((True, False), (False, True), (True, True)):
+    student = scan.to_layout(want, s_scanned)
+    got = teacher_lib.student_from_teacher(cfg, scan.to_layout(t_params, t_scanned), student)
+    assert scan.layout(got) == ("scanned" if s_scanned else "unrolled")
+    jax.tree.map(np.testing.assert_array_equal, scan.to_layout(got, False), want)
+
+
+def test_resume_ignores_remat_and_refuses_another_layout():
+  saved = _cfg().to_dict()
+  assert "student.remat" in checkpoint.check_compatible(saved, _cfg(remat="full").to_dict(), "W")
+  with pytest.raises(Exception, match="student.scan_layers"):
+    checkpoint.check_compatible(saved, _cfg(scan_layers=True).to_dict(), "W")
