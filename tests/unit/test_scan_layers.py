@@ -298,3 +298,13 @@ def test_resume_ignores_remat_and_refuses_another_layout():
   assert "student.remat" in checkpoint.check_compatible(saved, _cfg(remat="full").to_dict(), "W")
   with pytest.raises(Exception, match="student.scan_layers"):
     checkpoint.check_compatible(saved, _cfg(scan_layers=True).to_dict(), "W")
+
+
+def test_weight_only_int8_decoding_of_a_scanned_model():
+  from jaxdistill.generate import int8_weights
+
+  unrolled, scanned, v, sv = _pair()
+  m8, v8 = int8_weights.quantize(unrolled, v)
+  s8, sv8 = int8_weights.quantize(scanned, sv)
+  run = lambda m, x: jax.jit(lambda y: m.apply(y, TOKENS)["logits"])(x)  # noqa: E731
+  np.testing.assert_array_equal(run(s8, sv8), run(m8, v8))
