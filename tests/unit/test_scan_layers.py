@@ -308,3 +308,18 @@ def test_weight_only_int8_decoding_of_a_scanned_model():
   s8, sv8 = int8_weights.quantize(scanned, sv)
   run = lambda m, x: jax.jit(lambda y: m.apply(y, TOKENS)["logits"])(x)  # noqa: E731
   np.testing.assert_array_equal(run(s8, sv8), run(m8, v8))
+
+
+@pytest.mark.slow
+def test_encoder_remat_keeps_grads():
+  from jaxdistill.models import bert
+
+  cfg = _config(encoder=True, norm="layernorm", pos="learned", activation="gelu_erf", bias="all")
+  plain = bert.Encoder(cfg)
+  v = jax.tree.map(jnp.asarray, testing.host_variables(plain))
+
+  def grads(model):
+    loss = lambda p: jnp.sum(model.apply({"params": p}, TOKENS)["embedding"] ** 3)  # noqa: E731
+    return jax.jit(jax.grad(loss))(v["params"])
+
+  _close(grads(bert.Encoder(dataclasses.replace(cfg, remat="full"))), grads(plain))
