@@ -373,14 +373,10 @@ class Block(nn.Module):
 
   Args (call): as ``Attention``, with x_BxTxD the (un-normalized) residual stream.
   Returns:
-    (x_BxTxD new residual stream, probs_BxHxTxS, (q, k, v), cache) as ``Attention``; under
-    ``nn.scan`` (``emit`` set) the scan body's (carry, outputs): (x_BxTxD, {name: value for
-    name in emit}) with names from "hidden" (x_BxTxD), "attn", "qkv", "cache", so the scan
-    stacks only what the caller asked for.
+    (x_BxTxD new residual stream, probs_BxHxTxS, (q, k, v), cache) as ``Attention``.
   """
 
   config: TransformerConfig
-  emit: tuple[str, ...] | None = None
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache=None, cache_index_B=None):
@@ -391,32 +387,7 @@ class Block(nn.Module):
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + attn_BxTxD, ACT_RESIDUAL)
     mlp_BxTxD = Mlp(cfg, name="mlp")(Norm(cfg, name="mlp_norm")(x_BxTxD))
     x_BxTxD = nn.with_logical_constraint(x_BxTxD + mlp_BxTxD, ACT_RESIDUAL)
-    if self.emit is None:
-      return x_BxTxD, probs_BxHxTxS, qkv, cache
-    outputs = {"hidden": x_BxTxD, "attn": probs_BxHxTxS, "qkv": qkv, "cache": cache}
-    return x_BxTxD, {name: outputs[name] for name in self.emit}
-
-
-def remat_policy(remat: str):
-  """The ``jax.checkpoint`` policy of ``config.remat`` "full" (None: save nothing) or "dots".
-
-  "dots" is ``checkpoint_dots_with_no_batch_dims``: it saves the outputs of the matmuls
-  against weights (q/k/v/out projections and the MLP, dot_generals without batch dims: the
-  FLOPs worth keeping) and recomputes everything else, including attention's scores and
-  probabilities (batched over B and H, [B, H, T, S]: the quadratic memory), which
-  ``dots_saveable`` would keep.
-  """
-  return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if remat == "dots" else None
-
-
-def block_class(config: TransformerConfig, scanned: bool, cls: type = None) -> type:
-  """``cls`` (default ``Block``) wrapped in ``nn.remat`` per ``config.remat`` (unchanged for
-  "none"). Inside ``nn.scan`` CSE cannot merge the recomputation into the forward pass (the
-  loop body is a boundary), so ``prevent_cse`` is off there (cheaper); on elsewhere."""
-  cls = Block if cls is None else cls
-  if config.remat == "none":
-    return cls
-  return nn.remat(cls, policy=remat_policy(config.remat), prevent_cse=not scanned)
+    return x_BxTxD, probs_BxHxTxS, qkv, cache
 
 
 def embed_lookup(embed: nn.Embed, ids_BxT: jax.Array, rows: str | None) -> jax.Array:

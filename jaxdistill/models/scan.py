@@ -11,6 +11,9 @@ leaves (``nn.Partitioned``: the ``layers`` name is added / removed), abstract le
 targets) and trees holding several params-shaped trees (``{"params": ...}``, optimizer states:
 every dict holding block subtrees is converted). ``checkpoint.load_params`` and ``hf.load`` use
 them so a model reads params saved in the other layout.
+
+How a block runs: ``ScanBody`` is the scan's body; ``block_class`` wraps a block in
+``nn.remat`` per ``config.remat`` (``remat_policy``), scanned or not.
 """
 
 from typing import Any, Mapping
@@ -19,6 +22,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdistill.models import layers
+from jaxdistill.models.transformer_config import TransformerConfig
 
 BLOCKS = "blocks"
 LAYERS_AXIS = "layers"  # the logical name of the stacked axis (maps to no mesh axis)
@@ -64,6 +70,20 @@ def layout_of_paths(key_paths: Any) -> str | None:
   if any(_block_index(name) is not None for name in names):
     return "unrolled"
   return None
+
+
+def read_layout(stored_paths: Any, target: Any) -> tuple[Any, Any]:
+  """How to restore ``target`` (abstract leaves with shardings) from a checkpoint whose leaves
+  have the key paths ``stored_paths``: (what to restore, a function of the restored tree giving
+  ``target``'s layout). Blocks saved in the other layout are read in theirs, then converted
+  (jitted into ``target``'s shardings; for a moment both copies exist); else (target, identity).
+  """
+  saved, wanted = layout_of_paths(stored_paths), layout(target)
+  if not saved or not wanted or saved == wanted:
+    return target, lambda tree: tree
+  shardings = jax.tree.map(lambda a: a.sharding, target)
+  convert = jax.jit(lambda tree: to_layout(tree, wanted == "scanned"), out_shardings=shardings)
+  return to_layout(target, saved == "scanned"), convert
 
 
 def _is_box(x: Any) -> bool:
@@ -162,3 +182,41 @@ def to_layout(params: Any, scanned: bool) -> Any:
   if found is None or (found == "scanned") == scanned:
     return params
   return stack_blocks(params) if scanned else unstack_blocks(params)
+
+
+def remat_policy(remat: str):
+  """The ``jax.checkpoint`` policy of ``config.remat`` "full" (None: save nothing) or "dots".
+
+  "dots" is ``checkpoint_dots_with_no_batch_dims``: it saves the outputs of the matmuls
+  against weights (q/k/v/out projections and the MLP, dot_generals without batch dims: the
+  FLOPs worth keeping) and recomputes everything else, including attention's scores and
+  probabilities (batched over B and H, [B, H, T, S]: the quadratic memory), which
+  ``dots_saveable`` would keep.
+  """
+  return jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims if remat == "dots" else None
+
+
+class ScanBody(layers.Block):
+  """``layers.Block`` as an ``nn.scan`` body: returns (x_BxTxD, {name: output for name in
+  emit}), names from "hidden" (x_BxTxD), "attn", "qkv", "cache", so the scan stacks only the
+  per-layer outputs a caller asked for. Its params are the Block's."""
+
+  emit: tuple[str, ...] = ()
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache=None, cache_index_B=None):
+    x_BxTxD, probs, qkv, cache = super().__call__(
+      x_BxTxD, positions_BxT, mask_Bx1xTxS, cache, cache_index_B
+    )
+    outputs = {"hidden": x_BxTxD, "attn": probs, "qkv": qkv, "cache": cache}
+    return x_BxTxD, {name: outputs[name] for name in self.emit}
+
+
+def block_class(config: TransformerConfig, scanned: bool, cls: type = None) -> type:
+  """``cls`` (default ``ScanBody`` if ``scanned``, else ``layers.Block``) wrapped in
+  ``nn.remat`` per ``config.remat`` (unchanged for "none"). Inside ``nn.scan`` CSE cannot
+  merge the recomputation into the forward pass (the loop body is a boundary), so
+  ``prevent_cse`` is off there (cheaper); on elsewhere."""
+  cls = cls or (ScanBody if scanned else layers.Block)
+  if config.remat == "none":
+    return cls
+  return nn.remat(cls, policy=remat_policy(config.remat), prevent_cse=not scanned)

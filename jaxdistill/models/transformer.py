@@ -27,10 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdistill.models import scan as scan_lib
 from jaxdistill.models.layers import (
   ACT_LOGITS,
   ACT_RESIDUAL,
-  block_class,
   EinsumDense,
   Norm,
   cache_mask,
@@ -57,7 +57,7 @@ class Transformer(nn.Module):
   the same: per-layer hidden states / attention / q/k/v are stacked by the scan only when some
   layer of them is requested, then sliced; a cache's per-block (k, v) are stacked into the
   scan's inputs and come back per block (the cache format does not change). ``config.remat``
-  wraps each block in ``nn.remat`` (``layers.block_class``), scanned or not.
+  wraps each block in ``nn.remat`` (``scan.block_class``), scanned or not.
   """
 
   config: TransformerConfig
@@ -120,43 +120,40 @@ class Transformer(nn.Module):
       mask_Bx1xTxS = make_attention_mask(segment_ids_BxT, t)
     else:
       mask_Bx1xTxS = cache_mask(index_B, t, cache["layers"][0][0].shape[2])  # [B, G, S, K]
-    hidden = {0: x_BxTxD} if 0 in hidden_layers else {}
-    attn, qkv, new_layers = {}, {}, []
-    if cfg.scan_layers:
-      wanted = (hidden_layers, attn_layers, qkv_layers, cache)
-      x_BxTxD, per_layer = self._scanned(x_BxTxD, positions_BxT, mask_Bx1xTxS, cache, wanted)
-    block = block_class(cfg, scanned=False)
-    for i in range(cfg.num_layers):
-      if cfg.scan_layers:  # slices of the scan's stacked outputs (only requested ones exist)
-        names = ("attn", "qkv", "cache")
-        probs_BxHxTxS, qkv_i, layer_cache = (per_layer(name, i) for name in names)
-        if i + 1 in hidden_layers:
-          hidden[i + 1] = per_layer("hidden", i)
-      else:
-        x_BxTxD, probs_BxHxTxS, qkv_i, layer_cache = block(cfg, name=f"block_{i}")(
-          x_BxTxD,
-          positions_BxT,
-          mask_Bx1xTxS,
-          None if cache is None else cache["layers"][i],
-          index_B,
-        )
-        if i + 1 in hidden_layers:
-          hidden[i + 1] = x_BxTxD
-      new_layers.append(layer_cache)
-      # Only requested tensors are kept; the rest is dead code XLA drops under jit.
-      if i in attn_layers:
-        attn[i] = probs_BxHxTxS
-      if i in qkv_layers:
-        qkv[i] = qkv_i
+    wanted = (hidden_layers, attn_layers, qkv_layers, cache)
+    blocks = self._scanned if cfg.scan_layers else self._unrolled
+    x0_BxTxD = x_BxTxD
+    x_BxTxD, per_layer = blocks(x_BxTxD, positions_BxT, mask_Bx1xTxS, cache, wanted)
+    # Only requested tensors are kept (unrolled: the rest is dead code XLA drops under jit).
+    hidden = {i: per_layer("hidden", i - 1) if i else x0_BxTxD for i in sorted(set(hidden_layers))}
+    attn = {i: per_layer("attn", i) for i in sorted(set(attn_layers))}
+    qkv = {i: per_layer("qkv", i) for i in sorted(set(qkv_layers))}
     final_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
 
     out = self._output(final_BxTxD, token_embed, return_logits)
     if cache is not None:
-      out["cache"] = {"layers": tuple(new_layers), "lengths": index_B + t}
+      new_layers = tuple(per_layer("cache", i) for i in range(cfg.num_layers))
+      out["cache"] = {"layers": new_layers, "lengths": index_B + t}
     for key, value in (("hidden", hidden), ("attn", attn), ("qkv", qkv)):
       if value:
         out[key] = value
     return out
+
+  def _unrolled(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache, wanted):
+    """The L blocks one after the other: (output x_BxTxD, per_layer) as ``_scanned``."""
+    del wanted  # every output exists; the unrequested ones are dead code
+    cfg, outputs = self.config, []
+    block = scan_lib.block_class(cfg, scanned=False)
+    for i in range(cfg.num_layers):
+      x_BxTxD, probs_BxHxTxS, qkv_i, layer_cache = block(cfg, name=f"block_{i}")(
+        x_BxTxD,
+        positions_BxT,
+        mask_Bx1xTxS,
+        None if cache is None else cache["layers"][i],
+        None if cache is None else cache["lengths"],
+      )
+      outputs.append(dict(hidden=x_BxTxD, attn=probs_BxHxTxS, qkv=qkv_i, cache=layer_cache))
+    return x_BxTxD, lambda name, i: outputs[i][name]
 
   def _scanned(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache, wanted):
     """The L blocks under ``nn.scan`` (config.scan_layers): (output x_BxTxD, per_layer).
@@ -181,7 +178,7 @@ class Transformer(nn.Module):
       if want
     )
     scanned = nn.scan(
-      block_class(cfg, scanned=True),
+      scan_lib.block_class(cfg, scanned=True),
       variable_axes={"params": 0},
       split_rngs={"params": True},
       in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),

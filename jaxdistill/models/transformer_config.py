@@ -33,21 +33,22 @@ MODEL_KEYS = (
   "type_vocab_size",
   "head_size",
   "scan_layers",
-  "remat",
 )
 # Keys that choose how the model runs, not what it computes: the same params (up to the blocks'
-# layout, converted on load: ``models.scan``) give the same outputs whatever they hold.
+# layout, converted on load: ``models.scan``) give the same outputs whatever they hold. remat
+# is no MODEL_KEY (it changes no param or checkpoint: any value resumes); scan_layers is (a
+# checkpoint's optimizer state has its layout).
 EXECUTION_KEYS = ("scan_layers", "remat")
 
 # Keys newer than hand-written sections (plain dicts, older runs' config.json): their default.
-_OPTIONAL_KEYS = ("head_size", "scan_layers", "remat")
+_OPTIONAL_KEYS = ("head_size", "scan_layers")
 _NORMS = ("rmsnorm", "layernorm")
 _POSITIONS = ("rope", "learned")
 _ACTIVATIONS = ("swiglu", "gelu", "gelu_erf")  # gelu: tanh approximation (GPT-2); gelu_erf: BERT
 _BIASES = ("none", "qkv", "all")  # which projections carry a bias (qkv: Qwen2; all: GPT-2, BERT)
 # Rematerialisation of each block in the backward pass: none (keep every activation), full
 # (keep only the block's input, recompute the rest), dots (keep the outputs of the weight
-# matmuls, recompute the rest: ``layers.remat_policy``).
+# matmuls, recompute the rest: ``scan.remat_policy``).
 REMATS = ("none", "full", "dots")
 
 
@@ -183,6 +184,7 @@ def config_from_section(section: Any, policy: Policy, key: str) -> TransformerCo
   try:
     return TransformerConfig(
       **{k: section[k] for k in MODEL_KEYS if k in section or k not in _OPTIONAL_KEYS},
+      remat=section["remat"] if "remat" in section else "none",
       dtype=policy.compute_dtype,
       param_dtype=policy.param_dtype,
       output_dtype=policy.output_dtype,

@@ -13,10 +13,9 @@ complete, so a kill during a save leaves the previous checkpoint intact and
 the partial one is skipped (with a warning). Restores go straight into the
 target shardings, so a checkpoint saved on one mesh restores on another.
 
-Resume order (``resolve_resume``): ``--resume_from STEP`` (a step of this
-workdir, e.g. to skip a corrupted latest one) -> the latest checkpoint in the
-workdir -> ``--resume_from DIR`` (another run's checkpoint step directory) ->
-``student.init_from`` (weights only) -> scratch.
+Resume order (``resolve_resume``): ``--resume_from STEP`` (a step of this workdir, e.g. to skip
+a corrupted latest one) -> the latest checkpoint in the workdir -> ``--resume_from DIR``
+(another run's checkpoint step directory) -> ``student.init_from`` (weights only) -> scratch.
 """
 
 import dataclasses
@@ -34,8 +33,7 @@ import jaxdistill
 from jaxdistill import config as config_lib
 from jaxdistill import paths
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models import MODEL_KEYS, shape_keys  # noqa: F401 (MODEL_KEYS: re-exported)
-from jaxdistill.models import scan as scan_lib
+from jaxdistill.models import MODEL_KEYS, scan, shape_keys  # noqa: F401 (MODEL_KEYS: re-exported)
 
 FINAL_PARAMS = "final_params"
 CHECKPOINTS = "checkpoints"
@@ -307,10 +305,7 @@ def check_compatible(saved_config: dict, config: dict, where: str) -> list[str]:
   """
   old, new = _flat(json.loads(json.dumps(saved_config))), _flat(json.loads(json.dumps(config)))
   # The keys of the student's kind of model (transformer or image classifier), and its arch.
-  # remat changes how the student runs, not its params or optimizer state: any value resumes
-  # (scan_layers does matter: the saved state's blocks have its layout).
-  keys = [k for k in shape_keys(config["student"]) if k != "remat"]
-  matters = [f"student.{k}" for k in dict.fromkeys(("arch", *keys))]
+  matters = [f"student.{k}" for k in dict.fromkeys(("arch", *shape_keys(config["student"])))]
   if new.get("teacher.source") != "none":
     matters += ["teacher.d_model", "distill.hidden.layer_map", "distill.hidden.teacher"]
     # An image model's projections: the teacher's stage channels and the stage pairs.
@@ -375,12 +370,8 @@ def load_params(path: str, target: Any) -> Any:
       model's expected shapes, the dtypes to cast to and the layout to load into
       (each host reads only its shards).
 
-  Params saved with the decoder's blocks in the other layout (unrolled ``block_{i}`` vs the
-  scanned ``blocks`` of ``scan_layers``) are read in their own layout and converted
-  (``models.scan``; for a moment both copies exist), so either model reads either run's params.
-
   Returns:
-    The params pytree.
+    The params pytree (blocks saved in the other layout converted: ``scan.read_layout``).
 
   Raises:
     JaxdistillError: missing checkpoint, or one whose names or shapes differ
@@ -396,27 +387,14 @@ def load_params(path: str, target: Any) -> Any:
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(path)
     stored = dict(jax.tree_util.tree_flatten_with_path(getattr(meta, "item_metadata", meta))[0])
-    saved, wanted = scan_lib.layout_of_paths(stored), scan_lib.layout(target)
-    if saved and wanted and saved != wanted:  # blocks saved unrolled, model scanned or back
-      read = scan_lib.to_layout(target, saved == "scanned")
-      _check_fits(path, stored, read)
-      convert = lambda tree: scan_lib.to_layout(tree, wanted == "scanned")  # noqa: E731
-      out_shardings = jax.tree.map(lambda a: a.sharding, target)
-      restored = ckptr.restore(path, read)
-      return jax.jit(convert, out_shardings=out_shardings)(restored)
-    _check_fits(path, stored, target)
-    return ckptr.restore(path, target)
-
-
-def _check_fits(path: str, stored: dict, target: Any) -> None:
-  """Raises JaxdistillError naming the first param of ``target`` missing from a checkpoint's
-  leaves ``stored`` (key path -> metadata) or stored with another shape."""
-  for key_path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
-    name = jax.tree_util.keystr(key_path)
-    have = stored.get(key_path)
-    if have is None or tuple(have.shape) != tuple(want.shape):
-      got = "missing" if have is None else f"shape {tuple(have.shape)}"
-      raise JaxdistillError(
-        f"params at {path!r} do not fit the configured model: "
-        f"{name} is {got}, the model needs {tuple(want.shape)}"
-      )
+    read, convert = scan.read_layout(stored, target)  # the saved blocks' layout
+    for key_path, want in jax.tree_util.tree_flatten_with_path(read)[0]:
+      name = jax.tree_util.keystr(key_path)
+      have = stored.get(key_path)
+      if have is None or tuple(have.shape) != tuple(want.shape):
+        got = "missing" if have is None else f"shape {tuple(have.shape)}"
+        raise JaxdistillError(
+          f"params at {path!r} do not fit the configured model: "
+          f"{name} is {got}, the model needs {tuple(want.shape)}"
+        )
+    return convert(ckptr.restore(path, read))

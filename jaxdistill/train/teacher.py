@@ -52,6 +52,7 @@ def pretrain_config(cfg: Any, index: int = 0) -> Any:
   t.seed = cfg.seed + index
   for key in (*models.MODEL_KEYS, *models.VISION_KEYS):  # whatever kind of model the teacher is
     t.student[key] = cfg.teacher[key]
+  t.student.remat = cfg.teacher.remat  # it trains as the teacher's remat says
   # The teacher trains in f32 params whatever its inference policy stores. A
   # c=fp8 teacher trains in bf16 (its non-matmul dtype): its saved params carry
   # no FP8 state, its static scales are calibrated on the final weights anyway
