@@ -51,6 +51,8 @@ def load_student(src_workdir: str) -> tuple[Any, Any, dict]:
     JaxdistillError: ``src_workdir`` is no finished jaxdistill run.
   """
   cfg = eval_run.run_config(src_workdir)
+  # Pruning scores and cuts block_{i}: a scan_layers run's params load unrolled (models.scan).
+  cfg.student.scan_layers = False
   own = paths.join(src_workdir, "tokenizer.json")
   if paths.isfile(own) and not data_lib.is_image_model(cfg):
     cfg.data.tokenizer = own  # calibration text tokenised as the model was trained

@@ -54,6 +54,8 @@ def ptq(
     The output directory (``model.safetensors`` + ``int8.json``).
   """
   cfg = eval_run.run_config(workdir)
+  # qwix quantises the unrolled blocks: a scan_layers run's params load unrolled (models.scan).
+  cfg.student.scan_layers = False
   act = precision.INT8_ACTS.get(act, act)
   if act not in quant.ACTS:
     raise ValueError(f"act={act!r}: choose symmetric or asymmetric")
@@ -120,6 +122,7 @@ def ptq_workdir(
   ptq(src_workdir, paths.join(tmp, workdir_lib.INT8_DIR), calibration_batches, act, devices)
   cfg.student.policy = str(dataclasses.replace(policy, int8=precision.INT8_ACTS.get(act, act)))
   cfg.student.init_from, cfg.student.init_layers = "", ""
+  cfg.student.scan_layers = False  # an int8 model runs its blocks unrolled (see ptq)
   paths.write_text(
     paths.join(tmp, "config.json"), cfg.to_json_best_effort(indent=2, sort_keys=True)
   )

@@ -69,6 +69,13 @@ def _model_fields(**overrides) -> dict:
     # Per-head width (0 = d_model // num_heads); set when heads * head_size != d_model, as a
     # head-pruned model (jaxdistill/models/prune.py) has.
     head_size=0,
+    # Large runs (docs/configs.md): scan_layers runs the decoder's blocks under nn.scan, params
+    # stacked in one "blocks" subtree (one block compiled instead of num_layers; saved params
+    # of either layout load into either: models/scan.py); remat recomputes each block's
+    # activations in the backward pass: none | full (keep only its input) | dots (keep the
+    # weight matmuls' outputs). Neither changes the numbers.
+    scan_layers=False,
+    remat="none",
     # Image classifiers (jaxdistill/models/cnn.py, resnet.py): arch picks the model; the
     # transformer keys above are then unused. cnn: conv3x3 + ReLU + maxpool2 stages of
     # cnn_channels, then fc cnn_fc, then fc num_classes. resnet: CIFAR ResNet-depth (6n+2:

@@ -56,6 +56,7 @@ def _validate_one(cfg: Any) -> None:
     student_policy, "student.policy", loss_scaling=cfg.optim.loss_scale == "dynamic"
   )
   models.build(cfg.student, student_policy, "student")  # a bad model key fails here
+  check_execution(cfg.student, student_policy, "student")
   _check_teacher(cfg)
   t = cfg.teacher
   _check_precompute(cfg.precompute)
@@ -115,6 +116,44 @@ def _validate_one(cfg: Any) -> None:
     validate_distill.check_schedule_ranges(cfg)
 
 
+def check_execution(section: Any, policy: precision.Policy, key: str) -> None:
+  """``scan_layers`` and ``remat`` of a model section (``key``: student or teacher).
+
+  remat must be one of ``models.REMATS`` (decoders and encoders); scan_layers is a bool, and
+  only a decoder with float matmuls scans its blocks: image classifiers, the BERT encoder and
+  c=fp8 / c=int8 models (their per-block FP8 state and qwix quantisation are not stacked) are
+  refused. Sections predating the keys (plain dicts) hold their defaults.
+  """
+  remat = section["remat"] if "remat" in section else "none"
+  scan = section["scan_layers"] if "scan_layers" in section else False
+  if remat not in models.REMATS:
+    raise ConfigError(f"{key}.remat", f"unknown {remat!r}; choose from {models.REMATS}")
+  if not isinstance(scan, bool):
+    raise ConfigError(f"{key}.scan_layers", f"must be true or false, got {scan!r}")
+  if models.is_vision(section):
+    for name, value, default in (("scan_layers", scan, False), ("remat", remat, "none")):
+      if value != default:
+        raise ConfigError(
+          f"{key}.{name}",
+          f"applies to transformer blocks; {key}.arch={section['arch']!r} is an image "
+          f"classifier: leave it {default!r}",
+        )
+    return
+  if not scan:
+    return
+  if section["encoder"]:
+    raise ConfigError(
+      f"{key}.scan_layers", "scans the decoder's blocks only; the BERT encoder runs unrolled"
+    )
+  if policy.fp8 or policy.int8:
+    mode = "c=fp8" if policy.fp8 else "c=int8"
+    raise ConfigError(
+      f"{key}.scan_layers",
+      f"is not supported with {key}.policy {mode} (per-block quantisation state is not "
+      "stacked); set it false",
+    )
+
+
 def _check_teacher(cfg: Any) -> None:
   """``teacher``: its source, its model and policy (when it has one), its pretraining steps and
   its cache directory."""
@@ -131,6 +170,7 @@ def _check_teacher(cfg: Any) -> None:
         f"teacher's static FP8 scales), got {n!r}",
       )
     models.build(t, teacher_policy, "teacher")
+    check_execution(t, teacher_policy, "teacher")
   if t.source not in NO_TEACHER_MODEL:
     placement.parse_rules(t.rules)  # its syntax; whether it splits the teacher: teacher.rules()
   if t.source == "pretrain" and t.pretrain_steps <= 0:
@@ -159,7 +199,8 @@ def _check_hf(cfg: Any) -> None:
     except ValueError as e:
       raise ConfigError("student.init_layers", str(e)) from None
     for key in models.MODEL_KEYS:
-      if key != "num_layers" and s[key] != t[key]:
+      # scan_layers / remat: how each runs (teacher_lib.student_from_teacher converts layouts)
+      if key not in ("num_layers", *models.EXECUTION_KEYS) and s[key] != t[key]:
         same = f"student.{key}={s[key]!r} must equal teacher.{key}={t[key]!r}"
         raise ConfigError("student.init_layers", f"copies teacher blocks, so {same}")
   if cfg.distill.embedding.weight and not (s.encoder and t.encoder):

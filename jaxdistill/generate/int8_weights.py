@@ -13,13 +13,14 @@ on whether the backend fuses the conversion into the matmul: ``benchmarks/decode
 it against float (see BENCHMARKS.md, "Decode").
 """
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill.models import layers
+from jaxdistill.models import layers, scan
 
 SCALES = "int8_scale"
 
@@ -84,8 +85,12 @@ def quantize(model: nn.Module, variables: dict) -> tuple[nn.Module, dict]:
   """(``Int8Weights(model)``, its variables) from a float decoder's ``variables``.
 
   Only kernels whose output ends with their free axes in order (every block projection) are
-  quantised; the vocabulary head (read as a plain array) stays float.
+  quantised; the vocabulary head (read as a plain array) stays float. A ``scan_layers`` model
+  is quantised as its unrolled twin (``models.scan``: per-block scales need no stacking).
   """
+  if model.config.scan_layers:
+    model = model.clone(config=dataclasses.replace(model.config, scan_layers=False))
+    variables = scan.unstack_blocks(variables)
   params = nn.unbox(variables["params"])
   equations = _equations(model, params)
   flat = dict(jax.tree_util.tree_flatten_with_path(params)[0])

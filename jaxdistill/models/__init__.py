@@ -11,6 +11,7 @@
   flops.py        model FLOPs per token / image / distillation step (StepFlops, step_flops)
   fp8.py          static FP8 scales of a frozen model (calibrate)
   quant.py        int8 through qwix: QAT modules, static activation scales, PTQ, int8 files
+  scan.py         the blocks' two layouts (unrolled block_{i} / scanned "blocks"), converted
   surgery.py      students made from a teacher's params (select_layers, init_from_teacher)
   hf.py           Hugging Face checkpoints -> models (load, read_config, param_map)
   hf_maps.py      which Hugging Face tensor each param comes from, per architecture
@@ -35,7 +36,13 @@ from jaxdistill.models.api import (
 )
 from jaxdistill.models.flops import StepFlops, flops_per_example, flops_per_token, step_flops
 from jaxdistill.models.transformer import count_params
-from jaxdistill.models.transformer_config import MODEL_KEYS, TransformerConfig, config_from_section
+from jaxdistill.models.transformer_config import (
+  EXECUTION_KEYS,
+  MODEL_KEYS,
+  REMATS,
+  TransformerConfig,
+  config_from_section,
+)
 from jaxdistill.models.vision_config import (
   VISION_KEYS,
   VisionConfig,
@@ -43,7 +50,9 @@ from jaxdistill.models.vision_config import (
 )
 
 __all__ = [
+  "EXECUTION_KEYS",
   "MODEL_KEYS",
+  "REMATS",
   "StepFlops",
   "TransformerConfig",
   "VISION_KEYS",

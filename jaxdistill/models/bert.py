@@ -24,7 +24,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxdistill.models import layers
+from jaxdistill.models import layers, scan
 from jaxdistill.models.transformer_config import TransformerConfig, check_layers
 
 # sentence-transformers' clamps: mean-pooling token count and L2 norm.
@@ -145,8 +145,9 @@ class Encoder(nn.Module):
     x_BxTxD = _embed(cfg, tokens_BxT, positions_BxT, token_types_BxT)
     hidden = {0: x_BxTxD} if 0 in hidden_layers else {}
     attn, qkv = {}, {}
+    block = scan.block_class(cfg, scanned=False, cls=EncoderBlock)  # config.remat
     for i in range(cfg.num_layers):
-      x_BxTxD, probs_BxHxTxS, qkv_i = EncoderBlock(cfg, name=f"block_{i}")(
+      x_BxTxD, probs_BxHxTxS, qkv_i = block(cfg, name=f"block_{i}")(
         x_BxTxD, positions_BxT, mask_Bx1xTxS
       )
       if i + 1 in hidden_layers:

@@ -47,8 +47,9 @@ from safetensors import safe_open
 from jaxdistill import paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import api, bert, hf_maps
+from jaxdistill.models import scan as scan_lib
 from jaxdistill.models.hf_maps import Source
-from jaxdistill.models.transformer_config import MODEL_KEYS, TransformerConfig
+from jaxdistill.models.transformer_config import EXECUTION_KEYS, MODEL_KEYS, TransformerConfig
 from jaxdistill.parallel import sharding as sharding_lib
 
 DECODERS = ("llama", "mistral", "qwen2", "gpt2")
@@ -304,7 +305,9 @@ def load(
     mesh: a jaxdistill mesh; params are sharded by its logical rules. None: one device.
     rules: the rules table (None: ``sharding.LOGICAL_RULES``; a teacher's own: ``placement``).
   Returns:
-    (hfm, params): params is a pytree of jax.Arrays in ``hfm.config.param_dtype``.
+    (hfm, params): params is a pytree of jax.Arrays in ``hfm.config.param_dtype``; in the
+    scanned layout (``models.scan``) when ``hfm.config.scan_layers``: the blocks are read
+    unrolled, as Hugging Face stores them, then stacked.
   Raises:
     JaxdistillError: missing files or tensors (named with their file), wrong shapes.
   """
@@ -316,6 +319,10 @@ def load(
   else:
     one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     shardings = jax.tree.map(lambda _: one, abstract)
+  if hfm.config.scan_layers:
+    unrolled = dataclasses.replace(hfm, config=dataclasses.replace(hfm.config, scan_layers=False))
+    _, params = load(path, unrolled, mesh, rules)
+    return hfm, jax.jit(scan_lib.stack_blocks, out_shardings=shardings)(params)
   flat, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   flat_shardings = treedef.flatten_up_to(shardings)
   with _Tensors(path) as tensors:
@@ -338,6 +345,7 @@ def check_shapes(path: str, config: Any) -> None:
   Raises:
     JaxdistillError: missing files or tensors, or a tensor whose shape differs.
   """
+  config = dataclasses.replace(config, scan_layers=False)  # Hugging Face stores blocks unrolled
   hfm = HFModel(read_config(path).model_type, config)
   abstract = nn.unbox(abstract_params(hfm.module(), config.max_len))
   with _Tensors(path) as tensors:
@@ -382,4 +390,5 @@ def model_keys(path: str) -> dict[str, Any]:
   E.g. ``cfg.teacher.update(source="hf", path=path, **hf.model_keys(path))``.
   """
   config = read_config(path).config
-  return {key: getattr(config, key) for key in MODEL_KEYS}
+  # scan_layers / remat say how a model runs, not what it is: the section keeps its own.
+  return {key: getattr(config, key) for key in MODEL_KEYS if key not in EXECUTION_KEYS}

@@ -27,10 +27,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxdistill.models import scan as scan_lib
 from jaxdistill.models.layers import (
   ACT_LOGITS,
   ACT_RESIDUAL,
-  Block,
   EinsumDense,
   Norm,
   cache_mask,
@@ -50,6 +50,14 @@ class Transformer(nn.Module):
   [F, D]; final_norm; lm_head/kernel [D, V] (untied only). Norms hold scale [D] (+ bias [D]
   for layernorm). key/value kernels are [D, num_kv_heads, K] with grouped-query attention;
   projections with a bias (``config.bias``) hold ``bias`` of their output shape ([H, K] or [D]).
+
+  With ``config.scan_layers`` the blocks run under ``nn.scan`` and their params are one
+  subtree ``blocks`` holding block_{i}'s leaves stacked on a leading axis of L (logical name
+  "layers", replicated); ``models.scan`` converts params between the two layouts. Outputs are
+  the same: per-layer hidden states / attention / q/k/v are stacked by the scan only when some
+  layer of them is requested, then sliced; a cache's per-block (k, v) are stacked into the
+  scan's inputs and come back per block (the cache format does not change). ``config.remat``
+  wraps each block in ``nn.remat`` (``scan.block_class``), scanned or not.
   """
 
   config: TransformerConfig
@@ -112,29 +120,86 @@ class Transformer(nn.Module):
       mask_Bx1xTxS = make_attention_mask(segment_ids_BxT, t)
     else:
       mask_Bx1xTxS = cache_mask(index_B, t, cache["layers"][0][0].shape[2])  # [B, G, S, K]
-    hidden = {0: x_BxTxD} if 0 in hidden_layers else {}
-    attn, qkv, new_layers = {}, {}, []
-    for i in range(cfg.num_layers):
-      x_BxTxD, probs_BxHxTxS, qkv_i, layer_cache = Block(cfg, name=f"block_{i}")(
-        x_BxTxD, positions_BxT, mask_Bx1xTxS, None if cache is None else cache["layers"][i], index_B
-      )
-      new_layers.append(layer_cache)
-      # Only requested tensors are kept; the rest is dead code XLA drops under jit.
-      if i + 1 in hidden_layers:
-        hidden[i + 1] = x_BxTxD
-      if i in attn_layers:
-        attn[i] = probs_BxHxTxS
-      if i in qkv_layers:
-        qkv[i] = qkv_i
+    wanted = (hidden_layers, attn_layers, qkv_layers, cache)
+    blocks = self._scanned if cfg.scan_layers else self._unrolled
+    x0_BxTxD = x_BxTxD
+    x_BxTxD, per_layer = blocks(x_BxTxD, positions_BxT, mask_Bx1xTxS, cache, wanted)
+    # Only requested tensors are kept (unrolled: the rest is dead code XLA drops under jit).
+    hidden = {i: per_layer("hidden", i - 1) if i else x0_BxTxD for i in sorted(set(hidden_layers))}
+    attn = {i: per_layer("attn", i) for i in sorted(set(attn_layers))}
+    qkv = {i: per_layer("qkv", i) for i in sorted(set(qkv_layers))}
     final_BxTxD = Norm(cfg, name="final_norm")(x_BxTxD)
 
     out = self._output(final_BxTxD, token_embed, return_logits)
     if cache is not None:
-      out["cache"] = {"layers": tuple(new_layers), "lengths": index_B + t}
+      new_layers = tuple(per_layer("cache", i) for i in range(cfg.num_layers))
+      out["cache"] = {"layers": new_layers, "lengths": index_B + t}
     for key, value in (("hidden", hidden), ("attn", attn), ("qkv", qkv)):
       if value:
         out[key] = value
     return out
+
+  def _unrolled(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache, wanted):
+    """The L blocks one after the other: (output x_BxTxD, per_layer) as ``_scanned``."""
+    del wanted  # every output exists; the unrequested ones are dead code
+    cfg, outputs = self.config, []
+    block = scan_lib.block_class(cfg, scanned=False)
+    for i in range(cfg.num_layers):
+      x_BxTxD, probs_BxHxTxS, qkv_i, layer_cache = block(cfg, name=f"block_{i}")(
+        x_BxTxD,
+        positions_BxT,
+        mask_Bx1xTxS,
+        None if cache is None else cache["layers"][i],
+        None if cache is None else cache["lengths"],
+      )
+      outputs.append(dict(hidden=x_BxTxD, attn=probs_BxHxTxS, qkv=qkv_i, cache=layer_cache))
+    return x_BxTxD, lambda name, i: outputs[i][name]
+
+  def _scanned(self, x_BxTxD, positions_BxT, mask_Bx1xTxS, cache, wanted):
+    """The L blocks under ``nn.scan`` (config.scan_layers): (output x_BxTxD, per_layer).
+
+    Params are one "blocks" subtree, every leaf stacked on a leading axis of L named "layers".
+    The scan stacks a per-layer output only when some layer of it was requested (hidden
+    states [L, B, T, D], attention probabilities [L, B, H, T, S], q/k/v; all L layers of it,
+    then indexed); a cache's per-block (k, v) are stacked into [L, ...] scan inputs and its
+    updated slices come back the same way. ``per_layer(name, i)`` is layer i's value of
+    output ``name`` (None when not emitted).
+    """
+    cfg = self.config
+    hidden_layers, attn_layers, qkv_layers, cache = wanted
+    emit = tuple(
+      name
+      for name, want in (
+        ("hidden", hidden_layers),
+        ("attn", attn_layers),
+        ("qkv", qkv_layers),
+        ("cache", cache is not None),
+      )
+      if want
+    )
+    scanned = nn.scan(
+      scan_lib.block_class(cfg, scanned=True),
+      variable_axes={"params": 0},
+      split_rngs={"params": True},
+      in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
+      length=cfg.num_layers,
+      metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+    layers_kv = None
+    index_B = None
+    if cache is not None:
+      layers_kv = tuple(jnp.stack(xs) for xs in zip(*cache["layers"]))  # ([L, ...], [L, ...])
+      index_B = cache["lengths"]
+    x_BxTxD, stacked = scanned(cfg, emit, name="blocks")(
+      x_BxTxD, positions_BxT, mask_Bx1xTxS, layers_kv, index_B
+    )
+
+    def per_layer(name, i):
+      if name not in stacked:
+        return None
+      return jax.tree.map(lambda a: a[i], stacked[name])
+
+    return x_BxTxD, per_layer
 
   def _embed(self, tokens_BxT, positions_BxT):
     """Returns (token nn.Embed, embedding output x_BxTxD in compute dtype)."""

@@ -32,14 +32,24 @@ MODEL_KEYS = (
   "encoder",
   "type_vocab_size",
   "head_size",
+  "scan_layers",
 )
+# Keys that choose how the model runs, not what it computes: the same params (up to the blocks'
+# layout, converted on load: ``models.scan``) give the same outputs whatever they hold. remat
+# is no MODEL_KEY (it changes no param or checkpoint: any value resumes); scan_layers is (a
+# checkpoint's optimizer state has its layout).
+EXECUTION_KEYS = ("scan_layers", "remat")
 
 # Keys newer than hand-written sections (plain dicts, older runs' config.json): their default.
-_OPTIONAL_KEYS = ("head_size",)
+_OPTIONAL_KEYS = ("head_size", "scan_layers")
 _NORMS = ("rmsnorm", "layernorm")
 _POSITIONS = ("rope", "learned")
 _ACTIVATIONS = ("swiglu", "gelu", "gelu_erf")  # gelu: tanh approximation (GPT-2); gelu_erf: BERT
 _BIASES = ("none", "qkv", "all")  # which projections carry a bias (qkv: Qwen2; all: GPT-2, BERT)
+# Rematerialisation of each block in the backward pass: none (keep every activation), full
+# (keep only the block's input, recompute the rest), dots (keep the outputs of the weight
+# matmuls, recompute the rest: ``scan.remat_policy``).
+REMATS = ("none", "full", "dots")
 
 
 def _is_int(value: Any) -> bool:
@@ -61,8 +71,12 @@ class TransformerConfig:
   num_heads // num_kv_heads query heads). ``bias``: "none", "qkv" (query/key/value) or "all"
   (every projection but the vocabulary head). ``encoder``: the model is the post-norm,
   bidirectional, mean-pooling ``bert.Encoder`` instead of the causal ``transformer.Transformer``
-  (``models.module_for`` picks; same call and outputs, plus "embedding"). Invalid values raise
-  ValueError naming the field.
+  (``models.module_for`` picks; same call and outputs, plus "embedding"). ``scan_layers``: the
+  decoder's L blocks run under ``nn.scan``, their params stacked in one ``blocks`` subtree
+  (leading axis L, logical name "layers"; ``models.scan`` converts to and from the unrolled
+  ``block_{i}`` layout): one block is traced and compiled instead of L. ``remat``: none | full |
+  dots, the per-block rematerialisation policy (``REMATS``). Neither changes the outputs.
+  Invalid values raise ValueError naming the field.
   """
 
   vocab_size: int
@@ -88,6 +102,8 @@ class TransformerConfig:
   encoder: bool = False
   type_vocab_size: int = 0  # encoder only: token-type embedding rows (0 = none)
   head_size: int = 0  # per-head width K; 0 = d_model // num_heads
+  scan_layers: bool = False  # decoder blocks under nn.scan, params stacked in "blocks"
+  remat: str = "none"  # per-block rematerialisation: none | full | dots
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff", "max_len"):
@@ -108,7 +124,7 @@ class TransformerConfig:
         f"num_kv_heads must be 0 or divide num_heads ({self.num_heads}), got {self.num_kv_heads!r}"
       )
     choices = (("norm", _NORMS), ("pos", _POSITIONS), ("activation", _ACTIVATIONS))
-    for name, allowed in choices + (("bias", _BIASES),):
+    for name, allowed in choices + (("bias", _BIASES), ("remat", REMATS)):
       if getattr(self, name) not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
     if self.pos == "rope" and self.head_dim % 2:
@@ -120,6 +136,10 @@ class TransformerConfig:
       raise ValueError(f"norm_eps must be > 0, got {self.norm_eps!r}")
     if not self.rope_base > 0:
       raise ValueError(f"rope_base must be > 0, got {self.rope_base!r}")
+    if not isinstance(self.scan_layers, bool):
+      raise ValueError(f"scan_layers must be a bool, got {self.scan_layers!r}")
+    if self.scan_layers and self.encoder:
+      raise ValueError("scan_layers is supported by the decoder only, not encoder=True (BERT)")
     if not _is_int(self.type_vocab_size) or self.type_vocab_size < 0:
       raise ValueError(f"type_vocab_size must be an int >= 0, got {self.type_vocab_size!r}")
 
@@ -164,10 +184,12 @@ def config_from_section(section: Any, policy: Policy, key: str) -> TransformerCo
   try:
     return TransformerConfig(
       **{k: section[k] for k in MODEL_KEYS if k in section or k not in _OPTIONAL_KEYS},
+      remat=section["remat"] if "remat" in section else "none",
       dtype=policy.compute_dtype,
       param_dtype=policy.param_dtype,
       output_dtype=policy.output_dtype,
       fp8=policy.fp8,
     )
   except (ValueError, TypeError) as e:
-    raise ConfigError(key, str(e)) from None
+    field = str(e).split(" ", 1)[0]
+    raise ConfigError(f"{key}.{field}" if field in EXECUTION_KEYS else key, str(e)) from None

@@ -39,7 +39,7 @@ BATCH = sharding_lib.BATCH_AXES
 # The logical names params carry (models/layers.py, cnn.py, resnet.py); the act_* names
 # belong to activations and stay the student's.
 PARAM_NAMES = ("vocab", "embed", "heads", "kv", "mlp", "conv_in", "conv_out", "fc_in", "fc_out")
-PARAM_NAMES += ("classes",)
+PARAM_NAMES += ("classes", "layers")
 
 # preset -> {param name: mesh axes}, applied over the student's table.
 PRESETS = {

@@ -36,6 +36,8 @@ LOGICAL_RULES = (
   ("heads", "tensor"),
   ("kv", None),
   ("mlp", "tensor"),
+  # the stacked axis of scanned blocks (models/scan.py): every device holds all L layers
+  ("layers", None),
   # activations
   ("act_batch", BATCH_AXES),
   ("act_length", None),

@@ -13,10 +13,9 @@ complete, so a kill during a save leaves the previous checkpoint intact and
 the partial one is skipped (with a warning). Restores go straight into the
 target shardings, so a checkpoint saved on one mesh restores on another.
 
-Resume order (``resolve_resume``): ``--resume_from STEP`` (a step of this
-workdir, e.g. to skip a corrupted latest one) -> the latest checkpoint in the
-workdir -> ``--resume_from DIR`` (another run's checkpoint step directory) ->
-``student.init_from`` (weights only) -> scratch.
+Resume order (``resolve_resume``): ``--resume_from STEP`` (a step of this workdir, e.g. to skip
+a corrupted latest one) -> the latest checkpoint in the workdir -> ``--resume_from DIR``
+(another run's checkpoint step directory) -> ``student.init_from`` (weights only) -> scratch.
 """
 
 import dataclasses
@@ -34,7 +33,7 @@ import jaxdistill
 from jaxdistill import config as config_lib
 from jaxdistill import paths
 from jaxdistill.errors import JaxdistillError
-from jaxdistill.models import MODEL_KEYS, shape_keys  # noqa: F401 (MODEL_KEYS: re-exported)
+from jaxdistill.models import MODEL_KEYS, scan, shape_keys  # noqa: F401 (MODEL_KEYS: re-exported)
 
 FINAL_PARAMS = "final_params"
 CHECKPOINTS = "checkpoints"
@@ -372,7 +371,7 @@ def load_params(path: str, target: Any) -> Any:
       (each host reads only its shards).
 
   Returns:
-    The params pytree.
+    The params pytree (blocks saved in the other layout converted: ``scan.read_layout``).
 
   Raises:
     JaxdistillError: missing checkpoint, or one whose names or shapes differ
@@ -388,7 +387,8 @@ def load_params(path: str, target: Any) -> Any:
   with ocp.StandardCheckpointer() as ckptr:
     meta = ckptr.metadata(path)
     stored = dict(jax.tree_util.tree_flatten_with_path(getattr(meta, "item_metadata", meta))[0])
-    for key_path, want in jax.tree_util.tree_flatten_with_path(target)[0]:
+    read, convert = scan.read_layout(stored, target)  # the saved blocks' layout
+    for key_path, want in jax.tree_util.tree_flatten_with_path(read)[0]:
       name = jax.tree_util.keystr(key_path)
       have = stored.get(key_path)
       if have is None or tuple(have.shape) != tuple(want.shape):
@@ -397,4 +397,4 @@ def load_params(path: str, target: Any) -> Any:
           f"params at {path!r} do not fit the configured model: "
           f"{name} is {got}, the model needs {tuple(want.shape)}"
         )
-    return ckptr.restore(path, target)
+    return convert(ckptr.restore(path, read))

@@ -29,7 +29,7 @@ from jaxdistill import config as config_lib
 from jaxdistill import models, paths
 from jaxdistill.errors import ConfigError, JaxdistillError
 from jaxdistill.evaluation import evaluate
-from jaxdistill.models import fp8, quant, surgery
+from jaxdistill.models import fp8, quant, scan, surgery
 from jaxdistill.parallel import placement, precision
 from jaxdistill.train import checkpoint
 
@@ -52,6 +52,7 @@ def pretrain_config(cfg: Any, index: int = 0) -> Any:
   t.seed = cfg.seed + index
   for key in (*models.MODEL_KEYS, *models.VISION_KEYS):  # whatever kind of model the teacher is
     t.student[key] = cfg.teacher[key]
+  t.student.remat = cfg.teacher.remat  # it trains as the teacher's remat says
   # The teacher trains in f32 params whatever its inference policy stores. A
   # c=fp8 teacher trains in bf16 (its non-matmul dtype): its saved params carry
   # no FP8 state, its static scales are calibrated on the final weights anyway
@@ -150,7 +151,12 @@ def identity(cfg: Any, variables: Any, path: str | None) -> dict:
   of its final_params directory (``path``) or, for a random teacher, of its variables."""
   ident = {
     "source": cfg.teacher.source,
-    "config": {k: cfg.teacher[k] for k in (*models.shape_keys(cfg.teacher), "policy")},
+    # scan_layers / remat change how the teacher runs, never its outputs: not part of it
+    "config": {
+      k: cfg.teacher[k]
+      for k in (*models.shape_keys(cfg.teacher), "policy")
+      if k not in models.EXECUTION_KEYS
+    },
   }
   if path:
     ident.update(path=path, sha256=checkpoint.content_hash(path))
@@ -204,6 +210,8 @@ def check_hf_config(cfg: Any) -> str:
   path = cfg.teacher.path
   found = hf.read_config(path).config
   for key in checkpoint.MODEL_KEYS:
+    if key in models.EXECUTION_KEYS:  # scan_layers / remat: the teacher's own (hf.load)
+      continue
     want = getattr(found, key)
     if cfg.teacher[key] != want:
       raise ConfigError(
@@ -228,12 +236,14 @@ def student_from_teacher(cfg: Any, teacher_params: Any, student_params: Any) -> 
 
   Embeddings, norms and head are the teacher's; block j is teacher block layers[j]
   (``surgery.select_layers``). Fresh copies in the student's shardings and dtype (the
-  step donates the student's buffers; the teacher's must survive).
+  step donates the student's buffers; the teacher's must survive). Either may scan its blocks
+  (``scan_layers``): the teacher's are picked unrolled, then laid out as the student's.
   """
   layers = surgery.select_layers(
     cfg.student.init_layers, cfg.teacher.num_layers, cfg.student.num_layers
   )
-  picked = surgery.init_from_teacher(teacher_params, layers)
+  picked = surgery.init_from_teacher(scan.unstack_blocks(teacher_params), layers)
+  picked = scan.to_layout(picked, scan.layout(student_params) == "scanned")
   shardings = jax.tree.map(lambda a: a.sharding, student_params)
   dtypes = jax.tree.map(lambda a: a.dtype, student_params)
   copy = jax.jit(

@@ -45,6 +45,7 @@ def load_workdir(workdir: str) -> tuple[hf.HFModel, Any]:
   # Keys added since that run was made take their defaults.
   saved = json.loads(paths.read_text(cfg_path))["student"]
   section = dict(config.default_config().student.to_dict(), **saved)
+  section["scan_layers"] = False  # exported unrolled, as HF stores it (models.scan converts)
   policy = precision.parse_policy("p=f32,c=f32,o=f32", "student.policy")
   hfm = hf_export.hf_model_for(models.config_from_section(section, policy, "student"))
   one = jax.sharding.SingleDeviceSharding(jax.devices()[0])
