@@ -196,6 +196,7 @@ def read_compiled(report: roofline.Report, compiled: Any) -> None:
   text = compiled.as_text()
   report.collectives = hlo.collectives(text, report.num_devices)
   report.loops = max(hlo.loop_trips(text), default=0) > 1
+  report.hlo_bytes = hlo.hbm_bytes(text)
 
 
 def recomputed_flops(cfg: Any, flops: Any) -> float:

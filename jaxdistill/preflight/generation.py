@@ -45,101 +45,113 @@ def compile_generation(
   import jax
   import jax.numpy as jnp
 
-  from jaxdistill import models
-  from jaxdistill.errors import JaxdistillError
   from jaxdistill.generate import cache as cache_lib
-  from jaxdistill.generate import decode as decode_lib
-  from jaxdistill.generate.sampling import SamplingParams
   from jaxdistill.models import flops as flops_lib
   from jaxdistill.parallel import sharding as sharding_lib
-  from jaxdistill.train import run as run_lib
-  from jaxdistill.train import teacher as teacher_lib
 
   cfg = compiler.with_mesh(cfg, mesh)
   devices = compiler.devices_for(topology) if devices is None else devices
-  mesh_ = sharding_lib.make_mesh(cfg.mesh, devices)
-  model = run_lib.model_of(cfg, which)
-  config = model.config
-  if prompt_len + new_tokens > config.max_len:
-    raise JaxdistillError(
-      f"prompt_len {prompt_len} + new_tokens {new_tokens} exceed {which}.max_len {config.max_len}"
-    )
-  rows = sharding_lib.axis_size(mesh_, *sharding_lib.BATCH_AXES)
-  if batch % rows:
-    raise JaxdistillError(f"--gen_batch {batch} must split over mesh data*fsdp={rows} devices")
-  table = teacher_lib.rules(cfg, model, mesh_) if which == "teacher" else None
-  variables = models.abstract_variables(model, mesh_, min(8, config.max_len), table)
-  variables = {"params": variables["params"]}
-  decoder = decode_lib.Decoder(model, SamplingParams(), (), new_tokens)
-  capacity = cache_lib.bucket(prompt_len + new_tokens, config.max_len)
-  rows_sharding = sharding_lib.batch_sharding(mesh_)
-  tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=rows_sharding)
-  per_row = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=rows_sharding)
-  seed = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding_lib.replicated(mesh_))
-  chip = topology.chip
-
-  def report(what: str, tokens_per_step: int, flops: float) -> roofline.Report:
-    return roofline.Report(
-      what=what,
-      topology=topology.name,
-      chip=chip.name,
-      platform=chip.platform,
-      num_devices=len(devices),
-      mesh=dict(mesh_.shape),
-      estimate=not topology.can_compile and chip.platform != "cpu",
-      hbm_bytes=chip.hbm_bytes,
-      model_flops=flops,
-      hardware_flops=flops,
-      tokens_per_step=tokens_per_step,
-      collectives=roofline.empty_collectives(),
-    )
-
+  s = _Setup(cfg, devices, which, batch, prompt_len, new_tokens)
+  config, chip = s.model.config, topology.chip
   # Prefill: the whole prompt batch, forward; decode: one token per row, attending over the
   # cache at its average fill (P + N / 2).
-  prefill = report(
-    "prefill",
-    batch * prompt_len,
-    batch * prompt_len * flops_lib.flops_per_token(config, prompt_len),
-  )
-  context = prompt_len + new_tokens // 2
-  decode = report("decode", batch, batch * flops_lib.flops_per_token(config, context))
+  per_token = flops_lib.flops_per_token
+  prefill = _report("prefill", topology, s.mesh, batch * prompt_len)
+  prefill.model_flops = batch * prompt_len * per_token(config, prompt_len)
+  decode = _report("decode", topology, s.mesh, batch)
+  decode.model_flops = batch * per_token(config, prompt_len + new_tokens // 2)
+  for r in (prefill, decode):
+    r.hardware_flops = r.model_flops
+  capacity = cache_lib.bucket(prompt_len + new_tokens, config.max_len)
+  replicated = sharding_lib.replicated(s.mesh)
+  seed = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
   with (
-    sharding_lib.rules_context(mesh_, table),
+    sharding_lib.rules_context(s.mesh, s.table),
     compiler.no_persistent_cache(chip.platform != "cpu"),
   ):
-    start = time.perf_counter()
-    lowered = decoder.prefill.lower(variables, capacity, tokens, per_row, per_row, seed)
-    try:
-      compiled = lowered.compile()
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      prefill.compile_s = time.perf_counter() - start
-      compiler.out_of_memory(prefill, str(e))
+    lowered = s.decoder.prefill.lower(s.variables, capacity, s.tokens, s.per_row, s.per_row, seed)
+    compiled = _compile(prefill, lowered)
+    if compiled is None:
       decode.fits, decode.error = False, "the prefill does not fit"
-      return roofline.fill_roofline(prefill, chip), roofline.fill_roofline(decode, chip)
-    prefill.compile_s = time.perf_counter() - start
-    compiler.read_compiled(prefill, compiled)
-    state = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-      lowered.out_info,
-      compiled.output_shardings,
-    )
-    start = time.perf_counter()
-    steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=sharding_lib.replicated(mesh_))
-    try:
-      compiled = decoder.decode.lower(variables, state, steps, seed).compile()
-    except jax.errors.JaxRuntimeError as e:
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise
-      decode.compile_s = time.perf_counter() - start
-      compiler.out_of_memory(decode, str(e))
-      return roofline.fill_roofline(prefill, chip), roofline.fill_roofline(decode, chip)
-    decode.compile_s = time.perf_counter() - start
-    compiler.read_compiled(decode, compiled)
-  cache_mib = cache_lib.nbytes(cache_lib.cache_shapes(config, batch, capacity, decoder.cache_dtype))
+    else:
+      state = jax.tree.map(
+        lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+        lowered.out_info,
+        compiled.output_shardings,
+      )
+      steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
+      _compile(decode, s.decoder.decode.lower(s.variables, state, steps, seed))
+  shapes = cache_lib.cache_shapes(config, batch, capacity, s.decoder.cache_dtype)
   decode.notes.append(
     f"per decode step: {batch} rows x 1 token, cache of {capacity} slots "
-    f"({cache_mib / 2**20:.0f} MiB)"
+    f"({cache_lib.nbytes(shapes) / 2**20:.0f} MiB)"
   )
   return roofline.fill_roofline(prefill, chip), roofline.fill_roofline(decode, chip)
+
+
+class _Setup:
+  """The model, its abstract variables in their shardings, the decoder and the prompt shapes."""
+
+  def __init__(self, cfg, devices, which, batch, prompt_len, new_tokens):
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdistill import models
+    from jaxdistill.errors import JaxdistillError
+    from jaxdistill.generate import decode as decode_lib
+    from jaxdistill.generate.sampling import SamplingParams
+    from jaxdistill.parallel import sharding as sharding_lib
+    from jaxdistill.train import run as run_lib
+    from jaxdistill.train import teacher as teacher_lib
+
+    self.mesh = sharding_lib.make_mesh(cfg.mesh, devices)
+    self.model = run_lib.model_of(cfg, which)
+    max_len = self.model.config.max_len
+    if prompt_len + new_tokens > max_len:
+      raise JaxdistillError(
+        f"prompt_len {prompt_len} + new_tokens {new_tokens} exceed {which}.max_len {max_len}"
+      )
+    rows = sharding_lib.axis_size(self.mesh, *sharding_lib.BATCH_AXES)
+    if batch % rows:
+      raise JaxdistillError(f"--gen_batch {batch} must split over mesh data*fsdp={rows} devices")
+    self.table = teacher_lib.rules(cfg, self.model, self.mesh) if which == "teacher" else None
+    variables = models.abstract_variables(self.model, self.mesh, min(8, max_len), self.table)
+    self.variables = {"params": variables["params"]}
+    self.decoder = decode_lib.Decoder(self.model, SamplingParams(), (), new_tokens)
+    by_row = sharding_lib.batch_sharding(self.mesh)
+    self.tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=by_row)
+    self.per_row = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=by_row)
+
+
+def _report(what: str, topology: chips_lib.Topology, mesh, tokens: int) -> roofline.Report:
+  chip = topology.chip
+  return roofline.Report(
+    what=what,
+    topology=topology.name,
+    chip=chip.name,
+    platform=chip.platform,
+    num_devices=mesh.size,
+    mesh=dict(mesh.shape),
+    estimate=not topology.can_compile and chip.platform != "cpu",
+    hbm_bytes=chip.hbm_bytes,
+    tokens_per_step=tokens,
+    collectives=roofline.empty_collectives(),
+  )
+
+
+def _compile(report: roofline.Report, lowered: Any) -> Any:
+  """``lowered.compile()`` read into ``report``; None (and the verdict) when it does not fit."""
+  import jax
+
+  start = time.perf_counter()
+  try:
+    compiled = lowered.compile()
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    report.compile_s = time.perf_counter() - start
+    compiler.out_of_memory(report, str(e))
+    return None
+  report.compile_s = time.perf_counter() - start
+  compiler.read_compiled(report, compiled)
+  return compiled

@@ -184,3 +184,94 @@ def _add(c: Collective, kind: str, type_text: str, rest: str, comps, comp, n_all
   c.count += mult
   c.tensor_bytes += mult * size
   c.bytes_sent += mult * size * factor
+
+
+# Ops that move no HBM bytes of their own (bookkeeping, control flow whose bodies are
+# counted where they are called, and fusions' parameters).
+_FREE = {
+  "parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "call",
+  "conditional", "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency",
+}  # fmt: skip
+
+
+def hbm_bytes(text: str) -> float:
+  """Bytes one device moves between HBM and the cores in one run of the module: for every
+  instruction of the computations it runs (loop bodies once per trip; a fusion is one kernel:
+  its operands read, its result written), the bytes of its result and operands. A slice reads
+  only its slice: a ``dynamic-slice`` counts its result twice, a ``dynamic-update-slice`` its
+  update twice (the buffer is updated in place), and a fusion parameter that the fusion only
+  slices counts its slices. An estimate of what XLA's "bytes accessed" counts, without its
+  loop flaw; the roofline's HBM term.
+  """
+  comps, entry = _parse(text)
+  types = {c: {name: t for name, t, _, _ in instrs} for c, instrs in comps.items()}
+  total = 0.0
+
+  def visit(comp: str, mult: float, depth: int = 0):
+    nonlocal total
+    if comp not in comps or depth > 64:
+      return
+    for name, type_text, op, rest in comps[comp]:
+      if op == "while":
+        body = re.search(r"body=%?([\w.\-]+)", rest)
+        if body:
+          visit(body.group(1), mult * _trip_count(rest, comps), depth + 1)
+        continue
+      if op in ("call", "conditional"):
+        for group in _CALLS.findall(rest):
+          for callee in _NAMES.findall(group):
+            visit(callee, mult, depth + 1)
+        continue
+      if op in _FREE or op.endswith("-done"):
+        continue
+      total += mult * _instr_bytes(comp, type_text, op, rest, types, comps)
+
+  if entry is not None:
+    visit(entry, 1.0)
+  return total
+
+
+def _operands(rest: str) -> list[str]:
+  """The operand names of an instruction (the ``%names`` before its closing parenthesis)."""
+  return _NAMES.findall(rest.split(")", 1)[0])
+
+
+def _instr_bytes(comp, type_text, op, rest, types, comps) -> float:
+  out = sum(_array_bytes(type_text))
+  operands = _operands(rest)
+  sizes = [sum(_array_bytes(types[comp].get(o, ""))) for o in operands]
+  if op == "dynamic-slice":
+    return 2 * out
+  if op == "dynamic-update-slice":
+    return 2 * (sizes[1] if len(sizes) > 1 else out)
+  if op != "fusion":
+    return out + sum(sizes)
+  called = re.search(r"calls=%?([\w.\-]+)", rest)
+  body = comps.get(called.group(1), []) if called else []
+  params = {}  # parameter index -> name inside the fusion
+  for name, _, fop, fargs in body:
+    if fop == "parameter":
+      params[int(re.match(r"\s*(\d+)", fargs).group(1))] = name
+  read = 0.0
+  for i, size in enumerate(sizes):
+    pname = params.get(i)
+    users = [(fop, fargs) for _, _, fop, fargs in body if pname and pname in _operands(fargs)]
+    sliced = users and all(fop == "dynamic-slice" for fop, _ in users)
+    in_place = any(
+      fop == "dynamic-update-slice" and _operands(a)[:1] == [pname] for fop, a in users
+    )
+    if sliced:
+      read += sum(
+        sum(_array_bytes(t))
+        for n, t, fop, a in body
+        if fop == "dynamic-slice" and pname in _operands(a)
+      )
+    elif not in_place:
+      read += size
+  root_dus = [a for _, _, fop, a in body if fop == "dynamic-update-slice"]
+  if root_dus and out >= max(sizes, default=0):  # an in-place update: only the update is written
+    names = {n: t for n, t, _, _ in body}
+    out = sum(
+      sum(_array_bytes(names.get(_operands(a)[1], ""))) for a in root_dus if len(_operands(a)) > 1
+    )
+  return out + read

@@ -120,12 +120,9 @@ def build_run(
       ``teacher.source`` (which must still name a teacher model, e.g. 'random'); placed into
       the teacher's shardings. A c=fp8 teacher's scales are calibrated as usual.
     data: False builds no data iterator (``run.data_iter`` is None): feed ``run.step``.
-    abstract: describe the run without allocating or reading anything: ``run.state`` and
-      ``run.teacher_vars`` are ``jax.ShapeDtypeStruct``s with their shardings (a Hugging Face
-      teacher's from its config.json and safetensors headers; no teacher is loaded, no
-      FP8 scale calibrated), no data iterator; ``devices`` may be abstract (a TPU topology's,
-      ``jax.experimental.topologies``). ``run.compile`` then lowers and compiles the real step
-      for them: what ``jaxdistill compile`` reports on (``jaxdistill.preflight``).
+    abstract: allocate and read nothing: state and teacher variables are ShapeDtypeStructs
+      with shardings, no data iterator; ``devices`` may be a TPU topology's abstract ones
+      (``_abstract_teacher_vars``; what ``jaxdistill compile`` compiles, ``preflight``).
 
   Returns:
     The Run. ``run.step(batch)`` trains one step; ``run.compile(batch)`` gives the compiled
@@ -136,12 +133,7 @@ def build_run(
     _check_generated_data(cfg, workdir)
   mesh = sharding_lib.make_mesh(cfg.mesh, devices)
   validate.check_mesh(cfg, dict(mesh.shape))
-  obj = objective_lib.make_objective(cfg)
-  student = model_of(cfg, "student")
-  views = [teacher_lib.view(cfg, k) for k in range(obj.num_teachers)] if obj.uses_teacher else []
-  modules = tuple(model_of(view, "teacher") for view in views)
-  for view, module in zip(views, modules):  # rules that do not fit fail before any init
-    teacher_lib.rules(view, module, mesh)
+  obj, student, views, modules = _models(cfg, mesh)
   teacher = None if not modules else modules[0] if len(modules) == 1 else modules
   tx = train_lib.make_optimizer(cfg.optim)
   make_state = functools.partial(
@@ -149,7 +141,6 @@ def build_run(
     obj,
     student,
     tx,
-    # An abstract run holds the key's shape only: not even its 8 bytes are allocated.
     jax.eval_shape(lambda: jax.random.key(cfg.seed)) if abstract else jax.random.key(cfg.seed),
     mesh,
     cfg.data.seq_len,
@@ -157,13 +148,11 @@ def build_run(
     student_variables=student_vars,
   )
   state, state_shardings = make_state(create=create_state and not abstract)
-  if abstract:
-    teacher_vars, teacher_shardings = _abstract_teacher_vars(views, modules, mesh)
-    teacher_path, data = None, False
-  else:
-    teacher_vars, teacher_shardings, teacher_path = _all_teacher_vars(
-      views, modules, mesh, workdir, teacher_vars
-    )
+  teacher_vars, teacher_shardings, teacher_path = (
+    _abstract_teacher_vars(views, modules, mesh)
+    if abstract
+    else _all_teacher_vars(views, modules, mesh, workdir, teacher_vars)
+  )
   rewrite = on_policy_lib.make(student, cfg.distill.on_policy, _stop_tokens(cfg), cfg.seed)
   lr = train_lib.lr_schedule(cfg.optim)
   step = train_lib.make_distill_step(
@@ -179,12 +168,24 @@ def build_run(
     state,
     teacher_vars,
     step_fn,
-    data_lib.make_iterator(cfg, "train") if data else None,
+    data_lib.make_iterator(cfg, "train") if data and not abstract else None,
     _flops_per_step(cfg, obj, student, modules),
     lambda: make_state(create=True)[0],
     teacher_path,
     rewrite,
   )
+
+
+def _models(cfg: Any, mesh) -> tuple:
+  """(objective, student module, teacher config views, teacher modules); every teacher's
+  placement rules are checked against the mesh before anything is initialised."""
+  obj = objective_lib.make_objective(cfg)
+  student = model_of(cfg, "student")
+  views = [teacher_lib.view(cfg, k) for k in range(obj.num_teachers)] if obj.uses_teacher else []
+  modules = tuple(model_of(view, "teacher") for view in views)
+  for view, module in zip(views, modules):
+    teacher_lib.rules(view, module, mesh)
+  return obj, student, views, modules
 
 
 def _check_generated_data(cfg: Any, workdir: str | None) -> None:
@@ -265,11 +266,13 @@ def _flops_per_step(
 
 
 def _abstract_teacher_vars(views, modules, mesh) -> tuple:
-  """(variables, shardings) of every teacher as ``jax.ShapeDtypeStruct``s with shardings:
-  what ``teacher_lib.load`` would give, allocating and reading nothing (a Hugging Face
-  teacher's tensor shapes are checked against its safetensors headers)."""
+  """An abstract run's teachers (its rng key is a shape too: not even 8 bytes allocated).
+
+  (variables, shardings, None) of every teacher as ``jax.ShapeDtypeStruct``s with
+  shardings: what ``teacher_lib.load`` would give, allocating and reading nothing (a Hugging
+  Face teacher's tensor shapes are checked against its safetensors headers)."""
   if not modules:
-    return None, None
+    return None, None, None
   got = []
   for view, module in zip(views, modules):
     table = teacher_lib.rules(view, module, mesh)
@@ -282,8 +285,8 @@ def _abstract_teacher_vars(views, modules, mesh) -> tuple:
     shapes = {k: v for k, v in shapes.items() if fp8 or k in ("params", "batch_stats")}
     got.append((shapes, jax.tree.map(lambda a: a.sharding, shapes)))
   if len(got) == 1:
-    return got[0]
-  return tuple(g[0] for g in got), tuple(g[1] for g in got)
+    return (*got[0], None)
+  return tuple(g[0] for g in got), tuple(g[1] for g in got), None
 
 
 def _all_teacher_vars(views, modules, mesh, workdir: str | None, given: Any) -> tuple:

@@ -19,7 +19,7 @@ its own):
      evaluation.latency, evaluation.task_accuracy
   5  train.run, train.workdir, train.loop     build a run, its workdir, the step loop
   6  jobs: quickstart, task_quickstart, precompute/, evaluation.job, evaluation.embed,
-     compress/, report/, generate.job, generate.load
+     compress/, report/, generate.job, generate.load, preflight/
   7  cli/
 """
 
@@ -48,7 +48,7 @@ LAYERS = {
   **dict.fromkeys(("evaluation.evaluate", "evaluation.latency", "evaluation.task_accuracy"), 4),
   **dict.fromkeys(("train.run", "train.workdir", "train.loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "evaluation", "compress", "report"), 6),
-  "task_quickstart": 6,
+  **dict.fromkeys(("task_quickstart", "preflight"), 6),
   **dict.fromkeys(("generate.job", "generate.load"), 6),
   "train": 5,
   "cli": 7,
@@ -60,7 +60,7 @@ BOTTOM += ("errors", "distill.vision_losses", "evaluation.classify", "distill.en
 BOTTOM += ("paths",)  # layer 0: models read and write local or gs:// files through it
 JOBS = ("quickstart", "task_quickstart", "precompute", "evaluation.job", "evaluation.embed")
 JOBS += ("report", "compress")
-JOBS += ("generate.job", "generate.load")
+JOBS += ("generate.job", "generate.load", "preflight")
 # The command line.
 CLI = ("cli",)
 

@@ -88,6 +88,10 @@ def test_hlo_collectives_count_loop_trips_and_pieces_once():
   # the loop's all-gather (two pieces, one channel) runs 6 times: 3/4 of 4 KiB each
   assert (got["all-gather"].count, got["all-gather"].bytes_sent) == (6, 6 * 3072.0)
   assert got["reduce-scatter"].count == got["all-to-all"].count == 0
+  assert hlo.loop_trips(HLO) == [6]
+  # HBM bytes: the all-reduce (1 KiB in, 1 KiB out), then per trip two all-gathers (1 KiB in,
+  # 4 KiB out each); tuples, constants and get-tuple-elements move nothing.
+  assert hlo.hbm_bytes(HLO) == 2048 + 6 * 2 * (1024 + 4096)
 
 
 def _cfg(**student):
@@ -118,6 +122,8 @@ def test_gpu_estimate_compiles_on_host_devices():
   assert report.estimate and report.fits and report.num_devices == 8
   assert report.temp_bytes > 0 and report.collectives["all-reduce"].count > 0
   assert 0 < report.mfu <= 1 and report.step_s >= report.compute_s
+  # The CPU backend's own byte count and ours agree (ours counts loops per trip).
+  assert report.hlo_bytes == pytest.approx(report.xla_bytes, rel=0.1)
 
 
 @pytest.mark.slow
