@@ -302,9 +302,6 @@ def _train(args, overrides) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  from jaxdistill.preflight import tpu_env
-
-  tpu_env.prepare()  # libtpu installed on a host without TPUs: quiet, before JAX starts
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   try:

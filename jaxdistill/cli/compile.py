@@ -77,7 +77,7 @@ def parse_mesh(text: str) -> tuple[int, int, int] | None:
 
 
 def command(args, overrides) -> int:
-  from jaxdistill.preflight import chips, tpu_env
+  from jaxdistill.preflight import chips
 
   topology = None if args.topology == "cpu" else chips.parse_topology(args.topology)
   mesh = parse_mesh(args.mesh)
@@ -88,7 +88,6 @@ def command(args, overrides) -> int:
       raise JaxdistillError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
   if args.plan and args.what != "step":
     raise JaxdistillError("--plan searches layouts of the distill step; drop --what generate")
-  tpu_env.prepare()
   if topology is not None and topology.chip.platform == "gpu":
     _force_cpu_devices(topology.num_chips)
   from jaxdistill import config as config_lib

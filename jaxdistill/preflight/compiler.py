@@ -38,7 +38,6 @@ def devices_for(topology: chips_lib.Topology) -> list:
   import jax
 
   if topology.chip.platform == "tpu":
-    tpu_env.prepare()
     try:
       import libtpu  # noqa: F401
     except ImportError:
@@ -52,7 +51,10 @@ def devices_for(topology: chips_lib.Topology) -> list:
     host = [min(g, d) for g, d in zip(grid3, (2, 2, 1))]
     extra = {} if host == [2, 2, 1] else {"chips_per_host_bounds": host}
     try:
-      desc = topologies.get_topology_desc(platform="tpu", topology_name=topology.tpu_name, **extra)
+      with tpu_env.prepared():  # libtpu's settings on a host without TPUs, while it starts
+        desc = topologies.get_topology_desc(
+          platform="tpu", topology_name=topology.tpu_name, **extra
+        )
     except jax.errors.JaxRuntimeError as e:
       raise JaxdistillError(
         f"libtpu cannot describe topology {topology.name!r} ({topology.tpu_name}): "

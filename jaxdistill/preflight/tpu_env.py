@@ -6,9 +6,12 @@ warnings when JAX initialises it (it asks the VM metadata for the accelerator ty
 workers' addresses) and takes a host-wide lock file that makes a second process fail. Where
 this host has no TPU device files, ``prepare`` fills the environment variables libtpu would
 otherwise look up (only those not already set) and allows several processes at once. On a
-TPU VM it changes nothing.
+TPU VM it changes nothing. The variables are set only while libtpu starts (``prepared``) and
+then restored: they are the ones a TPU VM's processes see, so a later ``jax.distributed``
+start in the same process, or a child process, would take this host for a TPU worker.
 """
 
+import contextlib
 import glob
 import os
 
@@ -25,9 +28,14 @@ def has_tpu() -> bool:
   return bool(glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*"))
 
 
-def prepare() -> None:
-  """Sets the defaults above on a host without TPUs; call before the first TPU compile."""
-  if has_tpu():
-    return
-  for key, value in _DEFAULTS.items():
-    os.environ.setdefault(key, value)
+@contextlib.contextmanager
+def prepared():
+  """The defaults above set (on a host without TPUs) while the body runs, then restored.
+  Wrap the first TPU topology call of the process: libtpu reads them when it starts."""
+  added = {} if has_tpu() else {k: v for k, v in _DEFAULTS.items() if k not in os.environ}
+  os.environ.update(added)
+  try:
+    yield
+  finally:
+    for key in added:
+      os.environ.pop(key, None)
