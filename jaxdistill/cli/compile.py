@@ -45,9 +45,10 @@ def add_parser(sub) -> None:
   p.add_argument("--plan", action="store_true", help="search meshes, remat, micro-batches")
   p.add_argument(
     "--what",
-    choices=("step", "generate"),
+    choices=("step", "generate", "precompute"),
     default="step",
-    help="step: the distill step; generate: the sampler's prefill and decode programs",
+    help="step: the distill step; generate: the sampler's prefill and decode programs; "
+    "precompute: the teacher's targets program (one data.batch_size batch)",
   )
   p.add_argument(
     "--which", choices=("student", "teacher"), default="student", help="generate's model"
@@ -87,7 +88,7 @@ def command(args, overrides) -> int:
     if getattr(args, flag) < 1:
       raise JaxdistillError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
   if args.plan and args.what != "step":
-    raise JaxdistillError("--plan searches layouts of the distill step; drop --what generate")
+    raise JaxdistillError(f"--plan searches layouts of the distill step; drop --what {args.what}")
   if topology is not None and topology.chip.platform == "gpu":
     _force_cpu_devices(topology.num_chips)
   from jaxdistill import config as config_lib
@@ -109,6 +110,10 @@ def command(args, overrides) -> int:
     reports = generation.compile_generation(
       cfg, topology, args.gen_batch, args.prompt_len, args.new_tokens, args.which, mesh
     )
+  elif args.what == "precompute":
+    from jaxdistill.preflight import precompute
+
+    reports = (precompute.compile_precompute(cfg, topology, mesh),)
   else:
     reports = (compiler.compile_for(cfg, topology, mesh),)
   if args.json:

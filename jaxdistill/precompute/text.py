@@ -149,16 +149,27 @@ class Teacher:
   identity: dict
 
 
-def _load_teachers(cfg: Any, mesh, output: str) -> tuple[list, tuple, tuple, dict]:
-  """(models, params, param shardings, identity) of the teacher or of every ensemble member."""
+def _load_teachers(
+  cfg: Any, mesh, output: str, abstract: bool = False
+) -> tuple[list, tuple, tuple, dict]:
+  """(models, params, param shardings, identity) of the teacher or of every ensemble member;
+  ``abstract``: params as ShapeDtypeStructs in their shardings, nothing loaded or pretrained,
+  no identity (``jaxdistill compile --what precompute``)."""
   from jaxdistill.train import loop  # the pretraining stage of a teacher.source="pretrain" teacher
 
-  loop.pretrain_teacher(cfg, output, devices=list(mesh.devices.flat))
+  if not abstract:
+    loop.pretrain_teacher(cfg, output, devices=list(mesh.devices.flat))
   found, idents = [], []
   for k in range(1 + len(cfg.teachers)):
     view = teacher_lib.view(cfg, k)
     policy = precision.parse_policy(view.teacher.policy, "teacher.policy")
     model = models.build(view.teacher, policy, "teacher")
+    if abstract:
+      table = teacher_lib.rules(view, model, mesh)
+      shapes = models.abstract_variables(model, mesh, view.data.seq_len, table)["params"]
+      found.append((model, shapes, jax.tree.map(lambda a: a.sharding, shapes)))
+      idents.append({})
+      continue
     variables, var_shardings, path = teacher_lib.load(view, model, mesh, output, k)
     found.append((model, variables["params"], var_shardings["params"]))
     idents.append(teacher_lib.identity(view, variables["params"], path))
@@ -169,12 +180,13 @@ def _load_teachers(cfg: Any, mesh, output: str) -> tuple[list, tuple, tuple, dic
   return [f[0] for f in found], tuple(f[1] for f in found), tuple(f[2] for f in found), identity
 
 
-def build_teacher(cfg: Any, output: str, devices=None) -> Teacher:
+def build_teacher(cfg: Any, output: str, devices=None, abstract: bool = False) -> Teacher:
   """Loads the teacher (or every teacher of an ensemble) onto a mesh over this process's
-  devices and jits its targets function."""
+  devices and jits its targets function (``abstract``: params are shapes only; lower
+  ``teacher.fn`` with them to compile for other devices, e.g. a TPU topology's)."""
   mesh = sharding_lib.make_mesh(cfg.mesh, devices or jax.local_devices())
   validate.check_mesh(cfg, dict(mesh.shape))
-  teacher_models, params, param_shardings, identity = _load_teachers(cfg, mesh, output)
+  teacher_models, params, param_shardings, identity = _load_teachers(cfg, mesh, output, abstract)
   layout, tau, seed = cached.layout_of(cfg), temperature(cfg), cfg.seed
   mix = None
   if cfg.teachers:

@@ -126,7 +126,6 @@ def compile_for(
     ConfigError: a mesh that does not divide the devices, a shape that does not split over
       its mesh axis (the run's own checks).
   """
-  import jax
 
   from jaxdistill.parallel import sharding as sharding_lib
   from jaxdistill.train import run as run_lib
@@ -150,18 +149,28 @@ def compile_for(
     tokens_per_step=int(cfg.data.batch_size * cfg.data.seq_len),
     collectives=roofline.empty_collectives(),
   )
+  with sharding_lib.rules_context(run.mesh), no_persistent_cache(chip.platform != "cpu"):
+    compile_into(report, run.step_fn.lower(run.state, run.teacher_vars, batch))
+  return roofline.fill_roofline(report, chip)
+
+
+def compile_into(report: roofline.Report, lowered: Any) -> Any:
+  """``lowered.compile()`` read into ``report`` (``read_compiled``); None, with the verdict
+  and the compiler's numbers (``out_of_memory``), when the target's memory cannot hold it."""
+  import jax
+
   start = time.perf_counter()
   try:
-    with sharding_lib.rules_context(run.mesh), no_persistent_cache(chip.platform != "cpu"):
-      compiled = run.step_fn.lower(run.state, run.teacher_vars, batch).compile()
+    compiled = lowered.compile()
   except jax.errors.JaxRuntimeError as e:
     report.compile_s = time.perf_counter() - start
     if "RESOURCE_EXHAUSTED" not in str(e):
       raise
-    return roofline.fill_roofline(out_of_memory(report, str(e)), chip)
+    out_of_memory(report, str(e))
+    return None
   report.compile_s = time.perf_counter() - start
   read_compiled(report, compiled)
-  return roofline.fill_roofline(report, chip)
+  return compiled
 
 
 @contextlib.contextmanager

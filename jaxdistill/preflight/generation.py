@@ -10,7 +10,6 @@ Its roofline is the classic decode bound: a step reads every weight and the cach
 small batch the HBM term dominates.
 """
 
-import time
 from typing import Any
 
 from jaxdistill.preflight import chips as chips_lib
@@ -70,7 +69,7 @@ def compile_generation(
     compiler.no_persistent_cache(chip.platform != "cpu"),
   ):
     lowered = s.decoder.prefill.lower(s.variables, capacity, s.tokens, s.per_row, s.per_row, seed)
-    compiled = _compile(prefill, lowered)
+    compiled = compiler.compile_into(prefill, lowered)
     if compiled is None:
       decode.fits, decode.error = False, "the prefill does not fit"
     else:
@@ -80,7 +79,7 @@ def compile_generation(
         compiled.output_shardings,
       )
       steps = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
-      _compile(decode, s.decoder.decode.lower(s.variables, state, steps, seed))
+      compiler.compile_into(decode, s.decoder.decode.lower(s.variables, state, steps, seed))
   shapes = cache_lib.cache_shapes(config, batch, capacity, s.decoder.cache_dtype)
   decode.notes.append(
     f"per decode step: {batch} rows x 1 token, cache of {capacity} slots "
@@ -137,21 +136,3 @@ def _report(what: str, topology: chips_lib.Topology, mesh, tokens: int) -> roofl
     tokens_per_step=tokens,
     collectives=roofline.empty_collectives(),
   )
-
-
-def _compile(report: roofline.Report, lowered: Any) -> Any:
-  """``lowered.compile()`` read into ``report``; None (and the verdict) when it does not fit."""
-  import jax
-
-  start = time.perf_counter()
-  try:
-    compiled = lowered.compile()
-  except jax.errors.JaxRuntimeError as e:
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    report.compile_s = time.perf_counter() - start
-    compiler.out_of_memory(report, str(e))
-    return None
-  report.compile_s = time.perf_counter() - start
-  compiler.read_compiled(report, compiled)
-  return compiled

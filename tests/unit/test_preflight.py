@@ -10,7 +10,7 @@ import pytest
 from jaxdistill import config as config_lib
 from jaxdistill.cli import commands
 from jaxdistill.errors import ConfigError, JaxdistillError
-from jaxdistill.preflight import chips, compiler, generation, hlo, plan
+from jaxdistill.preflight import chips, compiler, generation, hlo, plan, precompute
 from jaxdistill.train import run as run_lib
 
 needs_libtpu = pytest.mark.skipif(
@@ -184,6 +184,12 @@ def test_generate_preflight_reports_prefill_and_a_decode_step():
   assert decode.hbm_s > 0 and decode.tokens_per_s > 0
   with pytest.raises(JaxdistillError, match="max_len"):
     generation.compile_generation(_cfg(), chips.parse_topology("h100:8"), 8, 60, 8, mesh=(8, 1, 1))
+
+
+def test_precompute_preflight_compiles_the_teacher_targets_program():
+  r = precompute.compile_precompute(_cfg(), chips.parse_topology("h100:8"), mesh=(8, 1, 1))
+  assert r.what == "precompute" and r.fits and r.tokens_per_step == 8 * 32
+  assert r.model_flops > 0 and r.argument_bytes > 0
 
 
 @pytest.mark.slow
