@@ -211,3 +211,26 @@ def test_the_self_distill_config_validates_at_both_sizes():
     assert cfg.teacher.source == "ema" and cfg.distill.logit.weight > 0
   with pytest.raises(ConfigError, match="--config"):
     load_config(f"{ROOT}/configs/self_distill.py:huge")
+
+
+@pytest.mark.slow
+def test_a_batchnorm_image_classifier_trains_with_its_ema_teacher():
+  # configs/smoke_vision.py's ResNet student with its own EMA as the teacher (logit KD): the
+  # teacher runs in inference mode on the student's running averages.
+  from jaxdistill.config import load_config
+  from jaxdistill.models import VISION_KEYS
+
+  cfg = load_config(f"{ROOT}/configs/smoke_vision.py")
+  for key in VISION_KEYS:
+    cfg.teacher[key] = cfg.student[key]
+  cfg.teacher.update(source="ema", ema_decay=0.5)
+  for key in ("attention_transfer", "feature_map"):
+    cfg.distill[key].weight = 0.0
+  run = run_lib.build_run(cfg)
+  assert "batch_stats" in ema_lib.teacher_vars(run.state)
+  before = [np.asarray(a) for a in jax.tree.leaves(run.state.ema_params)]
+  for _ in range(2):
+    metrics = run.step(sharding_lib.shard_batch(next(run.data_iter), run.mesh))
+    assert np.isfinite(float(metrics["train/loss"]))
+  after = [np.asarray(a) for a in jax.tree.leaves(run.state.ema_params)]
+  assert any(not np.array_equal(a, b) for a, b in zip(before, after))
