@@ -7,7 +7,7 @@ and changes what it needs. The sections are fixed; every key exists in
   seed      top-level int: init and data seed
   cache_dir top-level str: built corpora, tokenizers, cached teachers
   student   the trained model (shape, ``policy``)
-  teacher   the frozen model: ``source`` none | random | pretrain | workdir | hf | cache
+  teacher   the teacher: ``source`` none | random | pretrain | workdir | hf | cache | ema
   teachers  further teachers (a tuple of ``teacher_fields`` dicts): an ensemble
   distill   the losses: temperature, logit (kl / reverse_kl / jsd), ce,
             attention (MiniLM), hidden (mse / cosine), each with a weight
@@ -100,22 +100,23 @@ def teacher_fields(**overrides) -> dict:
   ``teachers`` (``cfg.teachers = (config.teacher_fields(source="workdir", path=...),)``)."""
   fields = _model_fields(d_model=128, num_layers=4, d_ff=512, policy="p=f32,c=f32,o=f32")
   fields.update(
-    # none: plain CE training (how teachers are made); random: random init (tests); pretrain:
-    # train it in-process on CE for `pretrain_steps` first; workdir: the final params of an
-    # earlier `jaxdistill train` run at `path`; hf: a Hugging Face model directory at `path`;
-    # cache: targets precomputed by `jaxdistill precompute` into `path` (no teacher forward).
+    # none: CE alone (how teachers are made); random: random init (tests); pretrain: trained
+    # in-process on CE for `pretrain_steps` first; workdir: an earlier run's final params at
+    # `path`; hf: a Hugging Face model directory at `path`; cache: `jaxdistill precompute`'s
+    # targets at `path`; ema: the student on a moving average of its params (train/ema.py):
+    # decay ema_decay * min(1, step / ema_warmup_steps), teacher model keys = the student's.
     source="random",
     path="",
     pretrain_steps=0,
     pretrain_lr=3e-3,
-    # c=fp8 teachers: training batches (the first of a fresh iterator) that set their static
-    # FP8 scales before distillation (models.fp8.calibrate).
+    # c=fp8 teachers: batches (of a fresh training iterator) calibrating static FP8 scales.
     fp8_calibration_batches=8,
     # Where the teacher's params live (jaxdistill/parallel/placement.py): a preset student (the
     # student's rules) | tensor | fsdp | replicated, then optional overrides "name=axes".
     rules="student",
-    # Its share of an ensemble (several teachers; weights are normalised to sum to 1).
-    weight=1.0,
+    weight=1.0,  # its share of an ensemble (several teachers; weights normalised to sum 1)
+    ema_decay=0.999,
+    ema_warmup_steps=0,
   )
   unknown = set(overrides) - set(fields)
   if unknown:
@@ -146,7 +147,7 @@ def default_config() -> ml_collections.ConfigDict:
   cfg.student.quant_calibration_batches = 8
   cfg.teacher = C(teacher_fields())
   # Further teachers (docs/losses.md, "Several teachers"): a tuple of teacher_fields(...) dicts,
-  # teacher 1, 2, ... (``teacher`` is teacher 0), each with its own source (random | workdir | hf).
+  # teacher 1, 2, ... (``teacher`` is teacher 0), each its own source (random | workdir | hf).
   cfg.teachers = ()
 
   d = cfg.distill = C()

@@ -18,7 +18,7 @@ from jaxdistill.errors import ConfigError
 from jaxdistill.models import surgery
 from jaxdistill.parallel import placement, precision
 
-TEACHER_SOURCES = ("none", "random", "pretrain", "workdir", "cache", "hf")
+TEACHER_SOURCES = ("none", "random", "pretrain", "workdir", "cache", "hf", "ema")
 # Sources with no teacher model to run: its shape keys are not checked against the data/mesh.
 NO_TEACHER_MODEL = ("none", "cache")
 # data.interleave: every stream is a live grain iterator holding one open document.
@@ -171,6 +171,8 @@ def _check_teacher(cfg: Any) -> None:
       )
     models.build(t, teacher_policy, "teacher")
     check_execution(t, teacher_policy, "teacher")
+  if t.source == "ema":  # the student's own average (train/ema.py)
+    validate_teachers.check_ema(cfg)
   if t.source not in NO_TEACHER_MODEL:
     placement.parse_rules(t.rules)  # its syntax; whether it splits the teacher: teacher.rules()
   if t.source == "pretrain" and t.pretrain_steps <= 0:

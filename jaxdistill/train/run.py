@@ -25,6 +25,7 @@ from jaxdistill.evaluation import evaluate as evaluate_lib
 from jaxdistill.models import flops as flops_lib
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.train import ema as ema_lib
 from jaxdistill.train import on_policy as on_policy_lib
 from jaxdistill.train import step as train_lib
 from jaxdistill.train import teacher as teacher_lib
@@ -64,9 +65,17 @@ class Run:
     """(module, variables) of every teacher model, teacher 0 first (() without one)."""
     if self.teacher is None:
       return ()
+    if self.ema is not None:  # the student's module on the state's average, as it is now
+      return ((self.teacher, ema_lib.teacher_vars(self.state)),)
     if isinstance(self.teacher, tuple):
       return tuple(zip(self.teacher, self.teacher_vars))
     return ((self.teacher, self.teacher_vars),)
+
+  @property
+  def ema(self) -> ema_lib.Schedule | None:
+    """An EMA teacher's schedule (teacher.source='ema': its params are the state's
+    ``ema_params``, ``teacher_vars`` None; ``teachers`` shows them), else None."""
+    return ema_lib.schedule_of(self.cfg)
 
   @property
   def teacher_params(self) -> Any:
@@ -112,10 +121,8 @@ def build_run(
     workdir: the run's directory (only read for teacher.source='pretrain', whose stage
       ``loop.pretrain_teacher`` must have run).
     devices: the devices of the mesh (default: all).
-    create_state: False leaves ``run.state`` abstract (shapes + shardings), to
-      be restored from a checkpoint without first allocating a fresh one.
-    student_vars: the student's Flax variables ``{"params": ...}`` to start from; its
-      random init is then never computed.
+    create_state: False leaves ``run.state`` abstract, to be restored from a checkpoint.
+    student_vars: the student's Flax variables ``{"params": ...}`` to start from (no init).
     teacher_vars: the teacher's variables ``{"params": ...}``, used instead of
       ``teacher.source`` (which must still name a teacher model, e.g. 'random'); placed into
       the teacher's shardings. A c=fp8 teacher's scales are calibrated as usual.
@@ -146,6 +153,7 @@ def build_run(
     cfg.data.seq_len,
     loss_scale=precision.init_loss_scale(cfg.optim),
     student_variables=student_vars,
+    ema=cfg.teacher.source == ema_lib.SOURCE,  # the EMA teacher's average, in the state
   )
   state, state_shardings = make_state(create=create_state and not abstract)
   teacher_vars, teacher_shardings, teacher_path = (
@@ -156,7 +164,8 @@ def build_run(
   rewrite = on_policy_lib.make(student, cfg.distill.on_policy, _stop_tokens(cfg), cfg.seed)
   lr = train_lib.lr_schedule(cfg.optim)
   step = train_lib.make_distill_step(
-    obj, student, teacher, tx, cfg.optim.grad_accum, lr, cfg.optim.loss_scale_period, rewrite
+    *(obj, student, teacher, tx, cfg.optim.grad_accum, lr, cfg.optim.loss_scale_period, rewrite),
+    ema_lib.schedule_of(cfg),
   )
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
   return Run(
@@ -181,6 +190,8 @@ def _models(cfg: Any, mesh) -> tuple:
   placement rules are checked against the mesh before anything is initialised."""
   obj = objective_lib.make_objective(cfg)
   student = model_of(cfg, "student")
+  if cfg.teacher.source == ema_lib.SOURCE:  # the student's own module, on its average
+    return obj, student, [cfg], (student,)
   views = [teacher_lib.view(cfg, k) for k in range(obj.num_teachers)] if obj.uses_teacher else []
   modules = tuple(model_of(view, "teacher") for view in views)
   for view, module in zip(views, modules):
@@ -271,7 +282,7 @@ def _abstract_teacher_vars(views, modules, mesh) -> tuple:
   (variables, shardings, None) of every teacher as ``jax.ShapeDtypeStruct``s with
   shardings: what ``teacher_lib.load`` would give, allocating and reading nothing (a Hugging
   Face teacher's tensor shapes are checked against its safetensors headers)."""
-  if not modules:
+  if not modules or views[0].teacher.source == ema_lib.SOURCE:  # an EMA teacher: in the state
     return None, None, None
   got = []
   for view, module in zip(views, modules):
@@ -293,6 +304,10 @@ def _all_teacher_vars(views, modules, mesh, workdir: str | None, given: Any) -> 
   """``_teacher_vars`` of each teacher: (variables, shardings, teacher 0's path); one
   teacher's are its pytrees, several teachers' tuples of them."""
   if not modules:
+    return None, None, None
+  if views[0].teacher.source == ema_lib.SOURCE:  # its params are the state's average
+    if given is not None:
+      raise JaxdistillError("teacher.source='ema': the teacher's params are the state's average")
     return None, None, None
   if len(modules) == 1:
     return _teacher_vars(views[0], modules[0], mesh, workdir, given)
@@ -347,5 +362,7 @@ def fresh_state(run: Run) -> str:
       model_state = {**model_state, "batch_stats": variables["batch_stats"]}
     params = dict(run.state.params, student=variables["params"])
     run.state = run.state.replace(params=params, model_state=model_state)
+    if run.ema is not None:  # the average starts at the student's starting point
+      run.state = ema_lib.reset(run.state)
     return f"initialised the student from {path} (weights only)"
   return "started from scratch"

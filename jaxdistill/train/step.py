@@ -39,6 +39,11 @@ from jaxdistill.distill import objective as objective_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.train import ema as ema_lib
+from jaxdistill.train.optim import lr_schedule, make_optimizer
+
+__all__ = ["TrainState", "init_state", "jit_distill_step", "lr_schedule", "make_distill_step"]
+__all__ += ["make_optimizer"]
 
 
 @flax.struct.dataclass
@@ -58,6 +63,8 @@ class TrainState:
       the student's training forward), or a c=int8 student's static activation statistics
       ``{"quant_stats": ...}`` (``models.quant.calibrate``, before step 1; constant after),
       else None: replaced each step, never optimised.
+    ema_params: an EMA teacher's params (``teacher.source='ema'``, ``train/ema.py``), a tree
+      like ``params["student"]`` in its shardings, else None (no leaves).
   """
 
   step: jax.Array
@@ -66,49 +73,7 @@ class TrainState:
   rng: jax.Array
   loss_scale: Any = None
   model_state: Any = None
-
-
-def lr_schedule(optim: Any) -> optax.Schedule:
-  """Linear warmup to ``optim.lr``, then cosine (or constant) to lr * min_lr_ratio.
-
-  With ``warmup_steps=0`` step 0 already trains at ``optim.lr`` (both kinds); with N > 0
-  warmup steps, step 0 trains at 0 and step N at ``optim.lr``.
-  """
-  if optim.lr_schedule == "constant" and optim.warmup_steps == 0:
-    # No warmup: a plain constant. (The joined schedule below would start at 0 for one step.)
-    return optax.constant_schedule(optim.lr)
-  if optim.lr_schedule == "constant":
-    return optax.join_schedules(
-      [
-        optax.linear_schedule(0.0, optim.lr, max(optim.warmup_steps, 1)),
-        optax.constant_schedule(optim.lr),
-      ],
-      [max(optim.warmup_steps, 1)],
-    )
-  return optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=optim.lr,
-    warmup_steps=optim.warmup_steps,
-    decay_steps=max(optim.steps, optim.warmup_steps + 1),
-    end_value=optim.lr * optim.min_lr_ratio,
-  )
-
-
-def make_optimizer(optim: Any) -> optax.GradientTransformation:
-  """AdamW (``optim.eps``: Adam's denominator epsilon) with global-norm clipping; no weight
-  decay on vectors (norms)."""
-  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  return optax.chain(
-    optax.clip_by_global_norm(optim.clip_norm) if optim.clip_norm > 0 else optax.identity(),
-    optax.adamw(
-      lr_schedule(optim),
-      b1=optim.b1,
-      b2=optim.b2,
-      eps=optim.eps,
-      weight_decay=optim.weight_decay,
-      mask=decay_mask,
-    ),
-  )
+  ema_params: Any = None
 
 
 def _micro_batches(batch: dict, num: int) -> dict:
@@ -252,6 +217,7 @@ def make_distill_step(
   lr: optax.Schedule | None = None,
   loss_scale_period: int = 2000,
   on_policy: Callable | None = None,
+  ema: ema_lib.Schedule | None = None,
 ) -> Callable:
   """Builds the pure step function (not jitted: see ``jit_distill_step``).
 
@@ -266,6 +232,8 @@ def make_distill_step(
       used when ``state.loss_scale`` is not None.
     on_policy: ``train.on_policy.make``'s batch rewrite (the student samples the batch's
       continuations first, with probability lmbda), or None: the batch as given.
+    ema: an EMA teacher's schedule (``ema.schedule_of``): the teacher runs on
+      ``state.ema_params`` (``teacher_vars`` is not read), updated after the optimizer's.
 
   Returns:
     ``distill_step(state, teacher_vars, batch) -> (state, metrics)``; ``teacher_vars``: the
@@ -276,6 +244,8 @@ def make_distill_step(
 
   def distill_step(state: TrainState, teacher_vars: Any, batch: dict):
     policy_metrics = {}
+    if ema is not None:  # the average as it stands before this step's update
+      teacher_vars = ema_lib.teacher_vars(state)
     if on_policy is not None:
       student_vars = {"params": state.params["student"], **(state.model_state or {})}
       batch, policy_metrics = on_policy(student_vars, batch, state.step)
@@ -285,6 +255,8 @@ def make_distill_step(
     metrics, grads, model_state = gradients(state, teacher_vars, batch, denom)
     metrics = dict(metrics, **objective_lib.schedule_metrics(obj, state.step), **policy_metrics)
     new_state, metrics = _update(state, grads, model_state, metrics, tx, loss_scale_period)
+    if ema is not None:
+      new_state, metrics = ema_lib.step_update(ema, state, new_state, metrics)
     metrics["perf/valid_tokens"] = denom
     if lr is not None:
       metrics["train/lr"] = lr(state.step)
@@ -303,6 +275,7 @@ def init_state(
   create: bool = True,
   loss_scale: precision.LossScale | None = None,
   student_variables: Any = None,
+  ema: bool = False,
 ) -> tuple[TrainState, Any]:
   """Initialises the TrainState directly into its shardings.
 
@@ -315,6 +288,7 @@ def init_state(
       collections) to start from instead of a random init; the student's init then only
       runs abstractly (for shapes and shardings), never as a computation. The projection
       heads and the optimizer state are initialised as usual.
+    ema: keep an EMA of the student's params (``ema_params``), starting equal to them.
 
   Returns:
     (state, state_shardings): the shardings come from the models' logical
@@ -335,6 +309,7 @@ def init_state(
       rng=state_rng,
       loss_scale=loss_scale,
       model_state={k: v for k, v in variables.items() if k != "params"} or None,
+      ema_params=params["student"] if ema else None,
     )
 
   abstract = jax.eval_shape(init_fn, rng)

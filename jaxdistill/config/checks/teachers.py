@@ -15,10 +15,11 @@ from collections.abc import Mapping
 from typing import Any, Iterator
 
 from jaxdistill import config as config_lib
-from jaxdistill import paths
+from jaxdistill import models, paths
 from jaxdistill.config.checks import vision as validate_vision
 from jaxdistill.distill import ensemble, sparse
 from jaxdistill.errors import ConfigError
+from jaxdistill.parallel import precision
 
 # Sources a further teacher may have: a model that runs (a cache is a whole ensemble's).
 EXTRA_SOURCES = ("random", "pretrain", "workdir", "hf")
@@ -74,6 +75,10 @@ def check_ensemble(cfg: Any) -> None:
   if cfg.distill.ensemble not in ensemble.KINDS:
     raise ConfigError(
       "distill.ensemble", f"unknown {cfg.distill.ensemble!r}; choose from {ensemble.KINDS}"
+    )
+  if cfg.teacher.source == "ema":
+    raise ConfigError(
+      "teachers", "an EMA teacher (teacher.source='ema') teaches alone; leave teachers empty"
     )
   if cfg.teacher.source in ("none", "cache"):
     raise ConfigError(
@@ -141,3 +146,29 @@ def _check_head(cfg: Any) -> None:
       "'probs' mixes each teacher's whole softmax, which the fused head never forms; use "
       "distill.ensemble='logits' or 'losses', or distill.fused=False",
     )
+
+
+def check_ema(cfg: Any) -> None:
+  """``teacher.source='ema'`` (train/ema.py): a decay in (0, 1), warmup steps >= 0, the
+  student's architecture in the teacher's model keys, a float student, no teacher blocks."""
+  t, s = cfg.teacher, cfg.student
+  d = t.ema_decay
+  if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0 < d < 1:
+    raise ConfigError("teacher.ema_decay", f"must be a number in (0, 1), got {d!r}")
+  w = t.ema_warmup_steps
+  if isinstance(w, bool) or not isinstance(w, int) or w < 0:
+    raise ConfigError("teacher.ema_warmup_steps", f"must be an int >= 0, got {w!r}")
+  for key in dict.fromkeys(("arch", *models.shape_keys(s))):
+    if key not in models.EXECUTION_KEYS and t[key] != s[key]:
+      raise ConfigError(
+        f"teacher.{key}",
+        f"is {t[key]!r} but student.{key} is {s[key]!r}: an EMA teacher is the student's "
+        f"architecture; set teacher.{key}={s[key]!r} (or copy every model key)",
+      )
+  policy = precision.parse_policy(s.policy, "student.policy")
+  if policy.fp8 or policy.int8:
+    raise ConfigError(
+      "student.policy", "c=fp8 / c=int8 students have no EMA teacher (teacher.source='ema')"
+    )
+  if s.init_layers:
+    raise ConfigError("student.init_layers", "copies teacher blocks; an EMA teacher has none")
