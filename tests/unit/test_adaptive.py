@@ -13,6 +13,7 @@ import pytest
 from jaxdistill import config
 from jaxdistill.config import validate
 from jaxdistill.distill import adaptive, losses, objective
+from jaxdistill.distill import fused as fused_lib
 from jaxdistill.errors import ConfigError
 from jaxdistill.parallel import sharding
 from jaxdistill.train import run as run_lib
@@ -195,6 +196,53 @@ def test_head_loss_matches_numpy(mode, kind, fused):
   ws32 = jnp.asarray(ws, jnp.float32)
   got = jax.grad(lambda w: _head_loss(cfg, hs, w, ht, wt, y)[0])(ws32)
   np.testing.assert_allclose(got, jax.grad(with_constant_weights)(ws32), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("vocab_chunk", [0, 4])
+def test_fused_divergence_weights_match_dense(vocab_chunk):
+  """``fused_loss_head(divergence_weights_N=a)``: loss and gradients of the dense head with
+  the divergence's token weights m a and CE's m (token and vocabulary chunks)."""
+  hs, ws, ht, wt, y = (np.asarray(x).reshape(-1, *np.shape(x)[2:]) for x in _inputs(5))
+  ws, wt, m = ws.reshape(D, V), wt.reshape(D, V), MASK_BxT.reshape(-1)
+  a = jnp.asarray(np_normalise(np_scores("teacher_correct", None, ht @ wt, y), m), jnp.float32)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+
+  def fused_loss(hs, ws):
+    return fused_lib.fused_loss_head(
+      hs, ws, jnp.asarray(y), m, DENOM, teacher_hidden_NxDt=f32(ht), teacher_head_DtxV=f32(wt),
+      temperature=TAU, kl_weight=0.7, ce_weight=0.3, token_chunk=5, vocab_chunk=vocab_chunk,
+      divergence_weights_N=a,
+    ).loss  # fmt: skip
+
+  def dense_loss(hs, ws):
+    zs, zt = hs @ ws, f32(ht) @ f32(wt)
+    d = losses.logit_loss("kl", zs, zt, m * a, DENOM, temperature=TAU)[0]
+    return 0.7 * d + 0.3 * losses.cross_entropy(zs, jnp.asarray(y), m, DENOM)[0]
+
+  got, want = (jax.value_and_grad(fn, (0, 1))(f32(hs), f32(ws)) for fn in (fused_loss, dense_loss))
+  np.testing.assert_allclose(float(got[0]), float(want[0]), rtol=1e-5)
+  for g, w in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("how,fused", [("probs", False), ("logits", True), ("losses", True)])
+def test_two_identical_teachers_weigh_as_one(how, fused):
+  """With several teachers a_t comes from the combined target (probs, logits) or from each
+  teacher's own divergence (losses): two copies of one teacher give that teacher's loss."""
+  hs, ws, ht, wt, y = _inputs(4)
+  one = _config("student_teacher_gap", fused)
+  two = _config("student_teacher_gap", fused)
+  two.teacher.weight, two.distill.ensemble = 0.3, how
+  two.teachers = (config.teacher_fields(weight=0.7),)
+  validate.validate(two)
+  f32 = lambda x: jnp.asarray(x, jnp.float32)  # noqa: E731
+  if fused:
+    s, t = {"final_hidden": f32(hs), "head": f32(ws)}, {"final_hidden": f32(ht), "head": f32(wt)}
+  else:
+    s, t = {"logits": f32(hs @ ws)}, {"logits": f32(ht @ wt)}
+  batch = {"targets": jnp.asarray(y), "weights": jnp.asarray(MASK_BxT)}
+  loss = lambda c, t: objective.compute_loss(objective.make_objective(c), 0, {}, s, t, batch, DENOM)  # noqa: E731
+  np.testing.assert_allclose(float(loss(two, (t, t))[0]), float(loss(one, t)[0]), rtol=1e-5)
 
 
 # --- config ------------------------------------------------------------------------------
