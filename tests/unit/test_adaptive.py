@@ -306,3 +306,18 @@ def test_a_step_trains_with_each_head():
   assert all(np.isfinite(v) for v in first.values()), first
   assert first["student_teacher_gap"] != first["none"], first
   assert first["teacher_entropy"] != first["none"], first
+
+
+@pytest.mark.slow
+def test_a_sharded_fused_step_equals_one_device():
+  """The fused head's scoring pass under a 2x2x2 mesh (rows over batch shards, vocabulary
+  over tensor): two steps' losses equal one device's."""
+  first = {}
+  for mesh in ((1, 1, 1), (2, 2, 2)):
+    c = _tiny("student_teacher_gap", True)
+    c.data.batch_size = 8
+    c.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+    run = run_lib.build_run(c, devices=jax.devices()[: int(np.prod(mesh))])
+    steps = [run.step(sharding.shard_batch(next(run.data_iter), run.mesh)) for _ in range(2)]
+    first[mesh] = [float(m["train/loss"]) for m in steps]
+  np.testing.assert_allclose(first[(2, 2, 2)], first[(1, 1, 1)], rtol=1e-5)
