@@ -9,12 +9,10 @@ and changes what it needs. The sections are fixed; every key exists in
   student   the trained model (shape, ``policy``)
   teacher   the teacher: ``source`` none | random | pretrain | workdir | hf | cache | ema
   teachers  further teachers (a tuple of ``teacher_fields`` dicts): an ensemble
-  distill   the losses: temperature, logit (kl / reverse_kl / jsd), ce,
-            attention (MiniLM), hidden (mse / cosine), each with a weight
-            and a schedule
+  distill   the losses (logit, ce, attention, hidden, ...), each with a weight and a
+            schedule; the fused head, on-policy, per-token strength (``adaptive``)
   optim     AdamW, warmup + cosine, clipping, ``steps``, ``grad_accum``
-  data      source (synthetic, built-in stdlib corpus, tfds, files), tokenizer,
-            packing and batch shape
+  data      source (synthetic, built-in stdlib corpus, tfds, files), tokenizer, packing, shape
   mesh      ``data`` / ``fsdp`` / ``tensor`` sizes, -1 = the rest
   ckpt      checkpointing
   eval      evaluation
@@ -192,6 +190,9 @@ def default_config() -> ml_collections.ConfigDict:
   d.fused = True
   d.token_chunk = 256
   d.vocab_chunk = 0
+  # Per-token KD strength (distill/adaptive.py): none | teacher_entropy | teacher_correct |
+  # student_teacher_gap; weights of mean 1 over real tokens x logit.weight (docs/losses.md).
+  d.adaptive = "none"
   # On-policy distillation (GKD; jaxdistill/train/on_policy.py): with probability lmbda a step's
   # continuations are the student's own samples (max_new_tokens after each row's prompt: its
   # first prompt_tokens tokens, or with 0 its positions before the first weighted target), and

@@ -84,7 +84,8 @@ def finish(has_teacher: bool, stats, tau):
 
 
 def dz(has_teacher: bool, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars):
-  """d loss / d student logits: coef (w_kl tau (q - p) + w_ce (softmax(z) - onehot))."""
+  """d loss / d student logits: coef (w_kl tau (q - p) + w_ce (softmax(z) - onehot)); w_kl is a
+  scalar or one weight per row [C]."""
   valid_U, ids_U = cols
   lse_s, lse_t, lse_1 = lses
   tau, w_div, w_ce = scalars
@@ -92,5 +93,6 @@ def dz(has_teacher: bool, zs_CxU, zt_CxU, cols, y_C, coef_C, lses, scalars):
   if has_teacher:
     q_CxU = jnp.exp(zs_CxU / tau - lse_s[:, None])
     p_CxU = jnp.exp(zt_CxU / tau - lse_t[:, None])
-    dz_CxU = dz_CxU + w_div * tau * (q_CxU - p_CxU)  # d(tau^2 KL)/dz_s
+    # w_div: a scalar, or [C] (a weight per token: distill.adaptive)
+    dz_CxU = dz_CxU + jnp.expand_dims(w_div, -1) * tau * (q_CxU - p_CxU)  # d(tau^2 KL)/dz_s
   return jnp.where(valid_U, coef_C[:, None] * dz_CxU, 0.0)

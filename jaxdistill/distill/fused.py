@@ -56,7 +56,8 @@ class FusedLoss(NamedTuple):
 
   Attributes:
     loss: scalar kl_weight * divergence + ce_weight * ce (differentiable).
-    divergence: scalar logit divergence (``kind``, x tau^2), sum over tokens / denom.
+    divergence: scalar logit divergence (``kind``, x tau^2), sum over tokens / denom, each
+      token's weighted by ``divergence_weights_N`` when given.
     ce: scalar hard-label cross-entropy, sum over tokens / denom.
     per_token: {"divergence", "ce", "student_lse" (at T=1), "teacher_lse" (at tau)}, each
       [N] float32, 0 on padded tokens ("teacher_lse" is 0 without a teacher).
@@ -227,7 +228,7 @@ def _dw_total(st: _Static, dw_acc: jax.Array, v: int) -> jax.Array:
 
 def _run(st: _Static, args, with_grad: bool):
   """Scans over token chunks; returns (loss, divergence, ce, per_token, dH_NxDs, dW_DsxV)."""
-  hs_NxDs, ws_DsxV, ht_NxDt, wt_DtxV, y_N, w_N, denom, tau, w_div, w_ce = args
+  hs_NxDs, ws_DsxV, ht_NxDt, wt_DtxV, y_N, w_N, a_N, denom, tau, w_div, w_ce = args
   n, v = hs_NxDs.shape[0], ws_DsxV.shape[1]
   valid_N = w_N != 0
   denom = jnp.asarray(denom, F32)
@@ -239,7 +240,8 @@ def _run(st: _Static, args, with_grad: bool):
   rows = lambda x: (
     None if x is None else chunking.split(x, st.row_shards, st.token_chunk, 0, "act_batch")
   )
-  xs = (rows(hs_NxDs), rows(ht_NxDt), rows(y_N), rows(coef_N))
+  a_N = jnp.where(valid_N, jnp.asarray(a_N, F32), 0.0)  # the divergence's per-token factor
+  xs = (rows(hs_NxDs), rows(ht_NxDt), rows(y_N), rows(coef_N), rows(a_N))
   # The head is gathered over its width once, outside the loop; its vocab stays sharded.
   heads = [
     None if w is None else chunking.constrain(w, (None, "vocab")) for w in (ws_DsxV, wt_DtxV)
@@ -248,10 +250,12 @@ def _run(st: _Static, args, with_grad: bool):
   blocks = _make_blocks(st, heads, v)
 
   def body(dw_acc, x):
+    *x, a_C = x  # a per-token divergence weight: w_div [C]
+    scalars_c = (scalars[0], scalars[1] * a_C, scalars[2])
     if blocks is not None:
-      dw_acc, per_token, dh = _vocab_chunked(st, blocks, dw_acc, x, scalars, with_grad)
+      dw_acc, per_token, dh = _vocab_chunked(st, blocks, dw_acc, x, scalars_c, with_grad)
     else:
-      dw_acc, per_token, dh = _full_vocab_chunk(st, heads, dw_acc, x, scalars, with_grad)
+      dw_acc, per_token, dh = _full_vocab_chunk(st, heads, dw_acc, x, scalars_c, with_grad)
     return dw_acc, (per_token, dh)
 
   dw0 = _dw_zeros(st, hs_NxDs.shape[1], v, blocks) if with_grad else None
@@ -259,7 +263,7 @@ def _run(st: _Static, args, with_grad: bool):
   merge = lambda x: chunking.merge(x, st.row_shards, n)
   names = ("divergence", "ce", "student_lse", "teacher_lse")
   per_token = {k: jnp.where(valid_N, merge(x), 0.0) for k, x in zip(names, per_token)}
-  div = jnp.sum(coef_N * per_token["divergence"])
+  div = jnp.sum(coef_N * a_N * per_token["divergence"])
   ce = jnp.sum(coef_N * per_token["ce"])
   loss = scalars[1] * div + scalars[2] * ce
   if not with_grad:
@@ -268,13 +272,13 @@ def _run(st: _Static, args, with_grad: bool):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _head(st, hs, ws, ht, wt, y, w, denom, tau, w_div, w_ce):
-  loss, div, ce, per_token, _, _ = _run(st, (hs, ws, ht, wt, y, w, denom, tau, w_div, w_ce), False)
-  return loss, div, ce, per_token
+def _head(st, hs, ws, ht, wt, y, w, a, denom, tau, w_div, w_ce):
+  args = (hs, ws, ht, wt, y, w, a, denom, tau, w_div, w_ce)
+  return _run(st, args, False)[:4]
 
 
-def _head_fwd(st, hs, ws, ht, wt, y, w, denom, tau, w_div, w_ce):
-  args = (hs, ws, ht, wt, y, w, denom, tau, w_div, w_ce)
+def _head_fwd(st, hs, ws, ht, wt, y, w, a, denom, tau, w_div, w_ce):
+  args = (hs, ws, ht, wt, y, w, a, denom, tau, w_div, w_ce)
   loss, div, ce, per_token, dh, dw = _run(st, args, True)
   return (loss, div, ce, per_token), (dh, dw, div, ce)
 
@@ -285,7 +289,7 @@ def _head_bwd(st, res, cotangents):
   dh, dw, div, ce = res
   g = cotangents[0]
   d_hs, d_ws = (g * dh).astype(st.hidden_dtype), (g * dw).astype(st.head_dtype)
-  return d_hs, d_ws, None, None, None, None, None, None, g * div, g * ce
+  return d_hs, d_ws, None, None, None, None, None, None, None, g * div, g * ce
 
 
 _head.defvjp(_head_fwd, _head_bwd)
@@ -307,6 +311,7 @@ def fused_loss_head(
   ce_weight=1.0,
   token_chunk: int = 256,
   vocab_chunk: int = 0,
+  divergence_weights_N: jax.Array | None = None,
 ) -> FusedLoss:
   """Weighted logit divergence + CE from final hidden states and heads, never all logits.
 
@@ -330,6 +335,8 @@ def fused_loss_head(
     kl_weight, ce_weight: scalar weights of the two terms in ``loss`` (may be traced).
     token_chunk: rows per chunk per batch shard; 0 = all rows in one chunk.
     vocab_chunk: columns per chunk per vocab shard; 0 = the whole vocabulary per chunk.
+    divergence_weights_N: [N] per-token factors of the divergence in ``loss`` (no gradient;
+      ``distill.adaptive``, adaptive.py), or None (all 1). CE is not weighted by them.
 
   Returns:
     ``FusedLoss``: loss, divergence and ce scalars, per-token values [N].
@@ -357,6 +364,7 @@ def fused_loss_head(
     sg(wt),
     sg(targets_N),
     sg(weights_N),
+    sg(f32(1.0 if divergence_weights_N is None else divergence_weights_N)),
     sg(f32(denom)),
     sg(f32(temperature)),
     f32(kl_weight if st.has_teacher else 0.0),

@@ -22,6 +22,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from jaxdistill.distill import adaptive as adaptive_lib
 from jaxdistill.distill import ensemble, losses, policy_losses, sparse
 from jaxdistill.distill import fused as fused_lib
 
@@ -84,9 +85,10 @@ def _cross_entropy(logits, batch, denom):
   return first + second, {"task/ce": first + second}
 
 
-def _dense_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, beta):
+def _dense_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, beta, adaptive):
   """CE and the logit divergence, weighted, from full logits ([B, T, V] or a classifier's
-  [B, C]); a cache's stored logits (``teacher_logits``) stand in for a teacher model."""
+  [B, C]); a cache's stored logits (``teacher_logits``) stand in for a teacher model. With
+  ``adaptive`` (``distill.adaptive``) each token's divergence is weighted (adaptive.py)."""
   del proj
   mask, total, metrics = batch["weights"], 0.0, {}
   if ce:
@@ -104,25 +106,38 @@ def _dense_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature,
     total += logit(step) * value
   elif logit:
     teacher_logits = batch["teacher_logits"] if t is None else t["logits"]
+    tau = temperature(step)
+    if adaptive != "none":
+      how = dict(kind=kind, temperature=tau, beta=beta)
+      zs, y = s["logits"], batch["targets"]
+      mask = mask * adaptive_lib.token_weights(adaptive, zs, teacher_logits, y, mask, **how)
     value, m = losses.logit_loss(
-      kind, s["logits"], teacher_logits, mask, denom, temperature=temperature(step), beta=beta
+      kind, s["logits"], teacher_logits, mask, denom, temperature=tau, beta=beta
     )
     metrics.update(m)
     total += logit(step) * value
   return total, metrics
 
 
-def _fused_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, beta, chunks):
-  """CE and the logit divergence, weighted, from final hidden states and heads (fused.py)."""
+def _fused_head(
+  s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, beta, chunks, adaptive
+):
+  """CE and the logit divergence, weighted, from final hidden states and heads (fused.py).
+  With ``adaptive``, a first pass over token chunks scores every token (adaptive.py)."""
   del proj
   rows = functools.partial(_rows, lead=batch["weights"].ndim)
-  teacher = {}
+  teacher, hs_NxDs, y_N, w_N = {}, rows(s["final_hidden"]), rows(batch["targets"]), None
   if logit:
     teacher = dict(teacher_hidden_NxDt=rows(t["final_hidden"]), teacher_head_DtxV=t["head"])
+  if logit and adaptive != "none":
+    how = dict(kind=kind, temperature=temperature(step), beta=beta, token_chunk=chunks[0])
+    ht_NxDt = teacher["teacher_hidden_NxDt"]
+    r_N = adaptive_lib.chunk_scores(adaptive, hs_NxDs, s["head"], ht_NxDt, t["head"], y_N, **how)
+    w_N = adaptive_lib.normalise(r_N, rows(batch["weights"]))
   out = fused_lib.fused_loss_head(
-    rows(s["final_hidden"]),
+    hs_NxDs,
     s["head"],
-    rows(batch["targets"]),
+    y_N,
     rows(batch["weights"]),
     denom,
     **teacher,
@@ -133,6 +148,7 @@ def _fused_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature,
     ce_weight=ce(step) if ce else 0.0,
     token_chunk=chunks[0],
     vocab_chunk=chunks[1],
+    divergence_weights_N=w_N,
   )
   metrics = {"task/ce": out.ce} if ce else {}
   if logit:
@@ -190,10 +206,11 @@ def head_term(
   common["kind"] = d.logit.kind if logit else "kl"
   beta = float(d.logit.beta)
   # A policy kind reads the sampled tokens' log-probabilities from the dense logits.
+  common.update(beta=beta, adaptive=d.get("adaptive", "none"))
   if d.fused and not classifier and common["kind"] not in policy_losses.POLICY_KINDS:
-    fn = functools.partial(_fused_head, **common, beta=beta, chunks=(d.token_chunk, d.vocab_chunk))
+    fn = functools.partial(_fused_head, **common, chunks=(d.token_chunk, d.vocab_chunk))
     return Term("fused", fn, None, Needs(head=True), Needs(head=bool(logit)), reports)
-  fn = functools.partial(_dense_head, **common, beta=beta)
+  fn = functools.partial(_dense_head, **common)
   return Term("dense", fn, None, Needs(logits=True), Needs(logits=bool(logit)), reports)
 
 

@@ -9,7 +9,7 @@ import math
 from typing import Any
 
 from jaxdistill.config.checks import vision as validate_vision
-from jaxdistill.distill import layer_maps, losses, policy_losses, schedules, sparse
+from jaxdistill.distill import adaptive, layer_maps, losses, policy_losses, schedules, sparse
 from jaxdistill.errors import ConfigError
 
 # The divergences a student trains with from an image cache's whole class logits.
@@ -75,6 +75,32 @@ def check_distill(cfg: Any) -> None:
   _check_losses(cfg)
   _check_fused(cfg)
   _check_on_policy(cfg)
+  _check_adaptive(cfg)
+
+
+def _check_adaptive(cfg: Any) -> None:
+  """distill.adaptive (distill/adaptive.py): a known mode, and a dense logit divergence of a
+  language model's online teacher to weigh (from full logits, or the fused head's token
+  chunks); teacher_correct needs the true next tokens as targets."""
+  d, mode = cfg.distill, cfg.distill.adaptive
+  if not isinstance(mode, str) or mode not in adaptive.MODES:
+    raise ConfigError("distill.adaptive", f"unknown {mode!r}; choose from {adaptive.MODES}")
+  if mode == "none":
+    return
+  why = None
+  if cfg.teacher.source in ("none", "cache") or _off(d.logit, "weight"):
+    why = "needs a logit divergence from a teacher model (distill.logit.weight > 0, "
+    why += f"teacher.source not none or cache; got {cfg.teacher.source!r})"
+  elif d.logit.kind not in losses.LOGIT_DIVERGENCES:
+    why = f"weighs the dense divergences {sorted(losses.LOGIT_DIVERGENCES)}, not {d.logit.kind!r}"
+  elif validate_vision.is_image(cfg):
+    why = "weighs tokens of a language model, not an image classifier's examples"
+  elif d.fused and d.vocab_chunk:
+    why = "scores each token against the whole vocabulary: set distill.vocab_chunk=0"
+  elif mode == "teacher_correct" and d.on_policy.lmbda:
+    why = "reads the true next tokens, but on-policy targets are the student's samples"
+  if why:
+    raise ConfigError("distill.adaptive", f"{mode!r} {why}")
 
 
 def _check_losses(cfg: Any) -> None:
