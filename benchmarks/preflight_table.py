@@ -81,13 +81,13 @@ def main() -> None:
       rows.append(r)
       if "fits" not in r:
         print(f"| {config} | {topology} | error: {r['error']} | | | | | |", flush=True)
-        continue
-      print(
-        f"| {config} | {topology} | {'yes' if r['fits'] else 'no'} | {r['gib_per_chip']:.1f} "
-        f"({r['hbm_gib']:.1f}) | {r['step_s']:.2f} ({r['compute_s']:.2f} / {r['hbm_s']:.2f} / "
-        f"{r['ici_s']:.2f}) | {r['tokens_per_s']:,.0f} | {r['mfu']:.0%} | {r['compile_s']:.0f} |",
-        flush=True,
-      )
+      else:
+        print(
+          f"| {config} | {topology} | {'yes' if r['fits'] else 'no'} | {r['gib_per_chip']:.1f} "
+          f"({r['hbm_gib']:.1f}) | {r['step_s']:.2f} ({r['compute_s']:.2f} / {r['hbm_s']:.2f} / "
+          f"{r['ici_s']:.2f}) | {r['tokens_per_s']:,.0f} | {r['mfu']:.0%} | {r['compile_s']:.0f} |",
+          flush=True,
+        )
       with open(args.output, "w") as f:
         json.dump(
           dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), rows=rows), f, indent=1
