@@ -220,7 +220,7 @@ def recomputed_flops(cfg: Any, flops: Any) -> float:
 
 def out_of_memory(report: roofline.Report, message: str) -> roofline.Report:
   """The report of a program the compiler could not fit: its numbers from the message, e.g.
-  'HLO temporaries (22.27G) exceeds available HBM (15.75G)'."""
+  'HLO temporaries (22.27G) exceeds available HBM (15.75G)' or 'Used 15.76G of 15.75G hbm'."""
   report.fits = False
   first = next((ln for ln in message.splitlines() if "RESOURCE_EXHAUSTED" in ln), message)
   report.error = re.sub(r"\s+", " ", first.split("RESOURCE_EXHAUSTED:", 1)[-1]).strip()[:300]
@@ -230,6 +230,10 @@ def out_of_memory(report: roofline.Report, message: str) -> roofline.Report:
   m = re.search(r"available HBM \(" + _SIZE + r"\)", message)
   if m:
     report.hbm_bytes = float(m.group(1)) * _UNITS[m.group(2)]
+  m = re.search(r"Used " + _SIZE + r" of " + _SIZE + r" hbm", message)
+  if m:  # "Used 15.76G of 15.75G hbm": the compiler's total, counted here as temporaries
+    report.temp_bytes = float(m.group(1)) * _UNITS[m.group(2)]
+    report.hbm_bytes = float(m.group(3)) * _UNITS[m.group(4)]
   m = re.search(r"arguments? \(" + _SIZE + r"\)", message)
   if m:
     report.argument_bytes = float(m.group(1)) * _UNITS[m.group(2)]

@@ -96,6 +96,12 @@ class PlanResult:
     lines.append(header)
     for i, c in enumerate(self.compiled, 1):
       r = c.report
+      if r.error:  # the compiler refused it: no program, no roofline
+        lines.append(
+          f"  {i:>2} {','.join(map(str, c.mesh)):>11} {c.teacher_rules:>8} {c.remat or '-':>5} "
+          f"{c.grad_accum:>5} {r.total_bytes / 2**30:>8.2f} {'-':>9} {'-':>11} {'-':>6}  NO"
+        )
+        continue
       lines.append(
         f"  {i:>2} {','.join(map(str, c.mesh)):>11} {c.teacher_rules:>8} {c.remat or '-':>5} "
         f"{c.grad_accum:>5} {r.total_bytes / 2**30:>8.2f} {r.step_s * 1e3:>9.1f} "
@@ -215,9 +221,16 @@ def search(
     describe(cfg, cand, devices, chip, runs)
     if cand.state_bytes + cand.activation_bytes <= 1.25 * chip.hbm_bytes:
       kept.append(cand)
-  # Estimates within a few percent are ties: then fewer micro-batches and cheaper remat first.
+  # Tight estimates (over 90% of the chip) go last: compiles are expensive, and those are the
+  # likeliest to miss. Estimates within a few percent are ties: then fewer micro-batches and
+  # cheaper remat first.
   kept.sort(
-    key=lambda c: (float(f"{c.est_step_s:.2g}"), c.grad_accum, REMATS.index(c.remat or "none"))
+    key=lambda c: (
+      c.state_bytes + c.activation_bytes > 0.9 * chip.hbm_bytes,
+      float(f"{c.est_step_s:.2g}"),
+      c.grad_accum,
+      REMATS.index(c.remat or "none"),
+    )
   )
   compiled = []
   for cand in kept[:max_compiles]:

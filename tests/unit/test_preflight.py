@@ -239,3 +239,30 @@ def test_abstract_hf_teacher_is_described_from_headers(monkeypatch, tmp_path):
   with pytest.raises(JaxdistillError, match="word_embeddings.weight"):
     run_lib.build_run(cfg, abstract=True)
   assert os.path.exists(src)
+
+
+@pytest.mark.parametrize(
+  "message,temp,hbm",
+  [
+    (
+      "RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+      "temporaries (22.27G) exceeds available HBM (15.75G).",
+      22.27,
+      15.75,
+    ),
+    (
+      "RESOURCE_EXHAUSTED: XLA:TPU compile permanent error. Ran out of memory in memory space "
+      "hbm. Used 15.76G of 15.75G hbm. Exceeded hbm capacity by 8.62M.",
+      15.76,
+      15.75,
+    ),
+  ],
+)
+def test_out_of_memory_messages_become_a_verdict_with_numbers(message, temp, hbm):
+  from jaxdistill.preflight import roofline
+
+  r = roofline.Report("step", "v5e-256", "v5e", "tpu", 256, {}, False)
+  compiler.out_of_memory(r, message)
+  assert r.fits is False and r.error
+  assert r.temp_bytes == pytest.approx(temp * 2**30) and r.hbm_bytes == pytest.approx(hbm * 2**30)
+  assert "DOES NOT FIT" in r.format()
