@@ -87,6 +87,8 @@ def command(args, overrides) -> int:
   for flag in ("gen_batch", "prompt_len", "new_tokens"):
     if getattr(args, flag) < 1:
       raise JaxdistillError(f"--{flag} must be at least 1, got {getattr(args, flag)}")
+  if args.plan and mesh is not None:
+    raise JaxdistillError("--plan searches the mesh itself; drop --mesh")
   if args.plan and args.what != "step":
     raise JaxdistillError(f"--plan searches layouts of the distill step; drop --what {args.what}")
   if topology is not None and topology.chip.platform == "gpu":

@@ -163,6 +163,7 @@ def test_compile_cli_exit_codes(capsys):
     ["--topology", "v5e:2x2", "--mesh", "3,1,1"],
     ["--topology", "v5e:2x2", "--mesh", "1,4,1", "--config.student.d_model=66"],
     ["--topology", "v5e:2x2", "--mesh", "2,x"],
+    ["--topology", "v5e:2x2", "--mesh", "2,1,2", "--plan"],
   ):
     assert commands.main(["compile", "--config", "smoke", *argv]) == 2
     err = capsys.readouterr().err.strip().splitlines()
