@@ -152,8 +152,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.temperature = 1.0
   # Several teachers (``teachers``): how their logit targets combine (distill/ensemble.py).
   # probs: KL to the weighted average of their probabilities at the temperature; logits: to
-  # the softmax of their weighted average logits; losses: the weighted average of the
-  # per-teacher losses (KL to the average is not the average of the KLs).
+  # the softmax of their weighted average logits; losses: the average of per-teacher losses.
   d.ensemble = "probs"
   # constant | linear(end=..) | cosine(end=..) | exp(decay=.., min=..)
   d.temperature_schedule = "constant"

@@ -2,16 +2,15 @@
 
 A checkpoint of step s (``WORKDIR/checkpoints/s/``) holds three items:
 
-  state  the TrainState (student params with projection heads, optimizer
-         state, step, rng), saved sharded: each process writes its shards
+  state  the TrainState (student params with projection heads, optimizer state, step, rng;
+         an EMA teacher's params), saved sharded: each process writes its shards
   data   the data iterator's state, one JSON file per process
   meta   the resolved config, jaxdistill version, mesh, dtype policies and
          the teacher's identity (source, path, content hash)
 
-Orbax writes each checkpoint to a temporary directory and renames it when
-complete, so a kill during a save leaves the previous checkpoint intact and
-the partial one is skipped (with a warning). Restores go straight into the
-target shardings, so a checkpoint saved on one mesh restores on another.
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a kill
+during a save leaves the previous checkpoint intact and the partial one is skipped (with a
+warning). Restores go straight into the target shardings: saved on one mesh, restored on any.
 
 Resume order (``resolve_resume``): ``--resume_from STEP`` (a step of this workdir, e.g. to skip
 a corrupted latest one) -> the latest checkpoint in the workdir -> ``--resume_from DIR``
@@ -34,13 +33,13 @@ from jaxdistill import config as config_lib
 from jaxdistill import paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import MODEL_KEYS, scan, shape_keys  # noqa: F401 (MODEL_KEYS: re-exported)
+from jaxdistill.train import ema
 
 FINAL_PARAMS = "final_params"
 CHECKPOINTS = "checkpoints"
 
-# The model-shape keys (jaxdistill.models.MODEL_KEYS, or VISION_KEYS for an image
-# classifier: models.shape_keys): a change makes a checkpoint unusable; any other
-# difference is harmless and only warned about.
+# The model-shape keys (models.MODEL_KEYS, or an image classifier's: models.shape_keys): a
+# change makes a checkpoint unusable; any other difference is harmless and only warned about.
 
 
 # --- the data iterator's state: one JSON file per process --------------------
@@ -250,11 +249,12 @@ def restore(
     JaxdistillError: the checkpoint is unreadable (names its step and path).
   """
   path = paths.join(str(manager.directory), str(step))
+  target, rebuild = ema.restore_target(path, abstract_state)  # pre-EMA checkpoints
   try:
     restored = manager.restore(
       step,
       args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
+        state=ocp.args.StandardRestore(target),
         meta=ocp.args.JsonRestore(),
         **({} if data_iter is None else {"data": DataRestore(data_iter)}),
       ),
@@ -267,7 +267,7 @@ def restore(
       f"checkpoint step {step} at {path} cannot be restored ({type(e).__name__}: {first}); "
       "it may be corrupted: pass --resume_from STEP to use an older one"
     ) from e
-  return restored["state"], restored["meta"]
+  return rebuild(restored["state"]), restored["meta"]
 
 
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
