@@ -111,6 +111,8 @@ def _stage_config(stage: dict, workdir: str, spec: dict) -> Any:
     t_dir = _dir(workdir, spec, stage["teacher"])
     _copy_shape(cfg.teacher, t_dir)
     cfg.teacher.update(source="workdir", path=t_dir)
+    if stage.get("generation"):  # born-again: the teacher's architecture, from scratch
+      _copy_shape(cfg.student, t_dir)
   if stage.get("init"):
     src = _dir(workdir, spec, stage["init"])
     _copy_shape(cfg.student, src)

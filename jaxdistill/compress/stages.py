@@ -19,6 +19,13 @@ that action's keys:
             ``init`` = a stage whose student this one starts from (``student.init_from`` and
             that stage's shape keys; the config's ``student.policy`` is kept, so ``c=int8``
             makes the stage int8 QAT of it).
+            ``generations`` = N (born-again networks, Furlanello et al. 2018): the stage
+            becomes N distil stages ``name-g1`` .. ``name-gN``; g1 has the stage's teacher,
+            each next one the previous generation's student. Each generation's student takes
+            its teacher stage's shape keys (the same architecture: the config's student
+            shape is overridden, its policy kept), starts from scratch (no ``init``) with
+            seed = the config's seed + k, so generations differ from each other and from
+            a teacher trained with the config's seed.
   prune     ``from`` (default: the previous model stage), ``targets`` (``prune_run``'s: e.g.
             {"d_ff": 0.5, "num_heads": 0.75}), ``method`` ("activation" | "gradient"),
             ``calibration_batches``.
@@ -46,7 +53,7 @@ ACTIONS = ("train", "distil", "prune", "quantise", "export")
 MODEL_ACTIONS = ("train", "distil", "prune", "quantise")  # stages that make a model
 _KEYS = {
   "train": {"config"},
-  "distil": {"config", "teacher", "init"},
+  "distil": {"config", "teacher", "init", "generations"},
   "prune": {"from", "targets", "method", "calibration_batches"},
   "quantise": {"from", "act", "calibration_batches"},
   "export": {"from", "format"},
@@ -93,7 +100,7 @@ def check(pipeline: Any, overrides: Sequence[tuple[str, str]] = ()) -> dict:
   if not sizes or not all(isinstance(b, int) and b > 0 for b in sizes):
     raise _fail("batch_sizes", f"{sizes!r}: give positive integers, e.g. (1, 32)")
   stages: list[dict] = []
-  for i, raw in enumerate(pipeline["stages"]):
+  for i, raw in enumerate(expand_generations(pipeline["stages"])):
     stages.append(_stage(raw, i, stages, overrides))
   if not stages:
     raise _fail("stages", "is empty; declare at least one stage")
@@ -106,6 +113,29 @@ def check(pipeline: Any, overrides: Sequence[tuple[str, str]] = ()) -> dict:
       if teacher and stages.index(next(t for t in stages if t["name"] == teacher)) > s["index"]:
         raise _fail(f"stages[{s['name']}].teacher", f"the original teacher {teacher!r} comes later")
   return {"teacher": teacher, "batch_sizes": sizes, "stages": stages}
+
+
+def expand_generations(raw_stages: Sequence[Any]) -> list[Any]:
+  """The stages with each distil stage's ``generations: N`` unrolled into N born-again
+  generations ``name-g1`` .. ``name-gN`` (g(k+1)'s teacher: gk; each marked with its
+  ``generation`` k for the seed and the shape wiring)."""
+  out: list[Any] = []
+  for raw in raw_stages:
+    if not isinstance(raw, dict) or raw.get("action") != "distil" or "generations" not in raw:
+      out.append(raw)
+      continue
+    where, n = f"stages[{raw.get('name')}].generations", raw["generations"]
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+      raise _fail(where, f"{n!r}: give a whole number of generations >= 1")
+    if raw.get("init"):
+      raise _fail(f"stages[{raw.get('name')}].init", "born-again generations start from scratch")
+    base = {k: v for k, v in raw.items() if k != "generations"}
+    for k in range(1, n + 1):
+      gen = {**base, "name": f"{raw.get('name')}-g{k}", "generation": k}
+      if k > 1:
+        gen["teacher"] = f"{raw.get('name')}-g{k - 1}"
+      out.append(gen)
+  return out
 
 
 def _stage(raw: Any, i: int, stages: list[dict], overrides) -> dict:
@@ -121,6 +151,7 @@ def _stage(raw: Any, i: int, stages: list[dict], overrides) -> dict:
   if action not in ACTIONS:
     raise _fail(f"{where}.action", f"{action!r}: choose one of {', '.join(ACTIONS)}")
   unknown = set(raw) - {"name", "action"} - _KEYS[action]
+  unknown -= {"generation"} if action == "distil" else set()  # expand_generations' mark
   if unknown:
     raise _fail(
       where, f"unknown key(s) {sorted(unknown)} for {action}; known: {sorted(_KEYS[action])}"
@@ -132,6 +163,7 @@ def _stage(raw: Any, i: int, stages: list[dict], overrides) -> dict:
     cfg = copy.deepcopy(raw["config"])  # a copy the overrides change
     for key, value in overrides:
       config_lib.apply_override(cfg, key, value)
+    cfg.seed += raw.get("generation", 0)  # born-again generations: their own init
     stage["config"] = cfg
   if action == "distil":
     teacher = raw.get("teacher", "original")
