@@ -54,7 +54,7 @@ def test_configs_by_name_resolve_to_the_shipped_files(tmp_path, monkeypatch):
   with pytest.raises(ConfigError, match="not a Python file"):
     config_lib.load_config("smoke")
   for spec, words in [
-    ("smok", ["no config named 'smok'", "known names: cnn_cifar10, ", "smoke"]),
+    ("smok", ["no config named 'smok'", "known names: born_again, cnn_cifar10, ", "smoke"]),
     ("smok:test", ["no config named 'smok'"]),
     ("dir/smoke.py", ["no such file 'dir/smoke.py'", "smoke_vision"]),
   ]:
