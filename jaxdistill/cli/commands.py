@@ -302,6 +302,9 @@ def _train(args, overrides) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+  from jaxdistill.preflight import tpu_env
+
+  tpu_env.cpu_only_default()  # libtpu installed on a CPU-only host: no TPU start attempt
   parser = build_parser()
   args, extra = parser.parse_known_args(argv)
   try:

@@ -39,3 +39,18 @@ def prepared():
   finally:
     for key in added:
       os.environ.pop(key, None)
+
+
+def cpu_only_default() -> None:
+  """``JAX_PLATFORMS=cpu`` when unset on a host that can only run JAX on its CPU: libtpu is
+  installed (the ``tpu`` and ``test`` extras) but the host has no TPU, and no CUDA plugin is
+  installed. Without it JAX would try to start libtpu at its first call and print a page of
+  errors before falling back to the CPU. Compiling for a TPU topology still works with it set
+  (``compiler.devices_for``). Called by the command line before JAX starts."""
+  import importlib.util
+
+  if "JAX_PLATFORMS" in os.environ or has_tpu() or importlib.util.find_spec("libtpu") is None:
+    return
+  if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin")):
+    return
+  os.environ["JAX_PLATFORMS"] = "cpu"
