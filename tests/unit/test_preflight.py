@@ -267,3 +267,26 @@ def test_out_of_memory_messages_become_a_verdict_with_numbers(message, temp, hbm
   assert r.fits is False and r.error
   assert r.temp_bytes == pytest.approx(temp * 2**30) and r.hbm_bytes == pytest.approx(hbm * 2**30)
   assert "DOES NOT FIT" in r.format()
+
+
+def test_cpu_only_host_with_libtpu_gets_jax_platforms_cpu(monkeypatch):
+  import importlib.util
+
+  from jaxdistill.preflight import tpu_env
+
+  real = importlib.util.find_spec
+  specs = {"libtpu": object(), "jax_cuda12_plugin": None, "jax_cuda13_plugin": None}
+  monkeypatch.setattr(importlib.util, "find_spec", lambda m: specs[m] if m in specs else real(m))
+  monkeypatch.setattr(tpu_env, "has_tpu", lambda: False)
+  monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+  tpu_env.cpu_only_default()
+  assert tpu_env.os.environ["JAX_PLATFORMS"] == "cpu"
+  # A TPU VM, a CUDA host or an explicit setting are left alone.
+  for case in ("tpu", "cuda", "set"):
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    if case == "set":
+      monkeypatch.setenv("JAX_PLATFORMS", "tpu")
+    monkeypatch.setattr(tpu_env, "has_tpu", lambda c=case: c == "tpu")
+    specs["jax_cuda12_plugin"] = object() if case == "cuda" else None
+    tpu_env.cpu_only_default()
+    assert tpu_env.os.environ.get("JAX_PLATFORMS") == ("tpu" if case == "set" else None)
