@@ -135,23 +135,35 @@ def compile_for(
   run = run_lib.build_run(cfg, devices=devices, abstract=True)
   batch = abstract_batch(cfg, run.mesh)
   chip = topology.chip
-  report = roofline.Report(
-    what="step",
-    topology=topology.name,
-    chip=chip.name,
-    platform=chip.platform,
-    num_devices=len(devices),
-    mesh=dict(run.mesh.shape),
-    estimate=not topology.can_compile and chip.platform != "cpu",
-    hbm_bytes=chip.hbm_bytes,
-    model_flops=run.flops.total,
-    hardware_flops=run.flops.total + recomputed_flops(cfg, run.flops),
-    tokens_per_step=int(cfg.data.batch_size * cfg.data.seq_len),
-    collectives=roofline.empty_collectives(),
-  )
+  flops = run.flops.total
+  report = new_report("step", topology, run.mesh, cfg.data.batch_size * cfg.data.seq_len, flops)
+  report.hardware_flops = flops + recomputed_flops(cfg, run.flops)
   with sharding_lib.rules_context(run.mesh), no_persistent_cache(chip.platform != "cpu"):
     compile_into(report, run.step_fn.lower(run.state, run.teacher_vars, batch))
   return roofline.fill_roofline(report, chip)
+
+
+def new_report(
+  what: str, topology: chips_lib.Topology, mesh: Any, tokens: int, model_flops: float
+) -> roofline.Report:
+  """An empty report of ``what`` (step, prefill, decode, precompute) on ``topology`` over
+  ``mesh``: ``tokens`` per run of the program, ``model_flops`` (all devices; the hardware
+  count starts equal to it)."""
+  chip = topology.chip
+  return roofline.Report(
+    what=what,
+    topology=topology.name,
+    chip=chip.name,
+    platform=chip.platform,
+    num_devices=mesh.size,
+    mesh=dict(mesh.shape),
+    estimate=not topology.can_compile and chip.platform != "cpu",
+    hbm_bytes=chip.hbm_bytes,
+    model_flops=model_flops,
+    hardware_flops=model_flops,
+    tokens_per_step=int(tokens),
+    collectives=roofline.empty_collectives(),
+  )
 
 
 def compile_into(report: roofline.Report, lowered: Any) -> Any:
@@ -214,8 +226,7 @@ def recomputed_flops(cfg: Any, flops: Any) -> float:
   """FLOPs a remat policy adds: ``full`` recomputes the student's forward in the backward
   pass (a third of its forward + backward); ``dots`` saves the matmul outputs, so only
   elementwise work (not counted) reruns; a teacher runs forward only and is never remat'd."""
-  policy = cfg.student.get("remat", "none") if hasattr(cfg.student, "get") else "none"
-  return flops.student / 3 if policy == "full" else 0.0
+  return flops.student / 3 if cfg.student.remat == "full" else 0.0
 
 
 def out_of_memory(report: roofline.Report, message: str) -> roofline.Report:

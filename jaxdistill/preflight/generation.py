@@ -55,12 +55,14 @@ def compile_generation(
   # Prefill: the whole prompt batch, forward; decode: one token per row, attending over the
   # cache at its average fill (P + N / 2).
   per_token = flops_lib.flops_per_token
-  prefill = _report("prefill", topology, s.mesh, batch * prompt_len)
-  prefill.model_flops = batch * prompt_len * per_token(config, prompt_len)
-  decode = _report("decode", topology, s.mesh, batch)
-  decode.model_flops = batch * per_token(config, prompt_len + new_tokens // 2)
-  for r in (prefill, decode):
-    r.hardware_flops = r.model_flops
+  tokens = batch * prompt_len
+  prefill = compiler.new_report(
+    "prefill", topology, s.mesh, tokens, tokens * per_token(config, prompt_len)
+  )
+  context = prompt_len + new_tokens // 2
+  decode = compiler.new_report(
+    "decode", topology, s.mesh, batch, batch * per_token(config, context)
+  )
   capacity = cache_lib.bucket(prompt_len + new_tokens, config.max_len)
   replicated = sharding_lib.replicated(s.mesh)
   seed = jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated)
@@ -120,19 +122,3 @@ class _Setup:
     by_row = sharding_lib.batch_sharding(self.mesh)
     self.tokens = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32, sharding=by_row)
     self.per_row = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=by_row)
-
-
-def _report(what: str, topology: chips_lib.Topology, mesh, tokens: int) -> roofline.Report:
-  chip = topology.chip
-  return roofline.Report(
-    what=what,
-    topology=topology.name,
-    chip=chip.name,
-    platform=chip.platform,
-    num_devices=mesh.size,
-    mesh=dict(mesh.shape),
-    estimate=not topology.can_compile and chip.platform != "cpu",
-    hbm_bytes=chip.hbm_bytes,
-    tokens_per_step=tokens,
-    collectives=roofline.empty_collectives(),
-  )

@@ -2,7 +2,7 @@
 
 The space: mesh shapes (data, fsdp, tensor) over the topology's devices (tensor 1-8), the
 teacher's placement (``teacher.rules``: student, fsdp, tensor), the student's remat policy
-(``student.remat``: none, dots, full; where the config has it) and micro-batching
+(``student.remat``: none, dots, full) and micro-batching
 (``optim.grad_accum``: 1-8). Compiling a large step takes tens of seconds on a CPU host, so the
 search is two-staged:
 
@@ -49,8 +49,7 @@ class Candidate:
     d, f, t = self.mesh
     out = [f"--config.mesh.data={d}", f"--config.mesh.fsdp={f}", f"--config.mesh.tensor={t}"]
     out.append(f"--config.teacher.rules={self.teacher_rules}")
-    if self.remat:
-      out.append(f"--config.student.remat={self.remat}")
+    out.append(f"--config.student.remat={self.remat}")
     out.append(f"--config.optim.grad_accum={self.grad_accum}")
     return " ".join(out)
 
@@ -98,12 +97,12 @@ class PlanResult:
       r = c.report
       if r.error:  # the compiler refused it: no program, no roofline
         lines.append(
-          f"  {i:>2} {','.join(map(str, c.mesh)):>11} {c.teacher_rules:>8} {c.remat or '-':>5} "
+          f"  {i:>2} {','.join(map(str, c.mesh)):>11} {c.teacher_rules:>8} {c.remat:>5} "
           f"{c.grad_accum:>5} {r.total_bytes / 2**30:>8.2f} {'-':>9} {'-':>11} {'-':>6}  NO"
         )
         continue
       lines.append(
-        f"  {i:>2} {','.join(map(str, c.mesh)):>11} {c.teacher_rules:>8} {c.remat or '-':>5} "
+        f"  {i:>2} {','.join(map(str, c.mesh)):>11} {c.teacher_rules:>8} {c.remat:>5} "
         f"{c.grad_accum:>5} {r.total_bytes / 2**30:>8.2f} {r.step_s * 1e3:>9.1f} "
         f"{r.tokens_per_s:>11,.0f} {r.mfu:>6.1%}  {'yes' if r.fits else 'NO'}"
       )
@@ -118,7 +117,6 @@ def candidates(cfg: Any, num_devices: int) -> list[Candidate]:
   """Every layout of the search space that the config's own checks accept."""
   from jaxdistill.config import validate
 
-  remats = REMATS if "remat" in cfg.student else ("",)
   rules = TEACHER_RULES if cfg.teacher.source not in ("none", "cache") else ("student",)
   out = []
   for t in (1, 2, 4, 8):
@@ -126,7 +124,7 @@ def candidates(cfg: Any, num_devices: int) -> list[Candidate]:
       continue
     for f in _divisors(num_devices // t):
       mesh = (num_devices // t // f, f, t)
-      for accum, remat, rule in itertools.product(GRAD_ACCUM, remats, rules):
+      for accum, remat, rule in itertools.product(GRAD_ACCUM, REMATS, rules):
         cand = Candidate(mesh, rule, remat, accum)
         try:
           validate.validate(apply(cfg, cand))
@@ -143,8 +141,7 @@ def apply(cfg: Any, cand: Candidate) -> Any:
   d, f, t = cand.mesh
   cfg.mesh.update(data=d, fsdp=f, tensor=t)
   cfg.teacher.rules = cand.teacher_rules
-  if cand.remat:
-    cfg.student.remat = cand.remat
+  cfg.student.remat = cand.remat
   cfg.optim.grad_accum = cand.grad_accum
   return cfg
 
@@ -176,7 +173,6 @@ def describe(
     "full": s.d_model,
     "dots": 4 * s.d_model + 3 * s.d_ff / t,
     "none": 10 * s.d_model + 4 * s.d_ff / t,
-    "": 10 * s.d_model + 4 * s.d_ff / t,
   }[cand.remat]
   logits = 3 * 4 * s.vocab_size / t  # float32 rows of both models' logits and the loss
   cand.activation_bytes = tokens * (per_layer * act * s.num_layers + logits)
@@ -229,7 +225,7 @@ def search(
       c.state_bytes + c.activation_bytes > 0.9 * chip.hbm_bytes,
       float(f"{c.est_step_s:.2g}"),
       c.grad_accum,
-      REMATS.index(c.remat or "none"),
+      REMATS.index(c.remat),
     )
   )
   compiled = []

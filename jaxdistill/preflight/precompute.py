@@ -55,20 +55,7 @@ def compile_precompute(
   for k in range(1 + len(cfg.teachers)):
     model = run_lib.model_of(teacher_lib.view(cfg, k), "teacher")
     flops += b * t * flops_lib.flops_per_token(model.config, t)
-  report = roofline.Report(
-    what="precompute",
-    topology=topology.name,
-    chip=chip.name,
-    platform=chip.platform,
-    num_devices=len(devices),
-    mesh=dict(teacher.mesh.shape),
-    estimate=not topology.can_compile and chip.platform != "cpu",
-    hbm_bytes=chip.hbm_bytes,
-    model_flops=flops,
-    hardware_flops=flops,
-    tokens_per_step=b * t,
-    collectives=roofline.empty_collectives(),
-  )
+  report = compiler.new_report("precompute", topology, teacher.mesh, b * t, flops)
   with (
     sharding_lib.rules_context(teacher.mesh),
     compiler.no_persistent_cache(chip.platform != "cpu"),

@@ -1,10 +1,10 @@
 """This host measured: the peaks a roofline for the CPU backend is drawn against.
 
 A CPU has no datasheet figure a jitted XLA program reaches, so ``host_chip`` measures them in
-the same process: float32 matmul FLOP/s (the best of a few shapes) and read bandwidth (a
-jitted sum over a buffer much larger than the caches). The CPU roofline of a small config set
-next to its measured step time is how the roofline model checks itself (``benchmarks/
-preflight_honesty.py``): the bound must never be slower than the measured step.
+the same process: float32 matmul FLOP/s (the training loop's CPU probe, at two sizes) and
+read bandwidth (a jitted sum over a buffer much larger than the caches). The CPU roofline of
+a small config set next to its measured step time is how the roofline model checks itself
+(``benchmarks/preflight_honesty.py``): the bound must never be slower than the measured step.
 """
 
 import time
@@ -24,17 +24,14 @@ def _best_time(fn, repeats: int) -> float:
   return best
 
 
-def matmul_flops(repeats: int = 5) -> float:
-  """Best float32 matmul FLOP/s of one device over a few shapes (square and skinny)."""
-  import jax
+def matmul_flops() -> float:
+  """Best float32 matmul FLOP/s of this host's first CPU device: the training loop's CPU peak
+  probe (``train.throughput.time_matmul``), freshly measured (never its cache) at two sizes."""
   import jax.numpy as jnp
 
-  best = 0.0
-  for m, k, n in ((1024, 1024, 1024), (2048, 2048, 2048), (256, 1024, 4096)):
-    a, b = jnp.ones((m, k), jnp.float32), jnp.ones((k, n), jnp.float32)
-    f = jax.jit(jnp.matmul)
-    best = max(best, 2 * m * k * n / _best_time(lambda: f(a, b), repeats))
-  return best
+  from jaxdistill.train import throughput
+
+  return max(throughput.time_matmul(jnp.float32, size, 0.3) for size in (1024, 2048))
 
 
 def read_bandwidth(mbytes: int = 256, repeats: int = 5) -> float:

@@ -117,7 +117,7 @@ def cpu_model() -> str:
   return f"{name or platform.processor() or platform.machine()} x{cores}"
 
 
-def _time_matmul(dtype, size: int, budget_s: float) -> float:
+def time_matmul(dtype, size: int, budget_s: float) -> float:
   """Best-of FLOP/s of a jitted [size, size] @ [size, size] matmul on the first CPU device."""
   device = jax.devices("cpu")[0]
   keys = jax.random.split(jax.random.key(0))
@@ -139,7 +139,7 @@ def cpu_probe(dtype: str, cache_path: str | None, size: int = 1024, budget_s: fl
   """The host's measured matmul FLOP/s for ``dtype`` ("f32" or "bf16"), cached.
 
   Read from ``cache_path`` (a JSON file {"<cpu model>|<dtype>": {"flops_per_s", "size",
-  "date"}}) when it holds this CPU model and dtype; else measured (``_time_matmul``: the
+  "date"}}) when it holds this CPU model and dtype; else measured (``time_matmul``: the
   fastest of repeats over ``budget_s``) and written there (atomically; an unwritable cache
   only costs a probe next time).
 
@@ -158,7 +158,7 @@ def cpu_probe(dtype: str, cache_path: str | None, size: int = 1024, budget_s: fl
     if isinstance(cache.get(key), dict) and cache[key].get("flops_per_s", 0) > 0:
       _PROBED[key] = float(cache[key]["flops_per_s"])
     else:
-      _PROBED[key] = _time_matmul(PROBE_DTYPES[dtype], size, budget_s)
+      _PROBED[key] = time_matmul(PROBE_DTYPES[dtype], size, budget_s)
   if cache_path and cache.get(key, {}).get("flops_per_s") != _PROBED[key]:
     date = time.strftime("%Y-%m-%dT%H:%M:%S")
     cache[key] = {"flops_per_s": _PROBED[key], "size": size, "date": date}

@@ -276,7 +276,7 @@ def test_cpu_probe_is_cached_and_reused(tmp_path, monkeypatch):
     calls.append(dtype)
     return 1.5e10
 
-  monkeypatch.setattr(throughput, "_time_matmul", fake_time)
+  monkeypatch.setattr(throughput, "time_matmul", fake_time)
   peak = throughput.cpu_probe("f32", path)
   assert peak.flops_per_s == 1.5e10 and calls == [jnp.float32]
   key = f"{throughput.cpu_model()}|f32"
@@ -291,7 +291,7 @@ def test_cpu_probe_is_cached_and_reused(tmp_path, monkeypatch):
 
 
 def test_cpu_probe_measures_a_matmul():
-  rate = throughput._time_matmul(jnp.float32, 128, 0.01)
+  rate = throughput.time_matmul(jnp.float32, 128, 0.01)
   assert 1e6 < rate < 1e14  # a real, finite FLOP/s figure
 
 
