@@ -33,7 +33,6 @@ from jaxdistill import config as config_lib
 from jaxdistill import paths
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.models import MODEL_KEYS, scan, shape_keys  # noqa: F401 (MODEL_KEYS: re-exported)
-from jaxdistill.train import ema
 
 FINAL_PARAMS = "final_params"
 CHECKPOINTS = "checkpoints"
@@ -46,11 +45,8 @@ CHECKPOINTS = "checkpoints"
 
 
 class DataStateHandler(ocp.CheckpointHandler):
-  """Saves ``iterator.get_state()`` (a JSON-able dict) as process_i-of-n.json.
-
-  grain's own handler expects grain iterators (or bytes states); this one
-  takes any jaxdistill iterator, synthetic or grain-backed, unchanged.
-  """
+  """Saves ``iterator.get_state()`` (a JSON-able dict) as process_i-of-n.json: any jaxdistill
+  iterator, synthetic or grain-backed (grain's own handler takes only grain iterators)."""
 
   def save(self, directory: epath.Path, args: "DataSave"):
     name = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -62,9 +58,8 @@ class DataStateHandler(ocp.CheckpointHandler):
     if path.exists():
       args.iterator.set_state(json.loads(path.read_text()))
       return args.iterator
-    # Saved by another number of processes: fine only if every process saved
-    # the same state (a position in the GLOBAL stream, as the synthetic data
-    # has); per-process positions (grain shards) cannot be re-split.
+    # Saved by another number of processes: fine only if every process saved the same state
+    # (a position in the GLOBAL stream); per-process positions (grain shards) cannot re-split.
     states = {p.read_text() for p in directory.iterdir() if p.name.startswith("process_")}
     if len(states) != 1:
       found = sorted(p.name for p in directory.iterdir())
@@ -163,12 +158,9 @@ def params_args(params: Any) -> ocp.args.CheckpointArgs:
 
 
 def resolve_resume(manager: ocp.CheckpointManager, resume_from: str | None):
-  """Which checkpoint to start from: (manager, step) or None for a fresh start.
-
-  Order: ``resume_from`` as a STEP of this workdir -> this workdir's latest ->
-  ``resume_from`` as a DIRECTORY (a step dir, a checkpoints dir or a workdir of
-  another run) -> None.
-  """
+  """Which checkpoint to start from: (manager, step) or None for a fresh start. Order:
+  ``resume_from`` as a STEP of this workdir -> this workdir's latest -> ``resume_from`` as a
+  DIRECTORY (a step dir, a checkpoints dir or a workdir of another run) -> None."""
   steps = list(manager.all_steps())
   if resume_from and resume_from.isdigit():
     if int(resume_from) not in steps:
@@ -199,11 +191,8 @@ def resolve_resume(manager: ocp.CheckpointManager, resume_from: str | None):
 
 
 def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[str]:
-  """Renames checkpoints newer than ``step`` to STEP.superseded (never deletes them).
-
-  Resuming from an older step (e.g. past a corrupted latest one) would save
-  those steps again; the old ones are kept aside for inspection.
-  """
+  """Renames checkpoints newer than ``step`` to STEP.superseded (never deletes them):
+  resuming from an older step would save those steps again; the old ones are kept aside."""
   moved = []
   for newer in (s for s in manager.all_steps() if s > step):
     old = paths.join(str(manager.directory), str(newer))
@@ -249,7 +238,7 @@ def restore(
     JaxdistillError: the checkpoint is unreadable (names its step and path).
   """
   path = paths.join(str(manager.directory), str(step))
-  target, rebuild = ema.restore_target(path, abstract_state)  # pre-EMA checkpoints
+  target, rebuild = _restore_target(path, abstract_state)
   try:
     restored = manager.restore(
       step,
@@ -270,6 +259,22 @@ def restore(
   return rebuild(restored["state"]), restored["meta"]
 
 
+def _restore_target(path: str, abstract_state: Any) -> tuple[Any, Any]:
+  """(restore target, rebuild) for a checkpoint written before a TrainState field existed:
+  fields that are None in ``abstract_state`` and absent from the saved tree (e.g. ``ema_params``)
+  are left out of the restore and come back None; otherwise the state itself."""
+  fields = getattr(abstract_state, "__dataclass_fields__", {})
+  try:
+    saved = json.loads(paths.read_text(paths.join(path, "state", "_METADATA")))["tree_metadata"]
+  except Exception:  # unreadable here: the restore itself reports it
+    return abstract_state, lambda state: state
+  new = [f for f in fields if getattr(abstract_state, f) is None and f"('{f}',)" not in saved]
+  if not new:
+    return abstract_state, lambda state: state
+  target = {f: getattr(abstract_state, f) for f in fields if f not in new}
+  return target, lambda state: type(abstract_state)(**state, **dict.fromkeys(new))
+
+
 def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
   """Only the ``meta`` item of a checkpoint (cheap: no arrays are read)."""
   path = paths.join(str(manager.directory), str(step), "meta", "metadata")
@@ -279,8 +284,6 @@ def read_meta(manager: ocp.CheckpointManager, step: int) -> dict:
 
 
 # --- compatibility of a checkpoint with the current config ----------------------
-
-
 def _flat(d: dict, prefix: str = "") -> dict:
   out = {}
   for k, v in d.items():
@@ -338,8 +341,7 @@ def metadata(cfg: Any, mesh: jax.sharding.Mesh, teacher_path: str | None) -> dic
   elif cfg.teacher.source == "random":
     teacher["seed"] = cfg.seed + 1
   elif cfg.teacher.source == "cache":
-    # The manifest holds every shard's sha256: its own hash names the cache's content
-    # without re-reading the (possibly huge) shards at every save.
+    # The manifest holds every shard's sha256: its hash names the content without a re-read.
     manifest = paths.read_bytes(paths.join(cfg.teacher.path, "manifest.json"))
     teacher.update(
       path=paths.abspath(cfg.teacher.path), sha256=hashlib.sha256(manifest).hexdigest()
@@ -366,16 +368,13 @@ def load_params(path: str, target: Any) -> Any:
 
   Args:
     path: a directory written by ``save_params``.
-    target: pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set: the
-      model's expected shapes, the dtypes to cast to and the layout to load into
-      (each host reads only its shards).
-
+    target: pytree of ``jax.ShapeDtypeStruct`` with ``sharding`` set: the model's expected
+      shapes, the dtypes to cast to and the layout to load into (each host reads its shards).
   Returns:
     The params pytree (blocks saved in the other layout converted: ``scan.read_layout``).
-
   Raises:
-    JaxdistillError: missing checkpoint, or one whose names or shapes differ
-      from the model's (the message names the first differing param).
+    JaxdistillError: missing checkpoint, or one whose names or shapes differ from the
+      model's (the message names the first differing param).
   """
   # Orbax writes one of these metadata files: without them it is no params directory.
   if not any(paths.isfile(paths.join(path, m)) for m in ("_CHECKPOINT_METADATA", "_METADATA")):

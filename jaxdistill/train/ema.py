@@ -93,25 +93,3 @@ def reset(state: Any) -> Any:
     out_shardings=jax.tree.map(lambda a: a.sharding, student),
   )
   return state.replace(ema_params=copy(student))
-
-
-def restore_target(path: str, abstract_state: Any) -> tuple[Any, Any]:
-  """(restore target, rebuild): the abstract state itself, or, for a checkpoint written
-  before ``TrainState.ema_params`` existed (its tree has no such entry) into a state without
-  an EMA, the other fields as a dict and a function that rebuilds the TrainState from them."""
-  fields = getattr(abstract_state, "__dataclass_fields__", {})
-  if "ema_params" not in fields or abstract_state.ema_params is not None:
-    return abstract_state, lambda state: state
-  import json
-
-  from jaxdistill import paths
-
-  meta = paths.join(path, "state", "_METADATA")
-  try:
-    saved = json.loads(paths.read_text(meta)).get("tree_metadata", {})
-  except Exception:  # unreadable here: the restore itself reports it
-    return abstract_state, lambda state: state
-  if "('ema_params',)" in saved:
-    return abstract_state, lambda state: state
-  target = {name: getattr(abstract_state, name) for name in fields if name != "ema_params"}
-  return target, lambda state: type(abstract_state)(**state, ema_params=None)
