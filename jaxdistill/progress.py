@@ -45,12 +45,22 @@ class LogLines:
     share = f" ({self.n / self.total:.0%})" if self.total else ""
     extra = "".join(f" {k}={v}" for k, v in self.postfix.items())
     secs = time.monotonic() - self.start
-    print(f"{self.unit} {self.n}/{self.total}{share}{extra} [{secs:.0f} s]", file=self.stream,
-          flush=True)
+    print(
+      f"{self.unit} {self.n}/{self.total}{share}{extra} [{secs:.0f} s]",
+      file=self.stream,
+      flush=True,
+    )
 
 
-def bar(total: int, *, unit: str, show: bool = True, initial: int = 0, every: int | None = None,
-        stream: IO | None = None):
+def bar(
+  total: int,
+  *,
+  unit: str,
+  show: bool = True,
+  initial: int = 0,
+  every: int | None = None,
+  stream: IO | None = None,
+):
   """A progress bar: tqdm on a terminal, ``LogLines`` (a line every ``every`` units) elsewhere.
 
   Args:
@@ -68,7 +78,13 @@ def bar(total: int, *, unit: str, show: bool = True, initial: int = 0, every: in
   if show and getattr(stream, "isatty", lambda: False)():
     import tqdm
 
-    return tqdm.tqdm(total=total, initial=initial, unit=unit, dynamic_ncols=True, file=stream,
-                     unit_scale=total > 100_000)
+    return tqdm.tqdm(
+      total=total,
+      initial=initial,
+      unit=unit,
+      dynamic_ncols=True,
+      file=stream,
+      unit_scale=total > 100_000,
+    )
   every = every or max(1, total // 20)
   return LogLines(total, initial, unit, every, stream, disable=not show)

@@ -36,13 +36,14 @@ from typing import Sequence
 
 import ml_collections
 
-from jaxdistill.config.defaults import default_config, teacher_fields, teachers_of
+from jaxdistill.config.defaults import default_config, peer_section, teacher_fields, teachers_of
 from jaxdistill.config.files import config_module, configs_dir, names, resolve
 from jaxdistill.config.overrides import apply_override, parse_value
 from jaxdistill.errors import ConfigError
 
 __all__ = ["apply_override", "config_module", "configs_dir", "names", "parse_value", "resolve"]
 __all__ += ["default_config", "load_config", "teacher_fields", "teachers_of", "SECTIONS"]
+__all__ += ["peer_section"]
 
 SECTIONS = ("student", "teacher", "distill", "optim", "data", "mesh", "ckpt", "eval", "log")
 SECTIONS += ("precompute", "codistill", "continual")

@@ -7,7 +7,7 @@ import ml_collections
 from jaxdistill.config import sections
 from jaxdistill.errors import ConfigError
 
-__all__ = ["default_config", "model_fields", "teacher_fields", "teachers_of"]
+__all__ = ["default_config", "model_fields", "peer_section", "teacher_fields", "teachers_of"]
 
 
 def model_fields(**overrides) -> dict:
@@ -93,6 +93,16 @@ def teachers_of(cfg: ml_collections.ConfigDict) -> tuple[ml_collections.ConfigDi
   entries completed with ``teacher_fields``'s defaults (a saved config.json holds dicts)."""
   extra = tuple(ml_collections.ConfigDict(teacher_fields(**dict(t))) for t in cfg.teachers)
   return (cfg.teacher, *extra)
+
+
+def peer_section(cfg: ml_collections.ConfigDict, k: int) -> ml_collections.ConfigDict:
+  """Codistillation peer k's (1-based) model section: ``student`` with the keys of
+  ``codistill.peers[k - 1]`` (all but its ``lr``)."""
+  section = ml_collections.ConfigDict(cfg.student.to_dict())
+  for key, value in dict(cfg.codistill.peers[k - 1]).items():
+    if key != "lr":
+      section[key] = value
+  return section
 
 
 def default_config() -> ml_collections.ConfigDict:

@@ -284,14 +284,18 @@ def validation_batches(cfg: Any, limit: int = 0) -> Iterable[dict[str, np.ndarra
 
 
 class Periodic:
-  """The training loop's periodic evaluation: student CE on the first ``eval.batches`` batches."""
+  """The training loop's periodic evaluation: student CE on the first ``eval.batches`` batches
+  (and, codistilling, each peer's: ``eval/<peer>/loss`` and ``/accuracy``)."""
 
-  def __init__(self, cfg: Any, student: nn.Module, mesh: jax.sharding.Mesh):
-    self.cfg, self.student, self.mesh = cfg, student, mesh
+  def __init__(self, cfg: Any, student: nn.Module, mesh: jax.sharding.Mesh, peers: dict = None):
+    self.cfg, self.student, self.mesh, self.peers = cfg, student, mesh, peers or {}
 
-  def __call__(self, params: Any, state: Any = None) -> dict[str, float]:
+  def __call__(self, params: Any, state: Any = None, peer_params: dict = None) -> dict[str, float]:
     batches = validation_batches(self.cfg, self.cfg.eval.batches)
-    m = evaluate({"student": (self.student, params, state)}, batches, self.mesh)["student"]
+    models_ = {"student": (self.student, params, state)}
+    models_.update({n: (m, (peer_params or {})[n], None) for n, m in self.peers.items()})
+    got = evaluate(models_, batches, self.mesh)
+    m = got["student"]
     if "val_loss" not in m:  # an encoder: nothing to measure without its teacher
       return {}
     if "val_ppl" not in m:  # a classifier
@@ -300,4 +304,7 @@ class Periodic:
         "eval/accuracy": m["accuracy"],
         "eval/top5": m["top5_accuracy"],
       }
-    return {"eval/loss": m["val_loss"], "eval/ppl": m["val_ppl"], "eval/accuracy": m["accuracy"]}
+    row = {"eval/loss": m["val_loss"], "eval/ppl": m["val_ppl"], "eval/accuracy": m["accuracy"]}
+    for n in self.peers:
+      row.update({f"eval/{n}/loss": got[n]["val_loss"], f"eval/{n}/accuracy": got[n]["accuracy"]})
+    return row

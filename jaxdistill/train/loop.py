@@ -30,6 +30,7 @@ from jaxdistill.models import count_params, quant
 from jaxdistill.parallel import sharding as sharding_lib
 from jaxdistill.train import (
   checkpoint,
+  codistill as codistill_lib,
   on_policy as on_policy_lib,
   throughput,
   metrics as metrics_lib,
@@ -359,10 +360,13 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
       metric = {cfg.ckpt.best_metric: float(progress.last[cfg.ckpt.best_metric])}
       best.save(step, args=checkpoint.params_args(run.state.params["student"]), metrics=metric)
 
-  periodic = evaluate_lib.Periodic(cfg, run.student, run.mesh) if cfg.eval.every else None
+  co = codistill_lib.of(cfg)  # codistilled peers are evaluated beside the student
+  peers = dict(zip(co.names, co.modules)) if co else None
+  periodic = evaluate_lib.Periodic(cfg, run.student, run.mesh, peers) if cfg.eval.every else None
 
   def evaluate(step):  # validation of the student; its row precedes that step's checkpoint
-    progress.write(step, periodic(run.state.params["student"], run.state.model_state))
+    params = run.state.params
+    progress.write(step, periodic(params["student"], run.state.model_state, params.get("peers")))
 
   split = on_policy_lib.first_step_split(run, lambda found: setattr(progress, "split", found))
   startup_s = time.perf_counter() - entered

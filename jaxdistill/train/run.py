@@ -25,6 +25,7 @@ from jaxdistill.evaluation import evaluate as evaluate_lib
 from jaxdistill.models import flops as flops_lib
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.train import codistill as codistill_lib
 from jaxdistill.train import ema as ema_lib
 from jaxdistill.train import on_policy as on_policy_lib
 from jaxdistill.train import step as train_lib
@@ -142,7 +143,8 @@ def build_run(
   validate.check_mesh(cfg, dict(mesh.shape))
   obj, student, views, modules = _models(cfg, mesh)
   teacher = None if not modules else modules[0] if len(modules) == 1 else modules
-  tx = train_lib.make_optimizer(cfg.optim)
+  co = codistill_lib.of(cfg)  # models trained beside the student, or None
+  tx = train_lib.make_optimizer(cfg.optim) if co is None else codistill_lib.optimizer(co, cfg.optim)
   make_state = functools.partial(
     train_lib.init_state,
     obj,
@@ -154,6 +156,7 @@ def build_run(
     loss_scale=precision.init_loss_scale(cfg.optim),
     student_variables=student_vars,
     ema=cfg.teacher.source == ema_lib.SOURCE,  # the EMA teacher's average, in the state
+    codistill=co,
   )
   state, state_shardings = make_state(create=create_state and not abstract)
   teacher_vars, teacher_shardings, teacher_path = (
@@ -166,6 +169,7 @@ def build_run(
   step = train_lib.make_distill_step(
     *(obj, student, teacher, tx, cfg.optim.grad_accum, lr, cfg.optim.loss_scale_period, rewrite),
     ema_lib.schedule_of(cfg),
+    co,
   )
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
   return Run(
@@ -178,7 +182,9 @@ def build_run(
     teacher_vars,
     step_fn,
     data_lib.make_iterator(cfg, "train") if data and not abstract else None,
-    _flops_per_step(cfg, obj, student, modules),
+    _flops_per_step(cfg, obj, student, modules)
+    if co is None
+    else codistill_lib.step_flops(co, cfg, student),
     lambda: make_state(create=True)[0],
     teacher_path,
     rewrite,

@@ -39,6 +39,7 @@ from jaxdistill.distill import objective as objective_lib
 from jaxdistill.errors import JaxdistillError
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.train import codistill as codistill_lib
 from jaxdistill.train import ema as ema_lib
 from jaxdistill.train.optim import lr_schedule, make_optimizer
 
@@ -65,6 +66,9 @@ class TrainState:
       else None: replaced each step, never optimised.
     ema_params: an EMA teacher's params (``teacher.source='ema'``, ``train/ema.py``), a tree
       like ``params["student"]`` in its shardings, else None (no leaves).
+    peer_copies: codistillation's copies of every model's params (the student's first) as
+      the others see them, refreshed every ``codistill.exchange_every`` steps
+      (``train/codistill.py``), else None. The peers themselves are ``params["peers"]``.
   """
 
   step: jax.Array
@@ -74,6 +78,7 @@ class TrainState:
   loss_scale: Any = None
   model_state: Any = None
   ema_params: Any = None
+  peer_copies: Any = None
 
 
 def _micro_batches(batch: dict, num: int) -> dict:
@@ -218,6 +223,7 @@ def make_distill_step(
   loss_scale_period: int = 2000,
   on_policy: Callable | None = None,
   ema: ema_lib.Schedule | None = None,
+  codistill: codistill_lib.Codistill | None = None,
 ) -> Callable:
   """Builds the pure step function (not jitted: see ``jit_distill_step``).
 
@@ -234,30 +240,43 @@ def make_distill_step(
       continuations first, with probability lmbda), or None: the batch as given.
     ema: an EMA teacher's schedule (``ema.schedule_of``): the teacher runs on
       ``state.ema_params`` (``teacher_vars`` is not read), updated after the optimizer's.
+    codistill: models trained together (``codistill.of``): the loss is theirs, ``obj`` and
+      ``teacher`` are not read, nor is ``teacher_vars``.
 
   Returns:
     ``distill_step(state, teacher_vars, batch) -> (state, metrics)``; ``teacher_vars``: the
     teacher's variables ``{"params": ..., **frozen collections}`` (None without a teacher; a
     tuple of them, in the order of ``teacher``, with several).
   """
-  gradients = _make_gradients(_make_loss_fn(obj, student, teacher), grad_accum)
+  if codistill is None:
+    loss_fn = _make_loss_fn(obj, student, teacher)
+  else:
+    loss_fn = codistill_lib.make_loss_fn(codistill, student)
+  gradients = _make_gradients(loss_fn, grad_accum)
 
   def distill_step(state: TrainState, teacher_vars: Any, batch: dict):
     policy_metrics = {}
     if ema is not None:  # the average as it stands before this step's update
       teacher_vars = ema_lib.teacher_vars(state)
+    if codistill is not None:  # the copies the others are seen through (None: live)
+      teacher_vars, exchanged = codistill_lib.exchange(codistill, state)
+      policy_metrics["codistill/exchanged"] = exchanged
     if on_policy is not None:
       student_vars = {"params": state.params["student"], **(state.model_state or {})}
       batch, policy_metrics = on_policy(student_vars, batch, state.step)
     # Normalise every term by the valid tokens of the WHOLE global batch, so
     # micro-batch gradients simply add up to the full-batch gradient.
     denom = jnp.maximum(batch["weights"].sum(), 1.0)
+    if codistill is not None:  # one per model, over its rows of the whole batch
+      denom = codistill_lib.denominators(codistill, batch)
     metrics, grads, model_state = gradients(state, teacher_vars, batch, denom)
     metrics = dict(metrics, **objective_lib.schedule_metrics(obj, state.step), **policy_metrics)
     new_state, metrics = _update(state, grads, model_state, metrics, tx, loss_scale_period)
     if ema is not None:
       new_state, metrics = ema_lib.step_update(ema, state, new_state, metrics)
-    metrics["perf/valid_tokens"] = denom
+    if codistill is not None and codistill.use_copies:
+      new_state = new_state.replace(peer_copies=teacher_vars)
+    metrics["perf/valid_tokens"] = jnp.maximum(batch["weights"].sum(), 1.0)
     if lr is not None:
       metrics["train/lr"] = lr(state.step)
     return new_state, metrics
@@ -276,6 +295,7 @@ def init_state(
   loss_scale: precision.LossScale | None = None,
   student_variables: Any = None,
   ema: bool = False,
+  codistill: codistill_lib.Codistill | None = None,
 ) -> tuple[TrainState, Any]:
   """Initialises the TrainState directly into its shardings.
 
@@ -289,6 +309,8 @@ def init_state(
       runs abstractly (for shapes and shardings), never as a computation. The projection
       heads and the optimizer state are initialised as usual.
     ema: keep an EMA of the student's params (``ema_params``), starting equal to them.
+    codistill: models trained beside the student: their params in ``params["peers"]`` (and,
+      with copies, ``peer_copies`` starting equal to every model's params).
 
   Returns:
     (state, state_shardings): the shardings come from the models' logical
@@ -302,6 +324,9 @@ def init_state(
       "student": variables["params"],
       "proj": objective_lib.init_projections(obj, proj_rng),
     }
+    if codistill is not None:  # keys folded from model_rng: other runs' params unchanged
+      params["peers"] = codistill_lib.init_peers(codistill, model_rng, seq_len)
+    use_copies = codistill is not None and codistill.use_copies
     return TrainState(
       step=jnp.zeros((), jnp.int32),
       params=params,
@@ -310,6 +335,7 @@ def init_state(
       loss_scale=loss_scale,
       model_state={k: v for k, v in variables.items() if k != "params"} or None,
       ema_params=params["student"] if ema else None,
+      peer_copies=codistill_lib.live_params(codistill, params) if use_copies else None,
     )
 
   abstract = jax.eval_shape(init_fn, rng)

@@ -15,7 +15,7 @@ its own):
   2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
   3  distill/ heads and objective (+ fused, sparse, chunking), config.validate (+ checks/),
      compress.stages, generate/ (cache, decode, sampler, speculative, timing)
-  4  train.step (+ optim, ema), train.teacher, train.checkpoint, train.on_policy,
+  4  train.step (+ optim, ema, codistill), train.teacher, train.checkpoint, train.on_policy,
      evaluation.evaluate, evaluation.latency, evaluation.task_accuracy
   5  train.run, train.workdir, train.loop     build a run, its workdir, the step loop
   6  jobs: quickstart, task_quickstart, precompute/, evaluation.job, evaluation.embed,
@@ -45,7 +45,7 @@ LAYERS = {
   **dict.fromkeys(("distill", "config.validate", "config.checks", "compress.stages"), 3),
   "generate": 3,
   **dict.fromkeys(("train.step", "train.teacher", "train.checkpoint", "train.on_policy"), 4),
-  **dict.fromkeys(("train.optim", "train.ema"), 4),
+  **dict.fromkeys(("train.optim", "train.ema", "train.codistill"), 4),
   **dict.fromkeys(("evaluation.evaluate", "evaluation.latency", "evaluation.task_accuracy"), 4),
   **dict.fromkeys(("train.run", "train.workdir", "train.loop"), 5),
   **dict.fromkeys(("quickstart", "precompute", "evaluation", "compress", "report"), 6),
