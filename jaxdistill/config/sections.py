@@ -124,11 +124,11 @@ def codistill_section() -> ml_collections.ConfigDict:
   # peers: further models trained beside the student (model 0), a tuple of dicts of student
   # keys that differ (d_model, num_layers, ...) plus "lr" (0 = optim.lr); empty = off. Each
   # model's loss: its CE + weight x temperature^2 x the mean KL from each other model's
-  # predictions (stop-gradient). exchange_every: 0 = mutual learning (the others' current
-  # params, Zhang et al. 2018); N >= 1 = codistillation (Anil et al. 2018): the others are
+  # predictions (stop-gradient). exchange_every: 1 = mutual learning (the others' current
+  # params, Zhang et al. 2018); N > 1 = codistillation (Anil et al. 2018): the others are
   # read from copies refreshed every N steps inside the step. split_data: model k trains on
   # its own share of each batch's rows (rows k, k + M, ...) instead of the whole batch.
-  return C(dict(peers=(), weight=1.0, temperature=1.0, exchange_every=0, split_data=False))
+  return C(dict(peers=(), weight=1.0, temperature=1.0, exchange_every=1, split_data=False))
 
 
 def continual_section() -> ml_collections.ConfigDict:

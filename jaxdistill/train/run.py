@@ -168,23 +168,13 @@ def build_run(
   lr = train_lib.lr_schedule(cfg.optim)
   step = train_lib.make_distill_step(
     *(obj, student, teacher, tx, cfg.optim.grad_accum, lr, cfg.optim.loss_scale_period, rewrite),
-    ema_lib.schedule_of(cfg),
-    co,
+    *(ema_lib.schedule_of(cfg), co),
   )
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
   return Run(
-    cfg,
-    mesh,
-    obj,
-    student,
-    teacher,
-    state,
-    teacher_vars,
-    step_fn,
+    *(cfg, mesh, obj, student, teacher, state, teacher_vars, step_fn),
     data_lib.make_iterator(cfg, "train") if data and not abstract else None,
-    _flops_per_step(cfg, obj, student, modules)
-    if co is None
-    else codistill_lib.step_flops(co, cfg, student),
+    _flops_per_step(cfg, obj, student, modules, co),
     lambda: make_state(create=True)[0],
     teacher_path,
     rewrite,
@@ -226,14 +216,16 @@ def _stop_tokens(cfg: Any) -> tuple[int, ...]:
 
 
 def _flops_per_step(
-  cfg: Any, obj: objective_lib.Objective, student: nn.Module, teachers: Any
+  cfg: Any, obj: objective_lib.Objective, student: nn.Module, teachers: Any, co: Any = None
 ) -> models.StepFlops:
   """Model FLOPs of one step (``models.step_flops``): the student's forward + backward, the
   teachers' forwards only (none from a cache), the heads, projections and loss the objective
   runs. ``data.batch_size`` rows per step whatever ``optim.grad_accum`` (it splits them).
   Each further teacher adds its forward and head (an ensemble's divergence runs once, or
   once per teacher with ``distill.ensemble='losses'``). ``teachers``: a module, a tuple of
-  them or None."""
+  them or None. Codistillation (``co``): ``codistill.step_flops``."""
+  if co is not None:
+    return codistill_lib.step_flops(co, cfg, student)
   s, seq_len = student.config, cfg.data.seq_len
   if not isinstance(teachers, tuple):
     teachers = () if teachers is None else (teachers,)
