@@ -74,6 +74,9 @@ def apply_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
   if key.startswith("teachers["):
     _apply_teacher_override(cfg, key, raw)
     return
+  if key.startswith("codistill.peers["):
+    _apply_peer_override(cfg, key, raw)
+    return
   *path, leaf = key.split(".")
   node = cfg
   for i, part in enumerate(path):
@@ -115,3 +118,26 @@ def _apply_teacher_override(cfg: ml_collections.ConfigDict, key: str, raw: str) 
   entry = dict(teachers[index])
   entry[leaf] = _parsed(key, raw, entry.get(leaf, known[leaf]))
   cfg.teachers = teachers[:index] + (entry,) + teachers[index + 1 :]
+
+
+_PEER_KEY = re.compile(r"codistill\.peers\[(?P<index>\d+)\]\.(?P<key>[^.]+)")
+
+
+def _apply_peer_override(cfg: ml_collections.ConfigDict, key: str, raw: str) -> None:
+  """``codistill.peers[I].KEY=VALUE``: one key (a student key, or ``lr``) of one peer."""
+  match = _PEER_KEY.fullmatch(key)
+  if not match:
+    raise ConfigError(key, "name one key of one peer as codistill.peers[I].KEY, e.g. .lr")
+  index, leaf = int(match["index"]), match["key"]
+  peers = tuple(cfg.codistill.peers)
+  if index >= len(peers):
+    raise ConfigError(
+      f"codistill.peers[{index}]",
+      f"out of range: this config has {len(peers)} peer(s); add peers in the config file",
+    )
+  known = dict(cfg.student.items(), lr=0.0)
+  if leaf not in known:
+    raise ConfigError(key, f"unknown key; known keys here: {sorted(known)}")
+  entry = dict(peers[index])
+  entry[leaf] = _parsed(key, raw, entry.get(leaf, known[leaf]))
+  cfg.codistill.peers = peers[:index] + (entry,) + peers[index + 1 :]

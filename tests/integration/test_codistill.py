@@ -289,3 +289,19 @@ def test_the_codistill_config_validates_in_every_variant():
     assert cfg.codistill.split_data == ("mutual" not in arg)
   with pytest.raises(ConfigError, match="--config"):
     load_config(f"{ROOT}/configs/codistill.py:huge")
+
+
+def test_a_peer_key_is_overridden_on_the_command_line():
+  from jaxdistill.config import load_config
+
+  cfg = load_config(
+    f"{ROOT}/configs/codistill.py:test",
+    [("codistill.peers[0].lr", "0.002"), ("codistill.peers[0].d_model", "32")],
+  )
+  assert cfg.codistill.peers[0]["lr"] == 0.002 and cfg.codistill.peers[0]["d_model"] == 32
+  for key, where in (
+    ("codistill.peers[1].lr", "out of range"),
+    ("codistill.peers[0].x", "unknown"),
+  ):
+    with pytest.raises(ConfigError, match=where):
+      load_config(f"{ROOT}/configs/codistill.py:test", [(key, "1")])
