@@ -18,10 +18,12 @@ quickstart's corpus and tokenizer) for the same wall-clock budget of training st
   codistill   two students on their own halves of each batch, each seeing the other through
               a copy refreshed every ``--exchange_every`` steps (``configs/codistill.py``)
 
-Equal wall time: a pilot of ``--pilot`` steps measures each method's training seconds per
-step (its summary's goodput: input + compute + other, so compilation, evaluation and
-checkpoints are not charged), then the run gets ``budget / that`` steps (its own warmup and
-cosine schedule over them); ``train s`` is the same measure of the real run. Held-out CE:
+Equal wall time: a pilot of ``--pilot`` steps measures each method's median step time (its
+summary's ``median_step_s``: compilation, the input pipeline's start (filling the shuffle
+window), evaluation and checkpoints are not charged), then the run gets ``budget / that``
+steps (its own warmup and cosine schedule over them). ``step s`` is the real run's steps x
+its median step; ``train s`` its training seconds (goodput input + compute + other, which
+includes the input pipeline's start). Held-out CE:
 the final evaluation over ``--eval_batches`` validation batches (the same batches for every
 run), for the student and, for mutual learning and codistillation, the peer. Prints a
 markdown table, writes JSON rows.
@@ -114,13 +116,14 @@ def run_method(method: str, args, teacher: str) -> dict:
       cfg.teacher.path = previous
     pilot_dir = os.path.join(args.out, f"pilot-{method}-{k}")
     loop.train(_prepare(cfg, args.pilot, 1), pilot_dir)
-    step_s = _train_s(pilot_dir) / args.pilot
+    step_s = float(_summary(pilot_dir)["median_step_s"])
     steps = max(args.pilot, int(budget / step_s))
     workdir = os.path.join(args.out, f"{method}-{k}")
     start = time.perf_counter()
     loop.train(_prepare(cfg, steps, args.eval_batches), workdir)
     row["wall_s"] = row.get("wall_s", 0.0) + time.perf_counter() - start
     row["train_s"] += _train_s(workdir)
+    row["step_s"] = row.get("step_s", 0.0) + steps * float(_summary(workdir)["median_step_s"])
     row["steps"].append(steps)
     row["step_ms"].append(1e3 * float(_summary(workdir)["median_step_s"]))
     previous = workdir
@@ -136,15 +139,16 @@ def run_method(method: str, args, teacher: str) -> dict:
 
 
 def _table(rows: list[dict]) -> None:
-  print("| method | steps | median step ms | held-out CE (student) | peer | accuracy | train s |")
-  print("|---|---|---|---|---|---|---|")
+  print("| method | steps | median step ms | held-out CE (student) | peer | accuracy | step s "
+        "| train s |")  # fmt: skip
+  print("|---|---|---|---|---|---|---|---|")
   for r in rows:
     steps = " + ".join(str(s) for s in r["steps"])
     ms = " / ".join(f"{m:.0f}" for m in r["step_ms"])
     peer = f"{r['peer_val_loss']:.3f}" if "peer_val_loss" in r else "-"
     print(
       f"| {r['method']} | {steps} | {ms} | {r['val_loss']:.3f} | {peer} | "
-      f"{r['accuracy']:.1%} | {r['train_s']:.0f} |"
+      f"{r['accuracy']:.1%} | {r['step_s']:.0f} | {r['train_s']:.0f} |"
     )
   for r in rows:
     if "generation_val_loss" in r:
