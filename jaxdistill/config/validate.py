@@ -10,6 +10,7 @@ import os
 from typing import Any
 
 from jaxdistill import models, paths
+from jaxdistill.config.checks import continual as validate_continual
 from jaxdistill.config.checks import distill as validate_distill
 from jaxdistill.config.checks import teachers as validate_teachers
 from jaxdistill.data import image_sources
@@ -38,6 +39,7 @@ def validate(cfg: Any) -> None:
   With several teachers every check runs on each teacher's view of the config
   (``validate_teachers.views``), its errors naming that teacher's keys."""
   validate_teachers.check_ensemble(cfg)
+  validate_continual.check(cfg)
   for k, view in validate_teachers.views(cfg):
     try:
       _validate_one(view)

@@ -26,6 +26,7 @@ from jaxdistill.models import flops as flops_lib
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
 from jaxdistill.train import ema as ema_lib
+from jaxdistill.train import lwf as lwf_lib
 from jaxdistill.train import on_policy as on_policy_lib
 from jaxdistill.train import step as train_lib
 from jaxdistill.train import teacher as teacher_lib
@@ -154,6 +155,7 @@ def build_run(
     loss_scale=precision.init_loss_scale(cfg.optim),
     student_variables=student_vars,
     ema=cfg.teacher.source == ema_lib.SOURCE,  # the EMA teacher's average, in the state
+    snapshot=lwf_lib.schedule_of(cfg) is not None,  # continual distillation's snapshot
   )
   state, state_shardings = make_state(create=create_state and not abstract)
   teacher_vars, teacher_shardings, teacher_path = (
@@ -166,6 +168,7 @@ def build_run(
   step = train_lib.make_distill_step(
     *(obj, student, teacher, tx, cfg.optim.grad_accum, lr, cfg.optim.loss_scale_period, rewrite),
     ema_lib.schedule_of(cfg),
+    lwf_lib.schedule_of(cfg),
   )
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
   return Run(

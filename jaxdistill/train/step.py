@@ -40,6 +40,7 @@ from jaxdistill.errors import JaxdistillError
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
 from jaxdistill.train import ema as ema_lib
+from jaxdistill.train import lwf as lwf_lib
 from jaxdistill.train.optim import lr_schedule, make_optimizer
 
 __all__ = ["TrainState", "init_state", "jit_distill_step", "lr_schedule", "make_distill_step"]
@@ -65,6 +66,8 @@ class TrainState:
       else None: replaced each step, never optimised.
     ema_params: an EMA teacher's params (``teacher.source='ema'``, ``train/ema.py``), a tree
       like ``params["student"]`` in its shardings, else None (no leaves).
+    snapshot_params: the student's snapshot of continual distillation's snapshot term
+      (``train/lwf.py``), a tree like ``params["student"]``, else None (no leaves).
   """
 
   step: jax.Array
@@ -74,6 +77,7 @@ class TrainState:
   loss_scale: Any = None
   model_state: Any = None
   ema_params: Any = None
+  snapshot_params: Any = None
 
 
 def _micro_batches(batch: dict, num: int) -> dict:
@@ -90,13 +94,15 @@ def _micro_batches(batch: dict, num: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: Any):
+def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: Any, lwf: Any = None):
   """``loss_fn(params, model_state, teacher_vars, batch, step, denom, scale) -> (loss, (metrics,
   new batch_stats or None))`` of one (micro-)batch: both forwards, the objective, the loss
-  scale."""
+  scale. With ``lwf`` (a ``lwf.Snapshot``) ``teacher_vars`` is (teacher's, snapshot's)."""
 
   def loss_fn(params, model_state, teacher_vars, batch, step, denom, scale):
     student_vars = {"params": params["student"], **(model_state or {})}
+    if lwf is not None:  # the snapshot's variables come beside the teacher's
+      teacher_vars, snapshot_vars = teacher_vars
     # train=True: a BatchNorm student normalises by this batch's statistics and returns its
     # updated running averages ("batch_stats"); the teacher below runs in inference mode.
     student_out = models.apply(student, student_vars, batch, train=True, **obj.student_request())
@@ -117,6 +123,11 @@ def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: Any
     loss, metrics = objective_lib.compute_loss(
       obj, step, params["proj"], student_out, teacher_out, batch, denom
     )
+    if lwf is not None:
+      args = (student, snapshot_vars, student_out, batch, step, denom)
+      extra, extra_metrics = lwf_lib.term(lwf, *args)
+      loss = loss + extra
+      metrics = {**metrics, **extra_metrics, "train/loss": metrics["train/loss"] + extra}
     # The loss is float32; multiplying it by the loss scale scales every
     # backward activation, so small float16 gradients stay above underflow.
     return (loss if scale is None else loss * scale), (metrics, new_stats)
@@ -218,6 +229,7 @@ def make_distill_step(
   loss_scale_period: int = 2000,
   on_policy: Callable | None = None,
   ema: ema_lib.Schedule | None = None,
+  lwf: lwf_lib.Snapshot | None = None,
 ) -> Callable:
   """Builds the pure step function (not jitted: see ``jit_distill_step``).
 
@@ -234,18 +246,23 @@ def make_distill_step(
       continuations first, with probability lmbda), or None: the batch as given.
     ema: an EMA teacher's schedule (``ema.schedule_of``): the teacher runs on
       ``state.ema_params`` (``teacher_vars`` is not read), updated after the optimizer's.
+    lwf: continual distillation's snapshot term (``lwf.schedule_of``): ``state.snapshot_params``
+      is taken at each window's first step, and the student also learns from it.
 
   Returns:
     ``distill_step(state, teacher_vars, batch) -> (state, metrics)``; ``teacher_vars``: the
     teacher's variables ``{"params": ..., **frozen collections}`` (None without a teacher; a
     tuple of them, in the order of ``teacher``, with several).
   """
-  gradients = _make_gradients(_make_loss_fn(obj, student, teacher), grad_accum)
+  gradients = _make_gradients(_make_loss_fn(obj, student, teacher, lwf), grad_accum)
 
   def distill_step(state: TrainState, teacher_vars: Any, batch: dict):
     policy_metrics = {}
     if ema is not None:  # the average as it stands before this step's update
       teacher_vars = ema_lib.teacher_vars(state)
+    if lwf is not None:  # the snapshot as it stands at this step, beside the teacher(s)
+      state = lwf_lib.take(lwf, state)
+      teacher_vars = (teacher_vars, lwf_lib.variables(state))
     if on_policy is not None:
       student_vars = {"params": state.params["student"], **(state.model_state or {})}
       batch, policy_metrics = on_policy(student_vars, batch, state.step)
@@ -258,6 +275,8 @@ def make_distill_step(
     if ema is not None:
       new_state, metrics = ema_lib.step_update(ema, state, new_state, metrics)
     metrics["perf/valid_tokens"] = denom
+    if lwf is not None:
+      metrics["train/snapshot_weight"] = lwf_lib.weight_at(lwf, state.step)
     if lr is not None:
       metrics["train/lr"] = lr(state.step)
     return new_state, metrics
@@ -276,6 +295,7 @@ def init_state(
   loss_scale: precision.LossScale | None = None,
   student_variables: Any = None,
   ema: bool = False,
+  snapshot: bool = False,
 ) -> tuple[TrainState, Any]:
   """Initialises the TrainState directly into its shardings.
 
@@ -289,6 +309,7 @@ def init_state(
       runs abstractly (for shapes and shardings), never as a computation. The projection
       heads and the optimizer state are initialised as usual.
     ema: keep an EMA of the student's params (``ema_params``), starting equal to them.
+    snapshot: keep a snapshot of them (``snapshot_params``, continual distillation).
 
   Returns:
     (state, state_shardings): the shardings come from the models' logical
@@ -310,6 +331,7 @@ def init_state(
       loss_scale=loss_scale,
       model_state={k: v for k, v in variables.items() if k != "params"} or None,
       ema_params=params["student"] if ema else None,
+      snapshot_params=params["student"] if snapshot else None,
     )
 
   abstract = jax.eval_shape(init_fn, rng)
