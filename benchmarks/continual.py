@@ -1,0 +1,120 @@
+"""Continual distillation (issue 30): forgetting with and without the snapshot term.
+
+  python benchmarks/continual.py [--size full|test] [--workdir DIR] [--json PATH]
+
+Pretrains the teacher as ``configs/continual.py`` at ``--size`` does (once, in WORKDIR/teacher),
+then runs that config twice on the same stream with that teacher (``teacher.source=workdir``):
+with the snapshot term (``snapshot``: ``continual.snapshot_weight`` as configured) and without
+it (``plain``: weight 0), so the two differ only in the term.
+Each run evaluates, at each window's end, the student's CE on the held-out rows of every
+window seen so far (WORKDIR/<variant>/forgetting.json). Prints, for each evaluation, the loss
+on each window with / without the term, then each window's forgetting (its loss at the end of
+the stream minus its loss at the end of its own window) and the mean over the old windows;
+writes the rows as JSON (default /tmp/continual.json).
+"""
+
+import argparse
+import json
+import os
+import shutil
+import time
+
+from jaxdistill.config import config_module
+from jaxdistill.train import loop
+
+CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "continual.py")
+
+
+def run_variant(variant: str, size: str, workdir: str, teacher_dir: str | None) -> dict:
+  """Trains one variant in WORKDIR/<variant> (fresh); returns its forgetting.json and time."""
+  cfg = config_module(CONFIG).get_config(f"{variant},{size}")
+  cfg.log.progress = False
+  if teacher_dir:
+    cfg.teacher.update(source="workdir", path=teacher_dir)
+  out = os.path.join(workdir, variant)
+  shutil.rmtree(out, ignore_errors=True)
+  start = time.perf_counter()
+  summary = loop.train(cfg, out)
+  with open(os.path.join(out, "forgetting.json"), encoding="utf-8") as f:
+    found = json.load(f)
+  return dict(found, wall_s=time.perf_counter() - start, median_step_s=summary["median_step_s"])
+
+
+def loss(row: dict, k: int) -> float | None:
+  return row.get(f"eval/window_{k}/loss")
+
+
+def forgetting(rows: list[dict], window_steps: int, k: int) -> float:
+  """Window k's loss at the last evaluation minus at the evaluation closing window k."""
+  own = next(r for r in rows if (r["step"] - 1) // window_steps == k)
+  return loss(rows[-1], k) - loss(own, k)
+
+
+def table(results: dict) -> str:
+  """Markdown: the loss on each window at each window's end, with / without the term."""
+  snap, plain = results["snapshot"], results["plain"]
+  w = snap["window_steps"]
+  windows = len(snap["rows"])
+  head = "| after window (step) | " + " | ".join(f"w{k} with / without" for k in range(windows))
+  lines = [head + " |", "|---|" + "---|" * windows]
+  for a, b in zip(snap["rows"], plain["rows"]):
+    cells = []
+    for k in range(windows):
+      cells.append(f"{loss(a, k):.3f} / {loss(b, k):.3f}" if loss(a, k) is not None else "")
+    lines.append(f"| {(a['step'] - 1) // w} ({a['step']}) | " + " | ".join(cells) + " |")
+  forgot = [
+    f"{forgetting(snap['rows'], w, k):+.3f} / {forgetting(plain['rows'], w, k):+.3f}"
+    for k in range(windows)
+  ]
+  lines.append("| forgetting | " + " | ".join(forgot) + " |")
+  return "\n".join(lines)
+
+
+def summary_rows(results: dict) -> list[dict]:
+  """One JSON row per (variant, evaluation, window)."""
+  rows = []
+  for variant, found in results.items():
+    w = found["window_steps"]
+    for r in found["rows"]:
+      for k in range(len(found["rows"])):
+        if loss(r, k) is not None:
+          rows.append(dict(variant=variant, step=r["step"], window=k, loss=loss(r, k)))
+    old = range(len(found["rows"]) - 1)  # every window but the last (which is not old yet)
+    mean = sum(forgetting(found["rows"], w, k) for k in old) / max(1, len(old))
+    rows.append(dict(variant=variant, mean_forgetting_old=mean, wall_s=found["wall_s"]))
+  return rows
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--size", default="full", choices=("full", "test"))
+  parser.add_argument("--workdir", default="/tmp/continual_study")
+  parser.add_argument("--json", default="/tmp/continual.json")
+  args = parser.parse_args()
+  start = time.perf_counter()
+  # The teacher once, as the config pretrains it (WORKDIR/teacher; kept between invocations).
+  cfg = config_module(CONFIG).get_config(f"snapshot,{args.size}")
+  cfg.log.progress = False
+  teacher = loop.pretrain_teacher(cfg, args.workdir)
+  teacher_s = time.perf_counter() - start
+  print(f"teacher: {teacher} ({teacher_s:.0f} s)")
+  teacher = os.path.dirname(teacher)  # the teacher run's workdir
+  results = {v: run_variant(v, args.size, args.workdir, teacher) for v in ("snapshot", "plain")}
+  print(f"domains: {results['snapshot']['domains']}")
+  print(table(results))
+  rows = summary_rows(results)
+  for r in rows:
+    if "mean_forgetting_old" in r:
+      print(
+        f"{r['variant']}: mean forgetting of the old windows {r['mean_forgetting_old']:+.3f} "
+        f"nats, run {r['wall_s']:.0f} s"
+      )
+  wall = time.perf_counter() - start
+  print(f"total {wall:.0f} s")
+  with open(args.json, "w", encoding="utf-8") as f:
+    doc = dict(size=args.size, rows=rows, results=results, teacher_s=teacher_s, wall_s=wall)
+    json.dump(doc, f, indent=1)
+
+
+if __name__ == "__main__":
+  main()
