@@ -165,11 +165,9 @@ def build_run(
   )
   rewrite = on_policy_lib.make(student, cfg.distill.on_policy, _stop_tokens(cfg), cfg.seed)
   lr = train_lib.lr_schedule(cfg.optim)
-  step = train_lib.make_distill_step(
-    *(obj, student, teacher, tx, cfg.optim.grad_accum, lr, cfg.optim.loss_scale_period, rewrite),
-    ema_lib.schedule_of(cfg),
-    lwf_lib.schedule_of(cfg),
-  )
+  args = (obj, student, teacher, tx, cfg.optim.grad_accum, lr, cfg.optim.loss_scale_period)
+  hooks = (rewrite, ema_lib.schedule_of(cfg), lwf_lib.schedule_of(cfg))  # on-policy, EMA, LwF
+  step = train_lib.make_distill_step(*args, *hooks)
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
   return Run(
     cfg,
