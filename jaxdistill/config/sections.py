@@ -141,7 +141,10 @@ def continual_section() -> ml_collections.ConfigDict:
   # on); at each window's end every window seen so far is evaluated (eval/window_<k>/loss).
   # refresh_every: every N steps the teacher is the loaded one fine-tuned for teacher_steps
   # CE steps (teacher_lr, constant) on the most recent window_steps of streamed rows (0 =
-  # never: the teacher stays as loaded). snapshot_weight: weight of a KL term to the
+  # never: the teacher stays as loaded). teacher_dir: instead of fine-tuning, each refresh picks
+  # up the teacher checkpoint of this directory named by the largest step <= the current one
+  # (DIR/<step>/: a run's workdir or its final_params; none yet: the loaded teacher).
+  # snapshot_weight: weight of a KL term to the
   # student's own snapshot taken at the start of each window (learning without forgetting;
   # 0 = no snapshot), at distill.temperature.
   return C(
@@ -152,6 +155,7 @@ def continual_section() -> ml_collections.ConfigDict:
       refresh_every=0,
       teacher_steps=4,
       teacher_lr=1e-3,
+      teacher_dir="",
       snapshot_weight=0.0,
     )
   )

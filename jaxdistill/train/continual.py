@@ -15,6 +15,11 @@ the jitted step (``train/lwf.py``). What runs between steps is here, hooked into
             teacher cannot itself drift away from what it knew. It is its own jitted CE step
             (the teacher's model trained as a student, ``teacher.pretrain_config``): the
             student's step only ever reads the teacher's variables.
+            With ``continual.teacher_dir`` a refresh instead picks up the teacher checkpoint
+            of that directory that applies at the step (``pick``: DIR/<step>/ of the largest
+            step <= the current one, a run's workdir or its final_params), listed afresh at
+            each refresh so checkpoints written during the run are found; none yet: the loaded
+            teacher. A resumed run picks the same one, unless the directory changed since.
   evaluate  at each ``eval.every`` (set it to ``continual.window_steps``: each window's end)
             the student's CE on the held-out rows of every window seen so far is logged as
             ``eval/window_<k>/loss``, with ``eval/loss`` their mean; the matrix so far (one row
@@ -23,6 +28,7 @@ the jitted step (``train/lwf.py``). What runs between steps is here, hooked into
             WORKDIR/forgetting.md.
 """
 
+import copy
 import json
 from typing import Any, Callable
 
@@ -68,6 +74,7 @@ class Continual:
     self.loaded = run.teacher_vars  # every refresh starts from it (never donated)
     self.tuner: run_lib.Run | None = None  # built at the first refresh that trains
     self.refreshed: int | None = None  # the refresh step the teacher is from
+    self.picked: str | None = None  # continual.teacher_dir: the checkpoint now the teacher
     self.rows: list[dict] = []
 
   def before_step(self, step: int) -> None:
@@ -84,6 +91,8 @@ class Continual:
     """The loaded teacher fine-tuned on the sliding window before ``step`` (the loaded
     teacher itself at step 0): its variables, in the loaded teacher's shardings."""
     c = self.cfg.continual
+    if c.teacher_dir:
+      return self.pick_up(step)
     batches = stream_lib.recent_batches(self.cfg, step, c.teacher_steps, self.process)
     if not batches:
       return self.loaded
@@ -105,6 +114,20 @@ class Continual:
     shardings = jax.tree.map(lambda a: a.sharding, self.loaded["params"])
     tuned = jax.device_put(tuner.state.params["student"], shardings)
     return {**self.loaded, "params": tuned}
+
+  def pick_up(self, step: int) -> Any:
+    """The teacher checkpoint of ``continual.teacher_dir`` that applies at ``step`` (loaded
+    into the loaded teacher's shardings; read again only when another one applies)."""
+    path = pick(self.cfg.continual.teacher_dir, step)
+    if path is None:
+      self.picked = None
+      return self.loaded
+    if path != self.picked:
+      view = copy.deepcopy(self.cfg)
+      view.teacher.update(source="workdir", path=path)
+      variables, _, _ = teacher_lib.load(view, self.run.teacher, self.run.mesh, None)
+      self.picked, self.current = path, {**self.loaded, **variables}
+    return self.current
 
   def evaluate(self, params: Any, model_state: Any = None) -> dict[str, float]:
     """The student's CE on every window seen so far (the loop's periodic evaluation)."""
@@ -135,6 +158,13 @@ class Continual:
     paths.path(paths.join(self.workdir, "forgetting.json")).write_text(json.dumps(doc, indent=2))
     table = forgetting_table(self.rows, self.layout.window_steps)
     paths.path(paths.join(self.workdir, "forgetting.md")).write_text(table + "\n")
+
+
+def pick(directory: str, step: int) -> str | None:
+  """DIR/<n> for the largest integer n <= ``step`` among ``directory``'s subdirectories named
+  by an integer, or None (other names are ignored)."""
+  steps = [int(n) for n in paths.listdir(directory) if n.isdigit() and int(n) <= step]
+  return paths.join(directory, str(max(steps))) if steps else None
 
 
 def forgetting_table(rows: list[dict], window_steps: int) -> str:

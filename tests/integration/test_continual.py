@@ -102,3 +102,23 @@ def test_a_run_resumed_mid_window_is_bitwise_the_uninterrupted_one(tmp_path):
   table = (ref / "forgetting.md").read_text().splitlines()
   assert table[0] == "| step | window | w0 | w1 | w2 |" and table[-1].startswith("| forgetting |")
   assert len(found["domains"]) == 4
+
+
+def test_a_refresh_picks_up_the_newest_teacher_checkpoint_at_its_step(tmp_path):
+  # DIR/4/final_params holds other teacher params; refreshes every 3 steps: the loaded teacher
+  # at steps 0 and 3, the checkpoint from step 6 on (4 <= 6), nothing fine-tuned.
+  from jaxdistill.train import checkpoint
+
+  teachers = tmp_path / "teachers"
+  teachers.mkdir()
+  cfg = _cfg()
+  cfg.continual.teacher_dir = str(teachers)
+  run = run_lib.build_run(cfg, data=False)
+  hooks = continual_lib.Continual(run, str(tmp_path))
+  other = jax.tree.map(lambda a: a * 0.5 + 0.01, run.teacher_vars["params"])
+  checkpoint.save_params(str(teachers / "4" / "final_params"), other)
+  for step, want in ((0, hooks.loaded["params"]), (3, hooks.loaded["params"]), (6, other)):
+    hooks.before_step(step)
+    for got, expected in zip(_leaves(run.teacher_vars["params"]), _leaves(want), strict=True):
+      np.testing.assert_array_equal(got, expected)
+  assert hooks.tuner is None and hooks.picked == str(teachers / "4")

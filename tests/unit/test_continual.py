@@ -166,6 +166,20 @@ def test_a_window_larger_than_the_stream_is_one_error_line_exit_2(tmp_path, caps
   assert "larger than the stream" in line and not workdir.exists()
 
 
+def test_a_teacher_directory_must_exist_and_its_newest_checkpoint_at_a_step_is_picked(tmp_path):
+  from jaxdistill.train import continual as continual_lib
+
+  with pytest.raises(ConfigError, match="^continual.teacher_dir: "):
+    validate.validate(_cfg(refresh_every=4, teacher_dir=str(tmp_path / "missing")))
+  for name in ("0", "8", "20", "notes", "12x"):
+    (tmp_path / name).mkdir()
+  validate.validate(_cfg(refresh_every=4, teacher_dir=str(tmp_path), teacher_lr=0.0))
+  picked = [continual_lib.pick(str(tmp_path), s) for s in (0, 7, 8, 19, 20, 99)]
+  assert [p and pathlib.Path(p).name for p in picked] == ["0", "0", "8", "8", "20", "20"]
+  (tmp_path / "0").rmdir()
+  assert continual_lib.pick(str(tmp_path), 7) is None
+
+
 def test_more_steps_than_the_stream_holds_is_an_error():
   cfg = _cfg()
   cfg.optim.steps = 1000

@@ -8,6 +8,7 @@ teacher a refresh can fine-tune, and a window no larger than the run's stream of
 
 from typing import Any
 
+from jaxdistill import paths
 from jaxdistill.data.sources import TEXT_SOURCES
 from jaxdistill.errors import ConfigError
 
@@ -53,9 +54,15 @@ def check(cfg: Any) -> None:
     raise ConfigError("continual.snapshot_weight", f"must be >= 0, got {c.snapshot_weight!r}")
   if _int_at_least(c, "refresh_every", 0) == 0:
     return
-  _int_at_least(c, "teacher_steps", 1)
-  if not c.teacher_lr > 0:
-    raise ConfigError("continual.teacher_lr", f"must be > 0, got {c.teacher_lr!r}")
+  if c.teacher_dir and not paths.isdir(c.teacher_dir):
+    raise ConfigError(
+      "continual.teacher_dir",
+      f"{c.teacher_dir!r} is not a directory (of teacher checkpoints named by step: DIR/<step>/)",
+    )
+  if not c.teacher_dir:  # fine-tuned on the window
+    _int_at_least(c, "teacher_steps", 1)
+    if not c.teacher_lr > 0:
+      raise ConfigError("continual.teacher_lr", f"must be > 0, got {c.teacher_lr!r}")
   if cfg.teacher.source not in REFRESHABLE or cfg.teachers:
     raise ConfigError(
       "continual.refresh_every",
