@@ -1,11 +1,13 @@
 """Continual distillation (issue 30): forgetting with and without the snapshot term.
 
-  python benchmarks/continual.py [--size full|test] [--workdir DIR] [--json PATH]
+  python benchmarks/continual.py [--size full|test] [--seed N] [--workdir DIR] [--json PATH]
 
 Pretrains the teacher as ``configs/continual.py`` at ``--size`` does (once, in WORKDIR/teacher),
 then runs that config twice on the same stream with that teacher (``teacher.source=workdir``):
 with the snapshot term (``snapshot``: ``continual.snapshot_weight`` as configured) and without
-it (``plain``: weight 0), so the two differ only in the term.
+it (``plain``: weight 0), so the two differ only in the term. ``--seed`` (default 0) seeds the
+students and the stream's shuffles (the teacher is the same for every seed); a seed other than
+0 trains in WORKDIR/<variant>_seed<N>.
 Each run evaluates, at each window's end, the student's CE on the held-out rows of every
 window seen so far (WORKDIR/<variant>/forgetting.json). Prints, for each evaluation, the loss
 on each window with / without the term, then each window's forgetting (its loss at the end of
@@ -25,13 +27,13 @@ from jaxdistill.train import loop
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "continual.py")
 
 
-def run_variant(variant: str, size: str, workdir: str, teacher_dir: str | None) -> dict:
+def run_variant(variant: str, size: str, workdir: str, teacher_dir: str, seed: int) -> dict:
   """Trains one variant in WORKDIR/<variant> (fresh); returns its forgetting.json and time."""
   cfg = config_module(CONFIG).get_config(f"{variant},{size}")
   cfg.log.progress = False
-  if teacher_dir:
-    cfg.teacher.update(source="workdir", path=teacher_dir)
-  out = os.path.join(workdir, variant)
+  cfg.seed = seed
+  cfg.teacher.update(source="workdir", path=teacher_dir)
+  out = os.path.join(workdir, variant + (f"_seed{seed}" if seed else ""))
   shutil.rmtree(out, ignore_errors=True)
   start = time.perf_counter()
   summary = loop.train(cfg, out)
@@ -88,6 +90,7 @@ def summary_rows(results: dict) -> list[dict]:
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--size", default="full", choices=("full", "test"))
+  parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--workdir", default="/tmp/continual_study")
   parser.add_argument("--json", default="/tmp/continual.json")
   args = parser.parse_args()
@@ -99,7 +102,8 @@ def main() -> None:
   teacher_s = time.perf_counter() - start
   print(f"teacher: {teacher} ({teacher_s:.0f} s)")
   teacher = os.path.dirname(teacher)  # the teacher run's workdir
-  results = {v: run_variant(v, args.size, args.workdir, teacher) for v in ("snapshot", "plain")}
+  variants = ("snapshot", "plain")
+  results = {v: run_variant(v, args.size, args.workdir, teacher, args.seed) for v in variants}
   print(f"domains: {results['snapshot']['domains']}")
   print(table(results))
   rows = summary_rows(results)
@@ -112,7 +116,9 @@ def main() -> None:
   wall = time.perf_counter() - start
   print(f"total {wall:.0f} s")
   with open(args.json, "w", encoding="utf-8") as f:
-    doc = dict(size=args.size, rows=rows, results=results, teacher_s=teacher_s, wall_s=wall)
+    doc = dict(
+      size=args.size, seed=args.seed, rows=rows, results=results, teacher_s=teacher_s, wall_s=wall
+    )
     json.dump(doc, f, indent=1)
 
 

@@ -122,3 +122,22 @@ def test_a_refresh_picks_up_the_newest_teacher_checkpoint_at_its_step(tmp_path):
     for got, expected in zip(_leaves(run.teacher_vars["params"]), _leaves(want), strict=True):
       np.testing.assert_array_equal(got, expected)
   assert hooks.tuner is None and hooks.picked == str(teachers / "4")
+
+
+@pytest.mark.slow  # the whole test size, its teacher pretrained in the run: about 90 s
+def test_the_continual_config_trains_at_its_test_size(tmp_path):
+  from jaxdistill.train import loop
+
+  cfg = load_config(f"{ROOT}/configs/continual.py:snapshot,test")
+  cfg.log.progress = False
+  summary = loop.train(cfg, str(tmp_path))
+  assert summary["last_step"] == cfg.optim.steps == 4 * cfg.continual.window_steps
+  found = json.loads((tmp_path / "forgetting.json").read_text())
+  assert [r["step"] for r in found["rows"]] == [24, 48, 72, 96]
+  last = found["rows"][-1]
+  assert all(np.isfinite(last[f"eval/window_{k}/loss"]) for k in range(4))
+  # Every window was learnt: its loss at its own window's end is below the untrained ~log(V).
+  assert all(
+    r[f"eval/window_{k}/loss"] < np.log(cfg.student.vocab_size) for k, r in enumerate(found["rows"])
+  )
+  assert (tmp_path / "forgetting.md").read_text().splitlines()[-1].startswith("| forgetting |")
