@@ -1,13 +1,17 @@
 """Continual distillation (issue 30): forgetting with and without the snapshot term.
 
-  python benchmarks/continual.py [--size full|test] [--seed N] [--workdir DIR] [--json PATH]
+  python benchmarks/continual.py [--size full|test] [--seed N] [--student_steps N]
+                                 [--workdir DIR] [--json PATH]
 
 Pretrains the teacher as ``configs/continual.py`` at ``--size`` does (once, in WORKDIR/teacher),
 then runs that config twice on the same stream with that teacher (``teacher.source=workdir``):
 with the snapshot term (``snapshot``: ``continual.snapshot_weight`` as configured) and without
 it (``plain``: weight 0), so the two differ only in the term. ``--seed`` (default 0) seeds the
 students and the stream's shuffles (the teacher is the same for every seed); a seed other than
-0 trains in WORKDIR/<variant>_seed<N>.
+0 trains in WORKDIR/<variant>_seed<N>. ``--student_steps N`` > 0 first trains the student's
+model on CE for N steps on the whole corpus subset (the quickstart's CE student, once, in
+WORKDIR/student_ce<N>) and starts both students from it (``student.init_from``): a student past
+its fast early learning, which is where forgetting shows (WORKDIR/<variant>_init<N>).
 Each run evaluates, at each window's end, the student's CE on the held-out rows of every
 window seen so far (WORKDIR/<variant>/forgetting.json). Prints, for each evaluation, the loss
 on each window with / without the term, then each window's forgetting (its loss at the end of
@@ -27,13 +31,30 @@ from jaxdistill.train import loop
 CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs", "continual.py")
 
 
-def run_variant(variant: str, size: str, workdir: str, teacher_dir: str, seed: int) -> dict:
+def pretrain_student(size: str, workdir: str, steps: int) -> str:
+  """The student's model trained on CE for ``steps`` steps on the whole corpus subset (the
+  quickstart's CE student at ``size``, constant rate), once: its workdir."""
+  module = config_module(CONFIG)
+  out = os.path.join(workdir, f"student_ce{steps}")
+  if os.path.isdir(os.path.join(out, "final_params")):
+    return out
+  cfg = module._RECIPE.student_config(size, kd=False)
+  cfg.data.update(**module.SIZES[size]["stdlib"])
+  cfg.optim.update(steps=steps, lr_schedule="constant", warmup_steps=max(1, steps // 20))
+  cfg.log.progress = False
+  loop.train(cfg, out)
+  return out
+
+
+def run_variant(variant: str, size: str, workdir: str, teacher_dir: str, seed: int, init: str):
   """Trains one variant in WORKDIR/<variant> (fresh); returns its forgetting.json and time."""
   cfg = config_module(CONFIG).get_config(f"{variant},{size}")
   cfg.log.progress = False
   cfg.seed = seed
   cfg.teacher.update(source="workdir", path=teacher_dir)
-  out = os.path.join(workdir, variant + (f"_seed{seed}" if seed else ""))
+  cfg.student.init_from = init
+  name = variant + (f"_seed{seed}" if seed else "")
+  out = os.path.join(workdir, name + (f"_init{init.rsplit('student_ce', 1)[-1]}" if init else ""))
   shutil.rmtree(out, ignore_errors=True)
   start = time.perf_counter()
   summary = loop.train(cfg, out)
@@ -91,6 +112,7 @@ def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--size", default="full", choices=("full", "test"))
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--student_steps", type=int, default=0)
   parser.add_argument("--workdir", default="/tmp/continual_study")
   parser.add_argument("--json", default="/tmp/continual.json")
   args = parser.parse_args()
@@ -102,8 +124,12 @@ def main() -> None:
   teacher_s = time.perf_counter() - start
   print(f"teacher: {teacher} ({teacher_s:.0f} s)")
   teacher = os.path.dirname(teacher)  # the teacher run's workdir
+  init = ""
+  if args.student_steps:
+    init = pretrain_student(args.size, args.workdir, args.student_steps)
+    print(f"student: {init} ({time.perf_counter() - start - teacher_s:.0f} s)")
   variants = ("snapshot", "plain")
-  results = {v: run_variant(v, args.size, args.workdir, teacher, args.seed) for v in variants}
+  results = {v: run_variant(v, args.size, args.workdir, teacher, args.seed, init) for v in variants}
   print(f"domains: {results['snapshot']['domains']}")
   print(table(results))
   rows = summary_rows(results)
@@ -116,9 +142,8 @@ def main() -> None:
   wall = time.perf_counter() - start
   print(f"total {wall:.0f} s")
   with open(args.json, "w", encoding="utf-8") as f:
-    doc = dict(
-      size=args.size, seed=args.seed, rows=rows, results=results, teacher_s=teacher_s, wall_s=wall
-    )
+    doc = dict(size=args.size, seed=args.seed, student_steps=args.student_steps, rows=rows)
+    doc.update(results=results, teacher_s=teacher_s, wall_s=wall)
     json.dump(doc, f, indent=1)
 
 
