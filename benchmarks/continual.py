@@ -1,7 +1,8 @@
 """Continual distillation (issue 30): forgetting with and without the snapshot term.
 
   python benchmarks/continual.py [--size full|test] [--seed N] [--student_steps N]
-                                 [--workdir DIR] [--json PATH]
+                                 [--workdir DIR] [--json PATH] [--plot PNG]
+  python benchmarks/continual.py --from_json PATH --plot PNG     (the table and plot again)
 
 Pretrains the teacher as ``configs/continual.py`` at ``--size`` does (once, in WORKDIR/teacher),
 then runs that config twice on the same stream with that teacher (``teacher.source=workdir``):
@@ -16,7 +17,8 @@ Each run evaluates, at each window's end, the student's CE on the held-out rows 
 window seen so far (WORKDIR/<variant>/forgetting.json). Prints, for each evaluation, the loss
 on each window with / without the term, then each window's forgetting (its loss at the end of
 the stream minus its loss at the end of its own window) and the mean over the old windows;
-writes the rows as JSON (default /tmp/continual.json).
+writes the rows as JSON (default /tmp/continual.json) and, with ``--plot``, a PNG of each
+window's loss over the stream, with (solid) and without (dashed) the term.
 """
 
 import argparse
@@ -93,6 +95,29 @@ def table(results: dict) -> str:
   return "\n".join(lines)
 
 
+def plot(results: dict, path: str, title: str) -> None:
+  """Each window's held-out loss at each window's end, with (solid) / without (dashed)."""
+  import matplotlib
+
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+
+  fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=100)
+  for variant, style in (("snapshot", "-"), ("plain", "--")):
+    rows = results[variant]["rows"]
+    for k in range(len(rows)):
+      points = [(r["step"], loss(r, k)) for r in rows if loss(r, k) is not None]
+      label = f"window {k}" if variant == "snapshot" else None
+      ax.plot(*zip(*points), style, marker="o", color=f"C{k}", label=label)
+  ax.set(xlabel="step (each window's end)", ylabel="held-out CE (nats/token)", title=title)
+  ax.plot([], [], "k-", label="with snapshot term")
+  ax.plot([], [], "k--", label="without")
+  ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
 def summary_rows(results: dict) -> list[dict]:
   """One JSON row per (variant, evaluation, window)."""
   rows = []
@@ -115,7 +140,17 @@ def main() -> None:
   parser.add_argument("--student_steps", type=int, default=0)
   parser.add_argument("--workdir", default="/tmp/continual_study")
   parser.add_argument("--json", default="/tmp/continual.json")
+  parser.add_argument("--plot", default="")
+  parser.add_argument("--from_json", default="", help="print and plot a saved study, run nothing")
   args = parser.parse_args()
+  if args.from_json:
+    with open(args.from_json, encoding="utf-8") as f:
+      doc = json.load(f)
+    print(table(doc["results"]))
+    if args.plot:
+      init = doc.get("student_steps", 0)
+      plot(doc["results"], args.plot, f"students from {f'CE step {init}' if init else 'scratch'}")
+    return
   start = time.perf_counter()
   # The teacher once, as the config pretrains it (WORKDIR/teacher; kept between invocations).
   cfg = config_module(CONFIG).get_config(f"snapshot,{args.size}")
@@ -145,6 +180,9 @@ def main() -> None:
     doc = dict(size=args.size, seed=args.seed, student_steps=args.student_steps, rows=rows)
     doc.update(results=results, teacher_s=teacher_s, wall_s=wall)
     json.dump(doc, f, indent=1)
+  if args.plot:
+    start_from = f"CE step {args.student_steps}" if args.student_steps else "scratch"
+    plot(results, args.plot, f"students from {start_from}")
 
 
 if __name__ == "__main__":
