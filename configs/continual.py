@@ -8,8 +8,8 @@ term to its own snapshot from the previous window (learning without forgetting).
 
 ``get_config``'s argument is ``VARIANT[,SIZE]``: ``snapshot`` (the default: the snapshot term
 at ``continual.snapshot_weight``) or ``plain`` (weight 0: no snapshot), at ``full`` (the
-default) or ``test`` (tiny models, 24 small stdlib files: about 1.5 minutes on 2 shared CPU
-cores at load ~9, its teacher's pretraining and the compilations included).
+default) or ``test`` (tiny models, 24 small stdlib files: 1.5 minutes on 2 shared CPU cores,
+55 s of CPU time, mostly compilation; its teacher's 12 pretraining steps included).
 
 The stream (jaxdistill/data/continual.py): the corpus subset's training documents sorted by
 file path, cut into ``continual.domains`` contiguous module groups (full: ``__future__ ..
