@@ -133,4 +133,29 @@ def codistill_section() -> ml_collections.ConfigDict:
 
 def continual_section() -> ml_collections.ConfigDict:
   """``continual``: continual distillation over a drifting stream (off by default)."""
-  return C(dict(domains=""))
+  # jaxdistill/data/continual.py and train/continual.py. domains: D > 0 turns it on: the
+  # training documents in their order (the built-in corpus: sorted by file path, so a domain
+  # is a group of neighbouring modules) cut into D contiguous domains, packed, each domain's
+  # rows shuffled within it, and streamed domain after domain, once. window_steps: the stream
+  # is cut into windows of this many steps (plus eval_rows held-out rows each, never trained
+  # on); at each window's end every window seen so far is evaluated (eval/window_<k>/loss).
+  # refresh_every: every N steps the teacher is the loaded one fine-tuned for teacher_steps
+  # CE steps (teacher_lr, constant) on the most recent window_steps of streamed rows (0 =
+  # never: the teacher stays as loaded). teacher_dir: instead of fine-tuning, each refresh picks
+  # up the teacher checkpoint of this directory named by the largest step <= the current one
+  # (DIR/<step>/: a run's workdir or its final_params; none yet: the loaded teacher).
+  # snapshot_weight: weight of a KL term to the
+  # student's own snapshot taken at the start of each window (learning without forgetting;
+  # 0 = no snapshot), at distill.temperature.
+  return C(
+    dict(
+      domains=0,
+      window_steps=8,
+      eval_rows=16,
+      refresh_every=0,
+      teacher_steps=4,
+      teacher_lr=1e-3,
+      teacher_dir="",
+      snapshot_weight=0.0,
+    )
+  )

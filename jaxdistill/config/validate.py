@@ -11,6 +11,7 @@ from typing import Any
 
 from jaxdistill import models, paths
 from jaxdistill.config.checks import codistill as validate_codistill
+from jaxdistill.config.checks import continual as validate_continual
 from jaxdistill.config.checks import distill as validate_distill
 from jaxdistill.config.checks import teachers as validate_teachers
 from jaxdistill.data import image_sources
@@ -40,6 +41,7 @@ def validate(cfg: Any) -> None:
   (``validate_teachers.views``), its errors naming that teacher's keys."""
   validate_teachers.check_ensemble(cfg)
   validate_codistill.check_codistill(cfg)
+  validate_continual.check(cfg)
   for k, view in validate_teachers.views(cfg):
     try:
       _validate_one(view)

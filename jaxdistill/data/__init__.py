@@ -23,6 +23,9 @@ worked solution, its held-out split and exact-match checker): the verifier and a
 generated answers. ``data.source=task`` trains on them (``task_data.py``): one prompt +
 completion a row, loss on the completion only, from the reference solutions or from
 (teacher-written) pair files.
+
+``continual.py`` (``continual.domains`` > 0): the training split as a drifting stream, domain
+after domain, cut into windows with held-out rows each; read once, resumable mid-window.
 """
 
 from typing import Any
@@ -55,6 +58,10 @@ def check(cfg: Any) -> None:
     from jaxdistill.data import text as pipeline
 
     pipeline.prepare(cfg)
+    if cfg.continual.domains:  # the drifting stream: a window and the run must fit in it
+      from jaxdistill.data import continual
+
+      continual.check(cfg)
   if cfg.teacher.source == "cache" and not is_image_model(cfg):  # images: checked above
     from jaxdistill.data import cached
 
@@ -100,6 +107,10 @@ def make_iterator(
 
     tokenizer = pipeline.prepare(cfg).tokenizer
     return task_data.TaskIterator(cfg, split, tokenizer, process_index, process_count)
+  if split == "train" and cfg.continual.domains:  # the drifting stream (data/continual.py)
+    from jaxdistill.data import continual
+
+    return continual.ContinualIterator(cfg, process_index, process_count)
   if d.source in TEXT_SOURCES:
     from jaxdistill.data import text as pipeline
 

@@ -31,6 +31,7 @@ from jaxdistill.parallel import sharding as sharding_lib
 from jaxdistill.train import (
   checkpoint,
   codistill as codistill_lib,
+  continual as continual_lib,
   on_policy as on_policy_lib,
   throughput,
   metrics as metrics_lib,
@@ -70,6 +71,7 @@ def run_steps(
   eval_every: int = 0,
   goodput: throughput.Goodput | None = None,
   first_step: Callable[[dict], None] | None = None,
+  before_step: Callable[[int], None] | None = None,
 ) -> int:
   """Runs up to ``num_steps`` steps; returns how many ran.
 
@@ -84,7 +86,8 @@ def run_steps(
   A save due because of preemption ends the loop. ``goodput`` (default: a fresh one) times
   the phases: input (next batch + sharding), compile (the first dispatch), compute (dispatch
   and fetching metrics, ``on_metrics`` included), eval, checkpoint (``save``).
-  ``first_step(batch)`` runs after the first dispatch, counted as compile (a time split).
+  ``first_step(batch)`` runs after the first dispatch, counted as compile (a time split);
+  ``before_step(updates so far)`` before each dispatch (a continual run's teacher refresh).
   """
   pending, last = None, time.perf_counter()
   timer = goodput or throughput.Goodput()
@@ -104,6 +107,8 @@ def run_steps(
       with timer.phase("input"):
         batch = sharding_lib.shard_batch(next(run.data_iter), run.mesh)
       with timer.phase("compile" if done == 1 else "compute"):
+        if before_step is not None:
+          before_step(step)
         run.state, step_metrics = run.step_fn(run.state, run.teacher_vars, batch)
         if done == 1 and first_step is not None:
           first_step(batch)
@@ -363,6 +368,7 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
   co = codistill_lib.of(cfg)  # codistilled peers are evaluated beside the student
   peers = dict(zip(co.names, co.modules)) if co else None
   periodic = evaluate_lib.Periodic(cfg, run.student, run.mesh, peers) if cfg.eval.every else None
+  periodic, before_step = continual_lib.hooks(run, workdir, periodic)  # as given unless continual
 
   def evaluate(step):  # validation of the student; its row precedes that step's checkpoint
     params = run.state.params
@@ -373,8 +379,9 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
   goodput = progress.goodput
   try:
     with _PreemptionHandlers():
+      hooks = (goodput, split, before_step)
       ran = run_steps(
-        run, steps - start, progress, save_due, save, evaluate, cfg.eval.every, goodput, split
+        run, steps - start, progress, save_due, save, evaluate, cfg.eval.every, *hooks
       )
     if ran:
       progress.add_curve(start + ran)

@@ -27,6 +27,7 @@ from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
 from jaxdistill.train import codistill as codistill_lib
 from jaxdistill.train import ema as ema_lib
+from jaxdistill.train import lwf as lwf_lib
 from jaxdistill.train import on_policy as on_policy_lib
 from jaxdistill.train import step as train_lib
 from jaxdistill.train import teacher as teacher_lib
@@ -157,6 +158,7 @@ def build_run(
     student_variables=student_vars,
     ema=cfg.teacher.source == ema_lib.SOURCE,  # the EMA teacher's average, in the state
     codistill=co,
+    snapshot=lwf_lib.schedule_of(cfg) is not None,  # continual distillation's snapshot
   )
   state, state_shardings = make_state(create=create_state and not abstract)
   teacher_vars, teacher_shardings, teacher_path = (
@@ -166,10 +168,9 @@ def build_run(
   )
   rewrite = on_policy_lib.make(student, cfg.distill.on_policy, _stop_tokens(cfg), cfg.seed)
   lr = train_lib.lr_schedule(cfg.optim)
-  step = train_lib.make_distill_step(
-    *(obj, student, teacher, tx, cfg.optim.grad_accum, lr, cfg.optim.loss_scale_period, rewrite),
-    *(ema_lib.schedule_of(cfg), co),
-  )
+  args = (obj, student, teacher, tx, cfg.optim.grad_accum, lr, cfg.optim.loss_scale_period)
+  hooks = (rewrite, ema_lib.schedule_of(cfg), lwf_lib.schedule_of(cfg), co)  # on-policy, EMA, LwF
+  step = train_lib.make_distill_step(*args, *hooks)
   step_fn = train_lib.jit_distill_step(step, state_shardings, teacher_shardings, mesh)
   return Run(
     *(cfg, mesh, obj, student, teacher, state, teacher_vars, step_fn),

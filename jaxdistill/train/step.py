@@ -1,4 +1,5 @@
-"""TrainState, the optimizer, and THE step: ``distill_step(state, teacher_vars, batch)``.
+"""THE step, ``distill_step(state, teacher_vars, batch)``, with the optimizer and the state
+(``TrainState`` and ``init_state`` live in ``train/state.py``; re-exported here).
 
 The step is a pure function built once per run by ``make_distill_step`` and
 jitted exactly once by ``jit_distill_step`` with in/out shardings and donation
@@ -29,56 +30,22 @@ turn. The teacher runs in inference mode on its stored statistics (in ``teacher_
 from typing import Any, Callable
 
 import flax.linen as nn
-import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
 
 from jaxdistill import models
 from jaxdistill.distill import objective as objective_lib
-from jaxdistill.errors import JaxdistillError
 from jaxdistill.parallel import precision
 from jaxdistill.parallel import sharding as sharding_lib
 from jaxdistill.train import codistill as codistill_lib
 from jaxdistill.train import ema as ema_lib
+from jaxdistill.train import lwf as lwf_lib
 from jaxdistill.train.optim import lr_schedule, make_optimizer
+from jaxdistill.train.state import TrainState, init_state
 
 __all__ = ["TrainState", "init_state", "jit_distill_step", "lr_schedule", "make_distill_step"]
 __all__ += ["make_optimizer"]
-
-
-@flax.struct.dataclass
-class TrainState:
-  """Everything that changes during training (and is checkpointed).
-
-  Attributes:
-    step: int32 scalar, number of updates applied.
-    params: {"student": flax params, "proj": {"layer_i": [Ds, Dt]}}.
-    opt_state: optax state of ``params``.
-    rng: PRNG key for stochastic losses, advanced every step.
-    loss_scale: ``precision.LossScale`` for float16 students, else None (no
-      leaves: f32 / bf16 states and checkpoints are unchanged).
-    model_state: the student's non-param variables, e.g. FP8 scales and amax
-      histories ``{"_overwrite_with_gradient": ...}`` (c=fp8; their "gradients" are their
-      new values) or BatchNorm's running averages ``{"batch_stats": ...}`` (returned by
-      the student's training forward), or a c=int8 student's static activation statistics
-      ``{"quant_stats": ...}`` (``models.quant.calibrate``, before step 1; constant after),
-      else None: replaced each step, never optimised.
-    ema_params: an EMA teacher's params (``teacher.source='ema'``, ``train/ema.py``), a tree
-      like ``params["student"]`` in its shardings, else None (no leaves).
-    peer_copies: codistillation's copies of every model's params (the student's first) as
-      the others see them, refreshed every ``codistill.exchange_every`` steps
-      (``train/codistill.py``), else None. The peers themselves are ``params["peers"]``.
-  """
-
-  step: jax.Array
-  params: Any
-  opt_state: Any
-  rng: jax.Array
-  loss_scale: Any = None
-  model_state: Any = None
-  ema_params: Any = None
-  peer_copies: Any = None
 
 
 def _micro_batches(batch: dict, num: int) -> dict:
@@ -95,13 +62,15 @@ def _micro_batches(batch: dict, num: int) -> dict:
   return jax.tree.map(split, batch)
 
 
-def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: Any):
+def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: Any, lwf: Any = None):
   """``loss_fn(params, model_state, teacher_vars, batch, step, denom, scale) -> (loss, (metrics,
   new batch_stats or None))`` of one (micro-)batch: both forwards, the objective, the loss
-  scale."""
+  scale. With ``lwf`` (a ``lwf.Snapshot``) ``teacher_vars`` is (teacher's, snapshot's)."""
 
   def loss_fn(params, model_state, teacher_vars, batch, step, denom, scale):
     student_vars = {"params": params["student"], **(model_state or {})}
+    if lwf is not None:  # the snapshot's variables come beside the teacher's
+      teacher_vars, snapshot_vars = teacher_vars
     # train=True: a BatchNorm student normalises by this batch's statistics and returns its
     # updated running averages ("batch_stats"); the teacher below runs in inference mode.
     student_out = models.apply(student, student_vars, batch, train=True, **obj.student_request())
@@ -122,6 +91,11 @@ def _make_loss_fn(obj: objective_lib.Objective, student: nn.Module, teacher: Any
     loss, metrics = objective_lib.compute_loss(
       obj, step, params["proj"], student_out, teacher_out, batch, denom
     )
+    if lwf is not None:
+      args = (student, snapshot_vars, student_out, batch, step, denom)
+      extra, extra_metrics = lwf_lib.term(lwf, *args)
+      loss = loss + extra
+      metrics = {**metrics, **extra_metrics, "train/loss": metrics["train/loss"] + extra}
     # The loss is float32; multiplying it by the loss scale scales every
     # backward activation, so small float16 gradients stay above underflow.
     return (loss if scale is None else loss * scale), (metrics, new_stats)
@@ -223,6 +197,7 @@ def make_distill_step(
   loss_scale_period: int = 2000,
   on_policy: Callable | None = None,
   ema: ema_lib.Schedule | None = None,
+  lwf: lwf_lib.Snapshot | None = None,
   codistill: codistill_lib.Codistill | None = None,
 ) -> Callable:
   """Builds the pure step function (not jitted: see ``jit_distill_step``).
@@ -240,6 +215,8 @@ def make_distill_step(
       continuations first, with probability lmbda), or None: the batch as given.
     ema: an EMA teacher's schedule (``ema.schedule_of``): the teacher runs on
       ``state.ema_params`` (``teacher_vars`` is not read), updated after the optimizer's.
+    lwf: continual distillation's snapshot term (``lwf.schedule_of``): ``state.snapshot_params``
+      is taken at each window's first step, and the student also learns from it.
     codistill: models trained together (``codistill.of``): the loss is theirs, ``obj`` and
       ``teacher`` are not read, nor is ``teacher_vars``.
 
@@ -249,7 +226,7 @@ def make_distill_step(
     tuple of them, in the order of ``teacher``, with several).
   """
   if codistill is None:
-    loss_fn = _make_loss_fn(obj, student, teacher)
+    loss_fn = _make_loss_fn(obj, student, teacher, lwf)
   else:
     loss_fn = codistill_lib.make_loss_fn(codistill, student)
   gradients = _make_gradients(loss_fn, grad_accum)
@@ -258,6 +235,9 @@ def make_distill_step(
     policy_metrics = {}
     if ema is not None:  # the average as it stands before this step's update
       teacher_vars = ema_lib.teacher_vars(state)
+    if lwf is not None:  # the snapshot as it stands at this step, beside the teacher(s)
+      state = lwf_lib.take(lwf, state)
+      teacher_vars = (teacher_vars, lwf_lib.variables(state))
     if codistill is not None:  # the copies the others are seen through (None: live)
       teacher_vars, exchanged = codistill_lib.exchange(codistill, state)
       policy_metrics["codistill/exchanged"] = exchanged
@@ -277,107 +257,13 @@ def make_distill_step(
     if codistill is not None and codistill.use_copies:
       new_state = new_state.replace(peer_copies=teacher_vars)
     metrics["perf/valid_tokens"] = jnp.maximum(batch["weights"].sum(), 1.0)
+    if lwf is not None:
+      metrics["train/snapshot_weight"] = lwf_lib.weight_at(lwf, state.step)
     if lr is not None:
       metrics["train/lr"] = lr(state.step)
     return new_state, metrics
 
   return distill_step
-
-
-def init_state(
-  obj: objective_lib.Objective,
-  student: nn.Module,
-  tx: optax.GradientTransformation,
-  rng: jax.Array,
-  mesh: jax.sharding.Mesh,
-  seq_len: int,
-  create: bool = True,
-  loss_scale: precision.LossScale | None = None,
-  student_variables: Any = None,
-  ema: bool = False,
-  codistill: codistill_lib.Codistill | None = None,
-) -> tuple[TrainState, Any]:
-  """Initialises the TrainState directly into its shardings.
-
-  Args:
-    create: False returns the abstract state (``jax.ShapeDtypeStruct`` leaves
-      with their shardings) without allocating anything: the restore target.
-    loss_scale: the initial dynamic loss scale (``precision.init_loss_scale``)
-      or None; replicated, like ``step``.
-    student_variables: the student's Flax variables (``{"params": ...}`` plus any other
-      collections) to start from instead of a random init; the student's init then only
-      runs abstractly (for shapes and shardings), never as a computation. The projection
-      heads and the optimizer state are initialised as usual.
-    ema: keep an EMA of the student's params (``ema_params``), starting equal to them.
-    codistill: models trained beside the student: their params in ``params["peers"]`` (and,
-      with copies, ``peer_copies`` starting equal to every model's params).
-
-  Returns:
-    (state, state_shardings): the shardings come from the models' logical
-    axis names through the rules table; the optimizer state mirrors params.
-  """
-
-  def init_fn(rng, given=None):
-    model_rng, proj_rng, state_rng = jax.random.split(rng, 3)
-    variables = models.init_variables(student, model_rng, seq_len) if given is None else given
-    params = {
-      "student": variables["params"],
-      "proj": objective_lib.init_projections(obj, proj_rng),
-    }
-    if codistill is not None:  # keys folded from model_rng: other runs' params unchanged
-      params["peers"] = codistill_lib.init_peers(codistill, model_rng, seq_len)
-    use_copies = codistill is not None and codistill.use_copies
-    return TrainState(
-      step=jnp.zeros((), jnp.int32),
-      params=params,
-      opt_state=tx.init(params),
-      rng=state_rng,
-      loss_scale=loss_scale,
-      model_state={k: v for k, v in variables.items() if k != "params"} or None,
-      ema_params=params["student"] if ema else None,
-      peer_copies=codistill_lib.live_params(codistill, params) if use_copies else None,
-    )
-
-  abstract = jax.eval_shape(init_fn, rng)
-  shardings = sharding_lib.shardings_of(abstract, mesh)
-  if not create:
-    shapes = jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), nn.unbox(abstract), shardings
-    )
-    return shapes, shardings
-  if student_variables is not None:
-    # The abstract state already traced the student's init: its shapes, no second trace.
-    # (Unboxed here, outside the rules context, where unboxing adds no sharding constraint.)
-    model_state = nn.unbox(abstract.model_state) or {}
-    _check_given({"params": nn.unbox(abstract.params["student"]), **model_state}, student_variables)
-  with sharding_lib.rules_context(mesh):
-    if student_variables is None:
-      state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
-    else:
-      state = jax.jit(lambda r, g: nn.unbox(init_fn(r, g)), out_shardings=shardings)(
-        rng, student_variables
-      )
-  return state, shardings
-
-
-def _check_given(abstract: Any, given: Any) -> None:
-  """Given variables must have the model's tree, shapes and dtypes (a clear error, not XLA's)."""
-  want = jax.tree_util.tree_flatten_with_path(abstract)[0]
-  got = dict(jax.tree_util.tree_flatten_with_path(given)[0])
-  paths = {p for p, _ in want}
-  if set(got) != paths:
-    missing = sorted(jax.tree_util.keystr(p) for p in paths - set(got))[:3]
-    extra = sorted(jax.tree_util.keystr(p) for p in set(got) - paths)[:3]
-    raise JaxdistillError(
-      f"given student variables do not match the model: missing {missing}, unknown {extra}"
-    )
-  for path, a in want:
-    g = got[path]
-    if tuple(g.shape) != tuple(a.shape) or g.dtype != a.dtype:
-      raise JaxdistillError(
-        f"given student variable {jax.tree_util.keystr(path)} is {g.dtype}{list(g.shape)}, "
-        f"the model's is {a.dtype}{list(a.shape)}"
-      )
 
 
 def jit_distill_step(

@@ -69,6 +69,7 @@ def pretrain_config(cfg: Any, index: int = 0) -> Any:
       t.distill[key].teacher = 0
   t.distill.attention.value_weight = 0.0
   t.distill.on_policy.lmbda = 0.0  # CE on the data: nothing to sample for
+  t.continual.domains = 0  # a continual run's teacher trains on the corpus as a whole
   t.optim.steps = cfg.teacher.pretrain_steps
   t.optim.lr = cfg.teacher.pretrain_lr
   t.optim.warmup_steps = max(1, cfg.teacher.pretrain_steps // 10)

@@ -15,9 +15,10 @@ its own):
   2  models/ (closed: with layer 0-1, the bottom), data/, config (the ConfigDict schema)
   3  distill/ heads and objective (+ fused, sparse, chunking), config.validate (+ checks/),
      compress.stages, generate/ (cache, decode, sampler, speculative, timing)
-  4  train.step (+ optim, ema, codistill), train.teacher, train.checkpoint, train.on_policy,
-     evaluation.evaluate, evaluation.latency, evaluation.task_accuracy
-  5  train.run, train.workdir, train.loop     build a run, its workdir, the step loop
+  4  train.step (+ state, optim, ema, codistill, lwf), train.teacher, train.checkpoint,
+     train.on_policy, evaluation.evaluate, evaluation.latency, evaluation.task_accuracy
+  5  train.run, train.workdir, train.loop     build a run, its workdir, the step loop;
+     train.continual (a continual run's teacher refreshes and per-window evaluation)
   6  jobs: quickstart, task_quickstart, precompute/, evaluation.job, evaluation.embed,
      compress/, report/, generate.job, generate.load, preflight/
   7  cli/
@@ -45,9 +46,10 @@ LAYERS = {
   **dict.fromkeys(("distill", "config.validate", "config.checks", "compress.stages"), 3),
   "generate": 3,
   **dict.fromkeys(("train.step", "train.teacher", "train.checkpoint", "train.on_policy"), 4),
-  **dict.fromkeys(("train.optim", "train.ema", "train.codistill"), 4),
+  **dict.fromkeys(("train.optim", "train.ema", "train.codistill", "train.lwf"), 4),
+  "train.state": 4,
   **dict.fromkeys(("evaluation.evaluate", "evaluation.latency", "evaluation.task_accuracy"), 4),
-  **dict.fromkeys(("train.run", "train.workdir", "train.loop"), 5),
+  **dict.fromkeys(("train.run", "train.workdir", "train.loop", "train.continual"), 5),
   **dict.fromkeys(("quickstart", "precompute", "evaluation", "compress", "report"), 6),
   **dict.fromkeys(("task_quickstart", "preflight"), 6),
   **dict.fromkeys(("generate.job", "generate.load"), 6),

@@ -69,6 +69,8 @@ def _check_beside(cfg: Any) -> None:
   policy = precision.parse_policy(s.policy, "student.policy")
   if policy.fp8 or policy.int8:
     raise ConfigError("student.policy", "c=fp8 / c=int8 students do not codistil (float only)")
+  if cfg.continual.domains:
+    raise ConfigError("continual.domains", "must be 0 with codistill.peers (not combined)")
   if cfg.distill.on_policy.lmbda:
     raise ConfigError("distill.on_policy.lmbda", "must be 0 with codistill.peers")
   models_n = 1 + len(c.peers)
