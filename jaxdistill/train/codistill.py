@@ -101,6 +101,13 @@ def of(cfg: Any) -> Codistill | None:
   )
 
 
+def peer_modules(cfg: Any) -> dict | None:
+  """{peer name: its module} of a codistillation run (evaluated beside the student), else
+  None."""
+  co = of(cfg)
+  return dict(zip(co.names, co.modules)) if co else None
+
+
 def init_peers(co: Codistill, rng: jax.Array, seq_len: int) -> dict:
   """``params["peers"]``: each peer's initial params (boxed, with logical names)."""
   return {

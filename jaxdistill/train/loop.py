@@ -28,16 +28,10 @@ from jaxdistill.errors import JaxdistillError
 from jaxdistill.evaluation import evaluate as evaluate_lib
 from jaxdistill.models import count_params, quant
 from jaxdistill.parallel import sharding as sharding_lib
-from jaxdistill.train import (
-  checkpoint,
-  codistill as codistill_lib,
-  continual as continual_lib,
-  on_policy as on_policy_lib,
-  throughput,
-  metrics as metrics_lib,
-)
-from jaxdistill.train import teacher as teacher_lib, workdir as workdir_lib
-from jaxdistill.train import run as run_lib
+from jaxdistill.train import checkpoint, throughput
+from jaxdistill.train import codistill as codistill_lib, continual as continual_lib
+from jaxdistill.train import metrics as metrics_lib, on_policy as on_policy_lib
+from jaxdistill.train import run as run_lib, teacher as teacher_lib, workdir as workdir_lib
 from jaxdistill.train.run import Run, build_run  # noqa: F401 (entry points, re-exported)
 
 
@@ -365,14 +359,13 @@ def train(cfg: Any, workdir: str, devices=None, resume_from: str | None = None) 
       metric = {cfg.ckpt.best_metric: float(progress.last[cfg.ckpt.best_metric])}
       best.save(step, args=checkpoint.params_args(run.state.params["student"]), metrics=metric)
 
-  co = codistill_lib.of(cfg)  # codistilled peers are evaluated beside the student
-  peers = dict(zip(co.names, co.modules)) if co else None
+  peers = codistill_lib.peer_modules(cfg)  # codistilled peers: evaluated beside the student
   periodic = evaluate_lib.Periodic(cfg, run.student, run.mesh, peers) if cfg.eval.every else None
   periodic, before_step = continual_lib.hooks(run, workdir, periodic)  # as given unless continual
 
   def evaluate(step):  # validation of the student; its row precedes that step's checkpoint
-    params = run.state.params
-    progress.write(step, periodic(params["student"], run.state.model_state, params.get("peers")))
+    params, more = run.state.params, ((run.state.params["peers"],) if peers else ())
+    progress.write(step, periodic(params["student"], run.state.model_state, *more))
 
   split = on_policy_lib.first_step_split(run, lambda found: setattr(progress, "split", found))
   startup_s = time.perf_counter() - entered
