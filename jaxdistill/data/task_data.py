@@ -19,6 +19,10 @@ Where the pairs come from:
               files' (prompt, completion) records (``.jsonl`` objects, or ArrayRecord shards of
               JSON records, e.g. teacher-written by ``jaxdistill precompute --generate``),
               cycled in a seeded order per epoch
+  corpus      ``data.task_train_files`` with a text corpus as ``data.source`` (e.g. a
+              teacher's continuations of corpus prompts, sequence-level KD): the training
+              rows are those files' records, tokenised by the corpus's tokenizer; validation
+              stays the corpus's held-out split
   validation  the first ``data.task_eval_problems`` problems of the held-out split, once
   teacher targets  ``teacher.source='cache'`` with ``teacher.path`` = a teacher-written set
               made with top-k (``precompute --generate --topk K``): its records are the
@@ -84,7 +88,7 @@ def read_pairs(
       for where, record in _records(path):
         try:
           obj = json.loads(record)
-          pair = (str(obj["prompt"]), str(obj["completion"]))
+          pair = pair_of(obj)
           pairs.append(pair + (targets_of(obj),) if topk else pair)
         except (ValueError, KeyError, TypeError):
           need = "'prompt', 'completion'" + (" and top-k targets" if topk else "")
@@ -92,6 +96,15 @@ def read_pairs(
   if not pairs:
     raise ConfigError(key, f"{pattern_list!r} holds no (prompt, completion) record")
   return pairs
+
+
+def pair_of(record: dict) -> tuple:
+  """(prompt, completion) of a record: its token-id lists when it has them (a teacher's
+  continuation of a corpus prompt, ``prompts_from=data``: "prompt_ids", "completion_ids"),
+  else its texts."""
+  if "prompt_ids" in record:
+    return [int(t) for t in record["prompt_ids"]], [int(t) for t in record["completion_ids"]]
+  return str(record["prompt"]), str(record["completion"])
 
 
 def targets_of(record: dict) -> dict[str, np.ndarray]:
@@ -192,19 +205,26 @@ def check_writer(files: str, teacher_sha256: str) -> None:
       )
 
 
-def encode_row(tokenizer: Any, prompt: str, completion: str, seq_len: int) -> dict:
+def encode_row(
+  tokenizer: Any, prompt: str | Sequence[int], completion: str | Sequence[int], seq_len: int
+) -> dict:
   """One row's [T] arrays (see the module docstring); a row longer than T + 1 tokens is cut
   (its tail then carries no end-of-text).
 
   Args:
     tokenizer: a ``tokenizers.Tokenizer`` with an end-of-text token.
-    prompt, completion: the example.
+    prompt, completion: the example: texts (the completion gets the end-of-text), or token
+      ids used as they are (a generated completion holds its end-of-text only if the teacher
+      wrote one: a continuation cut at max_new_tokens must not teach the student to stop).
     seq_len: T.
   Raises:
     JaxdistillError: the prompt alone does not leave one completion token in T.
   """
-  p_ids = tokenizer.encode(prompt).ids
-  c_ids = tokenizer.encode(completion).ids + [tok_lib.eos_id(tokenizer)]
+  p_ids = tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+  if isinstance(completion, str):
+    c_ids = tokenizer.encode(completion).ids + [tok_lib.eos_id(tokenizer)]
+  else:
+    c_ids = list(completion)
   if len(p_ids) >= seq_len:
     raise JaxdistillError(
       f"the prompt {prompt[:40]!r} is {len(p_ids)} tokens: data.seq_len={seq_len} leaves no "
