@@ -80,6 +80,7 @@ def precompute_section() -> ml_collections.ConfigDict:
   # whole training split; synthetic: optim.steps x data.batch_size); rows_per_shard: per shard.
   # An image model stores whole raw class logits per example in logprob_dtype (f32 exact;
   # targets / k / samples unused, temperature and rows must be 0): precompute_images.py.
+  # A teacher-written set's top-k log-probs and tails (generate.topk) are stored in it too.
   section = C(
     dict(
       targets="topk",

@@ -27,8 +27,10 @@ Filters, in order, each dropped sample counted under its reason in the manifest:
 Top-k teacher targets (``precompute.generate.topk`` K > 0, ``--topk K``): each kept record
 also holds the teacher's top-k at every target of its completion, as the training row
 (``task_data.encode_row``) lays it out: "topk_ids" [C, K], "topk_logp" [C, K] (log-probs at
-``precompute.temperature``, or ``distill.temperature`` if 0, descending, float32) and
-"topk_tail" [C] (the mass outside the top k), C = the completion's tokens + end-of-text (cut
+``precompute.temperature``, or ``distill.temperature`` if 0, descending) and "topk_tail" [C]
+(the mass outside the top k), the floats stored binary in ``precompute.logprob_dtype``
+(``task_data.pack_floats``: bf16 by default, as the logit cache; base64 inside the JSON
+record), C = the completion's tokens + end-of-text (cut
 at ``data.seq_len``), computed by one teacher forward over the whole row (``sparse.
 teacher_targets``, the cache's function). A run with ``teacher.source='cache'`` and
 ``teacher.path`` = the set trains the sparse head on them (``task_data``); the prompt carries
@@ -193,6 +195,7 @@ def add_topk(cfg: Any, fn: Callable, params: Any, tokenizer: Any, mesh, records:
   from jaxdistill.data import task_data
 
   b, t = cfg.precompute.generate.batch_size, cfg.data.seq_len
+  dtype = cfg.precompute.logprob_dtype
   rows = [task_data.encode_row(tokenizer, *task_data.pair_of(r), t) for r in records]
   with sharding_lib.rules_context(mesh):
     for lo in range(0, len(rows), b):
@@ -206,8 +209,8 @@ def add_topk(cfg: Any, fn: Callable, params: Any, tokenizer: Any, mesh, records:
         at = np.flatnonzero(row["weights"] > 0)  # the completion's targets
         record = records[lo + i]
         record["topk_ids"] = out["topk_ids"][i, at].astype(int).tolist()
-        record["topk_logp"] = out["topk_logp"][i, at].astype(np.float32).tolist()
-        record["topk_tail"] = out["tail"][i, at].astype(np.float32).tolist()
+        record["topk_logp"] = task_data.pack_floats(out["topk_logp"][i, at], dtype)
+        record["topk_tail"] = task_data.pack_floats(out["tail"][i, at], dtype)
 
 
 def settings(cfg: Any, identity: dict, num_prompts: int) -> dict:
@@ -215,6 +218,7 @@ def settings(cfg: Any, identity: dict, num_prompts: int) -> dict:
   g = cfg.precompute.generate.to_dict()
   if g["topk"]:  # the stored rows' layout and the log-probs' temperature
     g.update(topk_temperature=topk_temperature(cfg), seq_len=cfg.data.seq_len)
+    g["logprob_dtype"] = cfg.precompute.logprob_dtype
   return {
     "kind": KIND,
     "version": VERSION,
