@@ -206,7 +206,9 @@ def _args():
   ap.add_argument("--warm_start", type=int, default=0, help="steps from a token-KD student")
   ap.add_argument("--warm_from", default="", help="that student (default: this run's)")
   ap.add_argument("--skip_equal_steps", action="store_true", help="only the later phases")
-  ap.add_argument("--time_of", default="", help="equal time: token_kd's workdir (default: run)")
+  ap.add_argument(
+    "--times_from", default="", help="equal time: the --out of an earlier equal-steps run"
+  )
   ap.add_argument("--continuations", type=int, default=64, help="held-out prompts sampled")
   ap.add_argument("--eval_batches", type=int, default=0, help="0: all (task), 32 (corpus)")
   ap.add_argument("--lr", type=float, default=0.0, help="every student's lr (0: the recipe's)")
@@ -247,8 +249,9 @@ def main() -> None:
     if variant in wanted:
       sets[variant] = teacher_written(teacher, args.size, args.out, verified, args.corpus)
   rows, times = [], {}
-  if args.time_of:
-    times["token_kd"] = _mean_step_s(args.time_of)
+  timed = args.times_from or args.out  # where the equal-steps runs are
+  if args.times_from:
+    times["token_kd"] = _mean_step_s(os.path.join(timed, "equal_steps-token_kd"))
   phases = [] if args.skip_equal_steps else ["equal_steps"]
   phases += ["equal_time"] if args.equal_time else []
   phases += ["warm_start"] if args.warm_start else []
@@ -263,7 +266,7 @@ def main() -> None:
       steps, name = 0, variant + args.tag
       if phase == "equal_time":
         if name not in times:
-          times[name] = _mean_step_s(os.path.join(args.out, f"equal_steps-{name}"))
+          times[name] = _mean_step_s(os.path.join(timed, f"equal_steps-{name}"))
         steps = max(1, round(base * times["token_kd"] / times[name]))
       data = sets[variant][0] if variant in sets else ""
       if variant in sets and sets[variant][2]["rows"] == 0:  # the teacher got nothing right

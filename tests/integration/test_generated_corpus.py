@@ -1,6 +1,8 @@
-"""precompute --generate on a corpus (``prompts_from=data``): the teacher continues the first
-tokens of training rows; a student's training rows are exactly those ids, the prompt carries no
-loss, an unfinished continuation teaches no end-of-text, and validation stays the corpus's."""
+"""Distillation with generation on a corpus. ``precompute --generate`` with
+``prompts_from=data``: the teacher continues the first tokens of training rows; a student's
+training rows are exactly those ids, the prompt carries no loss, an unfinished continuation
+teaches no end-of-text, and validation stays the corpus's. ``distill.on_policy`` on the
+corpus recipe: the student continues corpus rows inside the step."""
 
 import json
 
@@ -41,6 +43,7 @@ def written(tmp_path_factory):
   return cfg, out, result, rows
 
 
+@pytest.mark.slow  # the module's set: ~10 s of tokeniser and teacher
 def test_prompts_are_the_first_tokens_of_training_rows(written):
   cfg, out, result, rows = written
   assert result["complete"] and result["rows"] == len(rows) > 0
@@ -53,6 +56,7 @@ def test_prompts_are_the_first_tokens_of_training_rows(written):
   assert manifest["data"]["source"] == "stdlib" and manifest["generate"]["prompts_from"] == "data"
 
 
+@pytest.mark.slow  # the module's set: ~10 s of tokeniser and teacher
 def test_a_student_trains_on_the_ids_with_the_prompt_masked(written):
   cfg, out, _, rows = written
   student = _config(cfg.cache_dir, "seq_kd,test")
@@ -114,3 +118,23 @@ def test_training_pairs_need_a_text_source(tmp_path):
   with pytest.raises(ConfigError) as e:
     validate.validate(cfg)
   assert e.value.key == "data.task_train_files"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", ["gkd", "sampled_rkl"])
+def test_on_policy_trains_on_the_corpus(tmp_path, variant):
+  """configs/on_policy_corpus.py's on-policy students at test size: the student continues the
+  first tokens of corpus rows inside the step (a teacher trained first in WORKDIR/teacher)."""
+  from jaxdistill.train import loop
+
+  cfg = config_lib.load_config(f"configs/on_policy_corpus.py:{variant},test")
+  cfg.cache_dir = str(tmp_path / "cache")
+  cfg.distill.on_policy.baseline = "batch"
+  cfg.eval.every = 0
+  cfg.log.progress = False
+  summary = loop.train(cfg, str(tmp_path / "run"))
+  assert np.isfinite(summary["final_loss"])
+  assert set(summary["on_policy_split"]) >= {"sample", "teacher", "update"}
+  rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+  sampled = [r["on_policy/new_tokens"] for r in rows if r.get("on_policy/sampled") == 1.0]
+  assert sampled and max(sampled) > 0
