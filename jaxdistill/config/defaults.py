@@ -172,10 +172,15 @@ def default_config() -> ml_collections.ConfigDict:
   # first prompt_tokens tokens, or with 0 its positions before the first weighted target), and
   # the logit term (jsd with logit.beta, reverse_kl, kl, or sampled_reverse_kl) runs on them.
   # time_split: timed runs of each part of a sampling step (sampling, teacher, update) at the
-  # run's first step, logged as perf/split_* (0 = off).
+  # run's first step, logged as perf/split_* (0 = off). baseline (none | batch | sequence) and
+  # signal_clip (0 = off): variance reduction of sampled_reverse_kl's per-token signal
+  # log q - log p (the batch's or the row's mean subtracted, then clipped to +-signal_clip).
   d.on_policy = C(
-    dict(lmbda=0.0, max_new_tokens=32, temperature=1.0, top_k=0, prompt_tokens=0, time_split=3)
-  )
+    dict(
+      lmbda=0.0, max_new_tokens=32, temperature=1.0, top_k=0, prompt_tokens=0, time_split=3,
+      baseline="none", signal_clip=0.0,
+    )
+  )  # fmt: skip
 
   o = cfg.optim = C()
   o.steps = 100

@@ -44,7 +44,9 @@ def data_section() -> ml_collections.ConfigDict:
       # source task (jaxdistill/data/task_data.py): a built-in task with checkable answers,
       # one prompt + completion a row, loss on the completion only. task_train_files: its
       # training pairs from .jsonl / ArrayRecord files (e.g. teacher-written) instead of the
-      # reference solutions; task_eval_problems: held-out problems evaluated.
+      # reference solutions (with a text corpus as source: the training rows instead of the
+      # corpus, e.g. a teacher's continuations of its prompts; validation stays the corpus's);
+      # task_eval_problems: held-out problems evaluated.
       task="arithmetic",
       task_seed=0,
       task_train_files="",
@@ -78,6 +80,7 @@ def precompute_section() -> ml_collections.ConfigDict:
   # whole training split; synthetic: optim.steps x data.batch_size); rows_per_shard: per shard.
   # An image model stores whole raw class logits per example in logprob_dtype (f32 exact;
   # targets / k / samples unused, temperature and rows must be 0): precompute_images.py.
+  # A teacher-written set's top-k log-probs and tails (generate.topk) are stored in it too.
   section = C(
     dict(
       targets="topk",
@@ -90,8 +93,11 @@ def precompute_section() -> ml_collections.ConfigDict:
     )
   )
   # `jaxdistill precompute --generate` (jaxdistill/precompute/generated.py): the teacher writes
-  # `samples` completions of each prompt (prompts_file, one a line, else the first `prompts`
-  # training problems of data.task) at temperature / top_k / top_p, up to max_new_tokens;
+  # `samples` completions of each of `prompts` prompts. prompts_from: file (prompts_file, one a
+  # line), task (the first training problems of data.task), data (the first prompt_tokens
+  # tokens of the first training rows of data.source, a corpus: the teacher continues them)
+  # or auto (file when prompts_file is set, else task). Sampling at temperature / top_k / top_p
+  # up to max_new_tokens;
   # filters drop unfinished ones (require_stop), those outside [min_tokens, max_tokens]
   # (0 = no bound), duplicates (dedup: none | exact | near) and those the verifier
   # ("module:function" of (prompt, completion) -> keep) rejects. topk > 0 also stores the
@@ -100,7 +106,9 @@ def precompute_section() -> ml_collections.ConfigDict:
   section.generate = C(
     dict(
       prompts=256,
+      prompts_from="auto",
       prompts_file="",
+      prompt_tokens=16,
       samples=4,
       temperature=1.0,
       top_k=0,

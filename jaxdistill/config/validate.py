@@ -15,7 +15,7 @@ from jaxdistill.config.checks import continual as validate_continual
 from jaxdistill.config.checks import distill as validate_distill
 from jaxdistill.config.checks import teachers as validate_teachers
 from jaxdistill.data import image_sources
-from jaxdistill.data.sources import DATA_SOURCES
+from jaxdistill.data.sources import DATA_SOURCES, TEXT_SOURCES
 from jaxdistill.errors import ConfigError
 from jaxdistill.models import surgery
 from jaxdistill.parallel import placement, precision
@@ -250,6 +250,13 @@ def _check_data(cfg: Any) -> None:
       raise ConfigError("data.task", f"unknown task {d.task!r}; choose from {task_data.TASKS}")
     if isinstance(d.task_eval_problems, bool) or not d.task_eval_problems >= 1:
       raise ConfigError("data.task_eval_problems", f"must be >= 1, got {d.task_eval_problems!r}")
+  if d.task_train_files and d.source != "task":
+    if d.source not in TEXT_SOURCES or cfg.teacher.source == "cache":
+      raise ConfigError(
+        "data.task_train_files",
+        f"(prompt, completion) training pairs need a text source, not data.source="
+        f"{d.source!r}, and no logit cache (teacher.source='cache')",
+      )
   if d.tokenizer and not paths.isfile(d.tokenizer):  # a run's own may be gs://
     raise ConfigError(
       "data.tokenizer",

@@ -101,7 +101,8 @@ def make_iterator(
     from jaxdistill.data import cached
 
     return cached.make_iterator(cfg, process_index, process_count)
-  if d.source == "task":
+  pairs = split == "train" and d.task_train_files and d.source in TEXT_SOURCES
+  if d.source == "task" or pairs:  # a corpus's training pairs: sequence-level KD (task_data)
     from jaxdistill.data import task_data
     from jaxdistill.data import text as pipeline
 

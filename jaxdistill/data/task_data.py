@@ -19,6 +19,10 @@ Where the pairs come from:
               files' (prompt, completion) records (``.jsonl`` objects, or ArrayRecord shards of
               JSON records, e.g. teacher-written by ``jaxdistill precompute --generate``),
               cycled in a seeded order per epoch
+  corpus      ``data.task_train_files`` with a text corpus as ``data.source`` (e.g. a
+              teacher's continuations of corpus prompts, sequence-level KD): the training
+              rows are those files' records, tokenised by the corpus's tokenizer; validation
+              stays the corpus's held-out split
   validation  the first ``data.task_eval_problems`` problems of the held-out split, once
   teacher targets  ``teacher.source='cache'`` with ``teacher.path`` = a teacher-written set
               made with top-k (``precompute --generate --topk K``): its records are the
@@ -37,11 +41,13 @@ read what one would. The iterator's state is the next global row index (JSON).
 Shape legend: B rows per batch (this process), T sequence length.
 """
 
+import base64
 import glob
 import json
 import os
 from typing import Any, Sequence
 
+import ml_dtypes
 import numpy as np
 
 from jaxdistill.data import tasks
@@ -84,7 +90,7 @@ def read_pairs(
       for where, record in _records(path):
         try:
           obj = json.loads(record)
-          pair = (str(obj["prompt"]), str(obj["completion"]))
+          pair = pair_of(obj)
           pairs.append(pair + (targets_of(obj),) if topk else pair)
         except (ValueError, KeyError, TypeError):
           need = "'prompt', 'completion'" + (" and top-k targets" if topk else "")
@@ -94,13 +100,45 @@ def read_pairs(
   return pairs
 
 
+def pair_of(record: dict) -> tuple:
+  """(prompt, completion) of a record: its token-id lists when it has them (a teacher's
+  continuation of a corpus prompt, ``prompts_from=data``: "prompt_ids", "completion_ids"),
+  else its texts."""
+  if "prompt_ids" in record:
+    return [int(t) for t in record["prompt_ids"]], [int(t) for t in record["completion_ids"]]
+  return str(record["prompt"]), str(record["completion"])
+
+
+# Stored float dtypes of a generated record's top-k fields (``precompute.logprob_dtype``).
+FLOAT_DTYPES = {"bf16": ml_dtypes.bfloat16, "f16": np.float16, "f32": np.float32}
+
+
+def pack_floats(x: np.ndarray, dtype: str) -> dict:
+  """A float array as a JSON record field: {"dtype", "shape", "b64": its bytes in ``dtype``
+  (bf16 | f16 | f32), little-endian, base64}. bf16 costs 2.7 characters a value where a JSON
+  float list costs about 12, and is what the logit cache stores (``cached.py``)."""
+  raw = np.ascontiguousarray(np.asarray(x, np.float32).astype(FLOAT_DTYPES[dtype]))
+  b64 = base64.b64encode(raw.astype(raw.dtype.newbyteorder("<")).tobytes()).decode("ascii")
+  return {"dtype": dtype, "shape": list(raw.shape), "b64": b64}
+
+
+def unpack_floats(field) -> np.ndarray:
+  """float32: a ``pack_floats`` field, or a plain (nested) list of numbers (sets written
+  before the binary fields, or ``.jsonl`` files written by hand)."""
+  if not isinstance(field, dict):
+    return np.asarray(field, np.float32)
+  dtype = np.dtype(FLOAT_DTYPES[field["dtype"]]).newbyteorder("<")
+  raw = np.frombuffer(base64.b64decode(field["b64"]), dtype)
+  return raw.astype(np.float32).reshape(field["shape"])
+
+
 def targets_of(record: dict) -> dict[str, np.ndarray]:
   """A generated record's stored top-k targets as arrays: ids int32 [C, K], log-probs and
-  tail float32 ([C, K], [C])."""
+  tail float32 ([C, K], [C]; stored binary, ``pack_floats``, or as lists)."""
   return {
     "topk_ids": np.asarray(record["topk_ids"], np.int32),
-    "topk_logp": np.asarray(record["topk_logp"], np.float32),
-    "tail": np.asarray(record["topk_tail"], np.float32),
+    "topk_logp": unpack_floats(record["topk_logp"]),
+    "tail": unpack_floats(record["topk_tail"]),
   }
 
 
@@ -192,19 +230,26 @@ def check_writer(files: str, teacher_sha256: str) -> None:
       )
 
 
-def encode_row(tokenizer: Any, prompt: str, completion: str, seq_len: int) -> dict:
+def encode_row(
+  tokenizer: Any, prompt: str | Sequence[int], completion: str | Sequence[int], seq_len: int
+) -> dict:
   """One row's [T] arrays (see the module docstring); a row longer than T + 1 tokens is cut
   (its tail then carries no end-of-text).
 
   Args:
     tokenizer: a ``tokenizers.Tokenizer`` with an end-of-text token.
-    prompt, completion: the example.
+    prompt, completion: the example: texts (the completion gets the end-of-text), or token
+      ids used as they are (a generated completion holds its end-of-text only if the teacher
+      wrote one: a continuation cut at max_new_tokens must not teach the student to stop).
     seq_len: T.
   Raises:
     JaxdistillError: the prompt alone does not leave one completion token in T.
   """
-  p_ids = tokenizer.encode(prompt).ids
-  c_ids = tokenizer.encode(completion).ids + [tok_lib.eos_id(tokenizer)]
+  p_ids = tokenizer.encode(prompt).ids if isinstance(prompt, str) else list(prompt)
+  if isinstance(completion, str):
+    c_ids = tokenizer.encode(completion).ids + [tok_lib.eos_id(tokenizer)]
+  else:
+    c_ids = list(completion)
   if len(p_ids) >= seq_len:
     raise JaxdistillError(
       f"the prompt {prompt[:40]!r} is {len(p_ids)} tokens: data.seq_len={seq_len} leaves no "

@@ -85,10 +85,13 @@ def _cross_entropy(logits, batch, denom):
   return first + second, {"task/ce": first + second}
 
 
-def _dense_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, beta, adaptive):
+def _dense_head(
+  s, t, batch, denom, step, proj, *, ce, logit, kind, temperature, beta, adaptive, policy=()
+):
   """CE and the logit divergence, weighted, from full logits ([B, T, V] or a classifier's
   [B, C]); a cache's stored logits (``teacher_logits``) stand in for a teacher model. With
-  ``adaptive`` (``distill.adaptive``) each token's divergence is weighted (adaptive.py)."""
+  ``adaptive`` (``distill.adaptive``) each token's divergence is weighted (adaptive.py).
+  ``policy``: a policy kind's (baseline, clip) (``distill.on_policy``)."""
   del proj
   mask, total, metrics = batch["weights"], 0.0, {}
   if ce:
@@ -100,7 +103,7 @@ def _dense_head(s, t, batch, denom, step, proj, *, ce, logit, kind, temperature,
     student_logp_BxT = policy_losses.token_logprobs(s["logits"], batch["targets"])
     teacher_logp_BxT = policy_losses.token_logprobs(t["logits"], batch["targets"])
     value, m = policy_losses.sampled_token_reverse_kl(
-      student_logp_BxT, teacher_logp_BxT, mask, denom
+      student_logp_BxT, teacher_logp_BxT, mask, denom, *policy
     )
     metrics.update(m)
     total += logit(step) * value
@@ -210,6 +213,9 @@ def head_term(
   if d.fused and not classifier and common["kind"] not in policy_losses.POLICY_KINDS:
     fn = functools.partial(_fused_head, **common, chunks=(d.token_chunk, d.vocab_chunk))
     return Term("fused", fn, None, Needs(head=True), Needs(head=bool(logit)), reports)
+  if common["kind"] in policy_losses.POLICY_KINDS:
+    op = d.on_policy
+    common["policy"] = (str(op.get("baseline", "none")), float(op.get("signal_clip", 0.0)))
   fn = functools.partial(_dense_head, **common)
   return Term("dense", fn, None, Needs(logits=True), Needs(logits=bool(logit)), reports)
 

@@ -9,9 +9,12 @@ sampling keys from (seed, global prompt index, sample, step)); filters keep the 
 a student trains on them (``data.source=task`` with ``data.task_train_files`` =
 ``DIR/shard-*.arrayrecord``; the prompt carries no loss).
 
-Prompts: ``precompute.generate.prompts_file`` (one a line), else the first
-``precompute.generate.prompts`` training problems of ``data.task``. Filters, in order, each
-dropped sample counted under its reason in the manifest:
+Prompts (``precompute.generate.prompts_from``, ``generate_prompts.py``): a file, the first
+``precompute.generate.prompts`` training problems of ``data.task``, or the first
+``prompt_tokens`` tokens of training rows of a corpus (``data``: the teacher continues real
+text; such records also hold "prompt_ids", "completion_ids" (the end-of-text last only when
+the teacher wrote it) and "finished", and the training source reads the ids, not the texts).
+Filters, in order, each dropped sample counted under its reason in the manifest:
 
   unfinished       (``require_stop``) the completion hit max_new_tokens or the context
                    before its end-of-text
@@ -24,8 +27,10 @@ dropped sample counted under its reason in the manifest:
 Top-k teacher targets (``precompute.generate.topk`` K > 0, ``--topk K``): each kept record
 also holds the teacher's top-k at every target of its completion, as the training row
 (``task_data.encode_row``) lays it out: "topk_ids" [C, K], "topk_logp" [C, K] (log-probs at
-``precompute.temperature``, or ``distill.temperature`` if 0, descending, float32) and
-"topk_tail" [C] (the mass outside the top k), C = the completion's tokens + end-of-text (cut
+``precompute.temperature``, or ``distill.temperature`` if 0, descending) and "topk_tail" [C]
+(the mass outside the top k), the floats stored binary in ``precompute.logprob_dtype``
+(``task_data.pack_floats``: bf16 by default, as the logit cache; base64 inside the JSON
+record), C = the completion's tokens + end-of-text (cut
 at ``data.seq_len``), computed by one teacher forward over the whole row (``sparse.
 teacher_targets``, the cache's function). A run with ``teacher.source='cache'`` and
 ``teacher.path`` = the set trains the sparse head on them (``task_data``); the prompt carries
@@ -51,13 +56,14 @@ import numpy as np
 from array_record.python import array_record_module
 
 from jaxdistill import paths
-from jaxdistill.data import cache_writer, cached, tasks
+from jaxdistill.data import cache_writer, cached
 from jaxdistill.data import text as text_data
 from jaxdistill.data import tokenizer as tok_lib
 from jaxdistill.errors import ConfigError, JaxdistillError
 from jaxdistill.generate.sampler import Sampler
 from jaxdistill.generate.sampling import SamplingParams
 from jaxdistill.parallel import sharding as sharding_lib
+from jaxdistill.precompute import generate_prompts
 
 KIND = "generated"
 VERSION = 1
@@ -94,11 +100,7 @@ def check_config(cfg: Any) -> None:
       "precompute --generate needs one decoder teacher model to write (not "
       f"source={t.source!r}, an encoder, an image model or an ensemble)",
     )
-  if not g.prompts_file and cfg.data.source != "task":
-    raise ConfigError(
-      "precompute.generate.prompts_file",
-      "is empty and data.source is not a task: give a prompts file (one prompt a line)",
-    )
+  generate_prompts.check(cfg)
   load_verifier(g.verifier)
 
 
@@ -119,18 +121,9 @@ def load_verifier(spec: str) -> Callable[[str, str], bool] | None:
   return fn
 
 
-def prompts_of(cfg: Any) -> list[str]:
-  """The prompts (see the module docstring)."""
-  g = cfg.precompute.generate
-  if not g.prompts_file:
-    return [p.prompt for p in tasks.problems(cfg.data.task_seed, "train", g.prompts)]
-  if not paths.isfile(g.prompts_file):
-    raise ConfigError("precompute.generate.prompts_file", f"no such file {g.prompts_file!r}")
-  lines = [line.rstrip("\n") for line in paths.read_text(g.prompts_file).splitlines()]
-  prompts = [line for line in lines if line.strip()]
-  if not prompts:
-    raise ConfigError("precompute.generate.prompts_file", f"{g.prompts_file!r} holds no prompt")
-  return prompts
+def prompts_of(cfg: Any) -> list:
+  """The prompts: texts, or token-id lists with ``prompts_from=data`` (``generate_prompts``)."""
+  return generate_prompts.prompts(cfg)
 
 
 def _grams(text: str) -> set[str]:
@@ -202,7 +195,8 @@ def add_topk(cfg: Any, fn: Callable, params: Any, tokenizer: Any, mesh, records:
   from jaxdistill.data import task_data
 
   b, t = cfg.precompute.generate.batch_size, cfg.data.seq_len
-  rows = [task_data.encode_row(tokenizer, r["prompt"], r["completion"], t) for r in records]
+  dtype = cfg.precompute.logprob_dtype
+  rows = [task_data.encode_row(tokenizer, *task_data.pair_of(r), t) for r in records]
   with sharding_lib.rules_context(mesh):
     for lo in range(0, len(rows), b):
       chunk = rows[lo : lo + b]
@@ -215,8 +209,8 @@ def add_topk(cfg: Any, fn: Callable, params: Any, tokenizer: Any, mesh, records:
         at = np.flatnonzero(row["weights"] > 0)  # the completion's targets
         record = records[lo + i]
         record["topk_ids"] = out["topk_ids"][i, at].astype(int).tolist()
-        record["topk_logp"] = out["topk_logp"][i, at].astype(np.float32).tolist()
-        record["topk_tail"] = out["tail"][i, at].astype(np.float32).tolist()
+        record["topk_logp"] = task_data.pack_floats(out["topk_logp"][i, at], dtype)
+        record["topk_tail"] = task_data.pack_floats(out["tail"][i, at], dtype)
 
 
 def settings(cfg: Any, identity: dict, num_prompts: int) -> dict:
@@ -224,6 +218,7 @@ def settings(cfg: Any, identity: dict, num_prompts: int) -> dict:
   g = cfg.precompute.generate.to_dict()
   if g["topk"]:  # the stored rows' layout and the log-probs' temperature
     g.update(topk_temperature=topk_temperature(cfg), seq_len=cfg.data.seq_len)
+    g["logprob_dtype"] = cfg.precompute.logprob_dtype
   return {
     "kind": KIND,
     "version": VERSION,
@@ -231,8 +226,15 @@ def settings(cfg: Any, identity: dict, num_prompts: int) -> dict:
     "prompts": num_prompts,
     "seed": cfg.seed,
     "task": cfg.data.task if cfg.data.source == "task" else None,
+    # prompts cut from a corpus depend on how its rows are made
+    "data": _data_settings(cfg) if generate_prompts.source(cfg) == "data" else None,
     "teacher": identity,
   }
+
+
+def _data_settings(cfg: Any) -> dict:
+  runtime = ("num_threads", "prefetch")  # how fast rows come, not which
+  return {k: v for k, v in cfg.data.to_dict().items() if k not in runtime}
 
 
 def _write_shard(output: str, s: int, records: list[dict], drops: dict) -> None:
@@ -288,14 +290,18 @@ def run(cfg: Any, output: str, process: tuple[int, int] | None = None) -> dict:
     records, drops = [], dict.fromkeys(REASONS, 0)
     for i, prompt in enumerate(chunk):
       samples = done[i * g.samples : (i + 1) * g.samples]
-      kept, dropped = keep(prompt, samples)
+      text = prompt if isinstance(prompt, str) else samples[0].prompt
+      kept, dropped = keep(text, samples)
       drops = {k: drops[k] + dropped[k] for k in REASONS}
       for c in kept:
         j = samples.index(c)
         records.append(
-          {"prompt": prompt, "completion": c.text, "prompt_index": first + i, "sample": j,
+          {"prompt": text, "completion": c.text, "prompt_index": first + i, "sample": j,
            "tokens": len(c.token_ids)}
         )  # fmt: skip
+        if not isinstance(prompt, str):  # ids: what the student must train on, exactly
+          records[-1].update(prompt_ids=list(prompt), completion_ids=list(c.token_ids))
+          records[-1]["finished"] = c.stop_reason == "stop"
     if g.topk:
       add_topk(cfg, targets, params[0], tokenizer, mesh, records)
     _write_shard(output, s, records, drops)

@@ -199,7 +199,7 @@ def _models(cfg: Any, mesh) -> tuple:
 def _check_generated_data(cfg: Any, workdir: str | None) -> None:
   """Teacher-written training pairs must come from the teacher the run names (a
   ``teacher.source='workdir'`` run: its final_params' content hash against the set's)."""
-  if cfg.data.source != "task" or not cfg.data.task_train_files or cfg.teacher.source != "workdir":
+  if not cfg.data.task_train_files or cfg.teacher.source != "workdir":
     return
   from jaxdistill.data import task_data
   from jaxdistill.train import checkpoint

@@ -194,12 +194,14 @@ def test_topk_targets_are_the_teachers_and_a_student_trains_on_them(whole, tmp_p
   logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
   for r, e, lp in zip(rows, encoded, logp):
     at = np.flatnonzero(e["weights"] > 0)
-    assert len(r["topk_ids"]) == len(at) == len(r["topk_logp"]) == len(r["topk_tail"])
+    stored = task_data.targets_of(r)  # the floats are bf16 bytes (precompute.logprob_dtype)
+    assert r["topk_logp"]["dtype"] == "bf16" and stored["topk_logp"].shape == (len(at), K)
+    assert len(r["topk_ids"]) == len(at) == len(stored["tail"])
     ids = np.argsort(-lp[at], axis=-1, kind="stable")[:, :K]
     np.testing.assert_array_equal(r["topk_ids"], ids)
     want = np.take_along_axis(lp[at], ids, axis=-1)
-    np.testing.assert_allclose(r["topk_logp"], want, atol=1e-5)
-    np.testing.assert_allclose(r["topk_tail"], 1 - np.exp(want).sum(-1), atol=1e-5)
+    np.testing.assert_allclose(stored["topk_logp"], want, rtol=2**-8, atol=1e-5)
+    np.testing.assert_allclose(stored["tail"], 1 - np.exp(want).sum(-1), rtol=2**-8, atol=1e-5)
 
   # A student trains token-level KD on them: the rows carry the targets at the completion only.
   student = config_lib.load_config("configs/on_policy.py:token_kd,test")

@@ -159,6 +159,22 @@ def test_sampled_token_reverse_kl_trains_the_student_only_on_its_samples():
   assert any(moved)
 
 
+@pytest.mark.slow
+def test_the_baseline_and_clip_reach_the_step():
+  """distill.on_policy.baseline / signal_clip shape the sampled-token signal inside the step:
+  its rms shrinks with the batch baseline and stays within the clip."""
+  rms = {}
+  for baseline, clip in (("none", 0.0), ("batch", 0.0), ("batch", 0.05)):
+    cfg = _config(temperature=1.0, baseline=baseline, signal_clip=clip)
+    cfg.distill.logit.kind = "sampled_reverse_kl"
+    cfg.distill.ce.weight = 0.0
+    run = _build(cfg)
+    metrics = run.step(sharding_lib.shard_batch(_batch(cfg), run.mesh))
+    rms[baseline, clip] = float(metrics["distill/sampled_reverse_kl_signal_rms"])
+  assert rms["batch", 0.0] < rms["none", 0.0]
+  assert 0 < rms["batch", 0.05] <= 0.05 + 1e-6
+
+
 def test_split_shares_sum_to_one_and_update_is_the_rest():
   out = on_policy.split_shares(0.2, 0.1, 0.5)
   assert out["perf/split_step_s"] == 0.5
@@ -248,6 +264,8 @@ def test_resumed_on_policy_run_is_bitwise_the_uninterrupted_one(tmp_path):
     (dict(max_new_tokens=0), "distill.on_policy.max_new_tokens"),
     (dict(prompt_tokens=16), "distill.on_policy.prompt_tokens"),
     (dict(time_split=-1), "distill.on_policy.time_split"),
+    (dict(baseline="mean"), "distill.on_policy.baseline"),
+    (dict(signal_clip=-1.0), "distill.on_policy.signal_clip"),
     (dict(kind="sampled_reverse_kl", lmbda=0.5), "distill.logit.kind"),
     (dict(encoder_teacher=True), "distill.on_policy.lmbda"),
     (dict(vocab=True), "teacher.vocab_size"),

@@ -128,3 +128,28 @@ def test_the_task_quickstart_table_has_a_row_per_model():
   assert "| token_kd | 0.500 | 25.0% | 0.900 | — | 12 |" in md
   assert "40 verified samples kept (dropped: verifier 3)" in md
   assert "- teacher: `1+2=` -> `1+2=3 c0;=3`" in md
+
+
+@pytest.mark.parametrize("dtype, rtol", [("bf16", 2**-8), ("f16", 2**-11), ("f32", 0.0)])
+def test_stored_floats_round_trip_in_their_dtype(dtype, rtol):
+  """A generated record's top-k floats: binary in precompute.logprob_dtype inside the JSON
+  record (through json as written), back as float32 within the dtype's rounding; plain lists
+  (older sets) still read."""
+  rng = np.random.default_rng(0)
+  logp = -np.abs(rng.normal(size=(7, 4)) * 5).astype(np.float32)
+  tail = rng.random(7).astype(np.float32)
+  record = json.loads(
+    json.dumps(
+      {"prompt": "1+2=", "completion": "3", "topk_ids": [[0, 1, 2, 3]] * 7,
+       "topk_logp": task_data.pack_floats(logp, dtype),
+       "topk_tail": task_data.pack_floats(tail, dtype)}
+    )
+  )  # fmt: skip
+  out = task_data.targets_of(record)
+  assert out["topk_logp"].dtype == np.float32 and out["topk_logp"].shape == (7, 4)
+  np.testing.assert_allclose(out["topk_logp"], logp, rtol=rtol, atol=0)
+  np.testing.assert_allclose(out["tail"], tail, rtol=rtol, atol=0)
+  if dtype == "bf16":  # what storing binary buys: 2 bytes a value, base64
+    assert len(record["topk_logp"]["b64"]) < len(json.dumps(logp.tolist())) / 4
+  old = dict(record, topk_logp=logp.tolist(), topk_tail=tail.tolist())
+  np.testing.assert_array_equal(task_data.targets_of(old)["topk_logp"], logp)

@@ -233,6 +233,14 @@ def _check_on_policy(cfg: Any) -> None:
       raise ConfigError(f"distill.on_policy.{key}", f"must be an int >= {low}, got {v!r}")
   if not op.temperature >= 0:
     raise ConfigError("distill.on_policy.temperature", f"must be >= 0, got {op.temperature!r}")
+  if op.baseline not in policy_losses.BASELINES:
+    raise ConfigError(
+      "distill.on_policy.baseline",
+      f"unknown {op.baseline!r}; choose from {policy_losses.BASELINES}",
+    )
+  clip = op.signal_clip
+  if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip >= 0:
+    raise ConfigError("distill.on_policy.signal_clip", f"must be a number >= 0, got {clip!r}")
   policy_kind = d.logit.kind in policy_losses.POLICY_KINDS and not _off(d.logit, "weight")
   if policy_kind and lmbda != 1:
     raise ConfigError(
