@@ -59,8 +59,29 @@ def host_variables(module, seed=0):
   return jax.tree_util.tree_map_with_path(fill, shapes)
 
 
-
 def keep_even(prompt: str, completion: str) -> bool:
   """A verifier for ``precompute.generate.verifier`` tests: keeps completions of even length."""
   del prompt
   return len(completion) % 2 == 0
+
+
+def metric_rows(workdir, after=0):
+  """A run's metrics.jsonl rows after step ``after``, without the timing (``perf/``) keys:
+  what a resumed run must log exactly like the uninterrupted one."""
+  import json
+
+  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+  return [
+    {k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows if r["step"] > after
+  ]
+
+
+def host_array(x):
+  """A restored checkpoint leaf as a NumPy array (a PRNG key as its key data)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  return np.asarray(x)

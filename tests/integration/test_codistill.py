@@ -4,7 +4,6 @@ equal to mutual learning, the copies' refresh schedule, split rows under gradien
 accumulation, peers of another size, a killed and resumed codistillation run, config errors."""
 
 import dataclasses
-import json
 import pathlib
 
 import jax
@@ -210,13 +209,6 @@ def test_a_smaller_peer_with_its_own_learning_rate_trains_and_is_evaluated():
   assert flops.student > 0 and flops.teacher == 0  # live, whole batch: forwards reused
 
 
-def _rows(workdir, after=0):
-  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [
-    {k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows if r["step"] > after
-  ]
-
-
 @pytest.mark.slow
 def test_killed_and_resumed_codistillation_logs_the_same_losses(tmp_path):
   # configs/codistill.py at its test size (split rows, copies every 2 steps): 6 steps
@@ -235,16 +227,15 @@ def test_killed_and_resumed_codistillation_logs_the_same_losses(tmp_path):
   ref, resumed = tmp_path / "ref", tmp_path / "resumed"
   loop.train(cfg, str(ref))
   loop.train(cfg, str(resumed), resume_from=str(ref / "checkpoints" / "3"))
-  assert _rows(resumed) == _rows(ref, after=3) and len(_rows(ref)) == 6
-  assert [r["codistill/exchanged"] for r in _rows(ref)] == [1, 0, 1, 0, 1, 0]
+  rows = testing.metric_rows(ref)
+  assert testing.metric_rows(resumed) == testing.metric_rows(ref, after=3) and len(rows) == 6
+  assert [r["codistill/exchanged"] for r in testing.metric_rows(ref)] == [1, 0, 1, 0, 1, 0]
   with ocp.StandardCheckpointer() as ckptr:
     a = ckptr.restore(str(resumed / "checkpoints" / "6" / "state"))
     b = ckptr.restore(str(ref / "checkpoints" / "6" / "state"))
   assert jax.tree.leaves(a["peer_copies"]) and jax.tree.leaves(a["params"]["peers"])
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-      x, y = jax.random.key_data(x), jax.random.key_data(y)
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    np.testing.assert_array_equal(testing.host_array(x), testing.host_array(y))
 
 
 @pytest.mark.parametrize(

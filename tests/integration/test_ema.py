@@ -2,7 +2,6 @@
 decay schedule, the in-step update against a float64 NumPy recomputation, the average's
 shardings, no gradient reaching it, a bitwise resume of an EMA run, and the config errors."""
 
-import json
 import pathlib
 
 import jax
@@ -118,20 +117,6 @@ def test_given_teacher_vars_are_refused_with_an_ema_teacher():
     run_lib.build_run(cfg, data=False, teacher_vars={"params": {}})
 
 
-def _host(x):
-  """A restored leaf as a NumPy array (a PRNG key as its key data)."""
-  if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
-    x = jax.random.key_data(x)
-  return np.asarray(x)
-
-
-def _rows(workdir, after=0):
-  rows = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-  return [
-    {k: v for k, v in r.items() if not k.startswith("perf/")} for r in rows if r["step"] > after
-  ]
-
-
 @pytest.mark.slow
 def test_resumed_ema_run_is_bitwise_the_uninterrupted_one(tmp_path):
   # configs/self_distill.py at its test size: 6 steps uninterrupted against a run resumed from
@@ -150,8 +135,9 @@ def test_resumed_ema_run_is_bitwise_the_uninterrupted_one(tmp_path):
   ref, resumed = tmp_path / "ref", tmp_path / "resumed"
   loop.train(cfg, str(ref))
   loop.train(cfg, str(resumed), resume_from=str(ref / "checkpoints" / "3"))
-  assert _rows(resumed) == _rows(ref, after=3) and len(_rows(ref)) == 6
-  assert [r["train/ema_decay"] for r in _rows(ref)] == pytest.approx(
+  rows = testing.metric_rows(ref)
+  assert testing.metric_rows(resumed) == testing.metric_rows(ref, after=3) and len(rows) == 6
+  assert [r["train/ema_decay"] for r in testing.metric_rows(ref)] == pytest.approx(
     [0, 0.225, 0.45, 0.675, 0.9, 0.9]
   )
   with ocp.StandardCheckpointer() as ckptr:
@@ -159,7 +145,7 @@ def test_resumed_ema_run_is_bitwise_the_uninterrupted_one(tmp_path):
     b = ckptr.restore(str(ref / "checkpoints" / "6" / "state"))
   assert "ema_params" in a and jax.tree.leaves(a["ema_params"])
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
-    np.testing.assert_array_equal(_host(x), _host(y))
+    np.testing.assert_array_equal(testing.host_array(x), testing.host_array(y))
   # The average is not the student: it lags it.
   s, e = jax.tree.leaves(a["params"]["student"]), jax.tree.leaves(a["ema_params"])
   assert any(not np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(s, e))
